@@ -1,0 +1,253 @@
+//! The `plinth` command line: one binary with subcommands.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use plinth_tenants::migrate::{self, MigrateEvent, MigrateOptions, TENANT_MIGRATIONS, TenantOutcome};
+use plinth_tenants::{Db, DbConfig, Slug, Tenant, TenantStatus, registry};
+
+use crate::config::Settings;
+use crate::startup::Application;
+use crate::{pg, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(name = "plinth", version, about = "Plinth: a multi-tenant SaaS platform backend.")]
+#[command(long_about = "Plinth: a multi-tenant SaaS platform backend.\n\n\
+    Configuration comes from environment variables (DATABASE_URL, PLINTH_*), optionally preceded by a \
+    file of NAME=value lines. With DATABASE_URL unset, Plinth uses PostgreSQL on 127.0.0.1:5432 or \
+    starts a private cluster under PLINTH_DATA_DIR.")]
+pub struct Cli {
+    /// A file of NAME=value settings (default: $PLINTH_CONFIG, else ./plinth.env if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (after migrating, unless PLINTH_MIGRATE_ON_START=false).
+    Serve,
+    /// Apply platform migrations, then tenant migrations to every tenant schema that is behind.
+    Migrate(MigrateArgs),
+    /// Create, list, migrate, suspend and delete tenants.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// Create a tenant: registry row, schema and every tenant migration, in one transaction.
+    Create {
+        /// Lowercase, 3-40 characters of a-z, 0-9 and '-', starting with a letter.
+        slug: String,
+        /// The organization's display name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List tenants with their status and plan.
+    List,
+    /// Apply tenant migrations to every tenant schema that is behind.
+    Migrate(MigrateArgs),
+    /// Stop serving a tenant (403 tenant_suspended); its data is kept.
+    Suspend { slug: String },
+    /// Serve a suspended tenant again.
+    Reactivate { slug: String },
+    /// Delete a tenant: stop serving it at once, then drop its schema and all its data.
+    Delete {
+        slug: String,
+        /// Confirm that the tenant's data is to be destroyed.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Route a custom domain to a tenant. You vouch that its DNS points at Plinth.
+    AddDomain { slug: String, domain: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Tenants migrated at the same time.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: u16,
+    /// How long one tenant may wait for a lock before it fails and the run moves on.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    pub lock_timeout_ms: u64,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    telemetry::init(settings.log_json);
+    let database = pg::prepare(settings.database_url.as_deref(), &settings.data_dir, "plinth").await?;
+    let result = dispatch(cli.command, &settings, &database.url).await;
+    database.shutdown();
+    result
+}
+
+/// The pool settings for `url`.
+pub fn db_config(settings: &Settings, url: &str) -> DbConfig {
+    DbConfig {
+        url: url.to_owned(),
+        pool_size: settings.db_pool_size,
+        wait_timeout: settings.db_wait_timeout,
+        connect_timeout: settings.db_connect_timeout,
+        statement_cache: settings.db_statement_cache,
+    }
+}
+
+async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::Result<ExitCode> {
+    let listen_url = settings.listen_database_url.clone().unwrap_or_else(|| url.to_owned());
+    match command {
+        Command::Serve => {
+            // Platform migrations go straight to the server, never through a pooler.
+            migrate::run_platform_migrations(&listen_url).await?;
+            let db = Db::connect(&db_config(settings, url))?;
+            if settings.migrate_on_start {
+                let code = migrate_tenants(&db, &MigrateArgs { concurrency: 4, lock_timeout_ms: 5000 }).await?;
+                if code != ExitCode::SUCCESS {
+                    tracing::warn!("some tenants failed to migrate; serving anyway (see above)");
+                }
+            }
+            let app = Application::build(settings, db, listen_url)?;
+            app.run_until_stopped().await.context("running the server")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate(args) => {
+            let applied = migrate::run_platform_migrations(&listen_url).await?;
+            eprintln!("platform: {} migration(s) applied", applied.len());
+            let db = Db::connect(&db_config(settings, url))?;
+            migrate_tenants(&db, &args).await
+        }
+        Command::Tenants(command) => {
+            migrate::run_platform_migrations(&listen_url).await?;
+            let db = Db::connect(&db_config(settings, url))?;
+            tenants(command, &db).await
+        }
+    }
+}
+
+async fn tenants(command: TenantsCommand, db: &Db) -> anyhow::Result<ExitCode> {
+    match command {
+        TenantsCommand::Create { slug, name } => {
+            let slug = Slug::parse(&slug).map_err(|e| anyhow::anyhow!("slug {e}"))?;
+            let tenant = registry::create(db, &slug, &name).await?;
+            println!("created tenant {} ({}) in schema {}", tenant.slug, tenant.id, tenant.schema);
+        }
+        TenantsCommand::List => {
+            let tenants = db.platform(async |c| Ok::<_, anyhow::Error>(registry::list(c).await?)).await?;
+            println!("{:<40} {:<36} {:<10} {:<10} created", "slug", "id", "status", "plan");
+            for t in tenants {
+                println!(
+                    "{:<40} {:<36} {:<10} {:<10} {}",
+                    t.slug,
+                    t.id,
+                    t.status.as_str(),
+                    t.plan,
+                    t.created_at.format("%Y-%m-%d %H:%M")
+                );
+            }
+        }
+        TenantsCommand::Migrate(args) => return migrate_tenants(db, &args).await,
+        TenantsCommand::Suspend { slug } => set_status(db, &slug, TenantStatus::Suspended).await?,
+        TenantsCommand::Reactivate { slug } => set_status(db, &slug, TenantStatus::Active).await?,
+        TenantsCommand::Delete { slug, yes } => {
+            if !yes {
+                bail!("deleting destroys all of the tenant's data; pass --yes to confirm");
+            }
+            let tenant = find(db, &slug).await?;
+            registry::delete(db, tenant.id).await?;
+            println!("deleted tenant {slug}");
+        }
+        TenantsCommand::AddDomain { slug, domain } => {
+            let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+            let valid = (3..=253).contains(&domain.len())
+                && domain.contains('.')
+                && domain.split('.').all(|l| {
+                    !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !valid {
+                bail!("{domain:?} is not a domain name");
+            }
+            let tenant = find(db, &slug).await?;
+            db.platform(async |c| Ok::<_, anyhow::Error>(registry::add_domain(c, tenant.id, &domain, true).await?))
+                .await?;
+            println!("tenant {slug} is now served on {domain}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn find(db: &Db, slug: &str) -> anyhow::Result<Tenant> {
+    db.platform(async |c| Ok::<_, anyhow::Error>(registry::find_by_slug(c, slug).await?))
+        .await?
+        .with_context(|| format!("no tenant {slug:?}"))
+}
+
+async fn set_status(db: &Db, slug: &str, status: TenantStatus) -> anyhow::Result<()> {
+    let tenant = find(db, slug).await?;
+    let updated =
+        db.platform(async |c| Ok::<_, anyhow::Error>(registry::set_status(c, tenant.id, status).await?)).await?;
+    match updated {
+        Some(t) => println!("tenant {} is {}", t.slug, t.status.as_str()),
+        None => bail!("tenant {slug:?} is being deleted"),
+    }
+    Ok(())
+}
+
+/// Migrates every tenant that is behind, with a progress bar on a terminal
+/// and log lines otherwise. Non-zero exit if any tenant failed.
+pub async fn migrate_tenants(db: &Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
+    let options = MigrateOptions {
+        concurrency: usize::from(args.concurrency),
+        lock_timeout: std::time::Duration::from_millis(args.lock_timeout_ms),
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tenants {msg}") {
+            bar.set_style(style);
+        }
+        bar
+    });
+    let on_event = |event: MigrateEvent<'_>| match event {
+        MigrateEvent::Started { behind, total } => {
+            if let Some(bar) = &bar {
+                bar.set_length(behind as u64);
+            }
+            tracing::info!(tenants.behind = behind, tenants.total = total, "migrating tenants");
+        }
+        MigrateEvent::TenantDone { slug, outcome } => {
+            if let Some(bar) = &bar {
+                bar.inc(1);
+                bar.set_message(slug.to_owned());
+            } else {
+                match outcome {
+                    TenantOutcome::Migrated { versions } => {
+                        tracing::info!(tenant.slug = slug, migrations = versions.len(), "tenant migrated")
+                    }
+                    TenantOutcome::Skipped => tracing::info!(tenant.slug = slug, "tenant already current"),
+                    TenantOutcome::Failed { error } => {
+                        tracing::error!(tenant.slug = slug, error, "tenant migration failed")
+                    }
+                }
+            }
+        }
+    };
+    let report = migrate::migrate_tenants(db, TENANT_MIGRATIONS, &options, &on_event).await?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "tenants: {} total, {} already current, {} migrated, {} failed",
+        report.total,
+        report.up_to_date,
+        report.migrated.len(),
+        report.failed.len()
+    );
+    for (slug, error) in &report.failed {
+        eprintln!("  FAILED {slug}: {error}");
+    }
+    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

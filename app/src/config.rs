@@ -1,0 +1,141 @@
+//! Configuration: environment variables, optionally preceded by a file of the
+//! same `NAME=value` lines (`--config FILE`, `PLINTH_CONFIG`, or `plinth.env`
+//! in the working directory). The environment wins over the file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+/// Every setting Plinth reads, with its default.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `DATABASE_URL`; unset means zero-configuration PostgreSQL (see `pg`).
+    pub database_url: Option<String>,
+    /// `PLINTH_LISTEN_DATABASE_URL`: the direct (not PgBouncer) URL used for
+    /// LISTEN/NOTIFY. Defaults to the database URL.
+    pub listen_database_url: Option<String>,
+    /// `PLINTH_LISTEN` (default `127.0.0.1:8080`).
+    pub listen: String,
+    /// `PLINTH_BASE_DOMAIN` (default `localhost`): `<slug>.<base>` is a tenant.
+    pub base_domain: String,
+    /// `PLINTH_PUBLIC_URL` (default `http://localhost:8080`): links in mail.
+    pub public_url: String,
+    /// `PLINTH_DATA_DIR` (default `.plinth`): private PostgreSQL cluster, mail folder.
+    pub data_dir: PathBuf,
+    /// `PLINTH_DB_POOL_SIZE` (default 16).
+    pub db_pool_size: usize,
+    /// `PLINTH_DB_WAIT_TIMEOUT_MS` (default 5000): wait for a pooled connection.
+    pub db_wait_timeout: Duration,
+    /// `PLINTH_DB_CONNECT_TIMEOUT_MS` (default 5000).
+    pub db_connect_timeout: Duration,
+    /// `PLINTH_DB_STATEMENT_CACHE` (default true): set false behind PgBouncer
+    /// in transaction mode.
+    pub db_statement_cache: bool,
+    /// `PLINTH_MAX_BODY_BYTES` (default 65536): larger JSON bodies get 413.
+    pub max_body_bytes: usize,
+    /// `PLINTH_MIGRATE_ON_START` (default true): `serve` migrates first.
+    pub migrate_on_start: bool,
+    /// `PLINTH_SHUTDOWN_TIMEOUT_SECS` (default 30): grace for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// `PLINTH_WORKERS` (default: one per core).
+    pub workers: Option<usize>,
+    /// `PLINTH_LOG_FORMAT`: `json` or `text` (default).
+    pub log_json: bool,
+}
+
+impl Settings {
+    /// Reads the settings from the environment and an optional file.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut values = HashMap::new();
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("PLINTH_CONFIG").map(PathBuf::from))
+            .or_else(|| Some(PathBuf::from("plinth.env")).filter(|p| p.is_file()));
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading the config file {}", path.display()))?;
+            values.extend(parse_file(&text).with_context(|| format!("in {}", path.display()))?);
+        }
+        for (key, value) in std::env::vars() {
+            if key == "DATABASE_URL" || key.starts_with("PLINTH_") {
+                values.insert(key, value);
+            }
+        }
+        Self::from_values(&values)
+    }
+
+    /// Builds settings from `NAME → value`, applying defaults.
+    pub fn from_values(values: &HashMap<String, String>) -> anyhow::Result<Self> {
+        let get = |k: &str| values.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let num = |k: &str, default: u64| -> anyhow::Result<u64> {
+            get(k).map_or(Ok(default), |v| v.parse().with_context(|| format!("{k} must be a whole number")))
+        };
+        let flag = |k: &str, default: bool| -> anyhow::Result<bool> {
+            match get(k) {
+                None => Ok(default),
+                Some("1" | "true" | "yes" | "on") => Ok(true),
+                Some("0" | "false" | "no" | "off") => Ok(false),
+                Some(_) => bail!("{k} must be true or false"),
+            }
+        };
+        let log_format = get("PLINTH_LOG_FORMAT").unwrap_or("text");
+        if !matches!(log_format, "json" | "text") {
+            bail!("PLINTH_LOG_FORMAT must be json or text");
+        }
+        Ok(Self {
+            database_url: get("DATABASE_URL").map(str::to_owned),
+            listen_database_url: get("PLINTH_LISTEN_DATABASE_URL").map(str::to_owned),
+            listen: get("PLINTH_LISTEN").unwrap_or("127.0.0.1:8080").to_owned(),
+            base_domain: get("PLINTH_BASE_DOMAIN").unwrap_or("localhost").to_owned(),
+            public_url: get("PLINTH_PUBLIC_URL").unwrap_or("http://localhost:8080").to_owned(),
+            data_dir: PathBuf::from(get("PLINTH_DATA_DIR").unwrap_or(".plinth")),
+            db_pool_size: usize::try_from(num("PLINTH_DB_POOL_SIZE", 16)?)?.max(1),
+            db_wait_timeout: Duration::from_millis(num("PLINTH_DB_WAIT_TIMEOUT_MS", 5000)?),
+            db_connect_timeout: Duration::from_millis(num("PLINTH_DB_CONNECT_TIMEOUT_MS", 5000)?),
+            db_statement_cache: flag("PLINTH_DB_STATEMENT_CACHE", true)?,
+            max_body_bytes: usize::try_from(num("PLINTH_MAX_BODY_BYTES", 64 * 1024)?)?,
+            migrate_on_start: flag("PLINTH_MIGRATE_ON_START", true)?,
+            shutdown_timeout: Duration::from_secs(num("PLINTH_SHUTDOWN_TIMEOUT_SECS", 30)?),
+            workers: get("PLINTH_WORKERS").map(|v| v.parse()).transpose().context("PLINTH_WORKERS")?,
+            log_json: log_format == "json",
+        })
+    }
+}
+
+fn parse_file(text: &str) -> anyhow::Result<HashMap<String, String>> {
+    let mut values = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            bail!("line {}: expected NAME=value", n + 1);
+        };
+        let value = value.trim();
+        let value = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(value);
+        values.insert(key.trim().to_owned(), value.to_owned());
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() -> anyhow::Result<()> {
+        let s = Settings::from_values(&HashMap::new())?;
+        assert_eq!(s.listen, "127.0.0.1:8080");
+        assert!(s.database_url.is_none());
+        let file = parse_file("# comment\nPLINTH_LISTEN = \"0.0.0.0:9000\"\nPLINTH_DB_POOL_SIZE=4\n")?;
+        let s = Settings::from_values(&file)?;
+        assert_eq!((s.listen.as_str(), s.db_pool_size), ("0.0.0.0:9000", 4));
+        assert!(parse_file("nonsense").is_err());
+        let bad: HashMap<_, _> = [("PLINTH_DB_POOL_SIZE".to_owned(), "many".to_owned())].into();
+        assert!(Settings::from_values(&bad).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! Plinth's binary crate as a library: configuration, zero-configuration
+//! PostgreSQL, telemetry, the HTTP application, the CLI and the example
+//! product domain (projects and tasks).
+
+pub mod cli;
+pub mod config;
+pub mod pg;
+pub mod projects;
+pub mod startup;
+pub mod telemetry;

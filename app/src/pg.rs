@@ -1,0 +1,167 @@
+//! Zero-configuration PostgreSQL.
+//!
+//! `DATABASE_URL` wins when set. Otherwise Plinth uses the server on
+//! 127.0.0.1:5432 if one answers (creating database `plinth` if missing), and
+//! failing that starts a private cluster from the installed PostgreSQL server
+//! binaries under the data directory (as the `postgres` OS user when started
+//! as root), which it stops again on shutdown.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+/// Where the database is, and the private cluster if Plinth started one.
+pub struct Database {
+    pub url: String,
+    pub cluster: Option<PrivateCluster>,
+}
+
+impl Database {
+    /// Stops the private cluster, if any.
+    pub fn shutdown(self) {
+        if let Some(cluster) = self.cluster {
+            cluster.stop();
+        }
+    }
+}
+
+/// Finds or starts the database named `name`.
+pub async fn prepare(database_url: Option<&str>, data_dir: &Path, name: &str) -> anyhow::Result<Database> {
+    if let Some(url) = database_url {
+        return Ok(Database { url: url.to_owned(), cluster: None });
+    }
+    let local = "postgres://postgres@127.0.0.1:5432/postgres";
+    match ensure_database(local, name).await {
+        Ok(url) => {
+            tracing::info!(database = name, "using the PostgreSQL server on 127.0.0.1:5432");
+            return Ok(Database { url, cluster: None });
+        }
+        Err(err) => tracing::info!(error = %err, "no usable PostgreSQL on 127.0.0.1:5432; starting a private cluster"),
+    }
+    let cluster = PrivateCluster::start(&data_dir.join("postgres"))?;
+    let url = ensure_database(&cluster.url("postgres"), name).await?;
+    Ok(Database { url, cluster: Some(cluster) })
+}
+
+/// Connects to the server at `admin_url`, creates database `name` if missing
+/// and returns a URL for it.
+pub async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    let mut config: tokio_postgres::Config = admin_url.parse().context("parsing the admin URL")?;
+    config.connect_timeout(Duration::from_secs(2));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.context("connecting")?;
+    let driver = tokio::spawn(connection);
+    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        if let Err(err) = client.batch_execute(&sql).await {
+            // Another process may have created it meanwhile.
+            if err.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
+                return Err(err).context("creating the database");
+            }
+        }
+    }
+    drop(client);
+    driver.abort();
+    let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
+    Ok(format!("{base}/{name}"))
+}
+
+/// A PostgreSQL cluster owned by this process, under the data directory.
+pub struct PrivateCluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl PrivateCluster {
+    /// Initializes (first time) and starts the cluster in `dir`.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let bin = find_bin_dir()
+            .context("PostgreSQL server binaries (initdb, pg_ctl) not found; install PostgreSQL or set DATABASE_URL")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = dir.canonicalize()?;
+        let as_postgres = is_root();
+        let cluster = Self { bin, dir, port: free_port()?, as_postgres };
+        if as_postgres {
+            cluster.run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.dir), false)?;
+        }
+        if !cluster.dir.join("PG_VERSION").exists() {
+            let initdb = cluster.bin.join("initdb");
+            let mut cmd = Command::new(initdb);
+            cmd.args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-instructions", "-D"]).arg(&cluster.dir);
+            cluster.run(&mut cmd, true).context("initdb")?;
+        }
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", cluster.port, cluster.dir.display());
+        let mut cmd = Command::new(cluster.bin.join("pg_ctl"));
+        cmd.args(["-w", "-t", "60", "-o", &options, "-l"])
+            .arg(cluster.dir.join("server.log"))
+            .arg("-D")
+            .arg(&cluster.dir)
+            .arg("start");
+        cluster.run(&mut cmd, true).context("starting the private PostgreSQL cluster")?;
+        tracing::info!(port = cluster.port, dir = %cluster.dir.display(), "private PostgreSQL cluster started");
+        Ok(cluster)
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops the cluster (fast shutdown: open sessions are ended).
+    pub fn stop(&self) {
+        let mut cmd = Command::new(self.bin.join("pg_ctl"));
+        cmd.args(["-w", "-m", "fast", "-D"]).arg(&self.dir).arg("stop");
+        match self.run(&mut cmd, true) {
+            Ok(()) => tracing::info!("private PostgreSQL cluster stopped"),
+            Err(err) => tracing::warn!(error = format!("{err:#}"), "stopping the private PostgreSQL cluster failed"),
+        }
+    }
+
+    fn run(&self, cmd: &mut Command, as_postgres: bool) -> anyhow::Result<()> {
+        let mut cmd = if as_postgres && self.as_postgres {
+            let mut wrapped = Command::new("runuser");
+            wrapped.args(["-u", "postgres", "--"]).arg(cmd.get_program()).args(cmd.get_args());
+            wrapped
+        } else {
+            std::mem::replace(cmd, Command::new("true"))
+        };
+        let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
+        if !out.status.success() {
+            bail!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+}
+
+fn find_bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("PLINTH_PG_BINDIR") {
+        return Some(PathBuf::from(dir));
+    }
+    // Debian/Ubuntu keep each major version apart; take the newest.
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin): &(u32, PathBuf)| bin.join("initdb").is_file())
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Some(bin);
+    }
+    let out = Command::new("pg_config").arg("--bindir").output().ok()?;
+    let bin = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    bin.join("initdb").is_file().then_some(bin)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}

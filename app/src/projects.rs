@@ -1,0 +1,387 @@
+//! The example product domain: projects and their tasks, stored in each
+//! tenant's own schema. It shows how a SaaS product built on Plinth adds its
+//! tables (`migrations/tenant/`) and routes: store functions take a
+//! [`TenantConn`], so they cannot run against another tenant's schema, and
+//! handlers stay thin.
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use plinth_tenants::context::Action;
+use plinth_tenants::http::{Json, Page, PageParams, PageRequest, Validator};
+use plinth_tenants::{ApiError, TenantConn, TenantContext, uuid_id};
+use serde::{Deserialize, Serialize};
+
+/// Tenant tables, unqualified: they resolve through the tenant-scoped
+/// transaction's `search_path`.
+mod schema {
+    diesel::table! {
+        projects (id) {
+            id -> Uuid,
+            name -> Text,
+            description -> Text,
+            created_at -> Timestamptz,
+            updated_at -> Timestamptz,
+        }
+    }
+
+    diesel::table! {
+        tasks (id) {
+            id -> Uuid,
+            project_id -> Uuid,
+            title -> Text,
+            done -> Bool,
+            created_at -> Timestamptz,
+            updated_at -> Timestamptz,
+        }
+    }
+
+    diesel::joinable!(tasks -> projects (project_id));
+    diesel::allow_tables_to_appear_in_same_query!(projects, tasks);
+}
+
+use schema::{projects, tasks};
+
+uuid_id!(
+    /// Identifies a project within its tenant.
+    ProjectId
+);
+uuid_id!(
+    /// Identifies a task within its tenant.
+    TaskId
+);
+
+#[derive(Debug, Clone, Serialize, Queryable, Selectable, Insertable)]
+#[diesel(table_name = projects)]
+pub struct Project {
+    pub id: ProjectId,
+    pub name: String,
+    pub description: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Queryable, Selectable, Insertable)]
+#[diesel(table_name = tasks)]
+pub struct Task {
+    pub id: TaskId,
+    pub project_id: ProjectId,
+    pub title: String,
+    pub done: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProject {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Default, Deserialize, AsChangeset)]
+#[serde(deny_unknown_fields)]
+#[diesel(table_name = projects)]
+pub struct ProjectChanges {
+    pub name: Option<String>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTask {
+    pub title: String,
+    #[serde(default)]
+    pub done: bool,
+}
+
+#[derive(Debug, Default, Deserialize, AsChangeset)]
+#[serde(deny_unknown_fields)]
+#[diesel(table_name = tasks)]
+pub struct TaskChanges {
+    pub title: Option<String>,
+    pub done: Option<bool>,
+}
+
+const NAME_MAX: usize = 200;
+const DESCRIPTION_MAX: usize = 10_000;
+const TITLE_MAX: usize = 500;
+
+impl NewProject {
+    fn validate(mut self) -> Result<Self, ApiError> {
+        Validator::default()
+            .text("name", &self.name, 1, NAME_MAX, false)
+            .text("description", &self.description, 0, DESCRIPTION_MAX, true)
+            .finish()?;
+        self.name = self.name.trim().to_owned();
+        Ok(self)
+    }
+}
+
+impl ProjectChanges {
+    fn validate(mut self) -> Result<Self, ApiError> {
+        let mut v = Validator::default();
+        if let Some(name) = &self.name {
+            v.text("name", name, 1, NAME_MAX, false);
+        }
+        if let Some(description) = &self.description {
+            v.text("description", description, 0, DESCRIPTION_MAX, true);
+        }
+        v.finish()?;
+        self.name = self.name.map(|n| n.trim().to_owned());
+        Ok(self)
+    }
+}
+
+impl NewTask {
+    fn validate(mut self) -> Result<Self, ApiError> {
+        Validator::default().text("title", &self.title, 1, TITLE_MAX, false).finish()?;
+        self.title = self.title.trim().to_owned();
+        Ok(self)
+    }
+}
+
+impl TaskChanges {
+    fn validate(mut self) -> Result<Self, ApiError> {
+        let mut v = Validator::default();
+        if let Some(title) = &self.title {
+            v.text("title", title, 1, TITLE_MAX, false);
+        }
+        v.finish()?;
+        self.title = self.title.map(|t| t.trim().to_owned());
+        Ok(self)
+    }
+}
+
+// ---- store: every function takes the tenant-scoped connection ----
+
+pub async fn list_projects(conn: &mut TenantConn, page: PageRequest) -> QueryResult<Vec<Project>> {
+    let mut query =
+        projects::table.select(Project::as_select()).order(projects::id.asc()).limit(page.limit + 1).into_boxed();
+    if let Some(after) = page.after {
+        query = query.filter(projects::id.gt(after));
+    }
+    query.load(conn.pg()).await
+}
+
+pub async fn create_project(conn: &mut TenantConn, new: NewProject) -> QueryResult<Project> {
+    let now = Utc::now();
+    let project = Project {
+        id: ProjectId::new(),
+        name: new.name,
+        description: new.description,
+        created_at: now,
+        updated_at: now,
+    };
+    diesel::insert_into(projects::table).values(&project).returning(Project::as_returning()).get_result(conn.pg()).await
+}
+
+pub async fn get_project(conn: &mut TenantConn, id: ProjectId) -> QueryResult<Option<Project>> {
+    projects::table.find(id).select(Project::as_select()).first(conn.pg()).await.optional()
+}
+
+pub async fn update_project(
+    conn: &mut TenantConn,
+    id: ProjectId,
+    changes: ProjectChanges,
+) -> QueryResult<Option<Project>> {
+    diesel::update(projects::table.find(id))
+        .set((&changes, projects::updated_at.eq(Utc::now())))
+        .returning(Project::as_returning())
+        .get_result(conn.pg())
+        .await
+        .optional()
+}
+
+pub async fn delete_project(conn: &mut TenantConn, id: ProjectId) -> QueryResult<bool> {
+    Ok(diesel::delete(projects::table.find(id)).execute(conn.pg()).await? > 0)
+}
+
+/// The tasks of a project, or `None` if the project does not exist.
+pub async fn list_tasks(
+    conn: &mut TenantConn,
+    project: ProjectId,
+    page: PageRequest,
+) -> QueryResult<Option<Vec<Task>>> {
+    if get_project(conn, project).await?.is_none() {
+        return Ok(None);
+    }
+    let mut query = tasks::table
+        .filter(tasks::project_id.eq(project))
+        .select(Task::as_select())
+        .order(tasks::id.asc())
+        .limit(page.limit + 1)
+        .into_boxed();
+    if let Some(after) = page.after {
+        query = query.filter(tasks::id.gt(after));
+    }
+    query.load(conn.pg()).await.map(Some)
+}
+
+/// Adds a task, or `None` if the project does not exist.
+pub async fn create_task(conn: &mut TenantConn, project: ProjectId, new: NewTask) -> QueryResult<Option<Task>> {
+    // Lock the project row so a concurrent delete cannot orphan the insert.
+    let exists = projects::table
+        .find(project)
+        .select(projects::id)
+        .for_share()
+        .first::<ProjectId>(conn.pg())
+        .await
+        .optional()?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let now = Utc::now();
+    let task = Task {
+        id: TaskId::new(),
+        project_id: project,
+        title: new.title,
+        done: new.done,
+        created_at: now,
+        updated_at: now,
+    };
+    diesel::insert_into(tasks::table)
+        .values(&task)
+        .returning(Task::as_returning())
+        .get_result(conn.pg())
+        .await
+        .map(Some)
+}
+
+pub async fn update_task(conn: &mut TenantConn, id: TaskId, changes: TaskChanges) -> QueryResult<Option<Task>> {
+    diesel::update(tasks::table.find(id))
+        .set((&changes, tasks::updated_at.eq(Utc::now())))
+        .returning(Task::as_returning())
+        .get_result(conn.pg())
+        .await
+        .optional()
+}
+
+pub async fn delete_task(conn: &mut TenantConn, id: TaskId) -> QueryResult<bool> {
+    Ok(diesel::delete(tasks::table.find(id)).execute(conn.pg()).await? > 0)
+}
+
+// ---- routes ----
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/projects")
+            .get(list_projects_route)
+            .post(create_project_route)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/projects/{id}")
+            .get(get_project_route)
+            .patch(update_project_route)
+            .delete(delete_project_route)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/projects/{id}/tasks")
+            .get(list_tasks_route)
+            .post(create_task_route)
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/tasks/{id}")
+            .patch(update_task_route)
+            .delete(delete_task_route)
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// An id in a path that does not parse names nothing: 404, like an unknown id.
+fn parse_id<T: std::str::FromStr>(raw: &str, what: &'static str) -> Result<T, ApiError> {
+    raw.parse().map_err(|_| ApiError::NotFound(what))
+}
+
+async fn list_projects_route(ctx: TenantContext, query: web::Query<PageParams>) -> Result<HttpResponse, ApiError> {
+    ctx.authorize("projects", Action::Read)?;
+    let page = query.validate()?;
+    let rows = ctx.tx(async |c| Ok::<_, ApiError>(list_projects(c, page).await?)).await?;
+    Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |p| p.id.0)))
+}
+
+async fn create_project_route(ctx: TenantContext, body: Json<NewProject>) -> Result<HttpResponse, ApiError> {
+    ctx.authorize("projects", Action::Write)?;
+    let new = body.0.validate()?;
+    let project = ctx.tx(async |c| Ok::<_, ApiError>(create_project(c, new).await?)).await?;
+    Ok(HttpResponse::Created().json(project))
+}
+
+async fn get_project_route(ctx: TenantContext, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    ctx.authorize("projects", Action::Read)?;
+    let id = parse_id(&path, "project")?;
+    let project = ctx.tx(async |c| Ok::<_, ApiError>(get_project(c, id).await?)).await?;
+    Ok(HttpResponse::Ok().json(project.ok_or(ApiError::NotFound("project"))?))
+}
+
+async fn update_project_route(
+    ctx: TenantContext,
+    path: web::Path<String>,
+    body: Json<ProjectChanges>,
+) -> Result<HttpResponse, ApiError> {
+    ctx.authorize("projects", Action::Write)?;
+    let id = parse_id(&path, "project")?;
+    let changes = body.0.validate()?;
+    let project = ctx.tx(async |c| Ok::<_, ApiError>(update_project(c, id, changes).await?)).await?;
+    Ok(HttpResponse::Ok().json(project.ok_or(ApiError::NotFound("project"))?))
+}
+
+async fn delete_project_route(ctx: TenantContext, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    ctx.authorize("projects", Action::Delete)?;
+    let id = parse_id(&path, "project")?;
+    let deleted = ctx.tx(async |c| Ok::<_, ApiError>(delete_project(c, id).await?)).await?;
+    if deleted { Ok(HttpResponse::NoContent().finish()) } else { Err(ApiError::NotFound("project")) }
+}
+
+async fn list_tasks_route(
+    ctx: TenantContext,
+    path: web::Path<String>,
+    query: web::Query<PageParams>,
+) -> Result<HttpResponse, ApiError> {
+    ctx.authorize("tasks", Action::Read)?;
+    let project = parse_id(&path, "project")?;
+    let page = query.validate()?;
+    let rows = ctx.tx(async |c| Ok::<_, ApiError>(list_tasks(c, project, page).await?)).await?;
+    let rows = rows.ok_or(ApiError::NotFound("project"))?;
+    Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |t| t.id.0)))
+}
+
+async fn create_task_route(
+    ctx: TenantContext,
+    path: web::Path<String>,
+    body: Json<NewTask>,
+) -> Result<HttpResponse, ApiError> {
+    ctx.authorize("tasks", Action::Write)?;
+    let project = parse_id(&path, "project")?;
+    let new = body.0.validate()?;
+    let task = ctx.tx(async |c| Ok::<_, ApiError>(create_task(c, project, new).await?)).await?;
+    Ok(HttpResponse::Created().json(task.ok_or(ApiError::NotFound("project"))?))
+}
+
+async fn update_task_route(
+    ctx: TenantContext,
+    path: web::Path<String>,
+    body: Json<TaskChanges>,
+) -> Result<HttpResponse, ApiError> {
+    ctx.authorize("tasks", Action::Write)?;
+    let id = parse_id(&path, "task")?;
+    let changes = body.0.validate()?;
+    let task = ctx.tx(async |c| Ok::<_, ApiError>(update_task(c, id, changes).await?)).await?;
+    Ok(HttpResponse::Ok().json(task.ok_or(ApiError::NotFound("task"))?))
+}
+
+async fn delete_task_route(ctx: TenantContext, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    ctx.authorize("tasks", Action::Delete)?;
+    let id = parse_id(&path, "task")?;
+    let deleted = ctx.tx(async |c| Ok::<_, ApiError>(delete_task(c, id).await?)).await?;
+    if deleted { Ok(HttpResponse::NoContent().finish()) } else { Err(ApiError::NotFound("task")) }
+}

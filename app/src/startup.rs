@@ -1,0 +1,98 @@
+//! Building and running the HTTP server.
+
+use std::net::TcpListener;
+
+use actix_web::dev::Server;
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpResponse, HttpServer, web};
+use anyhow::Context as _;
+use plinth_tenants::http::{BodyLimit, request_span};
+use plinth_tenants::notify::Listener;
+use plinth_tenants::resolve::{self, TenantResolver};
+use plinth_tenants::{ApiError, Db};
+
+use crate::config::Settings;
+
+/// A bound, not yet running server.
+pub struct Application {
+    port: u16,
+    server: Server,
+    listener_task: tokio::task::JoinHandle<()>,
+}
+
+impl Application {
+    /// Binds `settings.listen` (port 0 picks a free port) and wires every
+    /// crate's routes. `listen_url` is the direct database URL for LISTEN.
+    pub fn build(settings: &Settings, db: Db, listen_url: String) -> anyhow::Result<Self> {
+        let resolver = TenantResolver::new(db.clone(), &settings.base_domain);
+        let mut listener = Listener::new();
+        listener.on(resolve::CHANNEL, resolver.listen_handler());
+        let listener_task = listener.spawn(listen_url);
+
+        let tcp = TcpListener::bind(&settings.listen).with_context(|| format!("binding {}", settings.listen))?;
+        let port = tcp.local_addr()?.port();
+        let body_limit = BodyLimit(settings.max_body_bytes);
+        let db_data = web::Data::new(db);
+        let resolver_data = web::Data::new(resolver);
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .wrap(from_fn(request_span))
+                .app_data(db_data.clone())
+                .app_data(resolver_data.clone())
+                .app_data(body_limit)
+                .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
+                .configure(configure)
+                .configure(crate::projects::configure)
+                .default_service(web::to(not_found))
+        })
+        .shutdown_timeout(settings.shutdown_timeout.as_secs())
+        .listen(tcp)?;
+        if let Some(workers) = settings.workers {
+            server = server.workers(workers);
+        }
+        tracing::info!(port, "listening");
+        Ok(Self { port, server: server.run(), listener_task })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until SIGINT/SIGTERM, then stops accepting and lets in-flight
+    /// requests finish (up to the shutdown timeout).
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let result = self.server.await;
+        self.listener_task.abort();
+        result
+    }
+
+    /// A handle to stop the server from elsewhere (tests, signals).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+}
+
+fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health/live", web::get().to(live)).route("/health/ready", web::get().to(ready));
+}
+
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers within a second.
+async fn ready(db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
+    let check = db.platform(async |conn| {
+        plinth_tenants::db::batch(conn, "SELECT 1").await?;
+        Ok::<_, ApiError>(())
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(1), check).await {
+        Ok(Ok(())) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))),
+        Ok(Err(err)) => Err(ApiError::Unavailable(anyhow::anyhow!("database check failed: {err}"))),
+        Err(_) => Err(ApiError::Unavailable(anyhow::anyhow!("database check timed out"))),
+    }
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("route"))
+}

@@ -1,0 +1,224 @@
+//! Connection pools and the two ways to run SQL: a platform transaction
+//! ([`Db::platform`]) for the public schema, and a tenant-scoped transaction
+//! ([`Db::tenant`]) that is the only way to reach a tenant's tables.
+//!
+//! Every statement runs inside an explicit transaction. That is what keeps
+//! Plinth correct behind PgBouncer in transaction pooling mode: the tenant's
+//! `search_path` is `SET LOCAL` and dies at `COMMIT`, and (with the statement
+//! cache off, see [`DbConfig::statement_cache`]) prepared statements never
+//! outlive the transaction that prepared them.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use diesel::connection::CacheSize;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::{
+    AnsiTransactionManager, AsyncConnection, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
+};
+use futures_util::FutureExt as _;
+
+use crate::ids::{SchemaName, TenantId};
+
+pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
+pub type PgConn = AsyncPgConnection;
+
+/// An async closure over a borrowed connection whose future can be bounded
+/// (`TxFn<.., Fut: Send>`). The same pattern diesel-async uses internally; it is
+/// what lets callers write `db.platform(async |conn| { ... })`.
+pub trait TxFn<T, R>: AsyncFnOnce(T) -> R + FnOnce(T) -> <Self as TxFn<T, R>>::Fut {
+    type Fut: Future<Output = R>;
+}
+
+impl<F, T, Fut, R> TxFn<T, R> for F
+where
+    F: AsyncFnOnce(T) -> R + FnOnce(T) -> Fut,
+    Fut: Future<Output = R>,
+{
+    type Fut = Fut;
+}
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    pub url: String,
+    /// Connections kept by this process.
+    pub pool_size: usize,
+    /// How long a request waits for a free connection before a 503.
+    pub wait_timeout: Duration,
+    /// How long opening a new connection may take.
+    pub connect_timeout: Duration,
+    /// Keep prepared statements across transactions. Turn off behind PgBouncer
+    /// in transaction pooling mode (before 1.21, which cannot track them).
+    pub statement_cache: bool,
+}
+
+impl DbConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 16,
+            wait_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            statement_cache: true,
+        }
+    }
+}
+
+/// A handle to the database: a pool of connections. Cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool<AsyncPgConnection>,
+}
+
+impl Db {
+    pub fn connect(config: &DbConfig) -> anyhow::Result<Self> {
+        let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+        // The pool already refuses connections left inside a transaction; a
+        // test query on every checkout would cost a round trip per request.
+        manager_config.recycling_method = RecyclingMethod::Fast;
+        let cache = config.statement_cache;
+        manager_config.custom_setup = Box::new(move |url| {
+            async move {
+                let mut conn = AsyncPgConnection::establish(url).await?;
+                if !cache {
+                    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+                }
+                Ok(conn)
+            }
+            .boxed()
+        });
+        let manager = AsyncDieselConnectionManager::new_with_config(config.url.clone(), manager_config);
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .wait_timeout(Some(config.wait_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .context("building the database pool")?;
+        Ok(Self { pool })
+    }
+
+    /// Counts of the pool, for health and metrics.
+    pub fn status(&self) -> deadpool::Status {
+        self.pool.status()
+    }
+
+    async fn conn(&self) -> Result<Object<AsyncPgConnection>, PoolError> {
+        self.pool.get().await
+    }
+
+    /// Runs `f` in a transaction on a platform connection. Platform tables are
+    /// schema-qualified, so no `search_path` is involved.
+    pub async fn platform<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        let mut conn = self.conn().await?;
+        AnsiTransactionManager::begin_transaction(&mut *conn).await?;
+        let result = f(&mut conn).await;
+        finish(&mut conn, result).await
+    }
+
+    /// Runs `f` in a transaction scoped to one tenant's schema.
+    ///
+    /// `BEGIN` and `SET LOCAL search_path` travel in one round trip (one
+    /// simple-protocol message), so the setting exists only inside this
+    /// transaction and can never leak into another request on the same pooled
+    /// connection, or onto another client behind PgBouncer.
+    pub async fn tenant<R, E, F>(&self, tenant: TenantScope<'_>, f: F) -> Result<R, E>
+    where
+        for<'r> F: TxFn<&'r mut TenantConn, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        let mut obj = self.conn().await?;
+        let begin = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
+        AnsiTransactionManager::begin_transaction_sql(&mut *obj, &begin).await?;
+        let mut scoped = TenantConn { conn: obj, tenant_id: tenant.id };
+        #[cfg(debug_assertions)]
+        if let Err(err) = scoped.assert_schema(tenant.schema).await {
+            let _ = AnsiTransactionManager::rollback_transaction(&mut *scoped.conn).await;
+            return Err(err.into());
+        }
+        let result = f(&mut scoped).await;
+        finish(&mut scoped.conn, result).await
+    }
+}
+
+/// Commits on success, rolls back on error. A failed rollback leaves the
+/// connection marked broken, and the pool discards it.
+async fn finish<R, E>(conn: &mut PgConn, result: Result<R, E>) -> Result<R, E>
+where
+    E: From<diesel::result::Error>,
+{
+    match result {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(conn).await?;
+            Ok(value)
+        }
+        Err(err) => {
+            if let Err(rollback) = AnsiTransactionManager::rollback_transaction(conn).await {
+                tracing::warn!(error = %rollback, "rolling back a transaction failed");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// What [`Db::tenant`] needs to scope a transaction: the id and the schema of
+/// one tenant that was resolved from the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantScope<'a> {
+    pub id: TenantId,
+    pub schema: &'a SchemaName,
+}
+
+/// A connection inside a transaction whose `search_path` is one tenant's
+/// schema. Functions that touch tenant tables take `&mut TenantConn`, so they
+/// cannot be called with a connection that was not scoped to a tenant.
+pub struct TenantConn {
+    conn: Object<AsyncPgConnection>,
+    tenant_id: TenantId,
+}
+
+impl TenantConn {
+    /// The tenant this connection is scoped to.
+    pub fn tenant_id(&self) -> TenantId {
+        self.tenant_id
+    }
+
+    /// The underlying connection, for running diesel queries against the
+    /// tenant's (unqualified) tables.
+    pub fn pg(&mut self) -> &mut PgConn {
+        &mut self.conn
+    }
+
+    #[cfg(debug_assertions)]
+    async fn assert_schema(&mut self, expected: &SchemaName) -> Result<(), diesel::result::Error> {
+        use diesel::sql_types::{Nullable, Text};
+        use diesel_async::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Current {
+            #[diesel(sql_type = Nullable<Text>)]
+            schema: Option<String>,
+        }
+        let current: Current =
+            diesel::sql_query("SELECT current_schema() AS schema").get_result(&mut *self.conn).await?;
+        if current.schema.as_deref() == Some(expected.as_str()) {
+            Ok(())
+        } else {
+            // The schema is missing (tenant being deleted) or not first on the path.
+            Err(diesel::result::Error::NotFound)
+        }
+    }
+}
+
+/// Runs a batch of SQL without parameters on a connection (DDL, migrations).
+pub async fn batch(conn: &mut PgConn, sql: &str) -> Result<(), diesel::result::Error> {
+    conn.batch_execute(sql).await
+}

@@ -1,0 +1,27 @@
+//! The tenancy kernel of Plinth.
+//!
+//! - [`db`]: the pool and the two transaction kinds (platform, tenant-scoped).
+//! - [`registry`]: the tenant registry in the public schema and provisioning.
+//! - [`migrate`]: platform migrations and the tenant migration orchestrator.
+//! - [`resolve`]: finding the tenant of a request, with a cache kept fresh
+//!   across instances by [`notify`].
+//! - [`context`]: the request context every tenant route extracts.
+//! - [`http`]: request ids, request spans, the JSON body extractor.
+//! - [`error`]: the one error type of the HTTP surface.
+
+pub mod context;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod ids;
+pub mod migrate;
+pub mod notify;
+pub mod registry;
+pub mod resolve;
+pub mod schema;
+
+pub use context::{Principal, TenantContext};
+pub use db::{Db, DbConfig, PgConn, TenantConn};
+pub use error::{ApiError, FieldError};
+pub use ids::{SchemaName, Slug, TenantId};
+pub use registry::{Tenant, TenantStatus};

@@ -1,0 +1,119 @@
+//! Cross-instance change notifications over PostgreSQL LISTEN/NOTIFY.
+//!
+//! One dedicated connection (not pooled, and never through PgBouncer, which
+//! cannot LISTEN in transaction mode) listens on the registered channels. On
+//! every (re)connect handlers receive [`ListenEvent::Connected`], meaning "you
+//! may have missed notifications: reload"; while disconnected they receive
+//! [`ListenEvent::Disconnected`] so caches can stop trusting themselves.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tokio_postgres::AsyncMessage;
+
+/// What a channel handler is told.
+#[derive(Debug, Clone, Copy)]
+pub enum ListenEvent<'a> {
+    Connected,
+    Notified(&'a str),
+    Disconnected,
+}
+
+pub type Handler = Arc<dyn Fn(ListenEvent<'_>) + Send + Sync>;
+
+/// Collects channel handlers, then runs the listening task.
+#[derive(Default)]
+pub struct Listener {
+    handlers: HashMap<&'static str, Vec<Handler>>,
+}
+
+impl Listener {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Calls `handler` for every event on `channel`.
+    pub fn on(&mut self, channel: &'static str, handler: Handler) -> &mut Self {
+        self.handlers.entry(channel).or_default().push(handler);
+        self
+    }
+
+    /// Starts listening in the background, reconnecting with backoff forever.
+    pub fn spawn(self, url: String) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match self.listen_once(&url).await {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(err) => tracing::warn!(error = %err, "notification listener disconnected; reconnecting"),
+                }
+                self.broadcast(ListenEvent::Disconnected);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        })
+    }
+
+    fn broadcast(&self, event: ListenEvent<'_>) {
+        for handler in self.handlers.values().flatten() {
+            handler(event);
+        }
+    }
+
+    async fn listen_once(&self, url: &str) -> Result<(), tokio_postgres::Error> {
+        let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(Ok((n.channel().to_owned(), n.payload().to_owned()))).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        let _ = tx.send(Err(err));
+                        break;
+                    }
+                }
+            }
+        });
+        let listen: String = self.handlers.keys().map(|c| format!("LISTEN \"{c}\";")).collect();
+        let result = async {
+            client.batch_execute(&listen).await?;
+            tracing::debug!("notification listener connected");
+            self.broadcast(ListenEvent::Connected);
+            let mut ping = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Some(Ok((channel, payload))) => {
+                            for handler in self.handlers.get(channel.as_str()).into_iter().flatten() {
+                                handler(ListenEvent::Notified(&payload));
+                            }
+                        }
+                        Some(Err(err)) => return Err(err),
+                        None => return Ok(()),
+                    },
+                    // A silent network failure would otherwise go unnoticed.
+                    _ = ping.tick() => {
+                        match tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await {
+                            Ok(answer) => { answer?; }
+                            Err(_) => {
+                                tracing::warn!("notification listener ping timed out");
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        driver.abort();
+        result
+    }
+}

@@ -1,0 +1,36 @@
+//! Diesel declarations of the platform tables. They are schema-qualified
+//! (`public.`) so they never depend on `search_path`.
+
+diesel::table! {
+    public.tenants (id) {
+        id -> Uuid,
+        slug -> Text,
+        name -> Text,
+        schema_name -> Text,
+        status -> Text,
+        plan -> Text,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    public.tenant_domains (domain) {
+        domain -> Text,
+        tenant_id -> Uuid,
+        verified_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    public.tenant_migrations (tenant_id, version) {
+        tenant_id -> Uuid,
+        version -> Text,
+        applied_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(tenant_domains -> tenants (tenant_id));
+diesel::joinable!(tenant_migrations -> tenants (tenant_id));
+diesel::allow_tables_to_appear_in_same_query!(tenants, tenant_domains, tenant_migrations);
