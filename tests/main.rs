@@ -1,1 +1,11 @@
+//! Plinth's integration tests: one binary, real PostgreSQL, real HTTP server.
+//! Every test gets its own database (see `harness`).
 
+mod harness;
+
+mod http_basics;
+mod isolation;
+mod migrations;
+mod projects;
+mod provisioning;
+mod routing;

@@ -66,6 +66,50 @@ impl DbConfig {
     }
 }
 
+/// Opens one connection. diesel-async runs two `SET` statements with the
+/// extended protocol while setting a connection up; behind PgBouncer in
+/// transaction mode their Parse and Bind could reach different server
+/// connections. Opening a transaction first pins one server connection for
+/// the setup.
+async fn establish(url: String, statement_cache: bool) -> diesel::ConnectionResult<AsyncPgConnection> {
+    use diesel::ConnectionError;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+    let begin = client.batch_execute("BEGIN");
+    // The connection must be driven for BEGIN to complete; diesel-async takes
+    // it over (and drives it) only afterwards, so poll both here.
+    let mut connection = Box::pin(connection);
+    let mut begin = Box::pin(begin);
+    let outcome = futures_util::future::poll_fn(|cx| {
+        use std::task::Poll;
+        if let Poll::Ready(done) = begin.as_mut().poll(cx) {
+            return Poll::Ready(Ok(done));
+        }
+        match connection.as_mut().poll(cx) {
+            Poll::Ready(ended) => Poll::Ready(Err(ended)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    drop(begin);
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ConnectionError::BadConnection(e.to_string())),
+        Err(ended) => {
+            let why = ended.err().map_or_else(|| "connection closed".to_owned(), |e| e.to_string());
+            return Err(ConnectionError::BadConnection(why));
+        }
+    }
+    let connection = std::pin::Pin::into_inner(connection);
+    let mut conn = AsyncPgConnection::try_from_client_and_connection(client, *connection).await?;
+    conn.batch_execute("COMMIT").await.map_err(ConnectionError::CouldntSetupConfiguration)?;
+    if !statement_cache {
+        conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+    }
+    Ok(conn)
+}
+
 /// A handle to the database: a pool of connections. Cheap to clone.
 #[derive(Clone)]
 pub struct Db {
@@ -79,16 +123,7 @@ impl Db {
         // test query on every checkout would cost a round trip per request.
         manager_config.recycling_method = RecyclingMethod::Fast;
         let cache = config.statement_cache;
-        manager_config.custom_setup = Box::new(move |url| {
-            async move {
-                let mut conn = AsyncPgConnection::establish(url).await?;
-                if !cache {
-                    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
-                }
-                Ok(conn)
-            }
-            .boxed()
-        });
+        manager_config.custom_setup = Box::new(move |url| establish(url.to_owned(), cache).boxed());
         let manager = AsyncDieselConnectionManager::new_with_config(config.url.clone(), manager_config);
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)

@@ -1,0 +1,374 @@
+//! Test harness: a real PostgreSQL (the one `plinth` itself would use with zero
+//! configuration), one database per test cloned from a migrated template and
+//! dropped afterwards, the real server on port 0, and PgBouncer on demand.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use plinth::config::Settings;
+use plinth::startup::Application;
+use plinth_tenants::{ApiError, Db, DbConfig, Slug, Tenant, TenantId, TenantStatus, registry};
+use tokio::sync::OnceCell;
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+struct Server {
+    /// URL of the maintenance database (`postgres`) of the test server.
+    admin_url: String,
+    template: String,
+    host: String,
+    port: u16,
+}
+
+static SERVER: OnceCell<Server> = OnceCell::const_new();
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+fn base_of(url: &str) -> &str {
+    url.rsplit_once('/').map_or(url, |(b, _)| b)
+}
+
+async fn admin_client(url: &str) -> TestResult<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn server() -> TestResult<&'static Server> {
+    SERVER
+        .get_or_try_init(|| async {
+            if std::env::var_os("TEST_LOG").is_some() {
+                plinth::telemetry::init(false);
+            }
+            let data_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pg");
+            let database = plinth::pg::prepare(std::env::var("DATABASE_URL").ok().as_deref(), &data_dir, "postgres")
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            // The private cluster, if one was started, lives as long as the process.
+            std::mem::forget(database.cluster);
+            let admin_url = database.url;
+            let config: tokio_postgres::Config = admin_url.parse()?;
+            let host = match config.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                _ => "127.0.0.1".to_owned(),
+            };
+            let port = config.get_ports().first().copied().unwrap_or(5432);
+            let client = admin_client(&admin_url).await?;
+            drop_leftovers(&client).await?;
+            let template = format!("plinth_tpl_{}", std::process::id());
+            client.batch_execute(&format!("CREATE DATABASE {template}")).await?;
+            let url = format!("{}/{template}", base_of(&admin_url));
+            // diesel's migration harness needs a multi-thread runtime; tests may not have one.
+            tokio::task::spawn_blocking(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+                rt.block_on(plinth_tenants::migrate::run_platform_migrations(&url)).map_err(|e| format!("{e:#}"))?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+            .await??;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Server { admin_url, template, host, port })
+        })
+        .await
+}
+
+/// Drops databases left by earlier test processes that have exited.
+async fn drop_leftovers(client: &tokio_postgres::Client) -> TestResult {
+    let rows =
+        client.query(r"SELECT datname FROM pg_database WHERE datname ~ '^plinth_(tpl|test)_[0-9]+'", &[]).await?;
+    for row in rows {
+        let name: String = row.get(0);
+        let pid = name.split('_').nth(2).unwrap_or_default();
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A database of its own for one test, dropped when this value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl TestDb {
+    /// A database with the platform migrations applied.
+    pub async fn migrated() -> TestResult<Self> {
+        let server = server().await?;
+        Self::create(server, Some(&server.template)).await
+    }
+
+    /// An empty database (for testing migrations themselves).
+    pub async fn empty() -> TestResult<Self> {
+        Self::create(server().await?, None).await
+    }
+
+    async fn create(server: &Server, template: Option<&str>) -> TestResult<Self> {
+        let name = format!("plinth_test_{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::SeqCst));
+        let client = admin_client(&server.admin_url).await?;
+        let sql = match template {
+            Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+            None => format!("CREATE DATABASE {name}"),
+        };
+        client.batch_execute(&sql).await?;
+        Ok(Self {
+            url: format!("{}/{name}", base_of(&server.admin_url)),
+            name,
+            admin_url: server.admin_url.clone(),
+            host: server.host.clone(),
+            port: server.port,
+        })
+    }
+
+    pub fn db(&self, pool_size: usize) -> TestResult<Db> {
+        let mut config = DbConfig::new(&self.url);
+        config.pool_size = pool_size;
+        Ok(Db::connect(&config)?)
+    }
+
+    /// A plain client on this database, for checks and for breaking things.
+    pub async fn client(&self) -> TestResult<tokio_postgres::Client> {
+        admin_client(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop cannot await; a short-lived runtime on its own thread can.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let client = admin_client(&admin_url).await?;
+                client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+pub const BASE_DOMAIN: &str = "plinth.test";
+
+/// A running Plinth server on its own database.
+pub struct TestApp {
+    pub addr: String,
+    pub db: Db,
+    pub http: reqwest::Client,
+    handle: actix_web::dev::ServerHandle,
+    pub testdb: Option<TestDb>,
+}
+
+/// How to start a test server.
+#[derive(Default, Clone)]
+pub struct AppOptions {
+    /// Database URL the app's pool uses (default: the test database).
+    pub database_url: Option<String>,
+    pub pool_size: Option<usize>,
+    pub statement_cache: Option<bool>,
+    pub max_body_bytes: Option<usize>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestResult<Self> {
+        let testdb = TestDb::migrated().await?;
+        let mut app = Self::spawn_on(&testdb, AppOptions::default()).await?;
+        app.testdb = Some(testdb);
+        Ok(app)
+    }
+
+    /// Starts another server on an existing test database (a second
+    /// instance, or one behind PgBouncer).
+    pub async fn spawn_on(testdb: &TestDb, options: AppOptions) -> TestResult<Self> {
+        let mut values = HashMap::new();
+        values.insert("PLINTH_LISTEN".to_owned(), "127.0.0.1:0".to_owned());
+        values.insert("PLINTH_BASE_DOMAIN".to_owned(), BASE_DOMAIN.to_owned());
+        values.insert("PLINTH_WORKERS".to_owned(), "1".to_owned());
+        values.insert("PLINTH_SHUTDOWN_TIMEOUT_SECS".to_owned(), "1".to_owned());
+        let mut settings = Settings::from_values(&values)?;
+        let url = options.database_url.clone().unwrap_or_else(|| testdb.url.clone());
+        settings.db_pool_size = options.pool_size.unwrap_or(4);
+        settings.db_statement_cache = options.statement_cache.unwrap_or(true);
+        if let Some(max) = options.max_body_bytes {
+            settings.max_body_bytes = max;
+        }
+        let db = Db::connect(&plinth::cli::db_config(&settings, &url))?;
+        let app = Application::build(&settings, db.clone(), testdb.url.clone())?;
+        let addr = format!("http://127.0.0.1:{}", app.port());
+        let handle = app.handle();
+        tokio::spawn(app.run_until_stopped());
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let app = Self { addr, db, http, handle, testdb: None };
+        app.wait_until_cache_trusted().await?;
+        Ok(app)
+    }
+
+    /// Waits for the notification listener to connect (the resolver only
+    /// caches once it is connected), so tests observe steady-state behaviour.
+    async fn wait_until_cache_trusted(&self) -> TestResult {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = self.http.get(format!("{}/health/ready", self.addr)).send().await?;
+            if ready.status().is_success() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err("server did not become ready".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn create_tenant(&self, slug: &str) -> TestResult<Tenant> {
+        let slug = Slug::parse(slug)?;
+        Ok(registry::create(&self.db, &slug, &format!("{slug} Inc.")).await?)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.addr)
+    }
+
+    /// A request for `tenant` named by the `X-Tenant` header.
+    pub fn req(&self, method: reqwest::Method, tenant: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path)).header("x-tenant", tenant)
+    }
+
+    pub async fn create_project(&self, tenant: &str, name: &str) -> TestResult<serde_json::Value> {
+        let res = self
+            .req(reqwest::Method::POST, tenant, "/v1/projects")
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+            .await?;
+        assert_eq!(res.status(), 201, "creating a project");
+        Ok(res.json().await?)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Sends the stop command now; the workers wind down on their own.
+        drop(self.handle.stop(false));
+    }
+}
+
+/// Asserts the status and the error code of a JSON error response.
+pub async fn assert_error(res: reqwest::Response, status: u16, code: &str) -> TestResult<serde_json::Value> {
+    let got = res.status().as_u16();
+    let body: serde_json::Value = res.json().await?;
+    assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "body: {body}");
+    Ok(body)
+}
+
+/// Polls `check` every 20 ms for up to `within`, returning how long it took.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> TestResult<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = TestResult<bool>>,
+{
+    let started = tokio::time::Instant::now();
+    loop {
+        if check().await? {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            return Err(format!("condition not met within {within:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// PgBouncer in transaction pooling mode in front of the test server.
+pub struct PgBouncer {
+    child: tokio::process::Child,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl PgBouncer {
+    pub async fn start(testdb: &TestDb, server_pool_size: usize) -> TestResult<Self> {
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .ok_or("pgbouncer is not installed (scripts/test.sh installs it)")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = TempDir::new("pgbouncer")?;
+        let ini = dir.path.join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n* = host={host} port={pgport} user=postgres\n\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = any\n\
+                 pool_mode = transaction\ndefault_pool_size = {server_pool_size}\nmax_client_conn = 500\n\
+                 ignore_startup_parameters = extra_float_digits,options,application_name\n\
+                 logfile = {log}\n",
+                host = testdb.host,
+                pgport = testdb.port,
+                log = dir.path.join("pgbouncer.log").display(),
+            ),
+        )?;
+        let mut cmd = tokio::process::Command::new(bin);
+        if std::process::Command::new("id").arg("-u").output()?.stdout.starts_with(b"0\n") {
+            // PgBouncer refuses to run as root: run it as the postgres user.
+            let id = |flag: &str| -> TestResult<u32> {
+                let out = std::process::Command::new("id").args([flag, "postgres"]).output()?;
+                Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+            };
+            std::process::Command::new("chown").args(["-R", "postgres"]).arg(&dir.path).status()?;
+            cmd.uid(id("-u")?).gid(id("-g")?);
+        }
+        let child = cmd.arg(&ini).stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true).spawn()?;
+        let bouncer = Self { child, port, _dir: dir };
+        let url = bouncer.url(&testdb.name);
+        eventually(Duration::from_secs(10), || async {
+            Ok(tokio_postgres::connect(&url, tokio_postgres::NoTls).await.is_ok())
+        })
+        .await?;
+        Ok(bouncer)
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> std::io::Result<Self> {
+        let path = std::env::temp_dir().join(format!("plinth-{prefix}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+pub async fn set_status(db: &Db, id: TenantId, status: TenantStatus) -> TestResult {
+    db.platform(async |c| Ok::<_, ApiError>(registry::set_status(c, id, status).await?)).await?;
+    Ok(())
+}
+
+pub async fn add_domain(db: &Db, id: TenantId, domain: &str, verified: bool) -> TestResult {
+    db.platform(async |c| Ok::<_, ApiError>(registry::add_domain(c, id, domain, verified).await?)).await?;
+    Ok(())
+}

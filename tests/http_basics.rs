@@ -1,0 +1,72 @@
+use reqwest::Method;
+
+use crate::harness::{AppOptions, TestApp, TestDb, TestResult, assert_error};
+
+#[tokio::test]
+async fn request_ids_are_echoed_or_generated_on_every_response() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let res = app.http.get(app.url("/health/live")).header("x-request-id", "client-abc_1.2").send().await?;
+    assert_eq!(res.headers()["x-request-id"], "client-abc_1.2");
+    for bad in ["has space", &"x".repeat(65), "semi;colon"] {
+        let res = app.http.get(app.url("/health/live")).header("x-request-id", bad).send().await?;
+        let id = res.headers()["x-request-id"].to_str()?;
+        assert!(id != bad && uuid::Uuid::parse_str(id).is_ok(), "{bad:?} → {id:?}");
+    }
+    // Errors carry it too, and unknown routes answer in the JSON envelope.
+    let res = app.http.get(app.url("/nope")).send().await?;
+    assert!(res.headers().contains_key("x-request-id"));
+    assert_error(res, 404, "not_found").await?;
+    let res = app.req(Method::PUT, "anyone", "/v1/projects").send().await?;
+    assert!(res.headers().contains_key("x-request-id"));
+    assert_error(res, 405, "method_not_allowed").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_endpoints() -> TestResult {
+    let app = TestApp::spawn().await?;
+    assert_eq!(app.http.get(app.url("/health/live")).send().await?.status(), 200);
+    assert_eq!(app.http.get(app.url("/health/ready")).send().await?.status(), 200);
+
+    // A server whose database has gone away is live but not ready.
+    let testdb = TestDb::migrated().await?;
+    let app2 = TestApp::spawn_on(&testdb, AppOptions::default()).await?;
+    drop(testdb);
+    assert_eq!(app2.http.get(app2.url("/health/live")).send().await?.status(), 200);
+    let res = app2.http.get(app2.url("/health/ready")).send().await?;
+    assert!(res.headers().contains_key("retry-after"));
+    let body = assert_error(res, 503, "unavailable").await?;
+    assert!(!body.to_string().contains("plinth_test"), "no internal detail leaks: {body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversize_bodies_get_413() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let app = TestApp::spawn_on(&testdb, AppOptions { max_body_bytes: Some(1024), ..Default::default() }).await?;
+    app.create_tenant("acme").await?;
+    let big = format!(r#"{{"name": "x", "description": "{}"}}"#, "y".repeat(2000));
+    let res = app
+        .req(Method::POST, "acme", "/v1/projects")
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await?;
+    assert_error(res, 413, "payload_too_large").await?;
+    // Without a Content-Length (chunked), the limit holds while reading.
+    let stream = futures_util::stream::iter(
+        big.into_bytes().chunks(100).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>(),
+    );
+    let res = app
+        .req(Method::POST, "acme", "/v1/projects")
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await?;
+    assert_error(res, 413, "payload_too_large").await?;
+    // Just under the limit is fine.
+    let res =
+        app.req(Method::POST, "acme", "/v1/projects").json(&serde_json::json!({ "name": "small" })).send().await?;
+    assert_eq!(res.status(), 201);
+    Ok(())
+}

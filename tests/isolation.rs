@@ -1,0 +1,183 @@
+//! Tenant isolation: another tenant's ids are 404 on every route, and a
+//! concurrent hammer alternating tenants over a small pool never sees a row of
+//! the other tenant — directly and through PgBouncer in transaction mode.
+
+use std::sync::Arc;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{AppOptions, PgBouncer, TestApp, TestDb, TestResult, assert_error};
+
+struct Fixture {
+    project: String,
+    task: String,
+}
+
+async fn seed(app: &TestApp, tenant: &str) -> TestResult<Fixture> {
+    let project = app.create_project(tenant, &format!("{tenant}-main")).await?;
+    let project = project["id"].as_str().ok_or("no id")?.to_owned();
+    for i in 0..3 {
+        app.create_project(tenant, &format!("{tenant}-extra-{i}")).await?;
+    }
+    let res = app
+        .req(Method::POST, tenant, &format!("/v1/projects/{project}/tasks"))
+        .json(&json!({ "title": format!("{tenant}-task") }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201);
+    let task: Value = res.json().await?;
+    Ok(Fixture { project, task: task["id"].as_str().ok_or("no id")?.to_owned() })
+}
+
+/// Every tenant route, tried by `intruder` with `victim`'s ids.
+async fn every_route_refuses_foreign_ids(app: &TestApp, intruder: &str, victim: &Fixture) -> TestResult {
+    let p = &victim.project;
+    let t = &victim.task;
+    let attempts: Vec<(Method, String, Option<Value>)> = vec![
+        (Method::GET, format!("/v1/projects/{p}"), None),
+        (Method::PATCH, format!("/v1/projects/{p}"), Some(json!({ "name": "pwned" }))),
+        (Method::DELETE, format!("/v1/projects/{p}"), None),
+        (Method::GET, format!("/v1/projects/{p}/tasks"), None),
+        (Method::POST, format!("/v1/projects/{p}/tasks"), Some(json!({ "title": "planted" }))),
+        (Method::PATCH, format!("/v1/tasks/{t}"), Some(json!({ "done": true }))),
+        (Method::DELETE, format!("/v1/tasks/{t}"), None),
+    ];
+    for (method, path, body) in attempts {
+        let mut req = app.req(method.clone(), intruder, &path);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await?;
+        assert_eq!(res.status(), 404, "{method} {path} as {intruder}");
+        assert_error(res, 404, "not_found").await?;
+    }
+    Ok(())
+}
+
+async fn isolation_holds(app: &TestApp) -> TestResult {
+    app.create_tenant("alpha").await?;
+    app.create_tenant("bravo").await?;
+    let a = seed(app, "alpha").await?;
+    let b = seed(app, "bravo").await?;
+    every_route_refuses_foreign_ids(app, "bravo", &a).await?;
+    every_route_refuses_foreign_ids(app, "alpha", &b).await?;
+
+    // The victim's data is untouched.
+    let project: Value =
+        app.req(Method::GET, "alpha", &format!("/v1/projects/{}", a.project)).send().await?.json().await?;
+    assert_eq!(project["name"], "alpha-main");
+    let tasks: Value =
+        app.req(Method::GET, "alpha", &format!("/v1/projects/{}/tasks", a.project)).send().await?.json().await?;
+    assert_eq!(tasks["data"].as_array().map(Vec::len), Some(1));
+    assert_eq!(tasks["data"][0]["done"], false);
+    assert_eq!(tasks["data"][0]["title"], "alpha-task");
+    Ok(())
+}
+
+/// ≥ 8 tasks × ≥ 200 requests alternating tenants; every response must hold
+/// only its own tenant's rows.
+async fn hammer(app: Arc<TestApp>) -> TestResult<usize> {
+    let tenants = ["alpha", "bravo"];
+    let mut own_ids = Vec::new();
+    for t in tenants {
+        let body: Value = app.req(Method::GET, t, "/v1/projects?limit=100").send().await?.json().await?;
+        let ids: Vec<String> = body["data"]
+            .as_array()
+            .ok_or("no data")?
+            .iter()
+            .filter_map(|p| p["id"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(ids.len(), 4);
+        own_ids.push(ids);
+    }
+    let own_ids = Arc::new(own_ids);
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..8usize {
+        let app = Arc::clone(&app);
+        let own_ids = Arc::clone(&own_ids);
+        workers.spawn(async move {
+            let mut checked = 0usize;
+            for i in 0..200usize {
+                let which = (worker + i) % 2;
+                let tenant = tenants[which];
+                if i % 3 == 0 {
+                    // A foreign id must not be found…
+                    let foreign = &own_ids[1 - which][i % 4];
+                    let res = app.req(Method::GET, tenant, &format!("/v1/projects/{foreign}")).send().await?;
+                    if res.status() != 404 {
+                        return Err(format!("{tenant} reached a foreign project: {}", res.status()).into());
+                    }
+                } else if i % 3 == 1 {
+                    // …an own id must be, with its own name…
+                    let own = &own_ids[which][i % 4];
+                    let body: Value =
+                        app.req(Method::GET, tenant, &format!("/v1/projects/{own}")).send().await?.json().await?;
+                    let name = body["name"].as_str().unwrap_or_default();
+                    if !name.starts_with(tenant) {
+                        return Err(format!("{tenant} got {body}").into());
+                    }
+                } else {
+                    // …and a list holds only own rows.
+                    let body: Value =
+                        app.req(Method::GET, tenant, "/v1/projects?limit=100").send().await?.json().await?;
+                    let rows = body["data"].as_array().ok_or("no data")?;
+                    if rows.len() != 4
+                        || rows.iter().any(|p| !p["name"].as_str().unwrap_or_default().starts_with(tenant))
+                    {
+                        return Err(format!("{tenant} list leaked: {body}").into());
+                    }
+                }
+                checked += 1;
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(checked)
+        });
+    }
+    let mut total = 0;
+    while let Some(result) = workers.join_next().await {
+        total += result??;
+    }
+    Ok(total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_cannot_reach_each_other_directly() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    // A pool of 2 so requests of both tenants constantly share connections.
+    let app = Arc::new(TestApp::spawn_on(&testdb, AppOptions { pool_size: Some(2), ..Default::default() }).await?);
+    isolation_holds(&app).await?;
+    assert_eq!(hammer(Arc::clone(&app)).await?, 1600);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_cannot_reach_each_other_through_pgbouncer() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    // Two server connections shared by a client pool of 6: transaction
+    // pooling hands each transaction whichever server connection is free.
+    let bouncer = PgBouncer::start(&testdb, 2).await?;
+    let options = AppOptions {
+        database_url: Some(bouncer.url(&testdb.name)),
+        pool_size: Some(6),
+        statement_cache: Some(false),
+        ..Default::default()
+    };
+    let app = Arc::new(TestApp::spawn_on(&testdb, options).await?);
+    isolation_holds(&app).await?;
+    assert_eq!(hammer(Arc::clone(&app)).await?, 1600);
+
+    // The pooled server connections carry no tenant schema between transactions.
+    let (client, conn) = tokio_postgres::connect(&bouncer.url(&testdb.name), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    for _ in 0..10 {
+        // Simple protocol: a prepared statement could not cross PgBouncer here.
+        let rows = client.simple_query("SHOW search_path").await?;
+        let path = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        let path = path.ok_or("no search_path")?;
+        assert!(!path.contains("t_"), "a server connection kept a tenant search_path: {path}");
+    }
+    Ok(())
+}

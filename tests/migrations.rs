@@ -1,0 +1,155 @@
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection};
+use diesel_migrations::MigrationHarness;
+use plinth_tenants::migrate::{PLATFORM_MIGRATIONS, TENANT_MIGRATIONS};
+use plinth_tenants::{Slug, Tenant, registry};
+
+use crate::harness::{TestDb, TestResult};
+
+/// Runs the real `plinth` binary against a test database.
+async fn plinth(testdb: &TestDb, args: &[&str]) -> TestResult<(bool, String)> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(args)
+        .env("DATABASE_URL", &testdb.url)
+        .env("RUST_LOG", "warn")
+        .env_remove("PLINTH_CONFIG")
+        .output()
+        .await?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+/// Makes a tenant look as if it had never been migrated: ledger emptied, and
+/// (unless `keep_tables`) its tables dropped. Keeping the tables makes the
+/// next migration fail ("relation already exists").
+async fn rewind(client: &tokio_postgres::Client, tenant: &Tenant, keep_tables: bool) -> TestResult {
+    client.execute("DELETE FROM public.tenant_migrations WHERE tenant_id = $1", &[&tenant.id.0]).await?;
+    if !keep_tables {
+        client.batch_execute(&format!("DROP TABLE {0}.tasks, {0}.projects", tenant.schema.quoted())).await?;
+    }
+    Ok(())
+}
+
+async fn ledger_count(client: &tokio_postgres::Client, tenant: &Tenant) -> TestResult<i64> {
+    Ok(client
+        .query_one("SELECT count(*) FROM public.tenant_migrations WHERE tenant_id = $1", &[&tenant.id.0])
+        .await?
+        .get(0))
+}
+
+#[tokio::test]
+async fn migrate_all_reports_a_broken_tenant_and_resumes() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let mut tenants = Vec::new();
+    for slug in ["alpha", "bravo", "charlie", "delta"] {
+        tenants.push(registry::create(&db, &Slug::parse(slug)?, slug).await?);
+    }
+    let client = testdb.client().await?;
+    rewind(&client, &tenants[0], false).await?;
+    rewind(&client, &tenants[1], true).await?; // broken
+    rewind(&client, &tenants[2], false).await?;
+
+    let (ok, out) = plinth(&testdb, &["migrate", "--concurrency", "2"]).await?;
+    assert!(!ok, "a failed tenant makes the run fail:\n{out}");
+    assert!(out.contains("4 total, 1 already current, 2 migrated, 1 failed"), "{out}");
+    assert!(out.contains("FAILED bravo") && out.contains("already exists"), "{out}");
+    let n = TENANT_MIGRATIONS.len() as i64;
+    assert_eq!(ledger_count(&client, &tenants[0]).await?, n);
+    assert_eq!(ledger_count(&client, &tenants[1]).await?, 0, "the failed tenant rolled back");
+    assert_eq!(ledger_count(&client, &tenants[2]).await?, n);
+
+    // Repair the broken tenant; the re-run only touches it.
+    client.batch_execute(&format!("DROP TABLE {0}.tasks, {0}.projects", tenants[1].schema.quoted())).await?;
+    let (ok, out) = plinth(&testdb, &["tenants", "migrate"]).await?;
+    assert!(ok, "{out}");
+    assert!(out.contains("4 total, 3 already current, 1 migrated, 0 failed"), "{out}");
+
+    // A no-op run changes nothing.
+    let (ok, out) = plinth(&testdb, &["migrate"]).await?;
+    assert!(ok && out.contains("4 total, 4 already current, 0 migrated, 0 failed"), "{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_locked_tenant_times_out_without_blocking_the_others() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let a = registry::create(&db, &Slug::parse("locked")?, "Locked").await?;
+    let b = registry::create(&db, &Slug::parse("free-one")?, "Free").await?;
+    let client = testdb.client().await?;
+    rewind(&client, &a, false).await?;
+    rewind(&client, &b, false).await?;
+
+    // Another session holds the tenant's row lock (as a long migration would).
+    let (mut holder, conn) = tokio_postgres::connect(&testdb.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let tx = holder.transaction().await?;
+    tx.execute("SELECT 1 FROM public.tenants WHERE id = $1 FOR UPDATE", &[&a.id.0]).await?;
+
+    let started = std::time::Instant::now();
+    let (ok, out) = plinth(&testdb, &["migrate", "--lock-timeout-ms", "300"]).await?;
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAILED locked") && out.contains("lock timeout"), "{out}");
+    assert!(out.contains("1 migrated, 1 failed"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    tx.rollback().await?;
+
+    let (ok, out) = plinth(&testdb, &["migrate"]).await?;
+    assert!(ok && out.contains("1 migrated, 0 failed"), "{out}");
+    Ok(())
+}
+
+/// The catalog of one schema as text: relations, columns, indexes, functions,
+/// triggers. Two equal snapshots mean the same structure.
+async fn snapshot(client: &tokio_postgres::Client, schema: &str) -> TestResult<String> {
+    let rows = client
+        .query(
+            "SELECT 'rel ' || c.relname || ' ' || c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1
+             UNION ALL SELECT 'col ' || table_name || '.' || column_name || ' ' || data_type FROM information_schema.columns WHERE table_schema = $1
+             UNION ALL SELECT 'fn ' || p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1
+             UNION ALL SELECT 'trg ' || t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND NOT t.tgisinternal
+             ORDER BY 1",
+            &[&schema],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_platform_down_migration_reverses_its_up() -> TestResult {
+    let testdb = TestDb::empty().await?;
+    let client = testdb.client().await?;
+    let conn = AsyncPgConnection::establish(&testdb.url).await?;
+    let mut harness = AsyncMigrationHarness::new(conn);
+    let migrations = harness.pending_migrations(PLATFORM_MIGRATIONS)?;
+    assert!(!migrations.is_empty());
+    for migration in &migrations {
+        let before = snapshot(&client, "public").await?;
+        harness.run_migration(migration.as_ref())?;
+        let after_up = snapshot(&client, "public").await?;
+        assert_ne!(before, after_up, "{} changed nothing", migration.name());
+        harness.revert_last_migration(PLATFORM_MIGRATIONS)?;
+        assert_eq!(before, snapshot(&client, "public").await?, "{} down.sql does not reverse up.sql", migration.name());
+        harness.run_migration(migration.as_ref())?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_tenant_down_migration_reverses_its_up() -> TestResult {
+    let testdb = TestDb::empty().await?;
+    let client = testdb.client().await?;
+    client.batch_execute("CREATE SCHEMA t_check").await?;
+    for migration in TENANT_MIGRATIONS {
+        let before = snapshot(&client, "t_check").await?;
+        client.batch_execute(&format!("BEGIN; SET LOCAL search_path TO t_check; {}; COMMIT", migration.up)).await?;
+        let after_up = snapshot(&client, "t_check").await?;
+        assert_ne!(before, after_up, "{} changed nothing", migration.name);
+        client.batch_execute(&format!("BEGIN; SET LOCAL search_path TO t_check; {}; COMMIT", migration.down)).await?;
+        assert_eq!(before, snapshot(&client, "t_check").await?, "{} down.sql does not reverse up.sql", migration.name);
+        client.batch_execute(&format!("BEGIN; SET LOCAL search_path TO t_check; {}; COMMIT", migration.up)).await?;
+    }
+    Ok(())
+}
