@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs Plinth's whole test suite on a fresh machine: installs what the tests
+# need (PgBouncer), makes sure PostgreSQL is running, then runs cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+
+if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+    echo "installing pgbouncer (the PgBouncer isolation test needs it)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq pgbouncer >/dev/null
+fi
+
+# With DATABASE_URL unset the tests use PostgreSQL on 127.0.0.1:5432, or start
+# a private cluster from the installed server binaries if nothing answers.
+# Start the machine's own cluster first if there is one and it is down.
+if [ -z "${DATABASE_URL:-}" ] && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    if command -v pg_ctlcluster >/dev/null && [ -n "$(ls /etc/postgresql 2>/dev/null)" ]; then
+        for v in /etc/postgresql/*; do
+            as_root pg_ctlcluster --skip-systemctl-redirect "$(basename "$v")" main start || true
+        done
+    fi
+fi
+
+cargo test --workspace --locked "$@"
