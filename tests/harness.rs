@@ -198,8 +198,9 @@ impl TestApp {
         if let Some(max) = options.max_body_bytes {
             settings.max_body_bytes = max;
         }
-        let db = Db::connect(&plinth::cli::db_config(&settings, &url))?;
-        let app = Application::build(&settings, db.clone(), testdb.url.clone())?;
+        let config = plinth::cli::db_config(&settings, &url);
+        let db = Db::connect(&config)?;
+        let app = Application::build(&settings, &config, testdb.url.clone())?;
         let addr = format!("http://127.0.0.1:{}", app.port());
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());

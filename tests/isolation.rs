@@ -181,3 +181,61 @@ async fn tenants_cannot_reach_each_other_through_pgbouncer() -> TestResult {
     }
     Ok(())
 }
+
+/// A request cancelled in the middle of a tenant transaction (client gone,
+/// timeout) must not hand its connection, still inside that tenant's
+/// transaction, to the next user of the pool.
+#[tokio::test]
+async fn a_cancelled_tenant_transaction_never_reaches_the_next_user() -> TestResult {
+    use diesel::sql_types::{Nullable, Text};
+    use diesel_async::RunQueryDsl;
+    use plinth_tenants::ApiError;
+
+    #[derive(diesel::QueryableByName)]
+    struct Current {
+        #[diesel(sql_type = Nullable<Text>)]
+        value: Option<String>,
+    }
+
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(1)?; // one connection: the next user gets the same one, or a new one
+    let slug = |s: &str| plinth_tenants::Slug::parse(s);
+    let a = plinth_tenants::registry::create(&db, &slug("alpha")?, "Alpha").await?;
+    let b = plinth_tenants::registry::create(&db, &slug("bravo")?, "Bravo").await?;
+
+    for _ in 0..3 {
+        let cancelled = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            db.tenant(a.scope(), async |c| {
+                diesel::sql_query("INSERT INTO projects (id, name) VALUES (gen_random_uuid(), 'half-done')")
+                    .execute(c.pg())
+                    .await?;
+                diesel::sql_query("SELECT pg_sleep(1)").execute(c.pg()).await?;
+                Ok::<_, ApiError>(())
+            }),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the transaction was cut off");
+
+        let in_b: Current = db
+            .tenant(b.scope(), async |c| {
+                Ok::<_, ApiError>(diesel::sql_query("SELECT current_schema() AS value").get_result(c.pg()).await?)
+            })
+            .await?;
+        assert_eq!(in_b.value.as_deref(), Some(b.schema.as_str()));
+        let path: Current = db
+            .platform(async |c| {
+                Ok::<_, ApiError>(
+                    diesel::sql_query("SELECT current_setting('search_path') AS value").get_result(c).await?,
+                )
+            })
+            .await?;
+        assert!(!path.value.unwrap_or_default().contains("t_"), "a tenant search_path survived the cancellation");
+    }
+    // Nothing of the cancelled transactions was committed by whoever came next.
+    let client = testdb.client().await?;
+    let half_done: i64 =
+        client.query_one(&format!("SELECT count(*) FROM {}.projects", a.schema.quoted()), &[]).await?.get(0);
+    assert_eq!(half_done, 0, "a cancelled transaction's writes were committed");
+    Ok(())
+}

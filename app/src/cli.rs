@@ -104,14 +104,15 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
         Command::Serve => {
             // Platform migrations go straight to the server, never through a pooler.
             migrate::run_platform_migrations(&listen_url).await?;
-            let db = Db::connect(&db_config(settings, url))?;
+            let config = db_config(settings, url);
             if settings.migrate_on_start {
+                let db = Db::connect(&DbConfig { pool_size: 4, ..config.clone() })?;
                 let code = migrate_tenants(&db, &MigrateArgs { concurrency: 4, lock_timeout_ms: 5000 }).await?;
                 if code != ExitCode::SUCCESS {
                     tracing::warn!("some tenants failed to migrate; serving anyway (see above)");
                 }
             }
-            let app = Application::build(settings, db, listen_url)?;
+            let app = Application::build(settings, &config, listen_url)?;
             app.run_until_stopped().await.context("running the server")?;
             Ok(ExitCode::SUCCESS)
         }

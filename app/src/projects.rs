@@ -157,7 +157,7 @@ impl TaskChanges {
 
 // ---- store: every function takes the tenant-scoped connection ----
 
-pub async fn list_projects(conn: &mut TenantConn, page: PageRequest) -> QueryResult<Vec<Project>> {
+pub async fn list_projects(conn: &mut TenantConn<'_>, page: PageRequest) -> QueryResult<Vec<Project>> {
     let mut query =
         projects::table.select(Project::as_select()).order(projects::id.asc()).limit(page.limit + 1).into_boxed();
     if let Some(after) = page.after {
@@ -166,7 +166,7 @@ pub async fn list_projects(conn: &mut TenantConn, page: PageRequest) -> QueryRes
     query.load(conn.pg()).await
 }
 
-pub async fn create_project(conn: &mut TenantConn, new: NewProject) -> QueryResult<Project> {
+pub async fn create_project(conn: &mut TenantConn<'_>, new: NewProject) -> QueryResult<Project> {
     let now = Utc::now();
     let project = Project {
         id: ProjectId::new(),
@@ -178,12 +178,12 @@ pub async fn create_project(conn: &mut TenantConn, new: NewProject) -> QueryResu
     diesel::insert_into(projects::table).values(&project).returning(Project::as_returning()).get_result(conn.pg()).await
 }
 
-pub async fn get_project(conn: &mut TenantConn, id: ProjectId) -> QueryResult<Option<Project>> {
+pub async fn get_project(conn: &mut TenantConn<'_>, id: ProjectId) -> QueryResult<Option<Project>> {
     projects::table.find(id).select(Project::as_select()).first(conn.pg()).await.optional()
 }
 
 pub async fn update_project(
-    conn: &mut TenantConn,
+    conn: &mut TenantConn<'_>,
     id: ProjectId,
     changes: ProjectChanges,
 ) -> QueryResult<Option<Project>> {
@@ -195,13 +195,13 @@ pub async fn update_project(
         .optional()
 }
 
-pub async fn delete_project(conn: &mut TenantConn, id: ProjectId) -> QueryResult<bool> {
+pub async fn delete_project(conn: &mut TenantConn<'_>, id: ProjectId) -> QueryResult<bool> {
     Ok(diesel::delete(projects::table.find(id)).execute(conn.pg()).await? > 0)
 }
 
 /// The tasks of a project, or `None` if the project does not exist.
 pub async fn list_tasks(
-    conn: &mut TenantConn,
+    conn: &mut TenantConn<'_>,
     project: ProjectId,
     page: PageRequest,
 ) -> QueryResult<Option<Vec<Task>>> {
@@ -221,7 +221,7 @@ pub async fn list_tasks(
 }
 
 /// Adds a task, or `None` if the project does not exist.
-pub async fn create_task(conn: &mut TenantConn, project: ProjectId, new: NewTask) -> QueryResult<Option<Task>> {
+pub async fn create_task(conn: &mut TenantConn<'_>, project: ProjectId, new: NewTask) -> QueryResult<Option<Task>> {
     // Lock the project row so a concurrent delete cannot orphan the insert.
     let exists = projects::table
         .find(project)
@@ -250,7 +250,7 @@ pub async fn create_task(conn: &mut TenantConn, project: ProjectId, new: NewTask
         .map(Some)
 }
 
-pub async fn update_task(conn: &mut TenantConn, id: TaskId, changes: TaskChanges) -> QueryResult<Option<Task>> {
+pub async fn update_task(conn: &mut TenantConn<'_>, id: TaskId, changes: TaskChanges) -> QueryResult<Option<Task>> {
     diesel::update(tasks::table.find(id))
         .set((&changes, tasks::updated_at.eq(Utc::now())))
         .returning(Task::as_returning())
@@ -259,7 +259,7 @@ pub async fn update_task(conn: &mut TenantConn, id: TaskId, changes: TaskChanges
         .optional()
 }
 
-pub async fn delete_task(conn: &mut TenantConn, id: TaskId) -> QueryResult<bool> {
+pub async fn delete_task(conn: &mut TenantConn<'_>, id: TaskId) -> QueryResult<bool> {
     Ok(diesel::delete(tasks::table.find(id)).execute(conn.pg()).await? > 0)
 }
 

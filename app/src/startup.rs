@@ -1,6 +1,8 @@
 //! Building and running the HTTP server.
 
 use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
@@ -9,7 +11,7 @@ use anyhow::Context as _;
 use plinth_tenants::http::{BodyLimit, request_span};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::resolve::{self, TenantResolver};
-use plinth_tenants::{ApiError, Db};
+use plinth_tenants::{ApiError, Db, DbConfig};
 
 use crate::config::Settings;
 
@@ -23,8 +25,18 @@ pub struct Application {
 impl Application {
     /// Binds `settings.listen` (port 0 picks a free port) and wires every
     /// crate's routes. `listen_url` is the direct database URL for LISTEN.
-    pub fn build(settings: &Settings, db: Db, listen_url: String) -> anyhow::Result<Self> {
-        let resolver = TenantResolver::new(db.clone(), &settings.base_domain);
+    ///
+    /// Each worker thread gets its own pool (`pool_size` is split between
+    /// them), so a connection's driver task always runs on the thread that
+    /// uses it: no cross-thread wake-up per database round trip.
+    pub fn build(settings: &Settings, db_config: &DbConfig, listen_url: String) -> anyhow::Result<Self> {
+        let workers = settings.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let per_worker = DbConfig { pool_size: db_config.pool_size.div_ceil(workers).max(1), ..db_config.clone() };
+        let pools: Arc<Vec<Db>> =
+            (0..workers).map(|_| Db::connect(&per_worker)).collect::<anyhow::Result<Vec<_>>>()?.into();
+        // Tenant lookups miss the cache rarely; a small pool of their own.
+        let resolver_db = Db::connect(&DbConfig { pool_size: 2, ..db_config.clone() })?;
+        let resolver = TenantResolver::new(resolver_db, &settings.base_domain);
         let mut listener = Listener::new();
         listener.on(resolve::CHANNEL, resolver.listen_handler());
         let listener_task = listener.spawn(listen_url);
@@ -32,12 +44,13 @@ impl Application {
         let tcp = TcpListener::bind(&settings.listen).with_context(|| format!("binding {}", settings.listen))?;
         let port = tcp.local_addr()?.port();
         let body_limit = BodyLimit(settings.max_body_bytes);
-        let db_data = web::Data::new(db);
         let resolver_data = web::Data::new(resolver);
-        let mut server = HttpServer::new(move || {
+        let next_pool = Arc::new(AtomicUsize::new(0));
+        let server = HttpServer::new(move || {
+            let db = pools[next_pool.fetch_add(1, Ordering::Relaxed) % pools.len()].clone();
             App::new()
                 .wrap(from_fn(request_span))
-                .app_data(db_data.clone())
+                .app_data(web::Data::new(db))
                 .app_data(resolver_data.clone())
                 .app_data(body_limit)
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
@@ -45,12 +58,10 @@ impl Application {
                 .configure(crate::projects::configure)
                 .default_service(web::to(not_found))
         })
+        .workers(workers)
         .shutdown_timeout(settings.shutdown_timeout.as_secs())
         .listen(tcp)?;
-        if let Some(workers) = settings.workers {
-            server = server.workers(workers);
-        }
-        tracing::info!(port, "listening");
+        tracing::info!(port, workers, "listening");
         Ok(Self { port, server: server.run(), listener_task })
     }
 

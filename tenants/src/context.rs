@@ -49,7 +49,7 @@ impl TenantContext {
     /// Runs `f` in a transaction scoped to this request's tenant.
     pub async fn tx<R, E, F>(&self, f: F) -> Result<R, E>
     where
-        for<'r> F: TxFn<&'r mut TenantConn, Result<R, E>, Fut: Send> + Send,
+        for<'r, 'c> F: TxFn<&'r mut TenantConn<'c>, Result<R, E>, Fut: Send> + Send,
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use diesel::connection::CacheSize;
+use diesel::connection::{CacheSize, TransactionDepthChange};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
 use diesel_async::{
@@ -161,27 +161,47 @@ impl Db {
 
     /// Runs `f` in a transaction scoped to one tenant's schema.
     ///
-    /// `BEGIN` and `SET LOCAL search_path` travel in one round trip (one
-    /// simple-protocol message), so the setting exists only inside this
-    /// transaction and can never leak into another request on the same pooled
-    /// connection, or onto another client behind PgBouncer.
+    /// `BEGIN` and `SET LOCAL search_path` travel in one simple-protocol
+    /// message, so the setting exists only inside this transaction and can
+    /// never leak into another request on the same pooled connection, or onto
+    /// another client behind PgBouncer. That message is pipelined with the
+    /// first statement of `f` (sent before it, without waiting for its answer),
+    /// which saves a round trip per request.
     pub async fn tenant<R, E, F>(&self, tenant: TenantScope<'_>, f: F) -> Result<R, E>
     where
-        for<'r> F: TxFn<&'r mut TenantConn, Result<R, E>, Fut: Send> + Send,
+        for<'r, 'c> F: TxFn<&'r mut TenantConn<'c>, Result<R, E>, Fut: Send> + Send,
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
         let mut obj = self.conn().await?;
-        let begin = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
-        AnsiTransactionManager::begin_transaction_sql(&mut *obj, &begin).await?;
-        let mut scoped = TenantConn { conn: obj, tenant_id: tenant.id };
-        #[cfg(debug_assertions)]
-        if let Err(err) = scoped.assert_schema(tenant.schema).await {
-            let _ = AnsiTransactionManager::rollback_transaction(&mut *scoped.conn).await;
-            return Err(err.into());
-        }
-        let result = f(&mut scoped).await;
-        finish(&mut scoped.conn, result).await
+        // Count the transaction as open before anything is sent. If this
+        // future is dropped from here on, the pool sees an open transaction
+        // and discards the connection instead of handing it (mid-transaction,
+        // with this tenant's search_path) to another request.
+        AnsiTransactionManager::transaction_manager_status_mut(&mut *obj)
+            .transaction_state()?
+            .change_transaction_depth(TransactionDepthChange::IncreaseDepth)?;
+        let begin_sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
+        let result = {
+            let shared: &AsyncPgConnection = &obj;
+            let mut scoped = TenantConn { conn: shared, tenant_id: tenant.id };
+            // `join` polls `begin` first, which queues BEGIN on the connection
+            // before `f` can queue anything; the connection keeps that order.
+            let begin = async {
+                let mut conn = shared;
+                conn.batch_execute(&begin_sql).await
+            };
+            let body = async {
+                #[cfg(debug_assertions)]
+                scoped.assert_schema::<E>(tenant.schema).await?;
+                f(&mut scoped).await
+            };
+            match futures_util::future::join(begin, body).await {
+                (Ok(()), result) => result,
+                (Err(begin_failed), _) => Err(begin_failed.into()),
+            }
+        };
+        finish(&mut obj, result).await
     }
 }
 
@@ -216,25 +236,26 @@ pub struct TenantScope<'a> {
 /// A connection inside a transaction whose `search_path` is one tenant's
 /// schema. Functions that touch tenant tables take `&mut TenantConn`, so they
 /// cannot be called with a connection that was not scoped to a tenant.
-pub struct TenantConn {
-    conn: Object<AsyncPgConnection>,
+pub struct TenantConn<'c> {
+    conn: &'c AsyncPgConnection,
     tenant_id: TenantId,
 }
 
-impl TenantConn {
+impl<'c> TenantConn<'c> {
     /// The tenant this connection is scoped to.
     pub fn tenant_id(&self) -> TenantId {
         self.tenant_id
     }
 
     /// The underlying connection, for running diesel queries against the
-    /// tenant's (unqualified) tables.
-    pub fn pg(&mut self) -> &mut PgConn {
+    /// tenant's (unqualified) tables. Queries issued concurrently on it are
+    /// pipelined.
+    pub fn pg(&mut self) -> &mut &'c AsyncPgConnection {
         &mut self.conn
     }
 
     #[cfg(debug_assertions)]
-    async fn assert_schema(&mut self, expected: &SchemaName) -> Result<(), diesel::result::Error> {
+    async fn assert_schema<E: From<diesel::result::Error>>(&mut self, expected: &SchemaName) -> Result<(), E> {
         use diesel::sql_types::{Nullable, Text};
         use diesel_async::RunQueryDsl;
         #[derive(diesel::QueryableByName)]
@@ -243,12 +264,12 @@ impl TenantConn {
             schema: Option<String>,
         }
         let current: Current =
-            diesel::sql_query("SELECT current_schema() AS schema").get_result(&mut *self.conn).await?;
+            diesel::sql_query("SELECT current_schema() AS schema").get_result(&mut self.conn).await?;
         if current.schema.as_deref() == Some(expected.as_str()) {
             Ok(())
         } else {
             // The schema is missing (tenant being deleted) or not first on the path.
-            Err(diesel::result::Error::NotFound)
+            Err(diesel::result::Error::NotFound.into())
         }
     }
 }
