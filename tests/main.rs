@@ -5,6 +5,7 @@ mod harness;
 
 mod http_basics;
 mod isolation;
+mod lifecycle;
 mod migrations;
 mod projects;
 mod provisioning;

@@ -48,6 +48,11 @@ async fn tenant_by_subdomain_header_and_verified_custom_domain() -> TestResult {
     assert_error(res, 400, "invalid_request").await?;
     let res = get("projects.acme.example").header("x-tenant", "globex").send().await?;
     assert_error(res, 400, "invalid_request").await?;
+
+    // A domain added later is served within a second, though its absence was cached.
+    assert_error(get("new.acme.example").send().await?, 400, "invalid_request").await?;
+    add_domain(&app.db, acme.id, "new.acme.example", true).await?;
+    eventually(Duration::from_secs(1), || async { Ok(get("new.acme.example").send().await?.status() == 200) }).await?;
     Ok(())
 }
 

@@ -1,0 +1,87 @@
+//! The process around the server: graceful shutdown and zero-configuration
+//! PostgreSQL.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use plinth_tenants::{Slug, registry};
+use tokio::io::AsyncWriteExt as _;
+
+use crate::harness::{TempDir, TestDb, TestResult, eventually};
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let tenant = registry::create(&testdb.db(1)?, &Slug::parse("acme")?, "Acme").await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .arg("serve")
+        .env("DATABASE_URL", &testdb.url)
+        .env("PLINTH_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PLINTH_WORKERS", "1")
+        .env("PLINTH_SHUTDOWN_TIMEOUT_SECS", "10")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), || async {
+        Ok(http.get(format!("{base}/health/ready")).send().await.is_ok_and(|r| r.status() == 200))
+    })
+    .await?;
+
+    // A request whose body is still arriving when the signal comes.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let body = br#"{"name": "written during shutdown"}"#;
+    let head = format!(
+        "POST /v1/projects HTTP/1.1\r\nhost: 127.0.0.1\r\nx-tenant: acme\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body[..10]).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let pid = server.id().ok_or("no pid")?;
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // New connections are refused while the in-flight request is finishing.
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "still accepting after SIGTERM");
+
+    stream.write_all(&body[10..]).await?;
+    let mut response = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response).await?;
+    assert!(response.starts_with("HTTP/1.1 201"), "in-flight request answered: {response}");
+
+    let status = tokio::time::timeout(Duration::from_secs(15), server.wait()).await??;
+    assert!(status.success(), "exit status {status}");
+    let client = testdb.client().await?;
+    let stored: i64 =
+        client.query_one(&format!("SELECT count(*) FROM {}.projects", tenant.schema.quoted()), &[]).await?.get(0);
+    assert_eq!(stored, 1);
+    Ok(())
+}
+
+/// With nothing configured and no server answering, Plinth starts a private
+/// cluster from the installed PostgreSQL binaries and stops it afterwards.
+#[tokio::test]
+async fn a_private_cluster_starts_and_stops() -> TestResult {
+    let dir = TempDir::new("cluster")?;
+    let data = dir.path.join("postgres");
+    let cluster = tokio::task::spawn_blocking(move || plinth::pg::PrivateCluster::start(&data))
+        .await?
+        .map_err(|e| format!("{e:#}"))?;
+    let url = plinth::pg::ensure_database(&cluster.url("postgres"), "plinth").await.map_err(|e| format!("{e:#}"))?;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let one: i32 = client.query_one("SELECT 1", &[]).await?.get(0);
+    assert_eq!(one, 1);
+    drop(client);
+    tokio::task::spawn_blocking(move || cluster.stop()).await?;
+    let again = tokio_postgres::connect(&url, tokio_postgres::NoTls).await;
+    assert!(again.is_err(), "the cluster is stopped");
+    Ok(())
+}
