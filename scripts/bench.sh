@@ -1,73 +1,89 @@
 #!/usr/bin/env bash
 # HTTP load benchmark: GET /v1/projects/{id} at 32 connections with wrk,
 # beside PostgreSQL's own pgbench -S (select-only) at the same concurrency as
-# the ceiling, in one run on this machine. Prints the ratio.
+# the ceiling, on this machine, in alternating rounds. Prints each round's
+# ratio and the median.
 #
-#   scripts/bench.sh            # 15 s per measurement
-#   DURATION=30 scripts/bench.sh
+#   scripts/bench.sh                      # 3 rounds of 10 s measurements
+#   ROUNDS=5 DURATION=15 scripts/bench.sh
+#   WORKERS=1 scripts/bench.sh           # only the 1-worker configuration
 #
 # Uses the PostgreSQL server of DATABASE_URL (default 127.0.0.1:5432) and
 # recreates databases plinth_bench_http and plinth_bench_pgbench on it.
 #
-# Plinth runs with WORKERS actix workers (default 1, then 2): on a 2-core
-# machine the server, PostgreSQL and wrk share the cores, and one worker
-# leaves the second core to PostgreSQL and the load generator. Each
-# measurement follows a 2 s warm-up.
+# Plinth runs with each of WORKERS actix workers (default "1 2"): on a 2-core machine the
+# server, PostgreSQL and wrk share the cores, and one worker leaves the second
+# core to PostgreSQL and the load generator. Each measurement follows a 2 s
+# warm-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DURATION=${DURATION:-15}
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-32}
 PORT=${PORT:-18080}
+WORKERS=${WORKERS:-1 2}
 ADMIN_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 BASE_URL=${ADMIN_URL%/*}
+OUT=$(mktemp -d)
 
 if ! command -v wrk >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 fi
 cargo build --release -q -p plinth
 
-psql -q "$ADMIN_URL" -c 'DROP DATABASE IF EXISTS plinth_bench_http WITH (FORCE)' -c 'CREATE DATABASE plinth_bench_http'
+psql -q "$ADMIN_URL" -c 'DROP DATABASE IF EXISTS plinth_bench_http WITH (FORCE)' -c 'CREATE DATABASE plinth_bench_http' \
+    -c 'DROP DATABASE IF EXISTS plinth_bench_pgbench WITH (FORCE)' -c 'CREATE DATABASE plinth_bench_pgbench' 2>/dev/null
+pgbench -q -i -s 10 "$BASE_URL/plinth_bench_pgbench" >/dev/null 2>&1
 export DATABASE_URL="$BASE_URL/plinth_bench_http" PLINTH_LISTEN="127.0.0.1:$PORT" RUST_LOG=${RUST_LOG:-warn}
 ./target/release/plinth tenants create bench --name Bench >/dev/null
 ./target/release/plinth tenants create other --name Other >/dev/null
+
 SERVER=
-trap '[ -n "$SERVER" ] && kill $SERVER 2>/dev/null; wait 2>/dev/null || true' EXIT
-ID=
-for W in ${WORKERS:-1 2}; do
-    PLINTH_WORKERS=$W ./target/release/plinth serve >/tmp/plinth-bench-serve.log 2>&1 &
+cleanup() {
+    if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi
+    psql -q "$ADMIN_URL" -c 'DROP DATABASE IF EXISTS plinth_bench_http WITH (FORCE)' \
+        -c 'DROP DATABASE IF EXISTS plinth_bench_pgbench WITH (FORCE)' 2>/dev/null || true
+    rm -rf "$OUT"
+}
+trap cleanup EXIT
+
+start_server() {
+    PLINTH_WORKERS=$1 ./target/release/plinth serve >"$OUT/serve.log" 2>&1 &
     SERVER=$!
-    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health/ready" >/dev/null && break; sleep 0.1; done
-    if [ -z "$ID" ]; then
-        BODY=$(curl -sf -H 'X-Tenant: bench' -H 'content-type: application/json' -d '{"name":"Benchmark project"}' \
-            "http://127.0.0.1:$PORT/v1/projects")
-        ID=$(echo "$BODY" | sed 's/.*"id":"\([^"]*\)".*/\1/')
-        curl -sf -H 'X-Tenant: other' -H 'content-type: application/json' -d '{"name":"Other project"}' \
-            "http://127.0.0.1:$PORT/v1/projects" >/dev/null
-    fi
-    URL="http://127.0.0.1:$PORT/v1/projects/$ID"
-    wrk -t2 -c"$CONNS" -d2s -H 'X-Tenant: bench' "$URL" >/dev/null
-    echo "== plinth ($W worker(s)): GET /v1/projects/{id}, $CONNS connections, ${DURATION}s"
-    wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'X-Tenant: bench' "$URL" | tee "/tmp/plinth-bench-wrk-$W.txt"
-    kill $SERVER; wait $SERVER 2>/dev/null || true
-    SERVER=
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health/ready" >/dev/null && return; sleep 0.1; done
+    echo "server did not start"; cat "$OUT/serve.log"; exit 1
+}
+stop_server() { kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=; }
+
+start_server 1
+ID=$(curl -sf -H 'X-Tenant: bench' -H 'content-type: application/json' -d '{"name":"Benchmark project"}' \
+    "http://127.0.0.1:$PORT/v1/projects" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+curl -sf -H 'X-Tenant: other' -H 'content-type: application/json' -d '{"name":"Other project"}' \
+    "http://127.0.0.1:$PORT/v1/projects" >/dev/null
+stop_server
+URL="http://127.0.0.1:$PORT/v1/projects/$ID"
+
+for R in $(seq "$ROUNDS"); do
+    for W in $WORKERS; do
+        start_server "$W"
+        wrk -t2 -c"$CONNS" -d2s -H 'X-Tenant: bench' "$URL" >/dev/null
+        wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'X-Tenant: bench' "$URL" >"$OUT/wrk-$W-$R.txt"
+        stop_server
+    done
+    pgbench -S -c"$CONNS" -j2 -T"$DURATION" "$BASE_URL/plinth_bench_pgbench" >"$OUT/pgbench-$R.txt" 2>/dev/null
+    TPS=$(awk '/^tps/ {print $3; exit}' "$OUT/pgbench-$R.txt")
+    echo "round $R: pgbench -S ceiling ${TPS} tps ($CONNS clients, ${DURATION}s)"
+    for W in $WORKERS; do
+        F="$OUT/wrk-$W-$R.txt"
+        awk -v w="$W" -v t="$TPS" '
+            /^Requests\/sec/ {r = $2} $1 == "50%" {p50 = $2} $1 == "99%" {p99 = $2} /Non-2xx/ {e = $5}
+            END { printf "  plinth, %s worker(s): %.0f req/s = %.1f%% of the ceiling, p50 %s, p99 %s, non-2xx %d\n", w, r, 100 * r / t, p50, p99, e }' "$F" \
+            | tee -a "$OUT/summary-$W.txt"
+    done
 done
 
-echo "== ceiling: pgbench -S, $CONNS clients, ${DURATION}s"
-psql -q "$ADMIN_URL" -c 'DROP DATABASE IF EXISTS plinth_bench_pgbench WITH (FORCE)' -c 'CREATE DATABASE plinth_bench_pgbench'
-pgbench -q -i -s 10 "$BASE_URL/plinth_bench_pgbench" >/dev/null 2>&1
-pgbench -S -c"$CONNS" -j2 -T"$DURATION" "$BASE_URL/plinth_bench_pgbench" 2>/dev/null | tee /tmp/plinth-bench-pgbench.txt
-
-TPS=$(awk '/^tps/ {print $3; exit}' /tmp/plinth-bench-pgbench.txt)
 echo
-echo "== summary (same run, same machine)"
-echo "pgbench -S ceiling: ${TPS} tps at $CONNS clients"
-for W in ${WORKERS:-1 2}; do
-    F=/tmp/plinth-bench-wrk-$W.txt
-    RPS=$(awk '/^Requests\/sec/ {print $2}' "$F")
-    P50=$(awk '$1=="50%" {print $2}' "$F")
-    P99=$(awk '$1=="99%" {print $2}' "$F")
-    ERRORS=$(awk '/Non-2xx/ {print $5}' "$F")
-    awk -v w="$W" -v r="$RPS" -v t="$TPS" -v p50="$P50" -v p99="$P99" -v e="${ERRORS:-0}" \
-        'BEGIN { printf "plinth, %s worker(s): %.0f req/s = %.1f%% of the ceiling, p50 %s, p99 %s, non-2xx %s\n", w, r, 100 * r / t, p50, p99, e }'
+echo "== median over $ROUNDS rounds (ratio to the ceiling measured in the same round)"
+for W in $WORKERS; do
+    sort -t= -k2 -n "$OUT/summary-$W.txt" | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2) { sub(/^ +/, ""); print "median " $0 }'
 done
-psql -q "$ADMIN_URL" -c 'DROP DATABASE IF EXISTS plinth_bench_http WITH (FORCE)' -c 'DROP DATABASE IF EXISTS plinth_bench_pgbench WITH (FORCE)'

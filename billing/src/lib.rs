@@ -1,1 +1,7 @@
-
+//! Billing: the plan catalog, Stripe customers, checkout and portal, the
+//! webhook inbox and subscription state, and turning a subscription into the
+//! tenant's plan in the access policy.
+//!
+//! Nothing is implemented yet: the tenant registry already records each
+//! tenant's `plan` (every tenant starts on `free`), which this crate will
+//! keep in step with Stripe.

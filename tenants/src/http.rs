@@ -26,8 +26,27 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 pub struct RequestId(pub String);
 
 impl Default for RequestId {
+    /// A random (v4) UUID from a per-thread generator seeded once from the
+    /// OS, so generating an id costs no system call. Request ids need to be
+    /// unique, not unpredictable.
     fn default() -> Self {
-        Self(uuid::Uuid::new_v4().to_string())
+        use std::cell::Cell;
+        thread_local! {
+            static STATE: Cell<u64> = Cell::new(uuid::Uuid::new_v4().as_u64_pair().0 | 1);
+        }
+        // SplitMix64.
+        let next = || {
+            STATE.with(|state| {
+                let s = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+                state.set(s);
+                let mut z = s;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^ (z >> 31)
+            })
+        };
+        let bits = (u128::from(next()) << 64) | u128::from(next());
+        Self(uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid().to_string())
     }
 }
 
