@@ -66,22 +66,52 @@ async fn sigterm_lets_in_flight_requests_finish() -> TestResult {
 }
 
 /// With nothing configured and no server answering, Plinth starts a private
-/// cluster from the installed PostgreSQL binaries and stops it afterwards.
+/// cluster from the installed PostgreSQL binaries and stops it afterwards. Two
+/// processes starting at once share one cluster; only its starter stops it.
 #[tokio::test]
-async fn a_private_cluster_starts_and_stops() -> TestResult {
+async fn a_private_cluster_starts_is_shared_and_stops() -> TestResult {
     let dir = TempDir::new("cluster")?;
     let data = dir.path.join("postgres");
-    let cluster = tokio::task::spawn_blocking(move || plinth::pg::PrivateCluster::start(&data))
-        .await?
-        .map_err(|e| format!("{e:#}"))?;
-    let url = plinth::pg::ensure_database(&cluster.url("postgres"), "plinth").await.map_err(|e| format!("{e:#}"))?;
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    let one: i32 = client.query_one("SELECT 1", &[]).await?.get(0);
-    assert_eq!(one, 1);
-    drop(client);
-    tokio::task::spawn_blocking(move || cluster.stop()).await?;
-    let again = tokio_postgres::connect(&url, tokio_postgres::NoTls).await;
-    assert!(again.is_err(), "the cluster is stopped");
+    let start = |data: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || plinth::pg::PrivateCluster::start(&data).map_err(|e| format!("{e:#}")))
+    };
+    let (first, second) = tokio::join!(start(data.clone()), start(data.clone()));
+    let (first, second) = (first??, second??);
+    assert_eq!(first.url("postgres"), second.url("postgres"), "one cluster, shared");
+
+    let url = plinth::pg::ensure_database(&first.url("postgres"), "plinth").await.map_err(|e| format!("{e:#}"))?;
+    let query = |url: String| async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok::<i32, tokio_postgres::Error>(client.query_one("SELECT 1", &[]).await?.get(0))
+    };
+    assert_eq!(query(url.clone()).await?, 1);
+
+    // The process that joined leaves it running; the one that started it stops it.
+    assert!(first.owns() != second.owns(), "exactly one started it");
+    let (owner, guest) = if first.owns() { (first, second) } else { (second, first) };
+    tokio::task::spawn_blocking(move || guest.stop()).await?;
+    assert_eq!(query(url.clone()).await?, 1, "a process that joined the cluster does not stop it");
+    tokio::task::spawn_blocking(move || owner.stop()).await?;
+    assert!(query(url).await.is_err(), "the cluster is stopped");
+    Ok(())
+}
+
+/// Several processes creating the zero-configuration database at the same
+/// moment all get it (PostgreSQL reports the losers' race in two ways).
+#[tokio::test]
+async fn concurrent_database_creation_is_not_an_error() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let admin = testdb.url.rsplit_once('/').map(|(b, _)| format!("{b}/postgres")).ok_or("url")?;
+    let name = format!("{}_zc", testdb.name);
+    let attempts = (0..6).map(|_| {
+        let (admin, name) = (admin.clone(), name.clone());
+        tokio::spawn(async move { plinth::pg::ensure_database(&admin, &name).await.map_err(|e| format!("{e:#}")) })
+    });
+    for attempt in futures_util::future::join_all(attempts).await {
+        assert!(attempt?.is_ok_and(|url| url.ends_with(&name)));
+    }
+    let client = testdb.client().await?;
+    client.batch_execute(&format!("DROP DATABASE {name}")).await?;
     Ok(())
 }

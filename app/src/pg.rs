@@ -29,44 +29,67 @@ impl Database {
 }
 
 /// Finds or starts the database named `name`.
+///
+/// Falls back to a private cluster only when nothing answers on
+/// 127.0.0.1:5432. A server that answers but refuses (authentication, a
+/// failed `CREATE DATABASE`) is an error: silently switching to another
+/// database would look like lost data.
 pub async fn prepare(database_url: Option<&str>, data_dir: &Path, name: &str) -> anyhow::Result<Database> {
     if let Some(url) = database_url {
         return Ok(Database { url: url.to_owned(), cluster: None });
     }
     let local = "postgres://postgres@127.0.0.1:5432/postgres";
-    match ensure_database(local, name).await {
-        Ok(url) => {
+    match connect(local).await {
+        Ok(client) => {
+            let url = create_if_missing(&client, local, name)
+                .await
+                .context("using the PostgreSQL server on 127.0.0.1:5432 (set DATABASE_URL to use another)")?;
             tracing::info!(database = name, "using the PostgreSQL server on 127.0.0.1:5432");
             return Ok(Database { url, cluster: None });
         }
-        Err(err) => tracing::info!(error = %err, "no usable PostgreSQL on 127.0.0.1:5432; starting a private cluster"),
+        Err(err) if err.as_db_error().is_some() => {
+            return Err(err)
+                .context("the PostgreSQL server on 127.0.0.1:5432 refused the connection (set DATABASE_URL)");
+        }
+        Err(err) => tracing::warn!(error = %err, "no PostgreSQL answers on 127.0.0.1:5432; starting a private cluster"),
     }
     let cluster = PrivateCluster::start(&data_dir.join("postgres"))?;
     let url = ensure_database(&cluster.url("postgres"), name).await?;
     Ok(Database { url, cluster: Some(cluster) })
 }
 
+async fn connect(admin_url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = admin_url.parse()?;
+    config.connect_timeout(Duration::from_secs(2));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
 /// Connects to the server at `admin_url`, creates database `name` if missing
 /// and returns a URL for it.
 pub async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
-    let mut config: tokio_postgres::Config = admin_url.parse().context("parsing the admin URL")?;
-    config.connect_timeout(Duration::from_secs(2));
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.context("connecting")?;
-    let driver = tokio::spawn(connection);
-    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
-    if !exists {
+    let client = connect(admin_url).await.context("connecting")?;
+    create_if_missing(&client, admin_url, name).await
+}
+
+async fn create_if_missing(client: &tokio_postgres::Client, admin_url: &str, name: &str) -> anyhow::Result<String> {
+    if !database_exists(client, name).await? {
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
         if let Err(err) = client.batch_execute(&sql).await {
-            // Another process may have created it meanwhile.
-            if err.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
+            // Another process may have created it meanwhile: depending on the
+            // moment, PostgreSQL reports duplicate_database or unique_violation.
+            if !database_exists(client, name).await? {
                 return Err(err).context("creating the database");
             }
         }
     }
-    drop(client);
-    driver.abort();
     let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
     Ok(format!("{base}/{name}"))
+}
+
+async fn database_exists(client: &tokio_postgres::Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some())
 }
 
 /// A PostgreSQL cluster owned by this process, under the data directory.
@@ -75,17 +98,32 @@ pub struct PrivateCluster {
     dir: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// Started by this process (and so stopped by it), rather than found
+    /// running, started by another Plinth process on the same data directory.
+    owned: bool,
 }
 
 impl PrivateCluster {
-    /// Initializes (first time) and starts the cluster in `dir`.
+    /// Initializes (first time) and starts the cluster in `dir`, or joins the
+    /// one another Plinth process already runs there. A lock file serializes
+    /// processes starting at the same moment.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
         let bin = find_bin_dir()
             .context("PostgreSQL server binaries (initdb, pg_ctl) not found; install PostgreSQL or set DATABASE_URL")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let dir = dir.canonicalize()?;
+        let lock_path = dir.with_extension("lock");
+        let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+        lock.lock().context("locking the private cluster")?;
         let as_postgres = is_root();
-        let cluster = Self { bin, dir, port: free_port()?, as_postgres };
+        let mut cluster = Self { bin, dir, port: 0, as_postgres, owned: false };
+        if let Some(port) = cluster.running_port() {
+            tracing::info!(port, "joining the private PostgreSQL cluster another process started");
+            cluster.port = port;
+            return Ok(cluster);
+        }
+        cluster.port = free_port()?;
+        cluster.owned = true;
         if as_postgres {
             cluster.run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.dir), false)?;
         }
@@ -107,12 +145,30 @@ impl PrivateCluster {
         Ok(cluster)
     }
 
+    /// The port of a server already running on this data directory.
+    fn running_port(&self) -> Option<u16> {
+        let mut status = Command::new(self.bin.join("pg_ctl"));
+        status.arg("-D").arg(&self.dir).arg("status");
+        self.run(&mut status, true).ok()?;
+        // postmaster.pid: pid, data directory, start time, port, ...
+        std::fs::read_to_string(self.dir.join("postmaster.pid")).ok()?.lines().nth(3)?.trim().parse().ok()
+    }
+
+    /// Whether this process started the cluster (and will stop it).
+    pub fn owns(&self) -> bool {
+        self.owned
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// Stops the cluster (fast shutdown: open sessions are ended).
+    /// Stops the cluster (fast shutdown: open sessions are ended), if this
+    /// process started it.
     pub fn stop(&self) {
+        if !self.owned {
+            return;
+        }
         let mut cmd = Command::new(self.bin.join("pg_ctl"));
         cmd.args(["-w", "-m", "fast", "-D"]).arg(&self.dir).arg("stop");
         match self.run(&mut cmd, true) {
