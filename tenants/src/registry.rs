@@ -94,6 +94,11 @@ impl TryFrom<TenantRow> for Tenant {
     }
 }
 
+/// A row that may be missing, as a checked [`Tenant`].
+fn into_tenant(row: Option<TenantRow>) -> Result<Option<Tenant>, DbError> {
+    row.map(Tenant::try_from).transpose()
+}
+
 /// Why a tenant could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
@@ -171,20 +176,12 @@ pub async fn find_by_slug(conn: &mut PgConn, slug: &str) -> Result<Option<Tenant
         .select(TenantRow::as_select())
         .first(conn)
         .await
-        .optional()?
-        .map(Tenant::try_from)
-        .transpose()
+        .optional()
+        .and_then(into_tenant)
 }
 
 pub async fn find_by_id(conn: &mut PgConn, id: TenantId) -> Result<Option<Tenant>, DbError> {
-    tenants::table
-        .find(id.0)
-        .select(TenantRow::as_select())
-        .first(conn)
-        .await
-        .optional()?
-        .map(Tenant::try_from)
-        .transpose()
+    tenants::table.find(id.0).select(TenantRow::as_select()).first(conn).await.optional().and_then(into_tenant)
 }
 
 /// The tenant served on a verified custom domain.
@@ -196,9 +193,8 @@ pub async fn find_by_domain(conn: &mut PgConn, domain: &str) -> Result<Option<Te
         .select(TenantRow::as_select())
         .first(conn)
         .await
-        .optional()?
-        .map(Tenant::try_from)
-        .transpose()
+        .optional()
+        .and_then(into_tenant)
 }
 
 pub async fn list(conn: &mut PgConn) -> Result<Vec<Tenant>, DbError> {
@@ -220,9 +216,8 @@ pub async fn set_status(conn: &mut PgConn, id: TenantId, status: TenantStatus) -
         .returning(TenantRow::as_returning())
         .get_result(conn)
         .await
-        .optional()?
-        .map(Tenant::try_from)
-        .transpose()
+        .optional()
+        .and_then(into_tenant)
 }
 
 /// Records a custom domain for a tenant. `verified` is the operator's word
