@@ -200,7 +200,7 @@ impl TestApp {
         }
         let config = plinth::cli::db_config(&settings, &url);
         let db = Db::connect(&config)?;
-        let app = Application::build(&settings, &config, testdb.url.clone())?;
+        let app = Application::build(&settings, &config, testdb.url.clone(), plinth_tenants::notify::Listener::new())?;
         let addr = format!("http://127.0.0.1:{}", app.port());
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());

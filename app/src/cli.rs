@@ -9,9 +9,13 @@ use clap::{Args, Parser, Subcommand};
 use plinth_tenants::migrate::{self, MigrateEvent, MigrateOptions, TENANT_MIGRATIONS, TenantOutcome};
 use plinth_tenants::{Db, DbConfig, Slug, Tenant, TenantStatus, registry};
 
+use plinth_tenants::jobs;
+use plinth_tenants::notify::Listener;
+use tokio::sync::watch;
+
 use crate::config::Settings;
 use crate::startup::Application;
-use crate::{pg, telemetry};
+use crate::{background, pg, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(name = "plinth", version, about = "Plinth: a multi-tenant SaaS platform backend.")]
@@ -36,6 +40,25 @@ pub enum Command {
     /// Create, list, migrate, suspend and delete tenants.
     #[command(subcommand)]
     Tenants(TenantsCommand),
+    /// Run only the background job worker (mail delivery and other jobs).
+    Worker,
+    /// Inspect the job queue and retry dead jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Counts by state, then the most recent jobs.
+    List {
+        /// Only jobs in this state: queued, running, done or dead.
+        #[arg(long, value_parser = ["queued", "running", "done", "dead"])]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+    },
+    /// Queue a dead job again, with fresh attempts.
+    Retry { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,9 +135,43 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
                     tracing::warn!("some tenants failed to migrate; serving anyway (see above)");
                 }
             }
-            let app = Application::build(settings, &config, listen_url)?;
-            app.run_until_stopped().await.context("running the server")?;
+            let mut listener = Listener::new();
+            let (stop, stopped) = watch::channel(false);
+            let worker = if settings.run_worker {
+                let worker = background::worker(settings, &config, background::worker_config(settings))?;
+                listener.on(jobs::CHANNEL, worker.listen_handler());
+                Some(tokio::spawn(worker.run(stopped)))
+            } else {
+                None
+            };
+            let app = Application::build(settings, &config, listen_url, listener)?;
+            let served = app.run_until_stopped().await.context("running the server");
+            // The HTTP server has drained; now let running jobs finish.
+            let _ = stop.send(true);
+            if let Some(worker) = worker {
+                worker.await.context("the job worker")?;
+            }
+            served?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker => {
+            migrate::run_platform_migrations(&listen_url).await?;
+            let worker = background::worker(settings, &db_config(settings, url), background::worker_config(settings))?;
+            let mut listener = Listener::new();
+            listener.on(jobs::CHANNEL, worker.listen_handler());
+            let listening = listener.spawn(listen_url);
+            let (stop, stopped) = watch::channel(false);
+            let running = tokio::spawn(worker.run(stopped));
+            shutdown_signal().await;
+            let _ = stop.send(true);
+            running.await.context("the job worker")?;
+            listening.abort();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Jobs(command) => {
+            migrate::run_platform_migrations(&listen_url).await?;
+            let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
+            jobs_command(command, &db).await
         }
         Command::Migrate(args) => {
             let applied = migrate::run_platform_migrations(&listen_url).await?;
@@ -128,6 +185,61 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             tenants(command, &db).await
         }
     }
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn jobs_command(command: JobsCommand, db: &Db) -> anyhow::Result<ExitCode> {
+    match command {
+        JobsCommand::List { status, limit } => {
+            let c = jobs::counts(db).await?;
+            println!(
+                "queued {}  running {}  retrying {}  dead {}  done {}",
+                c.queued, c.running, c.retrying, c.dead, c.done
+            );
+            let recent = jobs::list(db, status.as_deref(), limit).await?;
+            if !recent.is_empty() {
+                println!("{:<36} {:<20} {:<8} {:>8} {:<20} last error", "id", "kind", "status", "attempts", "run at");
+            }
+            for j in recent {
+                let error: String = j.last_error.unwrap_or_default().chars().take(80).collect();
+                println!(
+                    "{:<36} {:<20} {:<8} {:>8} {:<20} {error}",
+                    j.id,
+                    j.kind,
+                    j.status,
+                    format!("{}/{}", j.attempts, j.max_attempts),
+                    j.run_at.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
+        }
+        JobsCommand::Retry { id } => {
+            let id: jobs::JobId = id.parse().map_err(|_| anyhow::anyhow!("{id:?} is not a job id"))?;
+            if !jobs::retry(db, id).await? {
+                bail!("no dead or queued job {id}");
+            }
+            println!("job {id} queued again");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn tenants(command: TenantsCommand, db: &Db) -> anyhow::Result<ExitCode> {

@@ -43,6 +43,14 @@ pub struct Settings {
     pub workers: Option<usize>,
     /// `PLINTH_LOG_FORMAT`: `json` or `text` (default).
     pub log_json: bool,
+    /// `PLINTH_SMTP_URL`: unset means mail is written to `<data dir>/mail`.
+    pub smtp_url: Option<String>,
+    /// `PLINTH_MAIL_FROM` (default `Plinth <noreply@localhost>`).
+    pub mail_from: String,
+    /// `PLINTH_WORKER` (default true): `serve` also runs the job worker.
+    pub run_worker: bool,
+    /// `PLINTH_WORKER_CONCURRENCY` (default 4): jobs run at once per worker.
+    pub worker_concurrency: usize,
 }
 
 impl Settings {
@@ -100,6 +108,10 @@ impl Settings {
             shutdown_timeout: Duration::from_secs(num("PLINTH_SHUTDOWN_TIMEOUT_SECS", 30)?),
             workers: get("PLINTH_WORKERS").map(|v| v.parse()).transpose().context("PLINTH_WORKERS")?,
             log_json: log_format == "json",
+            smtp_url: get("PLINTH_SMTP_URL").map(str::to_owned),
+            mail_from: get("PLINTH_MAIL_FROM").unwrap_or("Plinth <noreply@localhost>").to_owned(),
+            run_worker: flag("PLINTH_WORKER", true)?,
+            worker_concurrency: usize::try_from(num("PLINTH_WORKER_CONCURRENCY", 4)?)?.max(1),
         })
     }
 }

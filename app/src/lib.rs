@@ -2,6 +2,7 @@
 //! PostgreSQL, telemetry, the HTTP application, the CLI and the example
 //! product domain (projects and tasks).
 
+pub mod background;
 pub mod cli;
 pub mod config;
 pub mod pg;

@@ -29,7 +29,14 @@ impl Application {
     /// Each worker thread gets its own pool (`pool_size` is split between
     /// them), so a connection's driver task always runs on the thread that
     /// uses it: no cross-thread wake-up per database round trip.
-    pub fn build(settings: &Settings, db_config: &DbConfig, listen_url: String) -> anyhow::Result<Self> {
+    /// `listener` may already carry handlers of its own (the job worker's);
+    /// the tenant resolver's is added here.
+    pub fn build(
+        settings: &Settings,
+        db_config: &DbConfig,
+        listen_url: String,
+        mut listener: Listener,
+    ) -> anyhow::Result<Self> {
         let workers = settings.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let per_worker = DbConfig { pool_size: db_config.pool_size.div_ceil(workers).max(1), ..db_config.clone() };
         let pools: Arc<Vec<Db>> =
@@ -37,7 +44,6 @@ impl Application {
         // Tenant lookups miss the cache rarely; a small pool of their own.
         let resolver_db = Db::connect(&DbConfig { pool_size: 2, ..db_config.clone() })?;
         let resolver = TenantResolver::new(resolver_db, &settings.base_domain);
-        let mut listener = Listener::new();
         listener.on(resolve::CHANNEL, resolver.listen_handler());
         let listener_task = listener.spawn(listen_url);
 

@@ -1,0 +1,34 @@
+//! Composition of background work: the job worker with every crate's job
+//! handlers, and the mailer with every crate's mail templates.
+
+use std::sync::Arc;
+
+use plinth_tenants::jobs::{Handlers, Worker, WorkerConfig};
+use plinth_tenants::mail::{self, Mailer, Templates, Transport};
+use plinth_tenants::{Db, DbConfig};
+
+use crate::config::Settings;
+
+/// Every mail template Plinth knows, rendered with links on `public_url`.
+pub fn templates(public_url: &str) -> anyhow::Result<Templates> {
+    Templates::new(public_url, &[plinth_admin::mail::TEMPLATES, plinth_billing::mail::TEMPLATES])
+}
+
+/// A worker with every job kind registered, on a pool of its own.
+pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -> anyhow::Result<Worker> {
+    let db = Db::connect(&DbConfig { pool_size: config.concurrency + 2, ..db_config.clone() })?;
+    let transport = Transport::from_settings(settings.smtp_url.as_deref(), settings.data_dir.join("mail"))?;
+    let mailer = Arc::new(Mailer::new(db.clone(), transport, &settings.mail_from, templates(&settings.public_url)?)?);
+    let mut handlers = Handlers::new();
+    handlers.on(mail::DELIVER, mailer.handler());
+    Ok(Worker::new(db, handlers, config))
+}
+
+/// The worker settings from the configuration.
+pub fn worker_config(settings: &Settings) -> WorkerConfig {
+    WorkerConfig {
+        concurrency: settings.worker_concurrency,
+        shutdown_grace: settings.shutdown_timeout,
+        ..WorkerConfig::default()
+    }
+}

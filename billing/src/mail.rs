@@ -1,0 +1,61 @@
+//! The mail billing sends when a subscription changes state: a failed
+//! payment, a trial about to end, a cancelled subscription.
+
+use plinth_tenants::TenantId;
+use plinth_tenants::mail::{EmailAddress, Mail, Template};
+use serde_json::json;
+
+macro_rules! template {
+    ($name:literal) => {
+        Template {
+            name: $name,
+            subject: include_str!(concat!("../templates/", $name, ".subject")),
+            text: include_str!(concat!("../templates/", $name, ".txt")),
+            html: include_str!(concat!("../templates/", $name, ".html")),
+        }
+    };
+}
+
+/// The templates of this crate, to register with `mail::Templates`.
+pub const TEMPLATES: &[Template] =
+    &[template!("payment_failed"), template!("trial_ending"), template!("subscription_cancelled")];
+
+/// The latest payment failed; the plan holds until `grace_until` (a date).
+pub fn payment_failed(to: EmailAddress, tenant: TenantId, organization: &str, grace_until: &str, key: String) -> Mail {
+    Mail {
+        to,
+        template: "payment_failed",
+        data: json!({ "organization": organization, "grace_until": grace_until }),
+        idempotency_key: key,
+        tenant: Some(tenant),
+    }
+}
+
+/// The `plan` trial ends on `trial_end` (a date).
+pub fn trial_ending(
+    to: EmailAddress,
+    tenant: TenantId,
+    organization: &str,
+    plan: &str,
+    trial_end: &str,
+    key: String,
+) -> Mail {
+    Mail {
+        to,
+        template: "trial_ending",
+        data: json!({ "organization": organization, "plan": plan, "trial_end": trial_end }),
+        idempotency_key: key,
+        tenant: Some(tenant),
+    }
+}
+
+/// The `plan` subscription was cancelled; the tenant is on the free plan.
+pub fn subscription_cancelled(to: EmailAddress, tenant: TenantId, organization: &str, plan: &str, key: String) -> Mail {
+    Mail {
+        to,
+        template: "subscription_cancelled",
+        data: json!({ "organization": organization, "plan": plan }),
+        idempotency_key: key,
+        tenant: Some(tenant),
+    }
+}

@@ -1,0 +1,465 @@
+//! The job queue and mail delivery, against a real PostgreSQL and a real SMTP
+//! listener: what arrives over the wire is what is asserted.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use plinth::config::Settings;
+use plinth_tenants::jobs::{self, ClaimedJob, Handlers, JobError, NewJob, Worker, WorkerConfig};
+use plinth_tenants::mail::{self, EmailAddress, Mail};
+use plinth_tenants::notify::Listener;
+use plinth_tenants::{ApiError, Db, Slug, registry};
+use tokio::sync::watch;
+
+use crate::harness::{TempDir, TestDb, TestResult, eventually};
+use crate::smtp::{Mode, SmtpServer};
+
+const PUBLIC_URL: &str = "https://app.plinth.test";
+
+fn settings(smtp_url: Option<String>, data_dir: &std::path::Path) -> TestResult<Settings> {
+    let mut values = HashMap::new();
+    values.insert("PLINTH_PUBLIC_URL".to_owned(), PUBLIC_URL.to_owned());
+    values.insert("PLINTH_MAIL_FROM".to_owned(), "Plinth <noreply@plinth.test>".to_owned());
+    values.insert("PLINTH_DATA_DIR".to_owned(), data_dir.display().to_string());
+    if let Some(url) = smtp_url {
+        values.insert("PLINTH_SMTP_URL".to_owned(), url);
+    }
+    Ok(Settings::from_values(&values)?)
+}
+
+fn fast() -> WorkerConfig {
+    WorkerConfig {
+        concurrency: 4,
+        lease: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(50),
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(500),
+        shutdown_grace: Duration::from_secs(2),
+    }
+}
+
+/// A worker running in the background until stopped or dropped.
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    listening: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(worker: Worker, listen_url: &str) -> Self {
+        let mut listener = Listener::new();
+        listener.on(jobs::CHANNEL, worker.listen_handler());
+        let listening = listener.spawn(listen_url.to_owned());
+        let (stop, stopped) = watch::channel(false);
+        Self { stop, task: tokio::spawn(worker.run(stopped)), listening }
+    }
+
+    fn mail(testdb: &TestDb, settings: &Settings, config: WorkerConfig) -> TestResult<Self> {
+        let worker = plinth::background::worker(settings, &plinth_tenants::DbConfig::new(&testdb.url), config)?;
+        Ok(Self::start(worker, &testdb.url))
+    }
+
+    /// Stops like a shutdown: running jobs may finish within the grace.
+    async fn stop(self) -> TestResult {
+        self.stop.send(true)?;
+        self.task.await?;
+        self.listening.abort();
+        Ok(())
+    }
+
+    /// Ends the worker abruptly, as a killed process would.
+    async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        self.listening.abort();
+    }
+}
+
+async fn acme(db: &Db) -> TestResult<plinth_tenants::Tenant> {
+    Ok(registry::create(db, &Slug::parse("acme")?, r#"Acme <b>&</b> "Co""#).await?)
+}
+
+fn invitation(tenant: &plinth_tenants::Tenant, to: &str, key: &str) -> TestResult<Mail> {
+    Ok(plinth_admin::mail::invitation(
+        EmailAddress::parse(to)?,
+        tenant.id,
+        &tenant.name,
+        "Ada Lovelace",
+        "member",
+        "tok+en=1",
+        key.to_owned(),
+    ))
+}
+
+async fn queue(db: &Db, mail: Mail) -> TestResult<bool> {
+    Ok(db.platform(async |c| Ok::<_, ApiError>(mail::queue(c, mail).await?)).await?)
+}
+
+async fn outbox(client: &tokio_postgres::Client) -> TestResult<Vec<(String, Option<String>, String)>> {
+    let rows = client
+        .query("SELECT status, smtp_response, data::text FROM public.mail_outbox ORDER BY created_at", &[])
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+}
+
+async fn job_states(client: &tokio_postgres::Client) -> TestResult<Vec<(String, i32, Option<String>)>> {
+    let rows = client.query("SELECT status, attempts, last_error FROM public.jobs ORDER BY created_at", &[]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invitation_arrives_over_smtp_with_both_bodies_and_the_link() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let smtp = SmtpServer::start().await?;
+    let dir = TempDir::new("mail")?;
+    let tenant = acme(&db).await?;
+    assert!(queue(&db, invitation(&tenant, " Grace@Example.COM ", "invite-1")?).await?);
+    let worker = Running::mail(&testdb, &settings(Some(smtp.url()), &dir.path)?, fast())?;
+
+    eventually(Duration::from_secs(10), || async { Ok(smtp.accepted().len() == 1) }).await?;
+    let raw = smtp.accepted().remove(0);
+    let message = mail_parser::MessageParser::default().parse(raw.as_bytes()).ok_or("unparsable message")?;
+    assert_eq!(message.subject(), Some(r#"Ada Lovelace invited you to join Acme <b>&</b> "Co" on Plinth"#));
+    assert_eq!(message.from().and_then(|a| a.first()).and_then(|a| a.address()), Some("noreply@plinth.test"));
+    assert_eq!(message.to().and_then(|a| a.first()).and_then(|a| a.address()), Some("grace@example.com"));
+    assert!(message.message_id().is_some_and(|id| id.ends_with("@plinth.test")));
+    let text = message.body_text(0).ok_or("no text body")?;
+    let html = message.body_html(0).ok_or("no html body")?;
+    let link = "https://app.plinth.test/invitations/accept?token=tok%2Ben%3D1";
+    assert!(text.contains(link) && text.contains(r#"Acme <b>&</b> "Co""#), "{text}");
+    assert!(html.contains(link), "{html}");
+    assert!(html.contains("Acme &lt;b&gt;&amp;&lt;&#x2f;b&gt; &quot;Co&quot;"), "organization escaped in HTML: {html}");
+
+    let client = testdb.client().await?;
+    eventually(Duration::from_secs(5), || async { Ok(job_states(&client).await?[0].0 == "done") }).await?;
+    let rows = outbox(&client).await?;
+    assert_eq!(rows[0].0, "sent");
+    assert!(rows[0].1.as_deref().is_some_and(|r| r.starts_with("250")));
+    assert_eq!(rows[0].2, "{}", "the token does not outlive delivery");
+    worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_down_then_back_delivers_exactly_once() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let mut smtp = SmtpServer::start().await?;
+    let port = smtp.port;
+    smtp.stop();
+    let dir = TempDir::new("mail")?;
+    let tenant = acme(&db).await?;
+    queue(&db, invitation(&tenant, "grace@example.com", "invite-1")?).await?;
+    let worker = Running::mail(&testdb, &settings(Some(format!("smtp://127.0.0.1:{port}")), &dir.path)?, fast())?;
+
+    let client = testdb.client().await?;
+    eventually(Duration::from_secs(10), || async {
+        let jobs = job_states(&client).await?;
+        Ok(jobs[0].1 >= 2 && jobs[0].2.is_some())
+    })
+    .await?;
+    let (status, _, error) = job_states(&client).await?.remove(0);
+    assert!(status == "queued" || status == "running", "{status}");
+    assert!(error.unwrap_or_default().contains("SMTP delivery failed"));
+    assert_eq!(outbox(&client).await?[0].0, "queued", "nothing recorded as sent");
+
+    let smtp = SmtpServer::start_on(port).await?;
+    eventually(Duration::from_secs(10), || async { Ok(smtp.accepted().len() == 1) }).await?;
+    eventually(Duration::from_secs(5), || async { Ok(job_states(&client).await?[0].0 == "done") }).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.accepted().len(), 1, "delivered once");
+    assert_eq!(outbox(&client).await?[0].0, "sent");
+    worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_refusals_retry_and_permanent_rejections_do_not() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let smtp = SmtpServer::start().await?;
+    smtp.set_mode(Mode::TempFail);
+    let dir = TempDir::new("mail")?;
+    let tenant = acme(&db).await?;
+    queue(&db, invitation(&tenant, "grace@example.com", "invite-1")?).await?;
+    let worker = Running::mail(&testdb, &settings(Some(smtp.url()), &dir.path)?, fast())?;
+    let client = testdb.client().await?;
+    eventually(Duration::from_secs(10), || async { Ok(job_states(&client).await?[0].1 >= 2) }).await?;
+    assert_eq!(outbox(&client).await?[0].0, "queued");
+
+    smtp.set_mode(Mode::Reject);
+    eventually(Duration::from_secs(10), || async { Ok(outbox(&client).await?[0].0 == "failed") }).await?;
+    let (_, response, data) = outbox(&client).await?.remove(0);
+    assert!(response.unwrap_or_default().contains("550"));
+    assert_eq!(data, "{}");
+    eventually(Duration::from_secs(5), || async { Ok(job_states(&client).await?[0].0 == "done") }).await?;
+    let attempts = job_states(&client).await?[0].1;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(job_states(&client).await?[0].1, attempts, "a rejection is not retried");
+    assert!(smtp.accepted().is_empty());
+    worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_racing_deliver_each_message_once() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(4)?;
+    let smtp = SmtpServer::start().await?;
+    let dir = TempDir::new("mail")?;
+    let tenant = acme(&db).await?;
+    for i in 0..30 {
+        queue(&db, invitation(&tenant, &format!("user{i}@example.com"), &format!("invite-{i}"))?).await?;
+    }
+    let settings = settings(Some(smtp.url()), &dir.path)?;
+    let first = Running::mail(&testdb, &settings, fast())?;
+    let second = Running::mail(&testdb, &settings, fast())?;
+    eventually(Duration::from_secs(20), || async { Ok(smtp.accepted().len() >= 30) }).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let accepted = smtp.accepted();
+    let recipients: HashSet<String> = accepted
+        .iter()
+        .filter_map(|raw| mail_parser::MessageParser::default().parse(raw.as_bytes()))
+        .filter_map(|m| m.to().and_then(|a| a.first()).and_then(|a| a.address()).map(str::to_owned))
+        .collect();
+    assert_eq!((accepted.len(), recipients.len()), (30, 30), "each message exactly once");
+    let client = testdb.client().await?;
+    let by_worker: i64 = client.query_one("SELECT count(DISTINCT locked_by) FROM public.jobs", &[]).await?.get(0);
+    assert_eq!(by_worker, 0, "no job is left held");
+    assert!(job_states(&client).await?.iter().all(|j| j.0 == "done" && j.1 == 1), "every job ran once");
+    first.stop().await?;
+    second.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_job_is_taken_over_after_its_lease_and_completes_once() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let smtp = SmtpServer::start().await?;
+    smtp.set_mode(Mode::Stall);
+    let dir = TempDir::new("mail")?;
+    let tenant = acme(&db).await?;
+    queue(&db, invitation(&tenant, "grace@example.com", "invite-1")?).await?;
+    let settings = settings(Some(smtp.url()), &dir.path)?;
+    let lease = WorkerConfig { lease: Duration::from_millis(600), ..fast() };
+    let doomed = Running::mail(&testdb, &settings, lease.clone())?;
+    let client = testdb.client().await?;
+    eventually(Duration::from_secs(10), || async { Ok(job_states(&client).await?[0].0 == "running") }).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    doomed.kill().await;
+
+    smtp.set_mode(Mode::Accept);
+    let rescuer = Running::mail(&testdb, &settings, lease)?;
+    eventually(Duration::from_secs(10), || async { Ok(smtp.accepted().len() == 1) }).await?;
+    eventually(Duration::from_secs(5), || async { Ok(job_states(&client).await?[0].0 == "done") }).await?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(smtp.accepted().len(), 1, "completed once");
+    assert_eq!(job_states(&client).await?[0].1, 2, "the killed run counted as an attempt");
+    rescuer.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_smtp_mail_is_written_to_the_folder() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let dir = TempDir::new("mail")?;
+    let tenant = acme(&db).await?;
+    queue(
+        &db,
+        plinth_billing::mail::payment_failed(
+            EmailAddress::parse("owner@example.com")?,
+            tenant.id,
+            &tenant.name,
+            "2026-12-01",
+            "pf-1".into(),
+        ),
+    )
+    .await?;
+    let worker = Running::mail(&testdb, &settings(None, &dir.path)?, fast())?;
+    let folder = dir.path.join("mail");
+    eventually(Duration::from_secs(10), || async {
+        Ok(std::fs::read_dir(&folder)?.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "eml")))
+    })
+    .await?;
+    let file = std::fs::read_dir(&folder)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "eml"))
+        .ok_or("no file")?;
+    let message = std::fs::read(&file)?;
+    let parsed = mail_parser::MessageParser::default().parse(&message).ok_or("unparsable")?;
+    assert_eq!(parsed.subject(), Some(r#"Payment failed for Acme <b>&</b> "Co""#));
+    assert!(
+        parsed.body_text(0).is_some_and(|t| t.contains("https://app.plinth.test/billing") && t.contains("2026-12-01"))
+    );
+    let client = testdb.client().await?;
+    eventually(Duration::from_secs(5), || async { Ok(outbox(&client).await?[0].0 == "sent") }).await?;
+    assert!(outbox(&client).await?[0].1.as_deref().is_some_and(|r| r.contains(".eml")));
+    worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn mail_is_queued_with_the_transaction_and_once_per_key() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let tenant = acme(&db).await?;
+    let rolled_back: Result<(), ApiError> = db
+        .platform(async |c| {
+            mail::queue(
+                c,
+                invitation(&tenant, "a@example.com", "k-rollback").map_err(|e| ApiError::invalid(e.to_string()))?,
+            )
+            .await?;
+            Err(ApiError::Conflict("the change that caused the mail failed".into()))
+        })
+        .await;
+    assert!(rolled_back.is_err());
+    let client = testdb.client().await?;
+    assert!(outbox(&client).await?.is_empty() && job_states(&client).await?.is_empty(), "nothing outlives a rollback");
+
+    assert!(queue(&db, invitation(&tenant, "a@example.com", "k-1")?).await?);
+    assert!(!queue(&db, invitation(&tenant, "a@example.com", "k-1")?).await?, "same key: not queued again");
+    assert_eq!((outbox(&client).await?.len(), job_states(&client).await?.len()), (1, 1));
+
+    // Jobs deduplicate by kind and key too.
+    let job = || NewJob {
+        dedup_key: Some("nightly-2026-11-23".into()),
+        ..NewJob::new("test.nightly", serde_json::json!({}))
+    };
+    let first = db.platform(async |c| Ok::<_, ApiError>(jobs::enqueue(c, job()).await?)).await?;
+    let second = db.platform(async |c| Ok::<_, ApiError>(jobs::enqueue(c, job()).await?)).await?;
+    assert!(first.is_some() && second.is_none());
+    Ok(())
+}
+
+/// A worker with test handlers: `test.sleep` sleeps `ms`, `test.flaky` fails
+/// until its attempt reaches `succeed_on`.
+fn test_worker(testdb: &TestDb, config: WorkerConfig) -> TestResult<Worker> {
+    let mut handlers = Handlers::new();
+    handlers.on(
+        "test.sleep",
+        std::sync::Arc::new(|job: ClaimedJob| {
+            Box::pin(async move {
+                let ms = job.payload["ms"].as_u64().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(())
+            })
+        }),
+    );
+    handlers.on(
+        "test.flaky",
+        std::sync::Arc::new(|job: ClaimedJob| {
+            Box::pin(async move {
+                let succeed_on = job.payload["succeed_on"].as_i64().unwrap_or(i64::MAX);
+                if i64::from(job.attempts) >= succeed_on {
+                    Ok(())
+                } else {
+                    Err(JobError::Retry(anyhow::anyhow!("flaky failure {}", job.attempts)))
+                }
+            })
+        }),
+    );
+    Ok(Worker::new(testdb.db(4)?, handlers, config))
+}
+
+async fn enqueue(db: &Db, job: NewJob) -> TestResult<jobs::JobId> {
+    Ok(db.platform(async |c| Ok::<_, ApiError>(jobs::enqueue(c, job).await?)).await?.ok_or("deduplicated")?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_back_off_until_dead_and_the_cli_retries_them() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let flaky =
+        enqueue(&db, NewJob { max_attempts: 3, ..NewJob::new("test.flaky", serde_json::json!({ "succeed_on": 5 })) })
+            .await?;
+    let unknown = enqueue(&db, NewJob::new("test.unknown", serde_json::json!({}))).await?;
+    let recovers = enqueue(&db, NewJob::new("test.flaky", serde_json::json!({ "succeed_on": 3 }))).await?;
+    let worker = Running::start(test_worker(&testdb, fast())?, &testdb.url);
+    let client = testdb.client().await?;
+    let state = |id: jobs::JobId| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one("SELECT status, attempts, last_error FROM public.jobs WHERE id = $1", &[&id.0])
+                .await?;
+            Ok::<(String, i32, Option<String>), tokio_postgres::Error>((row.get(0), row.get(1), row.get(2)))
+        }
+    };
+    eventually(Duration::from_secs(10), || async { Ok(state(flaky).await?.0 == "dead") }).await?;
+    let (_, attempts, error) = state(flaky).await?;
+    assert_eq!((attempts, error.as_deref()), (3, Some("flaky failure 3")));
+    eventually(Duration::from_secs(5), || async { Ok(state(unknown).await?.0 == "dead") }).await?;
+    assert_eq!(state(unknown).await?.1, 1, "no handler: dead at once");
+    eventually(Duration::from_secs(10), || async { Ok(state(recovers).await?.0 == "done") }).await?;
+    assert_eq!(state(recovers).await?.1, 3);
+    let counts = jobs::counts(&db).await?;
+    assert_eq!((counts.dead, counts.done), (2, 1));
+    worker.stop().await?;
+
+    let run = |args: &'static [&'static str]| {
+        let url = testdb.url.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+                .args(args)
+                .env("DATABASE_URL", url)
+                .env("RUST_LOG", "warn")
+                .output()
+                .await?;
+            Ok::<_, std::io::Error>((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
+        }
+    };
+    let (ok, out) = run(&["jobs", "list", "--status", "dead"]).await?;
+    assert!(
+        ok && out.contains("dead 2") && out.contains(&flaky.to_string()) && out.contains("flaky failure 3"),
+        "{out}"
+    );
+    let id = flaky.to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["jobs", "retry", &id])
+        .env("DATABASE_URL", &testdb.url)
+        .output()
+        .await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(state(flaky).await?.0, "queued");
+    assert_eq!(state(flaky).await?.1, 0, "fresh attempts");
+    let (ok, _) = run(&["jobs", "retry", "not-an-id"]).await?;
+    assert!(!ok);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_running_jobs_finish_or_releases_them() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let client = testdb.client().await?;
+    let status = |id: jobs::JobId| {
+        let client = &client;
+        async move {
+            let row = client.query_one("SELECT status, attempts FROM public.jobs WHERE id = $1", &[&id.0]).await?;
+            Ok::<(String, i32), tokio_postgres::Error>((row.get(0), row.get(1)))
+        }
+    };
+
+    // Within the grace: the job finishes.
+    let short = enqueue(&db, NewJob::new("test.sleep", serde_json::json!({ "ms": 300 }))).await?;
+    let worker = Running::start(test_worker(&testdb, fast())?, &testdb.url);
+    eventually(Duration::from_secs(5), || async { Ok(status(short).await?.0 == "running") }).await?;
+    worker.stop().await?;
+    assert_eq!(status(short).await?.0, "done");
+
+    // Past the grace: the job goes back to the queue, not counted as an attempt.
+    let long = enqueue(&db, NewJob::new("test.sleep", serde_json::json!({ "ms": 60_000 }))).await?;
+    let config = WorkerConfig { shutdown_grace: Duration::from_millis(200), ..fast() };
+    let worker = Running::start(test_worker(&testdb, config)?, &testdb.url);
+    eventually(Duration::from_secs(5), || async { Ok(status(long).await?.0 == "running") }).await?;
+    let started = std::time::Instant::now();
+    worker.stop().await?;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(status(long).await?, ("queued".to_owned(), 0));
+    Ok(())
+}
