@@ -463,3 +463,14 @@ async fn shutdown_lets_running_jobs_finish_or_releases_them() -> TestResult {
     assert_eq!(status(long).await?, ("queued".to_owned(), 0));
     Ok(())
 }
+
+/// Dropping the stop handle stops the worker instead of leaving it spinning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_stop_handle_is_dropped_stops() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(test_worker(&testdb, fast())?.run(stopped));
+    drop(stop);
+    tokio::time::timeout(Duration::from_secs(5), task).await??;
+    Ok(())
+}

@@ -381,15 +381,17 @@ impl Worker {
         Arc::new(move |_| wake.notify_one())
     }
 
-    /// Runs until `stop` turns true; then lets running jobs finish for the
-    /// shutdown grace and releases the rest back to the queue.
+    /// Runs until `stop` turns true (or its sender is dropped); then lets
+    /// running jobs finish for the shutdown grace and releases the rest back
+    /// to the queue.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let this = Arc::new(self);
         let mut running: JoinSet<()> = JoinSet::new();
         let mut held: HashMap<tokio::task::Id, uuid::Uuid> = HashMap::new();
         tracing::info!(worker.id = %this.id, "job worker started");
         loop {
-            if *stop.borrow() {
+            // A dropped sender means nobody can tell us to stop any more: stop.
+            if *stop.borrow() || stop.has_changed().is_err() {
                 break;
             }
             let free = this.config.concurrency.saturating_sub(running.len());
