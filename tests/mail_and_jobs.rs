@@ -474,3 +474,33 @@ async fn a_worker_whose_stop_handle_is_dropped_stops() -> TestResult {
     tokio::time::timeout(Duration::from_secs(5), task).await??;
     Ok(())
 }
+
+/// Every template renders with exactly the data its constructor gives it,
+/// and every link points at PLINTH_PUBLIC_URL.
+#[test]
+fn every_template_renders_with_its_constructor_data() -> TestResult {
+    let templates = plinth::background::templates(PUBLIC_URL)?;
+    let to = || EmailAddress::parse("someone@example.com");
+    let tenant = plinth_tenants::TenantId::new();
+    let mails = [
+        plinth_admin::mail::verify_email(to()?, Some(tenant), "Acme", "tok1", "k1".into()),
+        plinth_admin::mail::invitation(to()?, tenant, "Acme", "Ada", "admin", "tok2", "k2".into()),
+        plinth_admin::mail::password_reset(to()?, "tok3", 30, "k3".into()),
+        plinth_billing::mail::payment_failed(to()?, tenant, "Acme", "2026-12-01", "k4".into()),
+        plinth_billing::mail::trial_ending(to()?, tenant, "Acme", "pro", "2026-12-01", "k5".into()),
+        plinth_billing::mail::subscription_cancelled(to()?, tenant, "Acme", "pro", "k6".into()),
+    ];
+    let names: HashSet<&str> = mails.iter().map(|m| m.template).collect();
+    assert_eq!(names.len(), 6);
+    for mail in &mails {
+        let rendered = templates.render(mail.template, &mail.data)?;
+        assert!(!rendered.subject.is_empty() && !rendered.subject.contains('\n'), "{}", mail.template);
+        for body in [&rendered.text, &rendered.html] {
+            assert!(body.contains(&format!("{PUBLIC_URL}/")), "{}: {body}", mail.template);
+            if let Some(token) = mail.data.get("token").and_then(|t| t.as_str()) {
+                assert!(body.contains(&format!("?token={token}")), "{}: {body}", mail.template);
+            }
+        }
+    }
+    Ok(())
+}

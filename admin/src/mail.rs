@@ -3,23 +3,13 @@
 //! message is queued with `plinth_tenants::mail::queue` in the transaction of
 //! the change that causes it.
 
-use plinth_tenants::TenantId;
 use plinth_tenants::mail::{EmailAddress, Mail, Template};
+use plinth_tenants::{TenantId, mail_template};
 use serde_json::json;
 
-macro_rules! template {
-    ($name:literal) => {
-        Template {
-            name: $name,
-            subject: include_str!(concat!("../templates/", $name, ".subject")),
-            text: include_str!(concat!("../templates/", $name, ".txt")),
-            html: include_str!(concat!("../templates/", $name, ".html")),
-        }
-    };
-}
-
 /// The templates of this crate, to register with `mail::Templates`.
-pub const TEMPLATES: &[Template] = &[template!("verify_email"), template!("invitation"), template!("password_reset")];
+pub const TEMPLATES: &[Template] =
+    &[mail_template!("verify_email"), mail_template!("invitation"), mail_template!("password_reset")];
 
 /// "Confirm your email address", with a link carrying `token`.
 pub fn verify_email(to: EmailAddress, tenant: Option<TenantId>, organization: &str, token: &str, key: String) -> Mail {

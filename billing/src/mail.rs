@@ -1,24 +1,13 @@
 //! The mail billing sends when a subscription changes state: a failed
 //! payment, a trial about to end, a cancelled subscription.
 
-use plinth_tenants::TenantId;
 use plinth_tenants::mail::{EmailAddress, Mail, Template};
+use plinth_tenants::{TenantId, mail_template};
 use serde_json::json;
-
-macro_rules! template {
-    ($name:literal) => {
-        Template {
-            name: $name,
-            subject: include_str!(concat!("../templates/", $name, ".subject")),
-            text: include_str!(concat!("../templates/", $name, ".txt")),
-            html: include_str!(concat!("../templates/", $name, ".html")),
-        }
-    };
-}
 
 /// The templates of this crate, to register with `mail::Templates`.
 pub const TEMPLATES: &[Template] =
-    &[template!("payment_failed"), template!("trial_ending"), template!("subscription_cancelled")];
+    &[mail_template!("payment_failed"), mail_template!("trial_ending"), mail_template!("subscription_cancelled")];
 
 /// The latest payment failed; the plan holds until `grace_until` (a date).
 pub fn payment_failed(to: EmailAddress, tenant: TenantId, organization: &str, grace_until: &str, key: String) -> Mail {

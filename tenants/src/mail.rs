@@ -150,6 +150,19 @@ pub struct Template {
     pub html: &'static str,
 }
 
+/// A [`Template`] from `<calling crate>/templates/<name>.{subject,txt,html}`.
+#[macro_export]
+macro_rules! mail_template {
+    ($name:literal) => {
+        $crate::mail::Template {
+            name: $name,
+            subject: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/", $name, ".subject")),
+            text: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/", $name, ".txt")),
+            html: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/", $name, ".html")),
+        }
+    };
+}
+
 /// A rendered message body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
