@@ -504,3 +504,44 @@ fn every_template_renders_with_its_constructor_data() -> TestResult {
     }
     Ok(())
 }
+
+/// Counts NOTIFY messages on the jobs channel during `window`.
+async fn job_notifications(url: &str, window: Duration) -> TestResult<usize> {
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&count);
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+            if matches!(message, tokio_postgres::AsyncMessage::Notification(_)) {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {}", jobs::CHANNEL)).await?;
+    tokio::time::sleep(window).await;
+    driver.abort();
+    Ok(count.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// An idle worker polls quietly: its empty claims must not notify (and so
+/// wake) the workers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_does_not_wake_itself() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let worker = Running::start(test_worker(&testdb, fast())?, &testdb.url);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(job_notifications(&testdb.url, Duration::from_secs(1)).await?, 0, "idle claims sent notifications");
+
+    let db = testdb.db(1)?;
+    let counting = tokio::spawn({
+        let url = testdb.url.clone();
+        async move { job_notifications(&url, Duration::from_millis(800)).await.map_err(|e| e.to_string()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    enqueue(&db, NewJob::new("test.sleep", serde_json::json!({ "ms": 0 }))).await?;
+    let woken = counting.await??;
+    assert!((1..=3).contains(&woken), "queueing a job notifies ({woken})");
+    worker.stop().await?;
+    Ok(())
+}

@@ -24,7 +24,10 @@ CREATE INDEX jobs_ready_idx ON public.jobs (run_at) WHERE status = 'queued';
 CREATE INDEX jobs_lease_idx ON public.jobs (locked_until) WHERE status = 'running';
 CREATE INDEX jobs_status_idx ON public.jobs (status, created_at);
 
--- Workers wake up as soon as a job is queued (delivered at commit).
+-- Workers wake up as soon as a job is queued (delivered at commit, collapsed
+-- to one per transaction). Row-level with a WHEN clause on purpose: a
+-- statement-level trigger would also fire for a claim that matched nothing,
+-- waking idle workers to claim again, forever.
 CREATE FUNCTION public.plinth_notify_job_queued() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -34,7 +37,7 @@ END;
 $$;
 CREATE TRIGGER jobs_queued
     AFTER INSERT OR UPDATE OF status, run_at ON public.jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION public.plinth_notify_job_queued();
+    FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION public.plinth_notify_job_queued();
 
 -- Mail waiting to be delivered, written in the same transaction as the change
 -- that causes it. One message per idempotency key.
