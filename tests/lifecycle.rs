@@ -67,7 +67,7 @@ async fn sigterm_lets_in_flight_requests_finish() -> TestResult {
 
 /// With nothing configured and no server answering, Plinth starts a private
 /// cluster from the installed PostgreSQL binaries and stops it afterwards. Two
-/// processes starting at once share one cluster; only its starter stops it.
+/// processes starting at once share one cluster; the last to leave stops it.
 #[tokio::test]
 async fn a_private_cluster_starts_is_shared_and_stops() -> TestResult {
     let dir = TempDir::new("cluster")?;
@@ -87,13 +87,12 @@ async fn a_private_cluster_starts_is_shared_and_stops() -> TestResult {
     };
     assert_eq!(query(url.clone()).await?, 1);
 
-    // The process that joined leaves it running; the one that started it stops it.
+    // Whoever leaves first leaves it running for the other; the last one stops it.
     assert!(first.owns() != second.owns(), "exactly one started it");
-    let (owner, guest) = if first.owns() { (first, second) } else { (second, first) };
-    tokio::task::spawn_blocking(move || guest.stop()).await?;
-    assert_eq!(query(url.clone()).await?, 1, "a process that joined the cluster does not stop it");
-    tokio::task::spawn_blocking(move || owner.stop()).await?;
-    assert!(query(url).await.is_err(), "the cluster is stopped");
+    tokio::task::spawn_blocking(move || first.stop()).await?;
+    assert_eq!(query(url.clone()).await?, 1, "stopped while another process still used it");
+    tokio::task::spawn_blocking(move || second.stop()).await?;
+    assert!(query(url).await.is_err(), "the last user stopped it");
     Ok(())
 }
 

@@ -545,3 +545,29 @@ async fn an_idle_worker_does_not_wake_itself() -> TestResult {
     worker.stop().await?;
     Ok(())
 }
+
+/// A job whose worker vanished on its last attempt is given up, not taken
+/// over forever (a job that crashes its worker would otherwise loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_expires_on_the_last_attempt_makes_the_job_dead() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let id =
+        enqueue(&db, NewJob { max_attempts: 1, ..NewJob::new("test.sleep", serde_json::json!({ "ms": 0 })) }).await?;
+    // A worker claims it and dies without a trace.
+    let claimed = jobs::claim(&db, "ghost", 10, Duration::from_millis(200)).await?;
+    assert_eq!(claimed.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let worker = Running::start(test_worker(&testdb, fast())?, &testdb.url);
+    let client = testdb.client().await?;
+    eventually(Duration::from_secs(5), || async {
+        let row = client.query_one("SELECT status FROM public.jobs WHERE id = $1", &[&id.0]).await?;
+        Ok(row.get::<_, String>(0) == "dead")
+    })
+    .await?;
+    let row = client.query_one("SELECT attempts, last_error FROM public.jobs WHERE id = $1", &[&id.0]).await?;
+    assert_eq!(row.get::<_, i32>(0), 1);
+    assert!(row.get::<_, Option<String>>(1).is_some_and(|e| e.contains("stopped responding")));
+    worker.stop().await?;
+    Ok(())
+}

@@ -98,9 +98,11 @@ pub struct PrivateCluster {
     dir: PathBuf,
     port: u16,
     as_postgres: bool,
-    /// Started by this process (and so stopped by it), rather than found
-    /// running, started by another Plinth process on the same data directory.
+    /// Started by this process, rather than found running.
     owned: bool,
+    /// Held with a shared lock while this process uses the cluster: the last
+    /// user to leave, whoever started it, is the one that stops it.
+    users: std::fs::File,
 }
 
 impl PrivateCluster {
@@ -115,8 +117,11 @@ impl PrivateCluster {
         let lock_path = dir.with_extension("lock");
         let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
         lock.lock().context("locking the private cluster")?;
+        let users_path = dir.with_extension("users");
+        let users = std::fs::File::create(&users_path).with_context(|| format!("creating {}", users_path.display()))?;
+        users.lock_shared().context("registering as a user of the private cluster")?;
         let as_postgres = is_root();
-        let mut cluster = Self { bin, dir, port: 0, as_postgres, owned: false };
+        let mut cluster = Self { bin, dir, port: 0, as_postgres, owned: false, users };
         if let Some(port) = cluster.running_port() {
             tracing::info!(port, "joining the private PostgreSQL cluster another process started");
             cluster.port = port;
@@ -154,7 +159,7 @@ impl PrivateCluster {
         std::fs::read_to_string(self.dir.join("postmaster.pid")).ok()?.lines().nth(3)?.trim().parse().ok()
     }
 
-    /// Whether this process started the cluster (and will stop it).
+    /// Whether this process started the cluster.
     pub fn owns(&self) -> bool {
         self.owned
     }
@@ -163,10 +168,11 @@ impl PrivateCluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// Stops the cluster (fast shutdown: open sessions are ended), if this
-    /// process started it.
+    /// Stops the cluster (fast shutdown) if no other Plinth process still
+    /// uses it; otherwise leaves it to the last one.
     pub fn stop(&self) {
-        if !self.owned {
+        if self.users.try_lock().is_err() {
+            tracing::info!("the private PostgreSQL cluster is still used by another process; leaving it running");
             return;
         }
         let mut cmd = Command::new(self.bin.join("pg_ctl"));

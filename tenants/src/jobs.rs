@@ -110,6 +110,15 @@ pub struct ClaimedJob {
 /// expired lease) for `worker`, holding them for `lease`.
 pub async fn claim(db: &Db, worker: &str, limit: i64, lease: Duration) -> Result<Vec<ClaimedJob>, ClaimError> {
     db.platform(async |conn| {
+        // A job whose lease expired on its last attempt (its worker died, maybe
+        // because of the job) is given up instead of being taken over forever.
+        diesel::sql_query(
+            "UPDATE public.jobs SET status = 'dead', finished_at = now(), updated_at = now(), locked_by = NULL, \
+             locked_until = NULL, last_error = 'the worker running the last attempt stopped responding' \
+             WHERE status = 'running' AND locked_until < now() AND attempts >= max_attempts",
+        )
+        .execute(conn)
+        .await?;
         Ok(diesel::sql_query(
             "UPDATE public.jobs j SET status = 'running', attempts = j.attempts + 1, locked_by = $1, \
                locked_until = now() + make_interval(secs => $2), updated_at = now() \

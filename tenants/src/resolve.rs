@@ -154,16 +154,19 @@ impl TenantResolver {
     }
 }
 
-/// `Host` without its port, lowercased (`[::1]:8080` → `[::1]`).
+/// `Host` without its port or a trailing dot, lowercased (`[::1]:8080` →
+/// `[::1]`).
 fn strip_port(host: &str) -> String {
     let host = host.trim().to_ascii_lowercase();
     if host.starts_with('[') {
         return host.split(']').next().map(|h| format!("{h}]")).unwrap_or(host);
     }
-    match host.rsplit_once(':') {
+    let name = match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_owned(),
         _ => host,
-    }
+    };
+    // `acme.example.com.` (fully qualified) is the same host.
+    name.strip_suffix('.').map(str::to_owned).unwrap_or(name)
 }
 
 #[cfg(test)]
@@ -175,5 +178,7 @@ mod tests {
         assert_eq!(strip_port("Acme.Example.com:8080"), "acme.example.com");
         assert_eq!(strip_port("acme.example.com"), "acme.example.com");
         assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("acme.example.com.:8080"), "acme.example.com");
+        assert_eq!(strip_port("acme.example.com."), "acme.example.com");
     }
 }
