@@ -9,6 +9,7 @@
 //! - [`http`]: request ids, request spans, the JSON body extractor.
 //! - [`error`]: the one error type of the HTTP surface.
 
+pub mod cache;
 pub mod context;
 pub mod db;
 pub mod error;

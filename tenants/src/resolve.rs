@@ -1,18 +1,16 @@
 //! Finding the tenant of a request: the `Host` subdomain of the base domain, a
 //! verified custom domain, or the `X-Tenant` header.
 //!
-//! Lookups are cached in memory, including "no such tenant". Any change to the
-//! registry (tenant or domain rows) sends a NOTIFY from a trigger; every
-//! instance then drops its whole cache. While the listener is disconnected the
-//! cache is bypassed, so a missed notification can never serve a stale tenant.
+//! Lookups are cached in memory, including "no such tenant", in a
+//! [`NotifiedCache`]. Any change to the registry (tenant or domain rows) sends
+//! a NOTIFY from a trigger; every instance then drops its whole cache.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use actix_web::HttpRequest;
 use actix_web::http::header::HOST;
 
+use crate::cache::NotifiedCache;
 use crate::db::Db;
 use crate::error::ApiError;
 use crate::ids::Slug;
@@ -32,18 +30,11 @@ enum Key {
     Domain(String),
 }
 
-#[derive(Default)]
-struct Cache {
-    generation: u64,
-    entries: HashMap<Key, Option<Arc<Tenant>>>,
-}
-
 /// Resolves and caches tenants. Shared by all workers of an instance.
 pub struct TenantResolver {
     db: Db,
     base_domain: String,
-    cache: RwLock<Cache>,
-    trusted: AtomicBool,
+    cache: NotifiedCache<Key, Option<Arc<Tenant>>>,
 }
 
 impl TenantResolver {
@@ -51,25 +42,18 @@ impl TenantResolver {
         Arc::new(Self {
             db,
             base_domain: base_domain.trim_matches('.').to_ascii_lowercase(),
-            cache: RwLock::default(),
-            trusted: AtomicBool::new(false),
+            cache: NotifiedCache::new(None, MAX_ENTRIES),
         })
     }
 
     /// The listener handler that keeps this cache honest.
     pub fn listen_handler(self: &Arc<Self>) -> Handler {
         let this = Arc::clone(self);
-        Arc::new(move |event| {
-            this.invalidate_all();
-            this.trusted.store(!matches!(event, ListenEvent::Disconnected), Ordering::SeqCst);
+        Arc::new(move |event| match event {
+            ListenEvent::Notified(_) => this.cache.clear(),
+            ListenEvent::Connected => this.cache.set_trusted(true),
+            ListenEvent::Disconnected => this.cache.set_trusted(false),
         })
-    }
-
-    /// Forgets every cached lookup.
-    pub fn invalidate_all(&self) {
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        cache.generation += 1;
-        cache.entries.clear();
     }
 
     /// The tenant a request is for, if it may be served.
@@ -124,13 +108,9 @@ impl TenantResolver {
     }
 
     async fn lookup(&self, key: Key) -> Result<Option<Arc<Tenant>>, ApiError> {
-        let trusted = self.trusted.load(Ordering::SeqCst);
-        let generation = {
-            let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
-            if trusted && let Some(hit) = cache.entries.get(&key) {
-                return Ok(hit.clone());
-            }
-            cache.generation
+        let ticket = match self.cache.get(&key) {
+            Ok(hit) => return Ok(hit),
+            Err(ticket) => ticket,
         };
         let found = match &key {
             Key::Slug(s) if s.is_empty() => None,
@@ -140,16 +120,7 @@ impl TenantResolver {
             }
         }
         .map(Arc::new);
-        if trusted {
-            let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-            // A change notified while we were querying makes this answer stale.
-            if cache.generation == generation {
-                if cache.entries.len() >= MAX_ENTRIES {
-                    cache.entries.clear();
-                }
-                cache.entries.insert(key, found.clone());
-            }
-        }
+        self.cache.insert(ticket, key, found.clone());
         Ok(found)
     }
 }
