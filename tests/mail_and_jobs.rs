@@ -16,7 +16,7 @@ use crate::smtp::{Mode, SmtpServer};
 
 const PUBLIC_URL: &str = "https://app.plinth.test";
 
-fn settings(smtp_url: Option<String>, data_dir: &std::path::Path) -> TestResult<Settings> {
+pub fn settings(smtp_url: Option<String>, data_dir: &std::path::Path) -> TestResult<Settings> {
     let mut values = HashMap::new();
     values.insert("PLINTH_PUBLIC_URL".to_owned(), PUBLIC_URL.to_owned());
     values.insert("PLINTH_MAIL_FROM".to_owned(), "Plinth <noreply@plinth.test>".to_owned());
@@ -27,7 +27,7 @@ fn settings(smtp_url: Option<String>, data_dir: &std::path::Path) -> TestResult<
     Ok(Settings::from_values(&values)?)
 }
 
-fn fast() -> WorkerConfig {
+pub fn fast() -> WorkerConfig {
     WorkerConfig {
         concurrency: 4,
         lease: Duration::from_secs(2),
@@ -39,7 +39,7 @@ fn fast() -> WorkerConfig {
 }
 
 /// A worker running in the background until stopped or dropped.
-struct Running {
+pub struct Running {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     listening: tokio::task::JoinHandle<()>,
@@ -54,13 +54,13 @@ impl Running {
         Self { stop, task: tokio::spawn(worker.run(stopped)), listening }
     }
 
-    fn mail(testdb: &TestDb, settings: &Settings, config: WorkerConfig) -> TestResult<Self> {
+    pub fn mail(testdb: &TestDb, settings: &Settings, config: WorkerConfig) -> TestResult<Self> {
         let worker = plinth::background::worker(settings, &plinth_tenants::DbConfig::new(&testdb.url), config)?;
         Ok(Self::start(worker, &testdb.url))
     }
 
     /// Stops like a shutdown: running jobs may finish within the grace.
-    async fn stop(self) -> TestResult {
+    pub async fn stop(self) -> TestResult {
         self.stop.send(true)?;
         self.task.await?;
         self.listening.abort();

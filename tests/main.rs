@@ -4,6 +4,7 @@
 mod harness;
 
 mod http_basics;
+mod identity;
 mod isolation;
 mod lifecycle;
 mod mail_and_jobs;

@@ -2,8 +2,11 @@
 //! removal, API keys, audit log) and platform admins managing tenants
 //! (suspend, delete, plan override, impersonation).
 //!
-//! Implemented so far: [`mail`], the identity mail templates. Until the rest
-//! lands, operators manage tenants with the
-//! `plinth tenants` commands, which call `plinth_tenants::registry`.
+//! Implemented so far: [`identity`] (signup, login, logout, `/v1/me`, email
+//! verification, password reset), [`password`] (policy and hashing) and
+//! [`mail`] (the identity mail templates). Until tenant and platform
+//! administration land, operators manage tenants with `plinth tenants`.
 
+pub mod identity;
 pub mod mail;
+pub mod password;

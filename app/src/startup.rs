@@ -8,6 +8,7 @@ use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
+use plinth_tenants::auth::{self, Sessions};
 use plinth_tenants::http::{BodyLimit, request_span};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::resolve::{self, TenantResolver};
@@ -41,16 +42,19 @@ impl Application {
         let per_worker = DbConfig { pool_size: db_config.pool_size.div_ceil(workers).max(1), ..db_config.clone() };
         let pools: Arc<Vec<Db>> =
             (0..workers).map(|_| Db::connect(&per_worker)).collect::<anyhow::Result<Vec<_>>>()?.into();
-        // Tenant lookups miss the cache rarely; a small pool of their own.
+        // Tenant and session lookups miss their caches rarely; a small pool of their own.
         let resolver_db = Db::connect(&DbConfig { pool_size: 2, ..db_config.clone() })?;
-        let resolver = TenantResolver::new(resolver_db, &settings.base_domain);
+        let resolver = TenantResolver::new(resolver_db.clone(), &settings.base_domain);
         listener.on(resolve::CHANNEL, resolver.listen_handler());
+        let sessions = Sessions::new(resolver_db);
+        listener.on(auth::CHANNEL, sessions.listen_handler());
         let listener_task = listener.spawn(listen_url);
 
         let tcp = TcpListener::bind(&settings.listen).with_context(|| format!("binding {}", settings.listen))?;
         let port = tcp.local_addr()?.port();
         let body_limit = BodyLimit(settings.max_body_bytes);
         let resolver_data = web::Data::new(resolver);
+        let sessions_data = web::Data::new(sessions);
         let next_pool = Arc::new(AtomicUsize::new(0));
         let server = HttpServer::new(move || {
             let db = pools[next_pool.fetch_add(1, Ordering::Relaxed) % pools.len()].clone();
@@ -58,9 +62,11 @@ impl Application {
                 .wrap(from_fn(request_span))
                 .app_data(web::Data::new(db))
                 .app_data(resolver_data.clone())
+                .app_data(sessions_data.clone())
                 .app_data(body_limit)
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)
+                .configure(plinth_admin::identity::configure)
                 .configure(crate::projects::configure)
                 .default_service(web::to(not_found))
         })

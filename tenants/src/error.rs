@@ -33,6 +33,8 @@ pub enum ApiError {
     InvalidRequest { message: String, details: Vec<FieldError> },
     #[error("authentication required")]
     Unauthenticated,
+    #[error("the email address or password is wrong")]
+    InvalidCredentials,
     #[error("you are not allowed to do this")]
     Forbidden,
     #[error("this organization is suspended")]
@@ -66,6 +68,7 @@ impl ApiError {
         match self {
             Self::InvalidRequest { .. } => "invalid_request",
             Self::Unauthenticated => "unauthenticated",
+            Self::InvalidCredentials => "invalid_credentials",
             Self::Forbidden => "forbidden",
             Self::TenantSuspended => "tenant_suspended",
             Self::NotFound(_) => "not_found",
@@ -124,7 +127,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::Unauthenticated | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::TenantSuspended => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,

@@ -74,6 +74,7 @@ pub async fn request_span(
         http.method = %req.method(),
         http.path = %req.path(),
         tenant.slug = tracing::field::Empty,
+        user.id = tracing::field::Empty,
         http.status = tracing::field::Empty,
     );
     let started = Instant::now();

@@ -67,6 +67,11 @@ uuid_id!(
     TenantId
 );
 
+uuid_id!(
+    /// Identifies a user (global: users belong to tenants through memberships).
+    UserId
+);
+
 /// Words that can never be tenant slugs: they collide with hosts the platform
 /// itself serves or would confuse users.
 pub const RESERVED_SLUGS: &[&str] = &[

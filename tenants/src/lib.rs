@@ -9,6 +9,7 @@
 //! - [`http`]: request ids, request spans, the JSON body extractor.
 //! - [`error`]: the one error type of the HTTP surface.
 
+pub mod auth;
 pub mod cache;
 pub mod context;
 pub mod db;
@@ -26,5 +27,5 @@ pub mod schema;
 pub use context::{Principal, TenantContext};
 pub use db::{Db, DbConfig, PgConn, TenantConn};
 pub use error::{ApiError, FieldError};
-pub use ids::{SchemaName, Slug, TenantId};
+pub use ids::{SchemaName, Slug, TenantId, UserId};
 pub use registry::{Tenant, TenantStatus};

@@ -1,0 +1,457 @@
+//! Accounts and sessions: signup, login, logout, `GET /v1/me`, email
+//! verification, password reset, and creating further organizations.
+//!
+//! Users are global (platform schema); what they may do in a tenant comes
+//! from a membership with a role.
+
+use std::time::Duration;
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::result::{DatabaseErrorKind, Error as DbError};
+use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_tenants::auth::{self, Authenticated};
+use plinth_tenants::http::Json;
+use plinth_tenants::mail::{self, EmailAddress};
+use plinth_tenants::registry::{self, CreateError};
+use plinth_tenants::{ApiError, Db, FieldError, Slug, Tenant, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::password;
+
+/// Settings of the identity routes.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub session_ttl: Duration,
+    pub verify_email_ttl: Duration,
+    pub password_reset_ttl: Duration,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(14 * 24 * 3600),
+            verify_email_ttl: Duration::from_secs(48 * 3600),
+            password_reset_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/signup", web::post().to(signup))
+        .route("/v1/tenants", web::post().to(create_tenant))
+        .route("/v1/auth/login", web::post().to(login))
+        .route("/v1/auth/logout", web::post().to(logout))
+        .route("/v1/auth/verify-email", web::post().to(verify_email))
+        .route("/v1/auth/password-reset", web::post().to(request_password_reset))
+        .route("/v1/auth/password-reset/confirm", web::post().to(confirm_password_reset))
+        .route("/v1/me", web::get().to(me));
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, QueryableByName)]
+pub struct User {
+    #[diesel(sql_type = SqlUuid)]
+    pub id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    pub email: String,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub email_verified_at: Option<DateTime<Utc>>,
+}
+
+fn config(data: Option<web::Data<IdentityConfig>>) -> IdentityConfig {
+    data.map(|d| d.get_ref().clone()).unwrap_or_default()
+}
+
+fn unique_violation(err: &DbError, constraint: &str) -> bool {
+    matches!(err, DbError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) if info.constraint_name() == Some(constraint))
+}
+
+async fn insert_user(conn: &AsyncPgConnection, email: &EmailAddress, password_hash: &str) -> Result<User, ApiError> {
+    let mut conn = conn;
+    diesel::sql_query(
+        "INSERT INTO public.users (id, email, password_hash) VALUES ($1, $2, $3) \
+         RETURNING id, email, email_verified_at",
+    )
+    .bind::<SqlUuid, _>(UserId::new().0)
+    .bind::<Text, _>(email.as_str())
+    .bind::<Text, _>(password_hash)
+    .get_result(&mut conn)
+    .await
+    .map_err(|e| {
+        if unique_violation(&e, "users_email_key") {
+            ApiError::Conflict("an account with this email address exists; sign in to add an organization".into())
+        } else {
+            e.into()
+        }
+    })
+}
+
+async fn add_member(conn: &AsyncPgConnection, tenant: &Tenant, user: uuid::Uuid, role: &str) -> Result<(), ApiError> {
+    let mut conn = conn;
+    diesel::sql_query("INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
+        .bind::<SqlUuid, _>(tenant.id.0)
+        .bind::<SqlUuid, _>(user)
+        .bind::<Text, _>(role)
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+async fn provision(conn: &mut AsyncPgConnection, slug: &Slug, organization: &str) -> Result<Tenant, ApiError> {
+    registry::provision(conn, slug, organization).await.map_err(|e| match e {
+        CreateError::SlugTaken => ApiError::Conflict("the slug is already taken".into()),
+        CreateError::InvalidName(why) => {
+            ApiError::invalid_fields(vec![FieldError::new("organization", "invalid", why)])
+        }
+        CreateError::Db(e) => e.into(),
+        CreateError::Pool(e) => e.into(),
+    })
+}
+
+/// A single-use token for `purpose`, valid for `ttl`; returns (id, token).
+async fn issue_token(
+    conn: &AsyncPgConnection,
+    user: uuid::Uuid,
+    purpose: &str,
+    ttl: Duration,
+) -> Result<(uuid::Uuid, String), ApiError> {
+    let (token, hash) = auth::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    let id = uuid::Uuid::now_v7();
+    let expires = Utc::now() + chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(e.into()))?;
+    let mut conn = conn;
+    diesel::sql_query(
+        "INSERT INTO public.user_tokens (id, user_id, purpose, token_hash, expires_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind::<SqlUuid, _>(id)
+    .bind::<SqlUuid, _>(user)
+    .bind::<Text, _>(purpose)
+    .bind::<Bytea, _>(&hash[..])
+    .bind::<Timestamptz, _>(expires)
+    .execute(&mut conn)
+    .await?;
+    Ok((id, token))
+}
+
+#[derive(QueryableByName)]
+struct UserIdRow {
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+}
+
+/// Uses up a single-use token: the user it belongs to, if it was valid.
+async fn redeem_token(conn: &AsyncPgConnection, token: &str, purpose: &str) -> Result<Option<uuid::Uuid>, ApiError> {
+    let mut conn = conn;
+    let row: Vec<UserIdRow> = diesel::sql_query(
+        "UPDATE public.user_tokens SET used_at = now() WHERE token_hash = $1 AND purpose = $2 \
+         AND used_at IS NULL AND expires_at > now() RETURNING user_id",
+    )
+    .bind::<Bytea, _>(&auth::hash_token(token)[..])
+    .bind::<Text, _>(purpose)
+    .load(&mut conn)
+    .await?;
+    Ok(row.into_iter().next().map(|r| r.user_id))
+}
+
+fn invalid_token() -> ApiError {
+    ApiError::invalid_fields(vec![FieldError::new("token", "invalid", "is invalid, used or expired")])
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignupBody {
+    email: String,
+    password: String,
+    organization: String,
+    slug: String,
+}
+
+/// Checks every field at once, so the client hears about all problems.
+fn check_signup(body: &SignupBody) -> Result<(EmailAddress, Slug), ApiError> {
+    let mut errors = Vec::new();
+    let email = EmailAddress::parse(&body.email)
+        .map_err(|e| errors.push(FieldError::new("email", "invalid", e.to_string())))
+        .ok();
+    if let Err(e) = password::check("password", &body.password) {
+        errors.push(e);
+    }
+    if let Err(why) = registry::validate_name(&body.organization) {
+        errors.push(FieldError::new("organization", "invalid", why));
+    }
+    let slug = Slug::parse(&body.slug).map_err(|e| errors.push(FieldError::new("slug", e.code(), e.to_string()))).ok();
+    match (email, slug) {
+        (Some(email), Some(slug)) if errors.is_empty() => Ok((email, slug)),
+        _ => Err(ApiError::invalid_fields(errors)),
+    }
+}
+
+/// `POST /v1/signup`: the user, the tenant (schema provisioned), the owner
+/// membership, a session and the verification mail, in one transaction.
+async fn signup(
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    body: Json<SignupBody>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
+    let (email, slug) = check_signup(&body.0)?;
+    let SignupBody { password, organization, .. } = body.0;
+    let hash = password::hash(password).await?;
+    let (tenant, user, token, session) = db
+        .platform(async |c| {
+            let user = insert_user(c, &email, &hash).await?;
+            let tenant = provision(c, &slug, &organization).await?;
+            add_member(c, &tenant, user.id, "owner").await?;
+            let (token, session) = auth::create_session(c, UserId(user.id), cfg.session_ttl).await?;
+            let (token_id, verify) = issue_token(c, user.id, "verify_email", cfg.verify_email_ttl).await?;
+            let message = crate::mail::verify_email(
+                email.clone(),
+                Some(tenant.id),
+                &tenant.name,
+                &verify,
+                format!("verify_email:{token_id}"),
+            );
+            mail::queue(c, message).await?;
+            Ok::<_, ApiError>((tenant, user, token, session))
+        })
+        .await?;
+    tracing::info!(tenant.slug = %tenant.slug, user.id = %user.id, "signed up");
+    Ok(HttpResponse::Created().json(json!({
+        "tenant": tenant,
+        "user": user,
+        "token": token,
+        "expires_at": session.expires_at,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenantBody {
+    organization: String,
+    slug: String,
+}
+
+/// `POST /v1/tenants`: a signed-in user creates another organization and
+/// becomes its owner.
+async fn create_tenant(
+    db: web::Data<Db>,
+    who: Authenticated,
+    body: Json<NewTenantBody>,
+) -> Result<HttpResponse, ApiError> {
+    let mut errors = Vec::new();
+    if let Err(why) = registry::validate_name(&body.0.organization) {
+        errors.push(FieldError::new("organization", "invalid", why));
+    }
+    let slug =
+        Slug::parse(&body.0.slug).map_err(|e| errors.push(FieldError::new("slug", e.code(), e.to_string()))).ok();
+    let Some(slug) = slug.filter(|_| errors.is_empty()) else { return Err(ApiError::invalid_fields(errors)) };
+    let tenant = db
+        .platform(async |c| {
+            let tenant = provision(c, &slug, &body.0.organization).await?;
+            add_member(c, &tenant, who.0.user_id.0, "owner").await?;
+            Ok::<_, ApiError>(tenant)
+        })
+        .await?;
+    Ok(HttpResponse::Created().json(json!({ "tenant": tenant, "role": "owner" })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    email: String,
+    password: String,
+}
+
+#[derive(QueryableByName)]
+struct Credentials {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    password_hash: String,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    email_verified_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/auth/login`: a session for the right email and password; the
+/// same 401 `invalid_credentials`, in the same time, for a wrong password and
+/// an unknown address.
+async fn login(
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    body: Json<LoginBody>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
+    let LoginBody { email, password } = body.0;
+    let found: Option<Credentials> = match EmailAddress::parse(&email) {
+        Ok(email) if password.len() <= 1024 => {
+            db.platform(async |c| {
+                let rows: Vec<Credentials> = diesel::sql_query(
+                    "SELECT id, email, password_hash, email_verified_at FROM public.users WHERE email = $1",
+                )
+                .bind::<Text, _>(email.as_str())
+                .load(c)
+                .await?;
+                Ok::<_, ApiError>(rows.into_iter().next())
+            })
+            .await?
+        }
+        _ => None,
+    };
+    let stored = found.as_ref().map(|f| f.password_hash.clone());
+    let password = if password.len() <= 1024 { password } else { String::new() };
+    if !password::verify(password, stored).await? {
+        tracing::info!("login failed");
+        return Err(ApiError::InvalidCredentials);
+    }
+    let user = found.ok_or(ApiError::InvalidCredentials)?;
+    let (token, session) =
+        db.platform(async |c| auth::create_session(c, UserId(user.id), cfg.session_ttl).await).await?;
+    tracing::info!(user.id = %user.id, "logged in");
+    Ok(HttpResponse::Ok().json(json!({
+        "token": token,
+        "expires_at": session.expires_at,
+        "user": User { id: user.id, email: user.email, email_verified_at: user.email_verified_at },
+    })))
+}
+
+/// `POST /v1/auth/logout`: revokes the caller's session everywhere.
+async fn logout(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
+    db.platform(async |c| Ok::<_, ApiError>(auth::revoke_session(c, who.0.session_id).await?)).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Serialize, QueryableByName)]
+struct MembershipRow {
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    slug: String,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = Text)]
+    role: String,
+}
+
+/// `GET /v1/me`: the caller and their memberships.
+async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
+    let user_id = who.0.user_id.0;
+    let (user, memberships) = db
+        .platform(async |c| {
+            let user: User = diesel::sql_query("SELECT id, email, email_verified_at FROM public.users WHERE id = $1")
+                .bind::<SqlUuid, _>(user_id)
+                .get_result(c)
+                .await?;
+            let memberships: Vec<MembershipRow> = diesel::sql_query(
+                "SELECT t.id AS tenant_id, t.slug, t.name, t.status, m.role FROM public.memberships m \
+                 JOIN public.tenants t ON t.id = m.tenant_id \
+                 WHERE m.user_id = $1 AND t.status <> 'deleting' ORDER BY t.slug",
+            )
+            .bind::<SqlUuid, _>(user_id)
+            .load(c)
+            .await?;
+            Ok::<_, ApiError>((user, memberships))
+        })
+        .await?;
+    let memberships: Vec<_> = memberships
+        .into_iter()
+        .map(|m| json!({ "tenant": { "id": m.tenant_id, "slug": m.slug, "name": m.name, "status": m.status }, "role": m.role }))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "user": user, "memberships": memberships })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    token: String,
+}
+
+/// `POST /v1/auth/verify-email`: redeems the token from the verification mail.
+async fn verify_email(db: web::Data<Db>, body: Json<TokenBody>) -> Result<HttpResponse, ApiError> {
+    let token = body.0.token;
+    db.platform(async |c| {
+        let user = redeem_token(c, &token, "verify_email").await?.ok_or_else(invalid_token)?;
+        diesel::sql_query(
+            "UPDATE public.users SET email_verified_at = coalesce(email_verified_at, now()), updated_at = now() \
+             WHERE id = $1",
+        )
+        .bind::<SqlUuid, _>(user)
+        .execute(c)
+        .await?;
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(json!({ "email_verified": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetBody {
+    email: String,
+}
+
+/// `POST /v1/auth/password-reset`: always 202, whether or not the address
+/// has an account; if it has, a single-use link goes out by mail.
+async fn request_password_reset(
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    body: Json<ResetBody>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
+    if let Ok(email) = EmailAddress::parse(&body.0.email) {
+        db.platform(async |c| {
+            let rows: Vec<UserIdRow> = diesel::sql_query("SELECT id AS user_id FROM public.users WHERE email = $1")
+                .bind::<Text, _>(email.as_str())
+                .load(c)
+                .await?;
+            if let Some(user) = rows.into_iter().next() {
+                let ttl = cfg.password_reset_ttl;
+                let (token_id, token) = issue_token(c, user.user_id, "password_reset", ttl).await?;
+                let minutes = u32::try_from(ttl.as_secs() / 60).unwrap_or(u32::MAX);
+                let message =
+                    crate::mail::password_reset(email.clone(), &token, minutes, format!("password_reset:{token_id}"));
+                mail::queue(c, message).await?;
+            }
+            Ok::<_, ApiError>(())
+        })
+        .await?;
+    }
+    Ok(HttpResponse::Accepted().json(json!({})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfirmBody {
+    token: String,
+    password: String,
+}
+
+/// `POST /v1/auth/password-reset/confirm`: sets the new password, uses up
+/// the token and revokes every session of the account.
+async fn confirm_password_reset(db: web::Data<Db>, body: Json<ConfirmBody>) -> Result<HttpResponse, ApiError> {
+    let ConfirmBody { token, password } = body.0;
+    password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
+    let hash = password::hash(password).await?;
+    let revoked = db
+        .platform(async |c| {
+            let user = redeem_token(c, &token, "password_reset").await?.ok_or_else(invalid_token)?;
+            // Following the link proves the address too.
+            diesel::sql_query(
+                "UPDATE public.users SET password_hash = $2, email_verified_at = coalesce(email_verified_at, now()), \
+                 updated_at = now() WHERE id = $1",
+            )
+            .bind::<SqlUuid, _>(user)
+            .bind::<Text, _>(&hash)
+            .execute(c)
+            .await?;
+            Ok::<_, ApiError>(auth::revoke_all_sessions(c, UserId(user)).await?)
+        })
+        .await?;
+    tracing::info!(sessions.revoked = revoked, "password reset");
+    Ok(HttpResponse::Ok().json(json!({ "password_changed": true })))
+}

@@ -1,0 +1,58 @@
+-- Users are global; what they may do in a tenant comes from a membership.
+CREATE TABLE public.users (
+    id                uuid PRIMARY KEY,
+    -- Normalized (trimmed, lowercased) by the application.
+    email             text NOT NULL UNIQUE CHECK (email = lower(email) AND length(email) BETWEEN 3 AND 254),
+    password_hash     text NOT NULL,
+    email_verified_at timestamptz,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    updated_at        timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE public.memberships (
+    tenant_id  uuid NOT NULL REFERENCES public.tenants (id) ON DELETE CASCADE,
+    user_id    uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+    role       text NOT NULL CHECK (role IN ('owner', 'admin', 'member', 'viewer')),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, user_id)
+);
+CREATE INDEX memberships_user_id_idx ON public.memberships (user_id);
+
+-- Sessions: only a SHA-256 hash of the bearer token is stored.
+CREATE TABLE public.sessions (
+    id         uuid PRIMARY KEY,
+    user_id    uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+    token_hash bytea NOT NULL UNIQUE,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL,
+    revoked_at timestamptz
+);
+CREATE INDEX sessions_user_id_idx ON public.sessions (user_id);
+
+-- Single-use tokens sent by mail (email verification, password reset).
+CREATE TABLE public.user_tokens (
+    id         uuid PRIMARY KEY,
+    user_id    uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+    purpose    text NOT NULL CHECK (purpose IN ('verify_email', 'password_reset')),
+    token_hash bytea NOT NULL UNIQUE,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL,
+    used_at    timestamptz
+);
+CREATE INDEX user_tokens_user_id_idx ON public.user_tokens (user_id);
+
+-- Every instance drops a revoked session from its cache (payload: session id).
+CREATE FUNCTION public.plinth_notify_session_revoked() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('plinth_sessions', OLD.id::text);
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER sessions_revoked
+    AFTER UPDATE OF revoked_at ON public.sessions
+    FOR EACH ROW WHEN (NEW.revoked_at IS NOT NULL AND OLD.revoked_at IS NULL)
+    EXECUTE FUNCTION public.plinth_notify_session_revoked();
+CREATE TRIGGER sessions_deleted
+    AFTER DELETE ON public.sessions
+    FOR EACH ROW EXECUTE FUNCTION public.plinth_notify_session_revoked();

@@ -1,0 +1,208 @@
+//! Authentication: opaque bearer tokens.
+//!
+//! A token is `pls_` + 32 random bytes in URL-safe base64. Only its SHA-256
+//! hash is stored, so a database leak yields no usable token. Checking a token
+//! costs no database round trip while cached: answers (including "no such
+//! session") are kept in a [`NotifiedCache`] for at most a minute, and a
+//! trigger NOTIFYs every instance when a session is revoked or deleted, so a
+//! logout or a password change takes effect everywhere within a second.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header::AUTHORIZATION;
+use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::sql_types::{Bytea, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use sha2::Digest as _;
+
+use crate::cache::NotifiedCache;
+use crate::db::Db;
+use crate::error::ApiError;
+use crate::ids::UserId;
+use crate::notify::{Handler, ListenEvent};
+
+/// The NOTIFY channel on which revoked session ids arrive.
+pub const CHANNEL: &str = "plinth_sessions";
+const TOKEN_PREFIX: &str = "pls_";
+
+/// A valid session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub session_id: uuid::Uuid,
+    pub user_id: UserId,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A new random token and the hash to store.
+pub fn new_token() -> Result<(String, [u8; 32]), getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    let token = format!("{TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash_token(&token);
+    Ok((token, hash))
+}
+
+/// The stored form of a token.
+pub fn hash_token(token: &str) -> [u8; 32] {
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+#[derive(QueryableByName)]
+struct SessionRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+    #[diesel(sql_type = Timestamptz)]
+    expires_at: DateTime<Utc>,
+}
+
+/// Starts a session for `user` in the caller's transaction; returns the token
+/// (shown to the client once) and the session.
+pub async fn create_session(
+    conn: &AsyncPgConnection,
+    user: UserId,
+    ttl: Duration,
+) -> Result<(String, SessionInfo), ApiError> {
+    let (token, hash) = new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    let ttl = chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(e.into()))?;
+    let mut conn = conn;
+    let row: SessionRow = diesel::sql_query(
+        "INSERT INTO public.sessions (id, user_id, token_hash, expires_at) VALUES ($1, $2, $3, $4) \
+         RETURNING id, user_id, expires_at",
+    )
+    .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+    .bind::<SqlUuid, _>(user.0)
+    .bind::<Bytea, _>(&hash[..])
+    .bind::<Timestamptz, _>(Utc::now() + ttl)
+    .get_result(&mut conn)
+    .await?;
+    Ok((token, SessionInfo { session_id: row.id, user_id: UserId(row.user_id), expires_at: row.expires_at }))
+}
+
+/// Revokes one session (logout).
+pub async fn revoke_session(conn: &AsyncPgConnection, session: uuid::Uuid) -> diesel::QueryResult<()> {
+    let mut conn = conn;
+    diesel::sql_query("UPDATE public.sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+        .bind::<SqlUuid, _>(session)
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+/// Revokes every session of `user` (password changed or reset).
+pub async fn revoke_all_sessions(conn: &AsyncPgConnection, user: UserId) -> diesel::QueryResult<usize> {
+    let mut conn = conn;
+    diesel::sql_query("UPDATE public.sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL")
+        .bind::<SqlUuid, _>(user.0)
+        .execute(&mut conn)
+        .await
+}
+
+/// Checks bearer tokens, with a cache kept current across instances.
+pub struct Sessions {
+    db: Db,
+    cache: NotifiedCache<[u8; 32], Option<SessionInfo>>,
+}
+
+impl Sessions {
+    pub fn new(db: Db) -> Arc<Self> {
+        Arc::new(Self { db, cache: NotifiedCache::new(Some(Duration::from_secs(60)), 100_000) })
+    }
+
+    /// The listener handler that evicts revoked sessions.
+    pub fn listen_handler(self: &Arc<Self>) -> Handler {
+        let this = Arc::clone(self);
+        Arc::new(move |event| match event {
+            ListenEvent::Notified(session_id) => this
+                .cache
+                .remove_where(|_, cached| cached.as_ref().is_some_and(|s| s.session_id.to_string() == session_id)),
+            ListenEvent::Connected => this.cache.set_trusted(true),
+            ListenEvent::Disconnected => this.cache.set_trusted(false),
+        })
+    }
+
+    /// The live session a token belongs to, if any.
+    pub async fn verify(&self, token: &str) -> Result<Option<SessionInfo>, ApiError> {
+        if !token.starts_with(TOKEN_PREFIX) || token.len() > 100 {
+            return Ok(None);
+        }
+        let hash = hash_token(token);
+        let found = match self.cache.get(&hash) {
+            Ok(hit) => hit,
+            Err(ticket) => {
+                let row: Option<SessionRow> = self
+                    .db
+                    .platform(async |c| {
+                        Ok::<_, ApiError>(
+                            diesel::sql_query(
+                                "SELECT id, user_id, expires_at FROM public.sessions \
+                                 WHERE token_hash = $1 AND revoked_at IS NULL",
+                            )
+                            .bind::<Bytea, _>(&hash[..])
+                            .get_result(c)
+                            .await
+                            .map(Some)
+                            .or_else(|e| if e == diesel::result::Error::NotFound { Ok(None) } else { Err(e) })?,
+                        )
+                    })
+                    .await?;
+                let found =
+                    row.map(|r| SessionInfo { session_id: r.id, user_id: UserId(r.user_id), expires_at: r.expires_at });
+                self.cache.insert(ticket, hash, found.clone());
+                found
+            }
+        };
+        Ok(found.filter(|s| s.expires_at > Utc::now()))
+    }
+}
+
+/// The caller's session, from `Authorization: Bearer <token>`. Extracting it
+/// answers 401 `unauthenticated` when the token is missing, unknown, expired
+/// or revoked.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub SessionInfo);
+
+impl FromRequest for Authenticated {
+    type Error = ApiError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let token = bearer(req);
+        let sessions = req.app_data::<web::Data<Arc<Sessions>>>().cloned();
+        Box::pin(async move {
+            let sessions = sessions.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("Sessions is not registered")))?;
+            let token = token.ok_or(ApiError::Unauthenticated)?;
+            let session = sessions.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
+            tracing::Span::current().record("user.id", session.user_id.to_string());
+            Ok(Self(session))
+        })
+    }
+}
+
+/// The bearer token of a request, if it has one.
+pub fn bearer(req: &HttpRequest) -> Option<String> {
+    let value = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_prefixed_and_hashed() -> Result<(), getrandom::Error> {
+        let (a, ha) = new_token()?;
+        let (b, hb) = new_token()?;
+        assert!(a.starts_with("pls_") && a.len() == 4 + 43);
+        assert_ne!(a, b);
+        assert_ne!(ha, hb);
+        assert_eq!(hash_token(&a), ha);
+        Ok(())
+    }
+}

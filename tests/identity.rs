@@ -1,0 +1,259 @@
+//! Accounts and sessions over HTTP, with mail delivered to a real SMTP
+//! listener and the tokens taken from the links that arrived.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{AppOptions, TempDir, TestApp, TestResult, assert_error, eventually};
+use crate::mail_and_jobs::{Running, fast, settings};
+use crate::smtp::SmtpServer;
+
+const PASSWORD: &str = "correct horse battery staple";
+
+struct World {
+    app: TestApp,
+    smtp: SmtpServer,
+    worker: Running,
+    _dir: TempDir,
+}
+
+async fn world() -> TestResult<World> {
+    let app = TestApp::spawn().await?;
+    let smtp = SmtpServer::start().await?;
+    let dir = TempDir::new("identity")?;
+    let testdb = app.testdb.as_ref().ok_or("no test db")?;
+    let worker = Running::mail(testdb, &settings(Some(smtp.url()), &dir.path)?, fast())?;
+    Ok(World { app, smtp, worker, _dir: dir })
+}
+
+impl World {
+    async fn post(&self, path: &str, body: Value) -> reqwest::Result<reqwest::Response> {
+        self.app.http.post(self.app.url(path)).json(&body).send().await
+    }
+
+    async fn signup(&self, email: &str, slug: &str) -> TestResult<Value> {
+        let res = self
+            .post(
+                "/v1/signup",
+                json!({ "email": email, "password": PASSWORD, "organization": format!("{slug} Inc."), "slug": slug }),
+            )
+            .await?;
+        assert_eq!(res.status(), 201, "signup {email} {slug}");
+        Ok(res.json().await?)
+    }
+
+    async fn me(&self, token: &str) -> reqwest::Result<reqwest::Response> {
+        self.app.http.get(self.app.url("/v1/me")).bearer_auth(token).send().await
+    }
+
+    /// The token in the first message received for `to` with a link to `path`.
+    async fn mailed_token(&self, to: &str, path: &str) -> TestResult<String> {
+        let find = || {
+            self.smtp.accepted().into_iter().find_map(|raw| {
+                let message = mail_parser::MessageParser::default().parse(raw.as_bytes())?;
+                let recipient = message.to()?.first()?.address()?.to_owned();
+                let text = message.body_text(0)?.into_owned();
+                let start = text.find(&format!("{path}?token="))? + path.len() + "?token=".len();
+                let token: String = text[start..].chars().take_while(|c| !c.is_whitespace()).collect();
+                (recipient == to).then_some(token)
+            })
+        };
+        eventually(Duration::from_secs(10), || async { Ok(find().is_some()) }).await?;
+        Ok(find().ok_or("no mail")?)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signup_verify_login_logout() -> TestResult {
+    let w = world().await?;
+    let body = w.signup("  Ada@Example.COM ", "acme").await?;
+    assert_eq!(body["tenant"]["slug"], "acme");
+    assert_eq!(body["user"]["email"], "ada@example.com");
+    assert!(body["user"]["email_verified_at"].is_null());
+    let first = body["token"].as_str().ok_or("no token")?.to_owned();
+    assert!(first.starts_with("pls_") && body["expires_at"].is_string());
+
+    let me: Value = w.me(&first).await?.json().await?;
+    assert_eq!(me["memberships"][0]["tenant"]["slug"], "acme");
+    assert_eq!(me["memberships"][0]["role"], "owner");
+
+    // The verification mail carries a single-use token.
+    let token = w.mailed_token("ada@example.com", "https://app.plinth.test/verify-email").await?;
+    assert!(token.starts_with("pls_"));
+    assert_eq!(w.post("/v1/auth/verify-email", json!({ "token": token })).await?.status(), 200);
+    let again = w.post("/v1/auth/verify-email", json!({ "token": token })).await?;
+    assert_eq!(assert_error(again, 400, "invalid_request").await?["error"]["details"][0]["field"], "token");
+    let me: Value = w.me(&first).await?.json().await?;
+    assert!(me["user"]["email_verified_at"].is_string());
+
+    // Wrong password and unknown account look the same.
+    for (email, password) in
+        [("ada@example.com", "wrong password, long"), ("nobody@example.com", PASSWORD), ("not an email", PASSWORD)]
+    {
+        let res = w.post("/v1/auth/login", json!({ "email": email, "password": password })).await?;
+        assert_error(res, 401, "invalid_credentials").await?;
+    }
+    let huge = w.post("/v1/auth/login", json!({ "email": "ada@example.com", "password": "x".repeat(20_000) })).await?;
+    assert_error(huge, 401, "invalid_credentials").await?;
+    let login: Value =
+        w.post("/v1/auth/login", json!({ "email": "ADA@example.com", "password": PASSWORD })).await?.json().await?;
+    let second = login["token"].as_str().ok_or("no token")?.to_owned();
+    assert_ne!(first, second);
+
+    // Logout revokes that session only.
+    let res = w.app.http.post(w.app.url("/v1/auth/logout")).bearer_auth(&first).send().await?;
+    assert_eq!(res.status(), 204);
+    eventually(Duration::from_secs(1), || async { Ok(w.me(&first).await?.status() == 401) }).await?;
+    assert_eq!(w.me(&second).await?.status(), 200);
+    for bad in ["", "pls_forged", "Bearer", &format!("{second}x")] {
+        assert_error(w.me(bad).await?, 401, "unauthenticated").await?;
+    }
+    assert_error(w.app.http.get(w.app.url("/v1/me")).send().await?, 401, "unauthenticated").await?;
+    w.worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_signup_leaves_nothing_behind() -> TestResult {
+    let w = world().await?;
+    w.signup("ada@example.com", "acme").await?;
+    // Slug taken: 409, and the new account is not half-made.
+    let res = w
+        .post(
+            "/v1/signup",
+            json!({ "email": "bob@example.com", "password": PASSWORD, "organization": "Bob", "slug": "acme" }),
+        )
+        .await?;
+    assert_error(res, 409, "conflict").await?;
+    let res = w
+        .post(
+            "/v1/signup",
+            json!({ "email": "ADA@example.com", "password": PASSWORD, "organization": "Other", "slug": "other" }),
+        )
+        .await?;
+    assert_error(res, 409, "conflict").await?;
+    w.signup("bob@example.com", "bobco").await?;
+    let client = w.app.testdb.as_ref().ok_or("no db")?.client().await?;
+    let counts: (i64, i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM public.users), (SELECT count(*) FROM public.tenants), \
+                 (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 't\\_%')",
+                &[],
+            )
+            .await?;
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(counts, (2, 2, 2), "users, tenants, schemas");
+    w.worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_signups_get_every_problem_at_once() -> TestResult {
+    let w = world().await?;
+    let res = w
+        .post(
+            "/v1/signup",
+            json!({ "email": "ada@@example", "password": "password123", "organization": "  ", "slug": "acme'; DROP TABLE x;--" }),
+        )
+        .await?;
+    let body = assert_error(res, 400, "invalid_request").await?;
+    let fields: Vec<&str> =
+        body["error"]["details"].as_array().ok_or("no details")?.iter().filter_map(|d| d["field"].as_str()).collect();
+    assert_eq!(fields, ["email", "password", "organization", "slug"]);
+    for (password, code) in
+        [("short", "too_short"), ("qwertyuiop", "too_common"), (&"é".repeat(300) as &str, "too_long")]
+    {
+        let res = w
+            .post(
+                "/v1/signup",
+                json!({ "email": "ada@example.com", "password": password, "organization": "A", "slug": "acme" }),
+            )
+            .await?;
+        let body = assert_error(res, 400, "invalid_request").await?;
+        assert_eq!(body["error"]["details"][0]["code"], code, "{password}");
+    }
+    // Unicode is fine where it belongs.
+    let res = w
+        .post("/v1/signup", json!({ "email": "zoë@example.com", "password": "ünïcødé pässwörd 😀", "organization": "Ⓐⓒⓜⓔ 🚀", "slug": "acme" }))
+        .await?;
+    assert_eq!(res.status(), 201);
+    let res = w.post("/v1/signup", json!({ "email": "x@example.com", "password": PASSWORD, "organization": "X", "slug": "x-co", "admin": true })).await?;
+    assert_error(res, 400, "invalid_request").await?;
+    w.worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_reset_is_single_use_and_revokes_every_session() -> TestResult {
+    let w = world().await?;
+    let session = w.signup("ada@example.com", "acme").await?["token"].as_str().ok_or("no token")?.to_owned();
+    let res = w.post("/v1/auth/password-reset", json!({ "email": "nobody@example.com" })).await?;
+    assert_eq!(res.status(), 202, "no account: the same answer");
+    let res = w.post("/v1/auth/password-reset", json!({ "email": "Ada@Example.com" })).await?;
+    assert_eq!(res.status(), 202);
+    let token = w.mailed_token("ada@example.com", "https://app.plinth.test/password-reset").await?;
+    assert!(!w.smtp.accepted().iter().any(|m| m.contains("nobody@example.com")), "no mail to an unknown address");
+
+    let res = w.post("/v1/auth/password-reset/confirm", json!({ "token": token, "password": "password123" })).await?;
+    assert_eq!(assert_error(res, 400, "invalid_request").await?["error"]["details"][0]["code"], "too_common");
+    let new_password = "a completely new passphrase";
+    let res = w.post("/v1/auth/password-reset/confirm", json!({ "token": token, "password": new_password })).await?;
+    assert_eq!(res.status(), 200);
+    eventually(Duration::from_secs(1), || async { Ok(w.me(&session).await?.status() == 401) }).await?;
+    let res = w
+        .post("/v1/auth/password-reset/confirm", json!({ "token": token, "password": "yet another passphrase" }))
+        .await?;
+    assert_error(res, 400, "invalid_request").await?;
+    let res = w
+        .post(
+            "/v1/auth/password-reset/confirm",
+            json!({ "token": "pls_made_up", "password": "yet another passphrase" }),
+        )
+        .await?;
+    assert_error(res, 400, "invalid_request").await?;
+    let old = w.post("/v1/auth/login", json!({ "email": "ada@example.com", "password": PASSWORD })).await?;
+    assert_error(old, 401, "invalid_credentials").await?;
+    let new = w.post("/v1/auth/login", json!({ "email": "ada@example.com", "password": new_password })).await?;
+    assert_eq!(new.status(), 200);
+    w.worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_is_seen_by_another_instance_within_a_second() -> TestResult {
+    let w = world().await?;
+    let other = TestApp::spawn_on(w.app.testdb.as_ref().ok_or("no db")?, AppOptions::default()).await?;
+    let token = w.signup("ada@example.com", "acme").await?["token"].as_str().ok_or("no token")?.to_owned();
+    let on_other = || async {
+        Ok::<_, reqwest::Error>(other.http.get(other.url("/v1/me")).bearer_auth(&token).send().await?.status())
+    };
+    assert_eq!(on_other().await?, 200); // now cached there
+    let res = w.app.http.post(w.app.url("/v1/auth/logout")).bearer_auth(&token).send().await?;
+    assert_eq!(res.status(), 204);
+    let took = eventually(Duration::from_secs(1), || async { Ok(on_other().await? == 401) }).await?;
+    eprintln!("logout seen by the other instance after {took:?}");
+    w.worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_in_user_creates_another_organization() -> TestResult {
+    let w = world().await?;
+    let token = w.signup("ada@example.com", "acme").await?["token"].as_str().ok_or("no token")?.to_owned();
+    let body = json!({ "organization": "Second", "slug": "second" });
+    let res = w.app.http.post(w.app.url("/v1/tenants")).json(&body).send().await?;
+    assert_error(res, 401, "unauthenticated").await?;
+    let res = w.app.http.post(w.app.url("/v1/tenants")).bearer_auth(&token).json(&body).send().await?;
+    assert_eq!(res.status(), 201);
+    let res = w.app.http.post(w.app.url("/v1/tenants")).bearer_auth(&token).json(&body).send().await?;
+    assert_error(res, 409, "conflict").await?;
+    let me: Value = w.me(&token).await?.json().await?;
+    let slugs: Vec<&str> =
+        me["memberships"].as_array().ok_or("none")?.iter().filter_map(|m| m["tenant"]["slug"].as_str()).collect();
+    assert_eq!(slugs, ["acme", "second"]);
+    w.worker.stop().await?;
+    Ok(())
+}
