@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use plinth::config::Settings;
 use plinth::startup::Application;
-use plinth_tenants::{ApiError, Db, DbConfig, Slug, Tenant, TenantId, TenantStatus, registry};
+use plinth_tenants::{ApiError, Db, DbConfig, Role, Slug, Tenant, TenantId, TenantStatus, registry};
 use tokio::sync::OnceCell;
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -163,6 +163,9 @@ pub struct TestApp {
     pub http: reqwest::Client,
     handle: actix_web::dev::ServerHandle,
     pub testdb: Option<TestDb>,
+    /// The owner's session token of each tenant made with `create_tenant`,
+    /// shared by instances on the same database (`with_tokens_of`).
+    tokens: std::sync::Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 /// How to start a test server.
@@ -205,7 +208,7 @@ impl TestApp {
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        let app = Self { addr, db, http, handle, testdb: None };
+        let app = Self { addr, db, http, handle, testdb: None, tokens: Default::default() };
         app.wait_until_cache_trusted().await?;
         Ok(app)
     }
@@ -227,18 +230,37 @@ impl TestApp {
         }
     }
 
+    /// A tenant with an owner, whose session `req` uses for this tenant.
     pub async fn create_tenant(&self, slug: &str) -> TestResult<Tenant> {
-        let slug = Slug::parse(slug)?;
-        Ok(registry::create(&self.db, &slug, &format!("{slug} Inc.")).await?)
+        let tenant = registry::create(&self.db, &Slug::parse(slug)?, &format!("{slug} Inc.")).await?;
+        let token = member(&self.db, &tenant, Role::Owner).await?;
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(slug.to_owned(), token);
+        Ok(tenant)
+    }
+
+    /// The owner token of a tenant made with `create_tenant`.
+    pub fn token(&self, slug: &str) -> Option<String> {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(slug).cloned()
+    }
+
+    /// Shares the tenant owners' tokens of another instance on the same database.
+    pub fn with_tokens_of(mut self, other: &TestApp) -> Self {
+        self.tokens = std::sync::Arc::clone(&other.tokens);
+        self
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.addr)
     }
 
-    /// A request for `tenant` named by the `X-Tenant` header.
+    /// A request for `tenant` named by the `X-Tenant` header, signed in as its
+    /// owner when the tenant was made with `create_tenant`.
     pub fn req(&self, method: reqwest::Method, tenant: &str, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, self.url(path)).header("x-tenant", tenant)
+        let req = self.http.request(method, self.url(path)).header("x-tenant", tenant);
+        match self.token(tenant) {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        }
     }
 
     pub async fn create_project(&self, tenant: &str, name: &str) -> TestResult<serde_json::Value> {
@@ -371,5 +393,54 @@ pub async fn set_status(db: &Db, id: TenantId, status: TenantStatus) -> TestResu
 
 pub async fn add_domain(db: &Db, id: TenantId, domain: &str, verified: bool) -> TestResult {
     db.platform(async |c| Ok::<_, ApiError>(registry::add_domain(c, id, domain, verified).await?)).await?;
+    Ok(())
+}
+
+/// A new user with `role` in `tenant` and a session; returns the session
+/// token. (No password: these users never log in with one.)
+pub async fn member(db: &Db, tenant: &Tenant, role: Role) -> TestResult<String> {
+    use diesel::sql_types::{Text, Uuid as SqlUuid};
+    use diesel_async::RunQueryDsl;
+    let user = plinth_tenants::UserId::new();
+    let (tenant_id, role) = (tenant.id.0, role.as_str());
+    let email = format!("{}-{}@{}.example.com", role, &user.0.simple().to_string()[..8], tenant.slug);
+    let token = db
+        .platform(async |c| {
+            diesel::sql_query("INSERT INTO public.users (id, email, password_hash) VALUES ($1, $2, 'none')")
+                .bind::<SqlUuid, _>(user.0)
+                .bind::<Text, _>(&email)
+                .execute(c)
+                .await?;
+            diesel::sql_query("INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
+                .bind::<SqlUuid, _>(tenant_id)
+                .bind::<SqlUuid, _>(user.0)
+                .bind::<Text, _>(role)
+                .execute(c)
+                .await?;
+            let (token, _) = plinth_tenants::auth::create_session(c, user, Duration::from_secs(3600)).await?;
+            Ok::<_, ApiError>(token)
+        })
+        .await?;
+    Ok(token)
+}
+
+/// Adds the user behind session `token` to `tenant` as a member.
+pub async fn add_member(db: &Db, tenant: &Tenant, token: &str) -> TestResult {
+    use diesel::sql_types::{Bytea, Uuid as SqlUuid};
+    use diesel_async::RunQueryDsl;
+    let hash = plinth_tenants::auth::hash_token(token);
+    let tenant_id = tenant.id.0;
+    db.platform(async |c| {
+        diesel::sql_query(
+            "INSERT INTO public.memberships (tenant_id, user_id, role) \
+             SELECT $1, user_id, 'member' FROM public.sessions WHERE token_hash = $2",
+        )
+        .bind::<SqlUuid, _>(tenant_id)
+        .bind::<Bytea, _>(&hash[..])
+        .execute(c)
+        .await?;
+        Ok::<_, ApiError>(())
+    })
+    .await?;
     Ok(())
 }

@@ -13,6 +13,7 @@ use crate::harness::{TempDir, TestDb, TestResult, eventually};
 async fn sigterm_lets_in_flight_requests_finish() -> TestResult {
     let testdb = TestDb::migrated().await?;
     let tenant = registry::create(&testdb.db(1)?, &Slug::parse("acme")?, "Acme").await?;
+    let token = crate::harness::member(&testdb.db(1)?, &tenant, plinth_tenants::Role::Member).await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
         .arg("serve")
@@ -36,8 +37,8 @@ async fn sigterm_lets_in_flight_requests_finish() -> TestResult {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let body = br#"{"name": "written during shutdown"}"#;
     let head = format!(
-        "POST /v1/projects HTTP/1.1\r\nhost: 127.0.0.1\r\nx-tenant: acme\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n",
+        "POST /v1/projects HTTP/1.1\r\nhost: 127.0.0.1\r\nx-tenant: acme\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

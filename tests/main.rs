@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod access;
 mod http_basics;
 mod identity;
 mod isolation;

@@ -8,7 +8,7 @@ use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
-use plinth_tenants::auth::{self, Sessions};
+use plinth_tenants::auth::{self, Memberships, Sessions};
 use plinth_tenants::http::{BodyLimit, request_span};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::resolve::{self, TenantResolver};
@@ -46,8 +46,10 @@ impl Application {
         let resolver_db = Db::connect(&DbConfig { pool_size: 2, ..db_config.clone() })?;
         let resolver = TenantResolver::new(resolver_db.clone(), &settings.base_domain);
         listener.on(resolve::CHANNEL, resolver.listen_handler());
-        let sessions = Sessions::new(resolver_db);
+        let sessions = Sessions::new(resolver_db.clone());
         listener.on(auth::CHANNEL, sessions.listen_handler());
+        let memberships = Memberships::new(resolver_db);
+        listener.on(auth::MEMBERSHIPS_CHANNEL, memberships.listen_handler());
         let listener_task = listener.spawn(listen_url);
 
         let tcp = TcpListener::bind(&settings.listen).with_context(|| format!("binding {}", settings.listen))?;
@@ -55,6 +57,7 @@ impl Application {
         let body_limit = BodyLimit(settings.max_body_bytes);
         let resolver_data = web::Data::new(resolver);
         let sessions_data = web::Data::new(sessions);
+        let memberships_data = web::Data::new(memberships);
         let next_pool = Arc::new(AtomicUsize::new(0));
         let server = HttpServer::new(move || {
             let db = pools[next_pool.fetch_add(1, Ordering::Relaxed) % pools.len()].clone();
@@ -63,6 +66,7 @@ impl Application {
                 .app_data(web::Data::new(db))
                 .app_data(resolver_data.clone())
                 .app_data(sessions_data.clone())
+                .app_data(memberships_data.clone())
                 .app_data(body_limit)
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)

@@ -1,5 +1,5 @@
 //! The request context every tenant route extracts: the resolved tenant, who
-//! is calling, and the gate that decides what they may do.
+//! is calling with which role, and the gate that decides what they may do.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,17 +7,19 @@ use std::sync::Arc;
 
 use actix_web::{FromRequest, HttpMessage, HttpRequest, dev::Payload, web};
 
+use crate::auth::{Authenticated, Memberships, Role};
 use crate::db::{Db, PoolError, TenantConn, TxFn};
 use crate::error::ApiError;
 use crate::http::RequestId;
-use crate::registry::Tenant;
+use crate::ids::UserId;
+use crate::registry::{Tenant, TenantStatus};
 use crate::resolve::TenantResolver;
 
-/// Who is making the request. Sessions and API keys plug in here.
+/// Who is making the request. API keys will be a second kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// No credentials were presented.
-    Anonymous,
+    /// A user signed in with a session.
+    User { user_id: UserId, session_id: uuid::Uuid },
 }
 
 /// What a route is about to do, as the access gate sees it.
@@ -28,22 +30,34 @@ pub enum Action {
     Delete,
 }
 
-/// A resolved, servable tenant plus the caller. Extracting it answers 404 for
-/// an unknown tenant and 403 `tenant_suspended` for a suspended one.
+/// An authenticated member of a resolved tenant.
+///
+/// Extracting it answers, in this order: 401 `unauthenticated` without a
+/// valid bearer token; 404 `not_found` for an unknown tenant and for a tenant
+/// the caller is not a member of (indistinguishable, so nothing confirms the
+/// tenant exists); 403 `tenant_suspended` to members of a suspended tenant.
 pub struct TenantContext {
     pub tenant: Arc<Tenant>,
     pub principal: Principal,
+    pub role: Role,
     pub request_id: RequestId,
     db: Db,
 }
 
 impl TenantContext {
-    /// The access gate. Every tenant route calls it with what it is about to
-    /// do. Until identity and the policy engine exist it only requires a
-    /// resolved, active tenant (already guaranteed by extraction).
+    /// The access gate: every tenant route calls it with what it is about to
+    /// do. The one place where roles meet actions (viewer reads, member
+    /// creates and edits, admin also deletes) until the policy engine takes
+    /// it over. A role that falls short is 403 `forbidden`.
     pub fn authorize(&self, resource: &'static str, action: Action) -> Result<(), ApiError> {
-        tracing::debug!(resource, ?action, principal = ?self.principal, "access granted: tenant resolved");
-        Ok(())
+        let needed = match action {
+            Action::Read => Role::Viewer,
+            Action::Write => Role::Member,
+            Action::Delete => Role::Admin,
+        };
+        let allowed = self.role >= needed;
+        tracing::debug!(resource, ?action, role = self.role.as_str(), allowed, "access decision");
+        if allowed { Ok(()) } else { Err(ApiError::Forbidden) }
     }
 
     /// Runs `f` in a transaction scoped to this request's tenant.
@@ -57,23 +71,33 @@ impl TenantContext {
     }
 }
 
+fn registered<T: 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
+    req.app_data::<web::Data<T>>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("{} is not registered", std::any::type_name::<T>())))
+}
+
 impl FromRequest for TenantContext {
     type Error = ApiError;
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let req = req.clone();
+        let authenticated = Authenticated::from_request(&req, payload);
         Box::pin(async move {
-            let resolver = req
-                .app_data::<web::Data<Arc<TenantResolver>>>()
-                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("TenantResolver is not registered")))?;
-            let db = req
-                .app_data::<web::Data<Db>>()
-                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("Db is not registered")))?;
+            let Authenticated(session) = authenticated.await?;
+            let resolver = registered::<Arc<TenantResolver>>(&req)?;
+            let memberships = registered::<Arc<Memberships>>(&req)?;
+            let db = registered::<Db>(&req)?;
             let tenant = resolver.resolve(&req).await?;
+            let role = memberships.role(tenant.id, session.user_id).await?.ok_or(ApiError::NotFound("tenant"))?;
+            if tenant.status == TenantStatus::Suspended {
+                return Err(ApiError::TenantSuspended);
+            }
             tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
             let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
-            Ok(Self { tenant, principal: Principal::Anonymous, request_id, db: db.get_ref().clone() })
+            let principal = Principal::User { user_id: session.user_id, session_id: session.session_id };
+            Ok(Self { tenant, principal, role, request_id, db: db.get_ref().clone() })
         })
     }
 }

@@ -24,6 +24,7 @@ pub mod registry;
 pub mod resolve;
 pub mod schema;
 
+pub use auth::Role;
 pub use context::{Principal, TenantContext};
 pub use db::{Db, DbConfig, PgConn, TenantConn};
 pub use error::{ApiError, FieldError};

@@ -56,7 +56,8 @@ impl TenantResolver {
         })
     }
 
-    /// The tenant a request is for, if it may be served.
+    /// The tenant a request names: active or suspended (a tenant being
+    /// deleted is 404 like an unknown one).
     pub async fn resolve(&self, req: &HttpRequest) -> Result<Arc<Tenant>, ApiError> {
         let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(strip_port);
         let header = req.headers().get(TENANT_HEADER).map(|h| h.to_str().unwrap_or("\u{fffd}"));
@@ -84,8 +85,9 @@ impl TenantResolver {
             }
         };
         match tenant.status {
-            TenantStatus::Active => Ok(tenant),
-            TenantStatus::Suspended => Err(ApiError::TenantSuspended),
+            // Whether a suspension is revealed is the caller's decision (only
+            // to members): see `TenantContext`.
+            TenantStatus::Active | TenantStatus::Suspended => Ok(tenant),
             TenantStatus::Deleting => Err(ApiError::NotFound("tenant")),
         }
     }

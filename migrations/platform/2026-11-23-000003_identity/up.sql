@@ -18,6 +18,23 @@ CREATE TABLE public.memberships (
 );
 CREATE INDEX memberships_user_id_idx ON public.memberships (user_id);
 
+-- Every instance drops a changed membership from its cache
+-- (payload: tenant id, a colon, user id).
+CREATE FUNCTION public.plinth_notify_membership_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('plinth_memberships', OLD.tenant_id::text || ':' || OLD.user_id::text);
+    ELSE
+        PERFORM pg_notify('plinth_memberships', NEW.tenant_id::text || ':' || NEW.user_id::text);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER memberships_changed
+    AFTER INSERT OR UPDATE OR DELETE ON public.memberships
+    FOR EACH ROW EXECUTE FUNCTION public.plinth_notify_membership_changed();
+
 -- Sessions: only a SHA-256 hash of the bearer token is stored.
 CREATE TABLE public.sessions (
     id         uuid PRIMARY KEY,
