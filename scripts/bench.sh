@@ -35,8 +35,6 @@ psql -q "$ADMIN_URL" -c 'DROP DATABASE IF EXISTS plinth_bench_http WITH (FORCE)'
     -c 'DROP DATABASE IF EXISTS plinth_bench_pgbench WITH (FORCE)' -c 'CREATE DATABASE plinth_bench_pgbench' 2>/dev/null
 pgbench -q -i -s 10 "$BASE_URL/plinth_bench_pgbench" >/dev/null 2>&1
 export DATABASE_URL="$BASE_URL/plinth_bench_http" PLINTH_LISTEN="127.0.0.1:$PORT" RUST_LOG=${RUST_LOG:-warn}
-./target/release/plinth tenants create bench --name Bench >/dev/null
-./target/release/plinth tenants create other --name Other >/dev/null
 
 SERVER=
 cleanup() {
@@ -55,19 +53,27 @@ start_server() {
 }
 stop_server() { kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=; }
 
+signup() { # email slug -> session token
+    curl -sf -H 'content-type: application/json' "http://127.0.0.1:$PORT/v1/signup" \
+        -d "{\"email\":\"$1\",\"password\":\"bench passphrase 1\",\"organization\":\"$2\",\"slug\":\"$2\"}" |
+        sed 's/.*"token":"\([^"]*\)".*/\1/'
+}
 start_server 1
-ID=$(curl -sf -H 'X-Tenant: bench' -H 'content-type: application/json' -d '{"name":"Benchmark project"}' \
-    "http://127.0.0.1:$PORT/v1/projects" | sed 's/.*"id":"\([^"]*\)".*/\1/')
-curl -sf -H 'X-Tenant: other' -H 'content-type: application/json' -d '{"name":"Other project"}' \
-    "http://127.0.0.1:$PORT/v1/projects" >/dev/null
+TOKEN=$(signup owner@bench.example.com bench)
+OTHER=$(signup owner@other.example.com other)
+ID=$(curl -sf -H 'X-Tenant: bench' -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+    -d '{"name":"Benchmark project"}' "http://127.0.0.1:$PORT/v1/projects" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+curl -sf -H 'X-Tenant: other' -H "Authorization: Bearer $OTHER" -H 'content-type: application/json' \
+    -d '{"name":"Other project"}' "http://127.0.0.1:$PORT/v1/projects" >/dev/null
 stop_server
 URL="http://127.0.0.1:$PORT/v1/projects/$ID"
+AUTH="Authorization: Bearer $TOKEN"
 
 for R in $(seq "$ROUNDS"); do
     for W in $WORKERS; do
         start_server "$W"
-        wrk -t2 -c"$CONNS" -d2s -H 'X-Tenant: bench' "$URL" >/dev/null
-        wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'X-Tenant: bench' "$URL" >"$OUT/wrk-$W-$R.txt"
+        wrk -t2 -c"$CONNS" -d2s -H 'X-Tenant: bench' -H "$AUTH" "$URL" >/dev/null
+        wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'X-Tenant: bench' -H "$AUTH" "$URL" >"$OUT/wrk-$W-$R.txt"
         stop_server
     done
     pgbench -S -c"$CONNS" -j2 -T"$DURATION" "$BASE_URL/plinth_bench_pgbench" >"$OUT/pgbench-$R.txt" 2>/dev/null
