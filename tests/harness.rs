@@ -176,6 +176,8 @@ pub struct AppOptions {
     pub pool_size: Option<usize>,
     pub statement_cache: Option<bool>,
     pub max_body_bytes: Option<usize>,
+    /// More settings, as environment variables would give them.
+    pub settings: Vec<(&'static str, &'static str)>,
 }
 
 impl TestApp {
@@ -194,6 +196,9 @@ impl TestApp {
         values.insert("PLINTH_BASE_DOMAIN".to_owned(), BASE_DOMAIN.to_owned());
         values.insert("PLINTH_WORKERS".to_owned(), "1".to_owned());
         values.insert("PLINTH_SHUTDOWN_TIMEOUT_SECS".to_owned(), "1".to_owned());
+        for (key, value) in &options.settings {
+            values.insert((*key).to_owned(), (*value).to_owned());
+        }
         let mut settings = Settings::from_values(&values)?;
         let url = options.database_url.clone().unwrap_or_else(|| testdb.url.clone());
         settings.db_pool_size = options.pool_size.unwrap_or(4);

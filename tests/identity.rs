@@ -19,7 +19,13 @@ struct World {
 }
 
 async fn world() -> TestResult<World> {
-    let app = TestApp::spawn().await?;
+    world_with(AppOptions::default()).await
+}
+
+async fn world_with(options: AppOptions) -> TestResult<World> {
+    let testdb = crate::harness::TestDb::migrated().await?;
+    let mut app = TestApp::spawn_on(&testdb, options).await?;
+    app.testdb = Some(testdb);
     let smtp = SmtpServer::start().await?;
     let dir = TempDir::new("identity")?;
     let testdb = app.testdb.as_ref().ok_or("no test db")?;
@@ -254,6 +260,78 @@ async fn a_signed_in_user_creates_another_organization() -> TestResult {
     let slugs: Vec<&str> =
         me["memberships"].as_array().ok_or("none")?.iter().filter_map(|m| m["tenant"]["slug"].as_str()).collect();
     assert_eq!(slugs, ["acme", "second"]);
+    w.worker.stop().await?;
+    Ok(())
+}
+
+fn retry_after(res: &reqwest::Response) -> Option<u64> {
+    res.headers().get("retry-after")?.to_str().ok()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_slow_down_the_attacker_not_the_owner() -> TestResult {
+    let w = world_with(AppOptions {
+        settings: vec![
+            ("PLINTH_CLIENT_IP_HEADER", "x-test-client"),
+            ("PLINTH_LIMIT_LOGIN_FAILURES_PER_ACCOUNT_IP", "3/1h"),
+            ("PLINTH_LIMIT_LOGIN_FAILURES_PER_ACCOUNT", "6/1h"),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    w.signup("ada@example.com", "acme").await?;
+    let login = |from: &'static str, password: &'static str| {
+        w.app
+            .http
+            .post(w.app.url("/v1/auth/login"))
+            .header("x-test-client", format!("198.51.100.1, {from}"))
+            .json(&json!({ "email": "ada@example.com", "password": password }))
+            .send()
+    };
+    for _ in 0..3 {
+        assert_error(login("203.0.113.66", "guess guess guess").await?, 401, "invalid_credentials").await?;
+    }
+    // The attacker's address is now refused, even with the right password.
+    for password in ["guess guess guess", PASSWORD] {
+        let res = login("203.0.113.66", password).await?;
+        assert!(retry_after(&res).is_some_and(|s| s >= 1), "Retry-After");
+        assert_error(res, 429, "rate_limited").await?;
+    }
+    // The owner, from their own address, is not.
+    assert_eq!(login("192.0.2.10", PASSWORD).await?.status(), 200);
+    // Guesses spread over many addresses still meet the per-account limit.
+    for i in 0..3 {
+        let from: &'static str = ["203.0.113.1", "203.0.113.2", "203.0.113.3"][i];
+        assert_error(login(from, "guess guess guess").await?, 401, "invalid_credentials").await?;
+    }
+    assert_error(login("203.0.113.4", "guess guess guess").await?, 429, "rate_limited").await?;
+    w.worker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signups_and_reset_requests_are_limited() -> TestResult {
+    let w = world_with(AppOptions {
+        settings: vec![("PLINTH_LIMIT_SIGNUP_PER_IP", "2/1h"), ("PLINTH_LIMIT_PASSWORD_RESET_PER_ACCOUNT", "1/1h")],
+        ..Default::default()
+    })
+    .await?;
+    w.signup("ada@example.com", "acme").await?;
+    w.signup("bob@example.com", "bobco").await?;
+    let res = w
+        .post(
+            "/v1/signup",
+            json!({ "email": "eve@example.com", "password": PASSWORD, "organization": "E", "slug": "eve" }),
+        )
+        .await?;
+    assert!(retry_after(&res).is_some_and(|s| s > 60), "an hour-long window");
+    assert_error(res, 429, "rate_limited").await?;
+
+    for email in ["ada@example.com", "nobody@example.com"] {
+        assert_eq!(w.post("/v1/auth/password-reset", json!({ "email": email })).await?.status(), 202);
+        let again = w.post("/v1/auth/password-reset", json!({ "email": email })).await?;
+        assert_error(again, 429, "rate_limited").await?;
+    }
     w.worker.stop().await?;
     Ok(())
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::result::{DatabaseErrorKind, Error as DbError};
@@ -15,6 +15,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_tenants::auth::{self, Authenticated};
 use plinth_tenants::http::Json;
 use plinth_tenants::mail::{self, EmailAddress};
+use plinth_tenants::ratelimit::{self, Limit, RateLimiter};
 use plinth_tenants::registry::{self, CreateError};
 use plinth_tenants::{ApiError, Db, FieldError, Slug, Tenant, UserId};
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,10 @@ pub struct IdentityConfig {
     pub session_ttl: Duration,
     pub verify_email_ttl: Duration,
     pub password_reset_ttl: Duration,
+    /// A header set by a proxy you control naming the client's address
+    /// (its last entry is used); unset: the peer address.
+    pub client_ip_header: Option<String>,
+    pub limits: RateLimitConfig,
 }
 
 impl Default for IdentityConfig {
@@ -36,8 +41,81 @@ impl Default for IdentityConfig {
             session_ttl: Duration::from_secs(14 * 24 * 3600),
             verify_email_ttl: Duration::from_secs(48 * 3600),
             password_reset_ttl: Duration::from_secs(3600),
+            client_ip_header: None,
+            limits: RateLimitConfig::default(),
         }
     }
+}
+
+/// How often the sensitive routes may be used. Each is `burst` per `period`.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimitConfig {
+    /// Login attempts from one address.
+    pub login_per_ip: Limit,
+    /// Failed logins for one account from one address: the attacker's
+    /// address is slowed down, not the account's owner elsewhere.
+    pub login_failures_per_account_ip: Limit,
+    /// Failed logins for one account from anywhere (a distributed guess).
+    pub login_failures_per_account: Limit,
+    pub signup_per_ip: Limit,
+    pub password_reset_per_ip: Limit,
+    pub password_reset_per_account: Limit,
+    /// Email verification attempts from one address.
+    pub verify_per_ip: Limit,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            login_per_ip: Limit::new(30, MINUTE),
+            login_failures_per_account_ip: Limit::new(5, 15 * MINUTE),
+            login_failures_per_account: Limit::new(50, HOUR),
+            signup_per_ip: Limit::new(10, HOUR),
+            password_reset_per_ip: Limit::new(10, HOUR),
+            password_reset_per_account: Limit::new(3, HOUR),
+            verify_per_ip: Limit::new(30, HOUR),
+        }
+    }
+}
+
+/// The limiters, shared by all workers of an instance.
+pub struct RateLimits {
+    login_per_ip: RateLimiter,
+    login_failures_per_account_ip: RateLimiter,
+    login_failures_per_account: RateLimiter,
+    signup_per_ip: RateLimiter,
+    password_reset_per_ip: RateLimiter,
+    password_reset_per_account: RateLimiter,
+    verify_per_ip: RateLimiter,
+}
+
+impl RateLimits {
+    pub fn new(config: &RateLimitConfig) -> Self {
+        Self {
+            login_per_ip: RateLimiter::new(config.login_per_ip),
+            login_failures_per_account_ip: RateLimiter::new(config.login_failures_per_account_ip),
+            login_failures_per_account: RateLimiter::new(config.login_failures_per_account),
+            signup_per_ip: RateLimiter::new(config.signup_per_ip),
+            password_reset_per_ip: RateLimiter::new(config.password_reset_per_ip),
+            password_reset_per_account: RateLimiter::new(config.password_reset_per_account),
+            verify_per_ip: RateLimiter::new(config.verify_per_ip),
+        }
+    }
+}
+
+fn count(limiter: &RateLimiter, key: &str) -> Result<(), ApiError> {
+    limiter.check(key).map_err(|wait| {
+        tracing::info!(retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "rate limited");
+        ratelimit::limited(wait)
+    })
+}
+
+/// The client's address, as the rate limits see it.
+fn ip(req: &HttpRequest, cfg: &IdentityConfig) -> String {
+    plinth_tenants::http::client_ip(req, cfg.client_ip_header.as_deref())
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -191,11 +269,14 @@ fn check_signup(body: &SignupBody) -> Result<(EmailAddress, Slug), ApiError> {
 /// `POST /v1/signup`: the user, the tenant (schema provisioned), the owner
 /// membership, a session and the verification mail, in one transaction.
 async fn signup(
+    req: HttpRequest,
     db: web::Data<Db>,
     cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
     body: Json<SignupBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
+    count(&limits.signup_per_ip, &ip(&req, &cfg))?;
     let (email, slug) = check_signup(&body.0)?;
     let SignupBody { password, organization, .. } = body.0;
     let hash = password::hash(password).await?;
@@ -280,12 +361,27 @@ struct Credentials {
 /// same 401 `invalid_credentials`, in the same time, for a wrong password and
 /// an unknown address.
 async fn login(
+    req: HttpRequest,
     db: web::Data<Db>,
     cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
     body: Json<LoginBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
     let LoginBody { email, password } = body.0;
+    let client = ip(&req, &cfg);
+    count(&limits.login_per_ip, &client)?;
+    // Too many failures for this account: refuse before checking the
+    // password, so further guesses learn nothing.
+    let account = email.trim().to_lowercase();
+    let account_ip = format!("{account} {client}");
+    if let Some(wait) = limits
+        .login_failures_per_account_ip
+        .is_limited(&account_ip)
+        .or_else(|| limits.login_failures_per_account.is_limited(&account))
+    {
+        return Err(ratelimit::limited(wait));
+    }
     let found: Option<Credentials> = match EmailAddress::parse(&email) {
         Ok(email) if password.len() <= 1024 => {
             db.platform(async |c| {
@@ -305,6 +401,8 @@ async fn login(
     let password = if password.len() <= 1024 { password } else { String::new() };
     if !password::verify(password, stored).await? {
         tracing::info!("login failed");
+        let _ = limits.login_failures_per_account_ip.check(&account_ip);
+        let _ = limits.login_failures_per_account.check(&account);
         return Err(ApiError::InvalidCredentials);
     }
     let user = found.ok_or(ApiError::InvalidCredentials)?;
@@ -372,7 +470,14 @@ struct TokenBody {
 }
 
 /// `POST /v1/auth/verify-email`: redeems the token from the verification mail.
-async fn verify_email(db: web::Data<Db>, body: Json<TokenBody>) -> Result<HttpResponse, ApiError> {
+async fn verify_email(
+    req: HttpRequest,
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
+    body: Json<TokenBody>,
+) -> Result<HttpResponse, ApiError> {
+    count(&limits.verify_per_ip, &ip(&req, &config(cfg)))?;
     let token = body.0.token;
     db.platform(async |c| {
         let user = redeem_token(c, &token, "verify_email").await?.ok_or_else(invalid_token)?;
@@ -398,12 +503,18 @@ struct ResetBody {
 /// `POST /v1/auth/password-reset`: always 202, whether or not the address
 /// has an account; if it has, a single-use link goes out by mail.
 async fn request_password_reset(
+    req: HttpRequest,
     db: web::Data<Db>,
     cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
     body: Json<ResetBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
+    count(&limits.password_reset_per_ip, &ip(&req, &cfg))?;
     if let Ok(email) = EmailAddress::parse(&body.0.email) {
+        // Counted per address whether or not it has an account: the limit
+        // tells nothing about which addresses exist.
+        count(&limits.password_reset_per_account, email.as_str())?;
         db.platform(async |c| {
             let rows: Vec<UserIdRow> = diesel::sql_query("SELECT id AS user_id FROM public.users WHERE email = $1")
                 .bind::<Text, _>(email.as_str())
@@ -433,7 +544,14 @@ struct ConfirmBody {
 
 /// `POST /v1/auth/password-reset/confirm`: sets the new password, uses up
 /// the token and revokes every session of the account.
-async fn confirm_password_reset(db: web::Data<Db>, body: Json<ConfirmBody>) -> Result<HttpResponse, ApiError> {
+async fn confirm_password_reset(
+    req: HttpRequest,
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
+    body: Json<ConfirmBody>,
+) -> Result<HttpResponse, ApiError> {
+    count(&limits.verify_per_ip, &ip(&req, &config(cfg)))?;
     let ConfirmBody { token, password } = body.0;
     password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
     let hash = password::hash(password).await?;

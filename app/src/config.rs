@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use plinth_admin::identity::RateLimitConfig;
+use plinth_tenants::ratelimit::Limit;
 
 /// Every setting Plinth reads, with its default.
 #[derive(Debug, Clone)]
@@ -51,6 +53,12 @@ pub struct Settings {
     pub run_worker: bool,
     /// `PLINTH_WORKER_CONCURRENCY` (default 4): jobs run at once per worker.
     pub worker_concurrency: usize,
+    /// `PLINTH_CLIENT_IP_HEADER`: a header a proxy you control sets to the
+    /// client's address (its last entry counts). Unset: the peer address.
+    pub client_ip_header: Option<String>,
+    /// `PLINTH_LIMIT_*`: rate limits of the sensitive routes, each `N/period`
+    /// (`5/15m`, `30/1m`, `10/1h`, `20/30s`).
+    pub limits: RateLimitConfig,
 }
 
 impl Settings {
@@ -112,8 +120,52 @@ impl Settings {
             mail_from: get("PLINTH_MAIL_FROM").unwrap_or("Plinth <noreply@localhost>").to_owned(),
             run_worker: flag("PLINTH_WORKER", true)?,
             worker_concurrency: usize::try_from(num("PLINTH_WORKER_CONCURRENCY", 4)?)?.max(1),
+            client_ip_header: get("PLINTH_CLIENT_IP_HEADER").map(str::to_ascii_lowercase),
+            limits: {
+                let d = RateLimitConfig::default();
+                let limit = |k: &str, default: Limit| -> anyhow::Result<Limit> {
+                    get(k).map_or(Ok(default), |v| parse_limit(v).with_context(|| format!("{k} must look like 5/15m")))
+                };
+                RateLimitConfig {
+                    login_per_ip: limit("PLINTH_LIMIT_LOGIN_PER_IP", d.login_per_ip)?,
+                    login_failures_per_account_ip: limit(
+                        "PLINTH_LIMIT_LOGIN_FAILURES_PER_ACCOUNT_IP",
+                        d.login_failures_per_account_ip,
+                    )?,
+                    login_failures_per_account: limit(
+                        "PLINTH_LIMIT_LOGIN_FAILURES_PER_ACCOUNT",
+                        d.login_failures_per_account,
+                    )?,
+                    signup_per_ip: limit("PLINTH_LIMIT_SIGNUP_PER_IP", d.signup_per_ip)?,
+                    password_reset_per_ip: limit("PLINTH_LIMIT_PASSWORD_RESET_PER_IP", d.password_reset_per_ip)?,
+                    password_reset_per_account: limit(
+                        "PLINTH_LIMIT_PASSWORD_RESET_PER_ACCOUNT",
+                        d.password_reset_per_account,
+                    )?,
+                    verify_per_ip: limit("PLINTH_LIMIT_VERIFY_PER_IP", d.verify_per_ip)?,
+                }
+            },
         })
     }
+}
+
+/// `N/period`, the period a number and a unit: `s`, `m` or `h`.
+fn parse_limit(value: &str) -> anyhow::Result<Limit> {
+    let (n, period) = value.split_once('/').context("expected N/period")?;
+    let burst: u32 = n.trim().parse().context("N must be a whole number")?;
+    let period = period.trim();
+    let unit = period.chars().last().context("a period is needed")?;
+    let amount: u64 = period[..period.len() - unit.len_utf8()].parse().context("period")?;
+    let seconds = match unit {
+        's' => amount,
+        'm' => amount * 60,
+        'h' => amount * 3600,
+        _ => bail!("the period's unit must be s, m or h"),
+    };
+    if burst == 0 || seconds == 0 {
+        bail!("N and the period must be above zero");
+    }
+    Ok(Limit::new(burst, Duration::from_secs(seconds)))
 }
 
 fn parse_file(text: &str) -> anyhow::Result<HashMap<String, String>> {
@@ -148,6 +200,11 @@ mod tests {
         assert!(parse_file("nonsense").is_err());
         let bad: HashMap<_, _> = [("PLINTH_DB_POOL_SIZE".to_owned(), "many".to_owned())].into();
         assert!(Settings::from_values(&bad).is_err());
+        assert_eq!(parse_limit("5/15m")?, Limit::new(5, Duration::from_secs(900)));
+        assert_eq!(parse_limit(" 20 / 30s ")?, Limit::new(20, Duration::from_secs(30)));
+        for bad in ["5", "0/1m", "5/0h", "5/1d", "x/1m", "5/m"] {
+            assert!(parse_limit(bad).is_err(), "{bad}");
+        }
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
+use plinth_admin::identity::{IdentityConfig, RateLimits};
 use plinth_tenants::auth::{self, Memberships, Sessions};
 use plinth_tenants::http::{BodyLimit, request_span};
 use plinth_tenants::notify::Listener;
@@ -58,6 +59,13 @@ impl Application {
         let resolver_data = web::Data::new(resolver);
         let sessions_data = web::Data::new(sessions);
         let memberships_data = web::Data::new(memberships);
+        let identity = IdentityConfig {
+            client_ip_header: settings.client_ip_header.clone(),
+            limits: settings.limits,
+            ..IdentityConfig::default()
+        };
+        let limits_data = web::Data::new(RateLimits::new(&identity.limits));
+        let identity_data = web::Data::new(identity);
         let next_pool = Arc::new(AtomicUsize::new(0));
         let server = HttpServer::new(move || {
             let db = pools[next_pool.fetch_add(1, Ordering::Relaxed) % pools.len()].clone();
@@ -67,6 +75,8 @@ impl Application {
                 .app_data(resolver_data.clone())
                 .app_data(sessions_data.clone())
                 .app_data(memberships_data.clone())
+                .app_data(identity_data.clone())
+                .app_data(limits_data.clone())
                 .app_data(body_limit)
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)

@@ -49,6 +49,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("content type must be application/json")]
     UnsupportedMediaType,
+    #[error("too many requests; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     #[error("service temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
     #[error("internal error")]
@@ -76,6 +78,7 @@ impl ApiError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -134,6 +137,7 @@ impl ResponseError for ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -153,8 +157,14 @@ impl ResponseError for ApiError {
         };
         let body = Envelope { error: Body { code: self.code(), message: self.to_string(), details } };
         let mut resp = HttpResponse::build(self.status_code());
-        if matches!(self, Self::Unavailable(_)) {
-            resp.insert_header(("retry-after", "1"));
+        match self {
+            Self::Unavailable(_) => {
+                resp.insert_header(("retry-after", "1"));
+            }
+            Self::RateLimited { retry_after_secs } => {
+                resp.insert_header(("retry-after", retry_after_secs.to_string()));
+            }
+            _ => {}
         }
         resp.json(body)
     }

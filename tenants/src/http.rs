@@ -258,3 +258,15 @@ impl<T> Page<T> {
         Self { data: rows, next_cursor }
     }
 }
+
+/// The client's address: the last entry of `header` when Plinth runs behind
+/// a proxy that sets it (`PLINTH_CLIENT_IP_HEADER`), else the peer address.
+pub fn client_ip(req: &HttpRequest, header: Option<&str>) -> String {
+    let from_header = header
+        .and_then(|name| req.headers().get(name))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty() && v.len() <= 64);
+    from_header.or_else(|| req.peer_addr().map(|a| a.ip().to_string())).unwrap_or_else(|| "unknown".into())
+}

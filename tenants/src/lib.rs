@@ -20,6 +20,7 @@ pub mod jobs;
 pub mod mail;
 pub mod migrate;
 pub mod notify;
+pub mod ratelimit;
 pub mod registry;
 pub mod resolve;
 pub mod schema;
