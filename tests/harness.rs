@@ -408,7 +408,8 @@ pub async fn member(db: &Db, tenant: &Tenant, role: Role) -> TestResult<String> 
     use diesel_async::RunQueryDsl;
     let user = plinth_tenants::UserId::new();
     let (tenant_id, role) = (tenant.id.0, role.as_str());
-    let email = format!("{}-{}@{}.example.com", role, &user.0.simple().to_string()[..8], tenant.slug);
+    // The tail of a v7 id is random; its head is the time, shared within a millisecond.
+    let email = format!("{}-{}@{}.example.com", role, &user.0.simple().to_string()[20..], tenant.slug);
     let token = db
         .platform(async |c| {
             diesel::sql_query("INSERT INTO public.users (id, email, password_hash) VALUES ($1, $2, 'none')")

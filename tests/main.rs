@@ -9,6 +9,7 @@ mod identity;
 mod isolation;
 mod lifecycle;
 mod mail_and_jobs;
+mod members;
 mod migrations;
 mod projects;
 mod provisioning;

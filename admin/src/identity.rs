@@ -140,7 +140,7 @@ pub struct User {
     pub email_verified_at: Option<DateTime<Utc>>,
 }
 
-fn config(data: Option<web::Data<IdentityConfig>>) -> IdentityConfig {
+pub(crate) fn config(data: Option<web::Data<IdentityConfig>>) -> IdentityConfig {
     data.map(|d| d.get_ref().clone()).unwrap_or_default()
 }
 
@@ -148,7 +148,11 @@ fn unique_violation(err: &DbError, constraint: &str) -> bool {
     matches!(err, DbError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) if info.constraint_name() == Some(constraint))
 }
 
-async fn insert_user(conn: &AsyncPgConnection, email: &EmailAddress, password_hash: &str) -> Result<User, ApiError> {
+pub(crate) async fn insert_user(
+    conn: &AsyncPgConnection,
+    email: &EmailAddress,
+    password_hash: &str,
+) -> Result<User, ApiError> {
     let mut conn = conn;
     diesel::sql_query(
         "INSERT INTO public.users (id, email, password_hash) VALUES ($1, $2, $3) \
@@ -234,7 +238,7 @@ async fn redeem_token(conn: &AsyncPgConnection, token: &str, purpose: &str) -> R
     Ok(row.into_iter().next().map(|r| r.user_id))
 }
 
-fn invalid_token() -> ApiError {
+pub(crate) fn invalid_token() -> ApiError {
     ApiError::invalid_fields(vec![FieldError::new("token", "invalid", "is invalid, used or expired")])
 }
 

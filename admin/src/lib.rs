@@ -9,4 +9,5 @@
 
 pub mod identity;
 pub mod mail;
+pub mod members;
 pub mod password;

@@ -81,6 +81,7 @@ impl Application {
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)
                 .configure(plinth_admin::identity::configure)
+                .configure(plinth_admin::members::configure)
                 .configure(crate::projects::configure)
                 .default_service(web::to(not_found))
         })

@@ -28,6 +28,8 @@ pub enum Action {
     Read,
     Write,
     Delete,
+    /// Managing members and invitations.
+    Manage,
 }
 
 /// An authenticated member of a resolved tenant.
@@ -48,12 +50,13 @@ impl TenantContext {
     /// The access gate: every tenant route calls it with what it is about to
     /// do. The one place where roles meet actions (viewer reads, member
     /// creates and edits, admin also deletes) until the policy engine takes
-    /// it over. A role that falls short is 403 `forbidden`.
+    /// it over (admin also manages members). A role that falls short is 403
+    /// `forbidden`.
     pub fn authorize(&self, resource: &'static str, action: Action) -> Result<(), ApiError> {
         let needed = match action {
             Action::Read => Role::Viewer,
             Action::Write => Role::Member,
-            Action::Delete => Role::Admin,
+            Action::Delete | Action::Manage => Role::Admin,
         };
         let allowed = self.role >= needed;
         tracing::debug!(resource, ?action, role = self.role.as_str(), allowed, "access decision");

@@ -1,6 +1,7 @@
 DROP TRIGGER sessions_deleted ON public.sessions;
 DROP TRIGGER sessions_revoked ON public.sessions;
 DROP FUNCTION public.plinth_notify_session_revoked();
+DROP TABLE public.invitations;
 DROP TABLE public.user_tokens;
 DROP TABLE public.sessions;
 DROP TRIGGER memberships_changed ON public.memberships;

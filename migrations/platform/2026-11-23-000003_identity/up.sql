@@ -58,6 +58,22 @@ CREATE TABLE public.user_tokens (
 );
 CREATE INDEX user_tokens_user_id_idx ON public.user_tokens (user_id);
 
+-- Invitations to join a tenant. One pending invitation per address and
+-- tenant; inviting again replaces its token (the old link stops working).
+CREATE TABLE public.invitations (
+    id          uuid PRIMARY KEY,
+    tenant_id   uuid NOT NULL REFERENCES public.tenants (id) ON DELETE CASCADE,
+    email       text NOT NULL CHECK (email = lower(email)),
+    role        text NOT NULL CHECK (role IN ('owner', 'admin', 'member', 'viewer')),
+    token_hash  bytea NOT NULL UNIQUE,
+    invited_by  uuid REFERENCES public.users (id) ON DELETE SET NULL,
+    sent        integer NOT NULL DEFAULT 1,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL,
+    accepted_at timestamptz
+);
+CREATE UNIQUE INDEX invitations_pending_idx ON public.invitations (tenant_id, email) WHERE accepted_at IS NULL;
+
 -- Every instance drops a revoked session from its cache (payload: session id).
 CREATE FUNCTION public.plinth_notify_session_revoked() RETURNS trigger
 LANGUAGE plpgsql AS $$
