@@ -4,6 +4,7 @@
 mod harness;
 
 mod access;
+mod api_keys;
 mod http_basics;
 mod identity;
 mod isolation;

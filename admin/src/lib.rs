@@ -7,6 +7,7 @@
 //! [`mail`] (the identity mail templates). Until tenant and platform
 //! administration land, operators manage tenants with `plinth tenants`.
 
+pub mod api_keys;
 pub mod identity;
 pub mod mail;
 pub mod members;

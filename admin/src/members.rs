@@ -12,7 +12,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_tenants::auth::{self, Authenticated, Role};
-use plinth_tenants::context::{Action, Principal};
+use plinth_tenants::context::Action;
 use plinth_tenants::http::Json;
 use plinth_tenants::mail::{self, EmailAddress};
 use plinth_tenants::{ApiError, Db, FieldError, TenantContext, UserId};
@@ -32,10 +32,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/invitations/accept", web::post().to(accept));
 }
 
-fn caller(ctx: &TenantContext) -> UserId {
-    match &ctx.principal {
-        Principal::User { user_id, .. } => *user_id,
-    }
+fn caller(ctx: &TenantContext) -> Option<UserId> {
+    ctx.principal.user_id()
 }
 
 fn parse_role(field: &str, role: &str) -> Result<Role, ApiError> {
@@ -150,7 +148,7 @@ async fn change_role(
 async fn remove(ctx: TenantContext, db: web::Data<Db>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let user = target(&path)?;
     // Anyone may leave; removing someone else takes an admin.
-    if user != caller(&ctx).0 {
+    if caller(&ctx).map(|u| u.0) != Some(user) {
         ctx.authorize("members", Action::Manage)?;
     }
     let (tenant, caller_role) = (ctx.tenant.id.0, ctx.role);
@@ -237,7 +235,7 @@ async fn invite(ctx: TenantContext, db: web::Data<Db>, body: Json<InviteBody>) -
             .bind::<Text, _>(email.as_str())
             .bind::<Text, _>(role.as_str())
             .bind::<Bytea, _>(&hash[..])
-            .bind::<Nullable<SqlUuid>, _>(Some(inviter.0))
+            .bind::<Nullable<SqlUuid>, _>(inviter.map(|u| u.0))
             .bind::<Integer, _>(i32::try_from(INVITATION_DAYS).unwrap_or(7))
             .get_result(c)
             .await?;
@@ -245,7 +243,7 @@ async fn invite(ctx: TenantContext, db: web::Data<Db>, body: Json<InviteBody>) -
                 "SELECT u.id AS user_id, u.email, m.role, m.created_at AS joined_at FROM public.users u \
                  JOIN public.memberships m ON m.user_id = u.id AND m.tenant_id = $2 WHERE u.id = $1",
             )
-            .bind::<SqlUuid, _>(inviter.0)
+            .bind::<Nullable<SqlUuid>, _>(inviter.map(|u| u.0))
             .bind::<SqlUuid, _>(tenant.id.0)
             .load(c)
             .await?;

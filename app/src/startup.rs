@@ -9,7 +9,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use plinth_admin::identity::{IdentityConfig, RateLimits};
-use plinth_tenants::auth::{self, Memberships, Sessions};
+use plinth_tenants::auth::{self, ApiKeys, Memberships, Sessions};
 use plinth_tenants::http::{BodyLimit, request_span};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::resolve::{self, TenantResolver};
@@ -49,8 +49,10 @@ impl Application {
         listener.on(resolve::CHANNEL, resolver.listen_handler());
         let sessions = Sessions::new(resolver_db.clone());
         listener.on(auth::CHANNEL, sessions.listen_handler());
-        let memberships = Memberships::new(resolver_db);
+        let memberships = Memberships::new(resolver_db.clone());
         listener.on(auth::MEMBERSHIPS_CHANNEL, memberships.listen_handler());
+        let api_keys = ApiKeys::new(resolver_db);
+        listener.on(auth::API_KEYS_CHANNEL, api_keys.listen_handler());
         let listener_task = listener.spawn(listen_url);
 
         let tcp = TcpListener::bind(&settings.listen).with_context(|| format!("binding {}", settings.listen))?;
@@ -59,6 +61,7 @@ impl Application {
         let resolver_data = web::Data::new(resolver);
         let sessions_data = web::Data::new(sessions);
         let memberships_data = web::Data::new(memberships);
+        let api_keys_data = web::Data::new(api_keys);
         let identity = IdentityConfig {
             client_ip_header: settings.client_ip_header.clone(),
             limits: settings.limits,
@@ -75,6 +78,7 @@ impl Application {
                 .app_data(resolver_data.clone())
                 .app_data(sessions_data.clone())
                 .app_data(memberships_data.clone())
+                .app_data(api_keys_data.clone())
                 .app_data(identity_data.clone())
                 .app_data(limits_data.clone())
                 .app_data(body_limit)
@@ -82,6 +86,7 @@ impl Application {
                 .configure(configure)
                 .configure(plinth_admin::identity::configure)
                 .configure(plinth_admin::members::configure)
+                .configure(plinth_admin::api_keys::configure)
                 .configure(crate::projects::configure)
                 .default_service(web::to(not_found))
         })

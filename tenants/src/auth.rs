@@ -255,6 +255,136 @@ impl Memberships {
     }
 }
 
+/// The NOTIFY channel on which revoked API key ids arrive.
+pub const API_KEYS_CHANNEL: &str = "plinth_api_keys";
+/// API keys start with this; sessions with `pls_`.
+pub const API_KEY_PREFIX: &str = "plk_";
+
+/// A live API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    pub key_id: uuid::Uuid,
+    pub tenant_id: crate::ids::TenantId,
+    pub role: Role,
+}
+
+#[derive(QueryableByName)]
+struct ApiKeyRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    role: String,
+}
+
+/// A new API key secret and its hash.
+pub fn new_api_key() -> Result<(String, [u8; 32]), getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    let key = format!("{API_KEY_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash_token(&key);
+    Ok((key, hash))
+}
+
+/// Checks API keys, cached like sessions; records when each key was last
+/// used, at most once a minute per key.
+pub struct ApiKeys {
+    db: Db,
+    cache: NotifiedCache<[u8; 32], Option<ApiKeyInfo>>,
+    last_marked: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
+}
+
+impl ApiKeys {
+    pub fn new(db: Db) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            cache: NotifiedCache::new(Some(Duration::from_secs(60)), 100_000),
+            last_marked: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    pub fn listen_handler(self: &Arc<Self>) -> Handler {
+        let this = Arc::clone(self);
+        Arc::new(move |event| match event {
+            ListenEvent::Notified(key_id) => {
+                this.cache.remove_where(|_, cached| cached.as_ref().is_some_and(|k| k.key_id.to_string() == key_id))
+            }
+            ListenEvent::Connected => this.cache.set_trusted(true),
+            ListenEvent::Disconnected => this.cache.set_trusted(false),
+        })
+    }
+
+    /// The live key a secret belongs to, if any.
+    pub async fn verify(self: &Arc<Self>, key: &str) -> Result<Option<ApiKeyInfo>, ApiError> {
+        if !key.starts_with(API_KEY_PREFIX) || key.len() > 100 {
+            return Ok(None);
+        }
+        let hash = hash_token(key);
+        let found = match self.cache.get(&hash) {
+            Ok(hit) => hit,
+            Err(ticket) => {
+                let rows: Vec<ApiKeyRow> = self
+                    .db
+                    .platform(async |c| {
+                        Ok::<_, ApiError>(
+                            diesel::sql_query(
+                                "SELECT id, tenant_id, role FROM public.api_keys WHERE token_hash = $1 AND revoked_at IS NULL",
+                            )
+                            .bind::<Bytea, _>(&hash[..])
+                            .load(c)
+                            .await?,
+                        )
+                    })
+                    .await?;
+                let found = rows.into_iter().next().and_then(|r| {
+                    Some(ApiKeyInfo {
+                        key_id: r.id,
+                        tenant_id: crate::ids::TenantId(r.tenant_id),
+                        role: Role::parse(&r.role)?,
+                    })
+                });
+                self.cache.insert(ticket, hash, found.clone());
+                found
+            }
+        };
+        if let Some(key) = &found {
+            self.mark_used(key.key_id);
+        }
+        Ok(found)
+    }
+
+    /// Records the use in the background, at most once a minute per key.
+    fn mark_used(self: &Arc<Self>, key_id: uuid::Uuid) {
+        {
+            let mut marked = self.last_marked.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            if marked.get(&key_id).is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60)) {
+                return;
+            }
+            if marked.len() >= 100_000 {
+                marked.clear();
+            }
+            marked.insert(key_id, now);
+        }
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            let result = db
+                .platform(async |c| {
+                    diesel::sql_query("UPDATE public.api_keys SET last_used_at = now() WHERE id = $1")
+                        .bind::<SqlUuid, _>(key_id)
+                        .execute(c)
+                        .await
+                        .map_err(ApiError::from)
+                })
+                .await;
+            if let Err(err) = result {
+                tracing::warn!(error = %err, "recording an API key's last use failed");
+            }
+        });
+    }
+}
+
 /// The caller's session, from `Authorization: Bearer <token>`. Extracting it
 /// answers 401 `unauthenticated` when the token is missing, unknown, expired
 /// or revoked.

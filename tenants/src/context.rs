@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use actix_web::{FromRequest, HttpMessage, HttpRequest, dev::Payload, web};
 
-use crate::auth::{Authenticated, Memberships, Role};
+use crate::auth::{API_KEY_PREFIX, ApiKeys, Memberships, Role, Sessions, bearer};
 use crate::db::{Db, PoolError, TenantConn, TxFn};
 use crate::error::ApiError;
 use crate::http::RequestId;
@@ -15,11 +15,23 @@ use crate::ids::UserId;
 use crate::registry::{Tenant, TenantStatus};
 use crate::resolve::TenantResolver;
 
-/// Who is making the request. API keys will be a second kind.
+/// Who is making the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     /// A user signed in with a session.
     User { user_id: UserId, session_id: uuid::Uuid },
+    /// A tenant API key.
+    ApiKey { key_id: uuid::Uuid },
+}
+
+impl Principal {
+    /// The user, when a user (not a key) is calling.
+    pub fn user_id(&self) -> Option<UserId> {
+        match self {
+            Self::User { user_id, .. } => Some(*user_id),
+            Self::ApiKey { .. } => None,
+        }
+    }
 }
 
 /// What a route is about to do, as the access gate sees it.
@@ -84,22 +96,35 @@ impl FromRequest for TenantContext {
     type Error = ApiError;
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
-    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let req = req.clone();
-        let authenticated = Authenticated::from_request(&req, payload);
         Box::pin(async move {
-            let Authenticated(session) = authenticated.await?;
+            let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
             let resolver = registered::<Arc<TenantResolver>>(&req)?;
-            let memberships = registered::<Arc<Memberships>>(&req)?;
             let db = registered::<Db>(&req)?;
-            let tenant = resolver.resolve(&req).await?;
-            let role = memberships.role(tenant.id, session.user_id).await?.ok_or(ApiError::NotFound("tenant"))?;
+            let (principal, tenant, role) = if token.starts_with(API_KEY_PREFIX) {
+                let key = registered::<Arc<ApiKeys>>(&req)?.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
+                tracing::Span::current().record("user.id", format!("key:{}", key.key_id));
+                let tenant = resolver.resolve(&req).await?;
+                // A key acts in its one tenant; anywhere else it is nobody.
+                if key.tenant_id != tenant.id {
+                    return Err(ApiError::NotFound("tenant"));
+                }
+                (Principal::ApiKey { key_id: key.key_id }, tenant, key.role)
+            } else {
+                let session =
+                    registered::<Arc<Sessions>>(&req)?.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
+                tracing::Span::current().record("user.id", session.user_id.to_string());
+                let tenant = resolver.resolve(&req).await?;
+                let memberships = registered::<Arc<Memberships>>(&req)?;
+                let role = memberships.role(tenant.id, session.user_id).await?.ok_or(ApiError::NotFound("tenant"))?;
+                (Principal::User { user_id: session.user_id, session_id: session.session_id }, tenant, role)
+            };
             if tenant.status == TenantStatus::Suspended {
                 return Err(ApiError::TenantSuspended);
             }
             tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
             let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
-            let principal = Principal::User { user_id: session.user_id, session_id: session.session_id };
             Ok(Self { tenant, principal, role, request_id, db: db.get_ref().clone() })
         })
     }

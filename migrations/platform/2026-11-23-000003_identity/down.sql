@@ -1,6 +1,10 @@
 DROP TRIGGER sessions_deleted ON public.sessions;
 DROP TRIGGER sessions_revoked ON public.sessions;
 DROP FUNCTION public.plinth_notify_session_revoked();
+DROP TRIGGER api_keys_deleted ON public.api_keys;
+DROP TRIGGER api_keys_revoked ON public.api_keys;
+DROP FUNCTION public.plinth_notify_api_key_revoked();
+DROP TABLE public.api_keys;
 DROP TABLE public.invitations;
 DROP TABLE public.user_tokens;
 DROP TABLE public.sessions;

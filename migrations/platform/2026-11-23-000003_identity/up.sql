@@ -74,6 +74,37 @@ CREATE TABLE public.invitations (
 );
 CREATE UNIQUE INDEX invitations_pending_idx ON public.invitations (tenant_id, email) WHERE accepted_at IS NULL;
 
+-- Tenant API keys: a key acts in its one tenant with its role. Only a hash
+-- of the secret is stored; `prefix` (the first characters) identifies it.
+CREATE TABLE public.api_keys (
+    id           uuid PRIMARY KEY,
+    tenant_id    uuid NOT NULL REFERENCES public.tenants (id) ON DELETE CASCADE,
+    name         text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
+    role         text NOT NULL CHECK (role IN ('admin', 'member', 'viewer')),
+    prefix       text NOT NULL,
+    token_hash   bytea NOT NULL UNIQUE,
+    created_by   uuid REFERENCES public.users (id) ON DELETE SET NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz,
+    revoked_at   timestamptz
+);
+CREATE INDEX api_keys_tenant_id_idx ON public.api_keys (tenant_id);
+
+CREATE FUNCTION public.plinth_notify_api_key_revoked() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('plinth_api_keys', OLD.id::text);
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER api_keys_revoked
+    AFTER UPDATE OF revoked_at ON public.api_keys
+    FOR EACH ROW WHEN (NEW.revoked_at IS NOT NULL AND OLD.revoked_at IS NULL)
+    EXECUTE FUNCTION public.plinth_notify_api_key_revoked();
+CREATE TRIGGER api_keys_deleted
+    AFTER DELETE ON public.api_keys
+    FOR EACH ROW EXECUTE FUNCTION public.plinth_notify_api_key_revoked();
+
 -- Every instance drops a revoked session from its cache (payload: session id).
 CREATE FUNCTION public.plinth_notify_session_revoked() RETURNS trigger
 LANGUAGE plpgsql AS $$
