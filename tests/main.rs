@@ -5,6 +5,7 @@ mod harness;
 
 mod access;
 mod api_keys;
+mod audit;
 mod http_basics;
 mod identity;
 mod isolation;

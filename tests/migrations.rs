@@ -26,8 +26,19 @@ async fn plinth(testdb: &TestDb, args: &[&str]) -> TestResult<(bool, String)> {
 async fn rewind(client: &tokio_postgres::Client, tenant: &Tenant, keep_tables: bool) -> TestResult {
     client.execute("DELETE FROM public.tenant_migrations WHERE tenant_id = $1", &[&tenant.id.0]).await?;
     if !keep_tables {
-        client.batch_execute(&format!("DROP TABLE {0}.tasks, {0}.projects", tenant.schema.quoted())).await?;
+        drop_tables(client, tenant).await?;
     }
+    Ok(())
+}
+
+/// Drops what the tenant migrations created.
+async fn drop_tables(client: &tokio_postgres::Client, tenant: &Tenant) -> TestResult {
+    let s = tenant.schema.quoted();
+    client
+        .batch_execute(&format!(
+            "DROP TABLE {s}.tasks, {s}.projects, {s}.audit_log; DROP FUNCTION {s}.audit_log_append_only()"
+        ))
+        .await?;
     Ok(())
 }
 
@@ -61,7 +72,7 @@ async fn migrate_all_reports_a_broken_tenant_and_resumes() -> TestResult {
     assert_eq!(ledger_count(&client, &tenants[2]).await?, n);
 
     // Repair the broken tenant; the re-run only touches it.
-    client.batch_execute(&format!("DROP TABLE {0}.tasks, {0}.projects", tenants[1].schema.quoted())).await?;
+    drop_tables(&client, &tenants[1]).await?;
     let (ok, out) = plinth(&testdb, &["tenants", "migrate"]).await?;
     assert!(ok, "{out}");
     assert!(out.contains("4 total, 3 already current, 1 migrated, 0 failed"), "{out}");

@@ -20,7 +20,7 @@ async fn provisioning_creates_schema_tables_and_ledger() -> TestResult {
     assert!(tenant.schema.as_str().starts_with("t_"));
 
     let client = testdb.client().await?;
-    assert_eq!(schema_tables(&client, tenant.schema.as_str()).await?, ["projects", "tasks"]);
+    assert_eq!(schema_tables(&client, tenant.schema.as_str()).await?, ["audit_log", "projects", "tasks"]);
     let versions: Vec<String> = client
         .query("SELECT version FROM public.tenant_migrations WHERE tenant_id = $1 ORDER BY 1", &[&tenant.id.0])
         .await?

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
+use plinth_tenants::audit::{self, Entry};
 use plinth_tenants::auth::{self, Role};
 use plinth_tenants::context::Action;
 use plinth_tenants::http::{Json, Validator};
@@ -65,9 +66,10 @@ async fn create(ctx: TenantContext, db: web::Data<Db>, body: Json<NewKey>) -> Re
     let prefix: String = key.chars().take(12).collect();
     let (tenant, creator, name) =
         (ctx.tenant.id.0, ctx.principal.user_id().map(|u| u.0), body.0.name.trim().to_owned());
+    let (schema, entry) = (ctx.tenant.schema.clone(), Entry::by(&ctx, "api_key.created"));
     let row: KeyRow = db
         .platform(async |c| {
-            diesel::sql_query(
+            let row: KeyRow = diesel::sql_query(
                 "INSERT INTO public.api_keys (id, tenant_id, name, role, prefix, token_hash, created_by) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, name, role, prefix, created_at, last_used_at",
             )
@@ -79,8 +81,10 @@ async fn create(ctx: TenantContext, db: web::Data<Db>, body: Json<NewKey>) -> Re
             .bind::<Bytea, _>(&hash[..])
             .bind::<Nullable<SqlUuid>, _>(creator)
             .get_result(c)
-            .await
-            .map_err(ApiError::from)
+            .await?;
+            let details = json!({ "name": row.name, "role": row.role, "prefix": row.prefix });
+            audit::record(c, &schema, entry.target("api_key", row.id).details(details)).await?;
+            Ok::<_, ApiError>(row)
         })
         .await?;
     tracing::info!(api_key.id = %row.id, role = role.as_str(), "API key created");
@@ -109,16 +113,20 @@ async fn revoke(ctx: TenantContext, db: web::Data<Db>, path: web::Path<String>) 
     ctx.authorize("api_keys", Action::Manage)?;
     let id = uuid::Uuid::parse_str(&path).map_err(|_| ApiError::NotFound("API key"))?;
     let tenant = ctx.tenant.id.0;
+    let (schema, entry) = (ctx.tenant.schema.clone(), Entry::by(&ctx, "api_key.revoked").target("api_key", id));
     let revoked = db
         .platform(async |c| {
-            diesel::sql_query(
+            let n = diesel::sql_query(
                 "UPDATE public.api_keys SET revoked_at = now() WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL",
             )
             .bind::<SqlUuid, _>(id)
             .bind::<SqlUuid, _>(tenant)
             .execute(c)
-            .await
-            .map_err(ApiError::from)
+            .await?;
+            if n == 1 {
+                audit::record(c, &schema, entry).await?;
+            }
+            Ok::<_, ApiError>(n)
         })
         .await?;
     if revoked == 0 {

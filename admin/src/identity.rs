@@ -6,18 +6,19 @@
 
 use std::time::Duration;
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::result::{DatabaseErrorKind, Error as DbError};
 use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::auth::{self, Authenticated};
-use plinth_tenants::http::Json;
+use plinth_tenants::http::{Json, RequestId};
 use plinth_tenants::mail::{self, EmailAddress};
 use plinth_tenants::ratelimit::{self, Limit, RateLimiter};
 use plinth_tenants::registry::{self, CreateError};
-use plinth_tenants::{ApiError, Db, FieldError, Slug, Tenant, UserId};
+use plinth_tenants::{ApiError, Db, FieldError, SchemaName, Slug, Tenant, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -403,21 +404,68 @@ async fn login(
     };
     let stored = found.as_ref().map(|f| f.password_hash.clone());
     let password = if password.len() <= 1024 { password } else { String::new() };
+    let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
+    let entry = |action: &'static str, user: uuid::Uuid| Entry {
+        actor: Actor::User(user),
+        action,
+        target_type: Some("user"),
+        target_id: Some(user.to_string()),
+        ip: Some(client.clone()),
+        request_id: request_id.clone(),
+        details: json!({}),
+    };
     if !password::verify(password, stored).await? {
         tracing::info!("login failed");
+        if let Some(user) = &found {
+            let failed = entry("auth.login_failed", user.id);
+            db.platform(async |c| record_in_every_tenant_of(c, user.id, failed).await).await?;
+        }
         let _ = limits.login_failures_per_account_ip.check(&account_ip);
         let _ = limits.login_failures_per_account.check(&account);
         return Err(ApiError::InvalidCredentials);
     }
     let user = found.ok_or(ApiError::InvalidCredentials)?;
-    let (token, session) =
-        db.platform(async |c| auth::create_session(c, UserId(user.id), cfg.session_ttl).await).await?;
+    let logged_in = entry("auth.login", user.id);
+    let (token, session) = db
+        .platform(async |c| {
+            let created = auth::create_session(c, UserId(user.id), cfg.session_ttl).await?;
+            record_in_every_tenant_of(c, user.id, logged_in).await?;
+            Ok::<_, ApiError>(created)
+        })
+        .await?;
     tracing::info!(user.id = %user.id, "logged in");
     Ok(HttpResponse::Ok().json(json!({
         "token": token,
         "expires_at": session.expires_at,
         "user": User { id: user.id, email: user.email, email_verified_at: user.email_verified_at },
     })))
+}
+
+#[derive(QueryableByName)]
+struct SchemaRow {
+    #[diesel(sql_type = Text)]
+    schema_name: String,
+}
+
+/// Records `entry` in the audit log of every tenant `user` belongs to.
+async fn record_in_every_tenant_of(
+    conn: &mut AsyncPgConnection,
+    user: uuid::Uuid,
+    entry: Entry,
+) -> Result<(), ApiError> {
+    let schemas: Vec<SchemaRow> = diesel::sql_query(
+        "SELECT t.schema_name FROM public.memberships m JOIN public.tenants t ON t.id = m.tenant_id \
+         WHERE m.user_id = $1 AND t.status <> 'deleting'",
+    )
+    .bind::<SqlUuid, _>(user)
+    .load(conn)
+    .await?;
+    for row in schemas {
+        let schema = SchemaName::from_stored(row.schema_name)
+            .map_err(|s| ApiError::Internal(anyhow::anyhow!("malformed schema name {s:?}")))?;
+        audit::record(conn, &schema, entry.clone()).await?;
+    }
+    Ok(())
 }
 
 /// `POST /v1/auth/logout`: revokes the caller's session everywhere.

@@ -8,6 +8,7 @@
 //! administration land, operators manage tenants with `plinth tenants`.
 
 pub mod api_keys;
+pub mod audit_log;
 pub mod identity;
 pub mod mail;
 pub mod members;

@@ -6,16 +6,18 @@
 //! instance's cache within a second (NOTIFY from a trigger), so a removed
 //! member's session stops opening the tenant at once.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::auth::{self, Authenticated, Role};
 use plinth_tenants::context::Action;
-use plinth_tenants::http::Json;
+use plinth_tenants::http::{Json, RequestId, client_ip};
 use plinth_tenants::mail::{self, EmailAddress};
-use plinth_tenants::{ApiError, Db, FieldError, TenantContext, UserId};
+use plinth_tenants::registry;
+use plinth_tenants::{ApiError, Db, FieldError, TenantContext, TenantId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -121,7 +123,8 @@ async fn change_role(
     ctx.authorize("members", Action::Manage)?;
     let user = target(&path)?;
     let new_role = parse_role("role", &body.0.role)?;
-    let (tenant, caller_role) = (ctx.tenant.id.0, ctx.role);
+    let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
+    let entry = Entry::by(&ctx, "member.role_changed").target("user", user);
     db.platform(async |c| {
         let (current, owners) = lock_owners_and(c, tenant, user).await?;
         let current = current.ok_or(ApiError::NotFound("member"))?;
@@ -137,6 +140,7 @@ async fn change_role(
             .bind::<Text, _>(new_role.as_str())
             .execute(c)
             .await?;
+        audit::record(c, &schema, entry.details(json!({ "from": current, "to": new_role }))).await?;
         Ok::<_, ApiError>(())
     })
     .await?;
@@ -151,7 +155,9 @@ async fn remove(ctx: TenantContext, db: web::Data<Db>, path: web::Path<String>) 
     if caller(&ctx).map(|u| u.0) != Some(user) {
         ctx.authorize("members", Action::Manage)?;
     }
-    let (tenant, caller_role) = (ctx.tenant.id.0, ctx.role);
+    let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
+    let action = if caller(&ctx).map(|u| u.0) == Some(user) { "member.left" } else { "member.removed" };
+    let entry = Entry::by(&ctx, action).target("user", user);
     db.platform(async |c| {
         let (current, owners) = lock_owners_and(c, tenant, user).await?;
         let current = current.ok_or(ApiError::NotFound("member"))?;
@@ -166,6 +172,7 @@ async fn remove(ctx: TenantContext, db: web::Data<Db>, path: web::Path<String>) 
             .bind::<SqlUuid, _>(user)
             .execute(c)
             .await?;
+        audit::record(c, &schema, entry.details(json!({ "role": current }))).await?;
         Ok::<_, ApiError>(())
     })
     .await?;
@@ -209,6 +216,7 @@ async fn invite(ctx: TenantContext, db: web::Data<Db>, body: Json<InviteBody>) -
     let (token, hash) = auth::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
     let tenant = ctx.tenant.clone();
     let inviter = caller(&ctx);
+    let entry = Entry::by(&ctx, "invitation.sent");
     let invitation = db
         .platform(async |c| {
             let already: Vec<RoleRow> = diesel::sql_query(
@@ -259,6 +267,8 @@ async fn invite(ctx: TenantContext, db: web::Data<Db>, body: Json<InviteBody>) -
                 format!("invitation:{}:{}", row.id, row.sent),
             );
             mail::queue(c, message).await?;
+            let details = json!({ "email": email, "role": role, "sent": row.sent });
+            audit::record(c, &tenant.schema, entry.target("invitation", row.id).details(details)).await?;
             Ok::<_, ApiError>(row)
         })
         .await?;
@@ -299,6 +309,7 @@ struct ExistingUser {
 /// address's account (signed in as it, or with its password), or creates the
 /// account (the link proves the address) and signs it in.
 async fn accept(
+    req: HttpRequest,
     db: web::Data<Db>,
     cfg: Option<web::Data<IdentityConfig>>,
     session: Option<Authenticated>,
@@ -353,6 +364,8 @@ async fn accept(
         }
     };
     let role = parse_role("role", &pending.role)?;
+    let ip = client_ip(&req, cfg.client_ip_header.as_deref());
+    let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
     let (user, token) = db
         .platform(async |c| {
             // Use the invitation up, exactly once.
@@ -387,6 +400,18 @@ async fn accept(
             .bind::<Text, _>(role.as_str())
             .execute(c)
             .await?;
+            let tenant =
+                registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or(ApiError::NotFound("tenant"))?;
+            let entry = Entry {
+                actor: Actor::User(user),
+                action: "invitation.accepted",
+                target_type: Some("invitation"),
+                target_id: Some(pending.id.to_string()),
+                ip: Some(ip.clone()),
+                request_id: request_id.clone(),
+                details: json!({ "role": role }),
+            };
+            audit::record(c, &tenant.schema, entry).await?;
             Ok::<_, ApiError>((user, session))
         })
         .await?;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use plinth_tenants::migrate::{self, MigrateEvent, MigrateOptions, TENANT_MIGRATIONS, TenantOutcome};
 use plinth_tenants::{Db, DbConfig, Slug, Tenant, TenantStatus, registry};
 
+use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::jobs;
 use plinth_tenants::notify::Listener;
 use tokio::sync::watch;
@@ -301,8 +302,25 @@ async fn find(db: &Db, slug: &str) -> anyhow::Result<Tenant> {
 
 async fn set_status(db: &Db, slug: &str, status: TenantStatus) -> anyhow::Result<()> {
     let tenant = find(db, slug).await?;
-    let updated =
-        db.platform(async |c| Ok::<_, anyhow::Error>(registry::set_status(c, tenant.id, status).await?)).await?;
+    let action = if status == TenantStatus::Suspended { "tenant.suspended" } else { "tenant.reactivated" };
+    let updated = db
+        .platform(async |c| {
+            let updated = registry::set_status(c, tenant.id, status).await?;
+            if let Some(t) = &updated {
+                let entry = Entry {
+                    actor: Actor::System,
+                    action,
+                    target_type: Some("tenant"),
+                    target_id: Some(t.id.to_string()),
+                    ip: None,
+                    request_id: None,
+                    details: serde_json::json!({ "by": "plinth tenants" }),
+                };
+                audit::record(c, &t.schema, entry).await?;
+            }
+            Ok::<_, anyhow::Error>(updated)
+        })
+        .await?;
     match updated {
         Some(t) => println!("tenant {} is {}", t.slug, t.status.as_str()),
         None => bail!("tenant {slug:?} is being deleted"),

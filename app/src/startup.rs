@@ -10,7 +10,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use plinth_admin::identity::{IdentityConfig, RateLimits};
 use plinth_tenants::auth::{self, ApiKeys, Memberships, Sessions};
-use plinth_tenants::http::{BodyLimit, request_span};
+use plinth_tenants::http::{BodyLimit, ClientIpHeader, request_span};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::resolve::{self, TenantResolver};
 use plinth_tenants::{ApiError, Db, DbConfig};
@@ -68,6 +68,7 @@ impl Application {
             ..IdentityConfig::default()
         };
         let limits_data = web::Data::new(RateLimits::new(&identity.limits));
+        let client_ip_data = web::Data::new(ClientIpHeader(identity.client_ip_header.clone()));
         let identity_data = web::Data::new(identity);
         let next_pool = Arc::new(AtomicUsize::new(0));
         let server = HttpServer::new(move || {
@@ -80,6 +81,7 @@ impl Application {
                 .app_data(memberships_data.clone())
                 .app_data(api_keys_data.clone())
                 .app_data(identity_data.clone())
+                .app_data(client_ip_data.clone())
                 .app_data(limits_data.clone())
                 .app_data(body_limit)
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
@@ -87,6 +89,7 @@ impl Application {
                 .configure(plinth_admin::identity::configure)
                 .configure(plinth_admin::members::configure)
                 .configure(plinth_admin::api_keys::configure)
+                .configure(plinth_admin::audit_log::configure)
                 .configure(crate::projects::configure)
                 .default_service(web::to(not_found))
         })

@@ -10,7 +10,7 @@ use actix_web::{FromRequest, HttpMessage, HttpRequest, dev::Payload, web};
 use crate::auth::{API_KEY_PREFIX, ApiKeys, Memberships, Role, Sessions, bearer};
 use crate::db::{Db, PoolError, TenantConn, TxFn};
 use crate::error::ApiError;
-use crate::http::RequestId;
+use crate::http::{ClientIpHeader, RequestId};
 use crate::ids::UserId;
 use crate::registry::{Tenant, TenantStatus};
 use crate::resolve::TenantResolver;
@@ -55,6 +55,8 @@ pub struct TenantContext {
     pub principal: Principal,
     pub role: Role,
     pub request_id: RequestId,
+    /// The client's address (see `http::client_ip`).
+    pub ip: String,
     db: Db,
 }
 
@@ -125,7 +127,9 @@ impl FromRequest for TenantContext {
             }
             tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
             let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
-            Ok(Self { tenant, principal, role, request_id, db: db.get_ref().clone() })
+            let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
+            let ip = crate::http::client_ip(&req, header.as_deref());
+            Ok(Self { tenant, principal, role, request_id, ip, db: db.get_ref().clone() })
         })
     }
 }

@@ -259,6 +259,11 @@ impl<T> Page<T> {
     }
 }
 
+/// App data: the header a trusted proxy sets to the client's address
+/// (`PLINTH_CLIENT_IP_HEADER`), if any.
+#[derive(Debug, Clone, Default)]
+pub struct ClientIpHeader(pub Option<String>);
+
 /// The client's address: the last entry of `header` when Plinth runs behind
 /// a proxy that sets it (`PLINTH_CLIENT_IP_HEADER`), else the peer address.
 pub fn client_ip(req: &HttpRequest, header: Option<&str>) -> String {

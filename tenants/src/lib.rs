@@ -9,6 +9,7 @@
 //! - [`http`]: request ids, request spans, the JSON body extractor.
 //! - [`error`]: the one error type of the HTTP surface.
 
+pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod context;

@@ -1,0 +1,99 @@
+//! The audit log: an append-only table in each tenant's schema.
+//!
+//! [`record`] writes with the caller's connection, inside the transaction of
+//! the action it records (platform or tenant-scoped: the table is named with
+//! its schema), so an action and its audit entry commit or roll back
+//! together.
+
+use diesel::sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::context::{Principal, TenantContext};
+use crate::ids::SchemaName;
+
+/// Who did it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    User(uuid::Uuid),
+    ApiKey(uuid::Uuid),
+    /// An operator through the CLI, or Plinth itself.
+    System,
+}
+
+impl Actor {
+    fn parts(self) -> (&'static str, Option<uuid::Uuid>) {
+        match self {
+            Self::User(id) => ("user", Some(id)),
+            Self::ApiKey(id) => ("api_key", Some(id)),
+            Self::System => ("system", None),
+        }
+    }
+}
+
+/// One entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub actor: Actor,
+    /// `member.role_changed`, `api_key.created`, `auth.login`, ...
+    pub action: &'static str,
+    pub target_type: Option<&'static str>,
+    pub target_id: Option<String>,
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+    pub details: serde_json::Value,
+}
+
+impl Entry {
+    /// An entry for `action` by the caller of a tenant request, with its
+    /// address and request id.
+    pub fn by(ctx: &TenantContext, action: &'static str) -> Self {
+        let actor = match &ctx.principal {
+            Principal::User { user_id, .. } => Actor::User(user_id.0),
+            Principal::ApiKey { key_id } => Actor::ApiKey(*key_id),
+        };
+        Self {
+            actor,
+            action,
+            target_type: None,
+            target_id: None,
+            ip: Some(ctx.ip.clone()),
+            request_id: Some(ctx.request_id.0.clone()),
+            details: serde_json::json!({}),
+        }
+    }
+
+    pub fn target(mut self, kind: &'static str, id: impl ToString) -> Self {
+        self.target_type = Some(kind);
+        self.target_id = Some(id.to_string());
+        self
+    }
+
+    pub fn details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+/// Appends `entry` to the audit log of the tenant whose schema is `schema`.
+pub async fn record(conn: &AsyncPgConnection, schema: &SchemaName, entry: Entry) -> diesel::QueryResult<()> {
+    let (actor_type, actor_id) = entry.actor.parts();
+    let sql = format!(
+        "INSERT INTO {}.audit_log (id, actor_type, actor_id, action, target_type, target_id, ip, request_id, details) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        schema.quoted()
+    );
+    let mut conn = conn;
+    diesel::sql_query(sql)
+        .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+        .bind::<Text, _>(actor_type)
+        .bind::<Nullable<SqlUuid>, _>(actor_id)
+        .bind::<Text, _>(entry.action)
+        .bind::<Nullable<Text>, _>(entry.target_type)
+        .bind::<Nullable<Text>, _>(entry.target_id)
+        .bind::<Nullable<Text>, _>(entry.ip)
+        .bind::<Nullable<Text>, _>(entry.request_id)
+        .bind::<Jsonb, _>(&entry.details)
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
