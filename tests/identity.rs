@@ -335,3 +335,62 @@ async fn signups_and_reset_requests_are_limited() -> TestResult {
     w.worker.stop().await?;
     Ok(())
 }
+
+/// The code an authenticator app would show `offset_steps` steps from now.
+fn code_for(secret_base32: &str, offset_steps: i64) -> TestResult<String> {
+    let secret = totp_rs::Secret::try_from_base32(secret_base32)?;
+    let totp = totp_rs::Builder::new().with_secret(secret).build()?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let at = now.checked_add_signed(offset_steps * 30).ok_or("time")?;
+    Ok(totp.generate(at).to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_factor_login_with_codes_and_recovery_codes() -> TestResult {
+    let w = world().await?;
+    let session = w.signup("ada@example.com", "acme").await?["token"].as_str().ok_or("no token")?.to_owned();
+    let call = |path: &str, body: Value| w.app.http.post(w.app.url(path)).bearer_auth(&session).json(&body).send();
+    let enrolled: Value = call("/v1/auth/totp/enroll", json!({})).await?.json().await?;
+    let secret = enrolled["secret"].as_str().ok_or("no secret")?.to_owned();
+    assert!(enrolled["otpauth_url"].as_str().is_some_and(|u| u.starts_with("otpauth://totp/Plinth:")));
+    assert_error(call("/v1/auth/totp/confirm", json!({ "code": "12345" })).await?, 400, "invalid_request").await?;
+    let confirm_code = code_for(&secret, 0)?;
+    let res = call("/v1/auth/totp/confirm", json!({ "code": confirm_code })).await?;
+    assert_eq!(res.status(), 200);
+    let recovery: Vec<String> = res.json::<Value>().await?["recovery_codes"]
+        .as_array()
+        .ok_or("no codes")?
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(recovery.len(), 10);
+    assert_error(call("/v1/auth/totp/enroll", json!({})).await?, 409, "conflict").await?;
+    let me: Value = w.me(&session).await?.json().await?;
+    assert_eq!(me["totp_enabled"], true);
+
+    let login = |code: Option<String>| {
+        let mut body = json!({ "email": "ada@example.com", "password": PASSWORD });
+        if let Some(code) = code {
+            body["totp_code"] = json!(code);
+        }
+        w.app.http.post(w.app.url("/v1/auth/login")).json(&body).send()
+    };
+    assert_error(login(None).await?, 401, "totp_required").await?;
+    assert_error(login(Some("000000".into())).await?, 401, "invalid_credentials").await?;
+    // The code used to confirm cannot log in (replay); the next step's can, once.
+    assert_error(login(Some(confirm_code.clone())).await?, 401, "invalid_credentials").await?;
+    let next = code_for(&secret, 1)?;
+    assert_eq!(login(Some(next.clone())).await?.status(), 200);
+    assert_error(login(Some(next)).await?, 401, "invalid_credentials").await?;
+    // A recovery code works once, in any case.
+    assert_eq!(login(Some(recovery[0].to_uppercase())).await?.status(), 200);
+    assert_error(login(Some(recovery[0].clone())).await?, 401, "invalid_credentials").await?;
+
+    // Turning it off takes a code too.
+    assert_error(call("/v1/auth/totp/disable", json!({ "code": "nope-nope" })).await?, 400, "invalid_request").await?;
+    assert_eq!(call("/v1/auth/totp/disable", json!({ "code": recovery[1] })).await?.status(), 200);
+    assert_eq!(login(None).await?.status(), 200);
+    assert_error(call("/v1/auth/totp/disable", json!({ "code": recovery[2] })).await?, 409, "conflict").await?;
+    w.worker.stop().await?;
+    Ok(())
+}

@@ -348,6 +348,8 @@ async fn create_tenant(
 struct LoginBody {
     email: String,
     password: String,
+    /// With two-factor login on: a current code or a recovery code.
+    totp_code: Option<String>,
 }
 
 #[derive(QueryableByName)]
@@ -373,7 +375,7 @@ async fn login(
     body: Json<LoginBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
-    let LoginBody { email, password } = body.0;
+    let LoginBody { email, password, totp_code } = body.0;
     let client = ip(&req, &cfg);
     count(&limits.login_per_ip, &client)?;
     // Too many failures for this account: refuse before checking the
@@ -426,13 +428,27 @@ async fn login(
     }
     let user = found.ok_or(ApiError::InvalidCredentials)?;
     let logged_in = entry("auth.login", user.id);
-    let (token, session) = db
+    let created = db
         .platform(async |c| {
+            // The row is locked so a second factor is used up exactly once.
+            let state = crate::totp::state(c, user.id, true).await?;
+            if state.totp_secret.is_some() {
+                let Some(code) = totp_code.as_deref() else { return Err(ApiError::TotpRequired) };
+                if !crate::totp::accept_second_factor(c, user.id, &state, code).await? {
+                    return Ok(None);
+                }
+            }
             let created = auth::create_session(c, UserId(user.id), cfg.session_ttl).await?;
             record_in_every_tenant_of(c, user.id, logged_in).await?;
-            Ok::<_, ApiError>(created)
+            Ok::<_, ApiError>(Some(created))
         })
         .await?;
+    let Some((token, session)) = created else {
+        tracing::info!("login failed: wrong second factor");
+        let _ = limits.login_failures_per_account_ip.check(&account_ip);
+        let _ = limits.login_failures_per_account.check(&account);
+        return Err(ApiError::InvalidCredentials);
+    };
     tracing::info!(user.id = %user.id, "logged in");
     Ok(HttpResponse::Ok().json(json!({
         "token": token,
@@ -512,7 +528,10 @@ async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiEr
         .into_iter()
         .map(|m| json!({ "tenant": { "id": m.tenant_id, "slug": m.slug, "name": m.name, "status": m.status }, "role": m.role }))
         .collect();
-    Ok(HttpResponse::Ok().json(json!({ "user": user, "memberships": memberships })))
+    let totp_enabled = db
+        .platform(async |c| Ok::<_, ApiError>(crate::totp::state(c, user_id, false).await?.totp_secret.is_some()))
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "user": user, "totp_enabled": totp_enabled, "memberships": memberships })))
 }
 
 #[derive(Deserialize)]

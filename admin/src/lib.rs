@@ -13,3 +13,4 @@ pub mod identity;
 pub mod mail;
 pub mod members;
 pub mod password;
+pub mod totp;

@@ -90,6 +90,7 @@ impl Application {
                 .configure(plinth_admin::members::configure)
                 .configure(plinth_admin::api_keys::configure)
                 .configure(plinth_admin::audit_log::configure)
+                .configure(plinth_admin::totp::configure)
                 .configure(crate::projects::configure)
                 .default_service(web::to(not_found))
         })

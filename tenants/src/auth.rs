@@ -37,6 +37,13 @@ pub struct SessionInfo {
     pub expires_at: DateTime<Utc>,
 }
 
+/// `N` random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], ApiError> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    Ok(bytes)
+}
+
 /// A new random token and the hash to store.
 pub fn new_token() -> Result<(String, [u8; 32]), getrandom::Error> {
     let mut bytes = [0u8; 32];

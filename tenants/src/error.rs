@@ -35,6 +35,8 @@ pub enum ApiError {
     Unauthenticated,
     #[error("the email address or password is wrong")]
     InvalidCredentials,
+    #[error("a one-time code from the authenticator app is required (totp_code)")]
+    TotpRequired,
     #[error("you are not allowed to do this")]
     Forbidden,
     #[error("this organization is suspended")]
@@ -71,6 +73,7 @@ impl ApiError {
             Self::InvalidRequest { .. } => "invalid_request",
             Self::Unauthenticated => "unauthenticated",
             Self::InvalidCredentials => "invalid_credentials",
+            Self::TotpRequired => "totp_required",
             Self::Forbidden => "forbidden",
             Self::TenantSuspended => "tenant_suspended",
             Self::NotFound(_) => "not_found",
@@ -130,7 +133,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::Unauthenticated | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            Self::Unauthenticated | Self::InvalidCredentials | Self::TotpRequired => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::TenantSuspended => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,

@@ -11,4 +11,5 @@ DROP TABLE public.sessions;
 DROP TRIGGER memberships_changed ON public.memberships;
 DROP FUNCTION public.plinth_notify_membership_changed();
 DROP TABLE public.memberships;
+DROP TABLE public.totp_recovery_codes;
 DROP TABLE public.users;

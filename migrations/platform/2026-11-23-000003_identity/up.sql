@@ -5,8 +5,22 @@ CREATE TABLE public.users (
     email             text NOT NULL UNIQUE CHECK (email = lower(email) AND length(email) BETWEEN 3 AND 254),
     password_hash     text NOT NULL,
     email_verified_at timestamptz,
+    -- Two-factor login (TOTP, RFC 6238). `totp_pending` holds a secret
+    -- between enrolment and confirmation; `totp_last_step` is the newest time
+    -- step accepted, so a code cannot be replayed.
+    totp_secret       bytea,
+    totp_pending      bytea,
+    totp_last_step    bigint,
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now()
+);
+
+-- Single-use recovery codes for a lost authenticator (hashes only).
+CREATE TABLE public.totp_recovery_codes (
+    user_id   uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+    code_hash bytea NOT NULL,
+    used_at   timestamptz,
+    PRIMARY KEY (user_id, code_hash)
 );
 
 CREATE TABLE public.memberships (
