@@ -5,70 +5,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{AppOptions, TempDir, TestApp, TestResult, assert_error, eventually};
-use crate::mail_and_jobs::{Running, fast, settings};
-use crate::smtp::SmtpServer;
-
-const PASSWORD: &str = "correct horse battery staple";
-
-struct World {
-    app: TestApp,
-    smtp: SmtpServer,
-    worker: Running,
-    _dir: TempDir,
-}
-
-async fn world() -> TestResult<World> {
-    world_with(AppOptions::default()).await
-}
-
-async fn world_with(options: AppOptions) -> TestResult<World> {
-    let testdb = crate::harness::TestDb::migrated().await?;
-    let mut app = TestApp::spawn_on(&testdb, options).await?;
-    app.testdb = Some(testdb);
-    let smtp = SmtpServer::start().await?;
-    let dir = TempDir::new("identity")?;
-    let testdb = app.testdb.as_ref().ok_or("no test db")?;
-    let worker = Running::mail(testdb, &settings(Some(smtp.url()), &dir.path)?, fast())?;
-    Ok(World { app, smtp, worker, _dir: dir })
-}
-
-impl World {
-    async fn post(&self, path: &str, body: Value) -> reqwest::Result<reqwest::Response> {
-        self.app.http.post(self.app.url(path)).json(&body).send().await
-    }
-
-    async fn signup(&self, email: &str, slug: &str) -> TestResult<Value> {
-        let res = self
-            .post(
-                "/v1/signup",
-                json!({ "email": email, "password": PASSWORD, "organization": format!("{slug} Inc."), "slug": slug }),
-            )
-            .await?;
-        assert_eq!(res.status(), 201, "signup {email} {slug}");
-        Ok(res.json().await?)
-    }
-
-    async fn me(&self, token: &str) -> reqwest::Result<reqwest::Response> {
-        self.app.http.get(self.app.url("/v1/me")).bearer_auth(token).send().await
-    }
-
-    /// The token in the first message received for `to` with a link to `path`.
-    async fn mailed_token(&self, to: &str, path: &str) -> TestResult<String> {
-        let find = || {
-            self.smtp.accepted().into_iter().find_map(|raw| {
-                let message = mail_parser::MessageParser::default().parse(raw.as_bytes())?;
-                let recipient = message.to()?.first()?.address()?.to_owned();
-                let text = message.body_text(0)?.into_owned();
-                let start = text.find(&format!("{path}?token="))? + path.len() + "?token=".len();
-                let token: String = text[start..].chars().take_while(|c| !c.is_whitespace()).collect();
-                (recipient == to).then_some(token)
-            })
-        };
-        eventually(Duration::from_secs(10), || async { Ok(find().is_some()) }).await?;
-        Ok(find().ok_or("no mail")?)
-    }
-}
+use crate::harness::{AppOptions, TestApp, TestResult, assert_error, eventually};
+use crate::world::{PASSWORD, world, world_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signup_verify_login_logout() -> TestResult {

@@ -17,3 +17,4 @@ mod projects;
 mod provisioning;
 mod routing;
 mod smtp;
+mod world;

@@ -7,73 +7,8 @@ use plinth_tenants::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{TempDir, TestApp, TestResult, assert_error, eventually, member};
-use crate::mail_and_jobs::{Running, fast, settings};
-use crate::smtp::SmtpServer;
-
-const PASSWORD: &str = "correct horse battery staple";
-
-struct World {
-    app: TestApp,
-    smtp: SmtpServer,
-    worker: Running,
-    _dir: TempDir,
-}
-
-async fn world() -> TestResult<World> {
-    let app = TestApp::spawn().await?;
-    let smtp = SmtpServer::start().await?;
-    let dir = TempDir::new("members")?;
-    let worker = Running::mail(app.testdb.as_ref().ok_or("no db")?, &settings(Some(smtp.url()), &dir.path)?, fast())?;
-    Ok(World { app, smtp, worker, _dir: dir })
-}
-
-impl World {
-    fn as_user(&self, token: &str, method: Method, tenant: &str, path: &str) -> reqwest::RequestBuilder {
-        self.app.http.request(method, self.app.url(path)).header("x-tenant", tenant).bearer_auth(token)
-    }
-
-    async fn invite(&self, tenant: &str, email: &str, role: &str) -> TestResult<reqwest::Response> {
-        Ok(self
-            .app
-            .req(Method::POST, tenant, "/v1/invitations")
-            .json(&json!({ "email": email, "role": role }))
-            .send()
-            .await?)
-    }
-
-    /// Tokens of every invitation received for `to`, in order.
-    fn invitation_tokens(&self, to: &str) -> Vec<String> {
-        self.smtp
-            .accepted()
-            .iter()
-            .filter_map(|raw| {
-                let m = mail_parser::MessageParser::default().parse(raw.as_bytes())?;
-                if m.to()?.first()?.address()? != to {
-                    return None;
-                }
-                let text = m.body_text(0)?.into_owned();
-                let start = text.find("/invitations/accept?token=")? + "/invitations/accept?token=".len();
-                Some(text[start..].chars().take_while(|c| !c.is_whitespace()).collect())
-            })
-            .collect()
-    }
-
-    async fn wait_for_invitations(&self, to: &str, n: usize) -> TestResult<Vec<String>> {
-        eventually(Duration::from_secs(10), || async { Ok(self.invitation_tokens(to).len() >= n) }).await?;
-        Ok(self.invitation_tokens(to))
-    }
-
-    async fn accept(&self, body: Value, bearer: Option<&str>) -> reqwest::Result<reqwest::Response> {
-        let req = self.app.http.post(self.app.url("/v1/invitations/accept")).json(&body);
-        match bearer {
-            Some(token) => req.bearer_auth(token),
-            None => req,
-        }
-        .send()
-        .await
-    }
-}
+use crate::harness::{TestApp, TestResult, assert_error, eventually, member};
+use crate::world::{PASSWORD, world};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_user_accepts_an_invitation_and_works_in_the_tenant() -> TestResult {
