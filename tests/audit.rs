@@ -114,6 +114,15 @@ async fn logins_and_suspensions_reach_the_tenants_log() -> TestResult {
             .send()
     };
     assert_eq!(login("wrong but long enough").await?.status(), 401);
+    // A failed login is recorded off the response path: wait for it.
+    let client = app.testdb.as_ref().ok_or("no db")?.client().await?;
+    let schema: String =
+        client.query_one("SELECT schema_name FROM public.tenants WHERE slug = 'acme'", &[]).await?.get(0);
+    let failures = format!("SELECT count(*) FROM \"{schema}\".audit_log WHERE action = 'auth.login_failed'");
+    crate::harness::eventually(std::time::Duration::from_secs(2), || async {
+        Ok(client.query_one(&failures, &[]).await?.get::<_, i64>(0) == 1)
+    })
+    .await?;
     assert_eq!(login("correct horse battery staple").await?.status(), 200);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
         .args(["tenants", "suspend", "acme"])

@@ -418,12 +418,18 @@ async fn login(
     };
     if !password::verify(password, stored).await? {
         tracing::info!("login failed");
-        if let Some(user) = &found {
-            let failed = entry("auth.login_failed", user.id);
-            db.platform(async |c| record_in_every_tenant_of(c, user.id, failed).await).await?;
-        }
         let _ = limits.login_failures_per_account_ip.check(&account_ip);
         let _ = limits.login_failures_per_account.check(&account);
+        if let Some(user) = &found {
+            // Off the response path: an unknown address and a wrong password
+            // must answer alike and in the same time, even if this write fails.
+            let (db, failed, user) = (db.get_ref().clone(), entry("auth.login_failed", user.id), user.id);
+            tokio::spawn(async move {
+                if let Err(err) = db.platform(async |c| record_in_every_tenant_of(c, user, failed).await).await {
+                    tracing::error!(error = %err, "recording a failed login in the audit log failed");
+                }
+            });
+        }
         return Err(ApiError::InvalidCredentials);
     }
     let user = found.ok_or(ApiError::InvalidCredentials)?;
@@ -586,24 +592,36 @@ async fn request_password_reset(
         // Counted per address whether or not it has an account: the limit
         // tells nothing about which addresses exist.
         count(&limits.password_reset_per_account, email.as_str())?;
-        db.platform(async |c| {
-            let rows: Vec<UserIdRow> = diesel::sql_query("SELECT id AS user_id FROM public.users WHERE email = $1")
-                .bind::<Text, _>(email.as_str())
-                .load(c)
-                .await?;
-            if let Some(user) = rows.into_iter().next() {
-                let ttl = cfg.password_reset_ttl;
-                let (token_id, token) = issue_token(c, user.user_id, "password_reset", ttl).await?;
-                let minutes = u32::try_from(ttl.as_secs() / 60).unwrap_or(u32::MAX);
-                let message =
-                    crate::mail::password_reset(email.clone(), &token, minutes, format!("password_reset:{token_id}"));
-                mail::queue(c, message).await?;
+        // Off the response path, so an address with an account and one
+        // without answer in the same time (no enumeration by timing).
+        let db = db.get_ref().clone();
+        tokio::spawn(async move {
+            if let Err(err) = send_password_reset(&db, &cfg, email).await {
+                tracing::error!(error = %err, "queueing a password reset failed");
             }
-            Ok::<_, ApiError>(())
-        })
-        .await?;
+        });
     }
     Ok(HttpResponse::Accepted().json(json!({})))
+}
+
+/// Queues a reset link if `email` has an account.
+async fn send_password_reset(db: &Db, cfg: &IdentityConfig, email: EmailAddress) -> Result<(), ApiError> {
+    db.platform(async |c| {
+        let rows: Vec<UserIdRow> = diesel::sql_query("SELECT id AS user_id FROM public.users WHERE email = $1")
+            .bind::<Text, _>(email.as_str())
+            .load(c)
+            .await?;
+        if let Some(user) = rows.into_iter().next() {
+            let ttl = cfg.password_reset_ttl;
+            let (token_id, token) = issue_token(c, user.user_id, "password_reset", ttl).await?;
+            let minutes = u32::try_from(ttl.as_secs() / 60).unwrap_or(u32::MAX);
+            let message =
+                crate::mail::password_reset(email.clone(), &token, minutes, format!("password_reset:{token_id}"));
+            mail::queue(c, message).await?;
+        }
+        Ok::<_, ApiError>(())
+    })
+    .await
 }
 
 #[derive(Deserialize)]
