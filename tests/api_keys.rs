@@ -12,8 +12,8 @@ use crate::harness::{TestApp, TestResult, assert_error, eventually, member};
 #[tokio::test]
 async fn a_key_acts_in_its_tenant_with_its_role_until_revoked() -> TestResult {
     let app = TestApp::spawn().await?;
-    app.create_tenant("acme").await?;
-    app.create_tenant("globex").await?;
+    app.create_tenant_on("acme", "pro").await?;
+    app.create_tenant_on("globex", "pro").await?;
     let res = app
         .req(Method::POST, "acme", "/v1/api-keys")
         .json(&json!({ "name": "CI deploys", "role": "member" }))
@@ -68,7 +68,7 @@ async fn a_key_acts_in_its_tenant_with_its_role_until_revoked() -> TestResult {
 #[tokio::test]
 async fn who_may_create_which_keys() -> TestResult {
     let app = TestApp::spawn().await?;
-    let acme = app.create_tenant("acme").await?;
+    let acme = app.create_tenant_on("acme", "pro").await?;
     let admin = member(&app.db, &acme, Role::Admin).await?;
     let plain = member(&app.db, &acme, Role::Member).await?;
     let create = |token: &str, role: &str| {

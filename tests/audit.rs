@@ -20,7 +20,7 @@ fn actions(page: &Value) -> Vec<String> {
 #[tokio::test]
 async fn security_actions_are_recorded_with_actor_address_and_request() -> TestResult {
     let app = TestApp::spawn().await?;
-    let acme = app.create_tenant("acme").await?;
+    let acme = app.create_tenant_on("acme", "pro").await?;
     let viewer = member(&app.db, &acme, Role::Viewer).await?;
     let members: Value = app.req(Method::GET, "acme", "/v1/members").send().await?.json().await?;
     let viewer_id = members["data"]
@@ -157,8 +157,8 @@ async fn logins_and_suspensions_reach_the_tenants_log() -> TestResult {
 #[tokio::test]
 async fn only_a_tenants_admins_read_its_log() -> TestResult {
     let app = TestApp::spawn().await?;
-    let acme = app.create_tenant("acme").await?;
-    app.create_tenant("globex").await?;
+    let acme = app.create_tenant_on("acme", "pro").await?;
+    app.create_tenant_on("globex", "pro").await?;
     app.req(Method::POST, "acme", "/v1/api-keys").json(&json!({ "name": "k", "role": "viewer" })).send().await?;
     assert!(actions(&log(&app, "globex", "").await?).is_empty(), "one tenant's entries stay in its log");
     let globex_owner = app.token("globex").ok_or("no token")?;

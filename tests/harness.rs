@@ -208,7 +208,8 @@ impl TestApp {
         }
         let config = plinth::cli::db_config(&settings, &url);
         let db = Db::connect(&config)?;
-        let app = Application::build(&settings, &config, testdb.url.clone(), plinth_tenants::notify::Listener::new())?;
+        let app =
+            Application::build(&settings, &config, testdb.url.clone(), plinth_tenants::notify::Listener::new()).await?;
         let addr = format!("http://127.0.0.1:{}", app.port());
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
@@ -241,6 +242,31 @@ impl TestApp {
         let token = member(&self.db, &tenant, Role::Owner).await?;
         self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(slug.to_owned(), token);
         Ok(tenant)
+    }
+
+    /// A tenant made with `create_tenant`, moved to `plan`.
+    pub async fn create_tenant_on(&self, slug: &str, plan: &str) -> TestResult<Tenant> {
+        let tenant = self.create_tenant(slug).await?;
+        self.set_plan(slug, plan).await?;
+        Ok(tenant)
+    }
+
+    /// Moves a tenant made with `create_tenant` to `plan` in the database,
+    /// and waits until this instance's policy has it.
+    pub async fn set_plan(&self, slug: &str, plan: &str) -> TestResult {
+        let tenant = self
+            .db
+            .platform(async |c| Ok::<_, ApiError>(registry::find_by_slug(c, slug).await?))
+            .await?
+            .ok_or("no such tenant")?;
+        self.db.platform(async |c| Ok::<_, ApiError>(registry::set_plan(c, tenant.id, plan).await?)).await?;
+        eventually(Duration::from_secs(2), || async {
+            let res = self.req(reqwest::Method::GET, slug, "/v1/tenant").send().await?;
+            let body: serde_json::Value = res.json().await?;
+            Ok(body["plan"] == plan)
+        })
+        .await?;
+        Ok(())
     }
 
     /// The owner token of a tenant made with `create_tenant`.

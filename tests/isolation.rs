@@ -56,8 +56,9 @@ async fn every_route_refuses_foreign_ids(app: &TestApp, intruder: &str, victim: 
 }
 
 async fn isolation_holds(app: &TestApp) -> TestResult {
-    app.create_tenant("alpha").await?;
-    app.create_tenant("bravo").await?;
+    // Pro: the seed goes past the free plan's project limit.
+    app.create_tenant_on("alpha", "pro").await?;
+    app.create_tenant_on("bravo", "pro").await?;
     let a = seed(app, "alpha").await?;
     let b = seed(app, "bravo").await?;
     every_route_refuses_foreign_ids(app, "bravo", &a).await?;

@@ -74,7 +74,7 @@ async fn projects_and_tasks_crud() -> TestResult {
 #[tokio::test]
 async fn lists_paginate_with_cursors() -> TestResult {
     let app = TestApp::spawn().await?;
-    app.create_tenant("acme").await?;
+    app.create_tenant_on("acme", "pro").await?;
     for i in 0..25 {
         app.create_project("acme", &format!("p{i:02}")).await?;
     }

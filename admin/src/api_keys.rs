@@ -9,13 +9,18 @@ use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
+use plinth_tenants::access::Quota;
 use plinth_tenants::audit::{self, Entry};
 use plinth_tenants::auth::{self, Role};
-use plinth_tenants::context::Action;
 use plinth_tenants::http::{Json, Validator};
-use plinth_tenants::{ApiError, Db, FieldError, TenantContext};
+use plinth_tenants::{Allowed, ApiError, Db, FieldError, requirements};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+
+requirements! {
+    /// Creating, listing and revoking keys: admins, on plans with `api_keys`.
+    ManageApiKeys = "api_keys", Manage, feature: "api_keys";
+}
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/api-keys", web::get().to(list))
@@ -46,8 +51,7 @@ struct NewKey {
     role: String,
 }
 
-async fn create(ctx: TenantContext, db: web::Data<Db>, body: Json<NewKey>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("api_keys", Action::Manage)?;
+async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKey>) -> Result<HttpResponse, ApiError> {
     Validator::default().text("name", &body.0.name, 1, 100, false).finish()?;
     let role = match Role::parse(&body.0.role) {
         Some(role) if role != Role::Owner => role,
@@ -69,6 +73,7 @@ async fn create(ctx: TenantContext, db: web::Data<Db>, body: Json<NewKey>) -> Re
     let (schema, entry) = (ctx.tenant.schema.clone(), Entry::by(&ctx, "api_key.created"));
     let row: KeyRow = db
         .platform(async |c| {
+            ctx.reserve(c, Quota::ApiKeys).await?;
             let row: KeyRow = diesel::sql_query(
                 "INSERT INTO public.api_keys (id, tenant_id, name, role, prefix, token_hash, created_by) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, name, role, prefix, created_at, last_used_at",
@@ -91,8 +96,7 @@ async fn create(ctx: TenantContext, db: web::Data<Db>, body: Json<NewKey>) -> Re
     Ok(HttpResponse::Created().json(json!({ "api_key": row, "key": key })))
 }
 
-async fn list(ctx: TenantContext, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("api_keys", Action::Manage)?;
+async fn list(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
     let tenant = ctx.tenant.id.0;
     let keys: Vec<KeyRow> = db
         .platform(async |c| {
@@ -109,8 +113,11 @@ async fn list(ctx: TenantContext, db: web::Data<Db>) -> Result<HttpResponse, Api
     Ok(HttpResponse::Ok().json(json!({ "data": keys })))
 }
 
-async fn revoke(ctx: TenantContext, db: web::Data<Db>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("api_keys", Action::Manage)?;
+async fn revoke(
+    ctx: Allowed<ManageApiKeys>,
+    db: web::Data<Db>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let id = uuid::Uuid::parse_str(&path).map_err(|_| ApiError::NotFound("API key"))?;
     let tenant = ctx.tenant.id.0;
     let (schema, entry) = (ctx.tenant.schema.clone(), Entry::by(&ctx, "api_key.revoked").target("api_key", id));

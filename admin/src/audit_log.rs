@@ -6,10 +6,14 @@ use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
-use plinth_tenants::context::Action;
 use plinth_tenants::http::{Page, PageParams};
-use plinth_tenants::{ApiError, FieldError, TenantContext};
+use plinth_tenants::{Allowed, ApiError, FieldError, requirements};
 use serde::{Deserialize, Serialize};
+
+requirements! {
+    /// Reading the audit log: admins, on plans with `audit_log`.
+    ReadAuditLog = "audit_log", Manage, feature: "audit_log";
+}
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/audit-log", web::get().to(list));
@@ -47,8 +51,7 @@ struct EntryRow {
     details: serde_json::Value,
 }
 
-async fn list(ctx: TenantContext, query: web::Query<Query>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("audit_log", Action::Manage)?;
+async fn list(ctx: Allowed<ReadAuditLog>, query: web::Query<Query>) -> Result<HttpResponse, ApiError> {
     let Query { limit, cursor, action, actor } = query.into_inner();
     // The cursor is the id of the last (oldest) entry of the previous page.
     let page = PageParams { limit, cursor }.validate()?;

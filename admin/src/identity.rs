@@ -149,7 +149,7 @@ fn unique_violation(err: &DbError, constraint: &str) -> bool {
     matches!(err, DbError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) if info.constraint_name() == Some(constraint))
 }
 
-pub(crate) async fn insert_user(
+pub async fn insert_user(
     conn: &AsyncPgConnection,
     email: &EmailAddress,
     password_hash: &str,

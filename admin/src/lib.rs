@@ -13,4 +13,6 @@ pub mod identity;
 pub mod mail;
 pub mod members;
 pub mod password;
+pub mod platform;
+pub mod tenant;
 pub mod totp;

@@ -11,13 +11,13 @@ use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_tenants::access::{Access, Quota, quota};
 use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::auth::{self, Authenticated, Role};
-use plinth_tenants::context::Action;
 use plinth_tenants::http::{Json, RequestId, client_ip};
 use plinth_tenants::mail::{self, EmailAddress};
 use plinth_tenants::registry;
-use plinth_tenants::{ApiError, Db, FieldError, TenantContext, TenantId, UserId};
+use plinth_tenants::{Allowed, ApiError, Db, FieldError, TenantContext, TenantId, UserId, requirements};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -25,6 +25,13 @@ use crate::identity::{IdentityConfig, config, insert_user, invalid_token};
 use crate::password;
 
 const INVITATION_DAYS: i64 = 7;
+
+requirements! {
+    /// Listing members, changing roles, inviting, removing someone else.
+    ManageMembers = "members", Manage, feature: none;
+    /// Leaving: any member may remove themselves.
+    Leave = "members", Read, feature: none;
+}
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/members", web::get().to(list))
@@ -57,8 +64,7 @@ struct MemberRow {
 }
 
 /// `GET /v1/members` (admins).
-async fn list(ctx: TenantContext, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("members", Action::Manage)?;
+async fn list(ctx: Allowed<ManageMembers>, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
     let tenant = ctx.tenant.id.0;
     let members: Vec<MemberRow> = db
         .platform(async |c| {
@@ -115,12 +121,11 @@ struct RoleBody {
 
 /// `PATCH /v1/members/{user_id}` {role}.
 async fn change_role(
-    ctx: TenantContext,
+    ctx: Allowed<ManageMembers>,
     db: web::Data<Db>,
     path: web::Path<String>,
     body: Json<RoleBody>,
 ) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("members", Action::Manage)?;
     let user = target(&path)?;
     let new_role = parse_role("role", &body.0.role)?;
     let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
@@ -149,11 +154,11 @@ async fn change_role(
 }
 
 /// `DELETE /v1/members/{user_id}`: the member loses access at once.
-async fn remove(ctx: TenantContext, db: web::Data<Db>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn remove(ctx: Allowed<Leave>, db: web::Data<Db>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let user = target(&path)?;
     // Anyone may leave; removing someone else takes an admin.
     if caller(&ctx).map(|u| u.0) != Some(user) {
-        ctx.authorize("members", Action::Manage)?;
+        ctx.require::<ManageMembers>()?;
     }
     let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
     let action = if caller(&ctx).map(|u| u.0) == Some(user) { "member.left" } else { "member.removed" };
@@ -188,6 +193,13 @@ struct InviteBody {
 }
 
 #[derive(QueryableByName)]
+struct PendingId {
+    #[diesel(sql_type = SqlUuid)]
+    #[allow(dead_code)]
+    id: uuid::Uuid,
+}
+
+#[derive(QueryableByName)]
 struct InvitationRow {
     #[diesel(sql_type = SqlUuid)]
     id: uuid::Uuid,
@@ -199,8 +211,11 @@ struct InvitationRow {
 
 /// `POST /v1/invitations` {email, role}: sends an invitation link; inviting
 /// the same address again replaces the link and sends it again.
-async fn invite(ctx: TenantContext, db: web::Data<Db>, body: Json<InviteBody>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("invitations", Action::Manage)?;
+async fn invite(
+    ctx: Allowed<ManageMembers>,
+    db: web::Data<Db>,
+    body: Json<InviteBody>,
+) -> Result<HttpResponse, ApiError> {
     let mut errors = Vec::new();
     let email = EmailAddress::parse(&body.0.email)
         .map_err(|e| errors.push(FieldError::new("email", "invalid", e.to_string())))
@@ -229,6 +244,19 @@ async fn invite(ctx: TenantContext, db: web::Data<Db>, body: Json<InviteBody>) -
             .await?;
             if !already.is_empty() {
                 return Err(ApiError::Conflict("this address is already a member".into()));
+            }
+            // Inviting the same address again replaces its pending
+            // invitation and takes no new seat.
+            let pending: Vec<PendingId> = diesel::sql_query(
+                "SELECT id FROM public.invitations WHERE tenant_id = $1 AND email = $2 \
+                 AND accepted_at IS NULL AND expires_at > now()",
+            )
+            .bind::<SqlUuid, _>(tenant.id.0)
+            .bind::<Text, _>(email.as_str())
+            .load(c)
+            .await?;
+            if pending.is_empty() {
+                ctx.reserve(c, Quota::Members).await?;
             }
             let row: InvitationRow = diesel::sql_query(
                 "INSERT INTO public.invitations (id, tenant_id, email, role, token_hash, invited_by, expires_at) \
@@ -311,6 +339,7 @@ struct ExistingUser {
 async fn accept(
     req: HttpRequest,
     db: web::Data<Db>,
+    access: web::Data<std::sync::Arc<Access>>,
     cfg: Option<web::Data<IdentityConfig>>,
     session: Option<Authenticated>,
     body: Json<AcceptBody>,
@@ -391,6 +420,12 @@ async fn accept(
                     (user.id, Some(token))
                 }
             };
+            let tenant =
+                registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or(ApiError::NotFound("tenant"))?;
+            // The invitation held a seat; joining is refused only when the
+            // members alone have reached the plan's limit (after a downgrade).
+            let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
+            quota::reserve(c, tenant.id, Quota::Members, limit, quota::JOINED_MEMBERS_SQL).await?;
             diesel::sql_query(
                 "INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) \
                  ON CONFLICT (tenant_id, user_id) DO NOTHING",
@@ -400,8 +435,6 @@ async fn accept(
             .bind::<Text, _>(role.as_str())
             .execute(c)
             .await?;
-            let tenant =
-                registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or(ApiError::NotFound("tenant"))?;
             let entry = Entry {
                 actor: Actor::User(user),
                 action: "invitation.accepted",

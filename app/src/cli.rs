@@ -9,8 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use plinth_tenants::migrate::{self, MigrateEvent, MigrateOptions, TENANT_MIGRATIONS, TenantOutcome};
 use plinth_tenants::{Db, DbConfig, Slug, Tenant, TenantStatus, registry};
 
-use plinth_tenants::audit::{self, Actor, Entry};
+use plinth_tenants::access::Catalog;
+use plinth_tenants::audit::Actor;
 use plinth_tenants::jobs;
+use plinth_tenants::mail::EmailAddress;
 use plinth_tenants::notify::Listener;
 use tokio::sync::watch;
 
@@ -46,6 +48,27 @@ pub enum Command {
     /// Inspect the job queue and retry dead jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Platform administrators (super-admins).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Grant the platform admin role to an account. Without an account for
+    /// the address, creates one with the password read from standard input.
+    CreateSuperuser {
+        #[arg(long)]
+        email: String,
+        /// Read the new account's password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Take the platform admin role away from an account.
+    RevokeSuperuser {
+        #[arg(long)]
+        email: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +99,8 @@ pub enum TenantsCommand {
     List,
     /// Apply tenant migrations to every tenant schema that is behind.
     Migrate(MigrateArgs),
+    /// Move a tenant to another plan of the catalog (a manual override of billing).
+    SetPlan { slug: String, plan: String },
     /// Stop serving a tenant (403 tenant_suspended); its data is kept.
     Suspend { slug: String },
     /// Serve a suspended tenant again.
@@ -145,7 +170,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             } else {
                 None
             };
-            let app = Application::build(settings, &config, listen_url, listener)?;
+            let app = Application::build(settings, &config, listen_url, listener).await?;
             let served = app.run_until_stopped().await.context("running the server");
             // The HTTP server has drained; now let running jobs finish.
             let _ = stop.send(true);
@@ -183,7 +208,12 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
         Command::Tenants(command) => {
             migrate::run_platform_migrations(&listen_url).await?;
             let db = Db::connect(&db_config(settings, url))?;
-            tenants(command, &db).await
+            tenants(command, &db, settings).await
+        }
+        Command::Admin(command) => {
+            migrate::run_platform_migrations(&listen_url).await?;
+            let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
+            admin_command(command, &db).await
         }
     }
 }
@@ -243,7 +273,69 @@ async fn jobs_command(command: JobsCommand, db: &Db) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-async fn tenants(command: TenantsCommand, db: &Db) -> anyhow::Result<ExitCode> {
+async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCode> {
+    let find_user = async |c: &mut diesel_async::AsyncPgConnection, email: &EmailAddress| {
+        use diesel_async::RunQueryDsl as _;
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Uuid)]
+            id: uuid::Uuid,
+        }
+        let rows: Vec<Row> = diesel::sql_query("SELECT id FROM public.users WHERE email = $1")
+            .bind::<diesel::sql_types::Text, _>(email.as_str())
+            .load(c)
+            .await?;
+        Ok::<_, anyhow::Error>(rows.into_iter().next().map(|r| r.id))
+    };
+    match command {
+        AdminCommand::CreateSuperuser { email, password_stdin } => {
+            let email = EmailAddress::parse(&email).map_err(|e| anyhow::anyhow!("--email: {e}"))?;
+            let hash = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
+                let password = line.trim_end_matches(['\r', '\n']).to_owned();
+                plinth_admin::password::check("password", &password).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                Some(plinth_admin::password::hash(password).await.map_err(|e| anyhow::anyhow!("{e}"))?)
+            } else {
+                None
+            };
+            let created = db
+                .platform(async |c| {
+                    let (user, created) = match (find_user(c, &email).await?, &hash) {
+                        (Some(id), _) => (id, false),
+                        (None, Some(hash)) => {
+                            let user = plinth_admin::identity::insert_user(c, &email, hash)
+                                .await
+                                .map_err(|e| anyhow::anyhow!("creating the account: {e}"))?;
+                            (user.id, true)
+                        }
+                        (None, None) => bail!("no account has this address; pass --password-stdin to create one"),
+                    };
+                    plinth_admin::platform::grant(c, user).await?;
+                    Ok::<_, anyhow::Error>(created)
+                })
+                .await?;
+            let what = if created { "created the account and granted it" } else { "granted" };
+            println!("{what} the platform admin role");
+        }
+        AdminCommand::RevokeSuperuser { email } => {
+            let email = EmailAddress::parse(&email).map_err(|e| anyhow::anyhow!("--email: {e}"))?;
+            let revoked = db
+                .platform(async |c| match find_user(c, &email).await? {
+                    Some(id) => Ok::<_, anyhow::Error>(plinth_admin::platform::revoke(c, id).await?),
+                    None => Ok(false),
+                })
+                .await?;
+            if !revoked {
+                bail!("this address holds no platform admin role");
+            }
+            println!("revoked the platform admin role");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyhow::Result<ExitCode> {
     match command {
         TenantsCommand::Create { slug, name } => {
             let slug = Slug::parse(&slug).map_err(|e| anyhow::anyhow!("slug {e}"))?;
@@ -265,6 +357,25 @@ async fn tenants(command: TenantsCommand, db: &Db) -> anyhow::Result<ExitCode> {
             }
         }
         TenantsCommand::Migrate(args) => return migrate_tenants(db, &args).await,
+        TenantsCommand::SetPlan { slug, plan } => {
+            let tenant = find(db, &slug).await?;
+            let catalog = Catalog::load(settings.plans_file.as_deref())?;
+            if catalog.get(&plan).is_none() {
+                let known: Vec<_> = catalog.plans().iter().map(|p| p.name.as_str()).collect();
+                bail!("no plan {plan:?} in the catalog (plans: {})", known.join(", "));
+            }
+            let changed = db
+                .platform(async |c| {
+                    plinth_admin::platform::change_plan(c, &catalog, tenant.id, &plan, Actor::System, "plinth tenants")
+                        .await
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("changing the plan: {e}"))?;
+            if changed.is_none() {
+                bail!("tenant {slug:?} is being deleted");
+            }
+            println!("tenant {slug} is now on {plan}");
+        }
         TenantsCommand::Suspend { slug } => set_status(db, &slug, TenantStatus::Suspended).await?,
         TenantsCommand::Reactivate { slug } => set_status(db, &slug, TenantStatus::Active).await?,
         TenantsCommand::Delete { slug, yes } => {
@@ -302,25 +413,12 @@ async fn find(db: &Db, slug: &str) -> anyhow::Result<Tenant> {
 
 async fn set_status(db: &Db, slug: &str, status: TenantStatus) -> anyhow::Result<()> {
     let tenant = find(db, slug).await?;
-    let action = if status == TenantStatus::Suspended { "tenant.suspended" } else { "tenant.reactivated" };
     let updated = db
         .platform(async |c| {
-            let updated = registry::set_status(c, tenant.id, status).await?;
-            if let Some(t) = &updated {
-                let entry = Entry {
-                    actor: Actor::System,
-                    action,
-                    target_type: Some("tenant"),
-                    target_id: Some(t.id.to_string()),
-                    ip: None,
-                    request_id: None,
-                    details: serde_json::json!({ "by": "plinth tenants" }),
-                };
-                audit::record(c, &t.schema, entry).await?;
-            }
-            Ok::<_, anyhow::Error>(updated)
+            plinth_admin::platform::set_status(c, tenant.id, status, Actor::System, "plinth tenants").await
         })
-        .await?;
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
     match updated {
         Some(t) => println!("tenant {} is {}", t.slug, t.status.as_str()),
         None => bail!("tenant {slug:?} is being deleted"),

@@ -56,6 +56,9 @@ pub struct Settings {
     /// `PLINTH_CLIENT_IP_HEADER`: a header a proxy you control sets to the
     /// client's address (its last entry counts). Unset: the peer address.
     pub client_ip_header: Option<String>,
+    /// `PLINTH_PLANS_FILE`: the plan catalog (default: `config/plans.toml`,
+    /// built in).
+    pub plans_file: Option<PathBuf>,
     /// `PLINTH_LIMIT_*`: rate limits of the sensitive routes, each `N/period`
     /// (`5/15m`, `30/1m`, `10/1h`, `20/30s`).
     pub limits: RateLimitConfig,
@@ -117,6 +120,7 @@ impl Settings {
             workers: get("PLINTH_WORKERS").map(|v| v.parse()).transpose().context("PLINTH_WORKERS")?,
             log_json: log_format == "json",
             smtp_url: get("PLINTH_SMTP_URL").map(str::to_owned),
+            plans_file: get("PLINTH_PLANS_FILE").map(PathBuf::from),
             mail_from: get("PLINTH_MAIL_FROM").unwrap_or("Plinth <noreply@localhost>").to_owned(),
             run_worker: flag("PLINTH_WORKER", true)?,
             worker_concurrency: usize::try_from(num("PLINTH_WORKER_CONCURRENCY", 4)?)?.max(1),

@@ -8,9 +8,9 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use plinth_tenants::context::Action;
+use plinth_tenants::access::Quota;
 use plinth_tenants::http::{Json, Page, PageParams, PageRequest, Validator};
-use plinth_tenants::{ApiError, TenantConn, TenantContext, uuid_id};
+use plinth_tenants::{Allowed, ApiError, TenantConn, requirements, uuid_id};
 use serde::{Deserialize, Serialize};
 
 /// Tenant tables, unqualified: they resolve through the tenant-scoped
@@ -265,7 +265,23 @@ pub async fn delete_task(conn: &mut TenantConn<'_>, id: TaskId) -> QueryResult<b
 
 // ---- routes ----
 
+requirements! {
+    /// Reading projects and tasks: viewers and up, on every plan.
+    ReadProjects = "projects", Read, feature: none;
+    /// Creating and editing projects: members and up (creating counts
+    /// against the plan's `projects` limit).
+    WriteProjects = "projects", Write, feature: none;
+    DeleteProjects = "projects", Delete, feature: none;
+    ReadTasks = "tasks", Read, feature: none;
+    WriteTasks = "tasks", Write, feature: none;
+    DeleteTasks = "tasks", Delete, feature: none;
+    /// `GET /v1/export`: every project with its tasks, for admins on plans
+    /// with `data_export`.
+    Export = "export", Manage, feature: "data_export";
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/export", web::get().to(export_route));
     cfg.service(
         web::resource("/v1/projects")
             .get(list_projects_route)
@@ -302,52 +318,80 @@ fn parse_id<T: std::str::FromStr>(raw: &str, what: &'static str) -> Result<T, Ap
     raw.parse().map_err(|_| ApiError::NotFound(what))
 }
 
-async fn list_projects_route(ctx: TenantContext, query: web::Query<PageParams>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("projects", Action::Read)?;
+#[derive(Serialize)]
+struct ExportedProject {
+    #[serde(flatten)]
+    project: Project,
+    tasks: Vec<Task>,
+}
+
+async fn export_route(ctx: Allowed<Export>) -> Result<HttpResponse, ApiError> {
+    let (projects, tasks) = ctx
+        .tx(async |c| {
+            let projects = projects::table.select(Project::as_select()).order(projects::id.asc()).load(c.pg()).await?;
+            let tasks = tasks::table.select(Task::as_select()).order(tasks::id.asc()).load(c.pg()).await?;
+            Ok::<_, ApiError>((projects, tasks))
+        })
+        .await?;
+    let mut by_project: std::collections::HashMap<ProjectId, Vec<Task>> = std::collections::HashMap::new();
+    for task in tasks {
+        by_project.entry(task.project_id).or_default().push(task);
+    }
+    let projects: Vec<_> = projects
+        .into_iter()
+        .map(|project| ExportedProject { tasks: by_project.remove(&project.id).unwrap_or_default(), project })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "tenant": ctx.tenant.slug, "projects": projects })))
+}
+
+async fn list_projects_route(
+    ctx: Allowed<ReadProjects>,
+    query: web::Query<PageParams>,
+) -> Result<HttpResponse, ApiError> {
     let page = query.validate()?;
     let rows = ctx.tx(async |c| Ok::<_, ApiError>(list_projects(c, page).await?)).await?;
     Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |p| p.id.0)))
 }
 
-async fn create_project_route(ctx: TenantContext, body: Json<NewProject>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("projects", Action::Write)?;
+async fn create_project_route(ctx: Allowed<WriteProjects>, body: Json<NewProject>) -> Result<HttpResponse, ApiError> {
     let new = body.0.validate()?;
-    let project = ctx.tx(async |c| Ok::<_, ApiError>(create_project(c, new).await?)).await?;
+    let project = ctx
+        .tx(async |c| {
+            ctx.reserve(c.pg(), Quota::Projects).await?;
+            Ok::<_, ApiError>(create_project(c, new).await?)
+        })
+        .await?;
     Ok(HttpResponse::Created().json(project))
 }
 
-async fn get_project_route(ctx: TenantContext, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("projects", Action::Read)?;
+async fn get_project_route(ctx: Allowed<ReadProjects>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "project")?;
     let project = ctx.tx(async |c| Ok::<_, ApiError>(get_project(c, id).await?)).await?;
     Ok(HttpResponse::Ok().json(project.ok_or(ApiError::NotFound("project"))?))
 }
 
 async fn update_project_route(
-    ctx: TenantContext,
+    ctx: Allowed<WriteProjects>,
     path: web::Path<String>,
     body: Json<ProjectChanges>,
 ) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("projects", Action::Write)?;
     let id = parse_id(&path, "project")?;
     let changes = body.0.validate()?;
     let project = ctx.tx(async |c| Ok::<_, ApiError>(update_project(c, id, changes).await?)).await?;
     Ok(HttpResponse::Ok().json(project.ok_or(ApiError::NotFound("project"))?))
 }
 
-async fn delete_project_route(ctx: TenantContext, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("projects", Action::Delete)?;
+async fn delete_project_route(ctx: Allowed<DeleteProjects>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "project")?;
     let deleted = ctx.tx(async |c| Ok::<_, ApiError>(delete_project(c, id).await?)).await?;
     if deleted { Ok(HttpResponse::NoContent().finish()) } else { Err(ApiError::NotFound("project")) }
 }
 
 async fn list_tasks_route(
-    ctx: TenantContext,
+    ctx: Allowed<ReadTasks>,
     path: web::Path<String>,
     query: web::Query<PageParams>,
 ) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("tasks", Action::Read)?;
     let project = parse_id(&path, "project")?;
     let page = query.validate()?;
     let rows = ctx.tx(async |c| Ok::<_, ApiError>(list_tasks(c, project, page).await?)).await?;
@@ -356,11 +400,10 @@ async fn list_tasks_route(
 }
 
 async fn create_task_route(
-    ctx: TenantContext,
+    ctx: Allowed<WriteTasks>,
     path: web::Path<String>,
     body: Json<NewTask>,
 ) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("tasks", Action::Write)?;
     let project = parse_id(&path, "project")?;
     let new = body.0.validate()?;
     let task = ctx.tx(async |c| Ok::<_, ApiError>(create_task(c, project, new).await?)).await?;
@@ -368,19 +411,17 @@ async fn create_task_route(
 }
 
 async fn update_task_route(
-    ctx: TenantContext,
+    ctx: Allowed<WriteTasks>,
     path: web::Path<String>,
     body: Json<TaskChanges>,
 ) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("tasks", Action::Write)?;
     let id = parse_id(&path, "task")?;
     let changes = body.0.validate()?;
     let task = ctx.tx(async |c| Ok::<_, ApiError>(update_task(c, id, changes).await?)).await?;
     Ok(HttpResponse::Ok().json(task.ok_or(ApiError::NotFound("task"))?))
 }
 
-async fn delete_task_route(ctx: TenantContext, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    ctx.authorize("tasks", Action::Delete)?;
+async fn delete_task_route(ctx: Allowed<DeleteTasks>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "task")?;
     let deleted = ctx.tx(async |c| Ok::<_, ApiError>(delete_task(c, id).await?)).await?;
     if deleted { Ok(HttpResponse::NoContent().finish()) } else { Err(ApiError::NotFound("task")) }

@@ -9,7 +9,8 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use plinth_admin::identity::{IdentityConfig, RateLimits};
-use plinth_tenants::auth::{self, ApiKeys, Memberships, Sessions};
+use plinth_tenants::access::{Access, Catalog};
+use plinth_tenants::auth::{self, ApiKeys, Sessions};
 use plinth_tenants::http::{BodyLimit, ClientIpHeader, request_span};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::resolve::{self, TenantResolver};
@@ -33,7 +34,7 @@ impl Application {
     /// uses it: no cross-thread wake-up per database round trip.
     /// `listener` may already carry handlers of its own (the job worker's);
     /// the tenant resolver's is added here.
-    pub fn build(
+    pub async fn build(
         settings: &Settings,
         db_config: &DbConfig,
         listen_url: String,
@@ -49,8 +50,11 @@ impl Application {
         listener.on(resolve::CHANNEL, resolver.listen_handler());
         let sessions = Sessions::new(resolver_db.clone());
         listener.on(auth::CHANNEL, sessions.listen_handler());
-        let memberships = Memberships::new(resolver_db.clone());
-        listener.on(auth::MEMBERSHIPS_CHANNEL, memberships.listen_handler());
+        let catalog = Catalog::load(settings.plans_file.as_deref())?;
+        let access = Access::start(resolver_db.clone(), catalog).await?;
+        for (channel, handler) in access.listen_handlers() {
+            listener.on(channel, handler);
+        }
         let api_keys = ApiKeys::new(resolver_db);
         listener.on(auth::API_KEYS_CHANNEL, api_keys.listen_handler());
         let listener_task = listener.spawn(listen_url);
@@ -60,7 +64,7 @@ impl Application {
         let body_limit = BodyLimit(settings.max_body_bytes);
         let resolver_data = web::Data::new(resolver);
         let sessions_data = web::Data::new(sessions);
-        let memberships_data = web::Data::new(memberships);
+        let access_data = web::Data::new(access);
         let api_keys_data = web::Data::new(api_keys);
         let identity = IdentityConfig {
             client_ip_header: settings.client_ip_header.clone(),
@@ -78,7 +82,7 @@ impl Application {
                 .app_data(web::Data::new(db))
                 .app_data(resolver_data.clone())
                 .app_data(sessions_data.clone())
-                .app_data(memberships_data.clone())
+                .app_data(access_data.clone())
                 .app_data(api_keys_data.clone())
                 .app_data(identity_data.clone())
                 .app_data(client_ip_data.clone())
@@ -87,6 +91,8 @@ impl Application {
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)
                 .configure(plinth_admin::identity::configure)
+                .configure(plinth_admin::tenant::configure)
+                .configure(plinth_admin::platform::configure)
                 .configure(plinth_admin::members::configure)
                 .configure(plinth_admin::api_keys::configure)
                 .configure(plinth_admin::audit_log::configure)

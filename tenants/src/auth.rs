@@ -199,68 +199,9 @@ impl Role {
     }
 }
 
-/// The NOTIFY channel on which changed memberships arrive (`tenant:user`).
+/// The NOTIFY channel on which changed memberships arrive (`tenant:user`);
+/// the access policy listens to it (see `access`).
 pub const MEMBERSHIPS_CHANNEL: &str = "plinth_memberships";
-
-#[derive(QueryableByName)]
-struct RoleRow {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    role: String,
-}
-
-/// Looks up a user's role in a tenant, cached; a change to a membership
-/// reaches every instance within a second (NOTIFY from a trigger).
-pub struct Memberships {
-    db: Db,
-    cache: NotifiedCache<(uuid::Uuid, uuid::Uuid), Option<Role>>,
-}
-
-impl Memberships {
-    pub fn new(db: Db) -> Arc<Self> {
-        Arc::new(Self { db, cache: NotifiedCache::new(Some(Duration::from_secs(60)), 100_000) })
-    }
-
-    pub fn listen_handler(self: &Arc<Self>) -> Handler {
-        let this = Arc::clone(self);
-        Arc::new(move |event| match event {
-            ListenEvent::Notified(payload) => {
-                let key = payload
-                    .split_once(':')
-                    .and_then(|(t, u)| Some((uuid::Uuid::parse_str(t).ok()?, uuid::Uuid::parse_str(u).ok()?)));
-                match key {
-                    Some(key) => this.cache.remove_where(|k, _| *k == key),
-                    None => this.cache.clear(),
-                }
-            }
-            ListenEvent::Connected => this.cache.set_trusted(true),
-            ListenEvent::Disconnected => this.cache.set_trusted(false),
-        })
-    }
-
-    /// The role of `user` in `tenant`, if they are a member.
-    pub async fn role(&self, tenant: crate::ids::TenantId, user: UserId) -> Result<Option<Role>, ApiError> {
-        let key = (tenant.0, user.0);
-        let ticket = match self.cache.get(&key) {
-            Ok(hit) => return Ok(hit),
-            Err(ticket) => ticket,
-        };
-        let rows: Vec<RoleRow> = self
-            .db
-            .platform(async |c| {
-                Ok::<_, ApiError>(
-                    diesel::sql_query("SELECT role FROM public.memberships WHERE tenant_id = $1 AND user_id = $2")
-                        .bind::<SqlUuid, _>(key.0)
-                        .bind::<SqlUuid, _>(key.1)
-                        .load(c)
-                        .await?,
-                )
-            })
-            .await?;
-        let role = rows.into_iter().next().and_then(|r| Role::parse(&r.role));
-        self.cache.insert(ticket, key, role);
-        Ok(role)
-    }
-}
 
 /// The NOTIFY channel on which revoked API key ids arrive.
 pub const API_KEYS_CHANNEL: &str = "plinth_api_keys";

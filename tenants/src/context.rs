@@ -1,19 +1,22 @@
-//! The request context every tenant route extracts: the resolved tenant, who
-//! is calling with which role, and the gate that decides what they may do.
+//! The request context every tenant route works with: the resolved tenant,
+//! who is calling with which role, and the tenant's plan. Routes obtain it
+//! only through the access gate ([`crate::access::gate::Allowed`]).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use actix_web::{FromRequest, HttpMessage, HttpRequest, dev::Payload, web};
+use actix_web::{HttpMessage, HttpRequest, web};
 
-use crate::auth::{API_KEY_PREFIX, ApiKeys, Memberships, Role, Sessions, bearer};
+use crate::access::gate::Requirement;
+use crate::access::{Access, Need, Plan, Quota, Subject, TenantPolicy, gate, quota};
+use crate::auth::{API_KEY_PREFIX, ApiKeys, Role, Sessions, bearer};
 use crate::db::{Db, PoolError, TenantConn, TxFn};
 use crate::error::ApiError;
 use crate::http::{ClientIpHeader, RequestId};
 use crate::ids::UserId;
 use crate::registry::{Tenant, TenantStatus};
 use crate::resolve::TenantResolver;
+
+pub use crate::access::Action;
 
 /// Who is making the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,49 +37,35 @@ impl Principal {
     }
 }
 
-/// What a route is about to do, as the access gate sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Read,
-    Write,
-    Delete,
-    /// Managing members and invitations.
-    Manage,
-}
-
-/// An authenticated member of a resolved tenant.
+/// An authenticated member of a resolved tenant, allowed by the gate.
 ///
-/// Extracting it answers, in this order: 401 `unauthenticated` without a
-/// valid bearer token; 404 `not_found` for an unknown tenant and for a tenant
-/// the caller is not a member of (indistinguishable, so nothing confirms the
-/// tenant exists); 403 `tenant_suspended` to members of a suspended tenant.
+/// The gate answers, in this order: 401 `unauthenticated` without a valid
+/// bearer token; 404 `not_found` for an unknown tenant and for a tenant the
+/// caller is not a member of (indistinguishable, so nothing confirms the
+/// tenant exists); 403 `tenant_suspended` to members of a suspended tenant;
+/// 403 `forbidden` when the role does not allow the route; 402
+/// `plan_required` when the plan lacks the route's feature.
 pub struct TenantContext {
     pub tenant: Arc<Tenant>,
     pub principal: Principal,
     pub role: Role,
+    /// The tenant's plan as the access policy sees it.
+    pub policy: TenantPolicy,
     pub request_id: RequestId,
     /// The client's address (see `http::client_ip`).
     pub ip: String,
+    subject: Subject,
     db: Db,
+    access: Arc<Access>,
+}
+
+pub(crate) fn registered<T: 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
+    req.app_data::<web::Data<T>>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("{} is not registered", std::any::type_name::<T>())))
 }
 
 impl TenantContext {
-    /// The access gate: every tenant route calls it with what it is about to
-    /// do. The one place where roles meet actions (viewer reads, member
-    /// creates and edits, admin also deletes) until the policy engine takes
-    /// it over (admin also manages members). A role that falls short is 403
-    /// `forbidden`.
-    pub fn authorize(&self, resource: &'static str, action: Action) -> Result<(), ApiError> {
-        let needed = match action {
-            Action::Read => Role::Viewer,
-            Action::Write => Role::Member,
-            Action::Delete | Action::Manage => Role::Admin,
-        };
-        let allowed = self.role >= needed;
-        tracing::debug!(resource, ?action, role = self.role.as_str(), allowed, "access decision");
-        if allowed { Ok(()) } else { Err(ApiError::Forbidden) }
-    }
-
     /// Runs `f` in a transaction scoped to this request's tenant.
     pub async fn tx<R, E, F>(&self, f: F) -> Result<R, E>
     where
@@ -86,50 +75,75 @@ impl TenantContext {
     {
         self.db.tenant(self.tenant.scope(), f).await
     }
-}
 
-fn registered<T: 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
-    req.app_data::<web::Data<T>>()
-        .cloned()
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("{} is not registered", std::any::type_name::<T>())))
-}
+    /// A second requirement, for a route whose need depends on its target
+    /// (removing someone else takes more than leaving). Declared with
+    /// [`crate::requirements!`] like the route's own.
+    pub fn require<R: Requirement>(&self) -> Result<(), ApiError> {
+        let decision = self.access.decide_now(self.subject, Some(self.tenant.id), &R::NEED)?;
+        gate::record(self.subject, &self.tenant.id.to_string(), &R::NEED, &decision);
+        gate::outcome(decision)
+    }
 
-impl FromRequest for TenantContext {
-    type Error = ApiError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+    /// The tenant's plan in the catalog.
+    pub fn plan(&self) -> &Plan {
+        self.access.catalog().effective(&self.policy.plan)
+    }
 
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let req = req.clone();
-        Box::pin(async move {
-            let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
-            let resolver = registered::<Arc<TenantResolver>>(&req)?;
-            let db = registered::<Db>(&req)?;
-            let (principal, tenant, role) = if token.starts_with(API_KEY_PREFIX) {
-                let key = registered::<Arc<ApiKeys>>(&req)?.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
-                tracing::Span::current().record("user.id", format!("key:{}", key.key_id));
-                let tenant = resolver.resolve(&req).await?;
-                // A key acts in its one tenant; anywhere else it is nobody.
-                if key.tenant_id != tenant.id {
-                    return Err(ApiError::NotFound("tenant"));
-                }
-                (Principal::ApiKey { key_id: key.key_id }, tenant, key.role)
-            } else {
-                let session =
-                    registered::<Arc<Sessions>>(&req)?.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
-                tracing::Span::current().record("user.id", session.user_id.to_string());
-                let tenant = resolver.resolve(&req).await?;
-                let memberships = registered::<Arc<Memberships>>(&req)?;
-                let role = memberships.role(tenant.id, session.user_id).await?.ok_or(ApiError::NotFound("tenant"))?;
-                (Principal::User { user_id: session.user_id, session_id: session.session_id }, tenant, role)
-            };
-            if tenant.status == TenantStatus::Suspended {
-                return Err(ApiError::TenantSuspended);
+    /// 402 `quota_exceeded` unless the tenant may have one more of `quota`.
+    /// Counted in `conn`'s transaction, under a per-tenant lock held until
+    /// it ends, so concurrent creates cannot overshoot the limit.
+    pub async fn reserve<C>(&self, conn: &mut C, quota: Quota) -> Result<(), ApiError>
+    where
+        C: quota::Conn,
+    {
+        quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), quota.count_sql()).await
+    }
+
+    /// Like [`TenantContext::reserve`], counting with `sql` instead (it takes
+    /// the tenant id as `$1` and returns `used`).
+    pub async fn reserve_counting<C>(&self, conn: &mut C, quota: Quota, sql: &str) -> Result<(), ApiError>
+    where
+        C: quota::Conn,
+    {
+        quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), sql).await
+    }
+
+    /// Authenticates, resolves the tenant and asks the policy about `need`.
+    pub(crate) async fn gate(req: &HttpRequest, need: &Need) -> Result<Self, ApiError> {
+        let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
+        let resolver = registered::<Arc<TenantResolver>>(req)?;
+        let access = registered::<Arc<Access>>(req)?.get_ref().clone();
+        let db = registered::<Db>(req)?;
+        let (principal, tenant, subject) = if token.starts_with(API_KEY_PREFIX) {
+            let key = registered::<Arc<ApiKeys>>(req)?.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
+            tracing::Span::current().record("user.id", format!("key:{}", key.key_id));
+            let tenant = resolver.resolve(req).await?;
+            // A key acts in its one tenant; anywhere else it is nobody.
+            if key.tenant_id != tenant.id {
+                return Err(ApiError::NotFound("tenant"));
             }
-            tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
-            let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
-            let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
-            let ip = crate::http::client_ip(&req, header.as_deref());
-            Ok(Self { tenant, principal, role, request_id, ip, db: db.get_ref().clone() })
-        })
+            (Principal::ApiKey { key_id: key.key_id }, tenant, Subject::Key(key.tenant_id, key.key_id))
+        } else {
+            let session = registered::<Arc<Sessions>>(req)?.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
+            tracing::Span::current().record("user.id", session.user_id.to_string());
+            let tenant = resolver.resolve(req).await?;
+            let subject = Subject::Member(tenant.id, session.user_id);
+            (Principal::User { user_id: session.user_id, session_id: session.session_id }, tenant, subject)
+        };
+        let (role, policy, snapshot) = access.tenant_subject(subject, tenant.id).await?;
+        let role = role.ok_or(ApiError::NotFound("tenant"))?;
+        if tenant.status == TenantStatus::Suspended || !policy.active {
+            return Err(ApiError::TenantSuspended);
+        }
+        tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
+        let decision = access.decide(&snapshot, subject, Some(tenant.id), need)?;
+        drop(snapshot);
+        gate::record(subject, &tenant.id.to_string(), need, &decision);
+        gate::outcome(decision)?;
+        let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
+        let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
+        let ip = crate::http::client_ip(req, header.as_deref());
+        Ok(Self { tenant, principal, role, policy, request_id, ip, subject, db: db.get_ref().clone(), access })
     }
 }

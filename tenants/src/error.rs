@@ -39,6 +39,10 @@ pub enum ApiError {
     TotpRequired,
     #[error("you are not allowed to do this")]
     Forbidden,
+    #[error("this needs the {feature} feature, which the organization's plan does not include")]
+    PlanRequired { feature: &'static str, plan: Option<String> },
+    #[error("the plan allows {limit} {quota}; {used} are in use")]
+    QuotaExceeded { quota: &'static str, limit: u32, used: i64 },
     #[error("this organization is suspended")]
     TenantSuspended,
     #[error("{0} not found")]
@@ -75,6 +79,8 @@ impl ApiError {
             Self::InvalidCredentials => "invalid_credentials",
             Self::TotpRequired => "totp_required",
             Self::Forbidden => "forbidden",
+            Self::PlanRequired { .. } => "plan_required",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::TenantSuspended => "tenant_suspended",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
@@ -127,6 +133,9 @@ struct Body<'a> {
     message: String,
     #[serde(skip_serializing_if = "<[FieldError]>::is_empty")]
     details: &'a [FieldError],
+    /// Code-specific fields (402s say which plan or limit).
+    #[serde(flatten)]
+    extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ResponseError for ApiError {
@@ -134,6 +143,7 @@ impl ResponseError for ApiError {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthenticated | Self::InvalidCredentials | Self::TotpRequired => StatusCode::UNAUTHORIZED,
+            Self::PlanRequired { .. } | Self::QuotaExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
             Self::Forbidden | Self::TenantSuspended => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -158,7 +168,18 @@ impl ResponseError for ApiError {
             Self::InvalidRequest { details, .. } => details,
             _ => &[],
         };
-        let body = Envelope { error: Body { code: self.code(), message: self.to_string(), details } };
+        let extra = match self {
+            Self::PlanRequired { feature, plan } => serde_json::json!({ "feature": feature, "plan": plan }),
+            Self::QuotaExceeded { quota, limit, used } => {
+                serde_json::json!({ "quota": quota, "limit": limit, "used": used })
+            }
+            _ => serde_json::json!({}),
+        };
+        let extra = match extra {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        let body = Envelope { error: Body { code: self.code(), message: self.to_string(), details, extra } };
         let mut resp = HttpResponse::build(self.status_code());
         match self {
             Self::Unavailable(_) => {

@@ -60,7 +60,8 @@ impl RequestId {
 }
 
 /// Middleware: gives every request an id and one tracing span carrying the
-/// id, method, path, tenant slug (filled in when resolved) and status, and
+/// id, method, path, tenant slug (filled in when resolved), the access
+/// decision (filled in by the gate, see `access`) and status, and
 /// echoes the id in the `x-request-id` response header.
 pub async fn request_span(
     req: ServiceRequest,
@@ -75,6 +76,13 @@ pub async fn request_span(
         http.path = %req.path(),
         tenant.slug = tracing::field::Empty,
         user.id = tracing::field::Empty,
+        access.subject = tracing::field::Empty,
+        access.tenant = tracing::field::Empty,
+        access.resource = tracing::field::Empty,
+        access.action = tracing::field::Empty,
+        access.feature = tracing::field::Empty,
+        access.result = tracing::field::Empty,
+        access.rule = tracing::field::Empty,
         http.status = tracing::field::Empty,
     );
     let started = Instant::now();

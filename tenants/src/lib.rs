@@ -5,10 +5,12 @@
 //! - [`migrate`]: platform migrations and the tenant migration orchestrator.
 //! - [`resolve`]: finding the tenant of a request, with a cache kept fresh
 //!   across instances by [`notify`].
-//! - [`context`]: the request context every tenant route extracts.
+//! - [`access`]: the policy engine (roles and plans), the route gate and quotas.
+//! - [`context`]: the request context every tenant route works with.
 //! - [`http`]: request ids, request spans, the JSON body extractor.
 //! - [`error`]: the one error type of the HTTP surface.
 
+pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod cache;
@@ -26,6 +28,7 @@ pub mod registry;
 pub mod resolve;
 pub mod schema;
 
+pub use access::gate::{Allowed, PlatformAllowed};
 pub use auth::Role;
 pub use context::{Principal, TenantContext};
 pub use db::{Db, DbConfig, PgConn, TenantConn};

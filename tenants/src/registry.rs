@@ -220,6 +220,29 @@ pub async fn set_status(conn: &mut PgConn, id: TenantId, status: TenantStatus) -
         .and_then(into_tenant)
 }
 
+/// Moves a tenant to `plan` (a plan of the catalog; the caller checks).
+/// Returns the updated tenant, or `None` if there is none (or it is being
+/// deleted), and the plan it was on.
+pub async fn set_plan(conn: &mut PgConn, id: TenantId, plan: &str) -> Result<Option<(Tenant, String)>, DbError> {
+    let before: Option<String> = tenants::table
+        .find(id.0)
+        .filter(tenants::status.ne(TenantStatus::Deleting.as_str()))
+        .select(tenants::plan)
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?;
+    let Some(before) = before else { return Ok(None) };
+    let updated = diesel::update(tenants::table.find(id.0))
+        .set((tenants::plan.eq(plan), tenants::updated_at.eq(Utc::now())))
+        .returning(TenantRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()
+        .and_then(into_tenant)?;
+    Ok(updated.map(|t| (t, before)))
+}
+
 /// Records a custom domain for a tenant. `verified` is the operator's word
 /// that the domain points at Plinth; only verified domains route requests.
 pub async fn add_domain(conn: &mut PgConn, id: TenantId, domain: &str, verified: bool) -> Result<(), DbError> {

@@ -1,0 +1,246 @@
+//! Platform administration (super-admins only): list and inspect tenants,
+//! suspend and reactivate them, change their plan, delete them.
+//!
+//! The grant is a row in `public.platform_admins` (`plinth admin
+//! create-superuser`), separate from any tenant role. A signed-in user
+//! without it gets 403 on every route here.
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_tenants::access::{Access, Catalog};
+use plinth_tenants::audit::{self, Actor, Entry};
+use plinth_tenants::http::{Json, Page, PageParams};
+use plinth_tenants::{
+    ApiError, Db, FieldError, PlatformAllowed, Tenant, TenantId, TenantStatus, registry, requirements,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+requirements! {
+    /// Every platform admin route.
+    pub ManageTenants = "tenants", Manage, feature: none;
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/admin/tenants", web::get().to(list))
+        .route("/v1/admin/tenants/{id}", web::get().to(show))
+        .route("/v1/admin/tenants/{id}", web::delete().to(delete))
+        .route("/v1/admin/tenants/{id}/suspend", web::post().to(suspend))
+        .route("/v1/admin/tenants/{id}/reactivate", web::post().to(reactivate))
+        .route("/v1/admin/tenants/{id}/plan", web::put().to(set_plan));
+}
+
+/// Grants the platform admin role to `user` (idempotent).
+pub async fn grant(conn: &mut AsyncPgConnection, user: uuid::Uuid) -> diesel::QueryResult<()> {
+    diesel::sql_query("INSERT INTO public.platform_admins (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind::<SqlUuid, _>(user)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Takes the platform admin role away; false if `user` did not hold it.
+pub async fn revoke(conn: &mut AsyncPgConnection, user: uuid::Uuid) -> diesel::QueryResult<bool> {
+    Ok(diesel::sql_query("DELETE FROM public.platform_admins WHERE user_id = $1")
+        .bind::<SqlUuid, _>(user)
+        .execute(conn)
+        .await?
+        > 0)
+}
+
+/// Suspends or reactivates a tenant and records it in the tenant's audit log.
+pub async fn set_status(
+    conn: &mut AsyncPgConnection,
+    id: TenantId,
+    status: TenantStatus,
+    actor: Actor,
+    by: &str,
+) -> Result<Option<Tenant>, ApiError> {
+    let updated = registry::set_status(conn, id, status).await?;
+    if let Some(t) = &updated {
+        let action = if status == TenantStatus::Suspended { "tenant.suspended" } else { "tenant.reactivated" };
+        audit::record(conn, &t.schema, system_entry(actor, action, t.id, json!({ "by": by }))).await?;
+    }
+    Ok(updated)
+}
+
+/// Moves a tenant to another plan of the catalog and records it in the
+/// tenant's audit log. Unknown plans are 400.
+pub async fn change_plan(
+    conn: &mut AsyncPgConnection,
+    catalog: &Catalog,
+    id: TenantId,
+    plan: &str,
+    actor: Actor,
+    by: &str,
+) -> Result<Option<Tenant>, ApiError> {
+    if catalog.get(plan).is_none() {
+        let known: Vec<_> = catalog.plans().iter().map(|p| p.name.as_str()).collect();
+        return Err(ApiError::invalid_fields(vec![FieldError::new(
+            "plan",
+            "invalid",
+            format!("must be one of {}", known.join(", ")),
+        )]));
+    }
+    let Some((tenant, before)) = registry::set_plan(conn, id, plan).await? else { return Ok(None) };
+    if before != plan {
+        let details = json!({ "from": before, "to": plan, "by": by });
+        audit::record(conn, &tenant.schema, system_entry(actor, "plan.changed", tenant.id, details)).await?;
+    }
+    Ok(Some(tenant))
+}
+
+fn system_entry(actor: Actor, action: &'static str, tenant: TenantId, details: serde_json::Value) -> Entry {
+    Entry {
+        actor,
+        action,
+        target_type: Some("tenant"),
+        target_id: Some(tenant.to_string()),
+        ip: None,
+        request_id: None,
+        details,
+    }
+}
+
+#[derive(Serialize, QueryableByName)]
+struct TenantRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    slug: String,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = BigInt)]
+    members: i64,
+}
+
+const TENANT_SELECT: &str = "SELECT t.id, t.slug, t.name, t.status, t.plan, t.created_at, \
+     (SELECT count(*) FROM public.memberships m WHERE m.tenant_id = t.id) AS members FROM public.tenants t";
+
+/// `GET /v1/admin/tenants`: every tenant, oldest first, paginated.
+async fn list(
+    _: PlatformAllowed<ManageTenants>,
+    db: web::Data<Db>,
+    query: web::Query<PageParams>,
+) -> Result<HttpResponse, ApiError> {
+    let page = query.validate()?;
+    let rows: Vec<TenantRow> = db
+        .platform(async |c| {
+            diesel::sql_query(format!("{TENANT_SELECT} WHERE ($1::uuid IS NULL OR t.id > $1) ORDER BY t.id LIMIT $2"))
+                .bind::<Nullable<SqlUuid>, _>(page.after)
+                .bind::<BigInt, _>(page.limit + 1)
+                .load(c)
+                .await
+                .map_err(ApiError::from)
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |t| t.id)))
+}
+
+fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
+    uuid::Uuid::parse_str(raw).map(TenantId).map_err(|_| ApiError::NotFound("tenant"))
+}
+
+/// `GET /v1/admin/tenants/{id}`.
+async fn show(
+    _: PlatformAllowed<ManageTenants>,
+    db: web::Data<Db>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    let rows: Vec<TenantRow> = db
+        .platform(async |c| {
+            diesel::sql_query(format!("{TENANT_SELECT} WHERE t.id = $1"))
+                .bind::<SqlUuid, _>(id.0)
+                .load(c)
+                .await
+                .map_err(ApiError::from)
+        })
+        .await?;
+    let tenant = rows.into_iter().next().ok_or(ApiError::NotFound("tenant"))?;
+    Ok(HttpResponse::Ok().json(json!({ "tenant": tenant })))
+}
+
+async fn suspend(
+    admin: PlatformAllowed<ManageTenants>,
+    db: web::Data<Db>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    status_route(admin, db, path, TenantStatus::Suspended).await
+}
+
+async fn reactivate(
+    admin: PlatformAllowed<ManageTenants>,
+    db: web::Data<Db>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    status_route(admin, db, path, TenantStatus::Active).await
+}
+
+/// `POST /v1/admin/tenants/{id}/suspend|reactivate`.
+async fn status_route(
+    admin: PlatformAllowed<ManageTenants>,
+    db: web::Data<Db>,
+    path: web::Path<String>,
+    status: TenantStatus,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    let actor = Actor::User(admin.user_id.0);
+    let tenant = db
+        .platform(async |c| set_status(c, id, status, actor, "platform admin").await)
+        .await?
+        .ok_or(ApiError::NotFound("tenant"))?;
+    tracing::info!(tenant.id = %tenant.id, status = tenant.status.as_str(), "tenant status changed by a platform admin");
+    Ok(HttpResponse::Ok().json(json!({ "tenant": tenant })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanBody {
+    plan: String,
+}
+
+/// `PUT /v1/admin/tenants/{id}/plan` {plan}: a manual override (billing
+/// moves plans by itself when Stripe says so).
+async fn set_plan(
+    admin: PlatformAllowed<ManageTenants>,
+    db: web::Data<Db>,
+    access: web::Data<std::sync::Arc<Access>>,
+    path: web::Path<String>,
+    body: Json<PlanBody>,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    let actor = Actor::User(admin.user_id.0);
+    let plan = body.0.plan;
+    let tenant = db
+        .platform(async |c| change_plan(c, access.catalog(), id, &plan, actor, "platform admin").await)
+        .await?
+        .ok_or(ApiError::NotFound("tenant"))?;
+    tracing::info!(tenant.id = %tenant.id, plan = tenant.plan, "tenant plan changed by a platform admin");
+    Ok(HttpResponse::Ok().json(json!({ "tenant": tenant })))
+}
+
+/// `DELETE /v1/admin/tenants/{id}`: the tenant stops being served at once,
+/// then its schema is dropped.
+async fn delete(
+    _: PlatformAllowed<ManageTenants>,
+    db: web::Data<Db>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    let deleted = registry::delete(&db, id).await.map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
+    if !deleted {
+        return Err(ApiError::NotFound("tenant"));
+    }
+    tracing::info!(tenant.id = %id, "tenant deleted by a platform admin");
+    Ok(HttpResponse::NoContent().finish())
+}

@@ -1,0 +1,584 @@
+//! Access policy: one casbin engine answers, in one check, whether a
+//! subject's role allows an action on a resource and whether the tenant's
+//! plan includes the feature the route needs (`config/access/model.conf`).
+//!
+//! - **Where policy lives.** Role templates and role inheritance are in
+//!   `config/access/policy.csv`, plans and features in the plan catalog
+//!   ([`catalog`]). Links are PostgreSQL rows: memberships and API keys give
+//!   subjects their roles, `tenants.plan` and `tenants.status` give tenants
+//!   their plan, `platform_admins` the platform grant.
+//! - **Kept current.** Triggers NOTIFY every change; the listener hands the
+//!   changed ids to one writer task, which re-reads those rows and applies
+//!   them. On every (re)connect it reloads everything, so a missed
+//!   notification cannot leave an instance stale. A subject or tenant the
+//!   engine does not know yet (created a moment ago) is read on first use,
+//!   and the request waits for that one read.
+//! - **Checks never wait behind a write.** There are two copies of the
+//!   engine. Checks read the current one; the writer changes the other, swaps
+//!   the two (a pointer swap), waits until no check still holds the old one,
+//!   and applies the same change to it. No lock is held across I/O, and a
+//!   check never waits for a change to be applied.
+//! - **The gate** ([`gate`]) is the only way a route gets a tenant context,
+//!   and each route names what it needs there.
+//! - **Quotas** ([`quota`]) are counted in SQL in the transaction that writes.
+
+pub mod catalog;
+pub mod gate;
+pub mod quota;
+mod snapshot;
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use diesel::QueryableByName;
+use diesel::sql_types::{Text, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use tokio::sync::{mpsc, oneshot};
+
+pub use catalog::{Catalog, Plan, Quota};
+pub use snapshot::TenantPolicy;
+use snapshot::{Fact, Rules, Snapshot};
+
+use crate::auth::Role;
+use crate::db::{Db, PgConn};
+use crate::error::ApiError;
+use crate::ids::{TenantId, UserId};
+use crate::notify::{Handler, ListenEvent};
+
+/// The access model (casbin), with comments.
+pub const MODEL: &str = include_str!("../../../config/access/model.conf");
+/// Role templates and role inheritance.
+pub const POLICY: &str = include_str!("../../../config/access/policy.csv");
+
+/// NOTIFY channel: a tenant's plan or status changed (payload: tenant id).
+pub const TENANT_POLICY_CHANNEL: &str = "plinth_tenant_policy";
+/// NOTIFY channel: a platform admin grant changed (payload: user id).
+pub const PLATFORM_ADMINS_CHANNEL: &str = "plinth_platform_admins";
+
+/// Who a check is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// A user, as a member of a tenant.
+    Member(TenantId, UserId),
+    /// An API key of a tenant.
+    Key(TenantId, uuid::Uuid),
+    /// A user on platform routes.
+    User(UserId),
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Member(t, u) => write!(f, "member:{}:{}", t.0, u.0),
+            Self::Key(t, k) => write!(f, "key:{}:{k}", t.0),
+            Self::User(u) => write!(f, "user:{}", u.0),
+        }
+    }
+}
+
+/// What a route is about to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Read,
+    Write,
+    Delete,
+    /// Administering: members, API keys, the audit log, billing, tenants.
+    Manage,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Delete => "delete",
+            Self::Manage => "manage",
+        }
+    }
+}
+
+/// What a route needs: an action on a resource, and a plan feature or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    pub resource: &'static str,
+    pub action: Action,
+    pub feature: Option<&'static str>,
+}
+
+fn uuid(s: &str) -> Option<uuid::Uuid> {
+    uuid::Uuid::parse_str(s).ok()
+}
+
+pub(crate) fn feature_node(feature: &str) -> String {
+    format!("feature:{feature}")
+}
+
+/// The answer to one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed; `rule` is the role template that matched, as in the policy file.
+    Allowed { rule: String },
+    /// The role does not allow it: 403 `forbidden`.
+    Forbidden,
+    /// The role allows it, the plan does not include the feature: 402
+    /// `plan_required`, naming the cheapest plan that does.
+    PlanRequired { feature: &'static str, plan: Option<String> },
+}
+
+impl Decision {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Allowed { .. } => "allowed",
+            Self::Forbidden => "forbidden",
+            Self::PlanRequired { .. } => "plan_required",
+        }
+    }
+}
+
+/// A change the writer must re-read from PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Change {
+    Membership(TenantId, UserId),
+    ApiKey(uuid::Uuid),
+    Tenant(TenantId),
+    PlatformAdmin(UserId),
+}
+
+enum Msg {
+    Refresh(Vec<Change>, Option<oneshot::Sender<()>>),
+    Reload,
+}
+
+/// The access engine of one process, shared by every worker.
+pub struct Access {
+    current: Arc<RwLock<Arc<Snapshot>>>,
+    rules: Arc<Rules>,
+    catalog: Arc<Catalog>,
+    writer: mpsc::UnboundedSender<Msg>,
+}
+
+impl Access {
+    /// An engine that knows the templates and the catalog and learns links
+    /// as they are used, until the first full load (run when the listener
+    /// connects, see [`Access::listen_handlers`]) brings in the rest.
+    pub async fn start(db: Db, catalog: Catalog) -> anyhow::Result<Arc<Self>> {
+        let rules = Arc::new(Rules::parse(MODEL, POLICY)?);
+        let catalog = Arc::new(catalog);
+        let first = Snapshot::build(&rules, &catalog, &[]).await?;
+        let spare = Snapshot::build(&rules, &catalog, &[]).await?;
+        let current = Arc::new(RwLock::new(Arc::new(first)));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            db,
+            rules: Arc::clone(&rules),
+            catalog: Arc::clone(&catalog),
+            current: Arc::clone(&current),
+            spare: Arc::new(spare),
+            rx,
+            retry: tx.downgrade(),
+        };
+        tokio::spawn(writer.run());
+        Ok(Arc::new(Self { current, rules, catalog, writer: tx }))
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Asks the writer to re-read `changes` and waits until they are applied.
+    async fn refresh(&self, changes: Vec<Change>) -> Result<(), ApiError> {
+        let (done, applied) = oneshot::channel();
+        self.writer
+            .send(Msg::Refresh(changes, Some(done)))
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("the policy writer has stopped")))?;
+        applied.await.map_err(|_| ApiError::Unavailable(anyhow::anyhow!("reading policy changes failed")))
+    }
+
+    /// The snapshot, after reading whatever `missing` says it lacks.
+    async fn knowing(&self, missing: impl Fn(&Snapshot) -> Vec<Change>) -> Result<Arc<Snapshot>, ApiError> {
+        let snapshot = self.snapshot();
+        let changes = missing(&snapshot);
+        if changes.is_empty() {
+            return Ok(snapshot);
+        }
+        // Never hold a snapshot across an await: the writer waits for every
+        // holder of the old copy before it changes it.
+        drop(snapshot);
+        self.refresh(changes).await?;
+        Ok(self.snapshot())
+    }
+
+    /// A member's or key's role in `tenant`, and the tenant's policy; `None`
+    /// when the subject holds no role there.
+    pub(crate) async fn tenant_subject(
+        &self,
+        subject: Subject,
+        tenant: TenantId,
+    ) -> Result<(Option<Role>, TenantPolicy, Arc<Snapshot>), ApiError> {
+        let snapshot = self
+            .knowing(|s| {
+                let mut changes = Vec::new();
+                if s.role(&subject).is_none() {
+                    changes.push(match subject {
+                        Subject::Member(t, u) => Change::Membership(t, u),
+                        Subject::Key(_, k) => Change::ApiKey(k),
+                        Subject::User(u) => Change::PlatformAdmin(u),
+                    });
+                }
+                if s.tenant(tenant).is_none() {
+                    changes.push(Change::Tenant(tenant));
+                }
+                changes
+            })
+            .await?;
+        let role = snapshot.role(&subject).flatten();
+        let policy = snapshot.tenant(tenant).cloned().ok_or(ApiError::NotFound("tenant"))?;
+        Ok((role, policy, snapshot))
+    }
+
+    /// Whether `user` holds the platform admin grant.
+    pub(crate) async fn is_platform_admin(&self, user: UserId) -> Result<(bool, Arc<Snapshot>), ApiError> {
+        let snapshot = self
+            .knowing(|s| if s.platform_admin(user).is_none() { vec![Change::PlatformAdmin(user)] } else { vec![] })
+            .await?;
+        Ok((snapshot.platform_admin(user).unwrap_or(false), snapshot))
+    }
+
+    /// The one check. `tenant` is `None` on platform routes. `subject` must be
+    /// known to `snapshot` (see [`Access::tenant_subject`]).
+    pub(crate) fn decide(
+        &self,
+        snapshot: &Snapshot,
+        subject: Subject,
+        tenant: Option<TenantId>,
+        need: &Need,
+    ) -> Result<Decision, ApiError> {
+        let sub = subject.to_string();
+        let ten = tenant.map_or_else(|| "platform".to_owned(), snapshot::tenant_node);
+        let feature = need.feature.map(feature_node);
+        let fail = |e: casbin::Error| ApiError::Internal(anyhow::anyhow!("policy check failed: {e}"));
+        if snapshot.enforce(&sub, &ten, need, feature.as_deref().unwrap_or("-")).map_err(fail)? {
+            let rule = snapshot
+                .matching_template(&self.rules, &sub, need)
+                .and_then(|i| self.rules.templates.get(i))
+                .map(|t| format!("p, {}", t.join(", ")))
+                .unwrap_or_default();
+            return Ok(Decision::Allowed { rule });
+        }
+        // Denied: was it the role, or only the plan?
+        match need.feature {
+            Some(feature) if snapshot.enforce(&sub, &ten, need, "-").map_err(fail)? => {
+                let plan = self
+                    .catalog
+                    .plans()
+                    .iter()
+                    .find(|p| snapshot.plan_grants(&p.name, feature))
+                    .map(|p| p.name.clone());
+                Ok(Decision::PlanRequired { feature, plan })
+            }
+            _ => Ok(Decision::Forbidden),
+        }
+    }
+
+    /// A check on the current snapshot, for a subject the gate has just
+    /// found in it.
+    pub(crate) fn decide_now(
+        &self,
+        subject: Subject,
+        tenant: Option<TenantId>,
+        need: &Need,
+    ) -> Result<Decision, ApiError> {
+        let snapshot = self.snapshot();
+        if snapshot.role(&subject).flatten().is_none() && !matches!(subject, Subject::User(_)) {
+            return Ok(Decision::Forbidden);
+        }
+        self.decide(&snapshot, subject, tenant, need)
+    }
+
+    /// One check, as the gate makes it, for a subject already authenticated
+    /// (benchmarks, tests and tools). A subject holding no role is
+    /// `Forbidden`.
+    pub async fn check(&self, subject: Subject, tenant: Option<TenantId>, need: &Need) -> Result<Decision, ApiError> {
+        let (known, snapshot) = match (subject, tenant) {
+            (Subject::User(user), None) => self.is_platform_admin(user).await?,
+            (subject, Some(tenant)) => {
+                let (role, _, snapshot) = self.tenant_subject(subject, tenant).await?;
+                (role.is_some(), snapshot)
+            }
+            (_, None) => (false, self.snapshot()),
+        };
+        if !known {
+            return Ok(Decision::Forbidden);
+        }
+        self.decide(&snapshot, subject, tenant, need)
+    }
+
+    /// The listener handlers that keep the engine current, by channel.
+    pub fn listen_handlers(self: &Arc<Self>) -> Vec<(&'static str, Handler)> {
+        let on = |parse: fn(&str) -> Option<Change>| -> Handler {
+            let writer = self.writer.clone();
+            Arc::new(move |event| {
+                let msg = match event {
+                    ListenEvent::Notified(payload) => match parse(payload) {
+                        Some(change) => Msg::Refresh(vec![change], None),
+                        None => Msg::Reload,
+                    },
+                    ListenEvent::Connected => Msg::Reload,
+                    ListenEvent::Disconnected => return,
+                };
+                let _ = writer.send(msg);
+            })
+        };
+        vec![
+            (
+                crate::auth::MEMBERSHIPS_CHANNEL,
+                on(|p| {
+                    let (t, u) = p.split_once(':')?;
+                    Some(Change::Membership(TenantId(uuid(t)?), UserId(uuid(u)?)))
+                }),
+            ),
+            (crate::auth::API_KEYS_CHANNEL, on(|p| Some(Change::ApiKey(uuid(p)?)))),
+            (TENANT_POLICY_CHANNEL, on(|p| Some(Change::Tenant(TenantId(uuid(p)?))))),
+            (PLATFORM_ADMINS_CHANNEL, on(|p| Some(Change::PlatformAdmin(UserId(uuid(p)?))))),
+        ]
+    }
+
+    /// How many tenants and subjects the engine holds.
+    pub fn counts(&self) -> (usize, usize) {
+        self.snapshot().counts()
+    }
+}
+
+/// The one task that changes snapshots.
+struct Writer {
+    db: Db,
+    rules: Arc<Rules>,
+    catalog: Arc<Catalog>,
+    current: Arc<RwLock<Arc<Snapshot>>>,
+    spare: Arc<Snapshot>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    retry: mpsc::WeakUnboundedSender<Msg>,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        while let Some(first) = self.rx.recv().await {
+            // Everything queued is handled as one batch.
+            let mut reload = false;
+            let mut changes = Vec::new();
+            let mut waiters = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take().or_else(|| self.rx.try_recv().ok()) {
+                match msg {
+                    Msg::Reload => reload = true,
+                    Msg::Refresh(c, waiter) => {
+                        changes.extend(c);
+                        waiters.extend(waiter);
+                    }
+                }
+            }
+            let result = if reload { self.reload().await } else { self.update(changes).await };
+            match result {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    for waiter in waiters {
+                        let _ = waiter.send(());
+                    }
+                }
+                Err(err) => {
+                    // Waiters are dropped (their requests answer 503); the
+                    // policy may now be behind, so reload once we can.
+                    tracing::warn!(error = format!("{err:#}"), "updating the access policy failed; reloading");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if let Some(tx) = self.retry.upgrade() {
+                        let _ = tx.send(Msg::Reload);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-reads the changed rows and applies them to both copies.
+    async fn update(&mut self, mut changes: Vec<Change>) -> anyhow::Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        changes.retain(|c| seen.insert(*c));
+        let catalog = Arc::clone(&self.catalog);
+        let facts = self.db.platform(async |c| read_changes(c, &catalog, &changes).await).await?;
+        exclusive(&mut self.spare).await?.apply(&facts).await?;
+        self.swap();
+        exclusive(&mut self.spare).await?.apply(&facts).await?;
+        Ok(())
+    }
+
+    /// Reads every link and rebuilds both copies, off the async threads.
+    async fn reload(&mut self) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let catalog = Arc::clone(&self.catalog);
+        let facts = Arc::new(self.db.platform(async |c| read_all(c, &catalog).await).await?);
+        let (rules, catalog) = (Arc::clone(&self.rules), Arc::clone(&self.catalog));
+        let build = |facts: Arc<Vec<Fact>>| {
+            let (rules, catalog) = (Arc::clone(&rules), Arc::clone(&catalog));
+            tokio::task::spawn_blocking(move || {
+                tokio::runtime::Handle::current().block_on(Snapshot::build(&rules, &catalog, &facts))
+            })
+        };
+        let fresh = build(Arc::clone(&facts)).await??;
+        self.spare = Arc::new(fresh);
+        self.swap();
+        // Drop the old copy before building its replacement.
+        exclusive(&mut self.spare).await?;
+        self.spare = Arc::new(build(Arc::clone(&facts)).await??);
+        let (tenants, subjects) = self.current.read().unwrap_or_else(|p| p.into_inner()).counts();
+        tracing::info!(tenants, subjects, elapsed_ms = started.elapsed().as_millis() as u64, "access policy loaded");
+        Ok(())
+    }
+
+    fn swap(&mut self) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut *current, &mut self.spare);
+    }
+}
+
+/// The spare copy, once no check holds it any more (checks hold a snapshot
+/// for microseconds and never across an await).
+async fn exclusive(spare: &mut Arc<Snapshot>) -> anyhow::Result<&mut Snapshot> {
+    while Arc::get_mut(spare).is_none() {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Arc::get_mut(spare).ok_or_else(|| anyhow::anyhow!("the spare policy copy is still shared"))
+}
+
+#[derive(QueryableByName)]
+struct MemberRow {
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    role: String,
+}
+
+#[derive(QueryableByName)]
+struct KeyRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    role: String,
+}
+
+#[derive(QueryableByName)]
+struct TenantRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+}
+
+#[derive(QueryableByName)]
+struct AdminRow {
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+}
+
+fn tenant_policy(catalog: &Catalog, row: TenantRow) -> Fact {
+    let plan = catalog.effective(&row.plan);
+    if plan.name != row.plan {
+        tracing::warn!(tenant.id = %row.id, plan = row.plan, "tenant is on a plan the catalog does not list; treated as free");
+    }
+    Fact::Tenant {
+        tenant: TenantId(row.id),
+        // A tenant being deleted is no longer served: no policy at all.
+        policy: (row.status != "deleting")
+            .then(|| TenantPolicy { plan: plan.name.clone(), active: row.status == "active" }),
+    }
+}
+
+fn parse_role(role: &str) -> anyhow::Result<Role> {
+    Role::parse(role).ok_or_else(|| anyhow::anyhow!("unknown role {role:?} in the database"))
+}
+
+const MEMBERS_SQL: &str = "SELECT tenant_id, user_id, role FROM public.memberships";
+const KEYS_SQL: &str = "SELECT id, tenant_id, role FROM public.api_keys WHERE revoked_at IS NULL";
+const TENANTS_SQL: &str = "SELECT id, plan, status FROM public.tenants";
+const ADMINS_SQL: &str = "SELECT user_id FROM public.platform_admins";
+
+/// Every link, read in one repeatable-read transaction so they agree.
+async fn read_all(conn: &mut PgConn, catalog: &Catalog) -> anyhow::Result<Vec<Fact>> {
+    crate::db::batch(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+    let mut facts = Vec::new();
+    let tenants: Vec<TenantRow> = diesel::sql_query(TENANTS_SQL).load(conn).await?;
+    facts.extend(tenants.into_iter().map(|row| tenant_policy(catalog, row)));
+    let members: Vec<MemberRow> = diesel::sql_query(MEMBERS_SQL).load(conn).await?;
+    for m in members {
+        facts.push(Fact::Member {
+            tenant: TenantId(m.tenant_id),
+            user: UserId(m.user_id),
+            role: Some(parse_role(&m.role)?),
+        });
+    }
+    let keys: Vec<KeyRow> = diesel::sql_query(KEYS_SQL).load(conn).await?;
+    for k in keys {
+        facts.push(Fact::Key { key: k.id, grant: Some((TenantId(k.tenant_id), parse_role(&k.role)?)) });
+    }
+    let admins: Vec<AdminRow> = diesel::sql_query(ADMINS_SQL).load(conn).await?;
+    facts.extend(admins.into_iter().map(|a| Fact::PlatformAdmin { user: UserId(a.user_id), granted: true }));
+    Ok(facts)
+}
+
+/// The current rows behind each change; a missing row is a fact too.
+async fn read_changes(conn: &mut PgConn, catalog: &Catalog, changes: &[Change]) -> anyhow::Result<Vec<Fact>> {
+    let mut facts = Vec::with_capacity(changes.len());
+    for change in changes {
+        match *change {
+            Change::Membership(tenant, user) => {
+                let rows: Vec<MemberRow> =
+                    diesel::sql_query(format!("{MEMBERS_SQL} WHERE tenant_id = $1 AND user_id = $2"))
+                        .bind::<SqlUuid, _>(tenant.0)
+                        .bind::<SqlUuid, _>(user.0)
+                        .load(conn)
+                        .await?;
+                let role = rows.into_iter().next().map(|r| parse_role(&r.role)).transpose()?;
+                facts.push(Fact::Member { tenant, user, role });
+            }
+            Change::ApiKey(key) => {
+                let rows: Vec<KeyRow> =
+                    diesel::sql_query(format!("{KEYS_SQL} AND id = $1")).bind::<SqlUuid, _>(key).load(conn).await?;
+                let grant = rows
+                    .into_iter()
+                    .next()
+                    .map(|r| Ok::<_, anyhow::Error>((TenantId(r.tenant_id), parse_role(&r.role)?)))
+                    .transpose()?;
+                facts.push(Fact::Key { key, grant });
+            }
+            Change::Tenant(tenant) => {
+                let rows: Vec<TenantRow> = diesel::sql_query(format!("{TENANTS_SQL} WHERE id = $1"))
+                    .bind::<SqlUuid, _>(tenant.0)
+                    .load(conn)
+                    .await?;
+                match rows.into_iter().next() {
+                    Some(row) => facts.push(tenant_policy(catalog, row)),
+                    None => facts.push(Fact::Tenant { tenant, policy: None }),
+                }
+            }
+            Change::PlatformAdmin(user) => {
+                let rows: Vec<AdminRow> = diesel::sql_query(format!("{ADMINS_SQL} WHERE user_id = $1"))
+                    .bind::<SqlUuid, _>(user.0)
+                    .load(conn)
+                    .await?;
+                facts.push(Fact::PlatformAdmin { user, granted: !rows.is_empty() });
+            }
+        }
+    }
+    Ok(facts)
+}
