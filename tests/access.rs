@@ -1,5 +1,5 @@
 //! Who may call tenant routes: authentication first, then membership, then
-//! the role table of `TenantContext::authorize`.
+//! the access policy (the whole route table is in `policy`).
 
 use std::time::Duration;
 

@@ -13,6 +13,7 @@ mod lifecycle;
 mod mail_and_jobs;
 mod members;
 mod migrations;
+mod policy;
 mod projects;
 mod provisioning;
 mod routing;

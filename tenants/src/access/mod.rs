@@ -147,7 +147,7 @@ pub enum Change {
 
 enum Msg {
     Refresh(Vec<Change>, Option<oneshot::Sender<()>>),
-    Reload,
+    Reload(Option<oneshot::Sender<()>>),
 }
 
 /// The access engine of one process, shared by every worker.
@@ -326,9 +326,9 @@ impl Access {
                 let msg = match event {
                     ListenEvent::Notified(payload) => match parse(payload) {
                         Some(change) => Msg::Refresh(vec![change], None),
-                        None => Msg::Reload,
+                        None => Msg::Reload(None),
                     },
-                    ListenEvent::Connected => Msg::Reload,
+                    ListenEvent::Connected => Msg::Reload(None),
                     ListenEvent::Disconnected => return,
                 };
                 let _ = writer.send(msg);
@@ -346,6 +346,16 @@ impl Access {
             (TENANT_POLICY_CHANNEL, on(|p| Some(Change::Tenant(TenantId(uuid(p)?))))),
             (PLATFORM_ADMINS_CHANNEL, on(|p| Some(Change::PlatformAdmin(UserId(uuid(p)?))))),
         ]
+    }
+
+    /// Reads every link again and waits until both copies have them (the
+    /// listener does this on every connect; tools and tests call it).
+    pub async fn reload(&self) -> Result<(), ApiError> {
+        let (done, loaded) = oneshot::channel();
+        self.writer
+            .send(Msg::Reload(Some(done)))
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("the policy writer has stopped")))?;
+        loaded.await.map_err(|_| ApiError::Unavailable(anyhow::anyhow!("loading the access policy failed")))
     }
 
     /// How many tenants and subjects the engine holds.
@@ -376,7 +386,10 @@ impl Writer {
             let mut next = Some(first);
             while let Some(msg) = next.take().or_else(|| self.rx.try_recv().ok()) {
                 match msg {
-                    Msg::Reload => reload = true,
+                    Msg::Reload(waiter) => {
+                        reload = true;
+                        waiters.extend(waiter);
+                    }
                     Msg::Refresh(c, waiter) => {
                         changes.extend(c);
                         waiters.extend(waiter);
@@ -398,7 +411,7 @@ impl Writer {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     if let Some(tx) = self.retry.upgrade() {
-                        let _ = tx.send(Msg::Reload);
+                        let _ = tx.send(Msg::Reload(None));
                     }
                 }
             }
