@@ -24,6 +24,7 @@
 
 pub mod catalog;
 pub mod gate;
+mod links;
 pub mod quota;
 mod snapshot;
 
@@ -262,17 +263,18 @@ impl Access {
         let ten = tenant.map_or_else(|| "platform".to_owned(), snapshot::tenant_node);
         let feature = need.feature.map(feature_node);
         let fail = |e: casbin::Error| ApiError::Internal(anyhow::anyhow!("policy check failed: {e}"));
+        let role = match subject {
+            Subject::User(_) => snapshot::PLATFORM_ADMIN_ROLE.to_owned(),
+            _ => snapshot.role(&subject).flatten().map(snapshot::role_node).unwrap_or_default(),
+        };
         if snapshot.enforce(&sub, &ten, need, feature.as_deref().unwrap_or("-")).map_err(fail)? {
-            let rule = snapshot
-                .matching_template(&self.rules, &sub, need)
-                .and_then(|i| self.rules.templates.get(i))
-                .map(|t| format!("p, {}", t.join(", ")))
-                .unwrap_or_default();
-            return Ok(Decision::Allowed { rule });
+            let rule = self.rules.matching_template(&role, need).map(|t| format!("p, {}", t.join(", ")));
+            return Ok(Decision::Allowed { rule: rule.unwrap_or_default() });
         }
-        // Denied: was it the role, or only the plan?
+        // Denied: by the role, or only by the plan? The templates alone
+        // answer the first (no second casbin check).
         match need.feature {
-            Some(feature) if snapshot.enforce(&sub, &ten, need, "-").map_err(fail)? => {
+            Some(feature) if self.rules.matching_template(&role, need).is_some() => {
                 let plan = self
                     .catalog
                     .plans()
@@ -424,9 +426,9 @@ impl Writer {
         changes.retain(|c| seen.insert(*c));
         let catalog = Arc::clone(&self.catalog);
         let facts = self.db.platform(async |c| read_changes(c, &catalog, &changes).await).await?;
-        exclusive(&mut self.spare).await?.apply(&facts).await?;
+        exclusive(&mut self.spare).await?.apply(&facts);
         self.swap();
-        exclusive(&mut self.spare).await?.apply(&facts).await?;
+        exclusive(&mut self.spare).await?.apply(&facts);
         Ok(())
     }
 

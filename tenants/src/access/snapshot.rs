@@ -7,14 +7,19 @@
 
 use std::collections::{HashMap, HashSet};
 
-use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, NullAdapter};
+use std::sync::Arc;
+
+use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, NullAdapter, RoleManager};
+use parking_lot::RwLock;
 
 use super::catalog::Catalog;
+use super::links::LinkGraph;
 use super::{Need, Subject};
 use crate::auth::Role;
 use crate::ids::{TenantId, UserId};
 
-/// The static part of the policy: the model and the role templates.
+/// The static part of the policy: the model, the role templates, role
+/// inheritance and resource groups.
 #[derive(Debug, Clone)]
 pub(crate) struct Rules {
     pub model: String,
@@ -22,14 +27,20 @@ pub(crate) struct Rules {
     pub templates: Vec<[String; 3]>,
     /// `g` lines between roles: role, included role.
     pub role_links: Vec<[String; 2]>,
+    /// `g3` lines: resource, the group it belongs to.
+    pub resource_groups: Vec<[String; 2]>,
 }
 
 impl Rules {
-    /// Parses the policy file: `p, role, resource, action` and
-    /// `g, role, role` lines; `#` starts a comment.
+    /// Parses the policy file: `p, role, resource, action`, `g, role, role`
+    /// and `g3, resource, group` lines; `#` starts a comment.
     pub fn parse(model: &str, policy: &str) -> anyhow::Result<Self> {
-        let mut templates = Vec::new();
-        let mut role_links = Vec::new();
+        let mut rules = Self {
+            model: model.to_owned(),
+            templates: Vec::new(),
+            role_links: Vec::new(),
+            resource_groups: Vec::new(),
+        };
         for (n, line) in policy.lines().enumerate() {
             let line = line.split('#').next().unwrap_or_default().trim();
             if line.is_empty() {
@@ -37,12 +48,39 @@ impl Rules {
             }
             let fields: Vec<String> = line.split(',').map(|f| f.trim().to_owned()).collect();
             match fields.as_slice() {
-                [kind, role, obj, act] if kind == "p" => templates.push([role.clone(), obj.clone(), act.clone()]),
-                [kind, role, included] if kind == "g" => role_links.push([role.clone(), included.clone()]),
-                _ => anyhow::bail!("policy line {}: expected `p, role, resource, action` or `g, role, role`", n + 1),
+                [kind, role, obj, act] if kind == "p" => rules.templates.push([role.clone(), obj.clone(), act.clone()]),
+                [kind, role, included] if kind == "g" => rules.role_links.push([role.clone(), included.clone()]),
+                [kind, resource, group] if kind == "g3" => {
+                    rules.resource_groups.push([resource.clone(), group.clone()])
+                }
+                _ => anyhow::bail!(
+                    "policy line {}: expected `p, role, resource, action`, `g, role, role` or `g3, resource, group`",
+                    n + 1
+                ),
             }
         }
-        Ok(Self { model: model.to_owned(), templates, role_links })
+        Ok(rules)
+    }
+
+    /// The first template allowing `role` (a role node) `need`, in file
+    /// order, as casbin stops at the first that matches. For the record.
+    pub fn matching_template(&self, role: &str, need: &Need) -> Option<&[String; 3]> {
+        let includes = |have: &str, want: &str| self.reaches(&self.role_links, have, want);
+        let in_group = |group: &str| self.reaches(&self.resource_groups, need.resource, group);
+        self.templates.iter().find(|[r, obj, act]| {
+            act == need.action.as_str() && (obj == "*" || obj == need.resource || in_group(obj)) && includes(role, r)
+        })
+    }
+
+    fn reaches(&self, links: &[[String; 2]], from: &str, to: &str) -> bool {
+        let mut at = vec![from];
+        for _ in 0..10 {
+            if at.contains(&to) {
+                return true;
+            }
+            at = links.iter().filter(|[a, _]| at.contains(&a.as_str())).map(|[_, b]| b.as_str()).collect();
+        }
+        false
     }
 }
 
@@ -69,6 +107,8 @@ const MAX_ABSENT: usize = 100_000;
 
 pub(crate) struct Snapshot {
     enforcer: Enforcer,
+    /// The enforcer's role graph, changed here directly.
+    links: Arc<RwLock<LinkGraph>>,
     /// Member and API key subjects, with their role.
     roles: HashMap<Subject, Role>,
     /// API key id → its tenant, to find a key's subject from its id.
@@ -99,83 +139,53 @@ impl Snapshot {
     pub async fn build(rules: &Rules, catalog: &Catalog, facts: &[Fact]) -> casbin::Result<Self> {
         let model = DefaultModel::from_str(&rules.model).await?;
         let mut enforcer = Enforcer::new(model, NullAdapter).await?;
+        let links = Arc::new(RwLock::new(LinkGraph::default()));
+        let role_manager: Arc<RwLock<dyn RoleManager>> = links.clone();
+        enforcer.set_role_manager(role_manager)?;
         enforcer.add_policies(rules.templates.iter().map(|t| t.to_vec()).collect()).await?;
-        enforcer.add_named_grouping_policies("g", rules.role_links.iter().map(|l| l.to_vec()).collect()).await?;
-        let mut plan_links = Vec::new();
-        for plan in catalog.plans() {
-            if let Some(included) = &plan.includes {
-                plan_links.push(vec![plan_node(&plan.name), plan_node(included)]);
+        {
+            let mut graph = links.write();
+            for [from, to] in rules.role_links.iter().chain(&rules.resource_groups) {
+                graph.link(from, to);
             }
-            for feature in &plan.own_features {
-                plan_links.push(vec![plan_node(&plan.name), super::feature_node(feature)]);
+            for plan in catalog.plans() {
+                if let Some(included) = &plan.includes {
+                    graph.link(&plan_node(&plan.name), &plan_node(included));
+                }
+                for feature in &plan.own_features {
+                    graph.link(&plan_node(&plan.name), &super::feature_node(feature));
+                }
             }
-        }
-        if !plan_links.is_empty() {
-            enforcer.add_named_grouping_policies("g2", plan_links).await?;
         }
         let mut snapshot = Self {
             enforcer,
+            links,
             roles: HashMap::new(),
             keys: HashMap::new(),
             platform_admins: HashSet::new(),
             tenants: HashMap::new(),
             absent: HashSet::new(),
         };
-        snapshot.load(facts).await?;
+        snapshot.apply(facts);
         Ok(snapshot)
     }
 
-    /// Bulk-loads facts into a fresh snapshot (one call per link kind).
-    async fn load(&mut self, facts: &[Fact]) -> casbin::Result<()> {
-        let mut g = Vec::new();
-        let mut g2 = Vec::new();
-        for fact in facts {
-            match fact {
-                Fact::Member { tenant, user, role: Some(role) } => {
-                    let subject = Subject::Member(*tenant, *user);
-                    g.push(vec![subject.to_string(), role_node(*role)]);
-                    self.roles.insert(subject, *role);
-                }
-                Fact::Key { key, grant: Some((tenant, role)) } => {
-                    let subject = Subject::Key(*tenant, *key);
-                    g.push(vec![subject.to_string(), role_node(*role)]);
-                    self.roles.insert(subject, *role);
-                    self.keys.insert(*key, *tenant);
-                }
-                Fact::Tenant { tenant, policy: Some(policy) } => {
-                    if policy.active {
-                        g2.push(vec![tenant_node(*tenant), plan_node(&policy.plan)]);
-                    }
-                    self.tenants.insert(*tenant, policy.clone());
-                }
-                Fact::PlatformAdmin { user, granted: true } => {
-                    g.push(vec![Subject::User(*user).to_string(), PLATFORM_ADMIN_ROLE.to_owned()]);
-                    self.platform_admins.insert(*user);
-                }
-                _ => {}
-            }
-        }
-        if !g.is_empty() {
-            self.enforcer.add_named_grouping_policies("g", g).await?;
-        }
-        if !g2.is_empty() {
-            self.enforcer.add_named_grouping_policies("g2", g2).await?;
-        }
-        Ok(())
-    }
-
     /// Makes each fact true, one link at a time.
-    pub async fn apply(&mut self, facts: &[Fact]) -> casbin::Result<()> {
+    pub fn apply(&mut self, facts: &[Fact]) {
+        let links = Arc::clone(&self.links);
+        let mut graph = links.write();
         for fact in facts {
             match fact {
-                Fact::Member { tenant, user, role } => self.set_role(Subject::Member(*tenant, *user), *role).await?,
+                Fact::Member { tenant, user, role } => {
+                    self.set_role(&mut graph, Subject::Member(*tenant, *user), *role)
+                }
                 Fact::Key { key, grant } => {
                     if let Some(old_tenant) = self.keys.remove(key) {
-                        self.set_role(Subject::Key(old_tenant, *key), None).await?;
+                        self.set_role(&mut graph, Subject::Key(old_tenant, *key), None);
                     }
                     if let Some((tenant, role)) = grant {
                         self.keys.insert(*key, *tenant);
-                        self.set_role(Subject::Key(*tenant, *key), Some(*role)).await?;
+                        self.set_role(&mut graph, Subject::Key(*tenant, *key), Some(*role));
                     }
                 }
                 Fact::Tenant { tenant, policy } => {
@@ -183,10 +193,10 @@ impl Snapshot {
                     let new = policy.as_ref().filter(|p| p.active).map(|p| plan_node(&p.plan));
                     if old != new {
                         if let Some(old) = old {
-                            self.enforcer.remove_named_grouping_policy("g2", vec![tenant_node(*tenant), old]).await?;
+                            graph.unlink(&tenant_node(*tenant), &old);
                         }
                         if let Some(new) = new {
-                            self.enforcer.add_named_grouping_policy("g2", vec![tenant_node(*tenant), new]).await?;
+                            graph.link(&tenant_node(*tenant), &new);
                         }
                     }
                     match policy {
@@ -195,37 +205,34 @@ impl Snapshot {
                     };
                 }
                 Fact::PlatformAdmin { user, granted } => {
-                    let link = vec![Subject::User(*user).to_string(), PLATFORM_ADMIN_ROLE.to_owned()];
-                    let had = self.platform_admins.contains(user);
-                    if *granted && !had {
-                        self.enforcer.add_named_grouping_policy("g", link).await?;
+                    let name = Subject::User(*user).to_string();
+                    if *granted {
+                        graph.link(&name, PLATFORM_ADMIN_ROLE);
                         self.platform_admins.insert(*user);
-                    } else if !*granted && had {
-                        self.enforcer.remove_named_grouping_policy("g", link).await?;
+                    } else {
+                        graph.unlink(&name, PLATFORM_ADMIN_ROLE);
                         self.platform_admins.remove(user);
                     }
                     self.note_absent(Subject::User(*user), !*granted);
                 }
             }
         }
-        Ok(())
     }
 
-    async fn set_role(&mut self, subject: Subject, role: Option<Role>) -> casbin::Result<()> {
+    fn set_role(&mut self, graph: &mut LinkGraph, subject: Subject, role: Option<Role>) {
         let old = self.roles.get(&subject).copied();
         if old != role {
             let name = subject.to_string();
             if let Some(old) = old {
-                self.enforcer.remove_named_grouping_policy("g", vec![name.clone(), role_node(old)]).await?;
+                graph.unlink(&name, &role_node(old));
                 self.roles.remove(&subject);
             }
             if let Some(role) = role {
-                self.enforcer.add_named_grouping_policy("g", vec![name, role_node(role)]).await?;
+                graph.link(&name, &role_node(role));
                 self.roles.insert(subject, role);
             }
         }
         self.note_absent(subject, role.is_none());
-        Ok(())
     }
 
     fn note_absent(&mut self, subject: Subject, absent: bool) {
@@ -270,18 +277,8 @@ impl Snapshot {
         self.enforcer.enforce((subject, tenant, need.resource, need.action.as_str(), feature))
     }
 
-    /// The first template that allows the request, for the record (casbin
-    /// stops at the first one that matches, in file order).
-    pub fn matching_template(&self, rules: &Rules, subject: &str, need: &Need) -> Option<usize> {
-        let roles = self.enforcer.get_role_manager();
-        let roles = roles.read();
-        rules.templates.iter().position(|[role, obj, act]| {
-            act == need.action.as_str() && (obj == "*" || obj == need.resource) && roles.has_link(subject, role, None)
-        })
-    }
-
     /// Whether `plan` (a catalog plan) grants `feature`, by the same graph.
     pub fn plan_grants(&self, plan: &str, feature: &str) -> bool {
-        self.enforcer.get_role_manager().read().has_link(&plan_node(plan), &super::feature_node(feature), None)
+        self.links.read().reaches(&plan_node(plan), &super::feature_node(feature))
     }
 }
