@@ -602,6 +602,16 @@ async fn decisions(access: &Access, subjects: &[(Subject, plinth_tenants::Tenant
     Ok(out)
 }
 
+/// An engine without a listener, loaded as if one had just connected, so
+/// checks come from the engine (not from the database).
+async fn current_engine(db: &Db) -> TestResult<std::sync::Arc<Access>> {
+    let access = Access::start(db.clone(), Catalog::default_catalog()?).await?;
+    (access.listen_handlers()[0].1)(plinth_tenants::notify::ListenEvent::Connected);
+    access.reload().await?;
+    assert!(access.is_current());
+    Ok(access)
+}
+
 #[tokio::test]
 async fn a_check_answers_the_same_with_100_000_tenants_loaded() -> TestResult {
     let testdb = TestDb::migrated().await?;
@@ -616,8 +626,7 @@ async fn a_check_answers_the_same_with_100_000_tenants_loaded() -> TestResult {
             subjects.push((Subject::Member(tenant.id, UserId(user)), tenant.id));
         }
     }
-    let small = Access::start(db.clone(), Catalog::default_catalog()?).await?;
-    small.reload().await?;
+    let small = current_engine(&db).await?;
     let before = decisions(&small, &subjects).await?;
     assert!(before.iter().any(|d| matches!(d, Decision::Allowed { .. })));
     assert!(before.iter().any(|d| matches!(d, Decision::PlanRequired { .. })));
@@ -640,10 +649,54 @@ async fn a_check_answers_the_same_with_100_000_tenants_loaded() -> TestResult {
                ON (u.n - 1) / 3 + 1 = t.n;",
         )
         .await?;
-    let large = Access::start(db, Catalog::default_catalog()?).await?;
-    large.reload().await?;
+    let large = current_engine(&db).await?;
     let (tenants, links) = large.counts();
     assert!(tenants > 100_000 && links > 300_000, "loaded {tenants} tenants and {links} links");
     assert_eq!(decisions(&large, &subjects).await?, before);
+    Ok(())
+}
+
+#[tokio::test]
+async fn while_the_listener_is_away_checks_read_the_database() -> TestResult {
+    use plinth_tenants::notify::ListenEvent;
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(4)?;
+    let app = TestApp::spawn_on(&testdb, AppOptions::default()).await?;
+    let acme = app.create_tenant("acme").await?;
+    let token = member(&db, &acme, Role::Admin).await?;
+    let user = UserId(user_id_of(&app, "acme", &token).await?.parse()?);
+    let subject = Subject::Member(acme.id, user);
+    let manage = Need { resource: "members", action: Action::Manage, feature: None };
+
+    // An engine with no listener: its events are played by hand.
+    let access = Access::start(db.clone(), Catalog::default_catalog()?).await?;
+    let handlers = access.listen_handlers();
+    let connection = &handlers[0].1;
+    connection(ListenEvent::Connected);
+    access.reload().await?;
+    assert!(access.is_current());
+    assert!(matches!(access.check(subject, Some(acme.id), &manage).await?, Decision::Allowed { .. }));
+
+    // A demotion whose notification this engine never hears: while it
+    // believes itself connected it answers from memory (what the listener
+    // exists to prevent)...
+    let client = testdb.client().await?;
+    client
+        .execute(
+            "UPDATE public.memberships SET role = 'viewer' WHERE tenant_id = $1 AND user_id = $2",
+            &[&acme.id.0, &user.0],
+        )
+        .await?;
+    assert!(matches!(access.check(subject, Some(acme.id), &manage).await?, Decision::Allowed { .. }));
+    // ...and once the listener is lost it reads the rows for every check.
+    connection(ListenEvent::Disconnected);
+    assert!(!access.is_current());
+    assert_eq!(access.check(subject, Some(acme.id), &manage).await?, Decision::Forbidden);
+    let read = Need { resource: "projects", action: Action::Read, feature: None };
+    assert!(matches!(access.check(subject, Some(acme.id), &read).await?, Decision::Allowed { .. }));
+    // Reconnected: everything is reloaded, and the engine answers again.
+    connection(ListenEvent::Connected);
+    access.reload().await?;
+    assert_eq!(access.check(subject, Some(acme.id), &manage).await?, Decision::Forbidden);
     Ok(())
 }

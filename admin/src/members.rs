@@ -158,7 +158,7 @@ async fn remove(ctx: Allowed<Leave>, db: web::Data<Db>, path: web::Path<String>)
     let user = target(&path)?;
     // Anyone may leave; removing someone else takes an admin.
     if caller(&ctx).map(|u| u.0) != Some(user) {
-        ctx.require::<ManageMembers>()?;
+        ctx.require::<ManageMembers>().await?;
     }
     let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
     let action = if caller(&ctx).map(|u| u.0) == Some(user) { "member.left" } else { "member.removed" };

@@ -79,8 +79,8 @@ impl TenantContext {
     /// A second requirement, for a route whose need depends on its target
     /// (removing someone else takes more than leaving). Declared with
     /// [`crate::requirements!`] like the route's own.
-    pub fn require<R: Requirement>(&self) -> Result<(), ApiError> {
-        let decision = self.access.decide_now(self.subject, Some(self.tenant.id), &R::NEED)?;
+    pub async fn require<R: Requirement>(&self) -> Result<(), ApiError> {
+        let decision = self.access.check(self.subject, Some(self.tenant.id), &R::NEED).await?;
         gate::record(self.subject, &self.tenant.id.to_string(), &R::NEED, &decision);
         gate::outcome(decision)
     }
@@ -131,14 +131,16 @@ impl TenantContext {
             let subject = Subject::Member(tenant.id, session.user_id);
             (Principal::User { user_id: session.user_id, session_id: session.session_id }, tenant, subject)
         };
-        let (role, policy, snapshot) = access.tenant_subject(subject, tenant.id).await?;
-        let role = role.ok_or(ApiError::NotFound("tenant"))?;
+        let asked = access.tenant_subject(subject, tenant.id).await?;
+        let (Some(role), Some(policy)) = (asked.role, asked.policy.clone()) else {
+            return Err(ApiError::NotFound("tenant"));
+        };
         if tenant.status == TenantStatus::Suspended || !policy.active {
             return Err(ApiError::TenantSuspended);
         }
         tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
-        let decision = access.decide(&snapshot, subject, Some(tenant.id), need)?;
-        drop(snapshot);
+        let decision = access.decide(&asked, need)?;
+        drop(asked);
         gate::record(subject, &tenant.id.to_string(), need, &decision);
         gate::outcome(decision)?;
         let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();

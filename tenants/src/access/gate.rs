@@ -128,8 +128,9 @@ impl<R: Requirement> FromRequest for PlatformAllowed<R> {
             tracing::Span::current().record("user.id", session.user_id.to_string());
             let access = registered::<Arc<Access>>(&req)?;
             let subject = Subject::User(session.user_id);
-            let (admin, snapshot) = access.is_platform_admin(session.user_id).await?;
-            let decision = if admin { access.decide(&snapshot, subject, None, &R::NEED)? } else { Decision::Forbidden };
+            let (admin, asked) = access.platform_user(session.user_id).await?;
+            let decision = if admin { access.decide(&asked, &R::NEED)? } else { Decision::Forbidden };
+            drop(asked);
             record(subject, "platform", &R::NEED, &decision);
             outcome(decision)?;
             Ok(Self { user_id: session.user_id, session_id: session.session_id, _requirement: PhantomData })

@@ -29,6 +29,7 @@ pub mod quota;
 mod snapshot;
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -137,6 +138,20 @@ impl Decision {
     }
 }
 
+/// What the policy holds for one caller, ready to be checked.
+pub struct Asked {
+    /// The role in the tenant (tenant subjects).
+    pub role: Option<Role>,
+    /// The tenant's policy (tenant subjects).
+    pub policy: Option<TenantPolicy>,
+    /// The names casbin is asked about: the subject and tenant nodes, or,
+    /// read directly, the role and plan nodes themselves.
+    sub: String,
+    ten: String,
+    role_node: String,
+    snapshot: Arc<Snapshot>,
+}
+
 /// A change the writer must re-read from PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Change {
@@ -148,7 +163,9 @@ pub enum Change {
 
 enum Msg {
     Refresh(Vec<Change>, Option<oneshot::Sender<()>>),
-    Reload(Option<oneshot::Sender<()>>),
+    /// Reload everything; with the listener epoch it was asked in, when a
+    /// (re)connect asked for it.
+    Reload(Option<oneshot::Sender<()>>, Option<u64>),
 }
 
 /// The access engine of one process, shared by every worker.
@@ -157,6 +174,12 @@ pub struct Access {
     rules: Arc<Rules>,
     catalog: Arc<Catalog>,
     writer: mpsc::UnboundedSender<Msg>,
+    db: Db,
+    /// Loaded while the listener has stayed connected: the engine is current.
+    trusted: Arc<AtomicBool>,
+    /// Bumped on every disconnect, so a reload that began before one does
+    /// not mark the engine current.
+    epoch: Arc<AtomicU64>,
 }
 
 impl Access {
@@ -170,17 +193,21 @@ impl Access {
         let spare = Snapshot::build(&rules, &catalog, &[]).await?;
         let current = Arc::new(RwLock::new(Arc::new(first)));
         let (tx, rx) = mpsc::unbounded_channel();
+        let trusted = Arc::new(AtomicBool::new(false));
+        let epoch = Arc::new(AtomicU64::new(0));
         let writer = Writer {
-            db,
+            db: db.clone(),
             rules: Arc::clone(&rules),
             catalog: Arc::clone(&catalog),
             current: Arc::clone(&current),
             spare: Arc::new(spare),
             rx,
             retry: tx.downgrade(),
+            trusted: Arc::clone(&trusted),
+            epoch: Arc::clone(&epoch),
         };
         tokio::spawn(writer.run());
-        Ok(Arc::new(Self { current, rules, catalog, writer: tx }))
+        Ok(Arc::new(Self { current, rules, catalog, writer: tx, db, trusted, epoch }))
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -214,13 +241,29 @@ impl Access {
         Ok(self.snapshot())
     }
 
-    /// A member's or key's role in `tenant`, and the tenant's policy; `None`
-    /// when the subject holds no role there.
-    pub(crate) async fn tenant_subject(
-        &self,
-        subject: Subject,
-        tenant: TenantId,
-    ) -> Result<(Option<Role>, TenantPolicy, Arc<Snapshot>), ApiError> {
+    /// What the policy holds for `subject` in `tenant`: its role (`None`:
+    /// not a member, a 404) and the tenant's policy.
+    ///
+    /// While the notification listener is connected and the engine loaded,
+    /// this comes from the engine (reading only what it has not seen yet).
+    /// Otherwise the engine may be behind, so the rows are read directly and
+    /// the check names the role and plan themselves instead of the links.
+    pub(crate) async fn tenant_subject(&self, subject: Subject, tenant: TenantId) -> Result<Asked, ApiError> {
+        if !AtomicBool::load(&self.trusted, Ordering::SeqCst) {
+            let (role, policy) =
+                self.db.platform(async |c| read_standing(c, &self.catalog, subject, tenant).await).await?;
+            let policy = policy.ok_or(ApiError::NotFound("tenant"))?;
+            let ten = if policy.active { snapshot::plan_node(&policy.plan) } else { "none".to_owned() };
+            let role_node = role.map(snapshot::role_node).unwrap_or_default();
+            return Ok(Asked {
+                sub: role_node.clone(),
+                ten,
+                role_node,
+                role,
+                policy: Some(policy),
+                snapshot: self.snapshot(),
+            });
+        }
         let snapshot = self
             .knowing(|s| {
                 let mut changes = Vec::new();
@@ -239,47 +282,59 @@ impl Access {
             .await?;
         let role = snapshot.role(&subject).flatten();
         let policy = snapshot.tenant(tenant).cloned().ok_or(ApiError::NotFound("tenant"))?;
-        Ok((role, policy, snapshot))
+        Ok(Asked {
+            sub: subject.to_string(),
+            ten: snapshot::tenant_node(tenant),
+            role_node: role.map(snapshot::role_node).unwrap_or_default(),
+            role,
+            policy: Some(policy),
+            snapshot,
+        })
     }
 
-    /// Whether `user` holds the platform admin grant.
-    pub(crate) async fn is_platform_admin(&self, user: UserId) -> Result<(bool, Arc<Snapshot>), ApiError> {
-        let snapshot = self
-            .knowing(|s| if s.platform_admin(user).is_none() { vec![Change::PlatformAdmin(user)] } else { vec![] })
-            .await?;
-        Ok((snapshot.platform_admin(user).unwrap_or(false), snapshot))
+    /// Whether `user` holds the platform admin grant (read directly while
+    /// the engine may be behind, like [`Access::tenant_subject`]).
+    pub(crate) async fn platform_user(&self, user: UserId) -> Result<(bool, Asked), ApiError> {
+        let (admin, sub, snapshot) = if AtomicBool::load(&self.trusted, Ordering::SeqCst) {
+            let snapshot = self
+                .knowing(|s| if s.platform_admin(user).is_none() { vec![Change::PlatformAdmin(user)] } else { vec![] })
+                .await?;
+            (snapshot.platform_admin(user).unwrap_or(false), Subject::User(user).to_string(), snapshot)
+        } else {
+            let rows: Vec<AdminRow> = self
+                .db
+                .platform(async |c| {
+                    let rows = diesel::sql_query(format!("{ADMINS_SQL} WHERE user_id = $1"))
+                        .bind::<SqlUuid, _>(user.0)
+                        .load(c)
+                        .await?;
+                    Ok::<_, ApiError>(rows)
+                })
+                .await?;
+            (!rows.is_empty(), snapshot::PLATFORM_ADMIN_ROLE.to_owned(), self.snapshot())
+        };
+        let role_node = if admin { snapshot::PLATFORM_ADMIN_ROLE.to_owned() } else { String::new() };
+        Ok((admin, Asked { sub, ten: "platform".to_owned(), role_node, role: None, policy: None, snapshot }))
     }
 
-    /// The one check. `tenant` is `None` on platform routes. `subject` must be
-    /// known to `snapshot` (see [`Access::tenant_subject`]).
-    pub(crate) fn decide(
-        &self,
-        snapshot: &Snapshot,
-        subject: Subject,
-        tenant: Option<TenantId>,
-        need: &Need,
-    ) -> Result<Decision, ApiError> {
-        let sub = subject.to_string();
-        let ten = tenant.map_or_else(|| "platform".to_owned(), snapshot::tenant_node);
+    /// The one check, for a subject [`Access::tenant_subject`] or
+    /// [`Access::platform_user`] found holding a role.
+    pub(crate) fn decide(&self, asked: &Asked, need: &Need) -> Result<Decision, ApiError> {
         let feature = need.feature.map(feature_node);
         let fail = |e: casbin::Error| ApiError::Internal(anyhow::anyhow!("policy check failed: {e}"));
-        let role = match subject {
-            Subject::User(_) => snapshot::PLATFORM_ADMIN_ROLE.to_owned(),
-            _ => snapshot.role(&subject).flatten().map(snapshot::role_node).unwrap_or_default(),
-        };
-        if snapshot.enforce(&sub, &ten, need, feature.as_deref().unwrap_or("-")).map_err(fail)? {
-            let rule = self.rules.matching_template(&role, need).map(|t| format!("p, {}", t.join(", ")));
+        if asked.snapshot.enforce(&asked.sub, &asked.ten, need, feature.as_deref().unwrap_or("-")).map_err(fail)? {
+            let rule = self.rules.matching_template(&asked.role_node, need).map(|t| format!("p, {}", t.join(", ")));
             return Ok(Decision::Allowed { rule: rule.unwrap_or_default() });
         }
         // Denied: by the role, or only by the plan? The templates alone
         // answer the first (no second casbin check).
         match need.feature {
-            Some(feature) if self.rules.matching_template(&role, need).is_some() => {
+            Some(feature) if self.rules.matching_template(&asked.role_node, need).is_some() => {
                 let plan = self
                     .catalog
                     .plans()
                     .iter()
-                    .find(|p| snapshot.plan_grants(&p.name, feature))
+                    .find(|p| asked.snapshot.plan_grants(&p.name, feature))
                     .map(|p| p.name.clone());
                 Ok(Decision::PlanRequired { feature, plan })
             }
@@ -287,51 +342,44 @@ impl Access {
         }
     }
 
-    /// A check on the current snapshot, for a subject the gate has just
-    /// found in it.
-    pub(crate) fn decide_now(
-        &self,
-        subject: Subject,
-        tenant: Option<TenantId>,
-        need: &Need,
-    ) -> Result<Decision, ApiError> {
-        let snapshot = self.snapshot();
-        if snapshot.role(&subject).flatten().is_none() && !matches!(subject, Subject::User(_)) {
-            return Ok(Decision::Forbidden);
-        }
-        self.decide(&snapshot, subject, tenant, need)
-    }
-
     /// One check, as the gate makes it, for a subject already authenticated
     /// (benchmarks, tests and tools). A subject holding no role is
     /// `Forbidden`.
     pub async fn check(&self, subject: Subject, tenant: Option<TenantId>, need: &Need) -> Result<Decision, ApiError> {
-        let (known, snapshot) = match (subject, tenant) {
-            (Subject::User(user), None) => self.is_platform_admin(user).await?,
+        let (known, asked) = match (subject, tenant) {
+            (Subject::User(user), None) => self.platform_user(user).await?,
             (subject, Some(tenant)) => {
-                let (role, _, snapshot) = self.tenant_subject(subject, tenant).await?;
-                (role.is_some(), snapshot)
+                let asked = self.tenant_subject(subject, tenant).await?;
+                (asked.role.is_some(), asked)
             }
-            (_, None) => (false, self.snapshot()),
+            (_, None) => return Ok(Decision::Forbidden),
         };
         if !known {
             return Ok(Decision::Forbidden);
         }
-        self.decide(&snapshot, subject, tenant, need)
+        self.decide(&asked, need)
     }
 
     /// The listener handlers that keep the engine current, by channel.
     pub fn listen_handlers(self: &Arc<Self>) -> Vec<(&'static str, Handler)> {
-        let on = |parse: fn(&str) -> Option<Change>| -> Handler {
-            let writer = self.writer.clone();
+        // Every handler hears (dis)connects; the first one acts on them.
+        let on = |parse: fn(&str) -> Option<Change>, connection: bool| -> Handler {
+            let (writer, trusted, epoch) = (self.writer.clone(), Arc::clone(&self.trusted), Arc::clone(&self.epoch));
             Arc::new(move |event| {
                 let msg = match event {
                     ListenEvent::Notified(payload) => match parse(payload) {
                         Some(change) => Msg::Refresh(vec![change], None),
-                        None => Msg::Reload(None),
+                        None => Msg::Reload(None, None),
                     },
-                    ListenEvent::Connected => Msg::Reload(None),
-                    ListenEvent::Disconnected => return,
+                    ListenEvent::Connected if connection => {
+                        Msg::Reload(None, Some(AtomicU64::load(&epoch, Ordering::SeqCst)))
+                    }
+                    ListenEvent::Disconnected if connection => {
+                        trusted.store(false, Ordering::SeqCst);
+                        epoch.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    ListenEvent::Connected | ListenEvent::Disconnected => return,
                 };
                 let _ = writer.send(msg);
             })
@@ -339,14 +387,17 @@ impl Access {
         vec![
             (
                 crate::auth::MEMBERSHIPS_CHANNEL,
-                on(|p| {
-                    let (t, u) = p.split_once(':')?;
-                    Some(Change::Membership(TenantId(uuid(t)?), UserId(uuid(u)?)))
-                }),
+                on(
+                    |p| {
+                        let (t, u) = p.split_once(':')?;
+                        Some(Change::Membership(TenantId(uuid(t)?), UserId(uuid(u)?)))
+                    },
+                    true,
+                ),
             ),
-            (crate::auth::API_KEYS_CHANNEL, on(|p| Some(Change::ApiKey(uuid(p)?)))),
-            (TENANT_POLICY_CHANNEL, on(|p| Some(Change::Tenant(TenantId(uuid(p)?))))),
-            (PLATFORM_ADMINS_CHANNEL, on(|p| Some(Change::PlatformAdmin(UserId(uuid(p)?))))),
+            (crate::auth::API_KEYS_CHANNEL, on(|p| Some(Change::ApiKey(uuid(p)?)), false)),
+            (TENANT_POLICY_CHANNEL, on(|p| Some(Change::Tenant(TenantId(uuid(p)?))), false)),
+            (PLATFORM_ADMINS_CHANNEL, on(|p| Some(Change::PlatformAdmin(UserId(uuid(p)?))), false)),
         ]
     }
 
@@ -355,9 +406,15 @@ impl Access {
     pub async fn reload(&self) -> Result<(), ApiError> {
         let (done, loaded) = oneshot::channel();
         self.writer
-            .send(Msg::Reload(Some(done)))
+            .send(Msg::Reload(Some(done), None))
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("the policy writer has stopped")))?;
         loaded.await.map_err(|_| ApiError::Unavailable(anyhow::anyhow!("loading the access policy failed")))
+    }
+
+    /// Whether checks are answered from the engine (loaded, listener
+    /// connected) rather than read from the database.
+    pub fn is_current(&self) -> bool {
+        AtomicBool::load(&self.trusted, Ordering::SeqCst)
     }
 
     /// How many tenants and subjects the engine holds.
@@ -375,6 +432,8 @@ struct Writer {
     spare: Arc<Snapshot>,
     rx: mpsc::UnboundedReceiver<Msg>,
     retry: mpsc::WeakUnboundedSender<Msg>,
+    trusted: Arc<AtomicBool>,
+    epoch: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -383,14 +442,16 @@ impl Writer {
         while let Some(first) = self.rx.recv().await {
             // Everything queued is handled as one batch.
             let mut reload = false;
+            let mut connected_epoch = None;
             let mut changes = Vec::new();
             let mut waiters = Vec::new();
             let mut next = Some(first);
             while let Some(msg) = next.take().or_else(|| self.rx.try_recv().ok()) {
                 match msg {
-                    Msg::Reload(waiter) => {
+                    Msg::Reload(waiter, epoch) => {
                         reload = true;
                         waiters.extend(waiter);
+                        connected_epoch = epoch.or(connected_epoch);
                     }
                     Msg::Refresh(c, waiter) => {
                         changes.extend(c);
@@ -402,6 +463,10 @@ impl Writer {
             match result {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
+                    // Current only if the listener stayed connected since it asked.
+                    if connected_epoch.is_some_and(|e| e == AtomicU64::load(&self.epoch, Ordering::SeqCst)) {
+                        self.trusted.store(true, Ordering::SeqCst);
+                    }
                     for waiter in waiters {
                         let _ = waiter.send(());
                     }
@@ -413,7 +478,7 @@ impl Writer {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     if let Some(tx) = self.retry.upgrade() {
-                        let _ = tx.send(Msg::Reload(None));
+                        let _ = tx.send(Msg::Reload(None, connected_epoch));
                     }
                 }
             }
@@ -549,6 +614,45 @@ async fn read_all(conn: &mut PgConn, catalog: &Catalog) -> anyhow::Result<Vec<Fa
     let admins: Vec<AdminRow> = diesel::sql_query(ADMINS_SQL).load(conn).await?;
     facts.extend(admins.into_iter().map(|a| Fact::PlatformAdmin { user: UserId(a.user_id), granted: true }));
     Ok(facts)
+}
+
+#[derive(QueryableByName)]
+struct StandingRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    role: Option<String>,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+}
+
+/// A subject's role and its tenant's policy, read directly.
+async fn read_standing(
+    conn: &mut PgConn,
+    catalog: &Catalog,
+    subject: Subject,
+    tenant: TenantId,
+) -> Result<(Option<Role>, Option<TenantPolicy>), ApiError> {
+    let (join, id) = match subject {
+        Subject::Member(_, user) => ("public.memberships s ON s.tenant_id = t.id AND s.user_id = $2", user.0),
+        Subject::Key(_, key) => ("public.api_keys s ON s.tenant_id = t.id AND s.id = $2 AND s.revoked_at IS NULL", key),
+        Subject::User(_) => return Ok((None, None)),
+    };
+    let rows: Vec<StandingRow> = diesel::sql_query(format!(
+        "SELECT s.role, t.plan, t.status FROM public.tenants t LEFT JOIN {join} WHERE t.id = $1"
+    ))
+    .bind::<SqlUuid, _>(tenant.0)
+    .bind::<SqlUuid, _>(id)
+    .load(conn)
+    .await?;
+    let Some(row) = rows.into_iter().next() else { return Ok((None, None)) };
+    let role = row.role.as_deref().map(parse_role).transpose()?;
+    let Fact::Tenant { policy, .. } =
+        tenant_policy(catalog, TenantRow { id: tenant.0, plan: row.plan, status: row.status })
+    else {
+        return Ok((role, None));
+    };
+    Ok((role, policy))
 }
 
 /// The current rows behind each change; a missing row is a fact too.

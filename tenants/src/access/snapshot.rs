@@ -125,7 +125,7 @@ pub(crate) fn role_node(role: Role) -> String {
 
 pub(crate) const PLATFORM_ADMIN_ROLE: &str = "role:platform_admin";
 
-fn plan_node(plan: &str) -> String {
+pub(crate) fn plan_node(plan: &str) -> String {
     format!("plan:{plan}")
 }
 
@@ -271,8 +271,7 @@ impl Snapshot {
         (self.tenants.len(), self.roles.len() + self.platform_admins.len())
     }
 
-    /// The casbin check. `subject` must be known to the snapshot (an unknown
-    /// name makes casbin's role graph search every node).
+    /// The casbin check.
     pub fn enforce(&self, subject: &str, tenant: &str, need: &Need, feature: &str) -> casbin::Result<bool> {
         self.enforcer.enforce((subject, tenant, need.resource, need.action.as_str(), feature))
     }
