@@ -24,13 +24,18 @@ requirements! {
     pub ManageTenants = "tenants", Manage, feature: none;
 }
 
+/// Mounted under one `/v1/admin` scope: other requests skip these routes
+/// with one prefix comparison instead of trying each pattern.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/admin/tenants", web::get().to(list))
-        .route("/v1/admin/tenants/{id}", web::get().to(show))
-        .route("/v1/admin/tenants/{id}", web::delete().to(delete))
-        .route("/v1/admin/tenants/{id}/suspend", web::post().to(suspend))
-        .route("/v1/admin/tenants/{id}/reactivate", web::post().to(reactivate))
-        .route("/v1/admin/tenants/{id}/plan", web::put().to(set_plan));
+    cfg.service(
+        web::scope("/v1/admin")
+            .route("/tenants", web::get().to(list))
+            .route("/tenants/{id}", web::get().to(show))
+            .route("/tenants/{id}", web::delete().to(delete))
+            .route("/tenants/{id}/suspend", web::post().to(suspend))
+            .route("/tenants/{id}/reactivate", web::post().to(reactivate))
+            .route("/tenants/{id}/plan", web::put().to(set_plan)),
+    );
 }
 
 /// Grants the platform admin role to `user` (idempotent).
