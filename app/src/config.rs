@@ -59,6 +59,9 @@ pub struct Settings {
     /// `PLINTH_PLANS_FILE`: the plan catalog (default: `config/plans.toml`,
     /// built in).
     pub plans_file: Option<PathBuf>,
+    /// `PLINTH_STRIPE_SECRET_KEY`, `PLINTH_STRIPE_WEBHOOK_SECRET` (one or
+    /// more, comma-separated), `PLINTH_STRIPE_API_BASE`.
+    pub stripe: plinth_billing::config::StripeConfig,
     /// `PLINTH_LIMIT_*`: rate limits of the sensitive routes, each `N/period`
     /// (`5/15m`, `30/1m`, `10/1h`, `20/30s`).
     pub limits: RateLimitConfig,
@@ -121,6 +124,11 @@ impl Settings {
             log_json: log_format == "json",
             smtp_url: get("PLINTH_SMTP_URL").map(str::to_owned),
             plans_file: get("PLINTH_PLANS_FILE").map(PathBuf::from),
+            stripe: plinth_billing::config::StripeConfig {
+                secret_key: get("PLINTH_STRIPE_SECRET_KEY").map(str::to_owned),
+                webhook_secrets: plinth_billing::config::StripeConfig::secrets(get("PLINTH_STRIPE_WEBHOOK_SECRET")),
+                api_base: get("PLINTH_STRIPE_API_BASE").unwrap_or(plinth_billing::config::STRIPE_API).to_owned(),
+            },
             mail_from: get("PLINTH_MAIL_FROM").unwrap_or("Plinth <noreply@localhost>").to_owned(),
             run_worker: flag("PLINTH_WORKER", true)?,
             worker_concurrency: usize::try_from(num("PLINTH_WORKER_CONCURRENCY", 4)?)?.max(1),

@@ -72,6 +72,7 @@ impl Application {
             ..IdentityConfig::default()
         };
         let limits_data = web::Data::new(RateLimits::new(&identity.limits));
+        let stripe_data = web::Data::new(settings.stripe.clone());
         let client_ip_data = web::Data::new(ClientIpHeader(identity.client_ip_header.clone()));
         let identity_data = web::Data::new(identity);
         let next_pool = Arc::new(AtomicUsize::new(0));
@@ -87,6 +88,7 @@ impl Application {
                 .app_data(identity_data.clone())
                 .app_data(client_ip_data.clone())
                 .app_data(limits_data.clone())
+                .app_data(stripe_data.clone())
                 .app_data(body_limit)
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)
@@ -98,6 +100,7 @@ impl Application {
                 .configure(plinth_admin::audit_log::configure)
                 .configure(plinth_admin::totp::configure)
                 .configure(crate::projects::configure)
+                .configure(plinth_billing::webhook::configure)
                 .default_service(web::to(not_found))
         })
         .workers(workers)

@@ -2,8 +2,11 @@
 //! webhook inbox and subscription state, and turning a subscription into the
 //! tenant's plan in the access policy.
 //!
-//! Implemented so far: [`mail`], the billing notices. The tenant registry already records each
-//! tenant's `plan` (every tenant starts on `free`), which this crate will
-//! keep in step with Stripe.
+//! Implemented so far: [`webhook`], the verified webhook inbox (events are
+//! stored, not yet processed), [`config`], and [`mail`], the billing
+//! notices. The tenant registry records each tenant's `plan` (every tenant
+//! starts on `free`), which this crate will keep in step with Stripe.
 
+pub mod config;
 pub mod mail;
+pub mod webhook;

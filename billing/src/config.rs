@@ -1,0 +1,23 @@
+//! Stripe settings, as the app reads them from `PLINTH_STRIPE_*`.
+
+/// Default Stripe API base.
+pub const STRIPE_API: &str = "https://api.stripe.com";
+
+#[derive(Debug, Clone, Default)]
+pub struct StripeConfig {
+    /// `PLINTH_STRIPE_SECRET_KEY`; unset means billing is not configured.
+    pub secret_key: Option<String>,
+    /// `PLINTH_STRIPE_WEBHOOK_SECRET`: one or more endpoint secrets,
+    /// comma-separated (during a rotation both are accepted).
+    pub webhook_secrets: Vec<String>,
+    /// `PLINTH_STRIPE_API_BASE` (default Stripe's own).
+    pub api_base: String,
+}
+
+impl StripeConfig {
+    /// Parses the comma-separated webhook secrets.
+    pub fn secrets(raw: Option<&str>) -> Vec<String> {
+        raw.map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+}

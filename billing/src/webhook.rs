@@ -1,0 +1,201 @@
+//! `POST /v1/webhooks/stripe`: the webhook inbox.
+//!
+//! An event is accepted only with a valid `Stripe-Signature` over the raw
+//! body (HMAC-SHA256 with an endpoint secret; several `v1=` values and
+//! several configured secrets are accepted, for rotation) and a timestamp
+//! within 300 s. It is then stored raw in `public.stripe_events`, keyed by
+//! its id, and acknowledged (200) only after that row is committed. A
+//! second delivery of the same id is acknowledged and counted, nothing
+//! more. A signed body that does not parse as a Stripe event is stored too,
+//! parked with the reason: nothing signed is lost. Anything else is 400
+//! and nothing is stored.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_tenants::{ApiError, Db};
+use serde_json::json;
+use stripe_webhook::{Webhook, WebhookError};
+
+use crate::config::StripeConfig;
+
+/// Stripe sends events of up to a few hundred kilobytes.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/webhooks/stripe").app_data(web::PayloadConfig::new(MAX_EVENT_BYTES)).post(receive_route),
+    );
+}
+
+/// What the inbox made of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// Stored for processing.
+    Stored { id: String, kind: String },
+    /// Stored, parked: signed but not a Stripe event Plinth can read.
+    Parked { id: String, reason: String },
+    /// This id was stored before; acknowledged again.
+    Duplicate { id: String },
+}
+
+/// Why a delivery was refused (400, nothing stored).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    #[error("the Stripe-Signature header is missing")]
+    NoSignature,
+    #[error("the Stripe-Signature header is malformed")]
+    BadHeader,
+    #[error("no signature matches the body")]
+    BadSignature,
+    #[error("the signature's timestamp is more than 300 s away")]
+    Stale,
+    #[error("the body is not UTF-8 JSON")]
+    NotText,
+}
+
+/// Checks the signature against each secret. `Ok(Some(event))` is a
+/// verified, parsed event; `Ok(None)` verified but unparseable.
+fn verify(payload: &str, header: &str, secrets: &[String], now: i64) -> Result<Option<stripe_webhook::Event>, Refused> {
+    let mut refused = Refused::BadSignature;
+    for secret in secrets {
+        match Webhook::construct_event_with_timestamp(payload, header, secret, now) {
+            Ok(event) => return Ok(Some(event)),
+            // Parsing comes after the signature and the timestamp passed.
+            Err(WebhookError::BadParse(_)) => return Ok(None),
+            Err(WebhookError::BadTimestamp(_)) => refused = Refused::Stale,
+            Err(WebhookError::BadHeader(_)) => return Err(Refused::BadHeader),
+            Err(WebhookError::BadSignature | WebhookError::BadKey) => {}
+        }
+    }
+    Err(refused)
+}
+
+/// The id, type, object id and creation time of an event body, read
+/// leniently (for bodies the typed parser refused, and for the columns).
+fn outline(payload: &str) -> (Option<String>, Option<String>, Option<String>, Option<DateTime<Utc>>) {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(payload) else { return (None, None, None, None) };
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+    (
+        text(&value["id"]),
+        text(&value["type"]),
+        text(&value["data"]["object"]["id"]),
+        value["created"].as_i64().and_then(|t| DateTime::from_timestamp(t, 0)),
+    )
+}
+
+/// Verifies and stores one delivery.
+pub async fn receive(
+    db: &Db,
+    secrets: &[String],
+    payload: &[u8],
+    signature: Option<&str>,
+    now: i64,
+) -> Result<Received, ReceiveError> {
+    let header = signature.ok_or(Refused::NoSignature)?;
+    let payload = std::str::from_utf8(payload).map_err(|_| Refused::NotText)?;
+    let verified = verify(payload, header, secrets, now)?;
+    let (id, kind, object_id, created_at) = outline(payload);
+    let (id, parked) = match (&verified, id) {
+        (Some(event), _) => (event.id.as_str().to_owned(), None),
+        (None, Some(id)) => (id, Some("the event does not parse as a Stripe event".to_owned())),
+        // Signed, but not even an id: keyed by the body's hash so a
+        // redelivery is still recognised.
+        (None, None) => {
+            let digest = plinth_tenants::auth::hash_token(payload);
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            (format!("unparsed_{}", &hex[..32]), Some("the body is not JSON with an event id".to_owned()))
+        }
+    };
+    let kind = verified.as_ref().map(|e| e.type_.as_str().to_owned()).or(kind);
+    let stored = db
+        .platform(async |c| {
+            let stored =
+                insert(c, &id, kind.as_deref(), object_id.as_deref(), created_at, payload, parked.as_deref()).await?;
+            Ok::<_, ApiError>(stored)
+        })
+        .await?;
+    Ok(match (stored, parked) {
+        (false, _) => Received::Duplicate { id },
+        (true, Some(reason)) => Received::Parked { id, reason },
+        (true, None) => Received::Stored { id, kind: kind.unwrap_or_default() },
+    })
+}
+
+/// Inserts the event; false (and the duplicate counted) if its id is known.
+async fn insert(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+    kind: Option<&str>,
+    object_id: Option<&str>,
+    created_at: Option<DateTime<Utc>>,
+    payload: &str,
+    parked: Option<&str>,
+) -> Result<bool, diesel::result::Error> {
+    let inserted = diesel::sql_query(
+        "INSERT INTO public.stripe_events (id, type, object_id, created_at, payload, status, parked_reason) \
+         VALUES ($1, $2, $3, $4, $5, CASE WHEN $6::text IS NULL THEN 'received' ELSE 'parked' END, $6) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind::<Text, _>(id)
+    .bind::<Nullable<Text>, _>(kind)
+    .bind::<Nullable<Text>, _>(object_id)
+    .bind::<Nullable<Timestamptz>, _>(created_at)
+    .bind::<Text, _>(payload)
+    .bind::<Nullable<Text>, _>(parked)
+    .execute(conn)
+    .await?;
+    if inserted == 0 {
+        diesel::sql_query("UPDATE public.stripe_events SET duplicates = duplicates + 1 WHERE id = $1")
+            .bind::<Text, _>(id)
+            .execute(conn)
+            .await?;
+    }
+    Ok(inserted == 1)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+async fn receive_route(
+    req: HttpRequest,
+    body: web::Bytes,
+    db: web::Data<Db>,
+    config: Option<web::Data<StripeConfig>>,
+) -> Result<HttpResponse, ApiError> {
+    let secrets = config.as_ref().map(|c| c.webhook_secrets.as_slice()).unwrap_or_default();
+    if secrets.is_empty() {
+        return Err(ApiError::BillingNotConfigured);
+    }
+    let signature = req.headers().get("stripe-signature").and_then(|v| v.to_str().ok());
+    match receive(&db, secrets, &body, signature, Utc::now().timestamp()).await {
+        Ok(received) => {
+            let (id, duplicate) = match &received {
+                Received::Stored { id, kind } => {
+                    tracing::info!(stripe.event = id, stripe.type = kind, "Stripe event stored");
+                    (id, false)
+                }
+                Received::Parked { id, reason } => {
+                    tracing::warn!(stripe.event = id, reason, "Stripe event stored, parked");
+                    (id, false)
+                }
+                Received::Duplicate { id } => {
+                    tracing::info!(stripe.event = id, "Stripe event delivered again; acknowledged");
+                    (id, true)
+                }
+            };
+            Ok(HttpResponse::Ok().json(json!({ "received": true, "id": id, "duplicate": duplicate })))
+        }
+        Err(ReceiveError::Refused(why)) => {
+            tracing::warn!(reason = %why, "Stripe webhook refused");
+            Err(ApiError::invalid(why.to_string()))
+        }
+        Err(ReceiveError::Api(err)) => Err(err),
+    }
+}

@@ -1,0 +1,21 @@
+-- The Stripe webhook inbox: every verified event, stored raw before it is
+-- acknowledged, once per event id.
+CREATE TABLE public.stripe_events (
+    id            text PRIMARY KEY,            -- evt_...
+    type          text,                        -- NULL when the body did not parse
+    -- The id of the object the event is about (sub_..., cus_..., in_...).
+    object_id     text,
+    -- When Stripe created the event.
+    created_at    timestamptz,
+    -- The body exactly as received and signed.
+    payload       text NOT NULL,
+    received_at   timestamptz NOT NULL DEFAULT now(),
+    -- Deliveries of the same event id after the first.
+    duplicates    integer NOT NULL DEFAULT 0,
+    -- received -> processed, or parked (with the reason) until retried.
+    status        text NOT NULL DEFAULT 'received' CHECK (status IN ('received', 'processed', 'parked')),
+    parked_reason text,
+    processed_at  timestamptz
+);
+CREATE INDEX stripe_events_object_idx ON public.stripe_events (object_id, created_at);
+CREATE INDEX stripe_events_waiting_idx ON public.stripe_events (received_at) WHERE status <> 'processed';
