@@ -311,7 +311,9 @@ impl Access {
                     Ok::<_, ApiError>(rows)
                 })
                 .await?;
-            (!rows.is_empty(), snapshot::PLATFORM_ADMIN_ROLE.to_owned(), self.snapshot())
+            let admin = !rows.is_empty();
+            let sub = if admin { snapshot::PLATFORM_ADMIN_ROLE.to_owned() } else { String::new() };
+            (admin, sub, self.snapshot())
         };
         let role_node = if admin { snapshot::PLATFORM_ADMIN_ROLE.to_owned() } else { String::new() };
         Ok((admin, Asked { sub, ten: "platform".to_owned(), role_node, role: None, policy: None, snapshot }))
