@@ -700,3 +700,53 @@ async fn while_the_listener_is_away_checks_read_the_database() -> TestResult {
     assert_eq!(access.check(subject, Some(acme.id), &manage).await?, Decision::Forbidden);
     Ok(())
 }
+
+/// A pending invitation with a known token, written straight to the database.
+async fn invitation(testdb: &TestDb, tenant: &Tenant, email: &str) -> TestResult<String> {
+    let (token, hash) = plinth_tenants::auth::new_token()?;
+    testdb
+        .client()
+        .await?
+        .execute(
+            "INSERT INTO public.invitations (id, tenant_id, email, role, token_hash, expires_at) \
+             VALUES ($1, $2, $3, 'viewer', $4, now() + interval '1 day')",
+            &[&uuid::Uuid::now_v7(), &tenant.id.0, &email, &&hash[..]],
+        )
+        .await?;
+    Ok(token)
+}
+
+#[tokio::test]
+async fn an_invitation_holds_its_seat_until_a_downgrade_fills_the_plan() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let app = TestApp::spawn_on(&testdb, AppOptions::default()).await?;
+    let acme = app.create_tenant_on("acme", "pro").await?;
+    member(&app.db, &acme, Role::Member).await?;
+    let held = invitation(&testdb, &acme, "held@example.com").await?;
+    let late = invitation(&testdb, &acme, "late@example.com").await?;
+    let accept = |token: String| {
+        app.http
+            .post(app.url("/v1/invitations/accept"))
+            .json(&json!({ "token": token, "password": "a long enough passphrase" }))
+            .send()
+    };
+    // Free: 3 seats. Two members and two pending invitations: over the limit
+    // for a new invitation...
+    app.set_plan("acme", "free").await?;
+    let res = app
+        .req(Method::POST, "acme", "/v1/invitations")
+        .json(&json!({ "email": "more@example.com", "role": "viewer" }))
+        .send()
+        .await?;
+    let body = assert_error(res, 402, "quota_exceeded").await?;
+    assert_eq!((body["error"]["limit"].as_u64(), body["error"]["used"].as_u64()), (Some(3), Some(4)));
+    // ...but an invitation already holds its seat: the first to accept joins
+    // (3 members), the next finds the plan full.
+    assert_eq!(accept(held).await?.status(), 200);
+    let body = assert_error(accept(late.clone()).await?, 402, "quota_exceeded").await?;
+    assert_eq!(body["error"]["used"].as_u64(), Some(3));
+    // Back on pro, the same link still works: refusing it used nothing up.
+    app.set_plan("acme", "pro").await?;
+    assert_eq!(accept(late).await?.status(), 200);
+    Ok(())
+}

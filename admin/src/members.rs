@@ -397,6 +397,14 @@ async fn accept(
     let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
     let (user, token) = db
         .platform(async |c| {
+            // The seat lock first, as inviting takes it before touching an
+            // invitation: the same order everywhere, so no deadlock. The
+            // invitation held a seat; joining is refused only when the
+            // members alone have reached the plan's limit (after a downgrade).
+            let tenant =
+                registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or(ApiError::NotFound("tenant"))?;
+            let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
+            quota::reserve(c, tenant.id, Quota::Members, limit, quota::JOINED_MEMBERS_SQL).await?;
             // Use the invitation up, exactly once.
             let used = diesel::sql_query(
                 "UPDATE public.invitations SET accepted_at = now() WHERE id = $1 AND accepted_at IS NULL \
@@ -420,12 +428,6 @@ async fn accept(
                     (user.id, Some(token))
                 }
             };
-            let tenant =
-                registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or(ApiError::NotFound("tenant"))?;
-            // The invitation held a seat; joining is refused only when the
-            // members alone have reached the plan's limit (after a downgrade).
-            let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
-            quota::reserve(c, tenant.id, Quota::Members, limit, quota::JOINED_MEMBERS_SQL).await?;
             diesel::sql_query(
                 "INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) \
                  ON CONFLICT (tenant_id, user_id) DO NOTHING",
