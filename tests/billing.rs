@@ -149,3 +149,302 @@ async fn without_a_webhook_secret_billing_is_not_configured() -> TestResult {
     assert_error(res, 503, "billing_not_configured").await?;
     Ok(())
 }
+
+mod processing {
+    use std::time::Duration;
+
+    use reqwest::Method;
+    use serde_json::Value;
+
+    use super::{SECRET, post};
+    use crate::harness::{AppOptions, TempDir, TestApp, TestDb, TestResult, eventually};
+    use crate::mail_and_jobs::{Running, fast};
+    use crate::smtp::SmtpServer;
+    use crate::stripe::{checkout_session, event, invoice, now, signature, subscription};
+
+    const PRO: &str = "price_plinth_pro";
+    const ENTERPRISE: &str = "price_plinth_enterprise";
+
+    struct Billing {
+        app: TestApp,
+        smtp: SmtpServer,
+        _worker: Running,
+        testdb: TestDb,
+        _dir: TempDir,
+    }
+
+    async fn billing(grace_days: &'static str) -> TestResult<Billing> {
+        let testdb = TestDb::migrated().await?;
+        let stripe = vec![
+            ("PLINTH_STRIPE_WEBHOOK_SECRET", SECRET),
+            ("PLINTH_STRIPE_PRICE_PRO", PRO),
+            ("PLINTH_STRIPE_PRICE_ENTERPRISE", ENTERPRISE),
+            ("PLINTH_BILLING_GRACE_DAYS", grace_days),
+        ];
+        let app = TestApp::spawn_on(&testdb, AppOptions { settings: stripe.clone(), ..Default::default() }).await?;
+        let smtp = SmtpServer::start().await?;
+        let dir = TempDir::new("billing")?;
+        let mut values: std::collections::HashMap<String, String> =
+            stripe.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        values.insert("PLINTH_SMTP_URL".into(), smtp.url());
+        values.insert("PLINTH_MAIL_FROM".into(), "Plinth <noreply@plinth.test>".into());
+        values.insert("PLINTH_DATA_DIR".into(), dir.path.display().to_string());
+        let settings = plinth::config::Settings::from_values(&values)?;
+        let worker = Running::mail(&testdb, &settings, fast())?;
+        Ok(Billing { app, smtp, _worker: worker, testdb, _dir: dir })
+    }
+
+    impl Billing {
+        async fn deliver(&self, id: &str, kind: &str, created: i64, object: Value) -> TestResult {
+            let body = event(id, kind, created, object).to_string();
+            let res = post(&self.app, &body, Some(&signature(&body, SECRET, now()))).await?;
+            assert_eq!(res.status(), 200, "{kind}");
+            Ok(())
+        }
+
+        async fn plan(&self, slug: &str) -> TestResult<String> {
+            let body: Value = self.app.req(Method::GET, slug, "/v1/tenant").send().await?.json().await?;
+            Ok(body["plan"].as_str().unwrap_or_default().to_owned())
+        }
+
+        async fn plan_becomes(&self, slug: &str, plan: &str) -> TestResult {
+            eventually(Duration::from_secs(10), || async { Ok(self.plan(slug).await? == plan) }).await?;
+            Ok(())
+        }
+
+        async fn event_status(&self, id: &str) -> TestResult<(String, Option<String>)> {
+            let row = self
+                .testdb
+                .client()
+                .await?
+                .query_one("SELECT status, parked_reason FROM public.stripe_events WHERE id = $1", &[&id])
+                .await?;
+            Ok((row.get(0), row.get(1)))
+        }
+
+        async fn processed(&self, id: &str) -> TestResult {
+            eventually(Duration::from_secs(10), || async { Ok(self.event_status(id).await?.0 == "processed") }).await?;
+            Ok(())
+        }
+
+        fn mails_to(&self, template_words: &str) -> usize {
+            self.smtp.accepted().iter().filter(|m| m.contains(template_words)).count()
+        }
+    }
+
+    #[tokio::test]
+    async fn checkout_subscription_payment_failure_and_cancellation_move_the_plan() -> TestResult {
+        let b = billing("7").await?;
+        let acme = b.app.create_tenant("acme").await?;
+        let audit = || b.app.req(Method::GET, "acme", "/v1/audit-log").send();
+        assert_eq!(audit().await?.status(), 402, "free: no audit log");
+        let t = now() - 100;
+        b.deliver(
+            "evt_checkout",
+            "checkout.session.completed",
+            t,
+            checkout_session(&acme.id.to_string(), "cus_acme", "sub_acme"),
+        )
+        .await?;
+        b.deliver(
+            "evt_created",
+            "customer.subscription.created",
+            t + 1,
+            subscription("sub_acme", "cus_acme", "active", PRO),
+        )
+        .await?;
+        b.plan_becomes("acme", "pro").await?;
+        assert_eq!(audit().await?.status(), 200, "pro features on");
+
+        // A failed payment: the owner is told once, however often Stripe delivers it.
+        for _ in 0..2 {
+            b.deliver("evt_failed", "invoice.payment_failed", t + 2, invoice("in_1", "cus_acme")).await?;
+        }
+        b.processed("evt_failed").await?;
+        eventually(Duration::from_secs(10), || async { Ok(b.mails_to("payment") >= 1) }).await?;
+        // Past due: the plan holds during the grace period.
+        b.deliver(
+            "evt_past_due",
+            "customer.subscription.updated",
+            t + 3,
+            subscription("sub_acme", "cus_acme", "past_due", PRO),
+        )
+        .await?;
+        b.processed("evt_past_due").await?;
+        assert_eq!(b.plan("acme").await?, "pro");
+
+        // Upgraded to enterprise, then cancelled.
+        b.deliver(
+            "evt_upgrade",
+            "customer.subscription.updated",
+            t + 4,
+            subscription("sub_acme", "cus_acme", "active", ENTERPRISE),
+        )
+        .await?;
+        b.plan_becomes("acme", "enterprise").await?;
+        assert_eq!(b.app.req(Method::GET, "acme", "/v1/export").send().await?.status(), 200);
+        for _ in 0..2 {
+            b.deliver(
+                "evt_deleted",
+                "customer.subscription.deleted",
+                t + 5,
+                subscription("sub_acme", "cus_acme", "canceled", ENTERPRISE),
+            )
+            .await?;
+        }
+        b.plan_becomes("acme", "free").await?;
+        eventually(Duration::from_secs(10), || async { Ok(b.mails_to("cancel") >= 1) }).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(b.mails_to("payment"), 1, "one payment-failed mail");
+        assert_eq!(b.mails_to("cancel"), 1, "one cancellation mail");
+        // Every change is in the tenant's audit log.
+        b.app.set_plan("acme", "pro").await?;
+        let log: Value = audit().await?.json().await?;
+        let by_stripe = log["data"]
+            .as_array()
+            .map(|a| a.iter().filter(|e| e["action"] == "plan.changed" && e["details"]["by"] == "stripe").count());
+        assert_eq!(by_stripe, Some(3), "{log}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn late_and_reordered_events_cannot_roll_a_subscription_back() -> TestResult {
+        let b = billing("7").await?;
+        let acme = b.app.create_tenant("acme").await?;
+        let t = now() - 100;
+        // The newest state arrives first, the older ones after it.
+        b.deliver(
+            "evt_new",
+            "customer.subscription.updated",
+            t + 20,
+            subscription("sub_r", "cus_r", "active", ENTERPRISE),
+        )
+        .await?;
+        b.deliver(
+            "evt_link",
+            "checkout.session.completed",
+            t,
+            checkout_session(&acme.id.to_string(), "cus_r", "sub_r"),
+        )
+        .await?;
+        b.plan_becomes("acme", "enterprise").await?;
+        b.deliver("evt_old", "customer.subscription.created", t + 1, subscription("sub_r", "cus_r", "active", PRO))
+            .await?;
+        b.deliver(
+            "evt_older",
+            "customer.subscription.updated",
+            t + 10,
+            subscription("sub_r", "cus_r", "canceled", PRO),
+        )
+        .await?;
+        b.processed("evt_old").await?;
+        b.processed("evt_older").await?;
+        assert_eq!(b.plan("acme").await?, "enterprise", "older events were recorded, not applied");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn unknown_prices_and_customers_are_parked_not_guessed() -> TestResult {
+        let b = billing("7").await?;
+        let acme = b.app.create_tenant("acme").await?;
+        let t = now() - 100;
+        // No tenant is linked to this customer yet: parked, then applied once
+        // the checkout that links it arrives.
+        b.deliver("evt_early", "customer.subscription.created", t + 1, subscription("sub_u", "cus_u", "active", PRO))
+            .await?;
+        eventually(Duration::from_secs(10), || async { Ok(b.event_status("evt_early").await?.0 == "parked") }).await?;
+        let (_, reason) = b.event_status("evt_early").await?;
+        assert!(reason.is_some_and(|r| r.contains("unknown customer")));
+        b.deliver(
+            "evt_link",
+            "checkout.session.completed",
+            t,
+            checkout_session(&acme.id.to_string(), "cus_u", "sub_u"),
+        )
+        .await?;
+        b.plan_becomes("acme", "pro").await?;
+        b.processed("evt_early").await?;
+
+        // A price no plan names: parked with the reason, the plan unchanged.
+        b.deliver(
+            "evt_price",
+            "customer.subscription.updated",
+            t + 2,
+            subscription("sub_u", "cus_u", "active", "price_mystery"),
+        )
+        .await?;
+        eventually(Duration::from_secs(10), || async { Ok(b.event_status("evt_price").await?.0 == "parked") }).await?;
+        let (_, reason) = b.event_status("evt_price").await?;
+        assert!(reason.is_some_and(|r| r.contains("unknown price price_mystery")));
+        assert_eq!(b.plan("acme").await?, "pro");
+        Ok(())
+    }
+
+    async fn cli(b: &Billing, args: &[&str], env: &[(&str, &str)]) -> TestResult<(bool, String)> {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+            .args(args)
+            .env("DATABASE_URL", &b.testdb.url)
+            .envs(env.iter().copied())
+            .output()
+            .await?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+
+    #[tokio::test]
+    async fn parked_events_are_listed_and_replayed_once_the_cause_is_fixed() -> TestResult {
+        let b = billing("7").await?;
+        let acme = b.app.create_tenant("acme").await?;
+        let t = now() - 100;
+        b.deliver(
+            "evt_link",
+            "checkout.session.completed",
+            t,
+            checkout_session(&acme.id.to_string(), "cus_p", "sub_p"),
+        )
+        .await?;
+        b.deliver(
+            "evt_team",
+            "customer.subscription.created",
+            t + 1,
+            subscription("sub_p", "cus_p", "active", "price_new"),
+        )
+        .await?;
+        eventually(Duration::from_secs(10), || async { Ok(b.event_status("evt_team").await?.0 == "parked") }).await?;
+        let (ok, listed) = cli(&b, &["billing", "events", "--parked"], &[]).await?;
+        assert!(ok && listed.contains("evt_team") && listed.contains("unknown price price_new"), "{listed}");
+        assert!(!listed.contains("evt_link"), "only parked events: {listed}");
+        // Replaying without a fix parks it again (and says so).
+        let (ok, out) = cli(&b, &["billing", "replay", "evt_team"], &[]).await?;
+        assert!(!ok, "{out}");
+        // The operator maps the new price to pro, then replays.
+        let (ok, out) =
+            cli(&b, &["billing", "replay", "evt_team"], &[("PLINTH_STRIPE_PRICE_PRO", "price_new")]).await?;
+        assert!(ok && out.contains("Applied"), "{out}");
+        b.plan_becomes("acme", "pro").await?;
+        assert_eq!(b.event_status("evt_team").await?.0, "processed");
+        let (ok, out) = cli(&b, &["billing", "replay", "evt_missing"], &[]).await?;
+        assert!(!ok, "{out}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_past_due_subscription_falls_to_free_when_the_grace_ends() -> TestResult {
+        let b = billing("0").await?;
+        let acme = b.app.create_tenant("acme").await?;
+        let t = now() - 100;
+        b.deliver(
+            "evt_link",
+            "checkout.session.completed",
+            t,
+            checkout_session(&acme.id.to_string(), "cus_g", "sub_g"),
+        )
+        .await?;
+        b.deliver("evt_active", "customer.subscription.created", t + 1, subscription("sub_g", "cus_g", "active", PRO))
+            .await?;
+        b.plan_becomes("acme", "pro").await?;
+        b.deliver("evt_due", "customer.subscription.updated", t + 2, subscription("sub_g", "cus_g", "past_due", PRO))
+            .await?;
+        b.plan_becomes("acme", "free").await?;
+        Ok(())
+    }
+}

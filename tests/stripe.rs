@@ -41,3 +41,32 @@ pub fn v1(body: &str, secret: &str, t: i64) -> String {
 pub fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
+
+/// Stripe's example subscription, as `id` of `customer` on `price`.
+pub fn subscription(id: &str, customer: &str, status: &str, price: &str) -> Value {
+    let mut sub = object("subscription");
+    sub["id"] = json!(id);
+    sub["customer"] = json!(customer);
+    sub["status"] = json!(status);
+    sub["cancel_at_period_end"] = json!(false);
+    sub["items"]["data"][0]["price"]["id"] = json!(price);
+    sub
+}
+
+/// Stripe's example checkout session, completed by `tenant` as `customer`.
+pub fn checkout_session(tenant: &str, customer: &str, subscription: &str) -> Value {
+    let mut session = object("checkout.session");
+    session["mode"] = json!("subscription");
+    session["client_reference_id"] = json!(tenant);
+    session["customer"] = json!(customer);
+    session["subscription"] = json!(subscription);
+    session
+}
+
+/// Stripe's example invoice, of `customer`.
+pub fn invoice(id: &str, customer: &str) -> Value {
+    let mut invoice = object("invoice");
+    invoice["id"] = json!(id);
+    invoice["customer"] = json!(customer);
+    invoice
+}

@@ -10,12 +10,10 @@ use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use plinth_tenants::access::{Access, Catalog};
+use plinth_tenants::access::Access;
 use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::http::{Json, Page, PageParams};
-use plinth_tenants::{
-    ApiError, Db, FieldError, PlatformAllowed, Tenant, TenantId, TenantStatus, registry, requirements,
-};
+use plinth_tenants::{ApiError, Db, PlatformAllowed, Tenant, TenantId, TenantStatus, registry, requirements};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -70,32 +68,6 @@ pub async fn set_status(
         audit::record(conn, &t.schema, system_entry(actor, action, t.id, json!({ "by": by }))).await?;
     }
     Ok(updated)
-}
-
-/// Moves a tenant to another plan of the catalog and records it in the
-/// tenant's audit log. Unknown plans are 400.
-pub async fn change_plan(
-    conn: &mut AsyncPgConnection,
-    catalog: &Catalog,
-    id: TenantId,
-    plan: &str,
-    actor: Actor,
-    by: &str,
-) -> Result<Option<Tenant>, ApiError> {
-    if catalog.get(plan).is_none() {
-        let known: Vec<_> = catalog.plans().iter().map(|p| p.name.as_str()).collect();
-        return Err(ApiError::invalid_fields(vec![FieldError::new(
-            "plan",
-            "invalid",
-            format!("must be one of {}", known.join(", ")),
-        )]));
-    }
-    let Some((tenant, before)) = registry::set_plan(conn, id, plan).await? else { return Ok(None) };
-    if before != plan {
-        let details = json!({ "from": before, "to": plan, "by": by });
-        audit::record(conn, &tenant.schema, system_entry(actor, "plan.changed", tenant.id, details)).await?;
-    }
-    Ok(Some(tenant))
 }
 
 fn system_entry(actor: Actor, action: &'static str, tenant: TenantId, details: serde_json::Value) -> Entry {
@@ -227,9 +199,20 @@ async fn set_plan(
     let actor = Actor::User(admin.user_id.0);
     let plan = body.0.plan;
     let tenant = db
-        .platform(async |c| change_plan(c, access.catalog(), id, &plan, actor, "platform admin").await)
+        .platform(async |c| {
+            plinth_tenants::access::change_plan(
+                c,
+                access.catalog(),
+                id,
+                &plan,
+                actor,
+                json!({ "by": "platform admin" }),
+            )
+            .await
+        })
         .await?
-        .ok_or(ApiError::NotFound("tenant"))?;
+        .ok_or(ApiError::NotFound("tenant"))?
+        .0;
     tracing::info!(tenant.id = %tenant.id, plan = tenant.plan, "tenant plan changed by a platform admin");
     Ok(HttpResponse::Ok().json(json!({ "tenant": tenant })))
 }

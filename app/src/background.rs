@@ -21,6 +21,11 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
     let mailer = Arc::new(Mailer::new(db.clone(), transport, &settings.mail_from, templates(&settings.public_url)?)?);
     let mut handlers = Handlers::new();
     handlers.on(mail::DELIVER, mailer.handler());
+    let billing =
+        plinth_billing::process::Processor::new(db.clone(), Arc::new(settings.catalog()?), settings.stripe.grace);
+    for (kind, handler) in billing.handlers() {
+        handlers.on(kind, handler);
+    }
     Ok(Worker::new(db, handlers, config))
 }
 

@@ -9,7 +9,6 @@ use clap::{Args, Parser, Subcommand};
 use plinth_tenants::migrate::{self, MigrateEvent, MigrateOptions, TENANT_MIGRATIONS, TenantOutcome};
 use plinth_tenants::{Db, DbConfig, Slug, Tenant, TenantStatus, registry};
 
-use plinth_tenants::access::Catalog;
 use plinth_tenants::audit::Actor;
 use plinth_tenants::jobs;
 use plinth_tenants::mail::EmailAddress;
@@ -51,6 +50,23 @@ pub enum Command {
     /// Platform administrators (super-admins).
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Stripe events: list what is waiting, process one again.
+    #[command(subcommand)]
+    Billing(BillingCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BillingCommand {
+    /// Stored Stripe events, newest first.
+    Events {
+        /// Only events waiting with a reason.
+        #[arg(long)]
+        parked: bool,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+    },
+    /// Process one stored event again, now, and print the outcome.
+    Replay { event_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +226,11 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             let db = Db::connect(&db_config(settings, url))?;
             tenants(command, &db, settings).await
         }
+        Command::Billing(command) => {
+            migrate::run_platform_migrations(&listen_url).await?;
+            let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
+            billing_command(command, &db, settings).await
+        }
         Command::Admin(command) => {
             migrate::run_platform_migrations(&listen_url).await?;
             let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
@@ -271,6 +292,68 @@ async fn jobs_command(command: JobsCommand, db: &Db) -> anyhow::Result<ExitCode>
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        BillingCommand::Events { parked, limit } => {
+            let client = db.platform(async |c| Ok::<_, anyhow::Error>(list_events(c, parked, limit).await?)).await?;
+            println!("{:<32} {:<40} {:<9} {:<20} reason", "id", "type", "status", "received");
+            for e in client {
+                println!(
+                    "{:<32} {:<40} {:<9} {:<20} {}",
+                    e.id,
+                    e.kind.unwrap_or_default(),
+                    e.status,
+                    e.received_at.format("%Y-%m-%d %H:%M:%S"),
+                    e.parked_reason.unwrap_or_default()
+                );
+            }
+        }
+        BillingCommand::Replay { event_id } => {
+            let processor = plinth_billing::process::Processor::new(
+                db.clone(),
+                std::sync::Arc::new(settings.catalog()?),
+                settings.stripe.grace,
+            );
+            let outcome = processor.replay(&event_id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{event_id}: {outcome:?}");
+            if matches!(outcome, plinth_billing::process::Outcome::Parked(_)) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(diesel::QueryableByName)]
+struct StoredEvent {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    kind: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    status: String,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    received_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    parked_reason: Option<String>,
+}
+
+async fn list_events(
+    c: &mut diesel_async::AsyncPgConnection,
+    parked: bool,
+    limit: i64,
+) -> diesel::QueryResult<Vec<StoredEvent>> {
+    use diesel_async::RunQueryDsl as _;
+    diesel::sql_query(
+        "SELECT id, type AS kind, status, received_at, parked_reason FROM public.stripe_events \
+         WHERE (NOT $1 OR status = 'parked') ORDER BY received_at DESC LIMIT $2",
+    )
+    .bind::<diesel::sql_types::Bool, _>(parked)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .load(c)
+    .await
 }
 
 async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCode> {
@@ -359,15 +442,15 @@ async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyho
         TenantsCommand::Migrate(args) => return migrate_tenants(db, &args).await,
         TenantsCommand::SetPlan { slug, plan } => {
             let tenant = find(db, &slug).await?;
-            let catalog = Catalog::load(settings.plans_file.as_deref())?;
+            let catalog = settings.catalog()?;
             if catalog.get(&plan).is_none() {
                 let known: Vec<_> = catalog.plans().iter().map(|p| p.name.as_str()).collect();
                 bail!("no plan {plan:?} in the catalog (plans: {})", known.join(", "));
             }
             let changed = db
                 .platform(async |c| {
-                    plinth_admin::platform::change_plan(c, &catalog, tenant.id, &plan, Actor::System, "plinth tenants")
-                        .await
+                    let by = serde_json::json!({ "by": "plinth tenants" });
+                    plinth_tenants::access::change_plan(c, &catalog, tenant.id, &plan, Actor::System, by).await
                 })
                 .await
                 .map_err(|e| anyhow::anyhow!("changing the plan: {e}"))?;

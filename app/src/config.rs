@@ -62,12 +62,25 @@ pub struct Settings {
     /// `PLINTH_STRIPE_SECRET_KEY`, `PLINTH_STRIPE_WEBHOOK_SECRET` (one or
     /// more, comma-separated), `PLINTH_STRIPE_API_BASE`.
     pub stripe: plinth_billing::config::StripeConfig,
+    /// `PLINTH_STRIPE_PRICE_PRO`, `PLINTH_STRIPE_PRICE_ENTERPRISE`: the Stripe
+    /// price of a plan, over the catalog's `stripe_price`.
+    pub stripe_prices: Vec<(String, String)>,
     /// `PLINTH_LIMIT_*`: rate limits of the sensitive routes, each `N/period`
     /// (`5/15m`, `30/1m`, `10/1h`, `20/30s`).
     pub limits: RateLimitConfig,
 }
 
 impl Settings {
+    /// The plan catalog: `PLINTH_PLANS_FILE` or the built-in one, with the
+    /// `PLINTH_STRIPE_PRICE_*` prices applied.
+    pub fn catalog(&self) -> anyhow::Result<plinth_tenants::access::Catalog> {
+        let mut catalog = plinth_tenants::access::Catalog::load(self.plans_file.as_deref())?;
+        for (plan, price) in &self.stripe_prices {
+            catalog.set_price(plan, price).with_context(|| format!("PLINTH_STRIPE_PRICE_{}", plan.to_uppercase()))?;
+        }
+        Ok(catalog)
+    }
+
     /// Reads the settings from the environment and an optional file.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let mut values = HashMap::new();
@@ -128,7 +141,15 @@ impl Settings {
                 secret_key: get("PLINTH_STRIPE_SECRET_KEY").map(str::to_owned),
                 webhook_secrets: plinth_billing::config::StripeConfig::secrets(get("PLINTH_STRIPE_WEBHOOK_SECRET")),
                 api_base: get("PLINTH_STRIPE_API_BASE").unwrap_or(plinth_billing::config::STRIPE_API).to_owned(),
+                grace: Duration::from_secs(86_400 * num("PLINTH_BILLING_GRACE_DAYS", 7)?),
             },
+            stripe_prices: ["pro", "enterprise"]
+                .into_iter()
+                .filter_map(|plan| {
+                    let price = get(&format!("PLINTH_STRIPE_PRICE_{}", plan.to_ascii_uppercase()))?;
+                    Some((plan.to_owned(), price.to_owned()))
+                })
+                .collect(),
             mail_from: get("PLINTH_MAIL_FROM").unwrap_or("Plinth <noreply@localhost>").to_owned(),
             run_worker: flag("PLINTH_WORKER", true)?,
             worker_concurrency: usize::try_from(num("PLINTH_WORKER_CONCURRENCY", 4)?)?.max(1),

@@ -9,7 +9,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use plinth_admin::identity::{IdentityConfig, RateLimits};
-use plinth_tenants::access::{Access, Catalog};
+use plinth_tenants::access::Access;
 use plinth_tenants::auth::{self, ApiKeys, Sessions};
 use plinth_tenants::http::{BodyLimit, ClientIpHeader, request_span};
 use plinth_tenants::notify::Listener;
@@ -50,7 +50,7 @@ impl Application {
         listener.on(resolve::CHANNEL, resolver.listen_handler());
         let sessions = Sessions::new(resolver_db.clone());
         listener.on(auth::CHANNEL, sessions.listen_handler());
-        let catalog = Catalog::load(settings.plans_file.as_deref())?;
+        let catalog = settings.catalog()?;
         let access = Access::start(resolver_db.clone(), catalog).await?;
         for (channel, handler) in access.listen_handlers() {
             listener.on(channel, handler);

@@ -12,6 +12,9 @@ pub struct StripeConfig {
     pub webhook_secrets: Vec<String>,
     /// `PLINTH_STRIPE_API_BASE` (default Stripe's own).
     pub api_base: String,
+    /// `PLINTH_BILLING_GRACE_DAYS` (default 7): how long a past-due
+    /// subscription keeps its plan.
+    pub grace: std::time::Duration,
 }
 
 impl StripeConfig {

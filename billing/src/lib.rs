@@ -9,4 +9,5 @@
 
 pub mod config;
 pub mod mail;
+pub mod process;
 pub mod webhook;

@@ -8,7 +8,8 @@
 //! second delivery of the same id is acknowledged and counted, nothing
 //! more. A signed body that does not parse as a Stripe event is stored too,
 //! parked with the reason: nothing signed is lost. Anything else is 400
-//! and nothing is stored.
+//! and nothing is stored. Each stored event is processed by a job queued
+//! in the same transaction (see [`crate::process`]).
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
@@ -113,6 +114,11 @@ pub async fn receive(
         .platform(async |c| {
             let stored =
                 insert(c, &id, kind.as_deref(), object_id.as_deref(), created_at, payload, parked.as_deref()).await?;
+            // Processed by a job queued in the same transaction. A body
+            // that does not parse waits for `plinth billing replay`.
+            if stored && parked.is_none() {
+                plinth_tenants::jobs::enqueue(c, crate::process::job(&id)).await?;
+            }
             Ok::<_, ApiError>(stored)
         })
         .await?;

@@ -19,3 +19,30 @@ CREATE TABLE public.stripe_events (
 );
 CREATE INDEX stripe_events_object_idx ON public.stripe_events (object_id, created_at);
 CREATE INDEX stripe_events_waiting_idx ON public.stripe_events (received_at) WHERE status <> 'processed';
+
+-- Each tenant's Stripe customer (at most one), learned from checkout or
+-- created by Plinth.
+CREATE TABLE public.billing_customers (
+    tenant_id   uuid PRIMARY KEY REFERENCES public.tenants (id) ON DELETE CASCADE,
+    customer_id text NOT NULL UNIQUE,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- The newest known state of each subscription, and the creation time of
+-- the newest event applied to it (older events are not applied).
+CREATE TABLE public.subscriptions (
+    id                   text PRIMARY KEY,
+    tenant_id            uuid NOT NULL REFERENCES public.tenants (id) ON DELETE CASCADE,
+    customer_id          text NOT NULL,
+    status               text NOT NULL,
+    price_id             text,
+    plan                 text,
+    trial_end            timestamptz,
+    current_period_end   timestamptz,
+    cancel_at_period_end boolean NOT NULL DEFAULT false,
+    past_due_since       timestamptz,
+    deleted              boolean NOT NULL DEFAULT false,
+    last_event_at        timestamptz NOT NULL,
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX subscriptions_tenant_idx ON public.subscriptions (tenant_id);

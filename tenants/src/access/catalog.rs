@@ -51,6 +51,8 @@ struct PlanEntry {
     features: Vec<String>,
     #[serde(default)]
     limits: BTreeMap<Quota, u32>,
+    #[serde(default)]
+    stripe_price: Option<String>,
 }
 
 /// One plan, with everything it includes resolved.
@@ -65,6 +67,8 @@ pub struct Plan {
     pub features: Vec<String>,
     /// `None` is unlimited.
     pub limits: BTreeMap<Quota, u32>,
+    /// The Stripe price a subscription to this plan is for.
+    pub stripe_price: Option<String>,
 }
 
 impl Plan {
@@ -119,6 +123,7 @@ impl Catalog {
                 own_features: entry.features,
                 features,
                 limits: entry.limits,
+                stripe_price: entry.stripe_price,
             });
         }
         anyhow::ensure!(index.contains_key(FREE), "the plan catalog must have a plan named \"free\"");
@@ -140,6 +145,18 @@ impl Catalog {
                 Self::parse(&text).map_err(|e| e.context(format!("in {}", path.display())))
             }
         }
+    }
+
+    /// Sets the Stripe price of `plan` (`PLINTH_STRIPE_PRICE_<PLAN>`).
+    pub fn set_price(&mut self, plan: &str, price: &str) -> anyhow::Result<()> {
+        let i = *self.index.get(plan).ok_or_else(|| anyhow::anyhow!("no plan {plan:?} in the catalog"))?;
+        self.plans[i].stripe_price = Some(price.to_owned());
+        Ok(())
+    }
+
+    /// The plan a Stripe price is for; `None` for a price Plinth does not know.
+    pub fn plan_for_price(&self, price: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.stripe_price.as_deref() == Some(price))
     }
 
     pub fn plans(&self) -> &[Plan] {

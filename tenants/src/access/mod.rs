@@ -138,6 +138,48 @@ impl Decision {
     }
 }
 
+/// Moves a tenant to `plan` (a plan of `catalog`; otherwise 400) and, if it
+/// changed, records `plan.changed` in the tenant's audit log with `from`,
+/// `to` and `details`. The trigger on `tenants` tells every instance's
+/// policy. Returns the tenant and whether the plan changed; `None` if there
+/// is no such tenant (or it is being deleted).
+pub async fn change_plan(
+    conn: &mut PgConn,
+    catalog: &Catalog,
+    id: TenantId,
+    plan: &str,
+    actor: crate::audit::Actor,
+    details: serde_json::Value,
+) -> Result<Option<(crate::registry::Tenant, bool)>, ApiError> {
+    if catalog.get(plan).is_none() {
+        let known: Vec<_> = catalog.plans().iter().map(|p| p.name.as_str()).collect();
+        return Err(ApiError::invalid_fields(vec![crate::error::FieldError::new(
+            "plan",
+            "invalid",
+            format!("must be one of {}", known.join(", ")),
+        )]));
+    }
+    let Some((tenant, before)) = crate::registry::set_plan(conn, id, plan).await? else { return Ok(None) };
+    let changed = before != plan;
+    if changed {
+        let mut all = serde_json::json!({ "from": before, "to": plan });
+        if let (Some(all), serde_json::Value::Object(more)) = (all.as_object_mut(), details) {
+            all.extend(more);
+        }
+        let entry = crate::audit::Entry {
+            actor,
+            action: "plan.changed",
+            target_type: Some("tenant"),
+            target_id: Some(tenant.id.to_string()),
+            ip: None,
+            request_id: None,
+            details: all,
+        };
+        crate::audit::record(conn, &tenant.schema, entry).await?;
+    }
+    Ok(Some((tenant, changed)))
+}
+
 /// What the policy holds for one caller, ready to be checked.
 pub struct Asked {
     /// The role in the tenant (tenant subjects).

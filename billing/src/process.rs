@@ -1,0 +1,540 @@
+//! Processing stored Stripe events: subscription state → the tenant's plan.
+//!
+//! Each stored event is processed by a job (`billing.event`), exactly once
+//! per event id: the inbox row is locked and marked `processed` in the same
+//! transaction as everything the event changes, mail included (the outbox
+//! is keyed by event id and recipient).
+//!
+//! Events of one Stripe customer are processed one at a time (a
+//! transaction advisory lock on the customer id). This part applies events
+//! offline, in order of Stripe's timestamps: an event older than the newest
+//! one applied to its subscription is recorded and skipped, so late and
+//! reordered deliveries cannot roll a subscription back. (Re-reading each
+//! object from Stripe's API is the next part.)
+//!
+//! | subscription status | plan |
+//! |---|---|
+//! | `trialing`, `active` | the catalog plan of its price (an unknown price is parked) |
+//! | `past_due` | kept for the grace period, then free |
+//! | `unpaid`, `canceled`, `paused`, `incomplete_expired`, deleted | free |
+//! | `incomplete` | unchanged |
+//!
+//! An event naming a customer no tenant is linked to (yet), a tenant that
+//! does not exist, a price the catalog does not know, or a body that does
+//! not parse is parked with the reason and retried with backoff; nothing is
+//! dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::sql_types::{Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_tenants::access::{Catalog, catalog::FREE, change_plan};
+use plinth_tenants::audit::Actor;
+use plinth_tenants::jobs::{self, ClaimedJob, JobError, NewJob};
+use plinth_tenants::mail::{self, EmailAddress, Mail};
+use plinth_tenants::{ApiError, Db, TenantId, registry};
+use serde_json::{Value, json};
+use stripe_shared::{CheckoutSession, Invoice, Subscription, SubscriptionStatus};
+
+/// Job kind: process one stored event (payload `{"id": "evt_..."}`).
+pub const PROCESS: &str = "billing.event";
+/// Job kind: end a past-due subscription's grace (payload `{"subscription", "since"}`).
+pub const GRACE: &str = "billing.grace";
+
+/// The job that processes a stored event, queued in the inbox's transaction.
+pub fn job(event_id: &str) -> NewJob {
+    NewJob { dedup_key: Some(event_id.to_owned()), max_attempts: 20, ..NewJob::new(PROCESS, json!({ "id": event_id })) }
+}
+
+/// What processing made of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// Older than what was applied already; recorded, nothing changed.
+    Stale,
+    /// Not an event Plinth acts on.
+    Ignored,
+    /// Processed before (a replayed job).
+    AlreadyProcessed,
+    /// Waiting, with the reason; retried later.
+    Parked(String),
+}
+
+pub struct Processor {
+    db: Db,
+    catalog: Arc<Catalog>,
+    grace: Duration,
+}
+
+#[derive(QueryableByName)]
+struct EventRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    r#type: Option<String>,
+    #[diesel(sql_type = Text)]
+    payload: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
+}
+
+#[derive(QueryableByName)]
+struct TenantOf {
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+}
+
+#[derive(QueryableByName)]
+struct SubscriptionRow {
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = Timestamptz)]
+    last_event_at: DateTime<Utc>,
+    #[diesel(sql_type = Bool)]
+    deleted: bool,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    past_due_since: Option<DateTime<Utc>>,
+}
+
+#[derive(QueryableByName)]
+struct Owner {
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+}
+
+/// Why an event waits.
+struct Park(String);
+
+impl From<diesel::result::Error> for Park {
+    fn from(e: diesel::result::Error) -> Self {
+        Park(format!("database: {e}"))
+    }
+}
+
+fn parse<T: miniserde::Deserialize>(object: &Value, what: &str) -> Result<T, Park> {
+    miniserde::json::from_str(&object.to_string()).map_err(|_| Park(format!("the {what} does not parse")))
+}
+
+fn status_name(status: &SubscriptionStatus) -> &str {
+    status.as_str()
+}
+
+impl Processor {
+    pub fn new(db: Db, catalog: Arc<Catalog>, grace: Duration) -> Arc<Self> {
+        Arc::new(Self { db, catalog, grace })
+    }
+
+    /// The job handlers of billing.
+    pub fn handlers(self: &Arc<Self>) -> Vec<(&'static str, jobs::Handler)> {
+        let process = Arc::clone(self);
+        let grace = Arc::clone(self);
+        vec![
+            (
+                PROCESS,
+                Arc::new(move |job: ClaimedJob| {
+                    let this = Arc::clone(&process);
+                    Box::pin(async move {
+                        let id = job.payload["id"].as_str().unwrap_or_default().to_owned();
+                        match this.process(&id).await {
+                            Ok(Outcome::Parked(reason)) => Err(JobError::Retry(anyhow::anyhow!("parked: {reason}"))),
+                            Ok(_) => Ok(()),
+                            Err(err) => Err(JobError::Retry(anyhow::anyhow!("{err}"))),
+                        }
+                    })
+                }),
+            ),
+            (
+                GRACE,
+                Arc::new(move |job: ClaimedJob| {
+                    let this = Arc::clone(&grace);
+                    Box::pin(async move {
+                        this.end_grace(&job.payload).await.map_err(|e| JobError::Retry(anyhow::anyhow!("{e}")))
+                    })
+                }),
+            ),
+        ]
+    }
+
+    /// Processes a stored event again (`plinth billing replay`): a parked
+    /// or processed event is read afresh. Applying it is idempotent: an
+    /// older state than the applied one is skipped, and mail is keyed by
+    /// event and recipient.
+    pub async fn replay(&self, event_id: &str) -> Result<Outcome, ApiError> {
+        let known = self
+            .db
+            .platform(async |c| {
+                let n = diesel::sql_query(
+                    "UPDATE public.stripe_events SET status = 'received', parked_reason = NULL WHERE id = $1",
+                )
+                .bind::<Text, _>(event_id)
+                .execute(c)
+                .await?;
+                Ok::<_, ApiError>(n)
+            })
+            .await?;
+        if known == 0 {
+            return Err(ApiError::NotFound("event"));
+        }
+        self.process(event_id).await
+    }
+
+    /// Processes one stored event (see the module documentation).
+    pub async fn process(&self, event_id: &str) -> Result<Outcome, ApiError> {
+        let outcome = self
+            .db
+            .platform(async |c| {
+                let rows: Vec<EventRow> = diesel::sql_query(
+                    "SELECT type, payload, status, created_at FROM public.stripe_events WHERE id = $1 FOR UPDATE",
+                )
+                .bind::<Text, _>(event_id)
+                .load(c)
+                .await?;
+                let Some(row) = rows.into_iter().next() else { return Ok(Outcome::Parked("no such event".into())) };
+                if row.status == "processed" {
+                    return Ok(Outcome::AlreadyProcessed);
+                }
+                let outcome = match self.apply(c, event_id, &row).await {
+                    Ok(outcome) => outcome,
+                    Err(Park(reason)) => Outcome::Parked(reason),
+                };
+                Ok::<_, ApiError>(outcome)
+            })
+            .await;
+        // A parked event's changes roll back with its transaction above
+        // only when it failed part-way; record why it waits separately.
+        let outcome = match outcome {
+            Ok(Outcome::Parked(reason)) => {
+                self.mark(event_id, "parked", Some(&reason)).await?;
+                tracing::warn!(stripe.event = event_id, reason, "Stripe event parked");
+                Outcome::Parked(reason)
+            }
+            other => other?,
+        };
+        Ok(outcome)
+    }
+
+    async fn mark(&self, event_id: &str, status: &str, reason: Option<&str>) -> Result<(), ApiError> {
+        self.db
+            .platform(async |c| {
+                diesel::sql_query("UPDATE public.stripe_events SET status = $2, parked_reason = $3 WHERE id = $1")
+                    .bind::<Text, _>(event_id)
+                    .bind::<Text, _>(status)
+                    .bind::<Nullable<Text>, _>(reason)
+                    .execute(c)
+                    .await?;
+                Ok::<_, ApiError>(())
+            })
+            .await
+    }
+
+    /// Applies one event in the caller's transaction; marks it processed.
+    async fn apply(&self, c: &mut AsyncPgConnection, event_id: &str, row: &EventRow) -> Result<Outcome, Park> {
+        let body: Value =
+            serde_json::from_str(&row.payload).map_err(|_| Park("the event does not parse as JSON".into()))?;
+        let object = &body["data"]["object"];
+        let created = row.created_at.ok_or_else(|| Park("the event has no creation time".into()))?;
+        let kind = row.r#type.as_deref().unwrap_or_default();
+        let outcome = match kind {
+            "checkout.session.completed" => {
+                let session: CheckoutSession = parse(object, "checkout session")?;
+                let customer = session.customer.as_ref().map(|c| c.id().as_str().to_owned());
+                let customer = customer.ok_or_else(|| Park("the checkout session has no customer".into()))?;
+                lock_customer(c, &customer).await?;
+                let tenant = session
+                    .client_reference_id
+                    .as_deref()
+                    .and_then(|id| uuid::Uuid::parse_str(id).ok())
+                    .ok_or_else(|| Park("the checkout session names no tenant (client_reference_id)".into()))?;
+                if registry::find_by_id(c, TenantId(tenant)).await?.is_none() {
+                    return Err(Park(format!("no tenant {tenant}")));
+                }
+                link_customer(c, TenantId(tenant), &customer).await?;
+                Outcome::Applied
+            }
+            "customer.subscription.created"
+            | "customer.subscription.updated"
+            | "customer.subscription.deleted"
+            | "customer.subscription.paused"
+            | "customer.subscription.resumed" => {
+                let sub: Subscription = parse(object, "subscription")?;
+                let customer = sub.customer.id().as_str().to_owned();
+                lock_customer(c, &customer).await?;
+                let tenant = tenant_of(c, &customer, sub.metadata.get("tenant_id")).await?;
+                self.apply_subscription(c, event_id, kind, created, tenant, &customer, &sub).await?
+            }
+            "customer.subscription.trial_will_end" => {
+                let sub: Subscription = parse(object, "subscription")?;
+                let customer = sub.customer.id().as_str().to_owned();
+                lock_customer(c, &customer).await?;
+                let tenant = tenant_of(c, &customer, sub.metadata.get("tenant_id")).await?;
+                let plan = price_of(&sub).and_then(|p| self.catalog.plan_for_price(&p)).map(|p| p.name.clone());
+                let trial_end = sub
+                    .trial_end
+                    .and_then(|t| DateTime::from_timestamp(t, 0))
+                    .map(|t| t.format("%Y-%m-%d").to_string())
+                    .unwrap_or_default();
+                let plan = plan.unwrap_or_else(|| "paid".into());
+                notify_owners(c, tenant, event_id, |to, t, org, key| {
+                    crate::mail::trial_ending(to, t, org, &plan, &trial_end, key)
+                })
+                .await?;
+                Outcome::Applied
+            }
+            "invoice.payment_failed" | "invoice.payment_action_required" => {
+                let invoice: Invoice = parse(object, "invoice")?;
+                let customer = invoice.customer.as_ref().map(|c| c.id().as_str().to_owned());
+                let customer = customer.ok_or_else(|| Park("the invoice has no customer".into()))?;
+                lock_customer(c, &customer).await?;
+                let tenant = tenant_of(c, &customer, None).await?;
+                let grace_until = (created + chrono::Duration::from_std(self.grace).unwrap_or_default())
+                    .format("%Y-%m-%d")
+                    .to_string();
+                notify_owners(c, tenant, event_id, |to, t, org, key| {
+                    crate::mail::payment_failed(to, t, org, &grace_until, key)
+                })
+                .await?;
+                Outcome::Applied
+            }
+            // The plan follows the subscription's own events; Plinth's
+            // features come from its catalog, not Stripe's entitlements.
+            "invoice.paid" | "entitlements.active_entitlement_summary.updated" => Outcome::Ignored,
+            _ => Outcome::Ignored,
+        };
+        diesel::sql_query(
+            "UPDATE public.stripe_events SET status = 'processed', parked_reason = NULL, processed_at = now() \
+             WHERE id = $1",
+        )
+        .bind::<Text, _>(event_id)
+        .execute(c)
+        .await?;
+        Ok(outcome)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_subscription(
+        &self,
+        c: &mut AsyncPgConnection,
+        event_id: &str,
+        kind: &str,
+        created: DateTime<Utc>,
+        tenant: TenantId,
+        customer: &str,
+        sub: &Subscription,
+    ) -> Result<Outcome, Park> {
+        let id = sub.id.as_str();
+        let known: Vec<SubscriptionRow> = diesel::sql_query(
+            "SELECT status, last_event_at, deleted, past_due_since FROM public.subscriptions WHERE id = $1",
+        )
+        .bind::<Text, _>(id)
+        .load(c)
+        .await?;
+        let known = known.into_iter().next();
+        let deleted = kind == "customer.subscription.deleted";
+        if let Some(k) = &known {
+            // Newer only; at the same second an update beats a creation; a
+            // deletion is final.
+            let newer = created > k.last_event_at
+                || (created == k.last_event_at && kind != "customer.subscription.created" && k.status != "canceled");
+            if k.deleted || !newer {
+                return Ok(Outcome::Stale);
+            }
+        }
+        let price = price_of(sub);
+        let status = if deleted { "canceled" } else { status_name(&sub.status) };
+        let paid_plan = match price.as_deref() {
+            Some(price) => match self.catalog.plan_for_price(price) {
+                Some(plan) => Some(plan.name.clone()),
+                None => {
+                    tracing::warn!(stripe.price = price, "a subscription is for a price no plan names");
+                    None
+                }
+            },
+            None => None,
+        };
+        let past_due_since = match (&sub.status, &known) {
+            (SubscriptionStatus::PastDue, Some(SubscriptionRow { past_due_since: Some(since), .. })) => Some(*since),
+            (SubscriptionStatus::PastDue, _) => Some(created),
+            _ => None,
+        };
+        let target: Option<String> = match (&sub.status, deleted) {
+            (_, true) => Some(FREE.to_owned()),
+            (SubscriptionStatus::Active | SubscriptionStatus::Trialing, _) => match &paid_plan {
+                Some(plan) => Some(plan.clone()),
+                None => return Err(Park(format!("unknown price {}", price.unwrap_or_default()))),
+            },
+            (
+                SubscriptionStatus::Unpaid
+                | SubscriptionStatus::Canceled
+                | SubscriptionStatus::Paused
+                | SubscriptionStatus::IncompleteExpired,
+                _,
+            ) => Some(FREE.to_owned()),
+            // past_due keeps the plan for the grace; incomplete changes nothing.
+            _ => None,
+        };
+        let period_end = <[_]>::first(&sub.items.data).and_then(|i| DateTime::from_timestamp(i.current_period_end, 0));
+        diesel::sql_query(
+            "INSERT INTO public.subscriptions (id, tenant_id, customer_id, status, price_id, plan, trial_end, \
+               current_period_end, cancel_at_period_end, past_due_since, deleted, last_event_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (id) DO UPDATE SET tenant_id = $2, customer_id = $3, status = $4, price_id = $5, plan = $6, \
+               trial_end = $7, current_period_end = $8, cancel_at_period_end = $9, past_due_since = $10, \
+               deleted = $11, last_event_at = $12, updated_at = now()",
+        )
+        .bind::<Text, _>(id)
+        .bind::<SqlUuid, _>(tenant.0)
+        .bind::<Text, _>(customer)
+        .bind::<Text, _>(status)
+        .bind::<Nullable<Text>, _>(price.as_deref())
+        .bind::<Nullable<Text>, _>(paid_plan.as_deref())
+        .bind::<Nullable<Timestamptz>, _>(sub.trial_end.and_then(|t| DateTime::from_timestamp(t, 0)))
+        .bind::<Nullable<Timestamptz>, _>(period_end)
+        .bind::<Bool, _>(sub.cancel_at_period_end)
+        .bind::<Nullable<Timestamptz>, _>(past_due_since)
+        .bind::<Bool, _>(deleted)
+        .bind::<Timestamptz, _>(created)
+        .execute(c)
+        .await?;
+        if let Some(since) = past_due_since {
+            let grace = chrono::Duration::from_std(self.grace).unwrap_or_default();
+            let job = NewJob {
+                dedup_key: Some(format!("{id}:{}", since.timestamp())),
+                run_at: Some(since + grace),
+                ..NewJob::new(GRACE, json!({ "subscription": id, "since": since.timestamp() }))
+            };
+            jobs::enqueue(c, job).await?;
+        }
+        if let Some(plan) = target {
+            let details = json!({ "by": "stripe", "event": event_id, "subscription": id, "status": status });
+            let changed = change_plan(c, &self.catalog, tenant, &plan, Actor::System, details)
+                .await
+                .map_err(|e| Park(format!("changing the plan: {e}")))?;
+            if let Some((_, true)) = changed {
+                tracing::info!(tenant.id = %tenant, plan, stripe.event = event_id, "plan changed by Stripe");
+            }
+        }
+        if deleted {
+            let plan = paid_plan.unwrap_or_else(|| "paid".into());
+            notify_owners(c, tenant, event_id, |to, t, org, key| {
+                crate::mail::subscription_cancelled(to, t, org, &plan, key)
+            })
+            .await?;
+        }
+        Ok(Outcome::Applied)
+    }
+
+    /// Ends a past-due subscription's grace: free, unless it was paid (or
+    /// changed) since.
+    async fn end_grace(&self, payload: &Value) -> Result<(), ApiError> {
+        let id = payload["subscription"].as_str().unwrap_or_default().to_owned();
+        let since = payload["since"].as_i64().and_then(|t| DateTime::from_timestamp(t, 0));
+        self.db
+            .platform(async |c| {
+                #[derive(QueryableByName)]
+                struct Row {
+                    #[diesel(sql_type = SqlUuid)]
+                    tenant_id: uuid::Uuid,
+                    #[diesel(sql_type = Text)]
+                    customer_id: String,
+                }
+                let rows: Vec<Row> = diesel::sql_query(
+                    "SELECT tenant_id, customer_id FROM public.subscriptions \
+                     WHERE id = $1 AND status = 'past_due' AND NOT deleted AND past_due_since = $2",
+                )
+                .bind::<Text, _>(&id)
+                .bind::<Nullable<Timestamptz>, _>(since)
+                .load(c)
+                .await?;
+                let Some(row) = rows.into_iter().next() else { return Ok(()) };
+                lock_customer(c, &row.customer_id).await.map_err(|Park(r)| ApiError::Internal(anyhow::anyhow!(r)))?;
+                let details = json!({ "by": "stripe", "subscription": id, "status": "past_due", "grace": "ended" });
+                change_plan(c, &self.catalog, TenantId(row.tenant_id), FREE, Actor::System, details).await?;
+                tracing::info!(tenant.id = %row.tenant_id, "grace ended for a past-due subscription: free plan");
+                Ok::<_, ApiError>(())
+            })
+            .await
+    }
+}
+
+fn price_of(sub: &Subscription) -> Option<String> {
+    <[_]>::first(&sub.items.data).map(|item| item.price.id.as_str().to_owned())
+}
+
+async fn lock_customer(c: &mut AsyncPgConnection, customer: &str) -> Result<(), Park> {
+    diesel::sql_query("SELECT pg_advisory_xact_lock(hashtext('stripe:' || $1))")
+        .bind::<Text, _>(customer)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+/// Links a tenant to its Stripe customer (the first link stays).
+async fn link_customer(c: &mut AsyncPgConnection, tenant: TenantId, customer: &str) -> Result<(), Park> {
+    let taken: Vec<TenantOf> =
+        diesel::sql_query("SELECT tenant_id FROM public.billing_customers WHERE customer_id = $1")
+            .bind::<Text, _>(customer)
+            .load(c)
+            .await?;
+    if let Some(other) = <[_]>::first(&taken)
+        && other.tenant_id != tenant.0
+    {
+        return Err(Park(format!("customer {customer} belongs to another tenant")));
+    }
+    diesel::sql_query(
+        "INSERT INTO public.billing_customers (tenant_id, customer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind::<SqlUuid, _>(tenant.0)
+    .bind::<Text, _>(customer)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// The tenant of a customer: its link, else the `tenant_id` metadata Plinth
+/// puts on the customers it creates.
+async fn tenant_of(c: &mut AsyncPgConnection, customer: &str, metadata: Option<&String>) -> Result<TenantId, Park> {
+    let rows: Vec<TenantOf> =
+        diesel::sql_query("SELECT tenant_id FROM public.billing_customers WHERE customer_id = $1")
+            .bind::<Text, _>(customer)
+            .load(c)
+            .await?;
+    if let Some(row) = <[_]>::first(&rows) {
+        return Ok(TenantId(row.tenant_id));
+    }
+    if let Some(tenant) = metadata.and_then(|m| uuid::Uuid::parse_str(m).ok())
+        && registry::find_by_id(c, TenantId(tenant)).await?.is_some()
+    {
+        link_customer(c, TenantId(tenant), customer).await?;
+        return Ok(TenantId(tenant));
+    }
+    Err(Park(format!("unknown customer {customer}")))
+}
+
+/// Queues `make(to, tenant, organization, key)` to every owner of `tenant`,
+/// once per event and owner.
+async fn notify_owners(
+    c: &mut AsyncPgConnection,
+    tenant: TenantId,
+    event_id: &str,
+    make: impl Fn(EmailAddress, TenantId, &str, String) -> Mail,
+) -> Result<(), Park> {
+    let t = registry::find_by_id(c, tenant).await?.ok_or_else(|| Park(format!("no tenant {tenant}")))?;
+    let owners: Vec<Owner> = diesel::sql_query(
+        "SELECT u.email, u.id AS user_id FROM public.memberships m JOIN public.users u ON u.id = m.user_id \
+         WHERE m.tenant_id = $1 AND m.role = 'owner'",
+    )
+    .bind::<SqlUuid, _>(tenant.0)
+    .load(c)
+    .await?;
+    for owner in owners {
+        let Ok(to) = EmailAddress::parse(&owner.email) else { continue };
+        let key = format!("stripe:{event_id}:{}", owner.user_id);
+        mail::queue(c, make(to, tenant, &t.name, key)).await.map_err(|e| Park(format!("queueing mail: {e}")))?;
+    }
+    Ok(())
+}
