@@ -448,3 +448,129 @@ mod processing {
         Ok(())
     }
 }
+
+mod api {
+    use std::time::{Duration, Instant};
+
+    use reqwest::Method;
+    use serde_json::Value;
+
+    use crate::harness::{AppOptions, TestApp, TestDb, TestResult, assert_error, member};
+    use crate::stripe::StripeMock;
+    use plinth_tenants::Role;
+
+    async fn app(stripe: &StripeMock) -> TestResult<(TestApp, TestDb)> {
+        let testdb = TestDb::migrated().await?;
+        let url: &'static str = Box::leak(stripe.url.clone().into_boxed_str());
+        let settings = vec![
+            ("PLINTH_STRIPE_SECRET_KEY", "sk_test_plinth"),
+            ("PLINTH_STRIPE_API_BASE", url),
+            ("PLINTH_STRIPE_PRICE_PRO", "price_plinth_pro"),
+            ("PLINTH_PUBLIC_URL", "https://app.plinth.test"),
+        ];
+        let app = TestApp::spawn_on(&testdb, AppOptions { settings, ..Default::default() }).await?;
+        Ok((app, testdb))
+    }
+
+    #[tokio::test]
+    async fn checkout_creates_one_customer_and_a_subscription_session() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let (app, testdb) = app(&stripe).await?;
+        let acme = app.create_tenant("acme").await?;
+        let checkout =
+            || app.req(Method::POST, "acme", "/v1/billing/checkout").json(&serde_json::json!({ "plan": "pro" })).send();
+        // Two at once: Stripe sees the same idempotency key for the customer.
+        let (a, b) = tokio::join!(checkout(), checkout());
+        for res in [a?, b?] {
+            assert_eq!(res.status(), 200);
+            let body: Value = res.json().await?;
+            assert!(body["url"].as_str().is_some_and(|u| u.starts_with("https://checkout.stripe.test/")), "{body}");
+        }
+        let requests = stripe.requests();
+        let customers: Vec<_> = requests.iter().filter(|r| r.path == "/v1/customers").collect();
+        assert!(!customers.is_empty());
+        let key = format!("plinth-customer-{}", acme.id);
+        assert!(customers.iter().all(|r| r.idempotency_key.as_deref() == Some(key.as_str())), "{customers:?}");
+        assert!(customers.iter().all(|r| r.field("metadata[tenant_id]") == Some(&acme.id.to_string()[..])));
+        assert_eq!(customers[0].authorization.as_deref(), Some("Bearer sk_test_plinth"));
+        let linked: i64 = testdb
+            .client()
+            .await?
+            .query_one("SELECT count(*) FROM public.billing_customers WHERE tenant_id = $1", &[&acme.id.0])
+            .await?
+            .get(0);
+        assert_eq!(linked, 1, "one customer per tenant");
+        let session = requests.iter().find(|r| r.path == "/v1/checkout/sessions").ok_or("no checkout session")?;
+        assert_eq!(session.field("mode"), Some("subscription"));
+        assert_eq!(session.field("client_reference_id"), Some(&acme.id.to_string()[..]));
+        assert_eq!(session.field("line_items[0][price]"), Some("price_plinth_pro"));
+        assert_eq!(session.field("line_items[0][quantity]"), Some("1"));
+        assert!(session.field("customer").is_some_and(|c| c.starts_with("cus_mock_")));
+        assert!(session.field("success_url").is_some_and(|u| u.starts_with("https://app.plinth.test/")));
+
+        // The portal, for the same customer.
+        let res = app.req(Method::POST, "acme", "/v1/billing/portal").send().await?;
+        assert_eq!(res.status(), 200);
+        let portal =
+            stripe.requests().into_iter().find(|r| r.path == "/v1/billing_portal/sessions").ok_or("no portal")?;
+        assert_eq!(portal.field("customer"), session.field("customer"));
+
+        // A plan without a price, and only owners.
+        let res = app
+            .req(Method::POST, "acme", "/v1/billing/checkout")
+            .json(&serde_json::json!({ "plan": "free" }))
+            .send()
+            .await?;
+        assert_error(res, 400, "invalid_request").await?;
+        let admin = member(&app.db, &acme, Role::Admin).await?;
+        let res = app
+            .http
+            .post(app.url("/v1/billing/checkout"))
+            .bearer_auth(admin)
+            .header("x-tenant", "acme")
+            .json(&serde_json::json!({ "plan": "pro" }))
+            .send()
+            .await?;
+        assert_error(res, 403, "forbidden").await?;
+        let sub: Value = app.req(Method::GET, "acme", "/v1/billing/subscription").send().await?.json().await?;
+        assert_eq!((sub["plan"].as_str(), sub["status"].as_null()), (Some("free"), Some(())));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn stripe_down_is_503_fast_and_the_breaker_stops_calling() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let (app, _db) = app(&stripe).await?;
+        app.create_tenant("acme").await?;
+        stripe.set_down(true);
+        let checkout =
+            || app.req(Method::POST, "acme", "/v1/billing/checkout").json(&serde_json::json!({ "plan": "pro" })).send();
+        for _ in 0..5 {
+            let started = Instant::now();
+            assert_error(checkout().await?, 503, "unavailable").await?;
+            assert!(started.elapsed() < Duration::from_secs(5), "fast: {:?}", started.elapsed());
+        }
+        let calls = stripe.requests().len();
+        // Open: the next ones do not reach Stripe at all.
+        for _ in 0..3 {
+            assert_error(checkout().await?, 503, "unavailable").await?;
+        }
+        assert_eq!(stripe.requests().len(), calls, "the breaker held the calls back");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn without_stripe_keys_billing_routes_say_so() -> TestResult {
+        let app = TestApp::spawn().await?;
+        app.create_tenant("acme").await?;
+        let res = app
+            .req(Method::POST, "acme", "/v1/billing/checkout")
+            .json(&serde_json::json!({ "plan": "pro" }))
+            .send()
+            .await?;
+        assert_error(res, 503, "billing_not_configured").await?;
+        assert_error(app.req(Method::POST, "acme", "/v1/billing/portal").send().await?, 503, "billing_not_configured")
+            .await?;
+        Ok(())
+    }
+}

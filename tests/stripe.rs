@@ -70,3 +70,147 @@ pub fn invoice(id: &str, customer: &str) -> Value {
     invoice["customer"] = json!(customer);
     invoice
 }
+
+/// One request Plinth made to the stand-in Stripe.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    pub authorization: Option<String>,
+    /// The form body, decoded (`line_items[0][price]` → value).
+    pub form: Vec<(String, String)>,
+}
+
+impl Recorded {
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct MockState {
+    requests: Vec<Recorded>,
+    customers: std::collections::HashMap<String, String>,
+    down: bool,
+}
+
+/// A local HTTP server standing in for Stripe's API: answers with Stripe's
+/// own example objects and records every request.
+pub struct StripeMock {
+    pub url: String,
+    state: std::sync::Arc<std::sync::Mutex<MockState>>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl StripeMock {
+    pub async fn start() -> std::io::Result<Self> {
+        use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+        let state = std::sync::Arc::new(std::sync::Mutex::new(MockState::default()));
+        let shared = std::sync::Arc::clone(&state);
+        let server = HttpServer::new(move || {
+            let state = std::sync::Arc::clone(&shared);
+            App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+                let state = std::sync::Arc::clone(&state);
+                async move {
+                    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    let form = form_urlencoded(&body);
+                    let recorded = Recorded {
+                        method: req.method().to_string(),
+                        path: req.path().to_owned(),
+                        idempotency_key: header("idempotency-key"),
+                        authorization: header("authorization"),
+                        form,
+                    };
+                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                    state.requests.push(recorded.clone());
+                    if state.down {
+                        return HttpResponse::ServiceUnavailable()
+                            .json(json!({ "error": { "type": "api_error", "message": "down" } }));
+                    }
+                    let n = state.requests.len();
+                    match (recorded.method.as_str(), recorded.path.as_str()) {
+                        ("POST", "/v1/customers") => {
+                            let key = recorded.idempotency_key.clone().unwrap_or_else(|| format!("k{n}"));
+                            let id = state.customers.entry(key).or_insert_with(|| format!("cus_mock_{n}")).clone();
+                            let mut customer = object("customer");
+                            customer["id"] = json!(id);
+                            customer["metadata"] = json!({ "tenant_id": recorded.field("metadata[tenant_id]") });
+                            HttpResponse::Ok().json(customer)
+                        }
+                        ("POST", "/v1/checkout/sessions") => {
+                            let mut session = object("checkout.session");
+                            session["id"] = json!(format!("cs_mock_{n}"));
+                            session["mode"] = json!("subscription");
+                            session["url"] = json!(format!("https://checkout.stripe.test/c/pay/cs_mock_{n}"));
+                            session["customer"] = json!(recorded.field("customer"));
+                            session["client_reference_id"] = json!(recorded.field("client_reference_id"));
+                            HttpResponse::Ok().json(session)
+                        }
+                        ("POST", "/v1/billing_portal/sessions") => {
+                            let mut session = object("billing_portal.session");
+                            session["id"] = json!(format!("bps_mock_{n}"));
+                            session["customer"] = json!(recorded.field("customer"));
+                            session["url"] = json!(format!("https://billing.stripe.test/p/session/bps_mock_{n}"));
+                            HttpResponse::Ok().json(session)
+                        }
+                        _ => HttpResponse::NotFound()
+                            .json(json!({ "error": { "type": "invalid_request_error", "message": "no such route" } })),
+                    }
+                }
+            }))
+        })
+        .workers(1)
+        .bind("127.0.0.1:0")?;
+        let port = server.addrs()[0].port();
+        let server = server.run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Ok(Self { url: format!("http://127.0.0.1:{port}"), state, handle })
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).requests.clone()
+    }
+
+    /// Answer every request with 503 (or normally again).
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).down = down;
+    }
+}
+
+impl Drop for StripeMock {
+    fn drop(&mut self) {
+        drop(self.handle.stop(false));
+    }
+}
+
+fn form_urlencoded(body: &[u8]) -> Vec<(String, String)> {
+    let decode = |s: &str| -> String {
+        let s = s.replace('+', " ");
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%'
+                && i + 2 < bytes.len()
+                && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}

@@ -73,12 +73,21 @@ impl Application {
         };
         let limits_data = web::Data::new(RateLimits::new(&identity.limits));
         let stripe_data = web::Data::new(settings.stripe.clone());
+        let stripe_api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?.map(web::Data::new);
         let client_ip_data = web::Data::new(ClientIpHeader(identity.client_ip_header.clone()));
         let identity_data = web::Data::new(identity);
         let next_pool = Arc::new(AtomicUsize::new(0));
         let server = HttpServer::new(move || {
             let db = pools[next_pool.fetch_add(1, Ordering::Relaxed) % pools.len()].clone();
+            let stripe_api = stripe_api.clone();
             App::new()
+                // Registered only when Stripe is configured; billing routes
+                // answer 503 billing_not_configured without it.
+                .configure(|cfg| {
+                    if let Some(api) = stripe_api {
+                        cfg.app_data(api);
+                    }
+                })
                 .wrap(from_fn(request_span))
                 .app_data(web::Data::new(db))
                 .app_data(resolver_data.clone())
@@ -101,6 +110,7 @@ impl Application {
                 .configure(plinth_admin::totp::configure)
                 .configure(crate::projects::configure)
                 .configure(plinth_billing::webhook::configure)
+                .configure(plinth_billing::api::configure)
                 .default_service(web::to(not_found))
         })
         .workers(workers)

@@ -7,6 +7,7 @@
 //! notices. The tenant registry records each tenant's `plan` (every tenant
 //! starts on `free`), which this crate will keep in step with Stripe.
 
+pub mod api;
 pub mod config;
 pub mod mail;
 pub mod process;

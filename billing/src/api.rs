@@ -1,0 +1,274 @@
+//! Calls to Stripe's API (async-stripe), and the routes that make them:
+//! `POST /v1/billing/checkout` {plan}, `POST /v1/billing/portal`,
+//! `GET /v1/billing/subscription` (owners).
+//!
+//! - Each call has a 5 s budget per attempt. Idempotent calls (creating the
+//!   tenant's customer, keyed by tenant) are tried up to 3 times with
+//!   backoff; the others once.
+//! - A circuit breaker: after 5 consecutive failures, calls fail at once
+//!   with 503 `unavailable` for 30 s, then one call may try again. A Stripe
+//!   outage does not tie up the server's workers.
+//! - Without `PLINTH_STRIPE_SECRET_KEY`: 503 `billing_not_configured`.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpResponse, web};
+use diesel::QueryableByName;
+use diesel::sql_types::{Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use plinth_tenants::access::Access;
+use plinth_tenants::http::Json;
+use plinth_tenants::{Allowed, ApiError, Db, FieldError, TenantId, requirements};
+use serde::Deserialize;
+use serde_json::json;
+use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
+use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+use stripe_checkout::checkout_session::{CreateCheckoutSession, CreateCheckoutSessionLineItems};
+use stripe_core::customer::CreateCustomer;
+
+use crate::config::StripeConfig;
+
+requirements! {
+    /// Billing is the owners' business, on every plan.
+    ManageBilling = "billing", Manage, feature: none;
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/billing/checkout", web::post().to(checkout))
+        .route("/v1/billing/portal", web::post().to(portal))
+        .route("/v1/billing/subscription", web::get().to(subscription));
+}
+
+const FAILURES_TO_OPEN: u32 = 5;
+const OPEN_FOR: Duration = Duration::from_secs(30);
+
+/// Stripe's API, behind a circuit breaker. Registered as app data when
+/// Stripe is configured.
+pub struct Stripe {
+    client: Client,
+    failures: AtomicU32,
+    open_until: Mutex<Option<Instant>>,
+    public_url: String,
+}
+
+impl Stripe {
+    /// `None` without a secret key.
+    pub fn new(config: &StripeConfig, public_url: &str) -> anyhow::Result<Option<Self>> {
+        let Some(key) = &config.secret_key else { return Ok(None) };
+        let client = ClientBuilder::new(key.clone())
+            // The client appends `v1/...` to the base.
+            .url(format!("{}/", config.api_base.trim_end_matches('/')))
+            .timeout(Duration::from_secs(5))
+            .app_info("plinth", Some(env!("CARGO_PKG_VERSION").to_owned()), None)
+            .build()
+            .map_err(|e| anyhow::anyhow!("configuring the Stripe client: {e}"))?;
+        Ok(Some(Self {
+            client,
+            failures: AtomicU32::new(0),
+            open_until: Mutex::new(None),
+            public_url: public_url.trim_end_matches('/').to_owned(),
+        }))
+    }
+
+    fn admit(&self) -> Result<(), ApiError> {
+        let mut open = self.open_until.lock().unwrap_or_else(|p| p.into_inner());
+        match *open {
+            Some(until) if Instant::now() < until => {
+                Err(ApiError::Unavailable(anyhow::anyhow!("Stripe is failing; not calling it for a while")))
+            }
+            Some(_) => {
+                // Half open: this call may try; the next failure reopens.
+                *open = None;
+                self.failures.store(FAILURES_TO_OPEN - 1, Ordering::SeqCst);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn record<T>(&self, result: Result<T, StripeError>, what: &str) -> Result<T, ApiError> {
+        match result {
+            Ok(value) => {
+                self.failures.store(0, Ordering::SeqCst);
+                Ok(value)
+            }
+            // Stripe answered and refused (4xx): our request, not an outage.
+            Err(StripeError::Stripe(err, status)) if status < 500 => {
+                self.failures.store(0, Ordering::SeqCst);
+                Err(ApiError::Internal(anyhow::anyhow!("Stripe refused {what} ({status}): {:?}", err.message)))
+            }
+            Err(err) => {
+                if self.failures.fetch_add(1, Ordering::SeqCst) + 1 >= FAILURES_TO_OPEN {
+                    *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + OPEN_FOR);
+                    tracing::warn!("Stripe failed {FAILURES_TO_OPEN} times in a row; pausing calls for 30 s");
+                }
+                Err(ApiError::Unavailable(anyhow::anyhow!("{what} failed: {err}")))
+            }
+        }
+    }
+
+    /// The tenant's Stripe customer, created on first need with the tenant
+    /// id in its metadata. The idempotency key is the tenant's, so two
+    /// concurrent first requests get the same customer from Stripe.
+    pub async fn customer(&self, db: &Db, tenant: TenantId, name: &str) -> Result<String, ApiError> {
+        if let Some(id) = customer_of(db, tenant).await? {
+            return Ok(id);
+        }
+        self.admit()?;
+        let key = IdempotencyKey::new(format!("plinth-customer-{}", tenant.0))
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("idempotency key: {e}")))?;
+        let created = CreateCustomer::new()
+            .name(name)
+            .metadata([("tenant_id".to_owned(), tenant.0.to_string())])
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .send(&self.client)
+            .await;
+        let customer = self.record(created, "creating a customer")?;
+        let id = customer.id.as_str().to_owned();
+        db.platform(async |c| {
+            diesel::sql_query(
+                "INSERT INTO public.billing_customers (tenant_id, customer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind::<SqlUuid, _>(tenant.0)
+            .bind::<Text, _>(&id)
+            .execute(c)
+            .await?;
+            Ok::<_, ApiError>(())
+        })
+        .await?;
+        // Whoever linked first wins; with the shared idempotency key it is
+        // the same customer anyway.
+        customer_of(db, tenant).await?.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("customer link vanished")))
+    }
+}
+
+#[derive(QueryableByName)]
+struct CustomerRow {
+    #[diesel(sql_type = Text)]
+    customer_id: String,
+}
+
+async fn customer_of(db: &Db, tenant: TenantId) -> Result<Option<String>, ApiError> {
+    let rows: Vec<CustomerRow> = db
+        .platform(async |c| {
+            let rows = diesel::sql_query("SELECT customer_id FROM public.billing_customers WHERE tenant_id = $1")
+                .bind::<SqlUuid, _>(tenant.0)
+                .load(c)
+                .await?;
+            Ok::<_, ApiError>(rows)
+        })
+        .await?;
+    Ok(rows.into_iter().next().map(|r| r.customer_id))
+}
+
+fn stripe(data: Option<web::Data<Stripe>>) -> Result<web::Data<Stripe>, ApiError> {
+    data.ok_or(ApiError::BillingNotConfigured)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckoutBody {
+    plan: String,
+}
+
+/// `POST /v1/billing/checkout` {plan} → {url}: a Checkout Session in
+/// subscription mode for the plan's price, for the tenant's customer.
+async fn checkout(
+    ctx: Allowed<ManageBilling>,
+    db: web::Data<Db>,
+    access: web::Data<std::sync::Arc<Access>>,
+    api: Option<web::Data<Stripe>>,
+    body: Json<CheckoutBody>,
+) -> Result<HttpResponse, ApiError> {
+    let api = stripe(api)?;
+    let plan = access.catalog().get(&body.0.plan);
+    let Some(price) = plan.and_then(|p| p.stripe_price.clone()) else {
+        let paid: Vec<_> =
+            access.catalog().plans().iter().filter(|p| p.stripe_price.is_some()).map(|p| p.name.as_str()).collect();
+        return Err(ApiError::invalid_fields(vec![FieldError::new(
+            "plan",
+            "invalid",
+            format!("must be a plan with a price: {}", paid.join(", ")),
+        )]));
+    };
+    let customer = api.customer(&db, ctx.tenant.id, &ctx.tenant.name).await?;
+    api.admit()?;
+    let item = CreateCheckoutSessionLineItems { price: Some(price), quantity: Some(1), ..Default::default() };
+    let session = CreateCheckoutSession::new()
+        .mode(stripe_shared::CheckoutSessionMode::Subscription)
+        .customer(customer)
+        .client_reference_id(ctx.tenant.id.to_string())
+        .line_items(vec![item])
+        .success_url(format!("{}/billing/success?session_id={{CHECKOUT_SESSION_ID}}", api.public_url))
+        .cancel_url(format!("{}/billing/cancelled", api.public_url))
+        .send(&api.client)
+        .await;
+    let session = api.record(session, "creating a checkout session")?;
+    let url = session.url.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("Stripe returned no checkout URL")))?;
+    Ok(HttpResponse::Ok().json(json!({ "url": url })))
+}
+
+/// `POST /v1/billing/portal` → {url}: the Customer Portal for the tenant's
+/// customer.
+async fn portal(
+    ctx: Allowed<ManageBilling>,
+    db: web::Data<Db>,
+    api: Option<web::Data<Stripe>>,
+) -> Result<HttpResponse, ApiError> {
+    let api = stripe(api)?;
+    let customer = api.customer(&db, ctx.tenant.id, &ctx.tenant.name).await?;
+    api.admit()?;
+    let session = CreateBillingPortalSession::new()
+        .customer(customer)
+        .return_url(format!("{}/billing", api.public_url))
+        .send(&api.client)
+        .await;
+    let session = api.record(session, "creating a portal session")?;
+    Ok(HttpResponse::Ok().json(json!({ "url": session.url })))
+}
+
+#[derive(QueryableByName, serde::Serialize)]
+struct SubscriptionView {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    plan: Option<String>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    trial_end: Option<chrono::DateTime<chrono::Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    current_period_end: Option<chrono::DateTime<chrono::Utc>>,
+    #[diesel(sql_type = Bool)]
+    cancel_at_period_end: bool,
+}
+
+/// `GET /v1/billing/subscription`: the tenant's plan and its newest
+/// subscription as Stripe last reported it.
+async fn subscription(ctx: Allowed<ManageBilling>, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
+    let tenant = ctx.tenant.id;
+    let rows: Vec<SubscriptionView> = db
+        .platform(async |c| {
+            let rows = diesel::sql_query(
+                "SELECT id, status, plan, trial_end, current_period_end, cancel_at_period_end \
+                 FROM public.subscriptions WHERE tenant_id = $1 ORDER BY last_event_at DESC LIMIT 1",
+            )
+            .bind::<SqlUuid, _>(tenant.0)
+            .load(c)
+            .await?;
+            Ok::<_, ApiError>(rows)
+        })
+        .await?;
+    let sub = rows.into_iter().next();
+    Ok(HttpResponse::Ok().json(json!({
+        "plan": ctx.plan().name,
+        "status": sub.as_ref().map(|s| s.status.clone()),
+        "trial_end": sub.as_ref().and_then(|s| s.trial_end),
+        "current_period_end": sub.as_ref().and_then(|s| s.current_period_end),
+        "cancel_at_period_end": sub.as_ref().is_some_and(|s| s.cancel_at_period_end),
+        "subscription": sub.map(|s| s.id),
+    })))
+}
