@@ -160,7 +160,7 @@ mod processing {
     use crate::harness::{AppOptions, TempDir, TestApp, TestDb, TestResult, eventually};
     use crate::mail_and_jobs::{Running, fast};
     use crate::smtp::SmtpServer;
-    use crate::stripe::{checkout_session, event, invoice, now, signature, subscription};
+    use crate::stripe::{StripeMock, checkout_session, event, invoice, now, signature, subscription};
 
     const PRO: &str = "price_plinth_pro";
     const ENTERPRISE: &str = "price_plinth_enterprise";
@@ -174,13 +174,22 @@ mod processing {
     }
 
     async fn billing(grace_days: &'static str) -> TestResult<Billing> {
+        billing_with(grace_days, None).await
+    }
+
+    /// With `api`, subscriptions are re-read from that stand-in Stripe.
+    async fn billing_with(grace_days: &'static str, api: Option<&StripeMock>) -> TestResult<Billing> {
         let testdb = TestDb::migrated().await?;
-        let stripe = vec![
+        let mut stripe = vec![
             ("PLINTH_STRIPE_WEBHOOK_SECRET", SECRET),
             ("PLINTH_STRIPE_PRICE_PRO", PRO),
             ("PLINTH_STRIPE_PRICE_ENTERPRISE", ENTERPRISE),
             ("PLINTH_BILLING_GRACE_DAYS", grace_days),
         ];
+        if let Some(api) = api {
+            stripe.push(("PLINTH_STRIPE_SECRET_KEY", "sk_test_plinth"));
+            stripe.push(("PLINTH_STRIPE_API_BASE", Box::leak(api.url.clone().into_boxed_str())));
+        }
         let app = TestApp::spawn_on(&testdb, AppOptions { settings: stripe.clone(), ..Default::default() }).await?;
         let smtp = SmtpServer::start().await?;
         let dir = TempDir::new("billing")?;
@@ -424,6 +433,50 @@ mod processing {
         assert_eq!(b.event_status("evt_team").await?.0, "processed");
         let (ok, out) = cli(&b, &["billing", "replay", "evt_missing"], &[]).await?;
         assert!(!ok, "{out}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn with_stripe_configured_events_apply_what_stripe_has_now() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let b = billing_with("7", Some(&stripe)).await?;
+        let acme = b.app.create_tenant("acme").await?;
+        let t = now() - 100;
+        stripe.set_subscription(subscription("sub_live", "cus_live", "active", PRO));
+        b.deliver(
+            "evt_link",
+            "checkout.session.completed",
+            t,
+            checkout_session(&acme.id.to_string(), "cus_live", "sub_live"),
+        )
+        .await?;
+        // The event's own payload is out of date; Stripe's answer counts.
+        b.deliver(
+            "evt_stale",
+            "customer.subscription.updated",
+            t + 1,
+            subscription("sub_live", "cus_live", "canceled", PRO),
+        )
+        .await?;
+        b.plan_becomes("acme", "pro").await?;
+        assert!(stripe.requests().iter().any(|r| r.method == "GET" && r.path == "/v1/subscriptions/sub_live"));
+
+        // Stripe down while processing: the event waits, then completes.
+        stripe.set_down(true);
+        stripe.set_subscription(subscription("sub_live", "cus_live", "active", ENTERPRISE));
+        b.deliver(
+            "evt_up",
+            "customer.subscription.updated",
+            t + 2,
+            subscription("sub_live", "cus_live", "active", ENTERPRISE),
+        )
+        .await?;
+        eventually(Duration::from_secs(20), || async { Ok(b.event_status("evt_up").await?.0 == "parked") }).await?;
+        assert!(b.event_status("evt_up").await?.1.is_some_and(|r| r.contains("Stripe unavailable")));
+        assert_eq!(b.plan("acme").await?, "pro");
+        stripe.set_down(false);
+        b.plan_becomes("acme", "enterprise").await?;
+        b.processed("evt_up").await?;
         Ok(())
     }
 

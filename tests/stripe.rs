@@ -92,6 +92,7 @@ impl Recorded {
 struct MockState {
     requests: Vec<Recorded>,
     customers: std::collections::HashMap<String, String>,
+    subscriptions: std::collections::HashMap<String, Value>,
     down: bool,
 }
 
@@ -154,6 +155,14 @@ impl StripeMock {
                             session["url"] = json!(format!("https://billing.stripe.test/p/session/bps_mock_{n}"));
                             HttpResponse::Ok().json(session)
                         }
+                        ("GET", path) if path.starts_with("/v1/subscriptions/") => {
+                            match state.subscriptions.get(&path["/v1/subscriptions/".len()..]) {
+                                Some(sub) => HttpResponse::Ok().json(sub),
+                                None => HttpResponse::NotFound().json(
+                                    json!({ "error": { "type": "invalid_request_error", "message": "no such subscription" } }),
+                                ),
+                            }
+                        }
                         _ => HttpResponse::NotFound()
                             .json(json!({ "error": { "type": "invalid_request_error", "message": "no such route" } })),
                     }
@@ -171,6 +180,12 @@ impl StripeMock {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).requests.clone()
+    }
+
+    /// What `GET /v1/subscriptions/{id}` answers from now on.
+    pub fn set_subscription(&self, sub: Value) {
+        let id = sub["id"].as_str().unwrap_or_default().to_owned();
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).subscriptions.insert(id, sub);
     }
 
     /// Answer every request with 503 (or normally again).

@@ -21,8 +21,12 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
     let mailer = Arc::new(Mailer::new(db.clone(), transport, &settings.mail_from, templates(&settings.public_url)?)?);
     let mut handlers = Handlers::new();
     handlers.on(mail::DELIVER, mailer.handler());
-    let billing =
-        plinth_billing::process::Processor::new(db.clone(), Arc::new(settings.catalog()?), settings.stripe.grace);
+    // Subscriptions are re-read from Stripe when it is configured.
+    let api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?
+        .map(Arc::new)
+        .filter(|_| !settings.stripe.offline);
+    let catalog = Arc::new(settings.catalog()?);
+    let billing = plinth_billing::process::Processor::new(db.clone(), catalog, settings.stripe.grace, api);
     for (kind, handler) in billing.handlers() {
         handlers.on(kind, handler);
     }

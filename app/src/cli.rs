@@ -311,10 +311,14 @@ async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) 
             }
         }
         BillingCommand::Replay { event_id } => {
+            let api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?
+                .map(std::sync::Arc::new)
+                .filter(|_| !settings.stripe.offline);
             let processor = plinth_billing::process::Processor::new(
                 db.clone(),
                 std::sync::Arc::new(settings.catalog()?),
                 settings.stripe.grace,
+                api,
             );
             let outcome = processor.replay(&event_id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{event_id}: {outcome:?}");

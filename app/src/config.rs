@@ -142,6 +142,7 @@ impl Settings {
                 webhook_secrets: plinth_billing::config::StripeConfig::secrets(get("PLINTH_STRIPE_WEBHOOK_SECRET")),
                 api_base: get("PLINTH_STRIPE_API_BASE").unwrap_or(plinth_billing::config::STRIPE_API).to_owned(),
                 grace: Duration::from_secs(86_400 * num("PLINTH_BILLING_GRACE_DAYS", 7)?),
+                offline: flag("PLINTH_BILLING_OFFLINE", false)?,
             },
             stripe_prices: ["pro", "enterprise"]
                 .into_iter()

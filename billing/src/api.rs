@@ -109,6 +109,17 @@ impl Stripe {
         }
     }
 
+    /// The subscription as Stripe has it now (retried with backoff: a read).
+    pub async fn subscription(&self, id: &str) -> Result<stripe_shared::Subscription, ApiError> {
+        self.admit()?;
+        let read = stripe_billing::subscription::RetrieveSubscription::new(id)
+            .customize()
+            .request_strategy(RequestStrategy::ExponentialBackoff(3))
+            .send(&self.client)
+            .await;
+        self.record(read, "reading a subscription")
+    }
+
     /// The tenant's Stripe customer, created on first need with the tenant
     /// id in its metadata. The idempotency key is the tenant's, so two
     /// concurrent first requests get the same customer from Stripe.

@@ -15,6 +15,10 @@ pub struct StripeConfig {
     /// `PLINTH_BILLING_GRACE_DAYS` (default 7): how long a past-due
     /// subscription keeps its plan.
     pub grace: std::time::Duration,
+    /// `PLINTH_BILLING_OFFLINE` (default false): process events from their
+    /// own payloads, in timestamp order, without re-reading subscriptions
+    /// from Stripe (always so without a secret key).
+    pub offline: bool,
 }
 
 impl StripeConfig {

@@ -6,11 +6,14 @@
 //! is keyed by event id and recipient).
 //!
 //! Events of one Stripe customer are processed one at a time (a
-//! transaction advisory lock on the customer id). This part applies events
-//! offline, in order of Stripe's timestamps: an event older than the newest
-//! one applied to its subscription is recorded and skipped, so late and
-//! reordered deliveries cannot roll a subscription back. (Re-reading each
-//! object from Stripe's API is the next part.)
+//! transaction advisory lock on the customer id). With Stripe configured, a
+//! subscription event re-reads the subscription from Stripe's API and
+//! applies what Stripe has now, so late and reordered deliveries cannot
+//! roll it back; while Stripe is unreachable the event waits and its job
+//! retries. Offline (no secret key, or `PLINTH_BILLING_OFFLINE=true`) the
+//! events' own payloads are applied in order of Stripe's timestamps: an
+//! event older than the newest one applied to its subscription is recorded
+//! and skipped.
 //!
 //! | subscription status | plan |
 //! |---|---|
@@ -67,6 +70,9 @@ pub struct Processor {
     db: Db,
     catalog: Arc<Catalog>,
     grace: Duration,
+    /// Stripe's API, to re-read subscriptions; `None` applies the events'
+    /// own payloads in timestamp order (offline).
+    api: Option<Arc<crate::api::Stripe>>,
 }
 
 #[derive(QueryableByName)]
@@ -125,8 +131,8 @@ fn status_name(status: &SubscriptionStatus) -> &str {
 }
 
 impl Processor {
-    pub fn new(db: Db, catalog: Arc<Catalog>, grace: Duration) -> Arc<Self> {
-        Arc::new(Self { db, catalog, grace })
+    pub fn new(db: Db, catalog: Arc<Catalog>, grace: Duration, api: Option<Arc<crate::api::Stripe>>) -> Arc<Self> {
+        Arc::new(Self { db, catalog, grace, api })
     }
 
     /// The job handlers of billing.
@@ -265,7 +271,22 @@ impl Processor {
                 let customer = sub.customer.id().as_str().to_owned();
                 lock_customer(c, &customer).await?;
                 let tenant = tenant_of(c, &customer, sub.metadata.get("tenant_id")).await?;
-                self.apply_subscription(c, event_id, kind, created, tenant, &customer, &sub).await?
+                match &self.api {
+                    // Whatever this event says, apply what Stripe has now.
+                    Some(api) => {
+                        let current = api
+                            .subscription(sub.id.as_str())
+                            .await
+                            .map_err(|e| Park(format!("Stripe unavailable, will retry: {e}")))?;
+                        let kind = if current.status == SubscriptionStatus::Canceled {
+                            "customer.subscription.deleted"
+                        } else {
+                            "customer.subscription.updated"
+                        };
+                        self.apply_subscription(c, event_id, kind, Utc::now(), tenant, &customer, &current).await?
+                    }
+                    None => self.apply_subscription(c, event_id, kind, created, tenant, &customer, &sub).await?,
+                }
             }
             "customer.subscription.trial_will_end" => {
                 let sub: Subscription = parse(object, "subscription")?;
