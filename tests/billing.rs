@@ -481,6 +481,42 @@ mod processing {
     }
 
     #[tokio::test]
+    async fn sync_repairs_drift_from_what_stripe_has() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let b = billing_with("7", Some(&stripe)).await?;
+        let acme = b.app.create_tenant("acme").await?;
+        let globex = b.app.create_tenant("globex").await?;
+        b.app.create_tenant_on("manual", "pro").await?;
+        let t = now() - 100;
+        // Links arrive; the subscription events were missed.
+        b.deliver("evt_a", "checkout.session.completed", t, checkout_session(&acme.id.to_string(), "cus_a", "sub_a"))
+            .await?;
+        b.deliver("evt_g", "checkout.session.completed", t, checkout_session(&globex.id.to_string(), "cus_g", "sub_g"))
+            .await?;
+        b.processed("evt_a").await?;
+        b.processed("evt_g").await?;
+        b.app.set_plan("globex", "pro").await?;
+        stripe.set_subscription(subscription("sub_a", "cus_a", "active", ENTERPRISE));
+        let (ok, out) = cli(
+            &b,
+            &["billing", "sync"],
+            &[
+                ("PLINTH_STRIPE_SECRET_KEY", "sk_test_plinth"),
+                ("PLINTH_STRIPE_API_BASE", &stripe.url),
+                ("PLINTH_STRIPE_PRICE_PRO", PRO),
+                ("PLINTH_STRIPE_PRICE_ENTERPRISE", ENTERPRISE),
+            ],
+        )
+        .await?;
+        assert!(ok, "{out}");
+        assert!(out.contains("2 customer(s) read, 2 plan(s) changed"), "{out}");
+        b.plan_becomes("acme", "enterprise").await?;
+        b.plan_becomes("globex", "free").await?;
+        assert_eq!(b.plan("manual").await?, "pro", "no Stripe customer: an operator's plan stays");
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn a_past_due_subscription_falls_to_free_when_the_grace_ends() -> TestResult {
         let b = billing("0").await?;
         let acme = b.app.create_tenant("acme").await?;

@@ -155,6 +155,19 @@ impl StripeMock {
                             session["url"] = json!(format!("https://billing.stripe.test/p/session/bps_mock_{n}"));
                             HttpResponse::Ok().json(session)
                         }
+                        ("GET", "/v1/subscriptions") => {
+                            let customer = req
+                                .query_string()
+                                .split('&')
+                                .find_map(|p| p.strip_prefix("customer="))
+                                .unwrap_or_default()
+                                .to_owned();
+                            let data: Vec<Value> =
+                                state.subscriptions.values().filter(|s| s["customer"] == customer).cloned().collect();
+                            HttpResponse::Ok().json(
+                                json!({ "object": "list", "data": data, "has_more": false, "url": "/v1/subscriptions" }),
+                            )
+                        }
                         ("GET", path) if path.starts_with("/v1/subscriptions/") => {
                             match state.subscriptions.get(&path["/v1/subscriptions/".len()..]) {
                                 Some(sub) => HttpResponse::Ok().json(sub),

@@ -33,6 +33,20 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
     Ok(Worker::new(db, handlers, config))
 }
 
+/// Queues the periodic billing sync (once across instances) when Stripe
+/// is configured and `PLINTH_BILLING_SYNC_MINUTES` is not 0.
+pub async fn schedule_sync(settings: &Settings, db_config: &DbConfig) -> anyhow::Result<()> {
+    if settings.stripe.secret_key.is_none() || settings.stripe.sync_every.is_zero() {
+        return Ok(());
+    }
+    let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;
+    let job = plinth_billing::process::sync_job(settings.stripe.sync_every);
+    db.platform(async |c| Ok::<_, plinth_tenants::ApiError>(plinth_tenants::jobs::enqueue(c, job).await?))
+        .await
+        .map_err(|e| anyhow::anyhow!("queueing the billing sync: {e}"))?;
+    Ok(())
+}
+
 /// The worker settings from the configuration.
 pub fn worker_config(settings: &Settings) -> WorkerConfig {
     WorkerConfig {

@@ -67,6 +67,8 @@ pub enum BillingCommand {
     },
     /// Process one stored event again, now, and print the outcome.
     Replay { event_id: String },
+    /// Re-read every tenant's subscriptions from Stripe and fix any drift.
+    Sync,
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,6 +183,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             let (stop, stopped) = watch::channel(false);
             let worker = if settings.run_worker {
                 let worker = background::worker(settings, &config, background::worker_config(settings))?;
+                background::schedule_sync(settings, &config).await?;
                 listener.on(jobs::CHANNEL, worker.listen_handler());
                 Some(tokio::spawn(worker.run(stopped)))
             } else {
@@ -199,6 +202,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
         Command::Worker => {
             migrate::run_platform_migrations(&listen_url).await?;
             let worker = background::worker(settings, &db_config(settings, url), background::worker_config(settings))?;
+            background::schedule_sync(settings, &db_config(settings, url)).await?;
             let mut listener = Listener::new();
             listener.on(jobs::CHANNEL, worker.listen_handler());
             let listening = listener.spawn(listen_url);
@@ -308,6 +312,28 @@ async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) 
                     e.received_at.format("%Y-%m-%d %H:%M:%S"),
                     e.parked_reason.unwrap_or_default()
                 );
+            }
+        }
+        BillingCommand::Sync => {
+            let api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?
+                .map(std::sync::Arc::new)
+                .ok_or_else(|| anyhow::anyhow!("PLINTH_STRIPE_SECRET_KEY is not set"))?;
+            let processor = plinth_billing::process::Processor::new(
+                db.clone(),
+                std::sync::Arc::new(settings.catalog()?),
+                settings.stripe.grace,
+                Some(api),
+            );
+            let synced = processor.sync().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{} customer(s) read, {} plan(s) changed", synced.customers, synced.changed.len());
+            for (tenant, plan) in &synced.changed {
+                println!("  {tenant}: now {plan}");
+            }
+            for (tenant, err) in &synced.failed {
+                println!("  {tenant}: failed: {err}");
+            }
+            if !synced.failed.is_empty() {
+                return Ok(ExitCode::FAILURE);
             }
         }
         BillingCommand::Replay { event_id } => {

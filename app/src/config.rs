@@ -143,6 +143,7 @@ impl Settings {
                 api_base: get("PLINTH_STRIPE_API_BASE").unwrap_or(plinth_billing::config::STRIPE_API).to_owned(),
                 grace: Duration::from_secs(86_400 * num("PLINTH_BILLING_GRACE_DAYS", 7)?),
                 offline: flag("PLINTH_BILLING_OFFLINE", false)?,
+                sync_every: Duration::from_secs(60 * num("PLINTH_BILLING_SYNC_MINUTES", 60)?),
             },
             stripe_prices: ["pro", "enterprise"]
                 .into_iter()

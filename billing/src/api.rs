@@ -120,6 +120,22 @@ impl Stripe {
         self.record(read, "reading a subscription")
     }
 
+    /// Every subscription of a customer, newest first (up to 100).
+    pub async fn subscriptions_of(&self, customer: &str) -> Result<Vec<stripe_shared::Subscription>, ApiError> {
+        self.admit()?;
+        let list = stripe_billing::subscription::ListSubscription::new()
+            .customer(customer)
+            .status(stripe_billing::subscription::ListSubscriptionStatus::All)
+            .limit(100)
+            .customize()
+            .request_strategy(RequestStrategy::ExponentialBackoff(3))
+            .send(&self.client)
+            .await;
+        let mut subs = self.record(list, "listing subscriptions")?.data;
+        subs.sort_by_key(|s| std::cmp::Reverse(s.created));
+        Ok(subs)
+    }
+
     /// The tenant's Stripe customer, created on first need with the tenant
     /// id in its metadata. The idempotency key is the tenant's, so two
     /// concurrent first requests get the same customer from Stripe.

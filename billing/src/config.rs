@@ -19,6 +19,9 @@ pub struct StripeConfig {
     /// own payloads, in timestamp order, without re-reading subscriptions
     /// from Stripe (always so without a secret key).
     pub offline: bool,
+    /// `PLINTH_BILLING_SYNC_MINUTES` (default 60; 0 turns it off): how often
+    /// the worker re-reads every subscription from Stripe.
+    pub sync_every: std::time::Duration,
 }
 
 impl StripeConfig {

@@ -46,6 +46,30 @@ use stripe_shared::{CheckoutSession, Invoice, Subscription, SubscriptionStatus};
 pub const PROCESS: &str = "billing.event";
 /// Job kind: end a past-due subscription's grace (payload `{"subscription", "since"}`).
 pub const GRACE: &str = "billing.grace";
+/// Job kind: the periodic `sync` (payload `{"every_secs"}`), queued again
+/// by each run; its dedup key is the period, so instances share one.
+pub const SYNC: &str = "billing.sync";
+
+/// The next periodic sync, `every` after the current period began.
+pub fn sync_job(every: Duration) -> NewJob {
+    let secs = every.as_secs().max(60);
+    let now = Utc::now().timestamp();
+    let next = (now / secs as i64 + 1) * secs as i64;
+    NewJob {
+        dedup_key: Some(format!("sync:{next}")),
+        run_at: DateTime::from_timestamp(next, 0),
+        max_attempts: 3,
+        ..NewJob::new(SYNC, json!({ "every_secs": secs }))
+    }
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Synced {
+    pub customers: usize,
+    pub changed: Vec<(TenantId, String)>,
+    pub failed: Vec<(TenantId, String)>,
+}
 
 /// The job that processes a stored event, queued in the inbox's transaction.
 pub fn job(event_id: &str) -> NewJob {
@@ -85,6 +109,12 @@ struct EventRow {
     status: String,
     #[diesel(sql_type = Nullable<Timestamptz>)]
     created_at: Option<DateTime<Utc>>,
+}
+
+#[derive(QueryableByName)]
+struct TenantPlan {
+    #[diesel(sql_type = Text)]
+    plan: String,
 }
 
 #[derive(QueryableByName)]
@@ -139,6 +169,7 @@ impl Processor {
     pub fn handlers(self: &Arc<Self>) -> Vec<(&'static str, jobs::Handler)> {
         let process = Arc::clone(self);
         let grace = Arc::clone(self);
+        let sync = Arc::clone(self);
         vec![
             (
                 PROCESS,
@@ -160,6 +191,36 @@ impl Processor {
                     let this = Arc::clone(&grace);
                     Box::pin(async move {
                         this.end_grace(&job.payload).await.map_err(|e| JobError::Retry(anyhow::anyhow!("{e}")))
+                    })
+                }),
+            ),
+            (
+                SYNC,
+                Arc::new(move |job: ClaimedJob| {
+                    let this = Arc::clone(&sync);
+                    Box::pin(async move {
+                        let every = Duration::from_secs(job.payload["every_secs"].as_u64().unwrap_or(3600));
+                        let result = this.sync().await;
+                        // The next run is queued whatever this one did.
+                        this.db
+                            .platform(async |c| {
+                                jobs::enqueue(c, sync_job(every)).await?;
+                                Ok::<_, ApiError>(())
+                            })
+                            .await
+                            .map_err(|e| JobError::Retry(anyhow::anyhow!("{e}")))?;
+                        match result {
+                            Ok(s) => {
+                                tracing::info!(
+                                    customers = s.customers,
+                                    changed = s.changed.len(),
+                                    failed = s.failed.len(),
+                                    "billing sync done"
+                                );
+                                Ok(())
+                            }
+                            Err(e) => Err(JobError::Fatal(anyhow::anyhow!("{e}"))),
+                        }
                     })
                 }),
             ),
@@ -447,6 +508,77 @@ impl Processor {
             .await?;
         }
         Ok(Outcome::Applied)
+    }
+
+    /// Re-reads every linked customer's subscriptions from Stripe and
+    /// applies the newest to its tenant (`plinth billing sync`). Tenants
+    /// without a Stripe customer (plans set by an operator) are left alone.
+    pub async fn sync(&self) -> Result<Synced, ApiError> {
+        let api = self.api.as_ref().ok_or(ApiError::BillingNotConfigured)?;
+        #[derive(QueryableByName)]
+        struct Link {
+            #[diesel(sql_type = SqlUuid)]
+            tenant_id: uuid::Uuid,
+            #[diesel(sql_type = Text)]
+            customer_id: String,
+            #[diesel(sql_type = Text)]
+            plan: String,
+        }
+        let links: Vec<Link> = self
+            .db
+            .platform(async |c| {
+                let rows = diesel::sql_query(
+                    "SELECT b.tenant_id, b.customer_id, t.plan FROM public.billing_customers b \
+                     JOIN public.tenants t ON t.id = b.tenant_id WHERE t.status <> 'deleting' ORDER BY b.tenant_id",
+                )
+                .load(c)
+                .await?;
+                Ok::<_, ApiError>(rows)
+            })
+            .await?;
+        let mut synced = Synced { customers: links.len(), ..Synced::default() };
+        for link in links {
+            let tenant = TenantId(link.tenant_id);
+            let result = async {
+                let subs = api.subscriptions_of(&link.customer_id).await?;
+                self.db
+                    .platform(async |c| {
+                        lock_customer(c, &link.customer_id)
+                            .await
+                            .map_err(|Park(r)| ApiError::Internal(anyhow::anyhow!(r)))?;
+                        let event = format!("sync:{}", Utc::now().timestamp());
+                        match <[_]>::first(&subs) {
+                            Some(sub) => {
+                                let kind = if sub.status == SubscriptionStatus::Canceled {
+                                    "customer.subscription.deleted"
+                                } else {
+                                    "customer.subscription.updated"
+                                };
+                                self.apply_subscription(c, &event, kind, Utc::now(), tenant, &link.customer_id, sub)
+                                    .await
+                                    .map_err(|Park(r)| ApiError::Internal(anyhow::anyhow!(r)))?;
+                            }
+                            None => {
+                                let details = json!({ "by": "stripe sync", "reason": "no subscription" });
+                                change_plan(c, &self.catalog, tenant, FREE, Actor::System, details).await?;
+                            }
+                        }
+                        let plan: Vec<TenantPlan> = diesel::sql_query("SELECT plan FROM public.tenants WHERE id = $1")
+                            .bind::<SqlUuid, _>(tenant.0)
+                            .load(c)
+                            .await?;
+                        Ok::<_, ApiError>(<[_]>::first(&plan).map(|p| p.plan.clone()))
+                    })
+                    .await
+            }
+            .await;
+            match result {
+                Ok(Some(plan)) if plan != link.plan => synced.changed.push((tenant, plan)),
+                Ok(_) => {}
+                Err(err) => synced.failed.push((tenant, err.to_string())),
+            }
+        }
+        Ok(synced)
     }
 
     /// Ends a past-due subscription's grace: free, unless it was paid (or
