@@ -2,10 +2,14 @@
 //! webhook inbox and subscription state, and turning a subscription into the
 //! tenant's plan in the access policy.
 //!
-//! Implemented so far: [`webhook`], the verified webhook inbox (events are
-//! stored, not yet processed), [`config`], and [`mail`], the billing
-//! notices. The tenant registry records each tenant's `plan` (every tenant
-//! starts on `free`), which this crate will keep in step with Stripe.
+//! - [`webhook`]: the verified webhook inbox.
+//! - [`process`]: stored events → subscription state → the tenant's plan;
+//!   replay and sync.
+//! - [`api`]: Stripe's API behind a circuit breaker; checkout, portal and
+//!   the subscription view.
+//! - [`config`], [`mail`] (the billing notices).
+//!
+//! `docs/billing.md` has the operator's set-up and the state machine.
 
 pub mod api;
 pub mod config;
