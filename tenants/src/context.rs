@@ -131,7 +131,7 @@ impl TenantContext {
             let subject = Subject::Member(tenant.id, session.user_id);
             (Principal::User { user_id: session.user_id, session_id: session.session_id }, tenant, subject)
         };
-        let asked = access.tenant_subject(subject, tenant.id).await?;
+        let asked = access.tenant_subject_on(&db, subject, tenant.id).await?;
         let (Some(role), Some(policy)) = (asked.role, asked.policy.clone()) else {
             return Err(ApiError::NotFound("tenant"));
         };

@@ -291,9 +291,20 @@ impl Access {
     /// Otherwise the engine may be behind, so the rows are read directly and
     /// the check names the role and plan themselves instead of the links.
     pub(crate) async fn tenant_subject(&self, subject: Subject, tenant: TenantId) -> Result<Asked, ApiError> {
+        self.tenant_subject_on(&self.db, subject, tenant).await
+    }
+
+    /// [`Access::tenant_subject`], reading (when it must) on `db`: the
+    /// request's own pool, so a listener outage under load does not queue
+    /// every request on the engine's small one.
+    pub(crate) async fn tenant_subject_on(
+        &self,
+        db: &Db,
+        subject: Subject,
+        tenant: TenantId,
+    ) -> Result<Asked, ApiError> {
         if !AtomicBool::load(&self.trusted, Ordering::SeqCst) {
-            let (role, policy) =
-                self.db.platform(async |c| read_standing(c, &self.catalog, subject, tenant).await).await?;
+            let (role, policy) = db.platform(async |c| read_standing(c, &self.catalog, subject, tenant).await).await?;
             let policy = policy.ok_or(ApiError::NotFound("tenant"))?;
             let ten = if policy.active { snapshot::plan_node(&policy.plan) } else { "none".to_owned() };
             let role_node = role.map(snapshot::role_node).unwrap_or_default();
