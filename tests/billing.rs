@@ -179,6 +179,14 @@ mod processing {
 
     /// With `api`, subscriptions are re-read from that stand-in Stripe.
     async fn billing_with(grace_days: &'static str, api: Option<&StripeMock>) -> TestResult<Billing> {
+        billing_polling(grace_days, api, fast()).await
+    }
+
+    async fn billing_polling(
+        grace_days: &'static str,
+        api: Option<&StripeMock>,
+        worker: plinth_tenants::jobs::WorkerConfig,
+    ) -> TestResult<Billing> {
         let testdb = TestDb::migrated().await?;
         let mut stripe = vec![
             ("PLINTH_STRIPE_WEBHOOK_SECRET", SECRET),
@@ -199,7 +207,7 @@ mod processing {
         values.insert("PLINTH_MAIL_FROM".into(), "Plinth <noreply@plinth.test>".into());
         values.insert("PLINTH_DATA_DIR".into(), dir.path.display().to_string());
         let settings = plinth::config::Settings::from_values(&values)?;
-        let worker = Running::mail(&testdb, &settings, fast())?;
+        let worker = Running::mail(&testdb, &settings, worker)?;
         Ok(Billing { app, smtp, _worker: worker, testdb, _dir: dir })
     }
 
@@ -324,6 +332,24 @@ mod processing {
             .as_array()
             .map(|a| a.iter().filter(|e| e["action"] == "plan.changed" && e["details"]["by"] == "stripe").count());
         assert_eq!(by_stripe, Some(3), "{log}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_inbox_wakes_the_worker_instead_of_leaving_events_to_its_poll() -> TestResult {
+        // A worker that would poll only every 30 s.
+        let slow = plinth_tenants::jobs::WorkerConfig { poll_interval: Duration::from_secs(30), ..fast() };
+        let b = billing_polling("7", None, slow).await?;
+        let acme = b.app.create_tenant("acme").await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = now() - 100;
+        b.deliver("evt_w1", "checkout.session.completed", t, checkout_session(&acme.id.to_string(), "cus_w", "sub_w"))
+            .await?;
+        b.deliver("evt_w2", "customer.subscription.created", t + 1, subscription("sub_w", "cus_w", "active", PRO))
+            .await?;
+        // Two events 0 ms apart: the second is covered by the trailing wake.
+        let took = eventually(Duration::from_secs(2), || async { Ok(b.plan("acme").await? == "pro") }).await?;
+        eprintln!("plan changed {took:?} after the last delivery");
         Ok(())
     }
 

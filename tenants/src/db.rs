@@ -159,6 +159,19 @@ impl Db {
         finish(&mut conn, result).await
     }
 
+    /// Runs `f` on a platform connection without opening a transaction:
+    /// for one statement, which is atomic on its own, at one round trip
+    /// instead of three.
+    pub async fn statement<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        let mut conn = self.conn().await?;
+        f(&mut conn).await
+    }
+
     /// Runs `f` in a transaction scoped to one tenant's schema.
     ///
     /// `BEGIN` and `SET LOCAL search_path` travel in one simple-protocol

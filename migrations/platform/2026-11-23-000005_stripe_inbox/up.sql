@@ -46,3 +46,13 @@ CREATE TABLE public.subscriptions (
     updated_at           timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX subscriptions_tenant_idx ON public.subscriptions (tenant_id);
+
+-- The inbox queues a processing job per event. Waking the workers with a
+-- NOTIFY per job would serialise the inbox's commits on PostgreSQL's
+-- notification queue; the inbox wakes them itself, at most every 20 ms
+-- and always after its last event (billing/src/webhook.rs).
+DROP TRIGGER jobs_queued ON public.jobs;
+CREATE TRIGGER jobs_queued
+    AFTER INSERT OR UPDATE OF status, run_at ON public.jobs
+    FOR EACH ROW WHEN (NEW.status = 'queued' AND NEW.kind <> 'billing.event')
+    EXECUTE FUNCTION public.plinth_notify_job_queued();
