@@ -36,7 +36,7 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
 /// Queues the periodic billing sync (once across instances) when Stripe
 /// is configured and `PLINTH_BILLING_SYNC_MINUTES` is not 0.
 pub async fn schedule_sync(settings: &Settings, db_config: &DbConfig) -> anyhow::Result<()> {
-    if settings.stripe.secret_key.is_none() || settings.stripe.sync_every.is_zero() {
+    if settings.stripe.secret_key.is_none() || settings.stripe.offline || settings.stripe.sync_every.is_zero() {
         return Ok(());
     }
     let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;

@@ -146,6 +146,25 @@ struct Owner {
 /// Why an event waits.
 struct Park(String);
 
+/// How processing an event's transaction ended without applying it: both
+/// roll the transaction back.
+enum Fail {
+    Park(String),
+    Api(ApiError),
+}
+
+impl From<diesel::result::Error> for Fail {
+    fn from(e: diesel::result::Error) -> Self {
+        Fail::Api(e.into())
+    }
+}
+
+impl From<plinth_tenants::db::PoolError> for Fail {
+    fn from(e: plinth_tenants::db::PoolError) -> Self {
+        Fail::Api(e.into())
+    }
+}
+
 impl From<diesel::result::Error> for Park {
     fn from(e: diesel::result::Error) -> Self {
         Park(format!("database: {e}"))
@@ -261,28 +280,24 @@ impl Processor {
                 .bind::<Text, _>(event_id)
                 .load(c)
                 .await?;
-                let Some(row) = rows.into_iter().next() else { return Ok(Outcome::Parked("no such event".into())) };
+                let Some(row) = rows.into_iter().next() else { return Err(Fail::Park("no such event".into())) };
                 if row.status == "processed" {
                     return Ok(Outcome::AlreadyProcessed);
                 }
-                let outcome = match self.apply(c, event_id, &row).await {
-                    Ok(outcome) => outcome,
-                    Err(Park(reason)) => Outcome::Parked(reason),
-                };
-                Ok::<_, ApiError>(outcome)
+                self.apply(c, event_id, &row).await.map_err(|Park(reason)| Fail::Park(reason))
             })
             .await;
-        // A parked event's changes roll back with its transaction above
-        // only when it failed part-way; record why it waits separately.
-        let outcome = match outcome {
-            Ok(Outcome::Parked(reason)) => {
+        match outcome {
+            Ok(outcome) => Ok(outcome),
+            // Whatever the event changed before it had to wait was rolled
+            // back with its transaction; record why it waits.
+            Err(Fail::Park(reason)) => {
                 self.mark(event_id, "parked", Some(&reason)).await?;
                 tracing::warn!(stripe.event = event_id, reason, "Stripe event parked");
-                Outcome::Parked(reason)
+                Ok(Outcome::Parked(reason))
             }
-            other => other?,
-        };
-        Ok(outcome)
+            Err(Fail::Api(err)) => Err(err),
+        }
     }
 
     async fn mark(&self, event_id: &str, status: &str, reason: Option<&str>) -> Result<(), ApiError> {
