@@ -2,10 +2,13 @@
 //! removal, API keys, audit log) and platform admins managing tenants
 //! (suspend, delete, plan override, impersonation).
 //!
-//! Implemented so far: [`identity`] (signup, login, logout, `/v1/me`, email
-//! verification, password reset), [`password`] (policy and hashing) and
-//! [`mail`] (the identity mail templates). Until tenant and platform
-//! administration land, operators manage tenants with `plinth tenants`.
+//! - [`identity`]: signup, login, logout, `/v1/me`, email verification,
+//!   password reset; [`password`] (policy and hashing); [`totp`].
+//! - [`members`], [`api_keys`], [`audit_log`], [`tenant`] (`GET /v1/tenant`):
+//!   tenant administration.
+//! - [`platform`]: platform admins (list, show, suspend, reactivate, plan
+//!   override, delete). Impersonation is not built.
+//! - [`mail`]: the identity mail templates.
 
 pub mod api_keys;
 pub mod audit_log;
