@@ -288,12 +288,13 @@ async fn two_factor_login_with_codes_and_recovery_codes() -> TestResult {
     let w = world().await?;
     let session = w.signup("ada@example.com", "acme").await?["token"].as_str().ok_or("no token")?.to_owned();
     let call = |path: &str, body: Value| w.app.http.post(w.app.url(path)).bearer_auth(&session).json(&body).send();
-    let enrolled: Value = call("/v1/auth/totp/enroll", json!({})).await?.json().await?;
+    let enrolled: Value = call("/v1/auth/totp/enroll", json!({ "password": PASSWORD })).await?.json().await?;
     let secret = enrolled["secret"].as_str().ok_or("no secret")?.to_owned();
     assert!(enrolled["otpauth_url"].as_str().is_some_and(|u| u.starts_with("otpauth://totp/Plinth:")));
-    assert_error(call("/v1/auth/totp/confirm", json!({ "code": "12345" })).await?, 400, "invalid_request").await?;
+    let wrong = json!({ "code": "12345", "password": PASSWORD });
+    assert_error(call("/v1/auth/totp/confirm", wrong).await?, 400, "invalid_request").await?;
     let confirm_code = code_for(&secret, 0)?;
-    let res = call("/v1/auth/totp/confirm", json!({ "code": confirm_code })).await?;
+    let res = call("/v1/auth/totp/confirm", json!({ "code": confirm_code, "password": PASSWORD })).await?;
     assert_eq!(res.status(), 200);
     let recovery: Vec<String> = res.json::<Value>().await?["recovery_codes"]
         .as_array()
@@ -302,7 +303,7 @@ async fn two_factor_login_with_codes_and_recovery_codes() -> TestResult {
         .filter_map(|c| c.as_str().map(str::to_owned))
         .collect();
     assert_eq!(recovery.len(), 10);
-    assert_error(call("/v1/auth/totp/enroll", json!({})).await?, 409, "conflict").await?;
+    assert_error(call("/v1/auth/totp/enroll", json!({ "password": PASSWORD })).await?, 409, "conflict").await?;
     let me: Value = w.me(&session).await?.json().await?;
     assert_eq!(me["totp_enabled"], true);
 

@@ -18,6 +18,7 @@ mod policy;
 mod projects;
 mod provisioning;
 mod routing;
+mod security;
 mod smtp;
 mod stripe;
 mod world;

@@ -1,8 +1,11 @@
 //! Tenant API keys: `POST|GET /v1/api-keys`, `DELETE /v1/api-keys/{id}`
 //! (admins). A key is shown once at creation; only a hash is stored. A key
-//! acts in its one tenant with its role (admin, member or viewer, never more
-//! than its creator's); a revoked key stops working everywhere within a
-//! second.
+//! acts in its one tenant with its role (admin, member or viewer), never
+//! more than its creator's *current* role: removing the creator from the
+//! tenant, or lowering their role below the key's, revokes the key (a
+//! trigger on memberships, so every path keeps the rule). A key minted by
+//! another key belongs to the same creator and is revoked with the key that
+//! minted it. A revoked key stops working everywhere within a second.
 
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
@@ -13,7 +16,7 @@ use plinth_tenants::access::Quota;
 use plinth_tenants::audit::{self, Entry};
 use plinth_tenants::auth::{self, Role};
 use plinth_tenants::http::{Json, Validator};
-use plinth_tenants::{Allowed, ApiError, Db, FieldError, requirements};
+use plinth_tenants::{Allowed, ApiError, Db, FieldError, Principal, requirements};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -44,6 +47,13 @@ struct KeyRow {
     last_used_at: Option<DateTime<Utc>>,
 }
 
+#[derive(QueryableByName)]
+struct KeyId {
+    #[diesel(sql_type = SqlUuid)]
+    #[allow(dead_code)]
+    id: uuid::Uuid,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewKey {
@@ -70,13 +80,32 @@ async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKe
     let prefix: String = key.chars().take(12).collect();
     let (tenant, creator, name) =
         (ctx.tenant.id.0, ctx.principal.user_id().map(|u| u.0), body.0.name.trim().to_owned());
+    let minted_by = match &ctx.principal {
+        Principal::ApiKey { key_id } => Some(*key_id),
+        Principal::User { .. } => None,
+    };
     let (schema, entry) = (ctx.tenant.schema.clone(), Entry::by(&ctx, "api_key.created"));
     let row: KeyRow = db
         .platform(async |c| {
+            if let Some(parent) = minted_by {
+                // Locks the minting key, so revoking it waits for this key to
+                // exist and then revokes it too.
+                let live: Vec<KeyId> = diesel::sql_query(
+                    "SELECT id FROM public.api_keys WHERE id = $1 AND revoked_at IS NULL FOR UPDATE",
+                )
+                .bind::<SqlUuid, _>(parent)
+                .load(c)
+                .await?;
+                if live.is_empty() {
+                    return Err(ApiError::Unauthenticated);
+                }
+            }
             ctx.reserve(c, Quota::ApiKeys).await?;
             let row: KeyRow = diesel::sql_query(
-                "INSERT INTO public.api_keys (id, tenant_id, name, role, prefix, token_hash, created_by) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, name, role, prefix, created_at, last_used_at",
+                "INSERT INTO public.api_keys (id, tenant_id, name, role, prefix, token_hash, created_by, created_by_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, \
+                         coalesce($7, (SELECT created_by FROM public.api_keys WHERE id = $8)), $8) \
+                 RETURNING id, name, role, prefix, created_at, last_used_at",
             )
             .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
             .bind::<SqlUuid, _>(tenant)
@@ -85,6 +114,7 @@ async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKe
             .bind::<Text, _>(&prefix)
             .bind::<Bytea, _>(&hash[..])
             .bind::<Nullable<SqlUuid>, _>(creator)
+            .bind::<Nullable<SqlUuid>, _>(minted_by)
             .get_result(c)
             .await?;
             let details = json!({ "name": row.name, "role": row.role, "prefix": row.prefix });

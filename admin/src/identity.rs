@@ -22,7 +22,7 @@ use plinth_tenants::{ApiError, Db, FieldError, SchemaName, Slug, Tenant, UserId}
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::password;
+use crate::password::{self, Hashing};
 
 /// Settings of the identity routes.
 #[derive(Debug, Clone)]
@@ -34,6 +34,8 @@ pub struct IdentityConfig {
     /// (its last entry is used); unset: the peer address.
     pub client_ip_header: Option<String>,
     pub limits: RateLimitConfig,
+    /// Organizations one user may own (`PLINTH_MAX_ORGANIZATIONS_PER_USER`).
+    pub max_organizations_per_user: u32,
 }
 
 impl Default for IdentityConfig {
@@ -44,6 +46,7 @@ impl Default for IdentityConfig {
             password_reset_ttl: Duration::from_secs(3600),
             client_ip_header: None,
             limits: RateLimitConfig::default(),
+            max_organizations_per_user: 20,
         }
     }
 }
@@ -61,8 +64,14 @@ pub struct RateLimitConfig {
     pub signup_per_ip: Limit,
     pub password_reset_per_ip: Limit,
     pub password_reset_per_account: Limit,
-    /// Email verification attempts from one address.
+    /// Email verification and password-reset confirmations from one address.
     pub verify_per_ip: Limit,
+    /// Invitation mails to one address from one tenant.
+    pub invitations_per_address: Limit,
+    /// Invitation mails from one tenant.
+    pub invitations_per_tenant: Limit,
+    /// Organizations one user creates.
+    pub organizations_per_user: Limit,
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -78,6 +87,9 @@ impl Default for RateLimitConfig {
             password_reset_per_ip: Limit::new(10, HOUR),
             password_reset_per_account: Limit::new(3, HOUR),
             verify_per_ip: Limit::new(30, HOUR),
+            invitations_per_address: Limit::new(3, HOUR),
+            invitations_per_tenant: Limit::new(30, HOUR),
+            organizations_per_user: Limit::new(5, HOUR),
         }
     }
 }
@@ -86,11 +98,14 @@ impl Default for RateLimitConfig {
 pub struct RateLimits {
     login_per_ip: RateLimiter,
     login_failures_per_account_ip: RateLimiter,
-    login_failures_per_account: RateLimiter,
+    pub(crate) login_failures_per_account: RateLimiter,
     signup_per_ip: RateLimiter,
     password_reset_per_ip: RateLimiter,
     password_reset_per_account: RateLimiter,
     verify_per_ip: RateLimiter,
+    pub(crate) invitations_per_address: RateLimiter,
+    pub(crate) invitations_per_tenant: RateLimiter,
+    organizations_per_user: RateLimiter,
 }
 
 impl RateLimits {
@@ -103,20 +118,28 @@ impl RateLimits {
             password_reset_per_ip: RateLimiter::new(config.password_reset_per_ip),
             password_reset_per_account: RateLimiter::new(config.password_reset_per_account),
             verify_per_ip: RateLimiter::new(config.verify_per_ip),
+            invitations_per_address: RateLimiter::new(config.invitations_per_address),
+            invitations_per_tenant: RateLimiter::new(config.invitations_per_tenant),
+            organizations_per_user: RateLimiter::new(config.organizations_per_user),
         }
     }
 }
 
-fn count(limiter: &RateLimiter, key: &str) -> Result<(), ApiError> {
+pub(crate) fn count(limiter: &RateLimiter, key: &str) -> Result<(), ApiError> {
     limiter.check(key).map_err(|wait| {
         tracing::info!(retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "rate limited");
         ratelimit::limited(wait)
     })
 }
 
-/// The client's address, as the rate limits see it.
+/// The client's address.
 fn ip(req: &HttpRequest, cfg: &IdentityConfig) -> String {
     plinth_tenants::http::client_ip(req, cfg.client_ip_header.as_deref())
+}
+
+/// The client, as the rate limits count it (an IPv6 address per /64).
+fn client(req: &HttpRequest, cfg: &IdentityConfig) -> String {
+    ratelimit::client_key(&ip(req, cfg))
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -278,13 +301,14 @@ async fn signup(
     db: web::Data<Db>,
     cfg: Option<web::Data<IdentityConfig>>,
     limits: web::Data<RateLimits>,
+    hashing: web::Data<Hashing>,
     body: Json<SignupBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
-    count(&limits.signup_per_ip, &ip(&req, &cfg))?;
+    count(&limits.signup_per_ip, &client(&req, &cfg))?;
     let (email, slug) = check_signup(&body.0)?;
     let SignupBody { password, organization, .. } = body.0;
-    let hash = password::hash(password).await?;
+    let hash = hashing.hash(password).await?;
     let (tenant, user, token, session) = db
         .platform(async |c| {
             let user = insert_user(c, &email, &hash).await?;
@@ -320,12 +344,16 @@ struct NewTenantBody {
 }
 
 /// `POST /v1/tenants`: a signed-in user creates another organization and
-/// becomes its owner.
+/// becomes its owner: at most `organizations_per_user` an hour, and at most
+/// `max_organizations_per_user` owned at once (403 past it).
 async fn create_tenant(
     db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
     who: Authenticated,
     body: Json<NewTenantBody>,
 ) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
     let mut errors = Vec::new();
     if let Err(why) = registry::validate_name(&body.0.organization) {
         errors.push(FieldError::new("organization", "invalid", why));
@@ -333,14 +361,36 @@ async fn create_tenant(
     let slug =
         Slug::parse(&body.0.slug).map_err(|e| errors.push(FieldError::new("slug", e.code(), e.to_string()))).ok();
     let Some(slug) = slug.filter(|_| errors.is_empty()) else { return Err(ApiError::invalid_fields(errors)) };
+    let user = who.0.user_id.0;
+    count(&limits.organizations_per_user, &user.to_string())?;
     let tenant = db
         .platform(async |c| {
+            // Serializes this user's creations, so the cap holds under concurrency.
+            diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended('plinth.orgs:' || $1::text, 0))")
+                .bind::<SqlUuid, _>(user)
+                .execute(c)
+                .await?;
+            let owned: Count =
+                diesel::sql_query("SELECT count(*) AS n FROM public.memberships WHERE user_id = $1 AND role = 'owner'")
+                    .bind::<SqlUuid, _>(user)
+                    .get_result(c)
+                    .await?;
+            if owned.n >= i64::from(cfg.max_organizations_per_user) {
+                tracing::info!(user.id = %user, owned = owned.n, "organization cap reached");
+                return Err(ApiError::Forbidden);
+            }
             let tenant = provision(c, &slug, &body.0.organization).await?;
-            add_member(c, &tenant, who.0.user_id.0, "owner").await?;
+            add_member(c, &tenant, user, "owner").await?;
             Ok::<_, ApiError>(tenant)
         })
         .await?;
     Ok(HttpResponse::Created().json(json!({ "tenant": tenant, "role": "owner" })))
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
 }
 
 #[derive(Deserialize)]
@@ -365,33 +415,57 @@ struct Credentials {
 }
 
 /// `POST /v1/auth/login`: a session for the right email and password; the
-/// same 401 `invalid_credentials`, in the same time, for a wrong password and
-/// an unknown address.
+/// same 401 `invalid_credentials`, in the same time, for a wrong password, an
+/// unknown address, a malformed address and an over-long password: each
+/// runs one argon2id verification and records one failure.
+///
+/// Failed-login limits are reserved before the password is checked and
+/// given back on success, so concurrent guesses cannot all pass the check.
+/// An account over its limit from everywhere refuses addresses that have
+/// failed on it, but still checks a guess from an address with no failures:
+/// the owner, from their own address, gets in with the right password (and
+/// second factor); a wrong guess from there answers 429 as well.
 async fn login(
     req: HttpRequest,
     db: web::Data<Db>,
     cfg: Option<web::Data<IdentityConfig>>,
     limits: web::Data<RateLimits>,
+    hashing: web::Data<Hashing>,
     body: Json<LoginBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
     let LoginBody { email, password, totp_code } = body.0;
-    let client = ip(&req, &cfg);
+    let address = ip(&req, &cfg);
+    let client = ratelimit::client_key(&address);
     count(&limits.login_per_ip, &client)?;
-    // Too many failures for this account: refuse before checking the
-    // password, so further guesses learn nothing.
-    let account = email.trim().to_lowercase();
+    let email = EmailAddress::parse(&email).ok();
+    // A malformed address has no account; its attempts share one key.
+    let account = email.as_ref().map_or("(malformed)", EmailAddress::as_str).to_owned();
     let account_ip = format!("{account} {client}");
-    if let Some(wait) = limits
-        .login_failures_per_account_ip
-        .is_limited(&account_ip)
-        .or_else(|| limits.login_failures_per_account.is_limited(&account))
-    {
-        return Err(ratelimit::limited(wait));
-    }
-    let found: Option<Credentials> = match EmailAddress::parse(&email) {
-        Ok(email) if password.len() <= 1024 => {
-            db.platform(async |c| {
+    let fresh_address = match limits.login_failures_per_account_ip.reserve(&account_ip) {
+        Ok(fresh) => fresh,
+        Err(wait) => return Err(ratelimit::limited(wait)),
+    };
+    // `None`: counted against the account; `Some(wait)`: the account is over
+    // its limit and this fresh address is let through to be checked.
+    let account_reserved = match limits.login_failures_per_account.reserve(&account) {
+        Ok(_) => None,
+        Err(wait) if fresh_address => Some(wait),
+        Err(wait) => {
+            // Refused unchecked: this address has failed on a locked account.
+            limits.login_failures_per_account_ip.refund(&account_ip);
+            return Err(ratelimit::limited(wait));
+        }
+    };
+    let give_back = || {
+        limits.login_failures_per_account_ip.refund(&account_ip);
+        if account_reserved.is_none() {
+            limits.login_failures_per_account.refund(&account);
+        }
+    };
+    let found: Option<Credentials> = match &email {
+        Some(email) => db
+            .platform(async |c| {
                 let rows: Vec<Credentials> = diesel::sql_query(
                     "SELECT id, email, password_hash, email_verified_at FROM public.users WHERE email = $1",
                 )
@@ -400,40 +474,32 @@ async fn login(
                 .await?;
                 Ok::<_, ApiError>(rows.into_iter().next())
             })
-            .await?
-        }
-        _ => None,
+            .await
+            .inspect_err(|_| give_back())?,
+        None => None,
     };
     let stored = found.as_ref().map(|f| f.password_hash.clone());
-    let password = if password.len() <= 1024 { password } else { String::new() };
-    let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
-    let entry = |action: &'static str, user: uuid::Uuid| Entry {
-        actor: Actor::User(user),
-        action,
-        target_type: Some("user"),
-        target_id: Some(user.to_string()),
-        ip: Some(client.clone()),
-        request_id: request_id.clone(),
-        details: json!({}),
-    };
-    if !password::verify(password, stored).await? {
+    let request_id = req.extensions().get::<RequestId>().cloned();
+    let verified = hashing.verify(&password, stored).await.inspect_err(|_| give_back())?;
+    if !verified {
         tracing::info!("login failed");
-        let _ = limits.login_failures_per_account_ip.check(&account_ip);
-        let _ = limits.login_failures_per_account.check(&account);
-        if let Some(user) = &found {
-            // Off the response path: an unknown address and a wrong password
-            // must answer alike and in the same time, even if this write fails.
-            let (db, failed, user) = (db.get_ref().clone(), entry("auth.login_failed", user.id), user.id);
-            tokio::spawn(async move {
-                if let Err(err) = db.platform(async |c| record_in_every_tenant_of(c, user, failed).await).await {
-                    tracing::error!(error = %err, "recording a failed login in the audit log failed");
-                }
-            });
-        }
-        return Err(ApiError::InvalidCredentials);
+        record_failure(&db, found.as_ref().map(|f| f.id), &address, request_id.as_ref()).await?;
+        return Err(match account_reserved {
+            Some(wait) => ratelimit::limited(wait),
+            None => ApiError::InvalidCredentials,
+        });
     }
     let user = found.ok_or(ApiError::InvalidCredentials)?;
-    let logged_in = entry("auth.login", user.id);
+    let logged_in = Entry {
+        actor: Actor::User(user.id),
+        action: "auth.login",
+        target_type: Some("user"),
+        target_id: Some(user.id.to_string()),
+        ip: Some(address.clone()),
+        request_id: None,
+        details: json!({}),
+    }
+    .request(request_id.as_ref());
     let created = db
         .platform(async |c| {
             // The row is locked so a second factor is used up exactly once.
@@ -448,19 +514,60 @@ async fn login(
             record_in_every_tenant_of(c, user.id, logged_in).await?;
             Ok::<_, ApiError>(Some(created))
         })
-        .await?;
+        .await;
+    let created = match created {
+        Ok(created) => created,
+        Err(ApiError::TotpRequired) => {
+            // The password was right: not a failure, but no session yet.
+            give_back();
+            return Err(ApiError::TotpRequired);
+        }
+        Err(other) => return Err(other),
+    };
     let Some((token, session)) = created else {
         tracing::info!("login failed: wrong second factor");
-        let _ = limits.login_failures_per_account_ip.check(&account_ip);
-        let _ = limits.login_failures_per_account.check(&account);
-        return Err(ApiError::InvalidCredentials);
+        record_failure(&db, Some(user.id), &address, request_id.as_ref()).await?;
+        return Err(match account_reserved {
+            Some(wait) => ratelimit::limited(wait),
+            None => ApiError::InvalidCredentials,
+        });
     };
+    give_back();
     tracing::info!(user.id = %user.id, "logged in");
     Ok(HttpResponse::Ok().json(json!({
         "token": token,
         "expires_at": session.expires_at,
         "user": User { id: user.id, email: user.email, email_verified_at: user.email_verified_at },
     })))
+}
+
+/// Records one failed login, once (not in each organization's audit log),
+/// for 90 days.
+/// One insert on every path, with or without an account, so recording it
+/// takes the same time either way.
+async fn record_failure(
+    db: &Db,
+    user: Option<uuid::Uuid>,
+    ip: &str,
+    request_id: Option<&RequestId>,
+) -> Result<(), ApiError> {
+    db.statement(async |c| {
+        diesel::sql_query(
+            // Raw SQL: a writable CTE. Records kept 90 days; each insert
+            // removes up to ten older ones, so the table stays bounded.
+            "WITH pruned AS (DELETE FROM public.login_failures WHERE id IN \
+               (SELECT id FROM public.login_failures WHERE at < now() - interval '90 days' ORDER BY at LIMIT 10)) \
+             INSERT INTO public.login_failures (id, user_id, ip, request_id) VALUES ($1, $2, $3, $4)",
+        )
+        .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+        .bind::<Nullable<SqlUuid>, _>(user)
+        .bind::<Text, _>(ip)
+        .bind::<Nullable<Text>, _>(request_id.map(|r| r.0.as_str()))
+        .execute(c)
+        .await?;
+        Ok::<_, ApiError>(())
+    })
+    .await
 }
 
 #[derive(QueryableByName)]
@@ -554,7 +661,7 @@ async fn verify_email(
     limits: web::Data<RateLimits>,
     body: Json<TokenBody>,
 ) -> Result<HttpResponse, ApiError> {
-    count(&limits.verify_per_ip, &ip(&req, &config(cfg)))?;
+    count(&limits.verify_per_ip, &client(&req, &config(cfg)))?;
     let token = body.0.token;
     db.platform(async |c| {
         let user = redeem_token(c, &token, "verify_email").await?.ok_or_else(invalid_token)?;
@@ -587,7 +694,7 @@ async fn request_password_reset(
     body: Json<ResetBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
-    count(&limits.password_reset_per_ip, &ip(&req, &cfg))?;
+    count(&limits.password_reset_per_ip, &client(&req, &cfg))?;
     if let Ok(email) = EmailAddress::parse(&body.0.email) {
         // Counted per address whether or not it has an account: the limit
         // tells nothing about which addresses exist.
@@ -638,14 +745,33 @@ async fn confirm_password_reset(
     db: web::Data<Db>,
     cfg: Option<web::Data<IdentityConfig>>,
     limits: web::Data<RateLimits>,
+    hashing: web::Data<Hashing>,
     body: Json<ConfirmBody>,
 ) -> Result<HttpResponse, ApiError> {
-    count(&limits.verify_per_ip, &ip(&req, &config(cfg)))?;
+    count(&limits.verify_per_ip, &client(&req, &config(cfg)))?;
     let ConfirmBody { token, password } = body.0;
     password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
-    let hash = password::hash(password).await?;
+    // The token is checked before the new password is hashed, so random
+    // tokens cost a lookup, not an argon2id run.
+    let known = db
+        .platform(async |c| {
+            let rows: Vec<UserIdRow> = diesel::sql_query(
+                "SELECT user_id FROM public.user_tokens WHERE token_hash = $1 AND purpose = 'password_reset' \
+                 AND used_at IS NULL AND expires_at > now()",
+            )
+            .bind::<Bytea, _>(&auth::hash_token(&token)[..])
+            .load(c)
+            .await?;
+            Ok::<_, ApiError>(!rows.is_empty())
+        })
+        .await?;
+    if !known {
+        return Err(invalid_token());
+    }
+    let hash = hashing.hash(password).await?;
     let revoked = db
         .platform(async |c| {
+            // Redeemed here, once: a concurrent confirmation finds it used.
             let user = redeem_token(c, &token, "password_reset").await?.ok_or_else(invalid_token)?;
             // Following the link proves the address too.
             diesel::sql_query(

@@ -21,8 +21,8 @@ use plinth_tenants::{Allowed, ApiError, Db, FieldError, TenantContext, TenantId,
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::identity::{IdentityConfig, config, insert_user, invalid_token};
-use crate::password;
+use crate::identity::{IdentityConfig, RateLimits, config, count, insert_user, invalid_token};
+use crate::password::{self, Hashing};
 
 const INVITATION_DAYS: i64 = 7;
 
@@ -210,10 +210,13 @@ struct InvitationRow {
 }
 
 /// `POST /v1/invitations` {email, role}: sends an invitation link; inviting
-/// the same address again replaces the link and sends it again.
+/// the same address again replaces the link and sends it again. Each mail
+/// counts against a limit per address and one per tenant (429 beyond), so
+/// an organization cannot flood an inbox with a subject of its choosing.
 async fn invite(
     ctx: Allowed<ManageMembers>,
     db: web::Data<Db>,
+    limits: web::Data<RateLimits>,
     body: Json<InviteBody>,
 ) -> Result<HttpResponse, ApiError> {
     let mut errors = Vec::new();
@@ -228,6 +231,9 @@ async fn invite(
     if role == Role::Owner && ctx.role != Role::Owner {
         return Err(ApiError::Forbidden);
     }
+    let tenant_key = ctx.tenant.id.to_string();
+    count(&limits.invitations_per_address, &format!("{tenant_key} {}", email.as_str()))?;
+    count(&limits.invitations_per_tenant, &tenant_key)?;
     let (token, hash) = auth::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
     let tenant = ctx.tenant.clone();
     let inviter = caller(&ctx);
@@ -341,6 +347,7 @@ async fn accept(
     db: web::Data<Db>,
     access: web::Data<std::sync::Arc<Access>>,
     cfg: Option<web::Data<IdentityConfig>>,
+    hashing: web::Data<Hashing>,
     session: Option<Authenticated>,
     body: Json<AcceptBody>,
 ) -> Result<HttpResponse, ApiError> {
@@ -374,7 +381,7 @@ async fn accept(
         (Some(user), Some(Authenticated(s)), _) if s.user_id.0 == user.id => Joiner::Existing(user.id),
         (_, Some(_), _) => return Err(ApiError::Forbidden),
         (Some(user), None, Some(password)) => {
-            if !password::verify(password, Some(user.password_hash.clone())).await? {
+            if !hashing.verify(&password, Some(user.password_hash.clone())).await? {
                 return Err(ApiError::InvalidCredentials);
             }
             Joiner::Existing(user.id)
@@ -382,7 +389,7 @@ async fn accept(
         (Some(_), None, None) => return Err(ApiError::Unauthenticated),
         (None, None, Some(password)) => {
             password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
-            Joiner::New(password::hash(password).await?)
+            Joiner::New(hashing.hash(password).await?)
         }
         (None, None, None) => {
             return Err(ApiError::invalid_fields(vec![FieldError::new(
@@ -394,7 +401,7 @@ async fn accept(
     };
     let role = parse_role("role", &pending.role)?;
     let ip = client_ip(&req, cfg.client_ip_header.as_deref());
-    let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
+    let request_id = req.extensions().get::<RequestId>().cloned();
     let (user, token) = db
         .platform(async |c| {
             // The seat lock first, as inviting takes it before touching an
@@ -443,9 +450,11 @@ async fn accept(
                 target_type: Some("invitation"),
                 target_id: Some(pending.id.to_string()),
                 ip: Some(ip.clone()),
-                request_id: request_id.clone(),
-                details: json!({ "role": role }),
-            };
+                request_id: None,
+                details: json!({}),
+            }
+            .request(request_id.as_ref())
+            .details(json!({ "role": role }));
             audit::record(c, &tenant.schema, entry).await?;
             Ok::<_, ApiError>((user, session))
         })

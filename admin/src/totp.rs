@@ -1,10 +1,15 @@
 //! Two-factor login with time-based one-time codes (TOTP, RFC 6238: SHA-1,
 //! 6 digits, 30 s steps, one step of clock skew either way).
 //!
-//! `POST /v1/auth/totp/enroll` returns a new secret (and an `otpauth://` URL
-//! for authenticator apps); `.../confirm` {code} turns it on and returns ten
+//! `POST /v1/auth/totp/enroll` {password} returns a new secret (and an
+//! `otpauth://` URL for authenticator apps); `.../confirm` {code, password}
+//! turns it on, ends every other session of the account, and returns ten
 //! single-use recovery codes, shown once and stored as hashes;
-//! `.../disable` {code} turns it off. Once on, login answers 401
+//! `.../disable` {code} turns it off. Both steps that turn it on need the
+//! password, so a stolen session cannot lock the owner out with a second
+//! factor of the thief's; a wrong password counts toward the account's
+//! failed-login limit. An operator can turn it off for an owner who lost
+//! both the app and the recovery codes: `plinth admin reset-second-factor`. Once on, login answers 401
 //! `totp_required` until `totp_code` (a current code or a recovery code) is
 //! sent with the password. A time step accepted once is never accepted
 //! again, so an observed code cannot be replayed.
@@ -15,7 +20,10 @@ use diesel::sql_types::{BigInt, Bytea, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_tenants::auth::{self, Authenticated};
 use plinth_tenants::http::Json;
-use plinth_tenants::{ApiError, FieldError};
+use plinth_tenants::{ApiError, FieldError, UserId};
+
+use crate::identity::RateLimits;
+use crate::password::Hashing;
 use serde::Deserialize;
 use serde_json::json;
 use totp_rs::{Builder, Totp};
@@ -69,6 +77,34 @@ pub(crate) async fn state(conn: &mut AsyncPgConnection, user: uuid::Uuid, lock: 
     Ok(diesel::sql_query(sql).bind::<SqlUuid, _>(user).get_result(conn).await?)
 }
 
+/// Turns two-factor login off for the account with `email`, deletes its
+/// recovery codes and ends its sessions: the recovery path for an owner who
+/// lost both the authenticator and the recovery codes, run by an operator
+/// after verifying who is asking (`plinth admin reset-second-factor`).
+/// Returns whether the account exists.
+pub async fn reset_second_factor(conn: &mut AsyncPgConnection, email: &str) -> Result<bool, diesel::result::Error> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = SqlUuid)]
+        id: uuid::Uuid,
+    }
+    let found: Vec<Id> = diesel::sql_query(
+        "UPDATE public.users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, updated_at = now() \
+         WHERE email = $1 RETURNING id",
+    )
+    .bind::<Text, _>(email)
+    .load(conn)
+    .await?;
+    let Some(user) = found.into_iter().next() else { return Ok(false) };
+    diesel::sql_query("DELETE FROM public.totp_recovery_codes WHERE user_id = $1")
+        .bind::<SqlUuid, _>(user.id)
+        .execute(conn)
+        .await?;
+    auth::revoke_all_sessions(conn, UserId(user.id)).await?;
+    tracing::info!(user.id = %user.id, "two-factor login reset by an operator");
+    Ok(true)
+}
+
 /// Checks a second factor for `user` (whose row the caller has locked) and
 /// uses it up: a TOTP code newer than the last accepted step, or an unused
 /// recovery code. Returns whether it was accepted.
@@ -102,8 +138,60 @@ pub(crate) async fn accept_second_factor(
     Ok(true)
 }
 
-async fn enroll(db: web::Data<plinth_tenants::Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    password: String,
+}
+
+#[derive(QueryableByName)]
+struct StoredPassword {
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    password_hash: String,
+}
+
+/// Checks the signed-in user's password again (401 `invalid_credentials`
+/// when wrong, counted toward the account's failed-login limit; 429 once
+/// over it).
+async fn recheck_password(
+    db: &plinth_tenants::Db,
+    hashing: &Hashing,
+    limits: &RateLimits,
+    user: uuid::Uuid,
+    password: &str,
+) -> Result<(), ApiError> {
+    let stored: StoredPassword = db
+        .platform(async |c| {
+            Ok::<_, ApiError>(
+                diesel::sql_query("SELECT email, password_hash FROM public.users WHERE id = $1")
+                    .bind::<SqlUuid, _>(user)
+                    .get_result(c)
+                    .await?,
+            )
+        })
+        .await?;
+    if let Some(wait) = limits.login_failures_per_account.is_limited(&stored.email) {
+        return Err(plinth_tenants::ratelimit::limited(wait));
+    }
+    if hashing.verify(password, Some(stored.password_hash)).await? {
+        return Ok(());
+    }
+    let _ = limits.login_failures_per_account.check(&stored.email);
+    tracing::info!(user.id = %user, "second-factor change refused: wrong password");
+    Err(ApiError::InvalidCredentials)
+}
+
+async fn enroll(
+    db: web::Data<plinth_tenants::Db>,
+    hashing: web::Data<Hashing>,
+    limits: web::Data<RateLimits>,
+    who: Authenticated,
+    body: Json<PasswordBody>,
+) -> Result<HttpResponse, ApiError> {
     let user = who.0.user_id.0;
+    recheck_password(&db, &hashing, &limits, user, &body.0.password).await?;
     let secret = auth::random_bytes::<20>()?;
     let email = db
         .platform(async |c| {
@@ -130,16 +218,27 @@ struct CodeBody {
     code: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfirmBody {
+    code: String,
+    password: String,
+}
+
 fn wrong_code() -> ApiError {
     ApiError::invalid_fields(vec![FieldError::new("code", "invalid", "is not a valid code")])
 }
 
 async fn confirm(
     db: web::Data<plinth_tenants::Db>,
+    hashing: web::Data<Hashing>,
+    limits: web::Data<RateLimits>,
     who: Authenticated,
-    body: Json<CodeBody>,
+    body: Json<ConfirmBody>,
 ) -> Result<HttpResponse, ApiError> {
     let user = who.0.user_id.0;
+    let session = who.0.session_id;
+    recheck_password(&db, &hashing, &limits, user, &body.0.password).await?;
     let codes: Vec<String> = (0..RECOVERY_CODES).map(|_| recovery_code()).collect::<Result<_, _>>()?;
     db.platform(async |c| {
         let current = state(c, user, true).await?;
@@ -164,6 +263,8 @@ async fn confirm(
                 .execute(c)
                 .await?;
         }
+        // Whoever else holds a session of this account is signed out.
+        auth::revoke_other_sessions(c, UserId(user), session).await?;
         Ok::<_, ApiError>(())
     })
     .await?;

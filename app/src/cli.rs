@@ -87,6 +87,13 @@ pub enum AdminCommand {
         #[arg(long)]
         email: String,
     },
+    /// Turn two-factor login off for an account whose owner lost both the
+    /// authenticator and the recovery codes (after verifying who is asking):
+    /// deletes the recovery codes and ends every session.
+    ResetSecondFactor {
+        #[arg(long)]
+        email: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,10 +155,22 @@ pub struct MigrateArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     telemetry::init(settings.log_json);
+    raise_file_limit();
     let database = pg::prepare(settings.database_url.as_deref(), &settings.data_dir, "plinth").await?;
     let result = dispatch(cli.command, &settings, &database.url).await;
     database.shutdown();
     result
+}
+
+/// Raises the soft limit on open files to the hard limit: each client
+/// connection is a descriptor, and the usual soft limit of 1,024 is reached
+/// by a few hundred slow clients, after which nobody can connect. The
+/// server's own cap (`PLINTH_MAX_CONNECTIONS`) stays below it.
+fn raise_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(err) => tracing::warn!(error = %err, "could not raise the open file limit"),
+    }
 }
 
 /// The pool settings for `url`.
@@ -167,17 +186,21 @@ pub fn db_config(settings: &Settings, url: &str) -> DbConfig {
 
 async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::Result<ExitCode> {
     let listen_url = settings.listen_database_url.clone().unwrap_or_else(|| url.to_owned());
+    let timeouts =
+        migrate::MigrationTimeouts { connect: settings.db_connect_timeout, lock: settings.migration_lock_timeout };
     match command {
         Command::Serve => {
-            // Platform migrations go straight to the server, never through a pooler.
-            migrate::run_platform_migrations(&listen_url).await?;
             let config = db_config(settings, url);
             if settings.migrate_on_start {
+                // Platform migrations go straight to the server, never through a pooler.
+                migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
                 let db = Db::connect(&DbConfig { pool_size: 4, ..config.clone() })?;
                 let code = migrate_tenants(&db, &MigrateArgs { concurrency: 4, lock_timeout_ms: 5000 }).await?;
                 if code != ExitCode::SUCCESS {
                     tracing::warn!("some tenants failed to migrate; serving anyway (see above)");
                 }
+            } else {
+                require_current_schema(&listen_url, timeouts).await?;
             }
             let mut listener = Listener::new();
             let (stop, stopped) = watch::channel(false);
@@ -200,7 +223,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker => {
-            migrate::run_platform_migrations(&listen_url).await?;
+            migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             let worker = background::worker(settings, &db_config(settings, url), background::worker_config(settings))?;
             background::schedule_sync(settings, &db_config(settings, url)).await?;
             let mut listener = Listener::new();
@@ -215,30 +238,47 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             Ok(ExitCode::SUCCESS)
         }
         Command::Jobs(command) => {
-            migrate::run_platform_migrations(&listen_url).await?;
+            migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
             jobs_command(command, &db).await
         }
         Command::Migrate(args) => {
-            let applied = migrate::run_platform_migrations(&listen_url).await?;
+            let applied = migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             eprintln!("platform: {} migration(s) applied", applied.len());
             let db = Db::connect(&db_config(settings, url))?;
             migrate_tenants(&db, &args).await
         }
         Command::Tenants(command) => {
-            migrate::run_platform_migrations(&listen_url).await?;
+            migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             let db = Db::connect(&db_config(settings, url))?;
             tenants(command, &db, settings).await
         }
         Command::Billing(command) => {
-            migrate::run_platform_migrations(&listen_url).await?;
+            migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
             billing_command(command, &db, settings).await
         }
         Command::Admin(command) => {
-            migrate::run_platform_migrations(&listen_url).await?;
+            migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
             admin_command(command, &db).await
+        }
+    }
+}
+
+/// With `PLINTH_MIGRATE_ON_START=false`, `serve` migrates nothing: it only
+/// checks that someone ran `plinth migrate` for this binary, and stops with
+/// what to do if not.
+async fn require_current_schema(url: &str, timeouts: migrate::MigrationTimeouts) -> anyhow::Result<()> {
+    use diesel_async::AsyncConnection as _;
+    let mut conn = tokio::time::timeout(timeouts.connect, diesel_async::AsyncPgConnection::establish(url))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to the database timed out after {} ms", timeouts.connect.as_millis()))?
+        .context("connecting to check the platform schema")?;
+    match migrate::platform_schema_state(&mut conn).await.context("reading the platform schema version")? {
+        migrate::SchemaState::Current => Ok(()),
+        state => {
+            anyhow::bail!("{state}; PLINTH_MIGRATE_ON_START is false, so run `plinth migrate` with this binary first")
         }
     }
 }
@@ -408,7 +448,12 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
                 std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
                 let password = line.trim_end_matches(['\r', '\n']).to_owned();
                 plinth_admin::password::check("password", &password).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                Some(plinth_admin::password::hash(password).await.map_err(|e| anyhow::anyhow!("{e}"))?)
+                Some(
+                    plinth_admin::password::Hashing::default()
+                        .hash(password)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                )
             } else {
                 None
             };
@@ -443,6 +488,18 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
                 bail!("this address holds no platform admin role");
             }
             println!("revoked the platform admin role");
+        }
+        AdminCommand::ResetSecondFactor { email } => {
+            let email = EmailAddress::parse(&email).map_err(|e| anyhow::anyhow!("--email: {e}"))?;
+            let found = db
+                .platform(async |c| {
+                    Ok::<_, anyhow::Error>(plinth_admin::totp::reset_second_factor(c, email.as_str()).await?)
+                })
+                .await?;
+            if !found {
+                bail!("no account has this address");
+            }
+            println!("two-factor login is off for this account; its sessions have ended");
         }
     }
     Ok(ExitCode::SUCCESS)

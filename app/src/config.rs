@@ -37,6 +37,24 @@ pub struct Settings {
     pub db_statement_cache: bool,
     /// `PLINTH_MAX_BODY_BYTES` (default 65536): larger JSON bodies get 413.
     pub max_body_bytes: usize,
+    /// `PLINTH_BODY_TIMEOUT_SECS` (default 10): a request body still
+    /// incomplete this long after its head is answered 408.
+    pub body_timeout: Duration,
+    /// `PLINTH_MAX_CONNECTIONS` (default 10000): open client connections
+    /// per instance; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// `PLINTH_HASH_CONCURRENCY` (default: the number of cores): argon2id
+    /// runs at once (19 MiB each).
+    pub hash_concurrency: usize,
+    /// `PLINTH_HASH_WAIT_MS` (default 2000): how long a login waits for a
+    /// hashing turn before it is answered 503 with `Retry-After`.
+    pub hash_wait: Duration,
+    /// `PLINTH_MAX_ORGANIZATIONS_PER_USER` (default 20): organizations one
+    /// user may own.
+    pub max_organizations_per_user: u32,
+    /// `PLINTH_MIGRATION_LOCK_TIMEOUT_MS` (default 60000): how long to wait
+    /// for another instance's platform migration before giving up.
+    pub migration_lock_timeout: Duration,
     /// `PLINTH_MIGRATE_ON_START` (default true): `serve` migrates first.
     pub migrate_on_start: bool,
     /// `PLINTH_SHUTDOWN_TIMEOUT_SECS` (default 30): grace for in-flight requests.
@@ -131,6 +149,15 @@ impl Settings {
             db_connect_timeout: Duration::from_millis(num("PLINTH_DB_CONNECT_TIMEOUT_MS", 5000)?),
             db_statement_cache: flag("PLINTH_DB_STATEMENT_CACHE", true)?,
             max_body_bytes: usize::try_from(num("PLINTH_MAX_BODY_BYTES", 64 * 1024)?)?,
+            body_timeout: Duration::from_secs(num("PLINTH_BODY_TIMEOUT_SECS", 10)?.max(1)),
+            max_connections: usize::try_from(num("PLINTH_MAX_CONNECTIONS", 10_000)?)?.max(1),
+            hash_concurrency: match get("PLINTH_HASH_CONCURRENCY") {
+                Some(v) => v.parse::<usize>().context("PLINTH_HASH_CONCURRENCY must be a whole number")?.max(1),
+                None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            },
+            hash_wait: Duration::from_millis(num("PLINTH_HASH_WAIT_MS", 2000)?),
+            max_organizations_per_user: u32::try_from(num("PLINTH_MAX_ORGANIZATIONS_PER_USER", 20)?)?.max(1),
+            migration_lock_timeout: Duration::from_millis(num("PLINTH_MIGRATION_LOCK_TIMEOUT_MS", 60_000)?.max(1)),
             migrate_on_start: flag("PLINTH_MIGRATE_ON_START", true)?,
             shutdown_timeout: Duration::from_secs(num("PLINTH_SHUTDOWN_TIMEOUT_SECS", 30)?),
             workers: get("PLINTH_WORKERS").map(|v| v.parse()).transpose().context("PLINTH_WORKERS")?,
@@ -178,6 +205,9 @@ impl Settings {
                         d.password_reset_per_account,
                     )?,
                     verify_per_ip: limit("PLINTH_LIMIT_VERIFY_PER_IP", d.verify_per_ip)?,
+                    invitations_per_address: limit("PLINTH_LIMIT_INVITATIONS_PER_ADDRESS", d.invitations_per_address)?,
+                    invitations_per_tenant: limit("PLINTH_LIMIT_INVITATIONS_PER_TENANT", d.invitations_per_tenant)?,
+                    organizations_per_user: limit("PLINTH_LIMIT_ORGANIZATIONS_PER_USER", d.organizations_per_user)?,
                 }
             },
         })

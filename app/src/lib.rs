@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod pg;
 pub mod projects;
+pub mod routes;
 pub mod startup;
 pub mod telemetry;

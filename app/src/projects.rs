@@ -286,31 +286,27 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource("/v1/projects")
             .get(list_projects_route)
             .post(create_project_route)
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(crate::startup::not_found)),
     )
     .service(
         web::resource("/v1/projects/{id}")
             .get(get_project_route)
             .patch(update_project_route)
             .delete(delete_project_route)
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(crate::startup::not_found)),
     )
     .service(
         web::resource("/v1/projects/{id}/tasks")
             .get(list_tasks_route)
             .post(create_task_route)
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(crate::startup::not_found)),
     )
     .service(
         web::resource("/v1/tasks/{id}")
             .patch(update_task_route)
             .delete(delete_task_route)
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(crate::startup::not_found)),
     );
-}
-
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
 }
 
 /// An id in a path that does not parse names nothing: 404, like an unknown id.

@@ -6,15 +6,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, ResponseError as _, web};
 use anyhow::Context as _;
 use plinth_admin::identity::{IdentityConfig, RateLimits};
+use plinth_admin::password::Hashing;
 use plinth_tenants::access::Access;
 use plinth_tenants::auth::{self, ApiKeys, Sessions};
-use plinth_tenants::http::{BodyLimit, ClientIpHeader, request_span};
+use plinth_tenants::http::{BodyLimit, BodyTimeout, ClientIpHeader, request_span};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::resolve::{self, TenantResolver};
-use plinth_tenants::{ApiError, Db, DbConfig};
+use plinth_tenants::{ApiError, Db, DbConfig, migrate};
 
 use crate::config::Settings;
 
@@ -69,8 +70,11 @@ impl Application {
         let identity = IdentityConfig {
             client_ip_header: settings.client_ip_header.clone(),
             limits: settings.limits,
+            max_organizations_per_user: settings.max_organizations_per_user,
             ..IdentityConfig::default()
         };
+        let hashing_data = web::Data::new(Hashing::new(settings.hash_concurrency, settings.hash_wait));
+        let body_timeout = BodyTimeout(settings.body_timeout);
         let limits_data = web::Data::new(RateLimits::new(&identity.limits));
         let stripe_data = web::Data::new(settings.stripe.clone());
         let stripe_api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?.map(web::Data::new);
@@ -99,6 +103,8 @@ impl Application {
                 .app_data(limits_data.clone())
                 .app_data(stripe_data.clone())
                 .app_data(body_limit)
+                .app_data(body_timeout)
+                .app_data(hashing_data.clone())
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)
                 .configure(plinth_admin::identity::configure)
@@ -114,6 +120,9 @@ impl Application {
                 .default_service(web::to(not_found))
         })
         .workers(workers)
+        // Per worker; beyond it connections wait in the listen backlog
+        // instead of running the process out of file descriptors.
+        .max_connections(settings.max_connections.div_ceil(workers).max(1))
         .shutdown_timeout(settings.shutdown_timeout.as_secs())
         .listen(tcp)?;
         tracing::info!(port, workers, "listening");
@@ -146,19 +155,28 @@ async fn live() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready when the database answers within a second.
+/// Ready when the database answers within a second and its platform schema
+/// is the one this binary was built for (no migration pending, none newer).
 async fn ready(db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
-    let check = db.platform(async |conn| {
-        plinth_tenants::db::batch(conn, "SELECT 1").await?;
-        Ok::<_, ApiError>(())
-    });
+    let check = db.platform(async |conn| Ok::<_, ApiError>(migrate::platform_schema_state(conn).await?));
     match tokio::time::timeout(std::time::Duration::from_secs(1), check).await {
-        Ok(Ok(())) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))),
+        Ok(Ok(migrate::SchemaState::Current)) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))),
+        Ok(Ok(state)) => Err(ApiError::NotReady(state.to_string())),
         Ok(Err(err)) => Err(ApiError::Unavailable(anyhow::anyhow!("database check failed: {err}"))),
         Err(_) => Err(ApiError::Unavailable(anyhow::anyhow!("database check timed out"))),
     }
 }
 
-async fn not_found() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound("route"))
+/// No route matched. A path that some route serves with another method is
+/// 405 with `Allow`; anything else is 404.
+pub(crate) async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let allowed = crate::routes::allowed_methods(req.path());
+    if allowed.is_empty() {
+        return Err(ApiError::NotFound("route"));
+    }
+    let mut res = ApiError::MethodNotAllowed.error_response();
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&allowed.join(", ")) {
+        res.headers_mut().insert(actix_web::http::header::ALLOW, value);
+    }
+    Ok(res)
 }

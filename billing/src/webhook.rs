@@ -27,9 +27,27 @@ use crate::config::StripeConfig;
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/webhooks/stripe").app_data(web::PayloadConfig::new(MAX_EVENT_BYTES)).post(receive_route),
-    );
+    cfg.route("/v1/webhooks/stripe", web::post().to(receive_route));
+}
+
+/// Whether a `Stripe-Signature` header has Stripe's shape: a `t=` of digits
+/// and at least one `v1=` of 64 hex digits, among comma-separated pairs.
+/// Checked before the body is read, so a delivery that cannot be Stripe's
+/// holds no buffer.
+pub fn signature_shaped(header: &str) -> bool {
+    if header.len() > 4096 {
+        return false;
+    }
+    let (mut t, mut v1) = (false, false);
+    for pair in header.split(',') {
+        match pair.trim().split_once('=') {
+            Some(("t", value)) => t = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()),
+            Some(("v1", value)) => v1 |= value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()),
+            Some(_) => {}
+            None => return false,
+        }
+    }
+    t && v1
 }
 
 /// What the inbox made of a delivery.
@@ -100,16 +118,22 @@ pub async fn receive(
     let payload = std::str::from_utf8(payload).map_err(|_| Refused::NotText)?;
     let verified = verify(payload, header, secrets, now)?;
     let (id, kind, object_id, created_at) = outline(payload);
+    // PostgreSQL text cannot hold NUL: such a body is kept with the byte
+    // escaped, and parked (nothing Plinth can process has one).
+    let payload_nul = payload.contains('\0');
+    let stored_payload =
+        if payload_nul { std::borrow::Cow::Owned(payload.replace('\0', "\\u0000")) } else { payload.into() };
+    let has_nul = |v: &Option<String>| v.as_deref().is_some_and(|s| s.contains('\0'));
+    let unreadable = payload_nul || has_nul(&id) || has_nul(&kind) || has_nul(&object_id);
+    let (kind, object_id) =
+        if unreadable { (kind.map(|k| k.replace('\0', "\u{fffd}")), None) } else { (kind, object_id) };
     let (id, parked) = match (&verified, id) {
+        _ if unreadable => (body_key(payload), Some("the event's id, type or body holds a NUL character".to_owned())),
         (Some(event), _) => (event.id.as_str().to_owned(), None),
-        (None, Some(id)) => (id, Some("the event does not parse as a Stripe event".to_owned())),
-        // Signed, but not even an id: keyed by the body's hash so a
+        (None, Some(id)) if id.len() <= 255 => (id, Some("the event does not parse as a Stripe event".to_owned())),
+        // Signed, but not even a usable id: keyed by the body's hash so a
         // redelivery is still recognised.
-        (None, None) => {
-            let digest = plinth_tenants::auth::hash_token(payload);
-            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-            (format!("unparsed_{}", &hex[..32]), Some("the body is not JSON with an event id".to_owned()))
-        }
+        (None, _) => (body_key(payload), Some("the body is not JSON with an event id".to_owned())),
     };
     let kind = verified.as_ref().map(|e| e.type_.as_str().to_owned()).or(kind);
     // One statement: the event row and, for a new readable event, its
@@ -117,7 +141,8 @@ pub async fn receive(
     let stored = db
         .statement(async |c| {
             let stored =
-                insert(c, &id, kind.as_deref(), object_id.as_deref(), created_at, payload, parked.as_deref()).await?;
+                insert(c, &id, kind.as_deref(), object_id.as_deref(), created_at, &stored_payload, parked.as_deref())
+                    .await?;
             Ok::<_, ApiError>(stored)
         })
         .await?;
@@ -129,6 +154,14 @@ pub async fn receive(
         (true, Some(reason)) => Received::Parked { id, reason },
         (true, None) => Received::Stored { id, kind: kind.unwrap_or_default() },
     })
+}
+
+/// The inbox key of a signed body without a usable id: its hash, so a
+/// redelivery is still recognised.
+fn body_key(payload: &str) -> String {
+    let digest = plinth_tenants::auth::hash_token(payload);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("unparsed_{}", &hex[..32])
 }
 
 /// When the inbox last woke the job workers (ms since the epoch), and
@@ -229,7 +262,7 @@ pub enum ReceiveError {
 
 async fn receive_route(
     req: HttpRequest,
-    body: web::Bytes,
+    mut payload: web::Payload,
     db: web::Data<Db>,
     config: Option<web::Data<StripeConfig>>,
 ) -> Result<HttpResponse, ApiError> {
@@ -238,6 +271,17 @@ async fn receive_route(
         return Err(ApiError::BillingNotConfigured);
     }
     let signature = req.headers().get("stripe-signature").and_then(|v| v.to_str().ok());
+    // Refused before a byte of the body is read: no header, or not Stripe's shape.
+    let refused = match signature {
+        None => Some(Refused::NoSignature),
+        Some(header) if !signature_shaped(header) => Some(Refused::BadHeader),
+        Some(_) => None,
+    };
+    if let Some(why) = refused {
+        tracing::info!(reason = %why, "Stripe webhook refused");
+        return Err(ApiError::invalid(why.to_string()));
+    }
+    let body = plinth_tenants::http::read_body(&req, &mut payload, MAX_EVENT_BYTES).await?;
     match receive(&db, secrets, &body, signature, Utc::now().timestamp()).await {
         Ok(received) => {
             let (id, duplicate) = match &received {
@@ -257,7 +301,7 @@ async fn receive_route(
             Ok(HttpResponse::Ok().json(json!({ "received": true, "id": id, "duplicate": duplicate })))
         }
         Err(ReceiveError::Refused(why)) => {
-            tracing::warn!(reason = %why, "Stripe webhook refused");
+            tracing::info!(reason = %why, "Stripe webhook refused");
             Err(ApiError::invalid(why.to_string()))
         }
         Err(ReceiveError::Api(err)) => Err(err),

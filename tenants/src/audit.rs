@@ -9,6 +9,7 @@ use diesel::sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::context::{Principal, TenantContext};
+use crate::http::RequestId;
 use crate::ids::SchemaName;
 
 /// Who did it.
@@ -57,9 +58,20 @@ impl Entry {
             target_type: None,
             target_id: None,
             ip: Some(ctx.ip.clone()),
-            request_id: Some(ctx.request_id.0.clone()),
+            request_id: None,
             details: serde_json::json!({}),
         }
+        .request(Some(&ctx.request_id))
+    }
+
+    /// The request it happened in: Plinth's own id, and the client's id (if
+    /// it sent one) in the details, never in its place.
+    pub fn request(mut self, request: Option<&RequestId>) -> Self {
+        if let Some(request) = request {
+            self.request_id = Some(request.0.clone());
+            self = self.details(request.details());
+        }
+        self
     }
 
     pub fn target(mut self, kind: &'static str, id: impl ToString) -> Self {
@@ -68,8 +80,12 @@ impl Entry {
         self
     }
 
+    /// Adds `details` (an object) to the entry's details.
     pub fn details(mut self, details: serde_json::Value) -> Self {
-        self.details = details;
+        match (&mut self.details, details) {
+            (serde_json::Value::Object(mine), serde_json::Value::Object(more)) => mine.extend(more),
+            (mine, more) => *mine = more,
+        }
         self
     }
 }

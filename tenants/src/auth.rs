@@ -110,6 +110,22 @@ pub async fn revoke_all_sessions(conn: &AsyncPgConnection, user: UserId) -> dies
         .await
 }
 
+/// Revokes every session of `user` but `keep` (a second factor turned on).
+pub async fn revoke_other_sessions(
+    conn: &AsyncPgConnection,
+    user: UserId,
+    keep: uuid::Uuid,
+) -> diesel::QueryResult<usize> {
+    let mut conn = conn;
+    diesel::sql_query(
+        "UPDATE public.sessions SET revoked_at = now() WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
+    )
+    .bind::<SqlUuid, _>(user.0)
+    .bind::<SqlUuid, _>(keep)
+    .execute(&mut conn)
+    .await
+}
+
 /// Checks bearer tokens, with a cache kept current across instances.
 pub struct Sessions {
     db: Db,

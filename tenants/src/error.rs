@@ -55,10 +55,15 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("content type must be application/json")]
     UnsupportedMediaType,
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("too many requests; retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
     #[error("service temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
+    /// Not ready to serve, for a reason an operator may read (readiness).
+    #[error("not ready: {0}")]
+    NotReady(String),
     #[error("billing is not configured on this server")]
     BillingNotConfigured,
     #[error("internal error")]
@@ -89,8 +94,9 @@ impl ApiError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RequestTimeout => "request_timeout",
             Self::RateLimited { .. } => "rate_limited",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_) | Self::NotReady(_) => "unavailable",
             Self::BillingNotConfigured => "billing_not_configured",
             Self::Internal(_) => "internal",
         }
@@ -105,12 +111,34 @@ impl From<diesel::result::Error> for ApiError {
             Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
                 Self::Conflict("a resource with these values already exists".into())
             }
-            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
-                Self::Unavailable(anyhow::Error::new(err).context("database connection closed"))
+            Error::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, _) => {
+                Self::Unavailable(anyhow::Error::new(err).context("database connection lost"))
+            }
+            Error::DatabaseError(_, ref info) if connection_lost(info.message()) => {
+                Self::Unavailable(anyhow::Error::new(err).context("database connection lost"))
             }
             other => Self::Internal(anyhow::Error::new(other).context("database query failed")),
         }
     }
+}
+
+/// Whether a server error means the connection (or the server) went away:
+/// SQLSTATE 57P01–57P03 (administrator shutdown, crash shutdown, cannot
+/// connect now) and class 08 (connection exceptions). diesel-async keeps
+/// the message but not the SQLSTATE, so these are PostgreSQL's own
+/// (untranslated) messages for those codes.
+pub fn connection_lost(message: &str) -> bool {
+    const LOST: [&str; 7] = [
+        "terminating connection",
+        "the database system is",
+        "connection closed",
+        "server closed the connection",
+        "connection to server",
+        "could not receive data",
+        "could not send data",
+    ];
+    let message = message.to_ascii_lowercase();
+    LOST.iter().any(|l| message.contains(l))
 }
 
 impl From<crate::db::PoolError> for ApiError {
@@ -153,8 +181,9 @@ impl ResponseError for ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) | Self::BillingNotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::NotReady(_) | Self::BillingNotConfigured => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -185,7 +214,7 @@ impl ResponseError for ApiError {
         let body = Envelope { error: Body { code: self.code(), message: self.to_string(), details, extra } };
         let mut resp = HttpResponse::build(self.status_code());
         match self {
-            Self::Unavailable(_) => {
+            Self::Unavailable(_) | Self::NotReady(_) => {
                 resp.insert_header(("retry-after", "1"));
             }
             Self::RateLimited { retry_after_secs } => {

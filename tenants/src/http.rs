@@ -4,13 +4,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use actix_web::body::MessageBody;
+use actix_web::ResponseError as _;
+use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{FromRequest, HttpMessage, HttpRequest};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -20,10 +21,12 @@ use crate::error::{ApiError, FieldError};
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The id of one request: taken from `x-request-id` when the client sent a
-/// well-formed one (1–64 of `A-Za-z0-9-_.:`), generated otherwise.
+/// The id of one request: always Plinth's own (a random UUID), answered in
+/// `x-request-id` and recorded in logs and the audit log. A well-formed id
+/// the client sent (1–64 of `A-Za-z0-9-_.:`) is kept beside it (`.1`), never
+/// in its place, so nobody can choose what the audit log says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(pub String);
+pub struct RequestId(pub String, pub Option<String>);
 
 impl Default for RequestId {
     /// A random (v4) UUID from a per-thread generator seeded once from the
@@ -46,32 +49,47 @@ impl Default for RequestId {
             })
         };
         let bits = (u128::from(next()) << 64) | u128::from(next());
-        Self(uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid().to_string())
+        Self(uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid().to_string(), None)
     }
 }
 
 impl RequestId {
-    fn from_client(value: &HeaderValue) -> Option<Self> {
+    fn client_id(value: &HeaderValue) -> Option<String> {
         let s = value.to_str().ok()?;
         let ok = (1..=64).contains(&s.len())
             && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-        ok.then(|| Self(s.to_owned()))
+        ok.then(|| s.to_owned())
+    }
+
+    /// Audit details naming the client's own id, if it sent one.
+    pub fn details(&self) -> serde_json::Value {
+        match &self.1 {
+            Some(client) => serde_json::json!({ "client_request_id": client }),
+            None => serde_json::json!({}),
+        }
     }
 }
 
 /// Middleware: gives every request an id and one tracing span carrying the
 /// id, method, path, tenant slug (filled in when resolved), the access
-/// decision (filled in by the gate, see `access`) and status, and
-/// echoes the id in the `x-request-id` response header.
+/// decision (filled in by the gate, see `access`) and status, and answers
+/// the id in the `x-request-id` header of every response, errors included.
+///
+/// It is also where the edge refuses what no route should see: a URI that
+/// decodes to a NUL byte (400). Errors raised below it by actix itself (a
+/// wrong method, an extractor's complaint) are answered in the JSON envelope
+/// like Plinth's own; client mistakes log at INFO at most, never ERROR.
 pub async fn request_span(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let id = req.headers().get(REQUEST_ID_HEADER).and_then(RequestId::from_client).unwrap_or_default();
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let client = req.headers().get(REQUEST_ID_HEADER).and_then(RequestId::client_id);
+    let id = RequestId(RequestId::default().0, client);
     req.extensions_mut().insert(id.clone());
     let span = tracing::info_span!(
         "request",
         request.id = %id.0,
+        request.client_id = id.1.as_deref(),
         http.method = %req.method(),
         http.path = %req.path(),
         tenant.slug = tracing::field::Empty,
@@ -86,17 +104,68 @@ pub async fn request_span(
         http.status = tracing::field::Empty,
     );
     let started = Instant::now();
-    // Handler and extractor errors arrive here already turned into responses.
-    let mut res = next.call(req).instrument(span.clone()).await?;
-    let status = res.status().as_u16();
-    if let Ok(value) = HeaderValue::from_str(&id.0) {
-        res.headers_mut().insert(REQUEST_ID_HEADER, value);
+    let limit = req.app_data::<BodyLimit>().copied().unwrap_or_default().0;
+    let stamp = |res: &mut HttpResponse| {
+        if let Ok(value) = HeaderValue::from_str(&id.0) {
+            res.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        span.record("http.status", res.status().as_u16());
+        span.in_scope(|| {
+            tracing::info!(http.latency_ms = started.elapsed().as_secs_f64() * 1000.0, "request finished");
+        });
+    };
+    if has_nul(req.uri()) {
+        let mut res = ApiError::invalid("the URL holds a NUL byte").error_response();
+        stamp(&mut res);
+        return Ok(req.into_response(res));
     }
-    span.record("http.status", status);
-    span.in_scope(|| {
-        tracing::info!(http.latency_ms = started.elapsed().as_secs_f64() * 1000.0, "request finished");
-    });
-    Ok(res)
+    match next.call(req).instrument(span.clone()).await {
+        Ok(res) => {
+            let (req, res) = res.into_parts();
+            let mut res = enveloped(res.map_into_boxed_body(), limit);
+            stamp(&mut res);
+            Ok(ServiceResponse::new(req, res))
+        }
+        // An error that escaped the handlers (a middleware's): answered as
+        // the response it carries, enveloped and stamped.
+        Err(err) => {
+            let mut res = enveloped(err.error_response(), limit);
+            stamp(&mut res);
+            Err(actix_web::error::InternalError::from_response(err, res).into())
+        }
+    }
+}
+
+/// Whether the path or query decodes to a NUL byte (`%00`).
+fn has_nul(uri: &actix_web::http::Uri) -> bool {
+    let raw = uri.path_and_query().map_or("", |pq| pq.as_str());
+    raw.as_bytes().windows(3).any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+}
+
+/// An error answer made outside Plinth's handlers (plain text or empty, by
+/// actix itself), rewritten as the JSON envelope with the code its status
+/// stands for; any other answer as it is.
+fn enveloped(res: HttpResponse, body_limit: usize) -> HttpResponse {
+    let status = res.status();
+    let is_json = res.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let err = match status.as_u16() {
+        400 => ApiError::invalid("the request is malformed"),
+        404 => ApiError::NotFound("route"),
+        405 => ApiError::MethodNotAllowed,
+        408 => ApiError::RequestTimeout,
+        413 => ApiError::PayloadTooLarge { limit: body_limit },
+        415 => ApiError::UnsupportedMediaType,
+        _ if status.is_client_error() => ApiError::invalid(status.canonical_reason().unwrap_or("bad request")),
+        _ => ApiError::Internal(anyhow::anyhow!("an answer of {status} with no body came from below the handlers")),
+    };
+    let mut answer = err.error_response();
+    if let Some(allow) = res.headers().get(actix_web::http::header::ALLOW) {
+        answer.headers_mut().insert(actix_web::http::header::ALLOW, allow.clone());
+    }
+    answer
 }
 
 /// The largest JSON body accepted, registered as app data (default 64 KiB).
@@ -109,9 +178,57 @@ impl Default for BodyLimit {
     }
 }
 
+/// How long a client may take to send a request body once its head has
+/// arrived, registered as app data (default 10 s; `PLINTH_BODY_TIMEOUT_SECS`).
+/// A body still incomplete then is answered 408 and the connection closed,
+/// so a client that declares a length and stalls holds nothing for long.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub Duration);
+
+impl Default for BodyTimeout {
+    fn default() -> Self {
+        Self(Duration::from_secs(10))
+    }
+}
+
+/// Reads a whole request body: at most `limit` bytes (413 beyond, checked
+/// against `Content-Length` before reading and while reading) within the
+/// request's [`BodyTimeout`] (408 after it).
+pub async fn read_body<S>(req: &HttpRequest, payload: &mut S, limit: usize) -> Result<Vec<u8>, ApiError>
+where
+    S: futures_util::Stream<Item = Result<actix_web::web::Bytes, actix_web::error::PayloadError>> + Unpin,
+{
+    let timeout = req.app_data::<BodyTimeout>().copied().unwrap_or_default().0;
+    let declared =
+        req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let read = async {
+        let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(body) => body,
+        Err(_) => {
+            tracing::info!(timeout_ms = timeout.as_millis() as u64, "request body timed out");
+            Err(ApiError::RequestTimeout)
+        }
+    }
+}
+
 /// A JSON request body. Refuses a wrong content type (415), a body over the
-/// [`BodyLimit`] (413, checked before and while reading), malformed JSON (400)
-/// and values of the wrong type (400 naming the field).
+/// [`BodyLimit`] (413, checked before and while reading), one that does not
+/// arrive within the [`BodyTimeout`] (408), malformed JSON (400), a NUL
+/// character in any string (400) and values of the wrong type (400 naming
+/// the field).
 pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
@@ -130,27 +247,36 @@ impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
                 mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
             })
             .unwrap_or(false);
-        let declared =
-            req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-        let mut payload = payload.take();
+        let (req, mut payload) = (req.clone(), payload.take());
         Box::pin(async move {
             if !is_json {
                 return Err(ApiError::UnsupportedMediaType);
             }
-            if declared.is_some_and(|n| n > limit) {
-                return Err(ApiError::PayloadTooLarge { limit });
-            }
-            let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit));
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
-                if body.len() + chunk.len() > limit {
-                    return Err(ApiError::PayloadTooLarge { limit });
-                }
-                body.extend_from_slice(&chunk);
-            }
+            let body = read_body(&req, &mut payload, limit).await?;
+            refuse_nul(&body)?;
             parse_json(&body).map(Json)
         })
     }
+}
+
+/// Refuses a JSON body with a NUL character in a string (`\u0000`): no
+/// text Plinth stores may hold one (PostgreSQL's `text` cannot). A raw NUL
+/// byte is already malformed JSON. The full parse runs only when the escape
+/// appears at all.
+fn refuse_nul(body: &[u8]) -> Result<(), ApiError> {
+    fn has_nul(value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(items) => items.iter().any(has_nul),
+            serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    let escaped = body.windows(6).any(|w| w[0] == b'\\' && w[1] == b'u' && &w[2..] == b"0000");
+    if escaped && serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| has_nul(&v)) {
+        return Err(ApiError::invalid("text must not contain NUL characters"));
+    }
+    Ok(())
 }
 
 /// Parses JSON, reporting type errors against the field they occurred in.
@@ -171,6 +297,32 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 fn strip_position(message: &str) -> String {
     message.split(" at line ").next().unwrap_or(message).to_owned()
+}
+
+/// Whether `c` is invisible or changes the direction of the text around it
+/// (Unicode format characters: bidi overrides and isolates, zero-width
+/// spaces and joiners, the byte-order mark, tags). In a name they make one
+/// text look like another ("Acme\u{202e}gnp.exe"), so names refuse them.
+/// Listed here rather than pulled from a Unicode-properties crate: the set
+/// of such characters is small and stable.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 /// Collects per-field problems and turns them into one 400.
@@ -197,7 +349,14 @@ impl Validator {
             self.0.push(FieldError::new(field, "too_long", format!("must be at most {max} characters")));
         }
         let bad = value.chars().any(|c| c.is_control() && !(multiline && matches!(c, '\n' | '\t' | '\r')));
-        self.check(!bad, field, "control_characters", "must not contain control characters")
+        self.check(!bad, field, "control_characters", "must not contain control characters");
+        let hidden = value.chars().any(is_invisible);
+        self.check(
+            !hidden,
+            field,
+            "invisible_characters",
+            "must not contain invisible or direction-changing characters",
+        )
     }
 
     pub fn finish(&mut self) -> Result<(), ApiError> {
@@ -274,12 +433,13 @@ pub struct ClientIpHeader(pub Option<String>);
 
 /// The client's address: the last entry of `header` when Plinth runs behind
 /// a proxy that sets it (`PLINTH_CLIENT_IP_HEADER`), else the peer address.
+/// Only a well-formed IP address is taken from the header; anything else
+/// falls back to the peer address.
 pub fn client_ip(req: &HttpRequest, header: Option<&str>) -> String {
     let from_header = header
         .and_then(|name| req.headers().get(name))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.rsplit(',').next())
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty() && v.len() <= 64);
-    from_header.or_else(|| req.peer_addr().map(|a| a.ip().to_string())).unwrap_or_else(|| "unknown".into())
+        .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok());
+    from_header.or_else(|| req.peer_addr().map(|a| a.ip())).map_or_else(|| "unknown".into(), |ip| ip.to_string())
 }

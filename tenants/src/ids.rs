@@ -133,6 +133,8 @@ pub enum SlugError {
     Charset,
     #[error("is reserved")]
     Reserved,
+    #[error("must not contain '--' (IDN labels such as xn-- can spell look-alikes of other names)")]
+    DoubleHyphen,
 }
 
 impl SlugError {
@@ -141,12 +143,14 @@ impl SlugError {
             Self::Length => "length",
             Self::Charset => "format",
             Self::Reserved => "reserved",
+            Self::DoubleHyphen => "format",
         }
     }
 }
 
 /// A tenant's URL name: lowercase, 3–40 chars, `[a-z][a-z0-9-]*`, not ending in
-/// `-`, not reserved. The only way to get one is [`Slug::parse`].
+/// `-`, no `--` (so no `xn--` punycode label that a browser would show as a
+/// look-alike of another tenant's name), not reserved. The only way to get one is [`Slug::parse`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct Slug(String);
@@ -161,6 +165,9 @@ impl Slug {
         let ok_rest = bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
         if !ok_first || !ok_rest || input.ends_with('-') {
             return Err(SlugError::Charset);
+        }
+        if input.contains("--") {
+            return Err(SlugError::DoubleHyphen);
         }
         if RESERVED_SLUGS.contains(&input) {
             return Err(SlugError::Reserved);

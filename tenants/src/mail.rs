@@ -55,8 +55,16 @@ impl EmailAddress {
             return Err(InvalidEmail);
         }
         let address: lettre::Address = normalized.parse().map_err(|_| InvalidEmail)?;
-        // A domain needs a dot (no `user@localhost` from the outside world).
-        if !address.domain().contains('.') || address.domain().starts_with('.') || address.domain().ends_with('.') {
+        // A domain needs a dot (no `user@localhost` from the outside world),
+        // and a name, not an address: no `[10.0.0.5]` literal and no
+        // all-digit top label, which would aim mail at internal hosts through
+        // the relay.
+        let domain = address.domain();
+        if !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') || domain.starts_with('[') {
+            return Err(InvalidEmail);
+        }
+        let top = domain.rsplit('.').next().unwrap_or_default();
+        if !top.chars().any(|c| c.is_alphabetic()) || domain.contains("..") {
             return Err(InvalidEmail);
         }
         Ok(Self(normalized))

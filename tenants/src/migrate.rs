@@ -36,11 +36,64 @@ include!(concat!(env!("OUT_DIR"), "/tenant_migrations.rs"));
 
 pub const PLATFORM_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/platform");
 
+/// The advisory lock platform migrations run under.
+const PLATFORM_LOCK: i64 = 72_170_001;
+
+/// How long platform migrations wait: for a connection, and for another
+/// instance that holds the migration lock.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrationTimeouts {
+    pub connect: Duration,
+    pub lock: Duration,
+}
+
+impl Default for MigrationTimeouts {
+    fn default() -> Self {
+        Self { connect: Duration::from_secs(5), lock: Duration::from_secs(60) }
+    }
+}
+
+/// Applies pending platform migrations with the default timeouts. See
+/// [`run_platform_migrations_with`].
+pub async fn run_platform_migrations(url: &str) -> anyhow::Result<Vec<String>> {
+    run_platform_migrations_with(url, MigrationTimeouts::default()).await
+}
+
 /// Applies pending platform migrations, holding an advisory lock so two
 /// instances starting at once do not race. Returns the versions applied.
-pub async fn run_platform_migrations(url: &str) -> anyhow::Result<Vec<String>> {
-    let mut conn = AsyncPgConnection::establish(url).await.context("connecting to run platform migrations")?;
-    crate::db::batch(&mut conn, "SELECT pg_advisory_lock(72170001)").await?;
+/// A database that does not answer within `timeouts.connect`, or a lock
+/// held by another instance for longer than `timeouts.lock`, is an error
+/// that says so; waiting for the lock is logged.
+pub async fn run_platform_migrations_with(url: &str, timeouts: MigrationTimeouts) -> anyhow::Result<Vec<String>> {
+    let mut conn = tokio::time::timeout(timeouts.connect, AsyncPgConnection::establish(url))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "connecting to the database timed out after {} ms: is PostgreSQL at DATABASE_URL up and answering?",
+                timeouts.connect.as_millis()
+            )
+        })?
+        .context("connecting to run platform migrations")?;
+    let locked: LockTaken = diesel::sql_query(format!("SELECT pg_try_advisory_lock({PLATFORM_LOCK}) AS taken"))
+        .get_result(&mut conn)
+        .await
+        .context("taking the platform migration lock")?;
+    if !locked.taken {
+        tracing::warn!(
+            timeout_ms = timeouts.lock.as_millis() as u64,
+            "another instance is running platform migrations; waiting for it"
+        );
+        let wait = format!(
+            "SET lock_timeout = {}; SELECT pg_advisory_lock({PLATFORM_LOCK}); RESET lock_timeout",
+            timeouts.lock.as_millis().max(1)
+        );
+        crate::db::batch(&mut conn, &wait).await.with_context(|| {
+            format!(
+                "waited {} ms for the platform migration lock, held by another instance (PLINTH_MIGRATION_LOCK_TIMEOUT_MS)",
+                timeouts.lock.as_millis()
+            )
+        })?;
+    }
     let mut harness = AsyncMigrationHarness::new(conn);
     let applied = harness
         .run_pending_migrations(PLATFORM_MIGRATIONS)
@@ -50,8 +103,75 @@ pub async fn run_platform_migrations(url: &str) -> anyhow::Result<Vec<String>> {
         .map(|v| v.to_string())
         .collect();
     let mut conn = harness.into_inner();
-    crate::db::batch(&mut conn, "SELECT pg_advisory_unlock(72170001)").await?;
+    crate::db::batch(&mut conn, &format!("SELECT pg_advisory_unlock({PLATFORM_LOCK})")).await?;
     Ok(applied)
+}
+
+#[derive(QueryableByName)]
+struct LockTaken {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    taken: bool,
+}
+
+/// How the database's platform schema compares with this binary's migrations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaState {
+    Current,
+    /// This many of the binary's migrations are not applied.
+    Behind(usize),
+    /// The database has a migration this binary does not know (a newer binary ran).
+    Ahead(String),
+}
+
+impl std::fmt::Display for SchemaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Current => f.write_str("platform migrations are current"),
+            Self::Behind(n) => {
+                write!(f, "platform migrations are behind this binary: {n} pending (run plinth migrate)")
+            }
+            Self::Ahead(v) => write!(f, "the database has platform migration {v}, newer than this binary"),
+        }
+    }
+}
+
+/// The versions of the platform migrations built into this binary.
+fn platform_versions() -> Vec<String> {
+    diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&PLATFORM_MIGRATIONS)
+        .map(|ms| ms.iter().map(|m| m.name().version().to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[derive(QueryableByName)]
+struct AppliedVersion {
+    #[diesel(sql_type = Text)]
+    version: String,
+}
+
+/// Compares the applied platform migrations with this binary's (two cheap
+/// catalog reads; run by readiness checks).
+pub async fn platform_schema_state(conn: &mut AsyncPgConnection) -> Result<SchemaState, diesel::result::Error> {
+    let known = platform_versions();
+    // Raw SQL: the table is diesel's own and may not exist yet.
+    let applied: Vec<AppliedVersion> = diesel::sql_query(
+        "SELECT version FROM public.__diesel_schema_migrations \
+         WHERE to_regclass('public.__diesel_schema_migrations') IS NOT NULL",
+    )
+    .load(conn)
+    .await
+    .or_else(|e| match e {
+        // No table at all: nothing applied.
+        diesel::result::Error::DatabaseError(_, ref info) if info.message().contains("does not exist") => {
+            Ok(Vec::new())
+        }
+        other => Err(other),
+    })?;
+    let applied: HashSet<String> = applied.into_iter().map(|a| a.version).collect();
+    if let Some(unknown) = applied.iter().find(|v| !known.contains(v)) {
+        return Ok(SchemaState::Ahead(unknown.clone()));
+    }
+    let behind = known.iter().filter(|v| !applied.contains(*v)).count();
+    Ok(if behind == 0 { SchemaState::Current } else { SchemaState::Behind(behind) })
 }
 
 /// Applies `migrations` (all of them, in order) to a freshly created schema in

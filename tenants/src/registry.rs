@@ -125,6 +125,9 @@ pub fn validate_name(name: &str) -> Result<&str, &'static str> {
     if name.chars().any(char::is_control) {
         return Err("must not contain control characters");
     }
+    if name.chars().any(crate::http::is_invisible) {
+        return Err("must not contain invisible or direction-changing characters");
+    }
     Ok(name)
 }
 
