@@ -65,6 +65,7 @@ async fn every_failed_login_costs_the_same() -> TestResult {
     let medians: Vec<Duration> = times.into_iter().map(median).collect();
     let (slowest, fastest) = (medians.iter().max().ok_or("none")?, medians.iter().min().ok_or("none")?);
     let report: Vec<String> = cases.iter().zip(&medians).map(|(c, m)| format!("{}: {m:?}", c.0)).collect();
+    eprintln!("failed-login medians: {report:?}");
     assert!(slowest.as_secs_f64() <= fastest.as_secs_f64() * 3.0, "medians differ: {report:?}");
     w.worker.stop().await?;
     Ok(())
@@ -309,6 +310,7 @@ async fn concurrent_guesses_meet_the_failed_login_limit() -> TestResult {
             other => return Err(format!("unexpected {other}").into()),
         }
     }
+    eprintln!("{verified} of 120 concurrent guesses verified against a limit of 5");
     assert!(verified <= 5, "{verified} guesses were verified against a limit of 5");
     // A success gives its reservation back: the owner is not slowed by their own logins.
     let w2 = world_with(AppOptions {
