@@ -454,15 +454,21 @@ async fn outbox_count(w: &World, like: &str) -> TestResult<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invitation_resends_are_limited() -> TestResult {
     let w = world_with(AppOptions {
-        settings: vec![("PLINTH_LIMIT_INVITATIONS_PER_TENANT", "5/1h")],
+        settings: vec![
+            ("PLINTH_LIMIT_INVITATIONS_PER_ADDRESS", "3/1h"),
+            ("PLINTH_LIMIT_INVITATIONS_PER_TENANT", "5/1h"),
+        ],
         ..Default::default()
     })
     .await?;
     w.app.create_tenant_on("acme", "pro").await?;
+    w.app.create_tenant_on("globex", "pro").await?;
     for _ in 0..3 {
         assert_eq!(w.invite("acme", "eve@example.com", "member").await?.status(), 201);
     }
     assert_error(w.invite("acme", "eve@example.com", "member").await?, 429, "rate_limited").await?;
+    // The recipient's limit holds across organizations.
+    assert_error(w.invite("globex", "eve@example.com", "member").await?, 429, "rate_limited").await?;
     assert_eq!(w.invite("acme", "fay@example.com", "member").await?.status(), 201);
     assert_eq!(w.invite("acme", "gus@example.com", "member").await?.status(), 201);
     assert_error(w.invite("acme", "hal@example.com", "member").await?, 429, "rate_limited").await?;

@@ -66,7 +66,7 @@ pub struct RateLimitConfig {
     pub password_reset_per_account: Limit,
     /// Email verification and password-reset confirmations from one address.
     pub verify_per_ip: Limit,
-    /// Invitation mails to one address from one tenant.
+    /// Invitation mails to one address, from every tenant.
     pub invitations_per_address: Limit,
     /// Invitation mails from one tenant.
     pub invitations_per_tenant: Limit,
@@ -87,7 +87,7 @@ impl Default for RateLimitConfig {
             password_reset_per_ip: Limit::new(10, HOUR),
             password_reset_per_account: Limit::new(3, HOUR),
             verify_per_ip: Limit::new(30, HOUR),
-            invitations_per_address: Limit::new(3, HOUR),
+            invitations_per_address: Limit::new(5, HOUR),
             invitations_per_tenant: Limit::new(30, HOUR),
             organizations_per_user: Limit::new(5, HOUR),
         }

@@ -135,7 +135,7 @@ pub async fn receive(
         // redelivery is still recognised.
         (None, _) => (body_key(payload), Some("the body is not JSON with an event id".to_owned())),
     };
-    let kind = verified.as_ref().map(|e| e.type_.as_str().to_owned()).or(kind);
+    let kind = if unreadable { kind } else { verified.as_ref().map(|e| e.type_.as_str().to_owned()).or(kind) };
     // One statement: the event row and, for a new readable event, its
     // processing job; committed before the answer.
     let stored = db
