@@ -776,6 +776,61 @@ async fn http_layer_errors_use_the_envelope() -> TestResult {
     Ok(())
 }
 
+// 15. Client mistakes, however malformed, never log at ERROR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mistakes_do_not_log_at_error() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let dir = crate::harness::TempDir::new("logs")?;
+    let log = dir.path.join("serve.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .arg("serve")
+        .env("DATABASE_URL", &testdb.url)
+        .env("PLINTH_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PLINTH_DATA_DIR", &dir.path)
+        .env("PLINTH_WORKER", "false")
+        .env("PLINTH_LOG_FORMAT", "json")
+        .env("PLINTH_BODY_TIMEOUT_SECS", "1")
+        .env("PLINTH_STRIPE_WEBHOOK_SECRET", "whsec_logs")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let addr = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(60), || async {
+        Ok(http.get(format!("{addr}/health/ready")).send().await.is_ok_and(|r| r.status() == 200))
+    })
+    .await?;
+    let within = Duration::from_secs(20);
+    let mistakes: [&[u8]; 5] = [
+        b"GARBAGE\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\n{\"a\":1, \"b\": [1, 2, 3]}",
+        b"POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        b"PUT /v1/auth/login HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    for bytes in mistakes {
+        let _ = raw_exchange(&addr, bytes, within).await;
+    }
+    let big = "x".repeat(2 * 1024 * 1024);
+    let signature = format!("t=1,v1={}", "a".repeat(64));
+    let res =
+        http.post(format!("{addr}/v1/webhooks/stripe")).header("stripe-signature", signature).body(big).send().await?;
+    assert_eq!(res.status(), 413);
+    let res = http.get(format!("{addr}/v1/audit-log?action=%00")).send().await?;
+    assert_eq!(res.status(), 400);
+    // The last answer is in: every line about these requests has been written.
+    child.start_kill()?;
+    child.wait().await?;
+    let text = std::fs::read_to_string(&log)?;
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("\"level\":\"ERROR\"")).collect();
+    assert!(errors.is_empty(), "client mistakes logged at ERROR: {errors:#?}");
+    assert!(text.contains("request finished"), "the log was written at all");
+    Ok(())
+}
+
 // 16. A wrong method is 405 on every route.
 #[tokio::test]
 async fn a_wrong_method_is_405_everywhere() -> TestResult {
