@@ -354,6 +354,28 @@ async fn api_keys_do_not_outlive_their_creators_role() -> TestResult {
     let removed = member(&app.db, &acme, Role::Admin).await?;
     let removed_id = user_id_of(&me(&removed).await?.json().await?)?;
     let removed_key = new_key(removed.clone(), "admin").await?;
+    // The same person is an admin of another tenant, with a key there.
+    let globex = app.create_tenant_on("globex", "pro").await?;
+    crate::harness::add_member(&app.db, &globex, &removed).await?;
+    let client = app.testdb.as_ref().ok_or("no db")?.client().await?;
+    client
+        .execute(
+            "UPDATE public.memberships SET role = 'admin' WHERE tenant_id = $1 AND user_id = $2::text::uuid",
+            &[&globex.id.0, &removed_id],
+        )
+        .await?;
+    let in_globex = |token: &str, method: Method, path: &str| {
+        app.http.request(method, app.url(path)).header("x-tenant", "globex").bearer_auth(token)
+    };
+    // The policy on this instance follows the role change within a second.
+    eventually(Duration::from_secs(2), || async {
+        Ok(in_globex(&removed, Method::GET, "/v1/members").send().await?.status() == 200)
+    })
+    .await?;
+    let res =
+        in_globex(&removed, Method::POST, "/v1/api-keys").json(&json!({ "name": "g", "role": "admin" })).send().await?;
+    assert_eq!(res.status(), 201);
+    let globex_key = res.json::<Value>().await?["key"].as_str().ok_or("no key")?.to_owned();
     // ... and so does a key minted by that key.
     let minted = new_key(removed_key.clone(), "member").await?;
     assert_eq!(as_token(&minted, Method::GET, "/v1/projects").send().await?.status(), 200);
@@ -365,6 +387,8 @@ async fn api_keys_do_not_outlive_their_creators_role() -> TestResult {
         })
         .await?;
     }
+    // Leaving one tenant touches no key of another.
+    assert_eq!(in_globex(&globex_key, Method::GET, "/v1/members").send().await?.status(), 200);
     for (method, path, body) in [
         (Method::GET, "/v1/members", None),
         (Method::POST, "/v1/api-keys", Some(json!({ "name": "k2", "role": "admin" }))),
