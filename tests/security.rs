@@ -417,6 +417,13 @@ async fn api_keys_do_not_outlive_their_creators_role() -> TestResult {
     })
     .await?;
     assert_eq!(as_token(&viewer_key, Method::GET, "/v1/projects").send().await?.status(), 200);
+    // An account deleted outright takes its keys with it (its memberships
+    // cascade away and the keys lose their creator).
+    client.execute("DELETE FROM public.users WHERE id = $1::text::uuid", &[&demoted_id]).await?;
+    eventually(Duration::from_secs(2), || async {
+        Ok(as_token(&viewer_key, Method::GET, "/v1/projects").send().await?.status() == 401)
+    })
+    .await?;
 
     // Revoking a key revokes what it minted.
     let parent = new_key(app.token("acme").ok_or("no token")?, "admin").await?;
