@@ -571,3 +571,23 @@ async fn a_lease_that_expires_on_the_last_attempt_makes_the_job_dead() -> TestRe
     worker.stop().await?;
     Ok(())
 }
+
+/// A job that fails keeps the real cause in `last_error` (and so in
+/// `plinth jobs list --status dead`), not a bare "internal error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_keeps_its_cause_in_last_error() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let client = testdb.client().await?;
+    // The known cause: a table the billing grace job reads is gone.
+    client.batch_execute("ALTER TABLE public.subscriptions RENAME TO subscriptions_elsewhere").await?;
+    let db = testdb.db(2)?;
+    let job = NewJob::new("billing.grace", serde_json::json!({ "subscription": "sub_1", "since": 1 }));
+    db.platform(async |c| Ok::<_, ApiError>(jobs::enqueue(c, job).await?)).await?.ok_or("not queued")?;
+    let dir = TempDir::new("cause")?;
+    let worker = Running::mail(&testdb, &settings(None, &dir.path)?, fast())?;
+    eventually(Duration::from_secs(10), || async { Ok(job_states(&client).await?[0].2.is_some()) }).await?;
+    let last_error = job_states(&client).await?.remove(0).2.ok_or("no error")?;
+    assert!(last_error.contains(r#"relation "public.subscriptions" does not exist"#), "last_error: {last_error}");
+    worker.stop().await?;
+    Ok(())
+}

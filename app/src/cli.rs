@@ -364,7 +364,7 @@ async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) 
                 settings.stripe.grace,
                 Some(api),
             );
-            let synced = processor.sync().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let synced = processor.sync().await.context("syncing with Stripe")?;
             println!("{} customer(s) read, {} plan(s) changed", synced.customers, synced.changed.len());
             for (tenant, plan) in &synced.changed {
                 println!("  {tenant}: now {plan}");
@@ -386,7 +386,7 @@ async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) 
                 settings.stripe.grace,
                 api,
             );
-            let outcome = processor.replay(&event_id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let outcome = processor.replay(&event_id).await.context("replaying the event")?;
             println!("{event_id}: {outcome:?}");
             if matches!(outcome, plinth_billing::process::Outcome::Parked(_)) {
                 return Ok(ExitCode::FAILURE);
@@ -448,12 +448,7 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
                 std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
                 let password = line.trim_end_matches(['\r', '\n']).to_owned();
                 plinth_admin::password::check("password", &password).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                Some(
-                    plinth_admin::password::Hashing::default()
-                        .hash(password)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?,
-                )
+                Some(plinth_admin::password::Hashing::default().hash(password).await.context("hashing the password")?)
             } else {
                 None
             };

@@ -199,7 +199,7 @@ impl Processor {
                         match this.process(&id).await {
                             Ok(Outcome::Parked(reason)) => Err(JobError::Retry(anyhow::anyhow!("parked: {reason}"))),
                             Ok(_) => Ok(()),
-                            Err(err) => Err(JobError::Retry(anyhow::anyhow!("{err}"))),
+                            Err(err) => Err(JobError::Retry(anyhow::Error::new(err).context("processing the event"))),
                         }
                     })
                 }),
@@ -209,7 +209,9 @@ impl Processor {
                 Arc::new(move |job: ClaimedJob| {
                     let this = Arc::clone(&grace);
                     Box::pin(async move {
-                        this.end_grace(&job.payload).await.map_err(|e| JobError::Retry(anyhow::anyhow!("{e}")))
+                        this.end_grace(&job.payload)
+                            .await
+                            .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("ending a grace period")))
                     })
                 }),
             ),
@@ -227,7 +229,7 @@ impl Processor {
                                 Ok::<_, ApiError>(())
                             })
                             .await
-                            .map_err(|e| JobError::Retry(anyhow::anyhow!("{e}")))?;
+                            .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("queueing the next sync")))?;
                         match result {
                             Ok(s) => {
                                 tracing::info!(
@@ -238,7 +240,7 @@ impl Processor {
                                 );
                                 Ok(())
                             }
-                            Err(e) => Err(JobError::Fatal(anyhow::anyhow!("{e}"))),
+                            Err(e) => Err(JobError::Fatal(anyhow::Error::new(e).context("syncing with Stripe"))),
                         }
                     })
                 }),
@@ -350,10 +352,9 @@ impl Processor {
                 match &self.api {
                     // Whatever this event says, apply what Stripe has now.
                     Some(api) => {
-                        let current = api
-                            .subscription(sub.id.as_str())
-                            .await
-                            .map_err(|e| Park(format!("Stripe unavailable, will retry: {e}")))?;
+                        let current = api.subscription(sub.id.as_str()).await.map_err(|e| {
+                            Park(format!("Stripe unavailable, will retry: {:#}", anyhow::Error::new(e)))
+                        })?;
                         let kind = if current.status == SubscriptionStatus::Canceled {
                             "customer.subscription.deleted"
                         } else {
@@ -510,7 +511,7 @@ impl Processor {
             let details = json!({ "by": "stripe", "event": event_id, "subscription": id, "status": status });
             let changed = change_plan(c, &self.catalog, tenant, &plan, Actor::System, details)
                 .await
-                .map_err(|e| Park(format!("changing the plan: {e}")))?;
+                .map_err(|e| Park(format!("changing the plan: {:#}", anyhow::Error::new(e))))?;
             if let Some((_, true)) = changed {
                 tracing::info!(tenant.id = %tenant, plan, stripe.event = event_id, "plan changed by Stripe");
             }
@@ -702,7 +703,9 @@ async fn notify_owners(
     for owner in owners {
         let Ok(to) = EmailAddress::parse(&owner.email) else { continue };
         let key = format!("stripe:{event_id}:{}", owner.user_id);
-        mail::queue(c, make(to, tenant, &t.name, key)).await.map_err(|e| Park(format!("queueing mail: {e}")))?;
+        mail::queue(c, make(to, tenant, &t.name, key))
+            .await
+            .map_err(|e| Park(format!("queueing mail: {:#}", anyhow::Error::new(e))))?;
     }
     Ok(())
 }
