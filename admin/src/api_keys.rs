@@ -13,7 +13,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use plinth_tenants::access::Quota;
-use plinth_tenants::audit::{self, Entry};
+use plinth_tenants::audit;
 use plinth_tenants::auth::{self, Role};
 use plinth_tenants::http::{Json, Validator};
 use plinth_tenants::{Allowed, ApiError, Db, FieldError, Principal, requirements};
@@ -84,7 +84,7 @@ async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKe
         Principal::ApiKey { key_id } => Some(*key_id),
         Principal::User { .. } => None,
     };
-    let (schema, entry) = (ctx.tenant.schema.clone(), Entry::by(&ctx, "api_key.created"));
+    let (schema, entry) = (ctx.tenant.schema.clone(), ctx.audit_entry("api_key.created"));
     let row: KeyRow = db
         .platform(async |c| {
             if let Some(parent) = minted_by {
@@ -150,7 +150,7 @@ async fn revoke(
 ) -> Result<HttpResponse, ApiError> {
     let id = uuid::Uuid::parse_str(&path).map_err(|_| ApiError::NotFound("API key"))?;
     let tenant = ctx.tenant.id.0;
-    let (schema, entry) = (ctx.tenant.schema.clone(), Entry::by(&ctx, "api_key.revoked").target("api_key", id));
+    let (schema, entry) = (ctx.tenant.schema.clone(), ctx.audit_entry("api_key.revoked").target("api_key", id));
     let revoked = db
         .platform(async |c| {
             let n = diesel::sql_query(

@@ -129,7 +129,7 @@ async fn change_role(
     let user = target(&path)?;
     let new_role = parse_role("role", &body.0.role)?;
     let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
-    let entry = Entry::by(&ctx, "member.role_changed").target("user", user);
+    let entry = ctx.audit_entry("member.role_changed").target("user", user);
     db.platform(async |c| {
         let (current, owners) = lock_owners_and(c, tenant, user).await?;
         let current = current.ok_or(ApiError::NotFound("member"))?;
@@ -162,7 +162,7 @@ async fn remove(ctx: Allowed<Leave>, db: web::Data<Db>, path: web::Path<String>)
     }
     let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
     let action = if caller(&ctx).map(|u| u.0) == Some(user) { "member.left" } else { "member.removed" };
-    let entry = Entry::by(&ctx, action).target("user", user);
+    let entry = ctx.audit_entry(action).target("user", user);
     db.platform(async |c| {
         let (current, owners) = lock_owners_and(c, tenant, user).await?;
         let current = current.ok_or(ApiError::NotFound("member"))?;
@@ -238,7 +238,7 @@ async fn invite(
     let (token, hash) = auth::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
     let tenant = ctx.tenant.clone();
     let inviter = caller(&ctx);
-    let entry = Entry::by(&ctx, "invitation.sent");
+    let entry = ctx.audit_entry("invitation.sent");
     let invitation = db
         .platform(async |c| {
             let already: Vec<RoleRow> = diesel::sql_query(

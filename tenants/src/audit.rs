@@ -8,7 +8,6 @@
 use diesel::sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use crate::context::{Principal, TenantContext};
 use crate::http::RequestId;
 use crate::ids::SchemaName;
 
@@ -45,23 +44,19 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// An entry for `action` by the caller of a tenant request, with its
-    /// address and request id.
-    pub fn by(ctx: &TenantContext, action: &'static str) -> Self {
-        let actor = match &ctx.principal {
-            Principal::User { user_id, .. } => Actor::User(user_id.0),
-            Principal::ApiKey { key_id } => Actor::ApiKey(*key_id),
-        };
+    /// An entry for `action` by `actor`, with no target, address or request
+    /// yet (a tenant request's entries come from
+    /// `TenantContext::audit_entry`).
+    pub fn new(actor: Actor, action: &'static str) -> Self {
         Self {
             actor,
             action,
             target_type: None,
             target_id: None,
-            ip: Some(ctx.ip.clone()),
+            ip: None,
             request_id: None,
             details: serde_json::json!({}),
         }
-        .request(Some(&ctx.request_id))
     }
 
     /// The request it happened in: Plinth's own id, and the client's id (if

@@ -109,6 +109,19 @@ impl TenantContext {
         quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), sql).await
     }
 
+    /// An audit entry for `action` by this request's caller, with its
+    /// address and request id.
+    pub fn audit_entry(&self, action: &'static str) -> crate::audit::Entry {
+        use crate::audit::{Actor, Entry};
+        let actor = match &self.principal {
+            Principal::User { user_id, .. } => Actor::User(user_id.0),
+            Principal::ApiKey { key_id } => Actor::ApiKey(*key_id),
+        };
+        let mut entry = Entry::new(actor, action).request(Some(&self.request_id));
+        entry.ip = Some(self.ip.clone());
+        entry
+    }
+
     /// Authenticates, resolves the tenant and asks the policy about `need`.
     pub(crate) async fn gate(req: &HttpRequest, need: &Need) -> Result<Self, ApiError> {
         let token = bearer(req).ok_or(ApiError::Unauthenticated)?;

@@ -122,6 +122,20 @@ impl From<diesel::result::Error> for ApiError {
     }
 }
 
+/// `text` with every word that looks like an email address replaced, for
+/// logging errors that quote one (SMTP replies often name the recipient).
+pub fn redact_addresses(text: &str) -> String {
+    text.split_inclusive(char::is_whitespace)
+        .map(|word| {
+            if word.contains('@') {
+                if word.ends_with(char::is_whitespace) { "[address] " } else { "[address]" }
+            } else {
+                word
+            }
+        })
+        .collect()
+}
+
 /// Whether a server error means the connection (or the server) went away:
 /// SQLSTATE 57P01–57P03 (administrator shutdown, crash shutdown, cannot
 /// connect now) and class 08 (connection exceptions). diesel-async keeps

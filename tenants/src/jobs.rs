@@ -30,8 +30,8 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::db::{Db, PoolError};
+use crate::error::redact_addresses;
 use crate::ids::TenantId;
-use crate::mail::redact_addresses;
 
 crate::uuid_id!(
     /// Identifies a background job.
@@ -305,6 +305,18 @@ pub enum JobError {
     /// Retrying cannot help: the job is dead at once.
     #[error("{0:#}")]
     Fatal(anyhow::Error),
+}
+
+impl From<diesel::result::Error> for JobError {
+    fn from(err: diesel::result::Error) -> Self {
+        JobError::Retry(anyhow::Error::new(err).context("database"))
+    }
+}
+
+impl From<PoolError> for JobError {
+    fn from(err: PoolError) -> Self {
+        JobError::Retry(anyhow::Error::new(err).context("no database connection"))
+    }
 }
 
 pub type JobFuture = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;

@@ -30,7 +30,8 @@ use lettre::transport::smtp::PoolConfig;
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Db, PoolError};
+use crate::db::Db;
+use crate::error::redact_addresses;
 use crate::ids::TenantId;
 use crate::jobs::{self, ClaimedJob, JobError, NewJob};
 
@@ -86,20 +87,6 @@ impl std::fmt::Display for EmailAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// `text` with every word that looks like an email address replaced, for
-/// logging errors that quote one (SMTP replies often name the recipient).
-pub fn redact_addresses(text: &str) -> String {
-    text.split_inclusive(char::is_whitespace)
-        .map(|word| {
-            if word.contains('@') {
-                if word.ends_with(char::is_whitespace) { "[address] " } else { "[address]" }
-            } else {
-                word
-            }
-        })
-        .collect()
 }
 
 /// A message to send.
@@ -394,18 +381,6 @@ trait OptionalRow<T> {
 impl<T> OptionalRow<T> for Result<T, diesel::result::Error> {
     fn optional_row(self) -> Result<Option<T>, diesel::result::Error> {
         diesel::OptionalExtension::optional(self)
-    }
-}
-
-impl From<diesel::result::Error> for JobError {
-    fn from(err: diesel::result::Error) -> Self {
-        JobError::Retry(anyhow::Error::new(err).context("database"))
-    }
-}
-
-impl From<PoolError> for JobError {
-    fn from(err: PoolError) -> Self {
-        JobError::Retry(anyhow::Error::new(err).context("no database connection"))
     }
 }
 
