@@ -1,20 +1,17 @@
 //! The request context every tenant route works with: the resolved tenant,
 //! who is calling with which role, and the tenant's plan. Routes obtain it
-//! only through the access gate ([`crate::access::gate::Allowed`]).
+//! only through the access gate (`access::gate::Allowed`), which builds it
+//! and adds `require`; this module knows nothing of the gate.
 
 use std::sync::Arc;
 
-use actix_web::{HttpMessage, HttpRequest, web};
-
-use crate::access::gate::Requirement;
-use crate::access::{Access, Need, Plan, Quota, Subject, TenantPolicy, gate, quota};
-use crate::auth::{API_KEY_PREFIX, ApiKeys, Role, Sessions, bearer};
+use crate::access::{Access, Plan, Quota, Subject, TenantPolicy, quota};
+use crate::auth::Role;
 use crate::db::{Db, PoolError, TenantConn, TxFn};
 use crate::error::ApiError;
-use crate::http::{ClientIpHeader, RequestId};
+use crate::http::RequestId;
 use crate::ids::UserId;
-use crate::registry::{Tenant, TenantStatus};
-use crate::resolve::TenantResolver;
+use crate::registry::Tenant;
 
 pub use crate::access::Action;
 
@@ -54,15 +51,9 @@ pub struct TenantContext {
     pub request_id: RequestId,
     /// The client's address (see `http::client_ip`).
     pub ip: String,
-    subject: Subject,
-    db: Db,
-    access: Arc<Access>,
-}
-
-pub(crate) fn registered<T: 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
-    req.app_data::<web::Data<T>>()
-        .cloned()
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("{} is not registered", std::any::type_name::<T>())))
+    pub(crate) subject: Subject,
+    pub(crate) db: Db,
+    pub(crate) access: Arc<Access>,
 }
 
 impl TenantContext {
@@ -74,15 +65,6 @@ impl TenantContext {
         R: Send,
     {
         self.db.tenant(self.tenant.scope(), f).await
-    }
-
-    /// A second requirement, for a route whose need depends on its target
-    /// (removing someone else takes more than leaving). Declared with
-    /// [`crate::requirements!`] like the route's own.
-    pub async fn require<R: Requirement>(&self) -> Result<(), ApiError> {
-        let decision = self.access.check(self.subject, Some(self.tenant.id), &R::NEED).await?;
-        gate::record(self.subject, &self.tenant.id.to_string(), &R::NEED, &decision);
-        gate::outcome(decision)
     }
 
     /// The tenant's plan in the catalog.
@@ -120,45 +102,5 @@ impl TenantContext {
         let mut entry = Entry::new(actor, action).request(Some(&self.request_id));
         entry.ip = Some(self.ip.clone());
         entry
-    }
-
-    /// Authenticates, resolves the tenant and asks the policy about `need`.
-    pub(crate) async fn gate(req: &HttpRequest, need: &Need) -> Result<Self, ApiError> {
-        let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
-        let resolver = registered::<Arc<TenantResolver>>(req)?;
-        let access = registered::<Arc<Access>>(req)?.get_ref().clone();
-        let db = registered::<Db>(req)?;
-        let (principal, tenant, subject) = if token.starts_with(API_KEY_PREFIX) {
-            let key = registered::<Arc<ApiKeys>>(req)?.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
-            tracing::Span::current().record("user.id", format!("key:{}", key.key_id));
-            let tenant = resolver.resolve(req).await?;
-            // A key acts in its one tenant; anywhere else it is nobody.
-            if key.tenant_id != tenant.id {
-                return Err(ApiError::NotFound("tenant"));
-            }
-            (Principal::ApiKey { key_id: key.key_id }, tenant, Subject::Key(key.tenant_id, key.key_id))
-        } else {
-            let session = registered::<Arc<Sessions>>(req)?.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
-            tracing::Span::current().record("user.id", session.user_id.to_string());
-            let tenant = resolver.resolve(req).await?;
-            let subject = Subject::Member(tenant.id, session.user_id);
-            (Principal::User { user_id: session.user_id, session_id: session.session_id }, tenant, subject)
-        };
-        let asked = access.tenant_subject_on(&db, subject, tenant.id).await?;
-        let (Some(role), Some(policy)) = (asked.role, asked.policy.clone()) else {
-            return Err(ApiError::NotFound("tenant"));
-        };
-        if tenant.status == TenantStatus::Suspended || !policy.active {
-            return Err(ApiError::TenantSuspended);
-        }
-        tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
-        let decision = access.decide(&asked, need)?;
-        drop(asked);
-        gate::record(subject, &tenant.id.to_string(), need, &decision);
-        gate::outcome(decision)?;
-        let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
-        let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
-        let ip = crate::http::client_ip(req, header.as_deref());
-        Ok(Self { tenant, principal, role, policy, request_id, ip, subject, db: db.get_ref().clone(), access })
     }
 }
