@@ -505,23 +505,40 @@ fn every_template_renders_with_its_constructor_data() -> TestResult {
     Ok(())
 }
 
-/// Counts NOTIFY messages on the jobs channel during `window`.
-async fn job_notifications(url: &str, window: Duration) -> TestResult<usize> {
-    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = std::sync::Arc::clone(&count);
-    let driver = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
-            if matches!(message, tokio_postgres::AsyncMessage::Notification(_)) {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+/// Counts notifications on the jobs channel, from the moment `start` returns
+/// (its LISTEN is acknowledged by then).
+struct JobNotifications {
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    driver: tokio::task::JoinHandle<()>,
+    _client: tokio_postgres::Client,
+}
+
+impl JobNotifications {
+    async fn start(url: &str) -> TestResult<Self> {
+        let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&count);
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+                if matches!(message, tokio_postgres::AsyncMessage::Notification(_)) {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
             }
-        }
-    });
-    client.batch_execute(&format!("LISTEN {}", jobs::CHANNEL)).await?;
-    tokio::time::sleep(window).await;
-    driver.abort();
-    Ok(count.load(std::sync::atomic::Ordering::SeqCst))
+        });
+        client.batch_execute(&format!("LISTEN {}", jobs::CHANNEL)).await?;
+        Ok(Self { count, driver, _client: client })
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for JobNotifications {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
 }
 
 /// An idle worker polls quietly: its empty claims must not notify (and so
@@ -529,18 +546,20 @@ async fn job_notifications(url: &str, window: Duration) -> TestResult<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_does_not_wake_itself() -> TestResult {
     let testdb = TestDb::migrated().await?;
+    let listening = JobNotifications::start(&testdb.url).await?;
     let worker = Running::start(test_worker(&testdb, fast())?, &testdb.url);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(job_notifications(&testdb.url, Duration::from_secs(1)).await?, 0, "idle claims sent notifications");
+    // A second of idle polling (twenty claims at 50 ms) notifies nobody. (A
+    // window for what must not happen: a slow machine can only make it pass
+    // more easily, never fail.)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(listening.count(), 0, "idle claims sent notifications");
 
     let db = testdb.db(1)?;
-    let counting = tokio::spawn({
-        let url = testdb.url.clone();
-        async move { job_notifications(&url, Duration::from_millis(800)).await.map_err(|e| e.to_string()) }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
     enqueue(&db, NewJob::new("test.sleep", serde_json::json!({ "ms": 0 }))).await?;
-    let woken = counting.await??;
+    eventually(Duration::from_secs(10), || async { Ok(listening.count() >= 1) }).await?;
+    // Once done, the worker goes back to quiet polling: no storm follows.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let woken = listening.count();
     assert!((1..=3).contains(&woken), "queueing a job notifies ({woken})");
     worker.stop().await?;
     Ok(())
