@@ -10,19 +10,21 @@ use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::result::{DatabaseErrorKind, Error as DbError};
-use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::auth::{self, Authenticated};
 use plinth_tenants::http::{Json, RequestId};
 use plinth_tenants::mail::{self, EmailAddress};
-use plinth_tenants::ratelimit::{self, Limit, RateLimiter};
+use plinth_tenants::ratelimit;
 use plinth_tenants::registry::{self, CreateError};
 use plinth_tenants::{ApiError, Db, FieldError, SchemaName, Slug, Tenant, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::limits::{RateLimitConfig, RateLimits, count};
 use crate::password::{self, Hashing};
+use crate::tokens::{self, UserIdRow, invalid_token, issue_token, redeem_token};
 
 /// Settings of the identity routes.
 #[derive(Debug, Clone)]
@@ -49,87 +51,6 @@ impl Default for IdentityConfig {
             max_organizations_per_user: 20,
         }
     }
-}
-
-/// How often the sensitive routes may be used. Each is `burst` per `period`.
-#[derive(Debug, Clone, Copy)]
-pub struct RateLimitConfig {
-    /// Login attempts from one address.
-    pub login_per_ip: Limit,
-    /// Failed logins for one account from one address: the attacker's
-    /// address is slowed down, not the account's owner elsewhere.
-    pub login_failures_per_account_ip: Limit,
-    /// Failed logins for one account from anywhere (a distributed guess).
-    pub login_failures_per_account: Limit,
-    pub signup_per_ip: Limit,
-    pub password_reset_per_ip: Limit,
-    pub password_reset_per_account: Limit,
-    /// Email verification and password-reset confirmations from one address.
-    pub verify_per_ip: Limit,
-    /// Invitation mails to one address, from every tenant.
-    pub invitations_per_address: Limit,
-    /// Invitation mails from one tenant.
-    pub invitations_per_tenant: Limit,
-    /// Organizations one user creates.
-    pub organizations_per_user: Limit,
-}
-
-const MINUTE: Duration = Duration::from_secs(60);
-const HOUR: Duration = Duration::from_secs(3600);
-
-impl Default for RateLimitConfig {
-    fn default() -> Self {
-        Self {
-            login_per_ip: Limit::new(30, MINUTE),
-            login_failures_per_account_ip: Limit::new(5, 15 * MINUTE),
-            login_failures_per_account: Limit::new(50, HOUR),
-            signup_per_ip: Limit::new(10, HOUR),
-            password_reset_per_ip: Limit::new(10, HOUR),
-            password_reset_per_account: Limit::new(3, HOUR),
-            verify_per_ip: Limit::new(30, HOUR),
-            invitations_per_address: Limit::new(5, HOUR),
-            invitations_per_tenant: Limit::new(30, HOUR),
-            organizations_per_user: Limit::new(5, HOUR),
-        }
-    }
-}
-
-/// The limiters, shared by all workers of an instance.
-pub struct RateLimits {
-    login_per_ip: RateLimiter,
-    login_failures_per_account_ip: RateLimiter,
-    pub(crate) login_failures_per_account: RateLimiter,
-    signup_per_ip: RateLimiter,
-    password_reset_per_ip: RateLimiter,
-    password_reset_per_account: RateLimiter,
-    verify_per_ip: RateLimiter,
-    pub(crate) invitations_per_address: RateLimiter,
-    pub(crate) invitations_per_tenant: RateLimiter,
-    organizations_per_user: RateLimiter,
-}
-
-impl RateLimits {
-    pub fn new(config: &RateLimitConfig) -> Self {
-        Self {
-            login_per_ip: RateLimiter::new(config.login_per_ip),
-            login_failures_per_account_ip: RateLimiter::new(config.login_failures_per_account_ip),
-            login_failures_per_account: RateLimiter::new(config.login_failures_per_account),
-            signup_per_ip: RateLimiter::new(config.signup_per_ip),
-            password_reset_per_ip: RateLimiter::new(config.password_reset_per_ip),
-            password_reset_per_account: RateLimiter::new(config.password_reset_per_account),
-            verify_per_ip: RateLimiter::new(config.verify_per_ip),
-            invitations_per_address: RateLimiter::new(config.invitations_per_address),
-            invitations_per_tenant: RateLimiter::new(config.invitations_per_tenant),
-            organizations_per_user: RateLimiter::new(config.organizations_per_user),
-        }
-    }
-}
-
-pub(crate) fn count(limiter: &RateLimiter, key: &str) -> Result<(), ApiError> {
-    limiter.check(key).map_err(|wait| {
-        tracing::info!(retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "rate limited");
-        ratelimit::limited(wait)
-    })
 }
 
 /// The client's address.
@@ -216,54 +137,6 @@ async fn provision(conn: &mut AsyncPgConnection, slug: &Slug, organization: &str
         CreateError::Db(e) => e.into(),
         CreateError::Pool(e) => e.into(),
     })
-}
-
-/// A single-use token for `purpose`, valid for `ttl`; returns (id, token).
-async fn issue_token(
-    conn: &AsyncPgConnection,
-    user: uuid::Uuid,
-    purpose: &str,
-    ttl: Duration,
-) -> Result<(uuid::Uuid, String), ApiError> {
-    let (token, hash) = auth::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
-    let id = uuid::Uuid::now_v7();
-    let expires = Utc::now() + chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(e.into()))?;
-    let mut conn = conn;
-    diesel::sql_query(
-        "INSERT INTO public.user_tokens (id, user_id, purpose, token_hash, expires_at) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind::<SqlUuid, _>(id)
-    .bind::<SqlUuid, _>(user)
-    .bind::<Text, _>(purpose)
-    .bind::<Bytea, _>(&hash[..])
-    .bind::<Timestamptz, _>(expires)
-    .execute(&mut conn)
-    .await?;
-    Ok((id, token))
-}
-
-#[derive(QueryableByName)]
-struct UserIdRow {
-    #[diesel(sql_type = SqlUuid)]
-    user_id: uuid::Uuid,
-}
-
-/// Uses up a single-use token: the user it belongs to, if it was valid.
-async fn redeem_token(conn: &AsyncPgConnection, token: &str, purpose: &str) -> Result<Option<uuid::Uuid>, ApiError> {
-    let mut conn = conn;
-    let row: Vec<UserIdRow> = diesel::sql_query(
-        "UPDATE public.user_tokens SET used_at = now() WHERE token_hash = $1 AND purpose = $2 \
-         AND used_at IS NULL AND expires_at > now() RETURNING user_id",
-    )
-    .bind::<Bytea, _>(&auth::hash_token(token)[..])
-    .bind::<Text, _>(purpose)
-    .load(&mut conn)
-    .await?;
-    Ok(row.into_iter().next().map(|r| r.user_id))
-}
-
-pub(crate) fn invalid_token() -> ApiError {
-    ApiError::invalid_fields(vec![FieldError::new("token", "invalid", "is invalid, used or expired")])
 }
 
 #[derive(Deserialize)]
@@ -753,18 +626,7 @@ async fn confirm_password_reset(
     password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
     // The token is checked before the new password is hashed, so random
     // tokens cost a lookup, not an argon2id run.
-    let known = db
-        .platform(async |c| {
-            let rows: Vec<UserIdRow> = diesel::sql_query(
-                "SELECT user_id FROM public.user_tokens WHERE token_hash = $1 AND purpose = 'password_reset' \
-                 AND used_at IS NULL AND expires_at > now()",
-            )
-            .bind::<Bytea, _>(&auth::hash_token(&token)[..])
-            .load(c)
-            .await?;
-            Ok::<_, ApiError>(!rows.is_empty())
-        })
-        .await?;
+    let known = db.platform(async |c| tokens::is_live(c, &token, "password_reset").await).await?;
     if !known {
         return Err(invalid_token());
     }

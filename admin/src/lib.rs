@@ -3,7 +3,9 @@
 //! (suspend, delete, plan override, impersonation).
 //!
 //! - [`identity`]: signup, login, logout, `/v1/me`, email verification,
-//!   password reset; [`password`] (policy and hashing); [`totp`].
+//!   password reset; [`password`] (policy and bounded hashing); [`totp`];
+//!   [`limits`] (the rate limits of these routes and of invitations);
+//!   [`tokens`] (single-use mail tokens).
 //! - [`members`], [`api_keys`], [`audit_log`], [`tenant`] (`GET /v1/tenant`):
 //!   tenant administration.
 //! - [`platform`]: platform admins (list, show, suspend, reactivate, plan
@@ -13,9 +15,11 @@
 pub mod api_keys;
 pub mod audit_log;
 pub mod identity;
+pub mod limits;
 pub mod mail;
 pub mod members;
 pub mod password;
 pub mod platform;
 pub mod tenant;
+pub mod tokens;
 pub mod totp;

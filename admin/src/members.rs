@@ -21,8 +21,10 @@ use plinth_tenants::{Allowed, ApiError, Db, FieldError, TenantContext, TenantId,
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::identity::{IdentityConfig, RateLimits, config, count, insert_user, invalid_token};
+use crate::identity::{IdentityConfig, config, insert_user};
+use crate::limits::{RateLimits, count};
 use crate::password::{self, Hashing};
+use crate::tokens::invalid_token;
 
 const INVITATION_DAYS: i64 = 7;
 

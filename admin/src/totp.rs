@@ -22,7 +22,7 @@ use plinth_tenants::auth::{self, Authenticated};
 use plinth_tenants::http::Json;
 use plinth_tenants::{ApiError, FieldError, UserId};
 
-use crate::identity::RateLimits;
+use crate::limits::RateLimits;
 use crate::password::Hashing;
 use serde::Deserialize;
 use serde_json::json;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use plinth_admin::identity::RateLimitConfig;
+use plinth_admin::limits::RateLimitConfig;
 use plinth_tenants::ratelimit::Limit;
 
 /// Every setting Plinth reads, with its default.
