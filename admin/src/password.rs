@@ -6,8 +6,8 @@
 //!
 //! Hashing: argon2id, version 19, m = 19,456 KiB, t = 2, p = 1 (the OWASP
 //! recommendation), a random 16-byte salt, stored as a PHC string. Hashing
-//! takes tens of milliseconds of CPU and 19 MiB, so it runs on the blocking
-//! pool, at most [`Hashing`]'s bound at once.
+//! takes tens of milliseconds of CPU and 19 MiB, so it runs on a few threads
+//! of its own, at most [`Hashing`]'s bound at once.
 
 use std::collections::HashSet;
 use std::sync::{Arc, LazyLock};
@@ -44,10 +44,10 @@ pub fn check(field: &str, password: &str) -> Result<(), FieldError> {
 
 /// Argon2id runs at once, and how long a caller waits for a turn.
 ///
-/// Each run holds 19 MiB for tens of milliseconds on the blocking pool;
-/// without a bound, a burst of logins multiplies that (120 concurrent
-/// logins once took an instance to 2.2 GB). Callers beyond `permits` wait
-/// up to `wait` for a turn, then get 503 `unavailable` with `Retry-After`.
+/// Each run holds 19 MiB for tens of milliseconds; without a bound, a burst
+/// of logins multiplies that (120 concurrent logins once took an instance to
+/// 2.2 GB). Callers beyond `permits` wait up to `wait` for a turn, then get
+/// 503 `unavailable` with `Retry-After`.
 /// Registered as app data; cheap to clone.
 #[derive(Clone)]
 pub struct Hashing {
