@@ -341,14 +341,29 @@ mod processing {
         let slow = plinth_tenants::jobs::WorkerConfig { poll_interval: Duration::from_secs(30), ..fast() };
         let b = billing_polling("7", None, slow).await?;
         let acme = b.app.create_tenant("acme").await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The worker hears wake-ups only once its LISTEN is in place: wait
+        // for it (it polls every 30 s, so a missed wake-up would fail below).
+        let client = b.testdb.client().await?;
+        eventually(Duration::from_secs(10), || async {
+            let listening: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND query LIKE '%LISTEN \"plinth_jobs\"%'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok(listening >= 1)
+        })
+        .await?;
         let t = now() - 100;
         b.deliver("evt_w1", "checkout.session.completed", t, checkout_session(&acme.id.to_string(), "cus_w", "sub_w"))
             .await?;
         b.deliver("evt_w2", "customer.subscription.created", t + 1, subscription("sub_w", "cus_w", "active", PRO))
             .await?;
         // Two events 0 ms apart: the second is covered by the trailing wake.
-        let took = eventually(Duration::from_secs(2), || async { Ok(b.plan("acme").await? == "pro") }).await?;
+        // Well within the 30 s poll, however busy the machine.
+        let took = eventually(Duration::from_secs(10), || async { Ok(b.plan("acme").await? == "pro") }).await?;
         eprintln!("plan changed {took:?} after the last delivery");
         Ok(())
     }
