@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use plinth_tenants::Role;
+use plinth_access::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
 

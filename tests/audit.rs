@@ -1,7 +1,7 @@
 //! The audit log: security-relevant actions recorded in the tenant's own
 //! schema, in the action's transaction; append-only; admins only.
 
-use plinth_tenants::Role;
+use plinth_access::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
 

@@ -185,7 +185,7 @@ mod processing {
     async fn billing_polling(
         grace_days: &'static str,
         api: Option<&StripeMock>,
-        worker: plinth_tenants::jobs::WorkerConfig,
+        worker: plinth_jobs::WorkerConfig,
     ) -> TestResult<Billing> {
         let testdb = TestDb::migrated().await?;
         let mut stripe = vec![
@@ -338,7 +338,7 @@ mod processing {
     #[tokio::test]
     async fn the_inbox_wakes_the_worker_instead_of_leaving_events_to_its_poll() -> TestResult {
         // A worker that would poll only every 30 s.
-        let slow = plinth_tenants::jobs::WorkerConfig { poll_interval: Duration::from_secs(30), ..fast() };
+        let slow = plinth_jobs::WorkerConfig { poll_interval: Duration::from_secs(30), ..fast() };
         let b = billing_polling("7", None, slow).await?;
         let acme = b.app.create_tenant("acme").await?;
         // The worker hears wake-ups only once its LISTEN is in place: wait
@@ -607,7 +607,7 @@ mod api {
 
     use crate::harness::{AppOptions, TestApp, TestDb, TestResult, assert_error, member};
     use crate::stripe::StripeMock;
-    use plinth_tenants::Role;
+    use plinth_access::Role;
 
     async fn app(stripe: &StripeMock) -> TestResult<(TestApp, TestDb)> {
         let testdb = TestDb::migrated().await?;

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use plinth::config::Settings;
 use plinth::startup::Application;
-use plinth_tenants::{ApiError, Db, DbConfig, Role, Slug, Tenant, TenantId, TenantStatus, registry};
+use plinth_access::Role;
+use plinth_http::ApiError;
+use plinth_tenants::{Db, DbConfig, Slug, Tenant, TenantId, TenantStatus, registry};
 use tokio::sync::OnceCell;
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -449,7 +451,7 @@ pub async fn member(db: &Db, tenant: &Tenant, role: Role) -> TestResult<String> 
                 .bind::<Text, _>(role)
                 .execute(c)
                 .await?;
-            let (token, _) = plinth_tenants::auth::create_session(c, user, Duration::from_secs(3600)).await?;
+            let (token, _) = plinth_identity::sessions::create_session(c, user, Duration::from_secs(3600)).await?;
             Ok::<_, ApiError>(token)
         })
         .await?;
@@ -460,7 +462,7 @@ pub async fn member(db: &Db, tenant: &Tenant, role: Role) -> TestResult<String> 
 pub async fn add_member(db: &Db, tenant: &Tenant, token: &str) -> TestResult {
     use diesel::sql_types::{Bytea, Uuid as SqlUuid};
     use diesel_async::RunQueryDsl;
-    let hash = plinth_tenants::auth::hash_token(token);
+    let hash = plinth_identity::sessions::hash_token(token);
     let tenant_id = tenant.id.0;
     db.platform(async |c| {
         diesel::sql_query(

@@ -190,7 +190,7 @@ async fn tenants_cannot_reach_each_other_through_pgbouncer() -> TestResult {
 async fn a_cancelled_tenant_transaction_never_reaches_the_next_user() -> TestResult {
     use diesel::sql_types::{Nullable, Text};
     use diesel_async::RunQueryDsl;
-    use plinth_tenants::ApiError;
+    use plinth_http::ApiError;
 
     #[derive(diesel::QueryableByName)]
     struct Current {

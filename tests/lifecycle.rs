@@ -13,7 +13,7 @@ use crate::harness::{TempDir, TestDb, TestResult, eventually};
 async fn sigterm_lets_in_flight_requests_finish() -> TestResult {
     let testdb = TestDb::migrated().await?;
     let tenant = registry::create(&testdb.db(1)?, &Slug::parse("acme")?, "Acme").await?;
-    let token = crate::harness::member(&testdb.db(1)?, &tenant, plinth_tenants::Role::Member).await?;
+    let token = crate::harness::member(&testdb.db(1)?, &tenant, plinth_access::Role::Member).await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
         .arg("serve")

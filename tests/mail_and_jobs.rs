@@ -5,10 +5,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use plinth::config::Settings;
-use plinth_tenants::jobs::{self, ClaimedJob, Handlers, JobError, NewJob, Worker, WorkerConfig};
-use plinth_tenants::mail::{self, EmailAddress, Mail};
+use plinth_http::ApiError;
+use plinth_jobs::{self as jobs, ClaimedJob, Handlers, JobError, NewJob, Worker, WorkerConfig};
+use plinth_mail::{self as mail, EmailAddress, Mail};
 use plinth_tenants::notify::Listener;
-use plinth_tenants::{ApiError, Db, Slug, registry};
+use plinth_tenants::{Db, Slug, registry};
 use tokio::sync::watch;
 
 use crate::harness::{TempDir, TestDb, TestResult, eventually};
@@ -80,7 +81,7 @@ async fn acme(db: &Db) -> TestResult<plinth_tenants::Tenant> {
 }
 
 fn invitation(tenant: &plinth_tenants::Tenant, to: &str, key: &str) -> TestResult<Mail> {
-    Ok(plinth_admin::mail::invitation(
+    Ok(plinth_identity::mail::invitation(
         EmailAddress::parse(to)?,
         tenant.id,
         &tenant.name,
@@ -483,9 +484,9 @@ fn every_template_renders_with_its_constructor_data() -> TestResult {
     let to = || EmailAddress::parse("someone@example.com");
     let tenant = plinth_tenants::TenantId::new();
     let mails = [
-        plinth_admin::mail::verify_email(to()?, Some(tenant), "Acme", "tok1", "k1".into()),
-        plinth_admin::mail::invitation(to()?, tenant, "Acme", "Ada", "admin", "tok2", "k2".into()),
-        plinth_admin::mail::password_reset(to()?, "tok3", 30, "k3".into()),
+        plinth_identity::mail::verify_email(to()?, Some(tenant), "Acme", "tok1", "k1".into()),
+        plinth_identity::mail::invitation(to()?, tenant, "Acme", "Ada", "admin", "tok2", "k2".into()),
+        plinth_identity::mail::password_reset(to()?, "tok3", 30, "k3".into()),
         plinth_billing::mail::payment_failed(to()?, tenant, "Acme", "2026-12-01", "k4".into()),
         plinth_billing::mail::trial_ending(to()?, tenant, "Acme", "pro", "2026-12-01", "k5".into()),
         plinth_billing::mail::subscription_cancelled(to()?, tenant, "Acme", "pro", "k6".into()),

@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use plinth::projects::{NewProject, NewTask, create_project, create_task};
-use plinth_tenants::access::{Access, Action, Catalog, Decision, Need, Subject};
-use plinth_tenants::{ApiError, Db, Role, Tenant, TenantStatus, UserId};
+use plinth_access::Role;
+use plinth_access::{Access, Action, Catalog, Decision, Need, Subject};
+use plinth_http::ApiError;
+use plinth_tenants::{Db, Tenant, TenantStatus, UserId};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -157,7 +159,7 @@ async fn insert_task(db: &Db, tenant: &Tenant, project: &str) -> TestResult<Stri
 async fn insert_key(db: &Db, tenant: &Tenant) -> TestResult<(String, String)> {
     use diesel::sql_types::{Bytea, Uuid as SqlUuid};
     use diesel_async::RunQueryDsl;
-    let (key, hash) = plinth_tenants::auth::new_api_key()?;
+    let (key, hash) = plinth_identity::sessions::new_api_key()?;
     let id = uuid::Uuid::now_v7();
     let tenant_id = tenant.id.0;
     db.platform(async |c| {
@@ -492,7 +494,7 @@ async fn an_operator_adds_a_plan_and_a_limit_without_code() -> TestResult {
     let path = dir.path.join("plans.toml");
     let catalog = format!(
         "{}\n[[plan]]\nname = \"team\"\nincludes = \"free\"\nfeatures = [\"api_keys\"]\nlimits = {{ api_keys = 2 }}\n",
-        plinth_tenants::access::catalog::DEFAULT
+        plinth_access::catalog::DEFAULT
     );
     std::fs::write(&path, catalog)?;
     let path: &'static str = Box::leak(path.to_string_lossy().into_owned().into_boxed_str());
@@ -703,7 +705,7 @@ async fn while_the_listener_is_away_checks_read_the_database() -> TestResult {
 
 /// A pending invitation with a known token, written straight to the database.
 async fn invitation(testdb: &TestDb, tenant: &Tenant, email: &str) -> TestResult<String> {
-    let (token, hash) = plinth_tenants::auth::new_token()?;
+    let (token, hash) = plinth_identity::sessions::new_token()?;
     testdb
         .client()
         .await?

@@ -1,6 +1,7 @@
+use plinth_http::ApiError;
+use plinth_tenants::Slug;
 use plinth_tenants::migrate::TENANT_MIGRATIONS;
 use plinth_tenants::registry::{self, CreateError};
-use plinth_tenants::{ApiError, Slug};
 
 use crate::harness::{TestDb, TestResult};
 

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::harness::{AppOptions, TestApp, TestDb, TestResult, assert_error, eventually, member};
 use crate::world::{PASSWORD, World, world_with};
-use plinth_tenants::Role;
+use plinth_access::Role;
 
 /// Rate limits out of the way, for tests about something else.
 const NO_LIMITS: [(&str, &str); 4] = [

@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
-use plinth_tenants::http::{Page, PageParams};
-use plinth_tenants::{Allowed, ApiError, FieldError, requirements};
+use plinth_access::{Allowed, requirements};
+use plinth_http::request::{Page, PageParams};
+use plinth_http::{ApiError, FieldError};
 use serde::{Deserialize, Serialize};
 
 requirements! {

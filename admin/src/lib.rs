@@ -1,25 +1,12 @@
-//! Administration: tenant admins managing their users (invitations, roles,
-//! removal, API keys, audit log) and platform admins managing tenants
-//! (suspend, delete, plan override, impersonation).
+//! Administration: a tenant's own view of itself and platform admins
+//! managing tenants. People, sessions and keys are identity's
+//! (`plinth-identity`); this crate calls it.
 //!
-//! - [`identity`]: signup, login, logout, `/v1/me`, email verification,
-//!   password reset; [`password`] (policy and bounded hashing); [`totp`];
-//!   [`limits`] (the rate limits of these routes and of invitations);
-//!   [`tokens`] (single-use mail tokens).
-//! - [`members`], [`api_keys`], [`audit_log`], [`tenant`] (`GET /v1/tenant`):
-//!   tenant administration.
+//! - [`tenant`]: `GET /v1/tenant`.
+//! - [`audit_log`]: `GET /v1/audit-log`, a tenant's audit log.
 //! - [`platform`]: platform admins (list, show, suspend, reactivate, plan
-//!   override, delete). Impersonation is not built.
-//! - [`mail`]: the identity mail templates.
+//!   override, delete).
 
-pub mod api_keys;
 pub mod audit_log;
-pub mod identity;
-pub mod limits;
-pub mod mail;
-pub mod members;
-pub mod password;
 pub mod platform;
 pub mod tenant;
-pub mod tokens;
-pub mod totp;

@@ -10,10 +10,12 @@ use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use plinth_tenants::access::Access;
+use plinth_access::Access;
+use plinth_access::{PlatformAllowed, requirements};
+use plinth_http::ApiError;
+use plinth_http::request::{Json, Page, PageParams};
 use plinth_tenants::audit::{self, Actor, Entry};
-use plinth_tenants::http::{Json, Page, PageParams};
-use plinth_tenants::{ApiError, Db, PlatformAllowed, Tenant, TenantId, TenantStatus, registry, requirements};
+use plinth_tenants::{Db, Tenant, TenantId, TenantStatus, registry};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -200,15 +202,7 @@ async fn set_plan(
     let plan = body.0.plan;
     let tenant = db
         .platform(async |c| {
-            plinth_tenants::access::change_plan(
-                c,
-                access.catalog(),
-                id,
-                &plan,
-                actor,
-                json!({ "by": "platform admin" }),
-            )
-            .await
+            plinth_access::change_plan(c, access.catalog(), id, &plan, actor, json!({ "by": "platform admin" })).await
         })
         .await?
         .ok_or(ApiError::NotFound("tenant"))?

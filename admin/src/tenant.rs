@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use actix_web::HttpResponse;
-use plinth_tenants::access::Quota;
-use plinth_tenants::access::quota::{self, Usage};
-use plinth_tenants::{Allowed, ApiError, requirements};
+use plinth_access::Quota;
+use plinth_access::quota::{self, Usage};
+use plinth_access::{Allowed, requirements};
+use plinth_http::ApiError;
 use serde_json::json;
 
 requirements! {

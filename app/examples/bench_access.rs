@@ -18,9 +18,10 @@ use std::collections::{HashMap, HashSet};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use plinth_tenants::access::{Access, Action, Catalog, Decision, Need, Subject};
+use plinth_access::Role;
+use plinth_access::{Access, Action, Catalog, Decision, Need, Subject};
 use plinth_tenants::migrate;
-use plinth_tenants::{Db, DbConfig, Role, TenantId, UserId};
+use plinth_tenants::{Db, DbConfig, TenantId, UserId};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

@@ -3,15 +3,15 @@
 
 use std::sync::Arc;
 
-use plinth_tenants::jobs::{Handlers, Worker, WorkerConfig};
-use plinth_tenants::mail::{self, Mailer, Templates, Transport};
+use plinth_jobs::{Handlers, Worker, WorkerConfig};
+use plinth_mail::{self as mail, Mailer, Templates, Transport};
 use plinth_tenants::{Db, DbConfig};
 
 use crate::config::Settings;
 
 /// Every mail template Plinth knows, rendered with links on `public_url`.
 pub fn templates(public_url: &str) -> anyhow::Result<Templates> {
-    Templates::new(public_url, &[plinth_admin::mail::TEMPLATES, plinth_billing::mail::TEMPLATES])
+    Templates::new(public_url, &[plinth_identity::mail::TEMPLATES, plinth_billing::mail::TEMPLATES])
 }
 
 /// A worker with every job kind registered, on a pool of its own.
@@ -41,7 +41,7 @@ pub async fn schedule_sync(settings: &Settings, db_config: &DbConfig) -> anyhow:
     }
     let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;
     let job = plinth_billing::process::sync_job(settings.stripe.sync_every);
-    db.platform(async |c| Ok::<_, plinth_tenants::ApiError>(plinth_tenants::jobs::enqueue(c, job).await?))
+    db.platform(async |c| Ok::<_, plinth_http::ApiError>(plinth_jobs::enqueue(c, job).await?))
         .await
         .map_err(|e| anyhow::anyhow!("queueing the billing sync: {e}"))?;
     Ok(())

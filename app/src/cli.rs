@@ -9,9 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use plinth_tenants::migrate::{self, MigrateEvent, MigrateOptions, TENANT_MIGRATIONS, TenantOutcome};
 use plinth_tenants::{Db, DbConfig, Slug, Tenant, TenantStatus, registry};
 
+use plinth_jobs as jobs;
+use plinth_mail::EmailAddress;
 use plinth_tenants::audit::Actor;
-use plinth_tenants::jobs;
-use plinth_tenants::mail::EmailAddress;
 use plinth_tenants::notify::Listener;
 use tokio::sync::watch;
 
@@ -447,8 +447,14 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
                 let mut line = String::new();
                 std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
                 let password = line.trim_end_matches(['\r', '\n']).to_owned();
-                plinth_admin::password::check("password", &password).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-                Some(plinth_admin::password::Hashing::default().hash(password).await.context("hashing the password")?)
+                plinth_identity::password::check("password", &password)
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                Some(
+                    plinth_identity::password::Hashing::default()
+                        .hash(password)
+                        .await
+                        .context("hashing the password")?,
+                )
             } else {
                 None
             };
@@ -457,7 +463,7 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
                     let (user, created) = match (find_user(c, &email).await?, &hash) {
                         (Some(id), _) => (id, false),
                         (None, Some(hash)) => {
-                            let user = plinth_admin::identity::insert_user(c, &email, hash)
+                            let user = plinth_identity::accounts::insert_user(c, &email, hash)
                                 .await
                                 .map_err(|e| anyhow::anyhow!("creating the account: {e}"))?;
                             (user.id, true)
@@ -488,7 +494,7 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
             let email = EmailAddress::parse(&email).map_err(|e| anyhow::anyhow!("--email: {e}"))?;
             let found = db
                 .platform(async |c| {
-                    Ok::<_, anyhow::Error>(plinth_admin::totp::reset_second_factor(c, email.as_str()).await?)
+                    Ok::<_, anyhow::Error>(plinth_identity::totp::reset_second_factor(c, email.as_str()).await?)
                 })
                 .await?;
             if !found {
@@ -532,7 +538,7 @@ async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyho
             let changed = db
                 .platform(async |c| {
                     let by = serde_json::json!({ "by": "plinth tenants" });
-                    plinth_tenants::access::change_plan(c, &catalog, tenant.id, &plan, Actor::System, by).await
+                    plinth_access::change_plan(c, &catalog, tenant.id, &plan, Actor::System, by).await
                 })
                 .await
                 .map_err(|e| anyhow::anyhow!("changing the plan: {e}"))?;

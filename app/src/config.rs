@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use plinth_admin::limits::RateLimitConfig;
-use plinth_tenants::ratelimit::Limit;
+use plinth_http::ratelimit::Limit;
+use plinth_identity::limits::RateLimitConfig;
 
 /// Every setting Plinth reads, with its default.
 #[derive(Debug, Clone)]
@@ -91,8 +91,8 @@ pub struct Settings {
 impl Settings {
     /// The plan catalog: `PLINTH_PLANS_FILE` or the built-in one, with the
     /// `PLINTH_STRIPE_PRICE_*` prices applied.
-    pub fn catalog(&self) -> anyhow::Result<plinth_tenants::access::Catalog> {
-        let mut catalog = plinth_tenants::access::Catalog::load(self.plans_file.as_deref())?;
+    pub fn catalog(&self) -> anyhow::Result<plinth_access::Catalog> {
+        let mut catalog = plinth_access::Catalog::load(self.plans_file.as_deref())?;
         for (plan, price) in &self.stripe_prices {
             catalog.set_price(plan, price).with_context(|| format!("PLINTH_STRIPE_PRICE_{}", plan.to_uppercase()))?;
         }

@@ -8,9 +8,11 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use plinth_tenants::access::Quota;
-use plinth_tenants::http::{Json, Page, PageParams, PageRequest, Validator};
-use plinth_tenants::{Allowed, ApiError, TenantConn, requirements, uuid_id};
+use plinth_access::Quota;
+use plinth_access::{Allowed, requirements};
+use plinth_http::ApiError;
+use plinth_http::request::{Json, Page, PageParams, PageRequest, Validator};
+use plinth_tenants::{TenantConn, uuid_id};
 use serde::{Deserialize, Serialize};
 
 /// Tenant tables, unqualified: they resolve through the tenant-scoped

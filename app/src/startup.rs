@@ -8,15 +8,17 @@ use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, ResponseError as _, web};
 use anyhow::Context as _;
-use plinth_admin::identity::IdentityConfig;
-use plinth_admin::limits::RateLimits;
-use plinth_admin::password::Hashing;
-use plinth_tenants::access::Access;
-use plinth_tenants::auth::{self, ApiKeys, Sessions};
-use plinth_tenants::http::{BodyLimit, BodyTimeout, ClientIpHeader, request_span};
+use plinth_access::Access;
+use plinth_access::authn::Authenticate;
+use plinth_access::resolve::{self, TenantResolver};
+use plinth_http::ApiError;
+use plinth_http::request::{BodyLimit, BodyTimeout, ClientIpHeader, request_span};
+use plinth_identity::accounts::IdentityConfig;
+use plinth_identity::limits::RateLimits;
+use plinth_identity::password::Hashing;
+use plinth_identity::sessions::{self, ApiKeys, Authenticator, Sessions};
 use plinth_tenants::notify::Listener;
-use plinth_tenants::resolve::{self, TenantResolver};
-use plinth_tenants::{ApiError, Db, DbConfig, migrate};
+use plinth_tenants::{Db, DbConfig, migrate};
 
 use crate::config::Settings;
 
@@ -51,23 +53,24 @@ impl Application {
         let resolver = TenantResolver::new(resolver_db.clone(), &settings.base_domain);
         listener.on(resolve::CHANNEL, resolver.listen_handler());
         let sessions = Sessions::new(resolver_db.clone());
-        listener.on(auth::CHANNEL, sessions.listen_handler());
+        listener.on(sessions::CHANNEL, sessions.listen_handler());
         let catalog = settings.catalog()?;
         let access = Access::start(resolver_db.clone(), catalog).await?;
         for (channel, handler) in access.listen_handlers() {
             listener.on(channel, handler);
         }
         let api_keys = ApiKeys::new(resolver_db);
-        listener.on(auth::API_KEYS_CHANNEL, api_keys.listen_handler());
+        listener.on(sessions::API_KEYS_CHANNEL, api_keys.listen_handler());
         let listener_task = listener.spawn(listen_url);
 
         let tcp = TcpListener::bind(&settings.listen).with_context(|| format!("binding {}", settings.listen))?;
         let port = tcp.local_addr()?.port();
         let body_limit = BodyLimit(settings.max_body_bytes);
         let resolver_data = web::Data::new(resolver);
-        let sessions_data = web::Data::new(sessions);
+        let sessions_data = web::Data::new(sessions.clone());
         let access_data = web::Data::new(access);
-        let api_keys_data = web::Data::new(api_keys);
+        let authenticator: web::Data<dyn Authenticate> =
+            web::Data::from(Arc::new(Authenticator { sessions: sessions.clone(), api_keys }) as Arc<dyn Authenticate>);
         let identity = IdentityConfig {
             client_ip_header: settings.client_ip_header.clone(),
             limits: settings.limits,
@@ -98,7 +101,7 @@ impl Application {
                 .app_data(resolver_data.clone())
                 .app_data(sessions_data.clone())
                 .app_data(access_data.clone())
-                .app_data(api_keys_data.clone())
+                .app_data(authenticator.clone())
                 .app_data(identity_data.clone())
                 .app_data(client_ip_data.clone())
                 .app_data(limits_data.clone())
@@ -108,13 +111,13 @@ impl Application {
                 .app_data(hashing_data.clone())
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)
-                .configure(plinth_admin::identity::configure)
+                .configure(plinth_identity::accounts::configure)
                 .configure(plinth_admin::tenant::configure)
                 .configure(plinth_admin::platform::configure)
-                .configure(plinth_admin::members::configure)
-                .configure(plinth_admin::api_keys::configure)
+                .configure(plinth_identity::members::configure)
+                .configure(plinth_identity::api_keys::configure)
                 .configure(plinth_admin::audit_log::configure)
-                .configure(plinth_admin::totp::configure)
+                .configure(plinth_identity::totp::configure)
                 .configure(crate::projects::configure)
                 .configure(plinth_billing::webhook::configure)
                 .configure(plinth_billing::api::configure)

@@ -1,8 +1,9 @@
 //! The mail billing sends when a subscription changes state: a failed
 //! payment, a trial about to end, a cancelled subscription.
 
-use plinth_tenants::mail::{EmailAddress, Mail, Template};
-use plinth_tenants::{TenantId, mail_template};
+use plinth_mail::mail_template;
+use plinth_mail::{EmailAddress, Mail, Template};
+use plinth_tenants::TenantId;
 use serde_json::json;
 
 /// The templates of this crate, to register with `mail::Templates`.

@@ -34,11 +34,12 @@ use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use plinth_tenants::access::{Catalog, catalog::FREE, change_plan};
+use plinth_access::{Catalog, catalog::FREE, change_plan};
+use plinth_http::ApiError;
+use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
+use plinth_mail::{self as mail, EmailAddress, Mail};
 use plinth_tenants::audit::Actor;
-use plinth_tenants::jobs::{self, ClaimedJob, JobError, NewJob};
-use plinth_tenants::mail::{self, EmailAddress, Mail};
-use plinth_tenants::{ApiError, Db, TenantId, registry};
+use plinth_tenants::{Db, TenantId, registry};
 use serde_json::{Value, json};
 use stripe_shared::{CheckoutSession, Invoice, Subscription, SubscriptionStatus};
 

@@ -17,7 +17,8 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use plinth_tenants::{ApiError, Db};
+use plinth_http::ApiError;
+use plinth_tenants::Db;
 use serde_json::json;
 use stripe_webhook::{Webhook, WebhookError};
 
@@ -159,7 +160,7 @@ pub async fn receive(
 /// The inbox key of a signed body without a usable id: its hash, so a
 /// redelivery is still recognised.
 fn body_key(payload: &str) -> String {
-    let digest = plinth_tenants::auth::hash_token(payload);
+    let digest = plinth_identity::sessions::hash_token(payload);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("unparsed_{}", &hex[..32])
 }
@@ -281,7 +282,7 @@ async fn receive_route(
         tracing::info!(reason = %why, "Stripe webhook refused");
         return Err(ApiError::invalid(why.to_string()));
     }
-    let body = plinth_tenants::http::read_body(&req, &mut payload, MAX_EVENT_BYTES).await?;
+    let body = plinth_http::request::read_body(&req, &mut payload, MAX_EVENT_BYTES).await?;
     match receive(&db, secrets, &body, signature, Utc::now().timestamp()).await {
         Ok(received) => {
             let (id, duplicate) = match &received {

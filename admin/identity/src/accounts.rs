@@ -1,0 +1,656 @@
+//! Accounts and sessions: signup, login, logout, `GET /v1/me`, email
+//! verification, password reset, and creating further organizations.
+//!
+//! Users are global (platform schema); what they may do in a tenant comes
+//! from a membership with a role.
+
+use std::time::Duration;
+
+use crate::sessions::{self, Authenticated};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::result::{DatabaseErrorKind, Error as DbError};
+use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_http::ratelimit;
+use plinth_http::request::{Json, RequestId};
+use plinth_http::{ApiError, FieldError};
+use plinth_mail::{self as mail, EmailAddress};
+use plinth_tenants::audit::{self, Actor, Entry};
+use plinth_tenants::registry::{self, CreateError};
+use plinth_tenants::{Db, SchemaName, Slug, Tenant, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::limits::{RateLimitConfig, RateLimits, count};
+use crate::password::{self, Hashing};
+use crate::tokens::{self, UserIdRow, invalid_token, issue_token, redeem_token};
+
+/// Settings of the identity routes.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub session_ttl: Duration,
+    pub verify_email_ttl: Duration,
+    pub password_reset_ttl: Duration,
+    /// A header set by a proxy you control naming the client's address
+    /// (its last entry is used); unset: the peer address.
+    pub client_ip_header: Option<String>,
+    pub limits: RateLimitConfig,
+    /// Organizations one user may own (`PLINTH_MAX_ORGANIZATIONS_PER_USER`).
+    pub max_organizations_per_user: u32,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(14 * 24 * 3600),
+            verify_email_ttl: Duration::from_secs(48 * 3600),
+            password_reset_ttl: Duration::from_secs(3600),
+            client_ip_header: None,
+            limits: RateLimitConfig::default(),
+            max_organizations_per_user: 20,
+        }
+    }
+}
+
+/// The client's address.
+fn ip(req: &HttpRequest, cfg: &IdentityConfig) -> String {
+    plinth_http::request::client_ip(req, cfg.client_ip_header.as_deref())
+}
+
+/// The client, as the rate limits count it (an IPv6 address per /64).
+fn client(req: &HttpRequest, cfg: &IdentityConfig) -> String {
+    ratelimit::client_key(&ip(req, cfg))
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/signup", web::post().to(signup))
+        .route("/v1/tenants", web::post().to(create_tenant))
+        .route("/v1/auth/login", web::post().to(login))
+        .route("/v1/auth/logout", web::post().to(logout))
+        .route("/v1/auth/verify-email", web::post().to(verify_email))
+        .route("/v1/auth/password-reset", web::post().to(request_password_reset))
+        .route("/v1/auth/password-reset/confirm", web::post().to(confirm_password_reset))
+        .route("/v1/me", web::get().to(me));
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, QueryableByName)]
+pub struct User {
+    #[diesel(sql_type = SqlUuid)]
+    pub id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    pub email: String,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub email_verified_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) fn config(data: Option<web::Data<IdentityConfig>>) -> IdentityConfig {
+    data.map(|d| d.get_ref().clone()).unwrap_or_default()
+}
+
+fn unique_violation(err: &DbError, constraint: &str) -> bool {
+    matches!(err, DbError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) if info.constraint_name() == Some(constraint))
+}
+
+pub async fn insert_user(
+    conn: &AsyncPgConnection,
+    email: &EmailAddress,
+    password_hash: &str,
+) -> Result<User, ApiError> {
+    let mut conn = conn;
+    diesel::sql_query(
+        "INSERT INTO public.users (id, email, password_hash) VALUES ($1, $2, $3) \
+         RETURNING id, email, email_verified_at",
+    )
+    .bind::<SqlUuid, _>(UserId::new().0)
+    .bind::<Text, _>(email.as_str())
+    .bind::<Text, _>(password_hash)
+    .get_result(&mut conn)
+    .await
+    .map_err(|e| {
+        if unique_violation(&e, "users_email_key") {
+            ApiError::Conflict("an account with this email address exists; sign in to add an organization".into())
+        } else {
+            e.into()
+        }
+    })
+}
+
+async fn add_member(conn: &AsyncPgConnection, tenant: &Tenant, user: uuid::Uuid, role: &str) -> Result<(), ApiError> {
+    let mut conn = conn;
+    diesel::sql_query("INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
+        .bind::<SqlUuid, _>(tenant.id.0)
+        .bind::<SqlUuid, _>(user)
+        .bind::<Text, _>(role)
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+async fn provision(conn: &mut AsyncPgConnection, slug: &Slug, organization: &str) -> Result<Tenant, ApiError> {
+    registry::provision(conn, slug, organization).await.map_err(|e| match e {
+        CreateError::SlugTaken => ApiError::Conflict("the slug is already taken".into()),
+        CreateError::InvalidName(why) => {
+            ApiError::invalid_fields(vec![FieldError::new("organization", "invalid", why)])
+        }
+        CreateError::Db(e) => e.into(),
+        CreateError::Pool(e) => e.into(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignupBody {
+    email: String,
+    password: String,
+    organization: String,
+    slug: String,
+}
+
+/// Checks every field at once, so the client hears about all problems.
+fn check_signup(body: &SignupBody) -> Result<(EmailAddress, Slug), ApiError> {
+    let mut errors = Vec::new();
+    let email = EmailAddress::parse(&body.email)
+        .map_err(|e| errors.push(FieldError::new("email", "invalid", e.to_string())))
+        .ok();
+    if let Err(e) = password::check("password", &body.password) {
+        errors.push(e);
+    }
+    if let Err(why) = registry::validate_name(&body.organization) {
+        errors.push(FieldError::new("organization", "invalid", why));
+    }
+    let slug = Slug::parse(&body.slug).map_err(|e| errors.push(FieldError::new("slug", e.code(), e.to_string()))).ok();
+    match (email, slug) {
+        (Some(email), Some(slug)) if errors.is_empty() => Ok((email, slug)),
+        _ => Err(ApiError::invalid_fields(errors)),
+    }
+}
+
+/// `POST /v1/signup`: the user, the tenant (schema provisioned), the owner
+/// membership, a session and the verification mail, in one transaction.
+async fn signup(
+    req: HttpRequest,
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
+    hashing: web::Data<Hashing>,
+    body: Json<SignupBody>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
+    count(&limits.signup_per_ip, &client(&req, &cfg))?;
+    let (email, slug) = check_signup(&body.0)?;
+    let SignupBody { password, organization, .. } = body.0;
+    let hash = hashing.hash(password).await?;
+    let (tenant, user, token, session) = db
+        .platform(async |c| {
+            let user = insert_user(c, &email, &hash).await?;
+            let tenant = provision(c, &slug, &organization).await?;
+            add_member(c, &tenant, user.id, "owner").await?;
+            let (token, session) = sessions::create_session(c, UserId(user.id), cfg.session_ttl).await?;
+            let (token_id, verify) = issue_token(c, user.id, "verify_email", cfg.verify_email_ttl).await?;
+            let message = crate::mail::verify_email(
+                email.clone(),
+                Some(tenant.id),
+                &tenant.name,
+                &verify,
+                format!("verify_email:{token_id}"),
+            );
+            mail::queue(c, message).await?;
+            Ok::<_, ApiError>((tenant, user, token, session))
+        })
+        .await?;
+    tracing::info!(tenant.slug = %tenant.slug, user.id = %user.id, "signed up");
+    Ok(HttpResponse::Created().json(json!({
+        "tenant": tenant,
+        "user": user,
+        "token": token,
+        "expires_at": session.expires_at,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenantBody {
+    organization: String,
+    slug: String,
+}
+
+/// `POST /v1/tenants`: a signed-in user creates another organization and
+/// becomes its owner: at most `organizations_per_user` an hour, and at most
+/// `max_organizations_per_user` owned at once (403 past it).
+async fn create_tenant(
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
+    who: Authenticated,
+    body: Json<NewTenantBody>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
+    let mut errors = Vec::new();
+    if let Err(why) = registry::validate_name(&body.0.organization) {
+        errors.push(FieldError::new("organization", "invalid", why));
+    }
+    let slug =
+        Slug::parse(&body.0.slug).map_err(|e| errors.push(FieldError::new("slug", e.code(), e.to_string()))).ok();
+    let Some(slug) = slug.filter(|_| errors.is_empty()) else { return Err(ApiError::invalid_fields(errors)) };
+    let user = who.0.user_id.0;
+    count(&limits.organizations_per_user, &user.to_string())?;
+    let tenant = db
+        .platform(async |c| {
+            // Serializes this user's creations, so the cap holds under concurrency.
+            diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended('plinth.orgs:' || $1::text, 0))")
+                .bind::<SqlUuid, _>(user)
+                .execute(c)
+                .await?;
+            let owned: Count =
+                diesel::sql_query("SELECT count(*) AS n FROM public.memberships WHERE user_id = $1 AND role = 'owner'")
+                    .bind::<SqlUuid, _>(user)
+                    .get_result(c)
+                    .await?;
+            if owned.n >= i64::from(cfg.max_organizations_per_user) {
+                tracing::info!(user.id = %user, owned = owned.n, "organization cap reached");
+                return Err(ApiError::Forbidden);
+            }
+            let tenant = provision(c, &slug, &body.0.organization).await?;
+            add_member(c, &tenant, user, "owner").await?;
+            Ok::<_, ApiError>(tenant)
+        })
+        .await?;
+    Ok(HttpResponse::Created().json(json!({ "tenant": tenant, "role": "owner" })))
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    email: String,
+    password: String,
+    /// With two-factor login on: a current code or a recovery code.
+    totp_code: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct Credentials {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    password_hash: String,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    email_verified_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/auth/login`: a session for the right email and password; the
+/// same 401 `invalid_credentials`, in the same time, for a wrong password, an
+/// unknown address, a malformed address and an over-long password: each
+/// runs one argon2id verification and records one failure.
+///
+/// Failed-login limits are reserved before the password is checked and
+/// given back on success, so concurrent guesses cannot all pass the check.
+/// An account over its limit from everywhere refuses addresses that have
+/// failed on it, but still checks a guess from an address with no failures:
+/// the owner, from their own address, gets in with the right password (and
+/// second factor); a wrong guess from there answers 429 as well.
+async fn login(
+    req: HttpRequest,
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
+    hashing: web::Data<Hashing>,
+    body: Json<LoginBody>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
+    let LoginBody { email, password, totp_code } = body.0;
+    let address = ip(&req, &cfg);
+    let client = ratelimit::client_key(&address);
+    count(&limits.login_per_ip, &client)?;
+    let email = EmailAddress::parse(&email).ok();
+    // A malformed address has no account; its attempts share one key.
+    let account = email.as_ref().map_or("(malformed)", EmailAddress::as_str).to_owned();
+    let account_ip = format!("{account} {client}");
+    let fresh_address = match limits.login_failures_per_account_ip.reserve(&account_ip) {
+        Ok(fresh) => fresh,
+        Err(wait) => return Err(ratelimit::limited(wait)),
+    };
+    // `None`: counted against the account; `Some(wait)`: the account is over
+    // its limit and this fresh address is let through to be checked.
+    let account_reserved = match limits.login_failures_per_account.reserve(&account) {
+        Ok(_) => None,
+        Err(wait) if fresh_address => Some(wait),
+        Err(wait) => {
+            // Refused unchecked: this address has failed on a locked account.
+            limits.login_failures_per_account_ip.refund(&account_ip);
+            return Err(ratelimit::limited(wait));
+        }
+    };
+    let give_back = || {
+        limits.login_failures_per_account_ip.refund(&account_ip);
+        if account_reserved.is_none() {
+            limits.login_failures_per_account.refund(&account);
+        }
+    };
+    let found: Option<Credentials> = match &email {
+        Some(email) => db
+            .platform(async |c| {
+                let rows: Vec<Credentials> = diesel::sql_query(
+                    "SELECT id, email, password_hash, email_verified_at FROM public.users WHERE email = $1",
+                )
+                .bind::<Text, _>(email.as_str())
+                .load(c)
+                .await?;
+                Ok::<_, ApiError>(rows.into_iter().next())
+            })
+            .await
+            .inspect_err(|_| give_back())?,
+        None => None,
+    };
+    let stored = found.as_ref().map(|f| f.password_hash.clone());
+    let request_id = req.extensions().get::<RequestId>().cloned();
+    let verified = hashing.verify(&password, stored).await.inspect_err(|_| give_back())?;
+    if !verified {
+        tracing::info!("login failed");
+        record_failure(&db, found.as_ref().map(|f| f.id), &address, request_id.as_ref()).await?;
+        return Err(match account_reserved {
+            Some(wait) => ratelimit::limited(wait),
+            None => ApiError::InvalidCredentials,
+        });
+    }
+    let user = found.ok_or(ApiError::InvalidCredentials)?;
+    let logged_in = Entry {
+        actor: Actor::User(user.id),
+        action: "auth.login",
+        target_type: Some("user"),
+        target_id: Some(user.id.to_string()),
+        ip: Some(address.clone()),
+        request_id: None,
+        details: json!({}),
+    };
+    let logged_in = match &request_id {
+        Some(id) => id.stamp(logged_in),
+        None => logged_in,
+    };
+    let created = db
+        .platform(async |c| {
+            // The row is locked so a second factor is used up exactly once.
+            let state = crate::totp::state(c, user.id, true).await?;
+            if state.totp_secret.is_some() {
+                let Some(code) = totp_code.as_deref() else { return Err(ApiError::TotpRequired) };
+                if !crate::totp::accept_second_factor(c, user.id, &state, code).await? {
+                    return Ok(None);
+                }
+            }
+            let created = sessions::create_session(c, UserId(user.id), cfg.session_ttl).await?;
+            record_in_every_tenant_of(c, user.id, logged_in).await?;
+            Ok::<_, ApiError>(Some(created))
+        })
+        .await;
+    let created = match created {
+        Ok(created) => created,
+        Err(ApiError::TotpRequired) => {
+            // The password was right: not a failure, but no session yet.
+            give_back();
+            return Err(ApiError::TotpRequired);
+        }
+        Err(other) => return Err(other),
+    };
+    let Some((token, session)) = created else {
+        tracing::info!("login failed: wrong second factor");
+        record_failure(&db, Some(user.id), &address, request_id.as_ref()).await?;
+        return Err(match account_reserved {
+            Some(wait) => ratelimit::limited(wait),
+            None => ApiError::InvalidCredentials,
+        });
+    };
+    give_back();
+    tracing::info!(user.id = %user.id, "logged in");
+    Ok(HttpResponse::Ok().json(json!({
+        "token": token,
+        "expires_at": session.expires_at,
+        "user": User { id: user.id, email: user.email, email_verified_at: user.email_verified_at },
+    })))
+}
+
+/// Records one failed login, once (not in each organization's audit log),
+/// for 90 days.
+/// One insert on every path, with or without an account, so recording it
+/// takes the same time either way.
+async fn record_failure(
+    db: &Db,
+    user: Option<uuid::Uuid>,
+    ip: &str,
+    request_id: Option<&RequestId>,
+) -> Result<(), ApiError> {
+    db.statement(async |c| {
+        diesel::sql_query(
+            // Raw SQL: a writable CTE. Records kept 90 days; each insert
+            // removes up to ten older ones, so the table stays bounded.
+            "WITH pruned AS (DELETE FROM public.login_failures WHERE id IN \
+               (SELECT id FROM public.login_failures WHERE at < now() - interval '90 days' ORDER BY at LIMIT 10)) \
+             INSERT INTO public.login_failures (id, user_id, ip, request_id) VALUES ($1, $2, $3, $4)",
+        )
+        .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+        .bind::<Nullable<SqlUuid>, _>(user)
+        .bind::<Text, _>(ip)
+        .bind::<Nullable<Text>, _>(request_id.map(|r| r.0.as_str()))
+        .execute(c)
+        .await?;
+        Ok::<_, ApiError>(())
+    })
+    .await
+}
+
+#[derive(QueryableByName)]
+struct SchemaRow {
+    #[diesel(sql_type = Text)]
+    schema_name: String,
+}
+
+/// Records `entry` in the audit log of every tenant `user` belongs to.
+async fn record_in_every_tenant_of(
+    conn: &mut AsyncPgConnection,
+    user: uuid::Uuid,
+    entry: Entry,
+) -> Result<(), ApiError> {
+    let schemas: Vec<SchemaRow> = diesel::sql_query(
+        "SELECT t.schema_name FROM public.memberships m JOIN public.tenants t ON t.id = m.tenant_id \
+         WHERE m.user_id = $1 AND t.status <> 'deleting'",
+    )
+    .bind::<SqlUuid, _>(user)
+    .load(conn)
+    .await?;
+    for row in schemas {
+        let schema = SchemaName::from_stored(row.schema_name)
+            .map_err(|s| ApiError::Internal(anyhow::anyhow!("malformed schema name {s:?}")))?;
+        audit::record(conn, &schema, entry.clone()).await?;
+    }
+    Ok(())
+}
+
+/// `POST /v1/auth/logout`: revokes the caller's session everywhere.
+async fn logout(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
+    db.platform(async |c| Ok::<_, ApiError>(sessions::revoke_session(c, who.0.session_id).await?)).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Serialize, QueryableByName)]
+struct MembershipRow {
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    slug: String,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = Text)]
+    role: String,
+}
+
+/// `GET /v1/me`: the caller and their memberships.
+async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
+    let user_id = who.0.user_id.0;
+    let (user, memberships) = db
+        .platform(async |c| {
+            let user: User = diesel::sql_query("SELECT id, email, email_verified_at FROM public.users WHERE id = $1")
+                .bind::<SqlUuid, _>(user_id)
+                .get_result(c)
+                .await?;
+            let memberships: Vec<MembershipRow> = diesel::sql_query(
+                "SELECT t.id AS tenant_id, t.slug, t.name, t.status, m.role FROM public.memberships m \
+                 JOIN public.tenants t ON t.id = m.tenant_id \
+                 WHERE m.user_id = $1 AND t.status <> 'deleting' ORDER BY t.slug",
+            )
+            .bind::<SqlUuid, _>(user_id)
+            .load(c)
+            .await?;
+            Ok::<_, ApiError>((user, memberships))
+        })
+        .await?;
+    let memberships: Vec<_> = memberships
+        .into_iter()
+        .map(|m| json!({ "tenant": { "id": m.tenant_id, "slug": m.slug, "name": m.name, "status": m.status }, "role": m.role }))
+        .collect();
+    let totp_enabled = db
+        .platform(async |c| Ok::<_, ApiError>(crate::totp::state(c, user_id, false).await?.totp_secret.is_some()))
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "user": user, "totp_enabled": totp_enabled, "memberships": memberships })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    token: String,
+}
+
+/// `POST /v1/auth/verify-email`: redeems the token from the verification mail.
+async fn verify_email(
+    req: HttpRequest,
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
+    body: Json<TokenBody>,
+) -> Result<HttpResponse, ApiError> {
+    count(&limits.verify_per_ip, &client(&req, &config(cfg)))?;
+    let token = body.0.token;
+    db.platform(async |c| {
+        let user = redeem_token(c, &token, "verify_email").await?.ok_or_else(invalid_token)?;
+        diesel::sql_query(
+            "UPDATE public.users SET email_verified_at = coalesce(email_verified_at, now()), updated_at = now() \
+             WHERE id = $1",
+        )
+        .bind::<SqlUuid, _>(user)
+        .execute(c)
+        .await?;
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(json!({ "email_verified": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetBody {
+    email: String,
+}
+
+/// `POST /v1/auth/password-reset`: always 202, whether or not the address
+/// has an account; if it has, a single-use link goes out by mail.
+async fn request_password_reset(
+    req: HttpRequest,
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
+    body: Json<ResetBody>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
+    count(&limits.password_reset_per_ip, &client(&req, &cfg))?;
+    if let Ok(email) = EmailAddress::parse(&body.0.email) {
+        // Counted per address whether or not it has an account: the limit
+        // tells nothing about which addresses exist.
+        count(&limits.password_reset_per_account, email.as_str())?;
+        // Off the response path, so an address with an account and one
+        // without answer in the same time (no enumeration by timing).
+        let db = db.get_ref().clone();
+        tokio::spawn(async move {
+            if let Err(err) = send_password_reset(&db, &cfg, email).await {
+                tracing::error!(error = %err, "queueing a password reset failed");
+            }
+        });
+    }
+    Ok(HttpResponse::Accepted().json(json!({})))
+}
+
+/// Queues a reset link if `email` has an account.
+async fn send_password_reset(db: &Db, cfg: &IdentityConfig, email: EmailAddress) -> Result<(), ApiError> {
+    db.platform(async |c| {
+        let rows: Vec<UserIdRow> = diesel::sql_query("SELECT id AS user_id FROM public.users WHERE email = $1")
+            .bind::<Text, _>(email.as_str())
+            .load(c)
+            .await?;
+        if let Some(user) = rows.into_iter().next() {
+            let ttl = cfg.password_reset_ttl;
+            let (token_id, token) = issue_token(c, user.user_id, "password_reset", ttl).await?;
+            let minutes = u32::try_from(ttl.as_secs() / 60).unwrap_or(u32::MAX);
+            let message =
+                crate::mail::password_reset(email.clone(), &token, minutes, format!("password_reset:{token_id}"));
+            mail::queue(c, message).await?;
+        }
+        Ok::<_, ApiError>(())
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfirmBody {
+    token: String,
+    password: String,
+}
+
+/// `POST /v1/auth/password-reset/confirm`: sets the new password, uses up
+/// the token and revokes every session of the account.
+async fn confirm_password_reset(
+    req: HttpRequest,
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
+    hashing: web::Data<Hashing>,
+    body: Json<ConfirmBody>,
+) -> Result<HttpResponse, ApiError> {
+    count(&limits.verify_per_ip, &client(&req, &config(cfg)))?;
+    let ConfirmBody { token, password } = body.0;
+    password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
+    // The token is checked before the new password is hashed, so random
+    // tokens cost a lookup, not an argon2id run.
+    let known = db.platform(async |c| tokens::is_live(c, &token, "password_reset").await).await?;
+    if !known {
+        return Err(invalid_token());
+    }
+    let hash = hashing.hash(password).await?;
+    let revoked = db
+        .platform(async |c| {
+            // Redeemed here, once: a concurrent confirmation finds it used.
+            let user = redeem_token(c, &token, "password_reset").await?.ok_or_else(invalid_token)?;
+            // Following the link proves the address too.
+            diesel::sql_query(
+                "UPDATE public.users SET password_hash = $2, email_verified_at = coalesce(email_verified_at, now()), \
+                 updated_at = now() WHERE id = $1",
+            )
+            .bind::<SqlUuid, _>(user)
+            .bind::<Text, _>(&hash)
+            .execute(c)
+            .await?;
+            Ok::<_, ApiError>(sessions::revoke_all_sessions(c, UserId(user)).await?)
+        })
+        .await?;
+    tracing::info!(sessions.revoked = revoked, "password reset");
+    Ok(HttpResponse::Ok().json(json!({ "password_changed": true })))
+}

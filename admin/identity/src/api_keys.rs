@@ -1,0 +1,177 @@
+//! Tenant API keys: `POST|GET /v1/api-keys`, `DELETE /v1/api-keys/{id}`
+//! (admins). A key is shown once at creation; only a hash is stored. A key
+//! acts in its one tenant with its role (admin, member or viewer), never
+//! more than its creator's *current* role: removing the creator from the
+//! tenant, or lowering their role below the key's, revokes the key (a
+//! trigger on memberships, so every path keeps the rule). A key minted by
+//! another key belongs to the same creator and is revoked with the key that
+//! minted it. A revoked key stops working everywhere within a second.
+
+use crate::sessions;
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use plinth_access::Quota;
+use plinth_access::Role;
+use plinth_access::{Allowed, Principal, requirements};
+use plinth_http::request::{Json, Validator};
+use plinth_http::{ApiError, FieldError};
+use plinth_tenants::Db;
+use plinth_tenants::audit;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+requirements! {
+    /// Creating, listing and revoking keys: admins, on plans with `api_keys`.
+    ManageApiKeys = "api_keys", Manage, feature: "api_keys";
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/api-keys", web::get().to(list))
+        .route("/v1/api-keys", web::post().to(create))
+        .route("/v1/api-keys/{id}", web::delete().to(revoke));
+}
+
+#[derive(Serialize, QueryableByName)]
+struct KeyRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    role: String,
+    #[diesel(sql_type = Text)]
+    prefix: String,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    last_used_at: Option<DateTime<Utc>>,
+}
+
+#[derive(QueryableByName)]
+struct KeyId {
+    #[diesel(sql_type = SqlUuid)]
+    #[allow(dead_code)]
+    id: uuid::Uuid,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    name: String,
+    role: String,
+}
+
+async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKey>) -> Result<HttpResponse, ApiError> {
+    Validator::default().text("name", &body.0.name, 1, 100, false).finish()?;
+    let role = match Role::parse(&body.0.role) {
+        Some(role) if role != Role::Owner => role,
+        _ => {
+            return Err(ApiError::invalid_fields(vec![FieldError::new(
+                "role",
+                "invalid",
+                "must be admin, member or viewer",
+            )]));
+        }
+    };
+    if role > ctx.role {
+        return Err(ApiError::Forbidden);
+    }
+    let (key, hash) = sessions::new_api_key().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    let prefix: String = key.chars().take(12).collect();
+    let (tenant, creator, name) =
+        (ctx.tenant.id.0, ctx.principal.user_id().map(|u| u.0), body.0.name.trim().to_owned());
+    let minted_by = match &ctx.principal {
+        Principal::ApiKey { key_id } => Some(*key_id),
+        Principal::User { .. } => None,
+    };
+    let (schema, entry) = (ctx.tenant.schema.clone(), ctx.audit_entry("api_key.created"));
+    let row: KeyRow = db
+        .platform(async |c| {
+            if let Some(parent) = minted_by {
+                // Locks the minting key, so revoking it waits for this key to
+                // exist and then revokes it too.
+                let live: Vec<KeyId> = diesel::sql_query(
+                    "SELECT id FROM public.api_keys WHERE id = $1 AND revoked_at IS NULL FOR UPDATE",
+                )
+                .bind::<SqlUuid, _>(parent)
+                .load(c)
+                .await?;
+                if live.is_empty() {
+                    return Err(ApiError::Unauthenticated);
+                }
+            }
+            ctx.reserve(c, Quota::ApiKeys).await?;
+            let row: KeyRow = diesel::sql_query(
+                "INSERT INTO public.api_keys (id, tenant_id, name, role, prefix, token_hash, created_by, created_by_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, \
+                         coalesce($7, (SELECT created_by FROM public.api_keys WHERE id = $8)), $8) \
+                 RETURNING id, name, role, prefix, created_at, last_used_at",
+            )
+            .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+            .bind::<SqlUuid, _>(tenant)
+            .bind::<Text, _>(&name)
+            .bind::<Text, _>(role.as_str())
+            .bind::<Text, _>(&prefix)
+            .bind::<Bytea, _>(&hash[..])
+            .bind::<Nullable<SqlUuid>, _>(creator)
+            .bind::<Nullable<SqlUuid>, _>(minted_by)
+            .get_result(c)
+            .await?;
+            let details = json!({ "name": row.name, "role": row.role, "prefix": row.prefix });
+            audit::record(c, &schema, entry.target("api_key", row.id).details(details)).await?;
+            Ok::<_, ApiError>(row)
+        })
+        .await?;
+    tracing::info!(api_key.id = %row.id, role = role.as_str(), "API key created");
+    Ok(HttpResponse::Created().json(json!({ "api_key": row, "key": key })))
+}
+
+async fn list(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
+    let tenant = ctx.tenant.id.0;
+    let keys: Vec<KeyRow> = db
+        .platform(async |c| {
+            diesel::sql_query(
+                "SELECT id, name, role, prefix, created_at, last_used_at FROM public.api_keys \
+                 WHERE tenant_id = $1 AND revoked_at IS NULL ORDER BY created_at",
+            )
+            .bind::<SqlUuid, _>(tenant)
+            .load(c)
+            .await
+            .map_err(ApiError::from)
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "data": keys })))
+}
+
+async fn revoke(
+    ctx: Allowed<ManageApiKeys>,
+    db: web::Data<Db>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = uuid::Uuid::parse_str(&path).map_err(|_| ApiError::NotFound("API key"))?;
+    let tenant = ctx.tenant.id.0;
+    let (schema, entry) = (ctx.tenant.schema.clone(), ctx.audit_entry("api_key.revoked").target("api_key", id));
+    let revoked = db
+        .platform(async |c| {
+            let n = diesel::sql_query(
+                "UPDATE public.api_keys SET revoked_at = now() WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL",
+            )
+            .bind::<SqlUuid, _>(id)
+            .bind::<SqlUuid, _>(tenant)
+            .execute(c)
+            .await?;
+            if n == 1 {
+                audit::record(c, &schema, entry).await?;
+            }
+            Ok::<_, ApiError>(n)
+        })
+        .await?;
+    if revoked == 0 {
+        return Err(ApiError::NotFound("API key"));
+    }
+    tracing::info!(api_key.id = %id, "API key revoked");
+    Ok(HttpResponse::NoContent().finish())
+}

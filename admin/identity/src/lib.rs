@@ -1,0 +1,27 @@
+//! Identity: who people are and how they prove it. Owns the users,
+//! sessions, API keys, memberships, invitations, single-use mail tokens,
+//! login failures and second-factor tables.
+//!
+//! - [`accounts`]: signup, login, logout, `/v1/me`, email verification and
+//!   password reset, and their configuration ([`accounts::IdentityConfig`]).
+//! - [`sessions`]: bearer tokens for sessions and API keys, their cached
+//!   checks, and [`sessions::Authenticator`], the answer to the access
+//!   gate's authentication question.
+//! - [`password`]: the password policy and bounded argon2id hashing.
+//! - [`totp`]: second factor enrolment, confirmation and recovery codes.
+//! - [`members`]: memberships and invitations (invite, accept, roles,
+//!   removal).
+//! - [`api_keys`]: a tenant's API keys.
+//! - [`tokens`]: single-use tokens sent by mail.
+//! - [`limits`]: the rate limits of these routes and of invitations.
+//! - [`mail`]: the identity mail templates.
+
+pub mod accounts;
+pub mod api_keys;
+pub mod limits;
+pub mod mail;
+pub mod members;
+pub mod password;
+pub mod sessions;
+pub mod tokens;
+pub mod totp;

@@ -1,0 +1,54 @@
+//! The mail identity flows send: email verification, invitations and
+//! password resets. Each constructor fixes the data its template needs; the
+//! message is queued with `plinth_mail::queue` in the transaction of
+//! the change that causes it.
+
+use plinth_mail::mail_template;
+use plinth_mail::{EmailAddress, Mail, Template};
+use plinth_tenants::TenantId;
+use serde_json::json;
+
+/// The templates of this crate, to register with `mail::Templates`.
+pub const TEMPLATES: &[Template] =
+    &[mail_template!("verify_email"), mail_template!("invitation"), mail_template!("password_reset")];
+
+/// "Confirm your email address", with a link carrying `token`.
+pub fn verify_email(to: EmailAddress, tenant: Option<TenantId>, organization: &str, token: &str, key: String) -> Mail {
+    Mail {
+        to,
+        template: "verify_email",
+        data: json!({ "organization": organization, "token": token, "valid_hours": 48 }),
+        idempotency_key: key,
+        tenant,
+    }
+}
+
+/// An invitation to join `organization` with `role`.
+pub fn invitation(
+    to: EmailAddress,
+    tenant: TenantId,
+    organization: &str,
+    inviter: &str,
+    role: &str,
+    token: &str,
+    key: String,
+) -> Mail {
+    Mail {
+        to,
+        template: "invitation",
+        data: json!({ "organization": organization, "inviter": inviter, "role": role, "token": token, "valid_days": 7 }),
+        idempotency_key: key,
+        tenant: Some(tenant),
+    }
+}
+
+/// A single-use password reset link valid for `valid_minutes`.
+pub fn password_reset(to: EmailAddress, token: &str, valid_minutes: u32, key: String) -> Mail {
+    Mail {
+        to,
+        template: "password_reset",
+        data: json!({ "token": token, "valid_minutes": valid_minutes }),
+        idempotency_key: key,
+        tenant: None,
+    }
+}

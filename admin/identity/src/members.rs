@@ -1,0 +1,474 @@
+//! Tenant administration: members, roles and invitations.
+//!
+//! Admins and owners list members, invite, change roles and remove members;
+//! only owners grant the owner role or touch an owner; the last owner can be
+//! neither demoted nor removed (409). Membership changes reach every
+//! instance's cache within a second (NOTIFY from a trigger), so a removed
+//! member's session stops opening the tenant at once.
+
+use crate::sessions::{self, Authenticated};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::sql_types::{Bytea, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_access::Role;
+use plinth_access::{Access, Quota, quota};
+use plinth_access::{Allowed, TenantContext, requirements};
+use plinth_http::request::{Json, RequestId, client_ip};
+use plinth_http::{ApiError, FieldError};
+use plinth_mail::{self as mail, EmailAddress};
+use plinth_tenants::audit::{self, Actor, Entry};
+use plinth_tenants::registry;
+use plinth_tenants::{Db, TenantId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::accounts::{IdentityConfig, config, insert_user};
+use crate::limits::{RateLimits, count};
+use crate::password::{self, Hashing};
+use crate::tokens::invalid_token;
+
+const INVITATION_DAYS: i64 = 7;
+
+requirements! {
+    /// Listing members, changing roles, inviting, removing someone else.
+    ManageMembers = "members", Manage, feature: none;
+    /// Leaving: any member may remove themselves.
+    Leave = "members", Read, feature: none;
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/members", web::get().to(list))
+        .route("/v1/members/{user_id}", web::patch().to(change_role))
+        .route("/v1/members/{user_id}", web::delete().to(remove))
+        .route("/v1/invitations", web::post().to(invite))
+        .route("/v1/invitations/accept", web::post().to(accept));
+}
+
+fn caller(ctx: &TenantContext) -> Option<UserId> {
+    ctx.principal.user_id()
+}
+
+fn parse_role(field: &str, role: &str) -> Result<Role, ApiError> {
+    Role::parse(role).ok_or_else(|| {
+        ApiError::invalid_fields(vec![FieldError::new(field, "invalid", "must be owner, admin, member or viewer")])
+    })
+}
+
+#[derive(Serialize, QueryableByName)]
+struct MemberRow {
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    role: String,
+    #[diesel(sql_type = Timestamptz)]
+    joined_at: DateTime<Utc>,
+}
+
+/// `GET /v1/members` (admins).
+async fn list(ctx: Allowed<ManageMembers>, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
+    let tenant = ctx.tenant.id.0;
+    let members: Vec<MemberRow> = db
+        .platform(async |c| {
+            diesel::sql_query(
+                "SELECT u.id AS user_id, u.email, m.role, m.created_at AS joined_at FROM public.memberships m \
+                 JOIN public.users u ON u.id = m.user_id WHERE m.tenant_id = $1 ORDER BY m.created_at, u.email",
+            )
+            .bind::<SqlUuid, _>(tenant)
+            .load(c)
+            .await
+            .map_err(ApiError::from)
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "data": members })))
+}
+
+#[derive(QueryableByName)]
+struct RoleRow {
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    role: String,
+}
+
+/// The tenant's memberships that matter for the owner rules, locked for the
+/// rest of the transaction: the target's, and every owner's.
+async fn lock_owners_and(
+    conn: &mut AsyncPgConnection,
+    tenant: uuid::Uuid,
+    target: uuid::Uuid,
+) -> Result<(Option<Role>, usize), ApiError> {
+    let rows: Vec<RoleRow> = diesel::sql_query(
+        "SELECT user_id, role FROM public.memberships WHERE tenant_id = $1 AND (role = 'owner' OR user_id = $2) \
+         ORDER BY user_id FOR UPDATE",
+    )
+    .bind::<SqlUuid, _>(tenant)
+    .bind::<SqlUuid, _>(target)
+    .load(conn)
+    .await?;
+    let target_role = rows.iter().find(|r| r.user_id == target).and_then(|r| Role::parse(&r.role));
+    let owners = rows.iter().filter(|r| r.role == "owner").count();
+    Ok((target_role, owners))
+}
+
+fn target(path: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(path).map_err(|_| ApiError::NotFound("member"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleBody {
+    role: String,
+}
+
+/// `PATCH /v1/members/{user_id}` {role}.
+async fn change_role(
+    ctx: Allowed<ManageMembers>,
+    db: web::Data<Db>,
+    path: web::Path<String>,
+    body: Json<RoleBody>,
+) -> Result<HttpResponse, ApiError> {
+    let user = target(&path)?;
+    let new_role = parse_role("role", &body.0.role)?;
+    let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
+    let entry = ctx.audit_entry("member.role_changed").target("user", user);
+    db.platform(async |c| {
+        let (current, owners) = lock_owners_and(c, tenant, user).await?;
+        let current = current.ok_or(ApiError::NotFound("member"))?;
+        if (new_role == Role::Owner || current == Role::Owner) && caller_role != Role::Owner {
+            return Err(ApiError::Forbidden);
+        }
+        if current == Role::Owner && new_role != Role::Owner && owners <= 1 {
+            return Err(ApiError::Conflict("the last owner cannot be demoted; make someone else owner first".into()));
+        }
+        diesel::sql_query("UPDATE public.memberships SET role = $3 WHERE tenant_id = $1 AND user_id = $2")
+            .bind::<SqlUuid, _>(tenant)
+            .bind::<SqlUuid, _>(user)
+            .bind::<Text, _>(new_role.as_str())
+            .execute(c)
+            .await?;
+        audit::record(c, &schema, entry.details(json!({ "from": current, "to": new_role }))).await?;
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    tracing::info!(member.id = %user, role = new_role.as_str(), "member role changed");
+    Ok(HttpResponse::Ok().json(json!({ "user_id": user, "role": new_role })))
+}
+
+/// `DELETE /v1/members/{user_id}`: the member loses access at once.
+async fn remove(ctx: Allowed<Leave>, db: web::Data<Db>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let user = target(&path)?;
+    // Anyone may leave; removing someone else takes an admin.
+    if caller(&ctx).map(|u| u.0) != Some(user) {
+        ctx.require::<ManageMembers>().await?;
+    }
+    let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
+    let action = if caller(&ctx).map(|u| u.0) == Some(user) { "member.left" } else { "member.removed" };
+    let entry = ctx.audit_entry(action).target("user", user);
+    db.platform(async |c| {
+        let (current, owners) = lock_owners_and(c, tenant, user).await?;
+        let current = current.ok_or(ApiError::NotFound("member"))?;
+        if current == Role::Owner && caller_role != Role::Owner {
+            return Err(ApiError::Forbidden);
+        }
+        if current == Role::Owner && owners <= 1 {
+            return Err(ApiError::Conflict("the last owner cannot be removed".into()));
+        }
+        diesel::sql_query("DELETE FROM public.memberships WHERE tenant_id = $1 AND user_id = $2")
+            .bind::<SqlUuid, _>(tenant)
+            .bind::<SqlUuid, _>(user)
+            .execute(c)
+            .await?;
+        audit::record(c, &schema, entry.details(json!({ "role": current }))).await?;
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    tracing::info!(member.id = %user, "member removed");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteBody {
+    email: String,
+    role: String,
+}
+
+#[derive(QueryableByName)]
+struct PendingId {
+    #[diesel(sql_type = SqlUuid)]
+    #[allow(dead_code)]
+    id: uuid::Uuid,
+}
+
+#[derive(QueryableByName)]
+struct InvitationRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Integer)]
+    sent: i32,
+    #[diesel(sql_type = Timestamptz)]
+    expires_at: DateTime<Utc>,
+}
+
+/// `POST /v1/invitations` {email, role}: sends an invitation link; inviting
+/// the same address again replaces the link and sends it again. Each mail
+/// counts against a limit per recipient address (from every tenant) and one
+/// per tenant (429 beyond), so no organization, or set of organizations,
+/// can flood an inbox with a subject of its choosing.
+async fn invite(
+    ctx: Allowed<ManageMembers>,
+    db: web::Data<Db>,
+    limits: web::Data<RateLimits>,
+    body: Json<InviteBody>,
+) -> Result<HttpResponse, ApiError> {
+    let mut errors = Vec::new();
+    let email = EmailAddress::parse(&body.0.email)
+        .map_err(|e| errors.push(FieldError::new("email", "invalid", e.to_string())))
+        .ok();
+    let role = Role::parse(&body.0.role);
+    if role.is_none() {
+        errors.push(FieldError::new("role", "invalid", "must be owner, admin, member or viewer"));
+    }
+    let (Some(email), Some(role)) = (email, role) else { return Err(ApiError::invalid_fields(errors)) };
+    if role == Role::Owner && ctx.role != Role::Owner {
+        return Err(ApiError::Forbidden);
+    }
+    let tenant_key = ctx.tenant.id.to_string();
+    count(&limits.invitations_per_address, email.as_str())?;
+    count(&limits.invitations_per_tenant, &tenant_key)?;
+    let (token, hash) = sessions::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    let tenant = ctx.tenant.clone();
+    let inviter = caller(&ctx);
+    let entry = ctx.audit_entry("invitation.sent");
+    let invitation = db
+        .platform(async |c| {
+            let already: Vec<RoleRow> = diesel::sql_query(
+                "SELECT m.user_id, m.role FROM public.memberships m JOIN public.users u ON u.id = m.user_id \
+                 WHERE m.tenant_id = $1 AND u.email = $2",
+            )
+            .bind::<SqlUuid, _>(tenant.id.0)
+            .bind::<Text, _>(email.as_str())
+            .load(c)
+            .await?;
+            if !already.is_empty() {
+                return Err(ApiError::Conflict("this address is already a member".into()));
+            }
+            // Inviting the same address again replaces its pending
+            // invitation and takes no new seat.
+            let pending: Vec<PendingId> = diesel::sql_query(
+                "SELECT id FROM public.invitations WHERE tenant_id = $1 AND email = $2 \
+                 AND accepted_at IS NULL AND expires_at > now()",
+            )
+            .bind::<SqlUuid, _>(tenant.id.0)
+            .bind::<Text, _>(email.as_str())
+            .load(c)
+            .await?;
+            if pending.is_empty() {
+                ctx.reserve(c, Quota::Members).await?;
+            }
+            let row: InvitationRow = diesel::sql_query(
+                "INSERT INTO public.invitations (id, tenant_id, email, role, token_hash, invited_by, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(days => $7)) \
+                 ON CONFLICT (tenant_id, email) WHERE accepted_at IS NULL DO UPDATE SET role = EXCLUDED.role, \
+                   token_hash = EXCLUDED.token_hash, invited_by = EXCLUDED.invited_by, \
+                   expires_at = EXCLUDED.expires_at, sent = public.invitations.sent + 1 \
+                 RETURNING id, sent, expires_at",
+            )
+            .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+            .bind::<SqlUuid, _>(tenant.id.0)
+            .bind::<Text, _>(email.as_str())
+            .bind::<Text, _>(role.as_str())
+            .bind::<Bytea, _>(&hash[..])
+            .bind::<Nullable<SqlUuid>, _>(inviter.map(|u| u.0))
+            .bind::<Integer, _>(i32::try_from(INVITATION_DAYS).unwrap_or(7))
+            .get_result(c)
+            .await?;
+            let inviter_email: Vec<MemberRow> = diesel::sql_query(
+                "SELECT u.id AS user_id, u.email, m.role, m.created_at AS joined_at FROM public.users u \
+                 JOIN public.memberships m ON m.user_id = u.id AND m.tenant_id = $2 WHERE u.id = $1",
+            )
+            .bind::<Nullable<SqlUuid>, _>(inviter.map(|u| u.0))
+            .bind::<SqlUuid, _>(tenant.id.0)
+            .load(c)
+            .await?;
+            let inviter_name =
+                inviter_email.into_iter().next().map(|m| m.email).unwrap_or_else(|| "A colleague".into());
+            let message = crate::mail::invitation(
+                email.clone(),
+                tenant.id,
+                &tenant.name,
+                &inviter_name,
+                role.as_str(),
+                &token,
+                format!("invitation:{}:{}", row.id, row.sent),
+            );
+            mail::queue(c, message).await?;
+            let details = json!({ "email": email, "role": role, "sent": row.sent });
+            audit::record(c, &tenant.schema, entry.target("invitation", row.id).details(details)).await?;
+            Ok::<_, ApiError>(row)
+        })
+        .await?;
+    tracing::info!(invitation.id = %invitation.id, role = role.as_str(), sent = invitation.sent, "invitation sent");
+    Ok(HttpResponse::Created().json(json!({
+        "invitation": { "id": invitation.id, "email": email, "role": role, "expires_at": invitation.expires_at },
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptBody {
+    token: String,
+    password: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct PendingRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    role: String,
+}
+
+#[derive(QueryableByName)]
+struct ExistingUser {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    password_hash: String,
+}
+
+/// `POST /v1/invitations/accept` {token, password?}: joins the invited
+/// address's account (signed in as it, or with its password), or creates the
+/// account (the link proves the address) and signs it in.
+async fn accept(
+    req: HttpRequest,
+    db: web::Data<Db>,
+    access: web::Data<std::sync::Arc<Access>>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    hashing: web::Data<Hashing>,
+    session: Option<Authenticated>,
+    body: Json<AcceptBody>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
+    let AcceptBody { token, password } = body.0;
+    let hash = sessions::hash_token(&token);
+    // Look before the transaction: password hashing must not hold it open.
+    let lookup = async |c: &mut AsyncPgConnection| -> Result<Option<(PendingRow, Option<ExistingUser>)>, ApiError> {
+        let pending: Vec<PendingRow> = diesel::sql_query(
+            "SELECT id, tenant_id, email, role FROM public.invitations \
+             WHERE token_hash = $1 AND accepted_at IS NULL AND expires_at > now()",
+        )
+        .bind::<Bytea, _>(&hash[..])
+        .load(c)
+        .await?;
+        let Some(pending) = pending.into_iter().next() else { return Ok(None) };
+        let user: Vec<ExistingUser> = diesel::sql_query("SELECT id, password_hash FROM public.users WHERE email = $1")
+            .bind::<Text, _>(&pending.email)
+            .load(c)
+            .await?;
+        Ok(Some((pending, user.into_iter().next())))
+    };
+    let (pending, existing) = db.platform(lookup).await?.ok_or_else(invalid_token)?;
+    let email = EmailAddress::parse(&pending.email).map_err(|_| invalid_token())?;
+    // Who is joining, and how they proved it.
+    enum Joiner {
+        Existing(uuid::Uuid),
+        New(String),
+    }
+    let joiner = match (&existing, &session, password) {
+        (Some(user), Some(Authenticated(s)), _) if s.user_id.0 == user.id => Joiner::Existing(user.id),
+        (_, Some(_), _) => return Err(ApiError::Forbidden),
+        (Some(user), None, Some(password)) => {
+            if !hashing.verify(&password, Some(user.password_hash.clone())).await? {
+                return Err(ApiError::InvalidCredentials);
+            }
+            Joiner::Existing(user.id)
+        }
+        (Some(_), None, None) => return Err(ApiError::Unauthenticated),
+        (None, None, Some(password)) => {
+            password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
+            Joiner::New(hashing.hash(password).await?)
+        }
+        (None, None, None) => {
+            return Err(ApiError::invalid_fields(vec![FieldError::new(
+                "password",
+                "required",
+                "is needed to create the account",
+            )]));
+        }
+    };
+    let role = parse_role("role", &pending.role)?;
+    let ip = client_ip(&req, cfg.client_ip_header.as_deref());
+    let request_id = req.extensions().get::<RequestId>().cloned();
+    let (user, token) = db
+        .platform(async |c| {
+            // The seat lock first, as inviting takes it before touching an
+            // invitation: the same order everywhere, so no deadlock. The
+            // invitation held a seat; joining is refused only when the
+            // members alone have reached the plan's limit (after a downgrade).
+            let tenant =
+                registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or(ApiError::NotFound("tenant"))?;
+            let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
+            quota::reserve(c, tenant.id, Quota::Members, limit, quota::JOINED_MEMBERS_SQL).await?;
+            // Use the invitation up, exactly once.
+            let used = diesel::sql_query(
+                "UPDATE public.invitations SET accepted_at = now() WHERE id = $1 AND accepted_at IS NULL \
+                 AND expires_at > now()",
+            )
+            .bind::<SqlUuid, _>(pending.id)
+            .execute(c)
+            .await?;
+            if used != 1 {
+                return Err(invalid_token());
+            }
+            let (user, session) = match &joiner {
+                Joiner::Existing(id) => (*id, None),
+                Joiner::New(hash) => {
+                    let user = insert_user(c, &email, hash).await?;
+                    diesel::sql_query("UPDATE public.users SET email_verified_at = now() WHERE id = $1")
+                        .bind::<SqlUuid, _>(user.id)
+                        .execute(c)
+                        .await?;
+                    let (token, _) = sessions::create_session(c, UserId(user.id), cfg.session_ttl).await?;
+                    (user.id, Some(token))
+                }
+            };
+            diesel::sql_query(
+                "INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tenant_id, user_id) DO NOTHING",
+            )
+            .bind::<SqlUuid, _>(pending.tenant_id)
+            .bind::<SqlUuid, _>(user)
+            .bind::<Text, _>(role.as_str())
+            .execute(c)
+            .await?;
+            let entry = Entry {
+                actor: Actor::User(user),
+                action: "invitation.accepted",
+                target_type: Some("invitation"),
+                target_id: Some(pending.id.to_string()),
+                ip: Some(ip.clone()),
+                request_id: None,
+                details: json!({}),
+            }
+            .details(json!({ "role": role }));
+            let entry = match &request_id {
+                Some(id) => id.stamp(entry),
+                None => entry,
+            };
+            audit::record(c, &tenant.schema, entry).await?;
+            Ok::<_, ApiError>((user, session))
+        })
+        .await?;
+    tracing::info!(invitation.id = %pending.id, user.id = %user, "invitation accepted");
+    Ok(HttpResponse::Ok()
+        .json(json!({ "tenant_id": pending.tenant_id, "user_id": user, "role": role, "token": token })))
+}

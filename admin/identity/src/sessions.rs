@@ -1,0 +1,373 @@
+//! Authentication: opaque bearer tokens.
+//!
+//! A token is `pls_` + 32 random bytes in URL-safe base64. Only its SHA-256
+//! hash is stored, so a database leak yields no usable token. Checking a token
+//! costs no database round trip while cached: answers (including "no such
+//! session") are kept in a [`NotifiedCache`] for at most a minute, and a
+//! trigger NOTIFYs every instance when a session is revoked or deleted, so a
+//! logout or a password change takes effect everywhere within a second.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::sql_types::{Bytea, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures_util::future::BoxFuture;
+use sha2::Digest as _;
+
+use plinth_access::Role;
+use plinth_access::authn::{Authenticate, Credential, bearer};
+use plinth_http::ApiError;
+use plinth_tenants::cache::NotifiedCache;
+use plinth_tenants::db::Db;
+use plinth_tenants::ids::{TenantId, UserId};
+use plinth_tenants::notify::{Handler, ListenEvent};
+
+/// The NOTIFY channel on which revoked session ids arrive.
+pub const CHANNEL: &str = "plinth_sessions";
+const TOKEN_PREFIX: &str = "pls_";
+
+/// A valid session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub session_id: uuid::Uuid,
+    pub user_id: UserId,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `N` random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], ApiError> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    Ok(bytes)
+}
+
+/// A new random token and the hash to store.
+pub fn new_token() -> Result<(String, [u8; 32]), getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    let token = format!("{TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash_token(&token);
+    Ok((token, hash))
+}
+
+/// The stored form of a token.
+pub fn hash_token(token: &str) -> [u8; 32] {
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+#[derive(QueryableByName)]
+struct SessionRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+    #[diesel(sql_type = Timestamptz)]
+    expires_at: DateTime<Utc>,
+}
+
+/// Starts a session for `user` in the caller's transaction; returns the token
+/// (shown to the client once) and the session.
+pub async fn create_session(
+    conn: &AsyncPgConnection,
+    user: UserId,
+    ttl: Duration,
+) -> Result<(String, SessionInfo), ApiError> {
+    let (token, hash) = new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    let ttl = chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(e.into()))?;
+    let mut conn = conn;
+    let row: SessionRow = diesel::sql_query(
+        "INSERT INTO public.sessions (id, user_id, token_hash, expires_at) VALUES ($1, $2, $3, $4) \
+         RETURNING id, user_id, expires_at",
+    )
+    .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+    .bind::<SqlUuid, _>(user.0)
+    .bind::<Bytea, _>(&hash[..])
+    .bind::<Timestamptz, _>(Utc::now() + ttl)
+    .get_result(&mut conn)
+    .await?;
+    Ok((token, SessionInfo { session_id: row.id, user_id: UserId(row.user_id), expires_at: row.expires_at }))
+}
+
+/// Revokes one session (logout).
+pub async fn revoke_session(conn: &AsyncPgConnection, session: uuid::Uuid) -> diesel::QueryResult<()> {
+    let mut conn = conn;
+    diesel::sql_query("UPDATE public.sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+        .bind::<SqlUuid, _>(session)
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+/// Revokes every session of `user` (password changed or reset).
+pub async fn revoke_all_sessions(conn: &AsyncPgConnection, user: UserId) -> diesel::QueryResult<usize> {
+    let mut conn = conn;
+    diesel::sql_query("UPDATE public.sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL")
+        .bind::<SqlUuid, _>(user.0)
+        .execute(&mut conn)
+        .await
+}
+
+/// Revokes every session of `user` but `keep` (a second factor turned on).
+pub async fn revoke_other_sessions(
+    conn: &AsyncPgConnection,
+    user: UserId,
+    keep: uuid::Uuid,
+) -> diesel::QueryResult<usize> {
+    let mut conn = conn;
+    diesel::sql_query(
+        "UPDATE public.sessions SET revoked_at = now() WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
+    )
+    .bind::<SqlUuid, _>(user.0)
+    .bind::<SqlUuid, _>(keep)
+    .execute(&mut conn)
+    .await
+}
+
+/// Checks bearer tokens, with a cache kept current across instances.
+pub struct Sessions {
+    db: Db,
+    cache: NotifiedCache<[u8; 32], Option<SessionInfo>>,
+}
+
+impl Sessions {
+    pub fn new(db: Db) -> Arc<Self> {
+        Arc::new(Self { db, cache: NotifiedCache::new(Some(Duration::from_secs(60)), 100_000) })
+    }
+
+    /// The listener handler that evicts revoked sessions.
+    pub fn listen_handler(self: &Arc<Self>) -> Handler {
+        let this = Arc::clone(self);
+        Arc::new(move |event| match event {
+            ListenEvent::Notified(session_id) => this
+                .cache
+                .remove_where(|_, cached| cached.as_ref().is_some_and(|s| s.session_id.to_string() == session_id)),
+            ListenEvent::Connected => this.cache.set_trusted(true),
+            ListenEvent::Disconnected => this.cache.set_trusted(false),
+        })
+    }
+
+    /// The live session a token belongs to, if any.
+    pub async fn verify(&self, token: &str) -> Result<Option<SessionInfo>, ApiError> {
+        if !token.starts_with(TOKEN_PREFIX) || token.len() > 100 {
+            return Ok(None);
+        }
+        let hash = hash_token(token);
+        let found = match self.cache.get(&hash) {
+            Ok(hit) => hit,
+            Err(ticket) => {
+                let row: Option<SessionRow> = self
+                    .db
+                    .platform(async |c| {
+                        Ok::<_, ApiError>(
+                            diesel::sql_query(
+                                "SELECT id, user_id, expires_at FROM public.sessions \
+                                 WHERE token_hash = $1 AND revoked_at IS NULL",
+                            )
+                            .bind::<Bytea, _>(&hash[..])
+                            .get_result(c)
+                            .await
+                            .map(Some)
+                            .or_else(|e| if e == diesel::result::Error::NotFound { Ok(None) } else { Err(e) })?,
+                        )
+                    })
+                    .await?;
+                let found =
+                    row.map(|r| SessionInfo { session_id: r.id, user_id: UserId(r.user_id), expires_at: r.expires_at });
+                self.cache.insert(ticket, hash, found.clone());
+                found
+            }
+        };
+        Ok(found.filter(|s| s.expires_at > Utc::now()))
+    }
+}
+
+pub use plinth_access::{API_KEYS_CHANNEL, MEMBERSHIPS_CHANNEL};
+
+/// API keys start with this; sessions with `pls_`.
+pub const API_KEY_PREFIX: &str = "plk_";
+
+/// A live API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    pub key_id: uuid::Uuid,
+    pub tenant_id: TenantId,
+    pub role: Role,
+}
+
+#[derive(QueryableByName)]
+struct ApiKeyRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    role: String,
+}
+
+/// A new API key secret and its hash.
+pub fn new_api_key() -> Result<(String, [u8; 32]), getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    let key = format!("{API_KEY_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash_token(&key);
+    Ok((key, hash))
+}
+
+/// Checks API keys, cached like sessions; records when each key was last
+/// used, at most once a minute per key.
+pub struct ApiKeys {
+    db: Db,
+    cache: NotifiedCache<[u8; 32], Option<ApiKeyInfo>>,
+    last_marked: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
+}
+
+impl ApiKeys {
+    pub fn new(db: Db) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            cache: NotifiedCache::new(Some(Duration::from_secs(60)), 100_000),
+            last_marked: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    pub fn listen_handler(self: &Arc<Self>) -> Handler {
+        let this = Arc::clone(self);
+        Arc::new(move |event| match event {
+            ListenEvent::Notified(key_id) => {
+                this.cache.remove_where(|_, cached| cached.as_ref().is_some_and(|k| k.key_id.to_string() == key_id))
+            }
+            ListenEvent::Connected => this.cache.set_trusted(true),
+            ListenEvent::Disconnected => this.cache.set_trusted(false),
+        })
+    }
+
+    /// The live key a secret belongs to, if any.
+    pub async fn verify(self: &Arc<Self>, key: &str) -> Result<Option<ApiKeyInfo>, ApiError> {
+        if !key.starts_with(API_KEY_PREFIX) || key.len() > 100 {
+            return Ok(None);
+        }
+        let hash = hash_token(key);
+        let found = match self.cache.get(&hash) {
+            Ok(hit) => hit,
+            Err(ticket) => {
+                let rows: Vec<ApiKeyRow> = self
+                    .db
+                    .platform(async |c| {
+                        Ok::<_, ApiError>(
+                            diesel::sql_query(
+                                "SELECT id, tenant_id, role FROM public.api_keys WHERE token_hash = $1 AND revoked_at IS NULL",
+                            )
+                            .bind::<Bytea, _>(&hash[..])
+                            .load(c)
+                            .await?,
+                        )
+                    })
+                    .await?;
+                let found = rows.into_iter().next().and_then(|r| {
+                    Some(ApiKeyInfo { key_id: r.id, tenant_id: TenantId(r.tenant_id), role: Role::parse(&r.role)? })
+                });
+                self.cache.insert(ticket, hash, found.clone());
+                found
+            }
+        };
+        if let Some(key) = &found {
+            self.mark_used(key.key_id);
+        }
+        Ok(found)
+    }
+
+    /// Records the use in the background, at most once a minute per key.
+    fn mark_used(self: &Arc<Self>, key_id: uuid::Uuid) {
+        {
+            let mut marked = self.last_marked.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            if marked.get(&key_id).is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60)) {
+                return;
+            }
+            if marked.len() >= 100_000 {
+                marked.clear();
+            }
+            marked.insert(key_id, now);
+        }
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            let result = db
+                .platform(async |c| {
+                    diesel::sql_query("UPDATE public.api_keys SET last_used_at = now() WHERE id = $1")
+                        .bind::<SqlUuid, _>(key_id)
+                        .execute(c)
+                        .await
+                        .map_err(ApiError::from)
+                })
+                .await;
+            if let Err(err) = result {
+                tracing::warn!(error = %err, "recording an API key's last use failed");
+            }
+        });
+    }
+}
+
+/// The caller's session, from `Authorization: Bearer <token>`. Extracting it
+/// answers 401 `unauthenticated` when the token is missing, unknown, expired
+/// or revoked.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub SessionInfo);
+
+impl FromRequest for Authenticated {
+    type Error = ApiError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let token = bearer(req);
+        let sessions = req.app_data::<web::Data<Arc<Sessions>>>().cloned();
+        Box::pin(async move {
+            let sessions = sessions.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("Sessions is not registered")))?;
+            let token = token.ok_or(ApiError::Unauthenticated)?;
+            let session = sessions.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
+            tracing::Span::current().record("user.id", session.user_id.to_string());
+            Ok(Self(session))
+        })
+    }
+}
+
+/// The answer to the gate's question ([`Authenticate`]): sessions for `pls_`
+/// tokens, API keys for `plk_` ones.
+pub struct Authenticator {
+    pub sessions: Arc<Sessions>,
+    pub api_keys: Arc<ApiKeys>,
+}
+
+impl Authenticate for Authenticator {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Credential>, ApiError>> {
+        Box::pin(async move {
+            if token.starts_with(API_KEY_PREFIX) {
+                let key = self.api_keys.verify(token).await?;
+                Ok(key.map(|k| Credential::ApiKey { key_id: k.key_id, tenant_id: k.tenant_id }))
+            } else {
+                let session = self.sessions.verify(token).await?;
+                Ok(session.map(|s| Credential::Session { user_id: s.user_id, session_id: s.session_id }))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_prefixed_and_hashed() -> Result<(), getrandom::Error> {
+        let (a, ha) = new_token()?;
+        let (b, hb) = new_token()?;
+        assert!(a.starts_with("pls_") && a.len() == 4 + 43);
+        assert_ne!(a, b);
+        assert_ne!(ha, hb);
+        assert_eq!(hash_token(&a), ha);
+        Ok(())
+    }
+}

@@ -1,0 +1,303 @@
+//! Two-factor login with time-based one-time codes (TOTP, RFC 6238: SHA-1,
+//! 6 digits, 30 s steps, one step of clock skew either way).
+//!
+//! `POST /v1/auth/totp/enroll` {password} returns a new secret (and an
+//! `otpauth://` URL for authenticator apps); `.../confirm` {code, password}
+//! turns it on, ends every other session of the account, and returns ten
+//! single-use recovery codes, shown once and stored as hashes;
+//! `.../disable` {code} turns it off. Both steps that turn it on need the
+//! password, so a stolen session cannot lock the owner out with a second
+//! factor of the thief's; a wrong password counts toward the account's
+//! failed-login limit. An operator can turn it off for an owner who lost
+//! both the app and the recovery codes: `plinth admin reset-second-factor`. Once on, login answers 401
+//! `totp_required` until `totp_code` (a current code or a recovery code) is
+//! sent with the password. A time step accepted once is never accepted
+//! again, so an observed code cannot be replayed.
+
+use crate::sessions::{self, Authenticated};
+use actix_web::{HttpResponse, web};
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Bytea, Nullable, Text, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_http::request::Json;
+use plinth_http::{ApiError, FieldError};
+use plinth_tenants::UserId;
+
+use crate::limits::RateLimits;
+use crate::password::Hashing;
+use serde::Deserialize;
+use serde_json::json;
+use totp_rs::{Builder, Totp};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/auth/totp/enroll", web::post().to(enroll))
+        .route("/v1/auth/totp/confirm", web::post().to(confirm))
+        .route("/v1/auth/totp/disable", web::post().to(disable));
+}
+
+const RECOVERY_CODES: usize = 10;
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+fn totp(secret: &[u8], email: &str) -> Result<Totp, ApiError> {
+    Builder::new()
+        .with_secret(secret.to_vec())
+        .with_account_name(email)
+        .with_issuer(Some("Plinth"))
+        .build()
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("building a TOTP: {e}")))
+}
+
+/// `xxxxx-xxxxx` from 50 random bits.
+fn recovery_code() -> Result<String, ApiError> {
+    let bytes = sessions::random_bytes::<10>()?;
+    let chars: String = bytes.iter().map(|b| BASE32[usize::from(*b) % 32] as char).collect();
+    Ok(format!("{}-{}", &chars[..5], &chars[5..]))
+}
+
+fn normalize_recovery(code: &str) -> String {
+    code.trim().to_ascii_lowercase()
+}
+
+#[derive(QueryableByName)]
+pub(crate) struct TotpState {
+    #[diesel(sql_type = Text)]
+    pub email: String,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub totp_secret: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub totp_pending: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub totp_last_step: Option<i64>,
+}
+
+pub(crate) async fn state(conn: &mut AsyncPgConnection, user: uuid::Uuid, lock: bool) -> Result<TotpState, ApiError> {
+    let sql = format!(
+        "SELECT email, totp_secret, totp_pending, totp_last_step FROM public.users WHERE id = $1{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    Ok(diesel::sql_query(sql).bind::<SqlUuid, _>(user).get_result(conn).await?)
+}
+
+/// Turns two-factor login off for the account with `email`, deletes its
+/// recovery codes and ends its sessions: the recovery path for an owner who
+/// lost both the authenticator and the recovery codes, run by an operator
+/// after verifying who is asking (`plinth admin reset-second-factor`).
+/// Returns whether the account exists.
+pub async fn reset_second_factor(conn: &mut AsyncPgConnection, email: &str) -> Result<bool, diesel::result::Error> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = SqlUuid)]
+        id: uuid::Uuid,
+    }
+    let found: Vec<Id> = diesel::sql_query(
+        "UPDATE public.users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, updated_at = now() \
+         WHERE email = $1 RETURNING id",
+    )
+    .bind::<Text, _>(email)
+    .load(conn)
+    .await?;
+    let Some(user) = found.into_iter().next() else { return Ok(false) };
+    diesel::sql_query("DELETE FROM public.totp_recovery_codes WHERE user_id = $1")
+        .bind::<SqlUuid, _>(user.id)
+        .execute(conn)
+        .await?;
+    sessions::revoke_all_sessions(conn, UserId(user.id)).await?;
+    tracing::info!(user.id = %user.id, "two-factor login reset by an operator");
+    Ok(true)
+}
+
+/// Checks a second factor for `user` (whose row the caller has locked) and
+/// uses it up: a TOTP code newer than the last accepted step, or an unused
+/// recovery code. Returns whether it was accepted.
+pub(crate) async fn accept_second_factor(
+    conn: &mut AsyncPgConnection,
+    user: uuid::Uuid,
+    state: &TotpState,
+    code: &str,
+) -> Result<bool, ApiError> {
+    let Some(secret) = &state.totp_secret else { return Ok(false) };
+    if code.contains('-') {
+        let used = diesel::sql_query(
+            "UPDATE public.totp_recovery_codes SET used_at = now() WHERE user_id = $1 AND code_hash = $2 AND used_at IS NULL",
+        )
+        .bind::<SqlUuid, _>(user)
+        .bind::<Bytea, _>(&sessions::hash_token(&normalize_recovery(code))[..])
+        .execute(conn)
+        .await?;
+        return Ok(used == 1);
+    }
+    let Some(step) = totp(secret, &state.email)?.check_current(code.trim()) else { return Ok(false) };
+    let step = i64::try_from(step).unwrap_or(i64::MAX);
+    if state.totp_last_step.is_some_and(|last| step <= last) {
+        return Ok(false); // replayed
+    }
+    diesel::sql_query("UPDATE public.users SET totp_last_step = $2 WHERE id = $1")
+        .bind::<SqlUuid, _>(user)
+        .bind::<BigInt, _>(step)
+        .execute(conn)
+        .await?;
+    Ok(true)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    password: String,
+}
+
+#[derive(QueryableByName)]
+struct StoredPassword {
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    password_hash: String,
+}
+
+/// Checks the signed-in user's password again (401 `invalid_credentials`
+/// when wrong, counted toward the account's failed-login limit; 429 once
+/// over it).
+async fn recheck_password(
+    db: &plinth_tenants::Db,
+    hashing: &Hashing,
+    limits: &RateLimits,
+    user: uuid::Uuid,
+    password: &str,
+) -> Result<(), ApiError> {
+    let stored: StoredPassword = db
+        .platform(async |c| {
+            Ok::<_, ApiError>(
+                diesel::sql_query("SELECT email, password_hash FROM public.users WHERE id = $1")
+                    .bind::<SqlUuid, _>(user)
+                    .get_result(c)
+                    .await?,
+            )
+        })
+        .await?;
+    if let Some(wait) = limits.login_failures_per_account.is_limited(&stored.email) {
+        return Err(plinth_http::ratelimit::limited(wait));
+    }
+    if hashing.verify(password, Some(stored.password_hash)).await? {
+        return Ok(());
+    }
+    let _ = limits.login_failures_per_account.check(&stored.email);
+    tracing::info!(user.id = %user, "second-factor change refused: wrong password");
+    Err(ApiError::InvalidCredentials)
+}
+
+async fn enroll(
+    db: web::Data<plinth_tenants::Db>,
+    hashing: web::Data<Hashing>,
+    limits: web::Data<RateLimits>,
+    who: Authenticated,
+    body: Json<PasswordBody>,
+) -> Result<HttpResponse, ApiError> {
+    let user = who.0.user_id.0;
+    recheck_password(&db, &hashing, &limits, user, &body.0.password).await?;
+    let secret = sessions::random_bytes::<20>()?;
+    let email = db
+        .platform(async |c| {
+            let current = state(c, user, true).await?;
+            if current.totp_secret.is_some() {
+                return Err(ApiError::Conflict("two-factor login is already on; disable it first".into()));
+            }
+            diesel::sql_query("UPDATE public.users SET totp_pending = $2, updated_at = now() WHERE id = $1")
+                .bind::<SqlUuid, _>(user)
+                .bind::<Bytea, _>(&secret[..])
+                .execute(c)
+                .await?;
+            Ok::<_, ApiError>(current.email)
+        })
+        .await?;
+    let totp = totp(&secret, &email)?;
+    let url = totp.to_url().map_err(|e| ApiError::Internal(anyhow::anyhow!("otpauth URL: {e}")))?;
+    Ok(HttpResponse::Ok().json(json!({ "secret": totp.secret().to_base32(), "otpauth_url": url })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodeBody {
+    code: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfirmBody {
+    code: String,
+    password: String,
+}
+
+fn wrong_code() -> ApiError {
+    ApiError::invalid_fields(vec![FieldError::new("code", "invalid", "is not a valid code")])
+}
+
+async fn confirm(
+    db: web::Data<plinth_tenants::Db>,
+    hashing: web::Data<Hashing>,
+    limits: web::Data<RateLimits>,
+    who: Authenticated,
+    body: Json<ConfirmBody>,
+) -> Result<HttpResponse, ApiError> {
+    let user = who.0.user_id.0;
+    let session = who.0.session_id;
+    recheck_password(&db, &hashing, &limits, user, &body.0.password).await?;
+    let codes: Vec<String> = (0..RECOVERY_CODES).map(|_| recovery_code()).collect::<Result<_, _>>()?;
+    db.platform(async |c| {
+        let current = state(c, user, true).await?;
+        let pending = current.totp_pending.clone().ok_or_else(|| ApiError::Conflict("enroll first".into()))?;
+        let step = totp(&pending, &current.email)?.check_current(body.0.code.trim()).ok_or_else(wrong_code)?;
+        diesel::sql_query(
+            "UPDATE public.users SET totp_secret = totp_pending, totp_pending = NULL, totp_last_step = $2, \
+             updated_at = now() WHERE id = $1",
+        )
+        .bind::<SqlUuid, _>(user)
+        .bind::<BigInt, _>(i64::try_from(step).unwrap_or(i64::MAX))
+        .execute(c)
+        .await?;
+        diesel::sql_query("DELETE FROM public.totp_recovery_codes WHERE user_id = $1")
+            .bind::<SqlUuid, _>(user)
+            .execute(c)
+            .await?;
+        for code in &codes {
+            diesel::sql_query("INSERT INTO public.totp_recovery_codes (user_id, code_hash) VALUES ($1, $2)")
+                .bind::<SqlUuid, _>(user)
+                .bind::<Bytea, _>(&sessions::hash_token(code)[..])
+                .execute(c)
+                .await?;
+        }
+        // Whoever else holds a session of this account is signed out.
+        sessions::revoke_other_sessions(c, UserId(user), session).await?;
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    tracing::info!(user.id = %user, "two-factor login turned on");
+    Ok(HttpResponse::Ok().json(json!({ "totp_enabled": true, "recovery_codes": codes })))
+}
+
+async fn disable(
+    db: web::Data<plinth_tenants::Db>,
+    who: Authenticated,
+    body: Json<CodeBody>,
+) -> Result<HttpResponse, ApiError> {
+    let user = who.0.user_id.0;
+    db.platform(async |c| {
+        let current = state(c, user, true).await?;
+        if current.totp_secret.is_none() {
+            return Err(ApiError::Conflict("two-factor login is not on".into()));
+        }
+        if !accept_second_factor(c, user, &current, &body.0.code).await? {
+            return Err(wrong_code());
+        }
+        diesel::sql_query(
+            "UPDATE public.users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, updated_at = now() \
+             WHERE id = $1",
+        )
+        .bind::<SqlUuid, _>(user)
+        .execute(c)
+        .await?;
+        diesel::sql_query("DELETE FROM public.totp_recovery_codes WHERE user_id = $1").bind::<SqlUuid, _>(user).execute(c).await?;
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    tracing::info!(user.id = %user, "two-factor login turned off");
+    Ok(HttpResponse::Ok().json(json!({ "totp_enabled": false })))
+}

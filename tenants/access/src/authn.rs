@@ -1,0 +1,32 @@
+//! The authentication the gate asks: whose is a bearer token. The access
+//! crate defines the question; identity answers it (sessions and API keys
+//! are its tables) and the application registers the answer as
+//! `web::Data<dyn Authenticate>`.
+
+use actix_web::HttpRequest;
+use actix_web::http::header::AUTHORIZATION;
+use futures_util::future::BoxFuture;
+use plinth_http::ApiError;
+use plinth_tenants::ids::{TenantId, UserId};
+
+/// Who a valid token speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// A signed-in user's session.
+    Session { user_id: UserId, session_id: uuid::Uuid },
+    /// An API key, which acts only in its one tenant.
+    ApiKey { key_id: uuid::Uuid, tenant_id: TenantId },
+}
+
+/// Answers whose a bearer token is: `Ok(None)` for a token that is unknown,
+/// expired or revoked.
+pub trait Authenticate: Send + Sync + 'static {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Credential>, ApiError>>;
+}
+
+/// The bearer token of a request, if it has one.
+pub fn bearer(req: &HttpRequest) -> Option<String> {
+    let value = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}

@@ -1,0 +1,106 @@
+//! The request context every tenant route works with: the resolved tenant,
+//! who is calling with which role, and the tenant's plan. Routes obtain it
+//! only through the access gate (`access::gate::Allowed`), which builds it
+//! and adds `require`; this module knows nothing of the gate.
+
+use std::sync::Arc;
+
+use crate::roles::Role;
+use crate::{Access, Plan, Quota, Subject, TenantPolicy, quota};
+use plinth_http::error::ApiError;
+use plinth_http::request::RequestId;
+use plinth_tenants::db::{Db, PoolError, TenantConn, TxFn};
+use plinth_tenants::ids::UserId;
+use plinth_tenants::registry::Tenant;
+
+pub use crate::Action;
+
+/// Who is making the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A user signed in with a session.
+    User { user_id: UserId, session_id: uuid::Uuid },
+    /// A tenant API key.
+    ApiKey { key_id: uuid::Uuid },
+}
+
+impl Principal {
+    /// The user, when a user (not a key) is calling.
+    pub fn user_id(&self) -> Option<UserId> {
+        match self {
+            Self::User { user_id, .. } => Some(*user_id),
+            Self::ApiKey { .. } => None,
+        }
+    }
+}
+
+/// An authenticated member of a resolved tenant, allowed by the gate.
+///
+/// The gate answers, in this order: 401 `unauthenticated` without a valid
+/// bearer token; 404 `not_found` for an unknown tenant and for a tenant the
+/// caller is not a member of (indistinguishable, so nothing confirms the
+/// tenant exists); 403 `tenant_suspended` to members of a suspended tenant;
+/// 403 `forbidden` when the role does not allow the route; 402
+/// `plan_required` when the plan lacks the route's feature.
+pub struct TenantContext {
+    pub tenant: Arc<Tenant>,
+    pub principal: Principal,
+    pub role: Role,
+    /// The tenant's plan as the access policy sees it.
+    pub policy: TenantPolicy,
+    pub request_id: RequestId,
+    /// The client's address (see `http::client_ip`).
+    pub ip: String,
+    pub(crate) subject: Subject,
+    pub(crate) db: Db,
+    pub(crate) access: Arc<Access>,
+}
+
+impl TenantContext {
+    /// Runs `f` in a transaction scoped to this request's tenant.
+    pub async fn tx<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        for<'r, 'c> F: TxFn<&'r mut TenantConn<'c>, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        self.db.tenant(self.tenant.scope(), f).await
+    }
+
+    /// The tenant's plan in the catalog.
+    pub fn plan(&self) -> &Plan {
+        self.access.catalog().effective(&self.policy.plan)
+    }
+
+    /// 402 `quota_exceeded` unless the tenant may have one more of `quota`.
+    /// Counted in `conn`'s transaction, under a per-tenant lock held until
+    /// it ends, so concurrent creates cannot overshoot the limit.
+    pub async fn reserve<C>(&self, conn: &mut C, quota: Quota) -> Result<(), ApiError>
+    where
+        C: quota::Conn,
+    {
+        quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), quota.count_sql()).await
+    }
+
+    /// Like [`TenantContext::reserve`], counting with `sql` instead (it takes
+    /// the tenant id as `$1` and returns `used`).
+    pub async fn reserve_counting<C>(&self, conn: &mut C, quota: Quota, sql: &str) -> Result<(), ApiError>
+    where
+        C: quota::Conn,
+    {
+        quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), sql).await
+    }
+
+    /// An audit entry for `action` by this request's caller, with its
+    /// address and request id.
+    pub fn audit_entry(&self, action: &'static str) -> plinth_tenants::audit::Entry {
+        use plinth_tenants::audit::{Actor, Entry};
+        let actor = match &self.principal {
+            Principal::User { user_id, .. } => Actor::User(user_id.0),
+            Principal::ApiKey { key_id } => Actor::ApiKey(*key_id),
+        };
+        let mut entry = self.request_id.stamp(Entry::new(actor, action));
+        entry.ip = Some(self.ip.clone());
+        entry
+    }
+}

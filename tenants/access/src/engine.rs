@@ -1,0 +1,734 @@
+//! The engine: two casbin copies kept current from PostgreSQL, and the
+//! decision for one subject, tenant and need.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use diesel::QueryableByName;
+use diesel::sql_types::{Text, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::catalog::Catalog;
+use crate::snapshot::{self, Fact, Rules, Snapshot, TenantPolicy};
+
+use crate::roles::Role;
+use plinth_http::error::ApiError;
+use plinth_tenants::db::{Db, PgConn};
+use plinth_tenants::ids::{TenantId, UserId};
+use plinth_tenants::notify::{Handler, ListenEvent};
+
+/// The access model (casbin), with comments.
+pub const MODEL: &str = include_str!("../../../config/access/model.conf");
+/// Role templates and role inheritance.
+pub const POLICY: &str = include_str!("../../../config/access/policy.csv");
+
+/// NOTIFY channel: a tenant's plan or status changed (payload: tenant id).
+pub const TENANT_POLICY_CHANNEL: &str = "plinth_tenant_policy";
+/// NOTIFY channel: a membership changed (payload: `tenant:user`).
+pub const MEMBERSHIPS_CHANNEL: &str = "plinth_memberships";
+/// NOTIFY channel: an API key was created or revoked (payload: key id).
+pub const API_KEYS_CHANNEL: &str = "plinth_api_keys";
+/// NOTIFY channel: a platform admin grant changed (payload: user id).
+pub const PLATFORM_ADMINS_CHANNEL: &str = "plinth_platform_admins";
+
+/// Who a check is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// A user, as a member of a tenant.
+    Member(TenantId, UserId),
+    /// An API key of a tenant.
+    Key(TenantId, uuid::Uuid),
+    /// A user on platform routes.
+    User(UserId),
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Member(t, u) => write!(f, "member:{}:{}", t.0, u.0),
+            Self::Key(t, k) => write!(f, "key:{}:{k}", t.0),
+            Self::User(u) => write!(f, "user:{}", u.0),
+        }
+    }
+}
+
+/// What a route is about to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Read,
+    Write,
+    Delete,
+    /// Administering: members, API keys, the audit log, billing, tenants.
+    Manage,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Delete => "delete",
+            Self::Manage => "manage",
+        }
+    }
+}
+
+/// What a route needs: an action on a resource, and a plan feature or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    pub resource: &'static str,
+    pub action: Action,
+    pub feature: Option<&'static str>,
+}
+
+fn uuid(s: &str) -> Option<uuid::Uuid> {
+    uuid::Uuid::parse_str(s).ok()
+}
+
+pub(crate) fn feature_node(feature: &str) -> String {
+    format!("feature:{feature}")
+}
+
+/// The answer to one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed; `rule` is the role template that matched, as in the policy file.
+    Allowed { rule: String },
+    /// The role does not allow it: 403 `forbidden`.
+    Forbidden,
+    /// The role allows it, the plan does not include the feature: 402
+    /// `plan_required`, naming the cheapest plan that does.
+    PlanRequired { feature: &'static str, plan: Option<String> },
+}
+
+impl Decision {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Allowed { .. } => "allowed",
+            Self::Forbidden => "forbidden",
+            Self::PlanRequired { .. } => "plan_required",
+        }
+    }
+}
+
+/// Moves a tenant to `plan` (a plan of `catalog`; otherwise 400) and, if it
+/// changed, records `plan.changed` in the tenant's audit log with `from`,
+/// `to` and `details`. The trigger on `tenants` tells every instance's
+/// policy. Returns the tenant and whether the plan changed; `None` if there
+/// is no such tenant (or it is being deleted).
+pub async fn change_plan(
+    conn: &mut PgConn,
+    catalog: &Catalog,
+    id: TenantId,
+    plan: &str,
+    actor: plinth_tenants::audit::Actor,
+    details: serde_json::Value,
+) -> Result<Option<(plinth_tenants::registry::Tenant, bool)>, ApiError> {
+    if catalog.get(plan).is_none() {
+        let known: Vec<_> = catalog.plans().iter().map(|p| p.name.as_str()).collect();
+        return Err(ApiError::invalid_fields(vec![plinth_http::error::FieldError::new(
+            "plan",
+            "invalid",
+            format!("must be one of {}", known.join(", ")),
+        )]));
+    }
+    let Some((tenant, before)) = plinth_tenants::registry::set_plan(conn, id, plan).await? else { return Ok(None) };
+    let changed = before != plan;
+    if changed {
+        let mut all = serde_json::json!({ "from": before, "to": plan });
+        if let (Some(all), serde_json::Value::Object(more)) = (all.as_object_mut(), details) {
+            all.extend(more);
+        }
+        let entry = plinth_tenants::audit::Entry {
+            actor,
+            action: "plan.changed",
+            target_type: Some("tenant"),
+            target_id: Some(tenant.id.to_string()),
+            ip: None,
+            request_id: None,
+            details: all,
+        };
+        plinth_tenants::audit::record(conn, &tenant.schema, entry).await?;
+    }
+    Ok(Some((tenant, changed)))
+}
+
+/// What the policy holds for one caller, ready to be checked.
+pub struct Asked {
+    /// The role in the tenant (tenant subjects).
+    pub role: Option<Role>,
+    /// The tenant's policy (tenant subjects).
+    pub policy: Option<TenantPolicy>,
+    /// The names casbin is asked about: the subject and tenant nodes, or,
+    /// read directly, the role and plan nodes themselves.
+    sub: String,
+    ten: String,
+    role_node: String,
+    snapshot: Arc<Snapshot>,
+}
+
+/// A change the writer must re-read from PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Change {
+    Membership(TenantId, UserId),
+    ApiKey(uuid::Uuid),
+    Tenant(TenantId),
+    PlatformAdmin(UserId),
+}
+
+enum Msg {
+    Refresh(Vec<Change>, Option<oneshot::Sender<()>>),
+    /// Reload everything; with the listener epoch it was asked in, when a
+    /// (re)connect asked for it.
+    Reload(Option<oneshot::Sender<()>>, Option<u64>),
+}
+
+/// The access engine of one process, shared by every worker.
+pub struct Access {
+    current: Arc<RwLock<Arc<Snapshot>>>,
+    rules: Arc<Rules>,
+    catalog: Arc<Catalog>,
+    writer: mpsc::UnboundedSender<Msg>,
+    db: Db,
+    /// Loaded while the listener has stayed connected: the engine is current.
+    trusted: Arc<AtomicBool>,
+    /// Bumped on every disconnect, so a reload that began before one does
+    /// not mark the engine current.
+    epoch: Arc<AtomicU64>,
+}
+
+impl Access {
+    /// An engine that knows the templates and the catalog and learns links
+    /// as they are used, until the first full load (run when the listener
+    /// connects, see [`Access::listen_handlers`]) brings in the rest.
+    pub async fn start(db: Db, catalog: Catalog) -> anyhow::Result<Arc<Self>> {
+        let rules = Arc::new(Rules::parse(MODEL, POLICY)?);
+        let catalog = Arc::new(catalog);
+        let first = Snapshot::build(&rules, &catalog, &[]).await?;
+        let spare = Snapshot::build(&rules, &catalog, &[]).await?;
+        let current = Arc::new(RwLock::new(Arc::new(first)));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let trusted = Arc::new(AtomicBool::new(false));
+        let epoch = Arc::new(AtomicU64::new(0));
+        let writer = Writer {
+            db: db.clone(),
+            rules: Arc::clone(&rules),
+            catalog: Arc::clone(&catalog),
+            current: Arc::clone(&current),
+            spare: Arc::new(spare),
+            rx,
+            retry: tx.downgrade(),
+            trusted: Arc::clone(&trusted),
+            epoch: Arc::clone(&epoch),
+        };
+        tokio::spawn(writer.run());
+        Ok(Arc::new(Self { current, rules, catalog, writer: tx, db, trusted, epoch }))
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Asks the writer to re-read `changes` and waits until they are applied.
+    async fn refresh(&self, changes: Vec<Change>) -> Result<(), ApiError> {
+        let (done, applied) = oneshot::channel();
+        self.writer
+            .send(Msg::Refresh(changes, Some(done)))
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("the policy writer has stopped")))?;
+        applied.await.map_err(|_| ApiError::Unavailable(anyhow::anyhow!("reading policy changes failed")))
+    }
+
+    /// The snapshot, after reading whatever `missing` says it lacks.
+    async fn knowing(&self, missing: impl Fn(&Snapshot) -> Vec<Change>) -> Result<Arc<Snapshot>, ApiError> {
+        let snapshot = self.snapshot();
+        let changes = missing(&snapshot);
+        if changes.is_empty() {
+            return Ok(snapshot);
+        }
+        // Never hold a snapshot across an await: the writer waits for every
+        // holder of the old copy before it changes it.
+        drop(snapshot);
+        self.refresh(changes).await?;
+        Ok(self.snapshot())
+    }
+
+    /// What the policy holds for `subject` in `tenant`: its role (`None`:
+    /// not a member, a 404) and the tenant's policy.
+    ///
+    /// While the notification listener is connected and the engine loaded,
+    /// this comes from the engine (reading only what it has not seen yet).
+    /// Otherwise the engine may be behind, so the rows are read directly and
+    /// the check names the role and plan themselves instead of the links.
+    pub(crate) async fn tenant_subject(&self, subject: Subject, tenant: TenantId) -> Result<Asked, ApiError> {
+        self.tenant_subject_on(&self.db, subject, tenant).await
+    }
+
+    /// [`Access::tenant_subject`], reading (when it must) on `db`: the
+    /// request's own pool, so a listener outage under load does not queue
+    /// every request on the engine's small one.
+    pub(crate) async fn tenant_subject_on(
+        &self,
+        db: &Db,
+        subject: Subject,
+        tenant: TenantId,
+    ) -> Result<Asked, ApiError> {
+        if !AtomicBool::load(&self.trusted, Ordering::SeqCst) {
+            let (role, policy) = db.platform(async |c| read_standing(c, &self.catalog, subject, tenant).await).await?;
+            let policy = policy.ok_or(ApiError::NotFound("tenant"))?;
+            let ten = if policy.active { snapshot::plan_node(&policy.plan) } else { "none".to_owned() };
+            let role_node = role.map(snapshot::role_node).unwrap_or_default();
+            return Ok(Asked {
+                sub: role_node.clone(),
+                ten,
+                role_node,
+                role,
+                policy: Some(policy),
+                snapshot: self.snapshot(),
+            });
+        }
+        let snapshot = self
+            .knowing(|s| {
+                let mut changes = Vec::new();
+                if s.role(&subject).is_none() {
+                    changes.push(match subject {
+                        Subject::Member(t, u) => Change::Membership(t, u),
+                        Subject::Key(_, k) => Change::ApiKey(k),
+                        Subject::User(u) => Change::PlatformAdmin(u),
+                    });
+                }
+                if s.tenant(tenant).is_none() {
+                    changes.push(Change::Tenant(tenant));
+                }
+                changes
+            })
+            .await?;
+        let role = snapshot.role(&subject).flatten();
+        let policy = snapshot.tenant(tenant).cloned().ok_or(ApiError::NotFound("tenant"))?;
+        Ok(Asked {
+            sub: subject.to_string(),
+            ten: snapshot::tenant_node(tenant),
+            role_node: role.map(snapshot::role_node).unwrap_or_default(),
+            role,
+            policy: Some(policy),
+            snapshot,
+        })
+    }
+
+    /// Whether `user` holds the platform admin grant (read directly while
+    /// the engine may be behind, like [`Access::tenant_subject`]).
+    pub(crate) async fn platform_user(&self, user: UserId) -> Result<(bool, Asked), ApiError> {
+        let (admin, sub, snapshot) = if AtomicBool::load(&self.trusted, Ordering::SeqCst) {
+            let snapshot = self
+                .knowing(|s| if s.platform_admin(user).is_none() { vec![Change::PlatformAdmin(user)] } else { vec![] })
+                .await?;
+            (snapshot.platform_admin(user).unwrap_or(false), Subject::User(user).to_string(), snapshot)
+        } else {
+            let rows: Vec<AdminRow> = self
+                .db
+                .platform(async |c| {
+                    let rows = diesel::sql_query(format!("{ADMINS_SQL} WHERE user_id = $1"))
+                        .bind::<SqlUuid, _>(user.0)
+                        .load(c)
+                        .await?;
+                    Ok::<_, ApiError>(rows)
+                })
+                .await?;
+            let admin = !rows.is_empty();
+            let sub = if admin { snapshot::PLATFORM_ADMIN_ROLE.to_owned() } else { String::new() };
+            (admin, sub, self.snapshot())
+        };
+        let role_node = if admin { snapshot::PLATFORM_ADMIN_ROLE.to_owned() } else { String::new() };
+        Ok((admin, Asked { sub, ten: "platform".to_owned(), role_node, role: None, policy: None, snapshot }))
+    }
+
+    /// The one check, for a subject [`Access::tenant_subject`] or
+    /// [`Access::platform_user`] found holding a role.
+    pub(crate) fn decide(&self, asked: &Asked, need: &Need) -> Result<Decision, ApiError> {
+        let feature = need.feature.map(feature_node);
+        let fail = |e: casbin::Error| ApiError::Internal(anyhow::anyhow!("policy check failed: {e}"));
+        if asked.snapshot.enforce(&asked.sub, &asked.ten, need, feature.as_deref().unwrap_or("-")).map_err(fail)? {
+            let rule = self.rules.matching_template(&asked.role_node, need).map(|t| format!("p, {}", t.join(", ")));
+            return Ok(Decision::Allowed { rule: rule.unwrap_or_default() });
+        }
+        // Denied: by the role, or only by the plan? The templates alone
+        // answer the first (no second casbin check).
+        match need.feature {
+            Some(feature) if self.rules.matching_template(&asked.role_node, need).is_some() => {
+                let plan = self
+                    .catalog
+                    .plans()
+                    .iter()
+                    .find(|p| asked.snapshot.plan_grants(&p.name, feature))
+                    .map(|p| p.name.clone());
+                Ok(Decision::PlanRequired { feature, plan })
+            }
+            _ => Ok(Decision::Forbidden),
+        }
+    }
+
+    /// One check, as the gate makes it, for a subject already authenticated
+    /// (benchmarks, tests and tools). A subject holding no role is
+    /// `Forbidden`.
+    pub async fn check(&self, subject: Subject, tenant: Option<TenantId>, need: &Need) -> Result<Decision, ApiError> {
+        let (known, asked) = match (subject, tenant) {
+            (Subject::User(user), None) => self.platform_user(user).await?,
+            (subject, Some(tenant)) => {
+                let asked = self.tenant_subject(subject, tenant).await?;
+                (asked.role.is_some(), asked)
+            }
+            (_, None) => return Ok(Decision::Forbidden),
+        };
+        if !known {
+            return Ok(Decision::Forbidden);
+        }
+        self.decide(&asked, need)
+    }
+
+    /// The listener handlers that keep the engine current, by channel.
+    pub fn listen_handlers(self: &Arc<Self>) -> Vec<(&'static str, Handler)> {
+        // Every handler hears (dis)connects; the first one acts on them.
+        let on = |parse: fn(&str) -> Option<Change>, connection: bool| -> Handler {
+            let (writer, trusted, epoch) = (self.writer.clone(), Arc::clone(&self.trusted), Arc::clone(&self.epoch));
+            Arc::new(move |event| {
+                let msg = match event {
+                    ListenEvent::Notified(payload) => match parse(payload) {
+                        Some(change) => Msg::Refresh(vec![change], None),
+                        None => Msg::Reload(None, None),
+                    },
+                    ListenEvent::Connected if connection => {
+                        Msg::Reload(None, Some(AtomicU64::load(&epoch, Ordering::SeqCst)))
+                    }
+                    ListenEvent::Disconnected if connection => {
+                        trusted.store(false, Ordering::SeqCst);
+                        epoch.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    ListenEvent::Connected | ListenEvent::Disconnected => return,
+                };
+                let _ = writer.send(msg);
+            })
+        };
+        vec![
+            (
+                MEMBERSHIPS_CHANNEL,
+                on(
+                    |p| {
+                        let (t, u) = p.split_once(':')?;
+                        Some(Change::Membership(TenantId(uuid(t)?), UserId(uuid(u)?)))
+                    },
+                    true,
+                ),
+            ),
+            (API_KEYS_CHANNEL, on(|p| Some(Change::ApiKey(uuid(p)?)), false)),
+            (TENANT_POLICY_CHANNEL, on(|p| Some(Change::Tenant(TenantId(uuid(p)?))), false)),
+            (PLATFORM_ADMINS_CHANNEL, on(|p| Some(Change::PlatformAdmin(UserId(uuid(p)?))), false)),
+        ]
+    }
+
+    /// Reads every link again and waits until both copies have them (the
+    /// listener does this on every connect; tools and tests call it).
+    pub async fn reload(&self) -> Result<(), ApiError> {
+        let (done, loaded) = oneshot::channel();
+        self.writer
+            .send(Msg::Reload(Some(done), None))
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("the policy writer has stopped")))?;
+        loaded.await.map_err(|_| ApiError::Unavailable(anyhow::anyhow!("loading the access policy failed")))
+    }
+
+    /// Whether checks are answered from the engine (loaded, listener
+    /// connected) rather than read from the database.
+    pub fn is_current(&self) -> bool {
+        AtomicBool::load(&self.trusted, Ordering::SeqCst)
+    }
+
+    /// How many tenants and subjects the engine holds.
+    pub fn counts(&self) -> (usize, usize) {
+        self.snapshot().counts()
+    }
+}
+
+/// The one task that changes snapshots.
+struct Writer {
+    db: Db,
+    rules: Arc<Rules>,
+    catalog: Arc<Catalog>,
+    current: Arc<RwLock<Arc<Snapshot>>>,
+    spare: Arc<Snapshot>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    retry: mpsc::WeakUnboundedSender<Msg>,
+    trusted: Arc<AtomicBool>,
+    epoch: Arc<AtomicU64>,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        while let Some(first) = self.rx.recv().await {
+            // Everything queued is handled as one batch.
+            let mut reload = false;
+            let mut connected_epoch = None;
+            let mut changes = Vec::new();
+            let mut waiters = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take().or_else(|| self.rx.try_recv().ok()) {
+                match msg {
+                    Msg::Reload(waiter, epoch) => {
+                        reload = true;
+                        waiters.extend(waiter);
+                        connected_epoch = epoch.or(connected_epoch);
+                    }
+                    Msg::Refresh(c, waiter) => {
+                        changes.extend(c);
+                        waiters.extend(waiter);
+                    }
+                }
+            }
+            let result = if reload { self.reload().await } else { self.update(changes).await };
+            match result {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    // Current only if the listener stayed connected since it asked.
+                    if connected_epoch.is_some_and(|e| e == AtomicU64::load(&self.epoch, Ordering::SeqCst)) {
+                        self.trusted.store(true, Ordering::SeqCst);
+                    }
+                    for waiter in waiters {
+                        let _ = waiter.send(());
+                    }
+                }
+                Err(err) => {
+                    // Waiters are dropped (their requests answer 503); the
+                    // policy may now be behind, so reload once we can.
+                    tracing::warn!(error = format!("{err:#}"), "updating the access policy failed; reloading");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if let Some(tx) = self.retry.upgrade() {
+                        let _ = tx.send(Msg::Reload(None, connected_epoch));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-reads the changed rows and applies them to both copies.
+    async fn update(&mut self, mut changes: Vec<Change>) -> anyhow::Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        changes.retain(|c| seen.insert(*c));
+        let catalog = Arc::clone(&self.catalog);
+        let facts = self.db.platform(async |c| read_changes(c, &catalog, &changes).await).await?;
+        exclusive(&mut self.spare).await?.apply(&facts);
+        self.swap();
+        exclusive(&mut self.spare).await?.apply(&facts);
+        Ok(())
+    }
+
+    /// Reads every link and rebuilds both copies, off the async threads.
+    async fn reload(&mut self) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let catalog = Arc::clone(&self.catalog);
+        let facts = Arc::new(self.db.platform(async |c| read_all(c, &catalog).await).await?);
+        let (rules, catalog) = (Arc::clone(&self.rules), Arc::clone(&self.catalog));
+        let build = |facts: Arc<Vec<Fact>>| {
+            let (rules, catalog) = (Arc::clone(&rules), Arc::clone(&catalog));
+            tokio::task::spawn_blocking(move || {
+                tokio::runtime::Handle::current().block_on(Snapshot::build(&rules, &catalog, &facts))
+            })
+        };
+        let fresh = build(Arc::clone(&facts)).await??;
+        self.spare = Arc::new(fresh);
+        self.swap();
+        // Drop the old copy before building its replacement.
+        exclusive(&mut self.spare).await?;
+        self.spare = Arc::new(build(Arc::clone(&facts)).await??);
+        let (tenants, subjects) = self.current.read().unwrap_or_else(|p| p.into_inner()).counts();
+        tracing::info!(tenants, subjects, elapsed_ms = started.elapsed().as_millis() as u64, "access policy loaded");
+        Ok(())
+    }
+
+    fn swap(&mut self) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut *current, &mut self.spare);
+    }
+}
+
+/// The spare copy, once no check holds it any more (checks hold a snapshot
+/// for microseconds and never across an await).
+async fn exclusive(spare: &mut Arc<Snapshot>) -> anyhow::Result<&mut Snapshot> {
+    while Arc::get_mut(spare).is_none() {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Arc::get_mut(spare).ok_or_else(|| anyhow::anyhow!("the spare policy copy is still shared"))
+}
+
+#[derive(QueryableByName)]
+struct MemberRow {
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    role: String,
+}
+
+#[derive(QueryableByName)]
+struct KeyRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    role: String,
+}
+
+#[derive(QueryableByName)]
+struct TenantRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+}
+
+#[derive(QueryableByName)]
+struct AdminRow {
+    #[diesel(sql_type = SqlUuid)]
+    user_id: uuid::Uuid,
+}
+
+fn tenant_policy(catalog: &Catalog, row: TenantRow) -> Fact {
+    let plan = catalog.effective(&row.plan);
+    if plan.name != row.plan {
+        tracing::warn!(tenant.id = %row.id, plan = row.plan, "tenant is on a plan the catalog does not list; treated as free");
+    }
+    Fact::Tenant {
+        tenant: TenantId(row.id),
+        // A tenant being deleted is no longer served: no policy at all.
+        policy: (row.status != "deleting")
+            .then(|| TenantPolicy { plan: plan.name.clone(), active: row.status == "active" }),
+    }
+}
+
+fn parse_role(role: &str) -> anyhow::Result<Role> {
+    Role::parse(role).ok_or_else(|| anyhow::anyhow!("unknown role {role:?} in the database"))
+}
+
+const MEMBERS_SQL: &str = "SELECT tenant_id, user_id, role FROM public.memberships";
+const KEYS_SQL: &str = "SELECT id, tenant_id, role FROM public.api_keys WHERE revoked_at IS NULL";
+const TENANTS_SQL: &str = "SELECT id, plan, status FROM public.tenants";
+const ADMINS_SQL: &str = "SELECT user_id FROM public.platform_admins";
+
+/// Every link, read in one repeatable-read transaction so they agree.
+async fn read_all(conn: &mut PgConn, catalog: &Catalog) -> anyhow::Result<Vec<Fact>> {
+    plinth_tenants::db::batch(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+    let mut facts = Vec::new();
+    let tenants: Vec<TenantRow> = diesel::sql_query(TENANTS_SQL).load(conn).await?;
+    facts.extend(tenants.into_iter().map(|row| tenant_policy(catalog, row)));
+    let members: Vec<MemberRow> = diesel::sql_query(MEMBERS_SQL).load(conn).await?;
+    for m in members {
+        facts.push(Fact::Member {
+            tenant: TenantId(m.tenant_id),
+            user: UserId(m.user_id),
+            role: Some(parse_role(&m.role)?),
+        });
+    }
+    let keys: Vec<KeyRow> = diesel::sql_query(KEYS_SQL).load(conn).await?;
+    for k in keys {
+        facts.push(Fact::Key { key: k.id, grant: Some((TenantId(k.tenant_id), parse_role(&k.role)?)) });
+    }
+    let admins: Vec<AdminRow> = diesel::sql_query(ADMINS_SQL).load(conn).await?;
+    facts.extend(admins.into_iter().map(|a| Fact::PlatformAdmin { user: UserId(a.user_id), granted: true }));
+    Ok(facts)
+}
+
+#[derive(QueryableByName)]
+struct StandingRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    role: Option<String>,
+    #[diesel(sql_type = Text)]
+    plan: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+}
+
+/// A subject's role and its tenant's policy, read directly.
+async fn read_standing(
+    conn: &mut PgConn,
+    catalog: &Catalog,
+    subject: Subject,
+    tenant: TenantId,
+) -> Result<(Option<Role>, Option<TenantPolicy>), ApiError> {
+    let (join, id) = match subject {
+        Subject::Member(_, user) => ("public.memberships s ON s.tenant_id = t.id AND s.user_id = $2", user.0),
+        Subject::Key(_, key) => ("public.api_keys s ON s.tenant_id = t.id AND s.id = $2 AND s.revoked_at IS NULL", key),
+        Subject::User(_) => return Ok((None, None)),
+    };
+    let rows: Vec<StandingRow> = diesel::sql_query(format!(
+        "SELECT s.role, t.plan, t.status FROM public.tenants t LEFT JOIN {join} WHERE t.id = $1"
+    ))
+    .bind::<SqlUuid, _>(tenant.0)
+    .bind::<SqlUuid, _>(id)
+    .load(conn)
+    .await?;
+    let Some(row) = rows.into_iter().next() else { return Ok((None, None)) };
+    let role = row.role.as_deref().map(parse_role).transpose()?;
+    let Fact::Tenant { policy, .. } =
+        tenant_policy(catalog, TenantRow { id: tenant.0, plan: row.plan, status: row.status })
+    else {
+        return Ok((role, None));
+    };
+    Ok((role, policy))
+}
+
+/// The current rows behind each change; a missing row is a fact too.
+async fn read_changes(conn: &mut PgConn, catalog: &Catalog, changes: &[Change]) -> anyhow::Result<Vec<Fact>> {
+    let mut facts = Vec::with_capacity(changes.len());
+    for change in changes {
+        match *change {
+            Change::Membership(tenant, user) => {
+                let rows: Vec<MemberRow> =
+                    diesel::sql_query(format!("{MEMBERS_SQL} WHERE tenant_id = $1 AND user_id = $2"))
+                        .bind::<SqlUuid, _>(tenant.0)
+                        .bind::<SqlUuid, _>(user.0)
+                        .load(conn)
+                        .await?;
+                let role = rows.into_iter().next().map(|r| parse_role(&r.role)).transpose()?;
+                facts.push(Fact::Member { tenant, user, role });
+            }
+            Change::ApiKey(key) => {
+                let rows: Vec<KeyRow> =
+                    diesel::sql_query(format!("{KEYS_SQL} AND id = $1")).bind::<SqlUuid, _>(key).load(conn).await?;
+                let grant = rows
+                    .into_iter()
+                    .next()
+                    .map(|r| Ok::<_, anyhow::Error>((TenantId(r.tenant_id), parse_role(&r.role)?)))
+                    .transpose()?;
+                facts.push(Fact::Key { key, grant });
+            }
+            Change::Tenant(tenant) => {
+                let rows: Vec<TenantRow> = diesel::sql_query(format!("{TENANTS_SQL} WHERE id = $1"))
+                    .bind::<SqlUuid, _>(tenant.0)
+                    .load(conn)
+                    .await?;
+                match rows.into_iter().next() {
+                    Some(row) => facts.push(tenant_policy(catalog, row)),
+                    None => facts.push(Fact::Tenant { tenant, policy: None }),
+                }
+            }
+            Change::PlatformAdmin(user) => {
+                let rows: Vec<AdminRow> = diesel::sql_query(format!("{ADMINS_SQL} WHERE user_id = $1"))
+                    .bind::<SqlUuid, _>(user.0)
+                    .load(conn)
+                    .await?;
+                facts.push(Fact::PlatformAdmin { user, granted: !rows.is_empty() });
+            }
+        }
+    }
+    Ok(facts)
+}

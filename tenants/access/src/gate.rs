@@ -1,0 +1,208 @@
+//! The gate: how a route says what it needs, and the extractors that check
+//! it before the handler runs.
+//!
+//! Each routes module declares its requirements in one block:
+//!
+//! ```ignore
+//! plinth_tenants::requirements! {
+//!     /// GET /v1/projects, GET /v1/projects/{id}
+//!     pub ReadProjects = "projects", Read, feature: none;
+//!     /// GET /v1/audit-log
+//!     pub ReadAuditLog = "audit_log", Manage, feature: "audit_log";
+//! }
+//! ```
+//!
+//! and each handler takes `Allowed<ReadProjects>` (a tenant route) or
+//! `PlatformAllowed<ManageTenants>` (a platform admin route). There is no
+//! other way to obtain a [`TenantContext`], so a route cannot forget to ask.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use actix_web::{FromRequest, HttpMessage, HttpRequest, dev::Payload, web};
+
+use plinth_http::error::ApiError;
+use plinth_http::request::{ClientIpHeader, RequestId};
+use plinth_tenants::db::Db;
+use plinth_tenants::ids::UserId;
+use plinth_tenants::registry::TenantStatus;
+
+use crate::authn::{Authenticate, Credential, bearer};
+use crate::context::{Principal, TenantContext};
+use crate::engine::{Access, Decision, Need, Subject};
+use crate::resolve::TenantResolver;
+
+/// What one route needs; implemented by the types [`requirements!`] declares.
+pub trait Requirement {
+    const NEED: Need;
+}
+
+/// Declares route requirements: `Name = "resource", Action, feature: none;`
+/// or `feature: "name";`.
+#[macro_export]
+macro_rules! requirements {
+    ($($(#[$meta:meta])* $vis:vis $name:ident = $resource:literal, $action:ident, feature: $feature:tt;)+) => {
+        $(
+            $(#[$meta])*
+            $vis struct $name;
+            impl $crate::gate::Requirement for $name {
+                const NEED: $crate::Need = $crate::Need {
+                    resource: $resource,
+                    action: $crate::Action::$action,
+                    feature: $crate::requirements!(@feature $feature),
+                };
+            }
+        )+
+    };
+    (@feature none) => { None };
+    (@feature $feature:literal) => { Some($feature) };
+}
+
+/// Records a decision in the request's span.
+pub(crate) fn record(subject: Subject, tenant: &str, need: &Need, decision: &Decision) {
+    let span = tracing::Span::current();
+    span.record("access.subject", subject.to_string());
+    span.record("access.tenant", tenant);
+    span.record("access.resource", need.resource);
+    span.record("access.action", need.action.as_str());
+    span.record("access.feature", need.feature.unwrap_or("-"));
+    span.record("access.result", decision.as_str());
+    if let Decision::Allowed { rule } = decision {
+        span.record("access.rule", rule.as_str());
+    }
+    tracing::debug!(result = decision.as_str(), "access decision");
+}
+
+/// The decision as the client sees it.
+pub(crate) fn outcome(decision: Decision) -> Result<(), ApiError> {
+    match decision {
+        Decision::Allowed { .. } => Ok(()),
+        Decision::Forbidden => Err(ApiError::Forbidden),
+        Decision::PlanRequired { feature, plan } => Err(ApiError::PlanRequired { feature, plan }),
+    }
+}
+
+/// A tenant request that passed the gate for `R`.
+pub struct Allowed<R> {
+    ctx: TenantContext,
+    _requirement: PhantomData<R>,
+}
+
+impl<R> Deref for Allowed<R> {
+    type Target = TenantContext;
+
+    fn deref(&self) -> &TenantContext {
+        &self.ctx
+    }
+}
+
+impl<R: Requirement> FromRequest for Allowed<R> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let ctx = TenantContext::gate(&req, &R::NEED).await?;
+            Ok(Self { ctx, _requirement: PhantomData })
+        })
+    }
+}
+
+/// A platform admin request that passed the gate for `R`. Signed-in users
+/// without the platform grant get 403 `forbidden`.
+pub struct PlatformAllowed<R> {
+    pub user_id: UserId,
+    pub session_id: uuid::Uuid,
+    _requirement: PhantomData<R>,
+}
+
+impl<R: Requirement> FromRequest for PlatformAllowed<R> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
+            // Only a user's session reaches platform routes; an API key is nobody here.
+            let Some(Credential::Session { user_id, session_id }) =
+                registered::<dyn Authenticate>(&req)?.authenticate(&token).await?
+            else {
+                return Err(ApiError::Unauthenticated);
+            };
+            tracing::Span::current().record("user.id", user_id.to_string());
+            let access = registered::<Arc<Access>>(&req)?;
+            let subject = Subject::User(user_id);
+            let (admin, asked) = access.platform_user(user_id).await?;
+            let decision = if admin { access.decide(&asked, &R::NEED)? } else { Decision::Forbidden };
+            drop(asked);
+            record(subject, "platform", &R::NEED, &decision);
+            outcome(decision)?;
+            Ok(Self { user_id, session_id, _requirement: PhantomData })
+        })
+    }
+}
+
+pub(crate) fn registered<T: ?Sized + 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
+    req.app_data::<web::Data<T>>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("{} is not registered", std::any::type_name::<T>())))
+}
+
+impl TenantContext {
+    /// A second requirement, for a route whose need depends on its target
+    /// (removing someone else takes more than leaving). Declared with
+    /// [`crate::requirements!`] like the route's own.
+    pub async fn require<R: Requirement>(&self) -> Result<(), ApiError> {
+        let decision = self.access.check(self.subject, Some(self.tenant.id), &R::NEED).await?;
+        record(self.subject, &self.tenant.id.to_string(), &R::NEED, &decision);
+        outcome(decision)
+    }
+
+    /// Authenticates, resolves the tenant and asks the policy about `need`.
+    pub(crate) async fn gate(req: &HttpRequest, need: &Need) -> Result<Self, ApiError> {
+        let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
+        let resolver = registered::<Arc<TenantResolver>>(req)?;
+        let access = registered::<Arc<Access>>(req)?.get_ref().clone();
+        let db = registered::<Db>(req)?;
+        let credential =
+            registered::<dyn Authenticate>(req)?.authenticate(&token).await?.ok_or(ApiError::Unauthenticated)?;
+        let (principal, tenant, subject) = match credential {
+            Credential::ApiKey { key_id, tenant_id } => {
+                tracing::Span::current().record("user.id", format!("key:{key_id}"));
+                let tenant = resolver.resolve(req).await?;
+                // A key acts in its one tenant; anywhere else it is nobody.
+                if tenant_id != tenant.id {
+                    return Err(ApiError::NotFound("tenant"));
+                }
+                (Principal::ApiKey { key_id }, tenant, Subject::Key(tenant_id, key_id))
+            }
+            Credential::Session { user_id, session_id } => {
+                tracing::Span::current().record("user.id", user_id.to_string());
+                let tenant = resolver.resolve(req).await?;
+                let subject = Subject::Member(tenant.id, user_id);
+                (Principal::User { user_id, session_id }, tenant, subject)
+            }
+        };
+        let asked = access.tenant_subject_on(&db, subject, tenant.id).await?;
+        let (Some(role), Some(policy)) = (asked.role, asked.policy.clone()) else {
+            return Err(ApiError::NotFound("tenant"));
+        };
+        if tenant.status == TenantStatus::Suspended || !policy.active {
+            return Err(ApiError::TenantSuspended);
+        }
+        tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
+        let decision = access.decide(&asked, need)?;
+        drop(asked);
+        record(subject, &tenant.id.to_string(), need, &decision);
+        outcome(decision)?;
+        let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
+        let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
+        let ip = plinth_http::request::client_ip(req, header.as_deref());
+        Ok(Self { tenant, principal, role, policy, request_id, ip, subject, db: db.get_ref().clone(), access })
+    }
+}

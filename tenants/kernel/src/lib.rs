@@ -1,0 +1,29 @@
+//! The tenancy kernel of Plinth: everything that knows what a tenant is and
+//! where its data lives, and nothing of HTTP, policy, jobs or mail.
+//!
+//! - [`ids`]: the id newtypes and parsed names (`TenantId`, `UserId`, `Slug`,
+//!   `SchemaName`) and the `uuid_id!` macro for more.
+//! - [`db`]: the pool and the two transaction kinds (platform, tenant-scoped
+//!   through [`TenantConn`]).
+//! - [`schema`]: diesel's `table!` declarations of the kernel's tables.
+//! - [`registry`]: the tenant registry in the public schema and provisioning.
+//! - [`migrate`]: platform migrations and the tenant migration orchestrator.
+//! - [`notify`]: one LISTEN connection shared by every cache, with reconnects.
+//! - [`cache`]: [`cache::NotifiedCache`], a cache trusted only while NOTIFY is
+//!   connected.
+//! - [`audit`]: the append-only audit log in each tenant's schema.
+//! - [`text`]: characters names refuse, addresses kept out of logs.
+
+pub mod audit;
+pub mod cache;
+pub mod db;
+pub mod ids;
+pub mod migrate;
+pub mod notify;
+pub mod registry;
+pub mod schema;
+pub mod text;
+
+pub use db::{Db, DbConfig, PgConn, TenantConn};
+pub use ids::{SchemaName, Slug, TenantId, UserId};
+pub use registry::{Tenant, TenantStatus};

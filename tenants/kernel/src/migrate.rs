@@ -1,0 +1,370 @@
+//! Migrations. Platform migrations (`migrations/platform/`) run through
+//! diesel_migrations' own harness. Tenant migrations (`migrations/tenant/`,
+//! the same folder layout) are applied by Plinth to each tenant schema inside
+//! one transaction per tenant, and recorded in the central ledger
+//! `public.tenant_migrations`, so "which tenants are behind" is one query.
+//!
+//! Rules for a tenant migration: unqualified names only (the schema comes from
+//! `search_path`), no transaction control, no `SET search_path`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
+use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::StreamExt as _;
+
+use crate::db::{Db, PgConn};
+use crate::ids::{SchemaName, TenantId};
+use crate::schema::tenant_migrations;
+
+/// One tenant migration, embedded at build time.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantMigration {
+    /// The folder's leading timestamp, digits only (e.g. `20261123000001`).
+    pub version: &'static str,
+    /// The folder name.
+    pub name: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+}
+
+include!(concat!(env!("OUT_DIR"), "/tenant_migrations.rs"));
+
+pub const PLATFORM_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/platform");
+
+/// The advisory lock platform migrations run under.
+const PLATFORM_LOCK: i64 = 72_170_001;
+
+/// How long platform migrations wait: for a connection, and for another
+/// instance that holds the migration lock.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrationTimeouts {
+    pub connect: Duration,
+    pub lock: Duration,
+}
+
+impl Default for MigrationTimeouts {
+    fn default() -> Self {
+        Self { connect: Duration::from_secs(5), lock: Duration::from_secs(60) }
+    }
+}
+
+/// Applies pending platform migrations with the default timeouts. See
+/// [`run_platform_migrations_with`].
+pub async fn run_platform_migrations(url: &str) -> anyhow::Result<Vec<String>> {
+    run_platform_migrations_with(url, MigrationTimeouts::default()).await
+}
+
+/// Applies pending platform migrations, holding an advisory lock so two
+/// instances starting at once do not race. Returns the versions applied.
+/// A database that does not answer within `timeouts.connect`, or a lock
+/// held by another instance for longer than `timeouts.lock`, is an error
+/// that says so; waiting for the lock is logged.
+pub async fn run_platform_migrations_with(url: &str, timeouts: MigrationTimeouts) -> anyhow::Result<Vec<String>> {
+    let mut conn = tokio::time::timeout(timeouts.connect, AsyncPgConnection::establish(url))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "connecting to the database timed out after {} ms: is PostgreSQL at DATABASE_URL up and answering?",
+                timeouts.connect.as_millis()
+            )
+        })?
+        .context("connecting to run platform migrations")?;
+    let locked: LockTaken = diesel::sql_query(format!("SELECT pg_try_advisory_lock({PLATFORM_LOCK}) AS taken"))
+        .get_result(&mut conn)
+        .await
+        .context("taking the platform migration lock")?;
+    if !locked.taken {
+        tracing::warn!(
+            timeout_ms = timeouts.lock.as_millis() as u64,
+            "another instance is running platform migrations; waiting for it"
+        );
+        let wait = format!(
+            "SET lock_timeout = {}; SELECT pg_advisory_lock({PLATFORM_LOCK}); RESET lock_timeout",
+            timeouts.lock.as_millis().max(1)
+        );
+        crate::db::batch(&mut conn, &wait).await.with_context(|| {
+            format!(
+                "waited {} ms for the platform migration lock, held by another instance (PLINTH_MIGRATION_LOCK_TIMEOUT_MS)",
+                timeouts.lock.as_millis()
+            )
+        })?;
+    }
+    let mut harness = AsyncMigrationHarness::new(conn);
+    let applied = harness
+        .run_pending_migrations(PLATFORM_MIGRATIONS)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("running platform migrations")?
+        .into_iter()
+        .map(|v| v.to_string())
+        .collect();
+    let mut conn = harness.into_inner();
+    crate::db::batch(&mut conn, &format!("SELECT pg_advisory_unlock({PLATFORM_LOCK})")).await?;
+    Ok(applied)
+}
+
+#[derive(QueryableByName)]
+struct LockTaken {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    taken: bool,
+}
+
+/// How the database's platform schema compares with this binary's migrations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaState {
+    Current,
+    /// This many of the binary's migrations are not applied.
+    Behind(usize),
+    /// The database has a migration this binary does not know (a newer binary ran).
+    Ahead(String),
+}
+
+impl std::fmt::Display for SchemaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Current => f.write_str("platform migrations are current"),
+            Self::Behind(n) => {
+                write!(f, "platform migrations are behind this binary: {n} pending (run plinth migrate)")
+            }
+            Self::Ahead(v) => write!(f, "the database has platform migration {v}, newer than this binary"),
+        }
+    }
+}
+
+/// The versions of the platform migrations built into this binary.
+fn platform_versions() -> Vec<String> {
+    diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&PLATFORM_MIGRATIONS)
+        .map(|ms| ms.iter().map(|m| m.name().version().to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[derive(QueryableByName)]
+struct AppliedVersion {
+    #[diesel(sql_type = Text)]
+    version: String,
+}
+
+/// Compares the applied platform migrations with this binary's (two cheap
+/// catalog reads; run by readiness checks).
+pub async fn platform_schema_state(conn: &mut AsyncPgConnection) -> Result<SchemaState, diesel::result::Error> {
+    let known = platform_versions();
+    // Raw SQL: the table is diesel's own and may not exist yet.
+    let applied: Vec<AppliedVersion> = diesel::sql_query(
+        "SELECT version FROM public.__diesel_schema_migrations \
+         WHERE to_regclass('public.__diesel_schema_migrations') IS NOT NULL",
+    )
+    .load(conn)
+    .await
+    .or_else(|e| match e {
+        // No table at all: nothing applied.
+        diesel::result::Error::DatabaseError(_, ref info) if info.message().contains("does not exist") => {
+            Ok(Vec::new())
+        }
+        other => Err(other),
+    })?;
+    let applied: HashSet<String> = applied.into_iter().map(|a| a.version).collect();
+    if let Some(unknown) = applied.iter().find(|v| !known.contains(v)) {
+        return Ok(SchemaState::Ahead(unknown.clone()));
+    }
+    let behind = known.iter().filter(|v| !applied.contains(*v)).count();
+    Ok(if behind == 0 { SchemaState::Current } else { SchemaState::Behind(behind) })
+}
+
+/// Applies `migrations` (all of them, in order) to a freshly created schema in
+/// the caller's transaction and records them in the ledger.
+pub(crate) async fn apply_to_schema(
+    conn: &mut PgConn,
+    tenant: TenantId,
+    schema: &SchemaName,
+    migrations: &[TenantMigration],
+) -> Result<(), diesel::result::Error> {
+    let pending: Vec<&TenantMigration> = migrations.iter().collect();
+    apply(conn, tenant, schema, &pending).await
+}
+
+async fn apply(
+    conn: &mut PgConn,
+    tenant: TenantId,
+    schema: &SchemaName,
+    pending: &[&TenantMigration],
+) -> Result<(), diesel::result::Error> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    // One round trip for all the DDL: switch to the schema, run every pending
+    // migration, switch back.
+    let mut sql = format!("SET LOCAL search_path TO {};\n", schema.quoted());
+    for m in pending {
+        sql.push_str(m.up);
+        sql.push_str(";\n");
+    }
+    sql.push_str("SET LOCAL search_path TO DEFAULT;");
+    crate::db::batch(conn, &sql).await?;
+    let rows: Vec<_> = pending
+        .iter()
+        .map(|m| (tenant_migrations::tenant_id.eq(tenant.0), tenant_migrations::version.eq(m.version)))
+        .collect();
+    diesel::insert_into(tenant_migrations::table).values(rows).execute(conn).await?;
+    Ok(())
+}
+
+/// Settings of a migrate-all run.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Tenants migrated at the same time.
+    pub concurrency: usize,
+    /// How long one tenant's migration may wait for a lock before it fails
+    /// (and is reported) instead of blocking traffic.
+    pub lock_timeout: Duration,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self { concurrency: 4, lock_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// What happened to one tenant during a run.
+#[derive(Debug, Clone)]
+pub enum TenantOutcome {
+    Migrated {
+        versions: Vec<&'static str>,
+    },
+    /// Someone else brought it up to date meanwhile, or it is being deleted.
+    Skipped,
+    Failed {
+        error: String,
+    },
+}
+
+/// Progress events, for a progress bar or log lines.
+pub enum MigrateEvent<'a> {
+    Started { behind: usize, total: usize },
+    TenantDone { slug: &'a str, outcome: &'a TenantOutcome },
+}
+
+/// The summary of a migrate-all run.
+#[derive(Debug, Default)]
+pub struct MigrateReport {
+    pub total: usize,
+    pub up_to_date: usize,
+    pub migrated: Vec<(String, Vec<&'static str>)>,
+    pub failed: Vec<(String, String)>,
+}
+
+#[derive(QueryableByName)]
+struct Behind {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    slug: String,
+    #[diesel(sql_type = Text)]
+    schema_name: String,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Brings every tenant schema up to `migrations`: finds the tenants behind in
+/// one query, migrates them `concurrency` at a time, each in its own
+/// transaction (so an interrupted run loses nothing and the next one resumes),
+/// and reports failures at the end without stopping the others.
+pub async fn migrate_tenants(
+    db: &Db,
+    migrations: &'static [TenantMigration],
+    options: &MigrateOptions,
+    on_event: &(dyn Fn(MigrateEvent<'_>) + Sync),
+) -> anyhow::Result<MigrateReport> {
+    let versions: Vec<&str> = migrations.iter().map(|m| m.version).collect();
+    let wanted = i64::try_from(versions.len()).context("too many migrations")?;
+    let (total, behind) = db
+        .platform(async |conn| {
+            let total: Count = diesel::sql_query("SELECT count(*) AS n FROM public.tenants WHERE status <> 'deleting'")
+                .get_result(conn)
+                .await?;
+            let behind: Vec<Behind> = diesel::sql_query(
+                "SELECT t.id, t.slug, t.schema_name FROM public.tenants t \
+                 WHERE t.status <> 'deleting' AND (SELECT count(*) FROM public.tenant_migrations m \
+                   WHERE m.tenant_id = t.id AND m.version = ANY($1)) < $2 \
+                 ORDER BY t.created_at",
+            )
+            .bind::<Array<Text>, _>(&versions)
+            .bind::<BigInt, _>(wanted)
+            .load(conn)
+            .await?;
+            Ok::<_, anyhow::Error>((total.n, behind))
+        })
+        .await
+        .context("finding tenants that are behind")?;
+    let total = usize::try_from(total).unwrap_or_default();
+    on_event(MigrateEvent::Started { behind: behind.len(), total });
+
+    let mut report = MigrateReport { total, up_to_date: total.saturating_sub(behind.len()), ..Default::default() };
+    let mut results = futures_util::stream::iter(behind)
+        .map(|t| async move {
+            let outcome = match migrate_one(db, &t, migrations, options.lock_timeout).await {
+                Ok(Some(versions)) => TenantOutcome::Migrated { versions },
+                Ok(None) => TenantOutcome::Skipped,
+                Err(err) => TenantOutcome::Failed { error: format!("{err:#}") },
+            };
+            (t.slug, outcome)
+        })
+        .buffer_unordered(options.concurrency.max(1));
+    while let Some((slug, outcome)) = results.next().await {
+        on_event(MigrateEvent::TenantDone { slug: &slug, outcome: &outcome });
+        match outcome {
+            TenantOutcome::Migrated { versions } => report.migrated.push((slug, versions)),
+            TenantOutcome::Skipped => report.up_to_date += 1,
+            TenantOutcome::Failed { error } => report.failed.push((slug, error)),
+        }
+    }
+    Ok(report)
+}
+
+/// Migrates one tenant in one transaction. The tenant row is locked first so
+/// two runs (or a run and a delete) never work on the same schema at once.
+#[tracing::instrument(skip_all, fields(tenant.slug = %t.slug))]
+async fn migrate_one(
+    db: &Db,
+    t: &Behind,
+    migrations: &'static [TenantMigration],
+    lock_timeout: Duration,
+) -> anyhow::Result<Option<Vec<&'static str>>> {
+    let schema =
+        SchemaName::from_stored(t.schema_name.clone()).map_err(|s| anyhow::anyhow!("malformed schema name {s:?}"))?;
+    let tenant = TenantId(t.id);
+    db.platform(async |conn| {
+        crate::db::batch(conn, &format!("SET LOCAL lock_timeout = '{}ms'", lock_timeout.as_millis())).await?;
+        let status: Option<String> = crate::schema::tenants::table
+            .find(tenant.0)
+            .select(crate::schema::tenants::status)
+            .for_update()
+            .first(conn)
+            .await
+            .optional()?;
+        if status.as_deref().is_none_or(|s| s == "deleting") {
+            return Ok(None);
+        }
+        let applied: HashSet<String> = tenant_migrations::table
+            .filter(tenant_migrations::tenant_id.eq(tenant.0))
+            .select(tenant_migrations::version)
+            .load::<String>(conn)
+            .await?
+            .into_iter()
+            .collect();
+        let pending: Vec<&TenantMigration> = migrations.iter().filter(|m| !applied.contains(m.version)).collect();
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        apply(conn, tenant, &schema, &pending).await?;
+        Ok::<_, anyhow::Error>(Some(pending.iter().map(|m| m.version).collect()))
+    })
+    .await
+}

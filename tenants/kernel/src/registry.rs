@@ -1,0 +1,292 @@
+//! The tenant registry (`public.tenants`, `public.tenant_domains`) and
+//! provisioning: a tenant row, its schema and every tenant migration, in one
+//! transaction.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DbError};
+use diesel_async::RunQueryDsl;
+use serde::Serialize;
+
+use crate::db::{Db, PgConn, PoolError, TenantScope};
+use crate::ids::{SchemaName, Slug, TenantId};
+use crate::migrate::{self, TENANT_MIGRATIONS};
+use crate::schema::{tenant_domains, tenants};
+
+/// Whether a tenant is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantStatus {
+    Active,
+    /// Refused with 403 `tenant_suspended`; data kept.
+    Suspended,
+    /// Being deleted: no longer served (404), schema about to be dropped.
+    Deleting,
+}
+
+impl TenantStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+            Self::Deleting => "deleting",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "suspended" => Some(Self::Suspended),
+            "deleting" => Some(Self::Deleting),
+            _ => None,
+        }
+    }
+}
+
+/// A tenant as the registry knows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub slug: String,
+    pub name: String,
+    #[serde(skip)]
+    pub schema: SchemaName,
+    pub status: TenantStatus,
+    pub plan: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Tenant {
+    /// What a tenant-scoped transaction needs.
+    pub fn scope(&self) -> TenantScope<'_> {
+        TenantScope { id: self.id, schema: &self.schema }
+    }
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = tenants)]
+struct TenantRow {
+    id: uuid::Uuid,
+    slug: String,
+    name: String,
+    schema_name: String,
+    status: String,
+    plan: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<TenantRow> for Tenant {
+    type Error = DbError;
+
+    fn try_from(row: TenantRow) -> Result<Self, DbError> {
+        let corrupt = |what: String| DbError::DeserializationError(what.into());
+        Ok(Tenant {
+            id: TenantId(row.id),
+            schema: SchemaName::from_stored(row.schema_name)
+                .map_err(|s| corrupt(format!("tenant {} has a malformed schema name {s:?}", row.id)))?,
+            status: TenantStatus::parse(&row.status)
+                .ok_or_else(|| corrupt(format!("tenant {} has unknown status {:?}", row.id, row.status)))?,
+            slug: row.slug,
+            name: row.name,
+            plan: row.plan,
+            created_at: row.created_at,
+        })
+    }
+}
+
+/// A row that may be missing, as a checked [`Tenant`].
+fn into_tenant(row: Option<TenantRow>) -> Result<Option<Tenant>, DbError> {
+    row.map(Tenant::try_from).transpose()
+}
+
+/// Why a tenant could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("the slug is already taken")]
+    SlugTaken,
+    #[error("the name {0}")]
+    InvalidName(&'static str),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+}
+
+/// Checks an organization name: 1–200 characters after trimming, no control
+/// characters. Returns the trimmed name.
+pub fn validate_name(name: &str) -> Result<&str, &'static str> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err("must not be empty");
+    }
+    if name.chars().count() > 200 {
+        return Err("must be at most 200 characters");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("must not contain control characters");
+    }
+    if name.chars().any(crate::text::is_invisible) {
+        return Err("must not contain invisible or direction-changing characters");
+    }
+    Ok(name)
+}
+
+/// Creates a tenant in its own transaction. See [`provision`].
+#[tracing::instrument(skip_all, fields(tenant.slug = %slug))]
+pub async fn create(db: &Db, slug: &Slug, name: &str) -> Result<Tenant, CreateError> {
+    db.platform(async |conn| provision(conn, slug, name).await).await
+}
+
+/// Inserts the tenant row, creates its schema, applies every tenant migration
+/// and records them in the ledger, all inside the caller's transaction: if
+/// anything fails, nothing is left behind (PostgreSQL DDL is transactional).
+pub async fn provision(conn: &mut PgConn, slug: &Slug, name: &str) -> Result<Tenant, CreateError> {
+    let name = validate_name(name).map_err(CreateError::InvalidName)?;
+    let id = TenantId::new();
+    let schema = SchemaName::for_tenant(id);
+    let row = TenantRow {
+        id: id.0,
+        slug: slug.as_str().to_owned(),
+        name: name.to_owned(),
+        schema_name: schema.as_str().to_owned(),
+        status: TenantStatus::Active.as_str().to_owned(),
+        plan: "free".to_owned(),
+        created_at: Utc::now(),
+    };
+    let inserted: TenantRow = diesel::insert_into(tenants::table)
+        .values(&row)
+        .returning(TenantRow::as_returning())
+        .get_result(conn)
+        .await
+        .map_err(|e| match e {
+            DbError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+                if info.constraint_name() == Some("tenants_slug_key") =>
+            {
+                CreateError::SlugTaken
+            }
+            other => CreateError::from(other),
+        })?;
+    let tenant = Tenant::try_from(inserted)?;
+    let ddl = format!("CREATE SCHEMA {}", tenant.schema.quoted());
+    crate::db::batch(conn, &ddl).await?;
+    migrate::apply_to_schema(conn, tenant.id, &tenant.schema, TENANT_MIGRATIONS).await?;
+    Ok(tenant)
+}
+
+pub async fn find_by_slug(conn: &mut PgConn, slug: &str) -> Result<Option<Tenant>, DbError> {
+    tenants::table
+        .filter(tenants::slug.eq(slug))
+        .select(TenantRow::as_select())
+        .first(conn)
+        .await
+        .optional()
+        .and_then(into_tenant)
+}
+
+pub async fn find_by_id(conn: &mut PgConn, id: TenantId) -> Result<Option<Tenant>, DbError> {
+    tenants::table.find(id.0).select(TenantRow::as_select()).first(conn).await.optional().and_then(into_tenant)
+}
+
+/// The tenant served on a verified custom domain.
+pub async fn find_by_domain(conn: &mut PgConn, domain: &str) -> Result<Option<Tenant>, DbError> {
+    tenant_domains::table
+        .inner_join(tenants::table)
+        .filter(tenant_domains::domain.eq(domain))
+        .filter(tenant_domains::verified_at.is_not_null())
+        .select(TenantRow::as_select())
+        .first(conn)
+        .await
+        .optional()
+        .and_then(into_tenant)
+}
+
+pub async fn list(conn: &mut PgConn) -> Result<Vec<Tenant>, DbError> {
+    tenants::table
+        .order(tenants::created_at.asc())
+        .select(TenantRow::as_select())
+        .load(conn)
+        .await?
+        .into_iter()
+        .map(Tenant::try_from)
+        .collect()
+}
+
+/// Moves a tenant between `active` and `suspended`. A tenant being deleted
+/// stays deleted. Returns the updated tenant, or `None` if there is none.
+pub async fn set_status(conn: &mut PgConn, id: TenantId, status: TenantStatus) -> Result<Option<Tenant>, DbError> {
+    diesel::update(tenants::table.find(id.0).filter(tenants::status.ne(TenantStatus::Deleting.as_str())))
+        .set((tenants::status.eq(status.as_str()), tenants::updated_at.eq(Utc::now())))
+        .returning(TenantRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()
+        .and_then(into_tenant)
+}
+
+/// Moves a tenant to `plan` (a plan of the catalog; the caller checks).
+/// Returns the updated tenant, or `None` if there is none (or it is being
+/// deleted), and the plan it was on.
+pub async fn set_plan(conn: &mut PgConn, id: TenantId, plan: &str) -> Result<Option<(Tenant, String)>, DbError> {
+    let before: Option<String> = tenants::table
+        .find(id.0)
+        .filter(tenants::status.ne(TenantStatus::Deleting.as_str()))
+        .select(tenants::plan)
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?;
+    let Some(before) = before else { return Ok(None) };
+    let updated = diesel::update(tenants::table.find(id.0))
+        .set((tenants::plan.eq(plan), tenants::updated_at.eq(Utc::now())))
+        .returning(TenantRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()
+        .and_then(into_tenant)?;
+    Ok(updated.map(|t| (t, before)))
+}
+
+/// Records a custom domain for a tenant. `verified` is the operator's word
+/// that the domain points at Plinth; only verified domains route requests.
+pub async fn add_domain(conn: &mut PgConn, id: TenantId, domain: &str, verified: bool) -> Result<(), DbError> {
+    let now = Utc::now();
+    diesel::insert_into(tenant_domains::table)
+        .values((
+            tenant_domains::domain.eq(domain.to_ascii_lowercase()),
+            tenant_domains::tenant_id.eq(id.0),
+            tenant_domains::verified_at.eq(verified.then_some(now)),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes a tenant in two committed steps: first it is marked `deleting`
+/// (every instance stops serving it within a second), then its schema is
+/// dropped and its registry rows removed. If the second step is interrupted,
+/// running it again finishes the job.
+#[tracing::instrument(skip_all, fields(tenant.id = %id))]
+pub async fn delete(db: &Db, id: TenantId) -> Result<bool, CreateError> {
+    let marked = db
+        .platform(async |conn| {
+            diesel::update(tenants::table.find(id.0))
+                .set((tenants::status.eq(TenantStatus::Deleting.as_str()), tenants::updated_at.eq(Utc::now())))
+                .returning(TenantRow::as_returning())
+                .get_result(conn)
+                .await
+                .optional()
+                .map_err(CreateError::from)
+        })
+        .await?;
+    let Some(row) = marked else { return Ok(false) };
+    let tenant = Tenant::try_from(row)?;
+    db.platform(async |conn| {
+        let ddl = format!("SET LOCAL lock_timeout = '30s'; DROP SCHEMA IF EXISTS {} CASCADE", tenant.schema.quoted());
+        crate::db::batch(conn, &ddl).await?;
+        diesel::delete(tenants::table.find(id.0)).execute(conn).await?;
+        Ok::<_, CreateError>(())
+    })
+    .await?;
+    tracing::info!("tenant deleted");
+    Ok(true)
+}

@@ -1,0 +1,434 @@
+//! Mail: a transactional outbox delivered by a job.
+//!
+//! Sending mail means [`queue`]: an outbox row (recipient, template, data,
+//! idempotency key) and a `mail.deliver` job, both written with the caller's
+//! connection, in the caller's transaction. The job renders the template and
+//! hands the message to SMTP (lettre, pooled connections) or, with no SMTP
+//! configured, writes it as an `.eml` file to a folder.
+//!
+//! - One message per idempotency key: a second `queue` with the same key is
+//!   a no-op, and delivery locks the outbox row and skips it once sent.
+//! - A temporary failure (connection refused, timeout, 4xx) retries with
+//!   backoff; a permanent rejection (5xx) is recorded and not retried.
+//! - The one window for a duplicate: SMTP accepted the message and the
+//!   process died before recording it. Messages carry a stable Message-ID
+//!   (`<outbox id@sender domain>`) so receivers can recognise a duplicate.
+//!
+//! Templates live in the crates that send them (identity, billing); this
+//! module only renders what it is given by name.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use diesel::QueryableByName;
+use diesel::sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::PoolConfig;
+use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use serde::{Deserialize, Serialize};
+
+use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
+use plinth_tenants::db::Db;
+use plinth_tenants::ids::TenantId;
+use plinth_tenants::text::redact_addresses;
+
+/// The job kind that delivers one outbox message.
+pub const DELIVER: &str = "mail.deliver";
+
+/// An email address that can only be built valid: trimmed, lowercased, at
+/// most 254 characters, and accepted by lettre's address parser.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct EmailAddress(String);
+
+/// Why an address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("is not a valid email address")]
+pub struct InvalidEmail;
+
+impl EmailAddress {
+    pub fn parse(input: &str) -> Result<Self, InvalidEmail> {
+        let normalized = input.trim().to_lowercase();
+        if normalized.is_empty() || normalized.len() > 254 || normalized.chars().any(char::is_control) {
+            return Err(InvalidEmail);
+        }
+        let address: lettre::Address = normalized.parse().map_err(|_| InvalidEmail)?;
+        // A domain needs a dot (no `user@localhost` from the outside world),
+        // and a name, not an address: no `[10.0.0.5]` literal and no
+        // all-digit top label, which would aim mail at internal hosts through
+        // the relay.
+        let domain = address.domain();
+        if !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') || domain.starts_with('[') {
+            return Err(InvalidEmail);
+        }
+        let top = domain.rsplit('.').next().unwrap_or_default();
+        if !top.chars().any(|c| c.is_alphabetic()) || domain.contains("..") {
+            return Err(InvalidEmail);
+        }
+        Ok(Self(normalized))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for EmailAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        EmailAddress::parse(&s).map_err(|e| serde::de::Error::custom(e.to_string()))
+    }
+}
+
+impl std::fmt::Display for EmailAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    pub to: EmailAddress,
+    /// A template name registered with [`Templates`].
+    pub template: &'static str,
+    pub data: serde_json::Value,
+    /// The same key is sent once, however often it is queued.
+    pub idempotency_key: String,
+    pub tenant: Option<TenantId>,
+}
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+}
+
+/// Queues `mail` on `conn`, in the caller's transaction. Returns false if a
+/// message with the same idempotency key was queued before.
+pub async fn queue(conn: &AsyncPgConnection, mail: Mail) -> diesel::QueryResult<bool> {
+    use diesel::OptionalExtension as _;
+    let mut c = conn;
+    let inserted: Option<IdRow> = diesel::sql_query(
+        "INSERT INTO public.mail_outbox (id, tenant_id, idempotency_key, recipient, template, data) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+    )
+    .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+    .bind::<Nullable<SqlUuid>, _>(mail.tenant.map(|t| t.0))
+    .bind::<Text, _>(&mail.idempotency_key)
+    .bind::<Text, _>(mail.to.as_str())
+    .bind::<Text, _>(mail.template)
+    .bind::<Jsonb, _>(&mail.data)
+    .get_result(&mut c)
+    .await
+    .optional()?;
+    let Some(row) = inserted else { return Ok(false) };
+    let job = NewJob {
+        tenant: mail.tenant,
+        dedup_key: Some(row.id.to_string()),
+        max_attempts: 12,
+        ..NewJob::new(DELIVER, serde_json::json!({ "outbox_id": row.id }))
+    };
+    jobs::enqueue(conn, job).await?;
+    Ok(true)
+}
+
+/// A template's sources: subject, plain text and HTML (auto-escaped).
+#[derive(Debug, Clone, Copy)]
+pub struct Template {
+    pub name: &'static str,
+    pub subject: &'static str,
+    pub text: &'static str,
+    pub html: &'static str,
+}
+
+/// A [`Template`] from `<calling crate>/templates/<name>.{subject,txt,html}`.
+#[macro_export]
+macro_rules! mail_template {
+    ($name:literal) => {
+        $crate::Template {
+            name: $name,
+            subject: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/", $name, ".subject")),
+            text: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/", $name, ".txt")),
+            html: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/", $name, ".html")),
+        }
+    };
+}
+
+/// A rendered message body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+}
+
+/// The registered templates. Every template sees `public_url` (links are
+/// `{{ public_url }}/path?token={{ token | urlencode }}`).
+pub struct Templates {
+    env: minijinja::Environment<'static>,
+}
+
+impl Templates {
+    /// Compiles every template now, so a broken one fails at start.
+    pub fn new(public_url: &str, sets: &[&[Template]]) -> anyhow::Result<Self> {
+        let mut env = minijinja::Environment::new();
+        env.set_auto_escape_callback(|name| {
+            if name.ends_with(".html") { minijinja::AutoEscape::Html } else { minijinja::AutoEscape::None }
+        });
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        // Operator configuration, not user input: links stay readable in HTML.
+        env.add_global("public_url", minijinja::Value::from_safe_string(public_url.trim_end_matches('/').to_owned()));
+        for template in sets.iter().flat_map(|s| s.iter()) {
+            for (suffix, source) in [("subject", template.subject), ("txt", template.text), ("html", template.html)] {
+                env.add_template_owned(format!("{}.{suffix}", template.name), source)
+                    .with_context(|| format!("mail template {}.{suffix}", template.name))?;
+            }
+        }
+        Ok(Self { env })
+    }
+
+    pub fn render(&self, name: &str, data: &serde_json::Value) -> anyhow::Result<Rendered> {
+        let part = |suffix: &str| -> anyhow::Result<String> {
+            let key = format!("{name}.{suffix}");
+            let template = self.env.get_template(&key).with_context(|| format!("no mail template {key}"))?;
+            template.render(data).with_context(|| format!("rendering {key}"))
+        };
+        // A subject is one header line: no line breaks or control characters.
+        let subject: String = part("subject")?
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect::<String>()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(Rendered { subject, text: part("txt")?, html: part("html")? })
+    }
+}
+
+/// Where messages go.
+pub enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    /// No SMTP configured: each message becomes `<folder>/<id>.eml`.
+    Folder(PathBuf),
+}
+
+impl Transport {
+    /// SMTP from a URL (`smtp://`, `smtps://`, `smtp://...?tls=required` for
+    /// STARTTLS, optional `user:password@`), else the folder.
+    pub fn from_settings(smtp_url: Option<&str>, folder: PathBuf) -> anyhow::Result<Self> {
+        match smtp_url {
+            Some(url) => {
+                let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+                    .context("PLINTH_SMTP_URL is not a valid SMTP URL")?
+                    .timeout(Some(Duration::from_secs(20)))
+                    .pool_config(PoolConfig::new().max_size(4).idle_timeout(Duration::from_secs(30)))
+                    .build();
+                Ok(Self::Smtp(transport))
+            }
+            None => {
+                std::fs::create_dir_all(&folder)
+                    .with_context(|| format!("creating the mail folder {}", folder.display()))?;
+                Ok(Self::Folder(folder))
+            }
+        }
+    }
+}
+
+/// What happened to a message.
+enum Sent {
+    Accepted(String),
+    Rejected(String),
+}
+
+/// Delivers outbox messages; registered as the `mail.deliver` job handler.
+pub struct Mailer {
+    db: Db,
+    transport: Transport,
+    from: Mailbox,
+    templates: Templates,
+}
+
+impl Mailer {
+    pub fn new(db: Db, transport: Transport, from: &str, templates: Templates) -> anyhow::Result<Self> {
+        let from: Mailbox = from.parse().context("PLINTH_MAIL_FROM is not a valid mailbox")?;
+        Ok(Self { db, transport, from, templates })
+    }
+
+    pub fn handler(self: &Arc<Self>) -> jobs::Handler {
+        let this = Arc::clone(self);
+        Arc::new(move |job| {
+            let this = Arc::clone(&this);
+            Box::pin(async move { this.deliver(job).await })
+        })
+    }
+
+    async fn deliver(&self, job: ClaimedJob) -> Result<(), JobError> {
+        let outbox_id = job
+            .payload
+            .get("outbox_id")
+            .and_then(|v| v.as_str())
+            .and_then(|s| uuid::Uuid::parse_str(s).ok())
+            .ok_or_else(|| JobError::Fatal(anyhow::anyhow!("mail job without an outbox id")))?;
+        // The row stays locked while the message is handed over, so a second
+        // run of the same job waits and then finds it sent.
+        self.db
+            .platform(async |conn| {
+                let row: Option<OutboxRow> = diesel::sql_query(
+                    "SELECT recipient, template, data, status FROM public.mail_outbox WHERE id = $1 FOR UPDATE",
+                )
+                .bind::<SqlUuid, _>(outbox_id)
+                .get_result(conn)
+                .await
+                .optional_row()?;
+                let Some(row) = row else {
+                    return Err(JobError::Fatal(anyhow::anyhow!("outbox message {outbox_id} does not exist")));
+                };
+                if row.status != "queued" {
+                    tracing::info!(mail.id = %outbox_id, status = row.status, "mail already handled");
+                    return Ok(());
+                }
+                let sent = match self.render(outbox_id, &row) {
+                    Ok(message) => self.send(message).await?,
+                    Err(err) => Sent::Rejected(format!("could not build the message: {err:#}")),
+                };
+                let (status, response) = match &sent {
+                    Sent::Accepted(r) => ("sent", r.as_str()),
+                    Sent::Rejected(r) => ("failed", r.as_str()),
+                };
+                diesel::sql_query(
+                    "UPDATE public.mail_outbox SET status = $2, smtp_response = $3, data = '{}', \
+                     sent_at = CASE WHEN $2 = 'sent' THEN now() END WHERE id = $1",
+                )
+                .bind::<SqlUuid, _>(outbox_id)
+                .bind::<Text, _>(status)
+                .bind::<Text, _>(response)
+                .execute(conn)
+                .await?;
+                match sent {
+                    Sent::Accepted(_) => {
+                        tracing::info!(mail.id = %outbox_id, mail.template = row.template, "mail sent")
+                    }
+                    Sent::Rejected(reason) => tracing::warn!(
+                        mail.id = %outbox_id,
+                        mail.template = row.template,
+                        reason = redact_addresses(&reason),
+                        "mail rejected for good"
+                    ),
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    fn render(&self, id: uuid::Uuid, row: &OutboxRow) -> anyhow::Result<Message> {
+        let rendered = self.templates.render(&row.template, &row.data)?;
+        let to: lettre::Address = row.recipient.parse().context("recipient")?;
+        let domain = self.from.email.domain().to_owned();
+        Message::builder()
+            .from(self.from.clone())
+            .to(Mailbox::new(None, to))
+            .subject(rendered.subject)
+            .message_id(Some(format!("<{}@{domain}>", id.simple())))
+            .multipart(MultiPart::alternative_plain_html(rendered.text, rendered.html))
+            .context("building the message")
+    }
+
+    async fn send(&self, message: Message) -> Result<Sent, JobError> {
+        match &self.transport {
+            Transport::Smtp(smtp) => match smtp.send(message).await {
+                Ok(response) => Ok(Sent::Accepted(format!(
+                    "{} {}",
+                    response.code(),
+                    response.message().collect::<Vec<_>>().join(" ")
+                ))),
+                Err(err) if err.is_permanent() => Ok(Sent::Rejected(err.to_string())),
+                Err(err) => Err(JobError::Retry(anyhow::Error::new(err).context("SMTP delivery failed"))),
+            },
+            Transport::Folder(folder) => {
+                let files = AsyncFileTransport::<Tokio1Executor>::new(folder);
+                let id = files
+                    .send(message)
+                    .await
+                    .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("writing the mail file")))?;
+                let path = folder.join(format!("{id}.eml"));
+                tracing::info!(path = %path.display(), "mail written to a file (no SMTP configured)");
+                Ok(Sent::Accepted(format!("written to {}", path.display())))
+            }
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct OutboxRow {
+    #[diesel(sql_type = Text)]
+    recipient: String,
+    #[diesel(sql_type = Text)]
+    template: String,
+    #[diesel(sql_type = Jsonb)]
+    data: serde_json::Value,
+    #[diesel(sql_type = Text)]
+    status: String,
+}
+
+trait OptionalRow<T> {
+    fn optional_row(self) -> Result<Option<T>, diesel::result::Error>;
+}
+
+impl<T> OptionalRow<T> for Result<T, diesel::result::Error> {
+    fn optional_row(self) -> Result<Option<T>, diesel::result::Error> {
+        diesel::OptionalExtension::optional(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_addresses_are_parsed_and_normalized() {
+        assert_eq!(EmailAddress::parse("  Ada@Example.COM ").map(|e| e.0), Ok("ada@example.com".to_owned()));
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@localhost",
+            "a b@example.com",
+            "ada@example.com\r\nBcc: x@y.z",
+            &format!("{}@example.com", "a".repeat(250)),
+        ] {
+            assert!(EmailAddress::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_redacted_from_loggable_text() {
+        let reply = "permanent error (550): 5.1.1 <grace@example.com>: Recipient address rejected";
+        assert_eq!(redact_addresses(reply), "permanent error (550): 5.1.1 [address] Recipient address rejected");
+        assert_eq!(redact_addresses("no address here"), "no address here");
+    }
+
+    #[test]
+    fn html_is_escaped_and_subjects_stay_one_line() -> anyhow::Result<()> {
+        let templates = Templates::new(
+            "https://app.example.com/",
+            &[&[Template {
+                name: "t",
+                subject: "Join {{ org }}",
+                text: "{{ org }} {{ public_url }}/x?token={{ token | urlencode }}",
+                html: "<p>{{ org }}</p>",
+            }]],
+        )?;
+        let data = serde_json::json!({ "org": "<b>A&B</b>\r\nBcc: evil@example.com", "token": "a b/c" });
+        let r = templates.render("t", &data)?;
+        assert_eq!(r.subject, "Join <b>A&B</b> Bcc: evil@example.com");
+        assert!(r.text.ends_with("https://app.example.com/x?token=a%20b/c"), "{}", r.text);
+        assert!(r.html.contains("&lt;b&gt;A&amp;B&lt;&#x2f;b&gt;"), "{}", r.html);
+        assert!(templates.render("t", &serde_json::json!({})).is_err(), "missing data is an error, not blank");
+        Ok(())
+    }
+}
