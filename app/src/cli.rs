@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use plinth_tenants::migrate::{self, MigrateEvent, MigrateOptions, TENANT_MIGRATIONS, TenantOutcome};
 use plinth_tenants::{Db, DbConfig, Slug, Tenant, TenantStatus, registry};
 
+use plinth_identity::users::find_id_by_email;
 use plinth_jobs as jobs;
 use plinth_mail::EmailAddress;
 use plinth_tenants::audit::Actor;
@@ -341,7 +342,11 @@ async fn jobs_command(command: JobsCommand, db: &Db) -> anyhow::Result<ExitCode>
 async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) -> anyhow::Result<ExitCode> {
     match command {
         BillingCommand::Events { parked, limit } => {
-            let client = db.platform(async |c| Ok::<_, anyhow::Error>(list_events(c, parked, limit).await?)).await?;
+            let client = db
+                .platform(async |c| {
+                    Ok::<_, anyhow::Error>(plinth_billing::webhook::list_events(c, parked, limit).await?)
+                })
+                .await?;
             println!("{:<32} {:<40} {:<9} {:<20} reason", "id", "type", "status", "received");
             for e in client {
                 println!(
@@ -396,50 +401,7 @@ async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) 
     Ok(ExitCode::SUCCESS)
 }
 
-#[derive(diesel::QueryableByName)]
-struct StoredEvent {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    id: String,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-    kind: Option<String>,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    status: String,
-    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
-    received_at: chrono::DateTime<chrono::Utc>,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-    parked_reason: Option<String>,
-}
-
-async fn list_events(
-    c: &mut diesel_async::AsyncPgConnection,
-    parked: bool,
-    limit: i64,
-) -> diesel::QueryResult<Vec<StoredEvent>> {
-    use diesel_async::RunQueryDsl as _;
-    diesel::sql_query(
-        "SELECT id, type AS kind, status, received_at, parked_reason FROM public.stripe_events \
-         WHERE (NOT $1 OR status = 'parked') ORDER BY received_at DESC LIMIT $2",
-    )
-    .bind::<diesel::sql_types::Bool, _>(parked)
-    .bind::<diesel::sql_types::BigInt, _>(limit)
-    .load(c)
-    .await
-}
-
 async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCode> {
-    let find_user = async |c: &mut diesel_async::AsyncPgConnection, email: &EmailAddress| {
-        use diesel_async::RunQueryDsl as _;
-        #[derive(diesel::QueryableByName)]
-        struct Row {
-            #[diesel(sql_type = diesel::sql_types::Uuid)]
-            id: uuid::Uuid,
-        }
-        let rows: Vec<Row> = diesel::sql_query("SELECT id FROM public.users WHERE email = $1")
-            .bind::<diesel::sql_types::Text, _>(email.as_str())
-            .load(c)
-            .await?;
-        Ok::<_, anyhow::Error>(rows.into_iter().next().map(|r| r.id))
-    };
     match command {
         AdminCommand::CreateSuperuser { email, password_stdin } => {
             let email = EmailAddress::parse(&email).map_err(|e| anyhow::anyhow!("--email: {e}"))?;
@@ -460,7 +422,7 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
             };
             let created = db
                 .platform(async |c| {
-                    let (user, created) = match (find_user(c, &email).await?, &hash) {
+                    let (user, created) = match (find_id_by_email(c, &email).await?.map(|u| u.0), &hash) {
                         (Some(id), _) => (id, false),
                         (None, Some(hash)) => {
                             let user = plinth_identity::accounts::insert_user(c, &email, hash)
@@ -480,7 +442,7 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
         AdminCommand::RevokeSuperuser { email } => {
             let email = EmailAddress::parse(&email).map_err(|e| anyhow::anyhow!("--email: {e}"))?;
             let revoked = db
-                .platform(async |c| match find_user(c, &email).await? {
+                .platform(async |c| match find_id_by_email(c, &email).await?.map(|u| u.0) {
                     Some(id) => Ok::<_, anyhow::Error>(plinth_admin::platform::revoke(c, id).await?),
                     None => Ok(false),
                 })

@@ -36,6 +36,7 @@ use diesel::sql_types::{Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_access::{Catalog, catalog::FREE, change_plan};
 use plinth_http::ApiError;
+use plinth_identity::members;
 use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
 use plinth_mail::{self as mail, EmailAddress, Mail};
 use plinth_tenants::audit::Actor;
@@ -134,14 +135,6 @@ struct SubscriptionRow {
     deleted: bool,
     #[diesel(sql_type = Nullable<Timestamptz>)]
     past_due_since: Option<DateTime<Utc>>,
-}
-
-#[derive(QueryableByName)]
-struct Owner {
-    #[diesel(sql_type = Text)]
-    email: String,
-    #[diesel(sql_type = SqlUuid)]
-    user_id: uuid::Uuid,
 }
 
 /// Why an event waits.
@@ -694,14 +687,7 @@ async fn notify_owners(
     make: impl Fn(EmailAddress, TenantId, &str, String) -> Mail,
 ) -> Result<(), Park> {
     let t = registry::find_by_id(c, tenant).await?.ok_or_else(|| Park(format!("no tenant {tenant}")))?;
-    let owners: Vec<Owner> = diesel::sql_query(
-        "SELECT u.email, u.id AS user_id FROM public.memberships m JOIN public.users u ON u.id = m.user_id \
-         WHERE m.tenant_id = $1 AND m.role = 'owner'",
-    )
-    .bind::<SqlUuid, _>(tenant.0)
-    .load(c)
-    .await?;
-    for owner in owners {
+    for owner in members::owners(c, tenant).await? {
         let Ok(to) = EmailAddress::parse(&owner.email) else { continue };
         let key = format!("stripe:{event_id}:{}", owner.user_id);
         mail::queue(c, make(to, tenant, &t.name, key))

@@ -11,13 +11,12 @@
 //! and nothing is stored. Each stored event is processed by a job queued
 //! in the same transaction (see [`crate::process`]).
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::ApiError;
+use plinth_jobs as jobs;
 use plinth_tenants::Db;
 use serde_json::json;
 use stripe_webhook::{Webhook, WebhookError};
@@ -148,7 +147,7 @@ pub async fn receive(
         })
         .await?;
     if stored && parked.is_none() {
-        wake_workers(db);
+        jobs::wake_soon(db);
     }
     Ok(match (stored, parked) {
         (false, _) => Received::Duplicate { id },
@@ -160,50 +159,9 @@ pub async fn receive(
 /// The inbox key of a signed body without a usable id: its hash, so a
 /// redelivery is still recognised.
 fn body_key(payload: &str) -> String {
-    let digest = plinth_identity::sessions::hash_token(payload);
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(payload.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("unparsed_{}", &hex[..32])
-}
-
-/// When the inbox last woke the job workers (ms since the epoch), and
-/// whether a trailing wake is pending.
-static LAST_WAKE: AtomicI64 = AtomicI64::new(0);
-static WAKE_PENDING: AtomicBool = AtomicBool::new(false);
-const WAKE_EVERY_MS: i64 = 20;
-
-/// Wakes the job workers (NOTIFY `plinth_jobs`) for a newly queued event:
-/// at once if the last wake is 20 ms old, otherwise once 20 ms after it,
-/// so a burst costs one NOTIFY per 20 ms and its last event is never left
-/// to the workers' 1 s poll.
-fn wake_workers(db: &Db) {
-    let now = Utc::now().timestamp_millis();
-    let last = AtomicI64::load(&LAST_WAKE, Ordering::SeqCst);
-    let delay = if now - last >= WAKE_EVERY_MS
-        && LAST_WAKE.compare_exchange(last, now, Ordering::SeqCst, Ordering::SeqCst).is_ok()
-    {
-        None
-    } else if WAKE_PENDING.swap(true, Ordering::SeqCst) {
-        return;
-    } else {
-        Some(std::time::Duration::from_millis(WAKE_EVERY_MS as u64))
-    };
-    let db = db.clone();
-    tokio::spawn(async move {
-        if let Some(delay) = delay {
-            tokio::time::sleep(delay).await;
-            WAKE_PENDING.store(false, Ordering::SeqCst);
-            LAST_WAKE.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
-        }
-        let woke = db
-            .statement(async |c| {
-                diesel::sql_query("SELECT pg_notify('plinth_jobs', '')").execute(c).await?;
-                Ok::<_, ApiError>(())
-            })
-            .await;
-        if let Err(err) = woke {
-            tracing::warn!(error = %err, "waking the job workers failed; they poll within a second");
-        }
-    });
 }
 
 #[derive(diesel::QueryableByName)]
@@ -214,8 +172,13 @@ struct Inserted {
 
 /// Inserts the event and, when it is new and readable, the job that
 /// processes it (the same row `jobs::enqueue` writes, deduplicated by event
-/// id); a known id only has its duplicates counted. One statement, so one
-/// round trip and no explicit transaction.
+/// id, with `wake = false`: the inbox wakes the workers itself through
+/// `jobs::wake_soon`); a known id only has its duplicates counted.
+///
+/// Raw SQL and a second writer of `public.jobs` on purpose: one statement
+/// is one round trip with no explicit transaction, which is what holds
+/// intake at its measured rate (`docs/benchmarks.md`, webhook intake); the
+/// jobs crate owns every other statement on that table.
 async fn insert(
     conn: &mut AsyncPgConnection,
     id: &str,
@@ -233,8 +196,8 @@ async fn insert(
            ON CONFLICT (id) DO UPDATE SET duplicates = public.stripe_events.duplicates + 1 \
            RETURNING (xmax = 0) AS inserted), \
          job AS ( \
-           INSERT INTO public.jobs (id, kind, payload, dedup_key, run_at, max_attempts) \
-           SELECT $7, $8, $9, $1, now(), $10 FROM event WHERE event.inserted AND $6::text IS NULL \
+           INSERT INTO public.jobs (id, kind, payload, dedup_key, run_at, max_attempts, wake) \
+           SELECT $7, $8, $9, $1, now(), $10, false FROM event WHERE event.inserted AND $6::text IS NULL \
            ON CONFLICT (kind, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING) \
          SELECT inserted FROM event",
     )
@@ -251,6 +214,37 @@ async fn insert(
     .get_result(conn)
     .await?;
     Ok(row.inserted)
+}
+
+#[derive(diesel::QueryableByName)]
+/// A stored event, as `plinth billing events` lists it.
+pub struct StoredEvent {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub id: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub kind: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub status: String,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub received_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub parked_reason: Option<String>,
+}
+
+/// The newest stored events (only the parked ones with `parked`).
+pub async fn list_events(
+    c: &mut diesel_async::AsyncPgConnection,
+    parked: bool,
+    limit: i64,
+) -> diesel::QueryResult<Vec<StoredEvent>> {
+    diesel::sql_query(
+        "SELECT id, type AS kind, status, received_at, parked_reason FROM public.stripe_events \
+         WHERE (NOT $1 OR status = 'parked') ORDER BY received_at DESC LIMIT $2",
+    )
+    .bind::<diesel::sql_types::Bool, _>(parked)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .load(c)
+    .await
 }
 
 #[derive(Debug, thiserror::Error)]

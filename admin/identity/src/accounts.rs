@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::limits::{RateLimitConfig, RateLimits, count};
 use crate::password::{self, Hashing};
-use crate::tokens::{self, UserIdRow, invalid_token, issue_token, redeem_token};
+use crate::tokens::{self, invalid_token, issue_token, redeem_token};
 
 /// Settings of the identity routes.
 #[derive(Debug, Clone)]
@@ -591,13 +591,9 @@ async fn request_password_reset(
 /// Queues a reset link if `email` has an account.
 async fn send_password_reset(db: &Db, cfg: &IdentityConfig, email: EmailAddress) -> Result<(), ApiError> {
     db.platform(async |c| {
-        let rows: Vec<UserIdRow> = diesel::sql_query("SELECT id AS user_id FROM public.users WHERE email = $1")
-            .bind::<Text, _>(email.as_str())
-            .load(c)
-            .await?;
-        if let Some(user) = rows.into_iter().next() {
+        if let Some(user) = crate::users::find_id_by_email(c, &email).await? {
             let ttl = cfg.password_reset_ttl;
-            let (token_id, token) = issue_token(c, user.user_id, "password_reset", ttl).await?;
+            let (token_id, token) = issue_token(c, user.0, "password_reset", ttl).await?;
             let minutes = u32::try_from(ttl.as_secs() / 60).unwrap_or(u32::MAX);
             let message =
                 crate::mail::password_reset(email.clone(), &token, minutes, format!("password_reset:{token_id}"));

@@ -15,6 +15,8 @@
 //! - [`tokens`]: single-use tokens sent by mail.
 //! - [`limits`]: the rate limits of these routes and of invitations.
 //! - [`mail`]: the identity mail templates.
+//! - [`users`]: finders on the users table for other crates and the CLI.
+//! - [`schema`]: diesel's `table!` declarations of identity's tables.
 
 pub mod accounts;
 pub mod api_keys;
@@ -22,6 +24,8 @@ pub mod limits;
 pub mod mail;
 pub mod members;
 pub mod password;
+pub mod schema;
 pub mod sessions;
 pub mod tokens;
 pub mod totp;
+pub mod users;

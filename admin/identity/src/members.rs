@@ -46,6 +46,26 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/invitations/accept", web::post().to(accept));
 }
 
+/// An owner of a tenant, for mail about the organization.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Owner {
+    #[diesel(sql_type = SqlUuid)]
+    pub user_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    pub email: String,
+}
+
+/// The owners of `tenant`.
+pub async fn owners(conn: &mut AsyncPgConnection, tenant: TenantId) -> diesel::QueryResult<Vec<Owner>> {
+    diesel::sql_query(
+        "SELECT u.id AS user_id, u.email FROM public.memberships m JOIN public.users u ON u.id = m.user_id \
+         WHERE m.tenant_id = $1 AND m.role = 'owner'",
+    )
+    .bind::<SqlUuid, _>(tenant.0)
+    .load(conn)
+    .await
+}
+
 fn caller(ctx: &TenantContext) -> Option<UserId> {
     ctx.principal.user_id()
 }
