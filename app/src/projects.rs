@@ -288,26 +288,26 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource("/v1/projects")
             .get(list_projects_route)
             .post(create_project_route)
-            .default_service(web::to(crate::startup::not_found)),
+            .default_service(web::to(crate::routes::not_found)),
     )
     .service(
         web::resource("/v1/projects/{id}")
             .get(get_project_route)
             .patch(update_project_route)
             .delete(delete_project_route)
-            .default_service(web::to(crate::startup::not_found)),
+            .default_service(web::to(crate::routes::not_found)),
     )
     .service(
         web::resource("/v1/projects/{id}/tasks")
             .get(list_tasks_route)
             .post(create_task_route)
-            .default_service(web::to(crate::startup::not_found)),
+            .default_service(web::to(crate::routes::not_found)),
     )
     .service(
         web::resource("/v1/tasks/{id}")
             .patch(update_task_route)
             .delete(delete_task_route)
-            .default_service(web::to(crate::startup::not_found)),
+            .default_service(web::to(crate::routes::not_found)),
     );
 }
 

@@ -8,6 +8,8 @@
 use std::sync::LazyLock;
 
 use actix_web::dev::ResourceDef;
+use actix_web::{HttpRequest, HttpResponse, ResponseError as _};
+use plinth_http::ApiError;
 
 /// (method, pattern) of every route.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -65,6 +67,20 @@ pub fn allowed_methods(path: &str) -> Vec<&'static str> {
         DEFS.iter().filter(|(_, def)| def.is_match(path)).map(|(method, _)| *method).collect();
     methods.dedup();
     methods
+}
+
+/// No route matched. A path that some route serves with another method is
+/// 405 with `Allow`; anything else is 404.
+pub(crate) async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let allowed = allowed_methods(req.path());
+    if allowed.is_empty() {
+        return Err(ApiError::NotFound("route"));
+    }
+    let mut res = ApiError::MethodNotAllowed.error_response();
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&allowed.join(", ")) {
+        res.headers_mut().insert(actix_web::http::header::ALLOW, value);
+    }
+    Ok(res)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, ResponseError as _, web};
+use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use plinth_access::Access;
 use plinth_access::authn::Authenticate;
@@ -121,7 +121,7 @@ impl Application {
                 .configure(crate::projects::configure)
                 .configure(plinth_billing::webhook::configure)
                 .configure(plinth_billing::api::configure)
-                .default_service(web::to(not_found))
+                .default_service(web::to(crate::routes::not_found))
         })
         .workers(workers)
         // Per worker; beyond it connections wait in the listen backlog
@@ -169,18 +169,4 @@ async fn ready(db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
         Ok(Err(err)) => Err(ApiError::Unavailable(anyhow::anyhow!("database check failed: {err}"))),
         Err(_) => Err(ApiError::Unavailable(anyhow::anyhow!("database check timed out"))),
     }
-}
-
-/// No route matched. A path that some route serves with another method is
-/// 405 with `Allow`; anything else is 404.
-pub(crate) async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let allowed = crate::routes::allowed_methods(req.path());
-    if allowed.is_empty() {
-        return Err(ApiError::NotFound("route"));
-    }
-    let mut res = ApiError::MethodNotAllowed.error_response();
-    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&allowed.join(", ")) {
-        res.headers_mut().insert(actix_web::http::header::ALLOW, value);
-    }
-    Ok(res)
 }

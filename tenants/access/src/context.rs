@@ -5,8 +5,12 @@
 
 use std::sync::Arc;
 
+use crate::catalog::{Plan, Quota};
+use crate::engine::Access;
+use crate::model::Subject;
+use crate::quota;
 use crate::roles::Role;
-use crate::{Access, Plan, Quota, Subject, TenantPolicy, quota};
+use crate::snapshot::TenantPolicy;
 use plinth_http::error::ApiError;
 use plinth_http::request::RequestId;
 use plinth_tenants::db::{Db, PoolError, TenantConn, TxFn};

@@ -1,7 +1,6 @@
 //! The engine: two casbin copies kept current from PostgreSQL, and the
 //! decision for one subject, tenant and need.
 
-use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -12,6 +11,7 @@ use diesel_async::RunQueryDsl;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::catalog::Catalog;
+use crate::model::{Decision, Need, Subject, feature_node};
 use crate::snapshot::{self, Fact, Rules, Snapshot, TenantPolicy};
 
 use crate::roles::Role;
@@ -34,126 +34,8 @@ pub const API_KEYS_CHANNEL: &str = "plinth_api_keys";
 /// NOTIFY channel: a platform admin grant changed (payload: user id).
 pub const PLATFORM_ADMINS_CHANNEL: &str = "plinth_platform_admins";
 
-/// Who a check is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Subject {
-    /// A user, as a member of a tenant.
-    Member(TenantId, UserId),
-    /// An API key of a tenant.
-    Key(TenantId, uuid::Uuid),
-    /// A user on platform routes.
-    User(UserId),
-}
-
-impl fmt::Display for Subject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Member(t, u) => write!(f, "member:{}:{}", t.0, u.0),
-            Self::Key(t, k) => write!(f, "key:{}:{k}", t.0),
-            Self::User(u) => write!(f, "user:{}", u.0),
-        }
-    }
-}
-
-/// What a route is about to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Read,
-    Write,
-    Delete,
-    /// Administering: members, API keys, the audit log, billing, tenants.
-    Manage,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Read => "read",
-            Self::Write => "write",
-            Self::Delete => "delete",
-            Self::Manage => "manage",
-        }
-    }
-}
-
-/// What a route needs: an action on a resource, and a plan feature or none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Need {
-    pub resource: &'static str,
-    pub action: Action,
-    pub feature: Option<&'static str>,
-}
-
 fn uuid(s: &str) -> Option<uuid::Uuid> {
     uuid::Uuid::parse_str(s).ok()
-}
-
-pub(crate) fn feature_node(feature: &str) -> String {
-    format!("feature:{feature}")
-}
-
-/// The answer to one check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Allowed; `rule` is the role template that matched, as in the policy file.
-    Allowed { rule: String },
-    /// The role does not allow it: 403 `forbidden`.
-    Forbidden,
-    /// The role allows it, the plan does not include the feature: 402
-    /// `plan_required`, naming the cheapest plan that does.
-    PlanRequired { feature: &'static str, plan: Option<String> },
-}
-
-impl Decision {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Allowed { .. } => "allowed",
-            Self::Forbidden => "forbidden",
-            Self::PlanRequired { .. } => "plan_required",
-        }
-    }
-}
-
-/// Moves a tenant to `plan` (a plan of `catalog`; otherwise 400) and, if it
-/// changed, records `plan.changed` in the tenant's audit log with `from`,
-/// `to` and `details`. The trigger on `tenants` tells every instance's
-/// policy. Returns the tenant and whether the plan changed; `None` if there
-/// is no such tenant (or it is being deleted).
-pub async fn change_plan(
-    conn: &mut PgConn,
-    catalog: &Catalog,
-    id: TenantId,
-    plan: &str,
-    actor: plinth_tenants::audit::Actor,
-    details: serde_json::Value,
-) -> Result<Option<(plinth_tenants::registry::Tenant, bool)>, ApiError> {
-    if catalog.get(plan).is_none() {
-        let known: Vec<_> = catalog.plans().iter().map(|p| p.name.as_str()).collect();
-        return Err(ApiError::invalid_fields(vec![plinth_http::error::FieldError::new(
-            "plan",
-            "invalid",
-            format!("must be one of {}", known.join(", ")),
-        )]));
-    }
-    let Some((tenant, before)) = plinth_tenants::registry::set_plan(conn, id, plan).await? else { return Ok(None) };
-    let changed = before != plan;
-    if changed {
-        let mut all = serde_json::json!({ "from": before, "to": plan });
-        if let (Some(all), serde_json::Value::Object(more)) = (all.as_object_mut(), details) {
-            all.extend(more);
-        }
-        let entry = plinth_tenants::audit::Entry {
-            actor,
-            action: "plan.changed",
-            target_type: Some("tenant"),
-            target_id: Some(tenant.id.to_string()),
-            ip: None,
-            request_id: None,
-            details: all,
-        };
-        plinth_tenants::audit::record(conn, &tenant.schema, entry).await?;
-    }
-    Ok(Some((tenant, changed)))
 }
 
 /// What the policy holds for one caller, ready to be checked.

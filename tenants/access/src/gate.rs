@@ -32,7 +32,8 @@ use plinth_tenants::registry::TenantStatus;
 
 use crate::authn::{Authenticate, Credential, bearer};
 use crate::context::{Principal, TenantContext};
-use crate::engine::{Access, Decision, Need, Subject};
+use crate::engine::Access;
+use crate::model::{Decision, Need, Subject};
 use crate::resolve::TenantResolver;
 
 /// What one route needs; implemented by the types [`requirements!`] declares.

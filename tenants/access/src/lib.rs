@@ -27,7 +27,7 @@
 //!   host, a custom domain or `X-Tenant`.
 //!
 //! Modules: [`authn`], [`catalog`], [`context`], [`engine`], [`gate`],
-//! [`quota`], [`resolve`], [`roles`]; `links` (casbin's role manager
+//! [`model`], [`plans`], [`quota`], [`resolve`], [`roles`]; `links` (casbin's role manager
 //! replacement) and `snapshot` (the facts the engine holds) are private.
 
 pub mod authn;
@@ -36,6 +36,8 @@ pub mod context;
 pub mod engine;
 pub mod gate;
 mod links;
+pub mod model;
+pub mod plans;
 pub mod quota;
 pub mod resolve;
 pub mod roles;
@@ -43,7 +45,12 @@ mod snapshot;
 
 pub use catalog::{Catalog, Plan, Quota};
 pub use context::{Principal, TenantContext};
-pub use engine::*;
+pub use engine::{
+    API_KEYS_CHANNEL, Access, Asked, Change, MEMBERSHIPS_CHANNEL, MODEL, PLATFORM_ADMINS_CHANNEL, POLICY,
+    TENANT_POLICY_CHANNEL,
+};
 pub use gate::{Allowed, PlatformAllowed};
+pub use model::{Action, Decision, Need, Subject};
+pub use plans::change_plan;
 pub use roles::Role;
 pub use snapshot::TenantPolicy;

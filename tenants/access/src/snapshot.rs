@@ -2,7 +2,7 @@
 //! every link, and the maps that say which subjects and tenants it knows.
 //!
 //! A snapshot is changed only by the policy writer, and only while no check
-//! can see it (see `super::Access`): `apply` is given the same facts, in the
+//! can see it (see `crate::Access`): `apply` is given the same facts, in the
 //! same order, for both copies, so they stay identical.
 
 use std::collections::{HashMap, HashSet};
@@ -12,9 +12,9 @@ use std::sync::Arc;
 use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, NullAdapter, RoleManager};
 use parking_lot::RwLock;
 
-use super::catalog::Catalog;
-use super::links::LinkGraph;
-use super::{Need, Subject};
+use crate::catalog::Catalog;
+use crate::links::LinkGraph;
+use crate::model::{Need, Subject, feature_node};
 use crate::roles::Role;
 use plinth_tenants::ids::{TenantId, UserId};
 
@@ -153,7 +153,7 @@ impl Snapshot {
                     graph.link(&plan_node(&plan.name), &plan_node(included));
                 }
                 for feature in &plan.own_features {
-                    graph.link(&plan_node(&plan.name), &super::feature_node(feature));
+                    graph.link(&plan_node(&plan.name), &feature_node(feature));
                 }
             }
         }
@@ -278,6 +278,6 @@ impl Snapshot {
 
     /// Whether `plan` (a catalog plan) grants `feature`, by the same graph.
     pub fn plan_grants(&self, plan: &str, feature: &str) -> bool {
-        self.links.read().reaches(&plan_node(plan), &super::feature_node(feature))
+        self.links.read().reaches(&plan_node(plan), &feature_node(feature))
     }
 }

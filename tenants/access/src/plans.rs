@@ -1,0 +1,50 @@
+//! Changing a tenant's plan: the registry row, the audit entry, and (through
+//! the trigger on `tenants`) every instance's policy.
+
+use plinth_http::ApiError;
+use plinth_tenants::db::PgConn;
+use plinth_tenants::ids::TenantId;
+
+use crate::catalog::Catalog;
+
+/// Moves a tenant to `plan` (a plan of `catalog`; otherwise 400) and, if it
+/// changed, records `plan.changed` in the tenant's audit log with `from`,
+/// `to` and `details`. The trigger on `tenants` tells every instance's
+/// policy. Returns the tenant and whether the plan changed; `None` if there
+/// is no such tenant (or it is being deleted).
+pub async fn change_plan(
+    conn: &mut PgConn,
+    catalog: &Catalog,
+    id: TenantId,
+    plan: &str,
+    actor: plinth_tenants::audit::Actor,
+    details: serde_json::Value,
+) -> Result<Option<(plinth_tenants::registry::Tenant, bool)>, ApiError> {
+    if catalog.get(plan).is_none() {
+        let known: Vec<_> = catalog.plans().iter().map(|p| p.name.as_str()).collect();
+        return Err(ApiError::invalid_fields(vec![plinth_http::error::FieldError::new(
+            "plan",
+            "invalid",
+            format!("must be one of {}", known.join(", ")),
+        )]));
+    }
+    let Some((tenant, before)) = plinth_tenants::registry::set_plan(conn, id, plan).await? else { return Ok(None) };
+    let changed = before != plan;
+    if changed {
+        let mut all = serde_json::json!({ "from": before, "to": plan });
+        if let (Some(all), serde_json::Value::Object(more)) = (all.as_object_mut(), details) {
+            all.extend(more);
+        }
+        let entry = plinth_tenants::audit::Entry {
+            actor,
+            action: "plan.changed",
+            target_type: Some("tenant"),
+            target_id: Some(tenant.id.to_string()),
+            ip: None,
+            request_id: None,
+            details: all,
+        };
+        plinth_tenants::audit::record(conn, &tenant.schema, entry).await?;
+    }
+    Ok(Some((tenant, changed)))
+}
