@@ -189,7 +189,7 @@ async fn platform_admin(app: &TestApp, lobby: &Tenant) -> TestResult<String> {
     // A session for a fresh user: made as a member of a throwaway tenant.
     let token = member(&app.db, lobby, Role::Viewer).await?;
     let id: uuid::Uuid = user_id_of(app, &lobby.slug, &token).await?.parse()?;
-    app.db.platform(async |c| Ok::<_, ApiError>(plinth_admin::platform::grant(c, id).await?)).await?;
+    app.db.platform(async |c| Ok::<_, ApiError>(plinth_access::grants::grant(c, id).await?)).await?;
     Ok(token)
 }
 

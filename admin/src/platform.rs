@@ -2,8 +2,8 @@
 //! suspend and reactivate them, change their plan, delete them.
 //!
 //! The grant is a row in `public.platform_admins` (`plinth admin
-//! create-superuser`), separate from any tenant role. A signed-in user
-//! without it gets 403 on every route here.
+//! create-superuser`, kept by `plinth_access::grants`), separate from any
+//! tenant role. A signed-in user without it gets 403 on every route here.
 
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
@@ -36,24 +36,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/tenants/{id}/reactivate", web::post().to(reactivate))
             .route("/tenants/{id}/plan", web::put().to(set_plan)),
     );
-}
-
-/// Grants the platform admin role to `user` (idempotent).
-pub async fn grant(conn: &mut AsyncPgConnection, user: uuid::Uuid) -> diesel::QueryResult<()> {
-    diesel::sql_query("INSERT INTO public.platform_admins (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind::<SqlUuid, _>(user)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Takes the platform admin role away; false if `user` did not hold it.
-pub async fn revoke(conn: &mut AsyncPgConnection, user: uuid::Uuid) -> diesel::QueryResult<bool> {
-    Ok(diesel::sql_query("DELETE FROM public.platform_admins WHERE user_id = $1")
-        .bind::<SqlUuid, _>(user)
-        .execute(conn)
-        .await?
-        > 0)
 }
 
 /// Suspends or reactivates a tenant and records it in the tenant's audit log.

@@ -432,7 +432,7 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
                         }
                         (None, None) => bail!("no account has this address; pass --password-stdin to create one"),
                     };
-                    plinth_admin::platform::grant(c, user).await?;
+                    plinth_access::grants::grant(c, user).await?;
                     Ok::<_, anyhow::Error>(created)
                 })
                 .await?;
@@ -443,7 +443,7 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
             let email = EmailAddress::parse(&email).map_err(|e| anyhow::anyhow!("--email: {e}"))?;
             let revoked = db
                 .platform(async |c| match find_id_by_email(c, &email).await?.map(|u| u.0) {
-                    Some(id) => Ok::<_, anyhow::Error>(plinth_admin::platform::revoke(c, id).await?),
+                    Some(id) => Ok::<_, anyhow::Error>(plinth_access::grants::revoke(c, id).await?),
                     None => Ok(false),
                 })
                 .await?;

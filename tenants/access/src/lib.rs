@@ -27,7 +27,7 @@
 //!   host, a custom domain or `X-Tenant`.
 //!
 //! Modules: [`authn`], [`catalog`], [`context`], [`engine`], [`gate`],
-//! [`model`], [`plans`], [`quota`], [`resolve`], [`roles`]; `links` (casbin's role manager
+//! [`grants`], [`model`], [`plans`], [`quota`], [`resolve`], [`roles`]; `links` (casbin's role manager
 //! replacement) and `snapshot` (the facts the engine holds) are private.
 
 pub mod authn;
@@ -35,6 +35,7 @@ pub mod catalog;
 pub mod context;
 pub mod engine;
 pub mod gate;
+pub mod grants;
 mod links;
 pub mod model;
 pub mod plans;
