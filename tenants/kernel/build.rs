@@ -5,6 +5,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // `embed_migrations!` (platform migrations) reads its folder at compile
+    // time but does not tell cargo; without this a new platform migration
+    // would not be embedded until something else rebuilt the crate.
+    let platform = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations/platform");
+    println!("cargo:rerun-if-changed={}", platform.display());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations/tenant");
     println!("cargo:rerun-if-changed={}", root.display());
     let mut dirs: Vec<_> = std::fs::read_dir(&root)?
