@@ -240,3 +240,64 @@ async fn a_cancelled_tenant_transaction_never_reaches_the_next_user() -> TestRes
     assert_eq!(half_done, 0, "a cancelled transaction's writes were committed");
     Ok(())
 }
+
+/// Platform rows that belong to a tenant (memberships, invitations, API
+/// keys) are reached only through the tenant's own scope: an owner acting in
+/// their own tenant, naming another tenant's member or key, finds nothing
+/// and changes nothing.
+#[tokio::test]
+async fn another_tenants_members_and_keys_are_out_of_reach_from_ones_own() -> TestResult {
+    let app = TestApp::spawn().await?;
+    app.create_tenant_on("alpha", "pro").await?;
+    let bravo = app.create_tenant_on("bravo", "pro").await?;
+    crate::harness::member(&app.db, &bravo, plinth_access::Role::Member).await?;
+    let listed: Value = app.req(Method::GET, "bravo", "/v1/members").send().await?.json().await?;
+    let bravo_member = listed["data"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["role"] == "member"))
+        .and_then(|m| m["user_id"].as_str())
+        .ok_or("bravo has no plain member")?
+        .to_owned();
+    let bravo_email = listed["data"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["role"] == "member"))
+        .and_then(|m| m["email"].as_str())
+        .ok_or("no email")?
+        .to_owned();
+    let key: Value = app
+        .req(Method::POST, "bravo", "/v1/api-keys")
+        .json(&json!({ "name": "ci", "role": "member" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let bravo_key = key["api_key"]["id"].as_str().ok_or("no key id")?.to_owned();
+
+    // From alpha, as alpha's owner, aimed at bravo's rows.
+    let path = format!("/v1/members/{bravo_member}");
+    let patch = app.req(Method::PATCH, "alpha", &path).json(&json!({ "role": "admin" })).send().await?;
+    assert_error(patch, 404, "not_found").await?;
+    assert_error(app.req(Method::DELETE, "alpha", &path).send().await?, 404, "not_found").await?;
+    let key_path = format!("/v1/api-keys/{bravo_key}");
+    assert_error(app.req(Method::DELETE, "alpha", &key_path).send().await?, 404, "not_found").await?;
+    let alpha_members: Value = app.req(Method::GET, "alpha", "/v1/members").send().await?.json().await?;
+    assert!(!alpha_members.to_string().contains(&bravo_member), "{alpha_members}");
+    let alpha_keys: Value = app.req(Method::GET, "alpha", "/v1/api-keys").send().await?.json().await?;
+    assert!(!alpha_keys.to_string().contains(&bravo_key), "{alpha_keys}");
+    // Membership elsewhere is not membership here: alpha may invite bravo's member.
+    let invited =
+        app.req(Method::POST, "alpha", "/v1/invitations").json(&json!({ "email": bravo_email, "role": "viewer" }));
+    assert_eq!(invited.send().await?.status(), 201);
+
+    // Bravo's rows are as they were, and bravo's audit log holds nothing from alpha.
+    let after: Value = app.req(Method::GET, "bravo", "/v1/members").send().await?.json().await?;
+    let role = after["data"].as_array().and_then(|m| m.iter().find(|m| m["user_id"] == bravo_member.as_str()));
+    assert_eq!(role.map(|m| m["role"].clone()), Some(json!("member")), "{after}");
+    let keys: Value = app.req(Method::GET, "bravo", "/v1/api-keys").send().await?.json().await?;
+    assert!(keys.to_string().contains(&bravo_key), "{keys}");
+    let log: Value = app.req(Method::GET, "bravo", "/v1/audit-log").send().await?.json().await?;
+    let actions: Vec<&str> =
+        log["data"].as_array().into_iter().flatten().filter_map(|e| e["action"].as_str()).collect();
+    assert!(actions.iter().all(|a| *a == "api_key.created"), "{actions:?}");
+    Ok(())
+}

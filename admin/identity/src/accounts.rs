@@ -469,7 +469,7 @@ async fn record_in_every_tenant_of(
     for row in schemas {
         let schema = SchemaName::from_stored(row.schema_name)
             .map_err(|s| ApiError::Internal(anyhow::anyhow!("malformed schema name {s:?}")))?;
-        audit::record(conn, &schema, entry.clone()).await?;
+        audit::record_as_system(conn, &schema, entry.clone()).await?;
     }
     Ok(())
 }

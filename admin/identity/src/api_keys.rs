@@ -18,7 +18,7 @@ use plinth_access::Role;
 use plinth_access::{Allowed, Principal, requirements};
 use plinth_http::request::{Json, Validator};
 use plinth_http::{ApiError, FieldError};
-use plinth_tenants::Db;
+use plinth_tenants::TenantRows;
 use plinth_tenants::audit;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -64,7 +64,7 @@ struct NewKey {
     role: String,
 }
 
-async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKey>) -> Result<HttpResponse, ApiError> {
+async fn create(ctx: Allowed<ManageApiKeys>, body: Json<NewKey>) -> Result<HttpResponse, ApiError> {
     Validator::default().text("name", &body.0.name, 1, 100, false).finish()?;
     let role = match Role::parse(&body.0.role) {
         Some(role) if role != Role::Owner => role,
@@ -81,15 +81,14 @@ async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKe
     }
     let (key, hash) = sessions::new_api_key().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
     let prefix: String = key.chars().take(12).collect();
-    let (tenant, creator, name) =
-        (ctx.tenant.id.0, ctx.principal.user_id().map(|u| u.0), body.0.name.trim().to_owned());
+    let (creator, name) = (ctx.principal.user_id().map(|u| u.0), body.0.name.trim().to_owned());
     let minted_by = match &ctx.principal {
         Principal::ApiKey { key_id } => Some(*key_id),
         Principal::User { .. } => None,
     };
-    let (schema, entry) = (ctx.tenant.schema.clone(), ctx.audit_entry("api_key.created"));
-    let row: KeyRow = db
-        .platform(async |c| {
+    let entry = ctx.audit_entry("api_key.created");
+    let row: KeyRow = ctx
+        .rows(async |rows| {
             if let Some(parent) = minted_by {
                 // Locks the minting key, so revoking it waits for this key to
                 // exist and then revokes it too.
@@ -97,13 +96,13 @@ async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKe
                     "SELECT id FROM public.api_keys WHERE id = $1 AND revoked_at IS NULL FOR UPDATE",
                 )
                 .bind::<SqlUuid, _>(parent)
-                .load(c)
+                .load(rows.conn())
                 .await?;
                 if live.is_empty() {
                     return Err(ApiError::Unauthenticated);
                 }
             }
-            ctx.reserve(c, Quota::ApiKeys).await?;
+            ctx.reserve(rows.conn(), Quota::ApiKeys).await?;
             let row: KeyRow = diesel::sql_query(
                 "INSERT INTO public.api_keys (id, tenant_id, name, role, prefix, token_hash, created_by, created_by_key) \
                  VALUES ($1, $2, $3, $4, $5, $6, \
@@ -111,17 +110,17 @@ async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKe
                  RETURNING id, name, role, prefix, created_at, last_used_at",
             )
             .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
-            .bind::<SqlUuid, _>(tenant)
+            .bind::<SqlUuid, _>(rows.tenant_id().0)
             .bind::<Text, _>(&name)
             .bind::<Text, _>(role.as_str())
             .bind::<Text, _>(&prefix)
             .bind::<Bytea, _>(&hash[..])
             .bind::<Nullable<SqlUuid>, _>(creator)
             .bind::<Nullable<SqlUuid>, _>(minted_by)
-            .get_result(c)
+            .get_result(rows.conn())
             .await?;
             let details = json!({ "name": row.name, "role": row.role, "prefix": row.prefix });
-            audit::record(c, &schema, entry.target("api_key", row.id).details(details)).await?;
+            audit::record(rows, entry.target("api_key", row.id).details(details)).await?;
             Ok::<_, ApiError>(row)
         })
         .await?;
@@ -129,49 +128,47 @@ async fn create(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>, body: Json<NewKe
     Ok(HttpResponse::Created().json(json!({ "api_key": row, "key": key })))
 }
 
-async fn list(ctx: Allowed<ManageApiKeys>, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
-    let tenant = ctx.tenant.id.0;
-    let keys: Vec<KeyRow> = db
-        .platform(async |c| {
-            diesel::sql_query(
-                "SELECT id, name, role, prefix, created_at, last_used_at FROM public.api_keys \
-                 WHERE tenant_id = $1 AND revoked_at IS NULL ORDER BY created_at",
-            )
-            .bind::<SqlUuid, _>(tenant)
-            .load(c)
-            .await
-            .map_err(ApiError::from)
-        })
-        .await?;
+async fn list(ctx: Allowed<ManageApiKeys>) -> Result<HttpResponse, ApiError> {
+    let keys = ctx.rows(async |rows| Ok::<_, ApiError>(live_keys(rows).await?)).await?;
     Ok(HttpResponse::Ok().json(json!({ "data": keys })))
 }
 
-async fn revoke(
-    ctx: Allowed<ManageApiKeys>,
-    db: web::Data<Db>,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+/// The tenant's live (unrevoked) API keys, oldest first.
+async fn live_keys(rows: &mut TenantRows<'_>) -> diesel::QueryResult<Vec<KeyRow>> {
+    let tenant = rows.tenant_id().0;
+    diesel::sql_query(
+        "SELECT id, name, role, prefix, created_at, last_used_at FROM public.api_keys \
+         WHERE tenant_id = $1 AND revoked_at IS NULL ORDER BY created_at",
+    )
+    .bind::<SqlUuid, _>(tenant)
+    .load(rows.conn())
+    .await
+}
+
+/// Revokes the tenant's key `id`; false if the tenant has no such live key.
+async fn revoke_key(rows: &mut TenantRows<'_>, id: uuid::Uuid) -> diesel::QueryResult<bool> {
+    let tenant = rows.tenant_id().0;
+    let n = diesel::sql_query(
+        "UPDATE public.api_keys SET revoked_at = now() WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL",
+    )
+    .bind::<SqlUuid, _>(id)
+    .bind::<SqlUuid, _>(tenant)
+    .execute(rows.conn())
+    .await?;
+    Ok(n == 1)
+}
+
+async fn revoke(ctx: Allowed<ManageApiKeys>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = uuid::Uuid::parse_str(&path).map_err(|_| ApiError::NotFound("API key"))?;
-    let tenant = ctx.tenant.id.0;
-    let (schema, entry) = (ctx.tenant.schema.clone(), ctx.audit_entry("api_key.revoked").target("api_key", id));
-    let revoked = db
-        .platform(async |c| {
-            let n = diesel::sql_query(
-                "UPDATE public.api_keys SET revoked_at = now() WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL",
-            )
-            .bind::<SqlUuid, _>(id)
-            .bind::<SqlUuid, _>(tenant)
-            .execute(c)
-            .await?;
-            if n == 1 {
-                audit::record(c, &schema, entry).await?;
-            }
-            Ok::<_, ApiError>(n)
-        })
-        .await?;
-    if revoked == 0 {
-        return Err(ApiError::NotFound("API key"));
-    }
+    let entry = ctx.audit_entry("api_key.revoked").target("api_key", id);
+    ctx.rows(async |rows| {
+        if !revoke_key(rows, id).await? {
+            return Err(ApiError::NotFound("API key"));
+        }
+        audit::record(rows, entry).await?;
+        Ok(())
+    })
+    .await?;
     tracing::info!(api_key.id = %id, "API key revoked");
     Ok(HttpResponse::NoContent().finish())
 }

@@ -20,7 +20,7 @@ use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
 use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::registry;
-use plinth_tenants::{Db, TenantId, UserId};
+use plinth_tenants::{Db, TenantId, TenantRows, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -89,21 +89,21 @@ struct MemberRow {
 }
 
 /// `GET /v1/members` (admins).
-async fn list(ctx: Allowed<ManageMembers>, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
-    let tenant = ctx.tenant.id.0;
-    let members: Vec<MemberRow> = db
-        .platform(async |c| {
-            diesel::sql_query(
-                "SELECT u.id AS user_id, u.email, m.role, m.created_at AS joined_at FROM public.memberships m \
-                 JOIN public.users u ON u.id = m.user_id WHERE m.tenant_id = $1 ORDER BY m.created_at, u.email",
-            )
-            .bind::<SqlUuid, _>(tenant)
-            .load(c)
-            .await
-            .map_err(ApiError::from)
-        })
-        .await?;
+async fn list(ctx: Allowed<ManageMembers>) -> Result<HttpResponse, ApiError> {
+    let members = ctx.rows(async |rows| Ok::<_, ApiError>(members_of(rows).await?)).await?;
     Ok(HttpResponse::Ok().json(json!({ "data": members })))
+}
+
+/// The tenant's members, in the order they joined.
+async fn members_of(rows: &mut TenantRows<'_>) -> diesel::QueryResult<Vec<MemberRow>> {
+    let tenant = rows.tenant_id().0;
+    diesel::sql_query(
+        "SELECT u.id AS user_id, u.email, m.role, m.created_at AS joined_at FROM public.memberships m \
+         JOIN public.users u ON u.id = m.user_id WHERE m.tenant_id = $1 ORDER BY m.created_at, u.email",
+    )
+    .bind::<SqlUuid, _>(tenant)
+    .load(rows.conn())
+    .await
 }
 
 #[derive(QueryableByName)]
@@ -116,21 +116,18 @@ struct RoleRow {
 
 /// The tenant's memberships that matter for the owner rules, locked for the
 /// rest of the transaction: the target's, and every owner's.
-async fn lock_owners_and(
-    conn: &mut AsyncPgConnection,
-    tenant: uuid::Uuid,
-    target: uuid::Uuid,
-) -> Result<(Option<Role>, usize), ApiError> {
-    let rows: Vec<RoleRow> = diesel::sql_query(
+async fn lock_owners_and(rows: &mut TenantRows<'_>, target: uuid::Uuid) -> Result<(Option<Role>, usize), ApiError> {
+    let tenant = rows.tenant_id().0;
+    let found: Vec<RoleRow> = diesel::sql_query(
         "SELECT user_id, role FROM public.memberships WHERE tenant_id = $1 AND (role = 'owner' OR user_id = $2) \
          ORDER BY user_id FOR UPDATE",
     )
     .bind::<SqlUuid, _>(tenant)
     .bind::<SqlUuid, _>(target)
-    .load(conn)
+    .load(rows.conn())
     .await?;
-    let target_role = rows.iter().find(|r| r.user_id == target).and_then(|r| Role::parse(&r.role));
-    let owners = rows.iter().filter(|r| r.role == "owner").count();
+    let target_role = found.iter().find(|r| r.user_id == target).and_then(|r| Role::parse(&r.role));
+    let owners = found.iter().filter(|r| r.role == "owner").count();
     Ok((target_role, owners))
 }
 
@@ -147,16 +144,16 @@ struct RoleBody {
 /// `PATCH /v1/members/{user_id}` {role}.
 async fn change_role(
     ctx: Allowed<ManageMembers>,
-    db: web::Data<Db>,
     path: web::Path<String>,
     body: Json<RoleBody>,
 ) -> Result<HttpResponse, ApiError> {
     let user = target(&path)?;
     let new_role = parse_role("role", &body.0.role)?;
-    let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
+    let caller_role = ctx.role;
     let entry = ctx.audit_entry("member.role_changed").target("user", user);
-    db.platform(async |c| {
-        let (current, owners) = lock_owners_and(c, tenant, user).await?;
+    ctx.rows(async |rows| {
+        let tenant = rows.tenant_id().0;
+        let (current, owners) = lock_owners_and(rows, user).await?;
         let current = current.ok_or(ApiError::NotFound("member"))?;
         if (new_role == Role::Owner || current == Role::Owner) && caller_role != Role::Owner {
             return Err(ApiError::Forbidden);
@@ -168,9 +165,9 @@ async fn change_role(
             .bind::<SqlUuid, _>(tenant)
             .bind::<SqlUuid, _>(user)
             .bind::<Text, _>(new_role.as_str())
-            .execute(c)
+            .execute(rows.conn())
             .await?;
-        audit::record(c, &schema, entry.details(json!({ "from": current, "to": new_role }))).await?;
+        audit::record(rows, entry.details(json!({ "from": current, "to": new_role }))).await?;
         Ok::<_, ApiError>(())
     })
     .await?;
@@ -179,17 +176,18 @@ async fn change_role(
 }
 
 /// `DELETE /v1/members/{user_id}`: the member loses access at once.
-async fn remove(ctx: Allowed<Leave>, db: web::Data<Db>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn remove(ctx: Allowed<Leave>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let user = target(&path)?;
     // Anyone may leave; removing someone else takes an admin.
     if caller(&ctx).map(|u| u.0) != Some(user) {
         ctx.require::<ManageMembers>().await?;
     }
-    let (tenant, caller_role, schema) = (ctx.tenant.id.0, ctx.role, ctx.tenant.schema.clone());
+    let caller_role = ctx.role;
     let action = if caller(&ctx).map(|u| u.0) == Some(user) { "member.left" } else { "member.removed" };
     let entry = ctx.audit_entry(action).target("user", user);
-    db.platform(async |c| {
-        let (current, owners) = lock_owners_and(c, tenant, user).await?;
+    ctx.rows(async |rows| {
+        let tenant = rows.tenant_id().0;
+        let (current, owners) = lock_owners_and(rows, user).await?;
         let current = current.ok_or(ApiError::NotFound("member"))?;
         if current == Role::Owner && caller_role != Role::Owner {
             return Err(ApiError::Forbidden);
@@ -200,9 +198,9 @@ async fn remove(ctx: Allowed<Leave>, db: web::Data<Db>, path: web::Path<String>)
         diesel::sql_query("DELETE FROM public.memberships WHERE tenant_id = $1 AND user_id = $2")
             .bind::<SqlUuid, _>(tenant)
             .bind::<SqlUuid, _>(user)
-            .execute(c)
+            .execute(rows.conn())
             .await?;
-        audit::record(c, &schema, entry.details(json!({ "role": current }))).await?;
+        audit::record(rows, entry.details(json!({ "role": current }))).await?;
         Ok::<_, ApiError>(())
     })
     .await?;
@@ -241,7 +239,6 @@ struct InvitationRow {
 /// can flood an inbox with a subject of its choosing.
 async fn invite(
     ctx: Allowed<ManageMembers>,
-    db: web::Data<Db>,
     limits: web::Data<RateLimits>,
     body: Json<InviteBody>,
 ) -> Result<HttpResponse, ApiError> {
@@ -264,15 +261,15 @@ async fn invite(
     let tenant = ctx.tenant.clone();
     let inviter = caller(&ctx);
     let entry = ctx.audit_entry("invitation.sent");
-    let invitation = db
-        .platform(async |c| {
+    let invitation = ctx
+        .rows(async |rows| {
             let already: Vec<RoleRow> = diesel::sql_query(
                 "SELECT m.user_id, m.role FROM public.memberships m JOIN public.users u ON u.id = m.user_id \
                  WHERE m.tenant_id = $1 AND u.email = $2",
             )
-            .bind::<SqlUuid, _>(tenant.id.0)
+            .bind::<SqlUuid, _>(rows.tenant_id().0)
             .bind::<Text, _>(email.as_str())
-            .load(c)
+            .load(rows.conn())
             .await?;
             if !already.is_empty() {
                 return Err(ApiError::Conflict("this address is already a member".into()));
@@ -283,12 +280,12 @@ async fn invite(
                 "SELECT id FROM public.invitations WHERE tenant_id = $1 AND email = $2 \
                  AND accepted_at IS NULL AND expires_at > now()",
             )
-            .bind::<SqlUuid, _>(tenant.id.0)
+            .bind::<SqlUuid, _>(rows.tenant_id().0)
             .bind::<Text, _>(email.as_str())
-            .load(c)
+            .load(rows.conn())
             .await?;
             if pending.is_empty() {
-                ctx.reserve(c, Quota::Members).await?;
+                ctx.reserve(rows.conn(), Quota::Members).await?;
             }
             let row: InvitationRow = diesel::sql_query(
                 "INSERT INTO public.invitations (id, tenant_id, email, role, token_hash, invited_by, expires_at) \
@@ -299,21 +296,21 @@ async fn invite(
                  RETURNING id, sent, expires_at",
             )
             .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
-            .bind::<SqlUuid, _>(tenant.id.0)
+            .bind::<SqlUuid, _>(rows.tenant_id().0)
             .bind::<Text, _>(email.as_str())
             .bind::<Text, _>(role.as_str())
             .bind::<Bytea, _>(&hash[..])
             .bind::<Nullable<SqlUuid>, _>(inviter.map(|u| u.0))
             .bind::<Integer, _>(i32::try_from(INVITATION_DAYS).unwrap_or(7))
-            .get_result(c)
+            .get_result(rows.conn())
             .await?;
             let inviter_email: Vec<MemberRow> = diesel::sql_query(
                 "SELECT u.id AS user_id, u.email, m.role, m.created_at AS joined_at FROM public.users u \
                  JOIN public.memberships m ON m.user_id = u.id AND m.tenant_id = $2 WHERE u.id = $1",
             )
             .bind::<Nullable<SqlUuid>, _>(inviter.map(|u| u.0))
-            .bind::<SqlUuid, _>(tenant.id.0)
-            .load(c)
+            .bind::<SqlUuid, _>(rows.tenant_id().0)
+            .load(rows.conn())
             .await?;
             let inviter_name =
                 inviter_email.into_iter().next().map(|m| m.email).unwrap_or_else(|| "A colleague".into());
@@ -326,9 +323,9 @@ async fn invite(
                 &token,
                 format!("invitation:{}:{}", row.id, row.sent),
             );
-            mail::queue(c, message).await?;
+            mail::queue(rows.conn(), message).await?;
             let details = json!({ "email": email, "role": role, "sent": row.sent });
-            audit::record(c, &tenant.schema, entry.target("invitation", row.id).details(details)).await?;
+            audit::record(rows, entry.target("invitation", row.id).details(details)).await?;
             Ok::<_, ApiError>(row)
         })
         .await?;
@@ -484,7 +481,7 @@ async fn accept(
                 Some(id) => id.stamp(entry),
                 None => entry,
             };
-            audit::record(c, &tenant.schema, entry).await?;
+            audit::record_as_system(c, &tenant.schema, entry).await?;
             Ok::<_, ApiError>((user, session))
         })
         .await?;

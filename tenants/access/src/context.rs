@@ -13,7 +13,7 @@ use crate::roles::Role;
 use crate::snapshot::TenantPolicy;
 use plinth_http::error::ApiError;
 use plinth_http::request::RequestId;
-use plinth_tenants::db::{Db, PoolError, TenantConn, TxFn};
+use plinth_tenants::db::{Db, PoolError, TenantConn, TenantRows, TxFn};
 use plinth_tenants::ids::UserId;
 use plinth_tenants::registry::Tenant;
 
@@ -69,6 +69,18 @@ impl TenantContext {
         R: Send,
     {
         self.db.tenant(self.tenant.scope(), f).await
+    }
+
+    /// Runs `f` in a platform transaction bound to this request's tenant:
+    /// the way to the tenant's platform rows (memberships, API keys,
+    /// invitations) and its audit log.
+    pub async fn rows<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        for<'r, 'c> F: TxFn<&'r mut TenantRows<'c>, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        self.db.tenant_rows(self.tenant.scope(), f).await
     }
 
     /// The tenant's plan in the catalog.

@@ -1,13 +1,15 @@
 //! The audit log: an append-only table in each tenant's schema.
 //!
-//! [`record`] writes with the caller's connection, inside the transaction of
-//! the action it records (platform or tenant-scoped: the table is named with
-//! its schema), so an action and its audit entry commit or roll back
-//! together.
+//! [`record`] writes through the [`TenantRows`] handle of the tenant whose
+//! log it is, inside the transaction of the action it records, so an action
+//! and its audit entry commit or roll back together. Flows that are not one
+//! tenant's request (the CLI, Stripe, platform admins, a login) use
+//! [`record_as_system`], which names the schema.
 
 use diesel::sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
+use crate::db::TenantRows;
 use crate::ids::SchemaName;
 
 /// Who did it.
@@ -84,8 +86,22 @@ impl Entry {
     }
 }
 
-/// Appends `entry` to the audit log of the tenant whose schema is `schema`.
-pub async fn record(conn: &AsyncPgConnection, schema: &SchemaName, entry: Entry) -> diesel::QueryResult<()> {
+/// Appends `entry` to the audit log of the tenant `rows` is bound to, in
+/// the transaction of the change it records. Request paths write the log
+/// this way only.
+pub async fn record(rows: &mut TenantRows<'_>, entry: Entry) -> diesel::QueryResult<()> {
+    let schema = rows.schema().clone();
+    insert(rows.conn(), &schema, entry).await
+}
+
+/// Appends `entry` to the audit log of the tenant whose schema is `schema`,
+/// for flows that are not one tenant's request: the CLI, Stripe's events,
+/// platform admins, and a login (recorded in every tenant of the user).
+pub async fn record_as_system(conn: &AsyncPgConnection, schema: &SchemaName, entry: Entry) -> diesel::QueryResult<()> {
+    insert(conn, schema, entry).await
+}
+
+async fn insert(conn: &AsyncPgConnection, schema: &SchemaName, entry: Entry) -> diesel::QueryResult<()> {
     let (actor_type, actor_id) = entry.actor.parts();
     let sql = format!(
         "INSERT INTO {}.audit_log (id, actor_type, actor_id, action, target_type, target_id, ip, request_id, details) \

@@ -172,6 +172,26 @@ impl Db {
         f(&mut conn).await
     }
 
+    /// Runs `f` in a platform transaction bound to one tenant: the platform
+    /// rows that belong to it (memberships, API keys, invitations, custom
+    /// domains) are reached only through store functions that take the
+    /// [`TenantRows`] handle and scope every statement to its tenant, and
+    /// the tenant's audit log is written through it.
+    pub async fn tenant_rows<R, E, F>(&self, tenant: TenantScope<'_>, f: F) -> Result<R, E>
+    where
+        for<'r, 'c> F: TxFn<&'r mut TenantRows<'c>, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        let mut conn = self.conn().await?;
+        AnsiTransactionManager::begin_transaction(&mut *conn).await?;
+        let result = {
+            let mut rows = TenantRows { conn: &mut conn, tenant_id: tenant.id, schema: tenant.schema };
+            f(&mut rows).await
+        };
+        finish(&mut conn, result).await
+    }
+
     /// Runs `f` in a transaction scoped to one tenant's schema.
     ///
     /// `BEGIN` and `SET LOCAL search_path` travel in one simple-protocol
@@ -284,6 +304,35 @@ impl<'c> TenantConn<'c> {
             // The schema is missing (tenant being deleted) or not first on the path.
             Err(diesel::result::Error::NotFound.into())
         }
+    }
+}
+
+/// A platform connection, in a transaction, bound to one tenant (see
+/// [`Db::tenant_rows`]). Store functions for platform rows that belong to a
+/// tenant take `&mut TenantRows`, read the tenant from it and put it in
+/// every statement, so a caller cannot reach another tenant's row by
+/// forgetting a condition.
+pub struct TenantRows<'c> {
+    conn: &'c mut PgConn,
+    tenant_id: TenantId,
+    schema: &'c SchemaName,
+}
+
+impl<'c> TenantRows<'c> {
+    /// The tenant these rows belong to.
+    pub fn tenant_id(&self) -> TenantId {
+        self.tenant_id
+    }
+
+    /// The tenant's schema (for its audit log).
+    pub fn schema(&self) -> &SchemaName {
+        self.schema
+    }
+
+    /// The platform connection, for the owner's store functions; every
+    /// statement they run must be scoped to [`Self::tenant_id`].
+    pub fn conn(&mut self) -> &mut PgConn {
+        self.conn
     }
 }
 

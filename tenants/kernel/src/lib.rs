@@ -3,8 +3,9 @@
 //!
 //! - [`ids`]: the id newtypes and parsed names (`TenantId`, `UserId`, `Slug`,
 //!   `SchemaName`) and the `uuid_id!` macro for more.
-//! - [`db`]: the pool and the two transaction kinds (platform, tenant-scoped
-//!   through [`TenantConn`]).
+//! - [`db`]: the pool and the transaction kinds: platform, tenant-scoped
+//!   through [`TenantConn`], and platform rows of one tenant through
+//!   [`TenantRows`].
 //! - [`schema`]: diesel's `table!` declarations of the kernel's tables.
 //! - [`registry`]: the tenant registry in the public schema and provisioning.
 //! - [`migrate`]: platform migrations and the tenant migration orchestrator.
@@ -24,6 +25,6 @@ pub mod registry;
 pub mod schema;
 pub mod text;
 
-pub use db::{Db, DbConfig, PgConn, TenantConn};
+pub use db::{Db, DbConfig, PgConn, TenantConn, TenantRows};
 pub use ids::{SchemaName, Slug, TenantId, UserId};
 pub use registry::{Tenant, TenantStatus};
