@@ -2,7 +2,10 @@
 //! status against the status codes the guide defines, quotas under
 //! concurrency, downgrades, two instances, and 100,000 tenants loaded.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use plinth_identity::links::MembershipRoles;
 
 use plinth::projects::{NewProject, NewTask, create_project, create_task};
 use plinth_access::Role;
@@ -607,7 +610,7 @@ async fn decisions(access: &Access, subjects: &[(Subject, plinth_tenants::Tenant
 /// An engine without a listener, loaded as if one had just connected, so
 /// checks come from the engine (not from the database).
 async fn current_engine(db: &Db) -> TestResult<std::sync::Arc<Access>> {
-    let access = Access::start(db.clone(), Catalog::default_catalog()?).await?;
+    let access = Access::start(db.clone(), Catalog::default_catalog()?, Arc::new(MembershipRoles)).await?;
     (access.listen_handlers()[0].1)(plinth_tenants::notify::ListenEvent::Connected);
     access.reload().await?;
     assert!(access.is_current());
@@ -671,7 +674,7 @@ async fn while_the_listener_is_away_checks_read_the_database() -> TestResult {
     let manage = Need { resource: "members", action: Action::Manage, feature: None };
 
     // An engine with no listener: its events are played by hand.
-    let access = Access::start(db.clone(), Catalog::default_catalog()?).await?;
+    let access = Access::start(db.clone(), Catalog::default_catalog()?, Arc::new(MembershipRoles)).await?;
     let handlers = access.listen_handlers();
     let connection = &handlers[0].1;
     connection(ListenEvent::Connected);

@@ -7,13 +7,12 @@
 
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
-use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::AsyncPgConnection;
 use plinth_access::Access;
 use plinth_access::{PlatformAllowed, requirements};
 use plinth_http::ApiError;
 use plinth_http::request::{Json, Page, PageParams};
+use plinth_identity::members;
 use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::{Db, Tenant, TenantId, TenantStatus, registry};
 use serde::{Deserialize, Serialize};
@@ -66,26 +65,35 @@ fn system_entry(actor: Actor, action: &'static str, tenant: TenantId, details: s
     }
 }
 
-#[derive(Serialize, QueryableByName)]
+/// A tenant as platform admins see it.
+#[derive(Serialize)]
 struct TenantRow {
-    #[diesel(sql_type = SqlUuid)]
     id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
     slug: String,
-    #[diesel(sql_type = Text)]
     name: String,
-    #[diesel(sql_type = Text)]
-    status: String,
-    #[diesel(sql_type = Text)]
+    status: &'static str,
     plan: String,
-    #[diesel(sql_type = Timestamptz)]
     created_at: DateTime<Utc>,
-    #[diesel(sql_type = BigInt)]
     members: i64,
 }
 
-const TENANT_SELECT: &str = "SELECT t.id, t.slug, t.name, t.status, t.plan, t.created_at, \
-     (SELECT count(*) FROM public.memberships m WHERE m.tenant_id = t.id) AS members FROM public.tenants t";
+/// `tenants` with their member counts (identity counts them).
+async fn with_members(conn: &mut AsyncPgConnection, tenants: Vec<Tenant>) -> diesel::QueryResult<Vec<TenantRow>> {
+    let ids: Vec<TenantId> = tenants.iter().map(|t| t.id).collect();
+    let counts = members::counts(conn, &ids).await?;
+    Ok(tenants
+        .into_iter()
+        .map(|t| TenantRow {
+            members: counts.get(&t.id).copied().unwrap_or(0),
+            id: t.id.0,
+            slug: t.slug,
+            name: t.name,
+            status: t.status.as_str(),
+            plan: t.plan,
+            created_at: t.created_at,
+        })
+        .collect())
+}
 
 /// `GET /v1/admin/tenants`: every tenant, oldest first, paginated.
 async fn list(
@@ -94,14 +102,10 @@ async fn list(
     query: web::Query<PageParams>,
 ) -> Result<HttpResponse, ApiError> {
     let page = query.validate()?;
-    let rows: Vec<TenantRow> = db
+    let rows = db
         .platform(async |c| {
-            diesel::sql_query(format!("{TENANT_SELECT} WHERE ($1::uuid IS NULL OR t.id > $1) ORDER BY t.id LIMIT $2"))
-                .bind::<Nullable<SqlUuid>, _>(page.after)
-                .bind::<BigInt, _>(page.limit + 1)
-                .load(c)
-                .await
-                .map_err(ApiError::from)
+            let tenants = registry::page(c, page.after, page.limit + 1).await?;
+            Ok::<_, ApiError>(with_members(c, tenants).await?)
         })
         .await?;
     Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |t| t.id)))
@@ -118,13 +122,10 @@ async fn show(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
-    let rows: Vec<TenantRow> = db
+    let rows = db
         .platform(async |c| {
-            diesel::sql_query(format!("{TENANT_SELECT} WHERE t.id = $1"))
-                .bind::<SqlUuid, _>(id.0)
-                .load(c)
-                .await
-                .map_err(ApiError::from)
+            let tenants: Vec<Tenant> = registry::find_by_id(c, id).await?.into_iter().collect();
+            Ok::<_, ApiError>(with_members(c, tenants).await?)
         })
         .await?;
     let tenant = rows.into_iter().next().ok_or(ApiError::NotFound("tenant"))?;

@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 
 use actix_web::HttpResponse;
-use plinth_access::Quota;
-use plinth_access::quota::{self, Usage};
+use plinth_access::quota::Usage;
 use plinth_access::{Allowed, requirements};
 use plinth_http::ApiError;
 use serde_json::json;
@@ -21,16 +20,8 @@ pub fn configure(cfg: &mut actix_web::web::ServiceConfig) {
 
 async fn show(ctx: Allowed<ReadTenant>) -> Result<HttpResponse, ApiError> {
     let plan = ctx.plan();
-    let tenant = ctx.tenant.id;
-    let limits: BTreeMap<&str, Usage> = ctx
-        .tx(async |c| {
-            let mut limits = BTreeMap::new();
-            for q in Quota::ALL {
-                limits.insert(q.as_str(), quota::usage(c.pg(), tenant, q, plan.limit(q)).await?);
-            }
-            Ok::<_, ApiError>(limits)
-        })
-        .await?;
+    let usage = ctx.tx(async |c| ctx.usage(c.pg()).await).await?;
+    let limits: BTreeMap<&str, Usage> = usage.into_iter().map(|(q, u)| (q.as_str(), u)).collect();
     Ok(HttpResponse::Ok().json(json!({
         "tenant": &*ctx.tenant,
         "role": ctx.role,

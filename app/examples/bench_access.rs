@@ -127,7 +127,7 @@ async fn measure(size: usize) -> Result {
     let db = Db::connect(&DbConfig { pool_size: 2, ..DbConfig::new(&url) })?;
     let catalog = Catalog::default_catalog()?;
     let before = rss_kib();
-    let access = Access::start(db, catalog).await?;
+    let access = Access::start(db, catalog, std::sync::Arc::new(plinth_identity::links::MembershipRoles)).await?;
     let started = Instant::now();
     // No listener here: play its connect, so checks come from the engine.
     (access.listen_handlers()[0].1)(plinth_tenants::notify::ListenEvent::Connected);

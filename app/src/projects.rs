@@ -159,6 +159,23 @@ impl TaskChanges {
 
 // ---- store: every function takes the tenant-scoped connection ----
 
+/// Counts the projects quota. Runs on the tenant-scoped connection the
+/// reserving request holds (`projects` is found through its `search_path`).
+pub struct ProjectCount;
+
+impl plinth_access::quota::Counter for ProjectCount {
+    fn count<'a>(
+        &'a self,
+        conn: &'a diesel_async::AsyncPgConnection,
+        _tenant: plinth_tenants::TenantId,
+    ) -> futures_util::future::BoxFuture<'a, QueryResult<i64>> {
+        Box::pin(async move {
+            let mut conn = conn;
+            projects::table.count().get_result(&mut conn).await
+        })
+    }
+}
+
 pub async fn list_projects(conn: &mut TenantConn<'_>, page: PageRequest) -> QueryResult<Vec<Project>> {
     let mut query =
         projects::table.select(Project::as_select()).order(projects::id.asc()).limit(page.limit + 1).into_boxed();

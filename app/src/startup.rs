@@ -8,13 +8,15 @@ use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
-use plinth_access::Access;
 use plinth_access::authn::Authenticate;
+use plinth_access::quota::Counters;
 use plinth_access::resolve::{self, TenantResolver};
+use plinth_access::{Access, Quota};
 use plinth_http::ApiError;
 use plinth_http::request::{BodyLimit, BodyTimeout, ClientIpHeader, request_span};
 use plinth_identity::accounts::IdentityConfig;
 use plinth_identity::limits::RateLimits;
+use plinth_identity::links::MembershipRoles;
 use plinth_identity::password::Hashing;
 use plinth_identity::sessions::{self, ApiKeys, Authenticator, Sessions};
 use plinth_tenants::notify::Listener;
@@ -55,7 +57,7 @@ impl Application {
         let sessions = Sessions::new(resolver_db.clone());
         listener.on(sessions::CHANNEL, sessions.listen_handler());
         let catalog = settings.catalog()?;
-        let access = Access::start(resolver_db.clone(), catalog).await?;
+        let access = Access::start(resolver_db.clone(), catalog, Arc::new(MembershipRoles)).await?;
         for (channel, handler) in access.listen_handlers() {
             listener.on(channel, handler);
         }
@@ -84,6 +86,13 @@ impl Application {
         let stripe_api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?.map(web::Data::new);
         let client_ip_data = web::Data::new(ClientIpHeader(identity.client_ip_header.clone()));
         let identity_data = web::Data::new(identity);
+        // Each quota is counted by the crate that owns what it counts.
+        let counters = web::Data::new(
+            Counters::default()
+                .with(Quota::Projects, crate::projects::ProjectCount)
+                .with(Quota::Members, plinth_identity::members::MemberSeats)
+                .with(Quota::ApiKeys, plinth_identity::api_keys::LiveKeys),
+        );
         let next_pool = Arc::new(AtomicUsize::new(0));
         let server = HttpServer::new(move || {
             let db = pools[next_pool.fetch_add(1, Ordering::Relaxed) % pools.len()].clone();
@@ -103,6 +112,7 @@ impl Application {
                 .app_data(access_data.clone())
                 .app_data(authenticator.clone())
                 .app_data(identity_data.clone())
+                .app_data(counters.clone())
                 .app_data(client_ip_data.clone())
                 .app_data(limits_data.clone())
                 .app_data(stripe_data.clone())

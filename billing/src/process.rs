@@ -40,6 +40,7 @@ use plinth_identity::members;
 use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
 use plinth_mail::{self as mail, EmailAddress, Mail};
 use plinth_tenants::audit::Actor;
+use plinth_tenants::registry::PlanStatus;
 use plinth_tenants::{Db, TenantId, registry};
 use serde_json::{Value, json};
 use stripe_shared::{CheckoutSession, Invoice, Subscription, SubscriptionStatus};
@@ -111,12 +112,6 @@ struct EventRow {
     status: String,
     #[diesel(sql_type = Nullable<Timestamptz>)]
     created_at: Option<DateTime<Utc>>,
-}
-
-#[derive(QueryableByName)]
-struct TenantPlan {
-    #[diesel(sql_type = Text)]
-    plan: String,
 }
 
 #[derive(QueryableByName)]
@@ -526,24 +521,35 @@ impl Processor {
     pub async fn sync(&self) -> Result<Synced, ApiError> {
         let api = self.api.as_ref().ok_or(ApiError::BillingNotConfigured)?;
         #[derive(QueryableByName)]
-        struct Link {
+        struct Customer {
             #[diesel(sql_type = SqlUuid)]
             tenant_id: uuid::Uuid,
             #[diesel(sql_type = Text)]
             customer_id: String,
-            #[diesel(sql_type = Text)]
+        }
+        struct Link {
+            tenant_id: uuid::Uuid,
+            customer_id: String,
             plan: String,
         }
         let links: Vec<Link> = self
             .db
             .platform(async |c| {
-                let rows = diesel::sql_query(
-                    "SELECT b.tenant_id, b.customer_id, t.plan FROM public.billing_customers b \
-                     JOIN public.tenants t ON t.id = b.tenant_id WHERE t.status <> 'deleting' ORDER BY b.tenant_id",
-                )
-                .load(c)
-                .await?;
-                Ok::<_, ApiError>(rows)
+                let customers: Vec<Customer> =
+                    diesel::sql_query("SELECT tenant_id, customer_id FROM public.billing_customers ORDER BY tenant_id")
+                        .load(c)
+                        .await?;
+                // Plans from the registry; tenants being deleted are left alone.
+                let plans: std::collections::HashMap<uuid::Uuid, PlanStatus> =
+                    registry::plan_status(c, None).await?.into_iter().map(|p| (p.id, p)).collect();
+                let links = customers
+                    .into_iter()
+                    .filter_map(|b| {
+                        let tenant = plans.get(&b.tenant_id).filter(|p| p.status != "deleting")?;
+                        Some(Link { tenant_id: b.tenant_id, customer_id: b.customer_id, plan: tenant.plan.clone() })
+                    })
+                    .collect();
+                Ok::<_, ApiError>(links)
             })
             .await?;
         let mut synced = Synced { customers: links.len(), ..Synced::default() };
@@ -573,11 +579,8 @@ impl Processor {
                                 change_plan(c, &self.catalog, tenant, FREE, Actor::System, details).await?;
                             }
                         }
-                        let plan: Vec<TenantPlan> = diesel::sql_query("SELECT plan FROM public.tenants WHERE id = $1")
-                            .bind::<SqlUuid, _>(tenant.0)
-                            .load(c)
-                            .await?;
-                        Ok::<_, ApiError>(<[_]>::first(&plan).map(|p| p.plan.clone()))
+                        let plan = registry::plan_status(c, Some(tenant)).await?.into_iter().next();
+                        Ok::<_, ApiError>(plan.map(|p| p.plan))
                     })
                     .await
             }

@@ -19,7 +19,7 @@ use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
 use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::registry::{self, CreateError};
-use plinth_tenants::{Db, SchemaName, Slug, Tenant, UserId};
+use plinth_tenants::{Db, Slug, Tenant, TenantId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -447,29 +447,15 @@ async fn record_failure(
     .await
 }
 
-#[derive(QueryableByName)]
-struct SchemaRow {
-    #[diesel(sql_type = Text)]
-    schema_name: String,
-}
-
 /// Records `entry` in the audit log of every tenant `user` belongs to.
 async fn record_in_every_tenant_of(
     conn: &mut AsyncPgConnection,
     user: uuid::Uuid,
     entry: Entry,
 ) -> Result<(), ApiError> {
-    let schemas: Vec<SchemaRow> = diesel::sql_query(
-        "SELECT t.schema_name FROM public.memberships m JOIN public.tenants t ON t.id = m.tenant_id \
-         WHERE m.user_id = $1 AND t.status <> 'deleting'",
-    )
-    .bind::<SqlUuid, _>(user)
-    .load(conn)
-    .await?;
-    for row in schemas {
-        let schema = SchemaName::from_stored(row.schema_name)
-            .map_err(|s| ApiError::Internal(anyhow::anyhow!("malformed schema name {s:?}")))?;
-        audit::record_as_system(conn, &schema, entry.clone()).await?;
+    let tenants: Vec<TenantId> = crate::members::of_user(conn, UserId(user)).await?.into_iter().map(|m| m.0).collect();
+    for tenant in registry::find_live_by_ids(conn, &tenants).await? {
+        audit::record_as_system(conn, &tenant.schema, entry.clone()).await?;
     }
     Ok(())
 }
@@ -478,20 +464,6 @@ async fn record_in_every_tenant_of(
 async fn logout(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
     db.platform(async |c| Ok::<_, ApiError>(sessions::revoke_session(c, who.0.session_id).await?)).await?;
     Ok(HttpResponse::NoContent().finish())
-}
-
-#[derive(Serialize, QueryableByName)]
-struct MembershipRow {
-    #[diesel(sql_type = SqlUuid)]
-    tenant_id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
-    slug: String,
-    #[diesel(sql_type = Text)]
-    name: String,
-    #[diesel(sql_type = Text)]
-    status: String,
-    #[diesel(sql_type = Text)]
-    role: String,
 }
 
 /// `GET /v1/me`: the caller and their memberships.
@@ -503,21 +475,21 @@ async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiEr
                 .bind::<SqlUuid, _>(user_id)
                 .get_result(c)
                 .await?;
-            let memberships: Vec<MembershipRow> = diesel::sql_query(
-                "SELECT t.id AS tenant_id, t.slug, t.name, t.status, m.role FROM public.memberships m \
-                 JOIN public.tenants t ON t.id = m.tenant_id \
-                 WHERE m.user_id = $1 AND t.status <> 'deleting' ORDER BY t.slug",
-            )
-            .bind::<SqlUuid, _>(user_id)
-            .load(c)
-            .await?;
+            let roles: std::collections::HashMap<TenantId, String> =
+                crate::members::of_user(c, UserId(user_id)).await?.into_iter().collect();
+            let ids: Vec<TenantId> = roles.keys().copied().collect();
+            let tenants = registry::find_live_by_ids(c, &ids).await?;
+            let memberships: Vec<_> = tenants
+                .into_iter()
+                .map(|t| {
+                    let role = roles.get(&t.id).cloned().unwrap_or_default();
+                    let tenant = json!({ "id": t.id, "slug": t.slug, "name": t.name, "status": t.status.as_str() });
+                    json!({ "tenant": tenant, "role": role })
+                })
+                .collect();
             Ok::<_, ApiError>((user, memberships))
         })
         .await?;
-    let memberships: Vec<_> = memberships
-        .into_iter()
-        .map(|m| json!({ "tenant": { "id": m.tenant_id, "slug": m.slug, "name": m.name, "status": m.status }, "role": m.role }))
-        .collect();
     let totp_enabled = db
         .platform(async |c| Ok::<_, ApiError>(crate::totp::state(c, user_id, false).await?.totp_secret.is_some()))
         .await?;

@@ -12,8 +12,15 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::{ExpressionMethods as _, QueryDsl as _};
+use diesel_async::AsyncPgConnection;
 use diesel_async::RunQueryDsl;
+use futures_util::future::BoxFuture;
 use plinth_access::Quota;
+use plinth_access::quota::Counter;
+use plinth_tenants::TenantId;
+
+use crate::schema::api_keys;
 use plinth_access::Role;
 use plinth_access::{Allowed, Principal, requirements};
 use plinth_http::request::{Json, Validator};
@@ -171,4 +178,21 @@ async fn revoke(ctx: Allowed<ManageApiKeys>, path: web::Path<String>) -> Result<
     .await?;
     tracing::info!(api_key.id = %id, "API key revoked");
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Counts the API keys quota: the tenant's live keys.
+pub struct LiveKeys;
+
+impl Counter for LiveKeys {
+    fn count<'a>(&'a self, conn: &'a AsyncPgConnection, tenant: TenantId) -> BoxFuture<'a, diesel::QueryResult<i64>> {
+        Box::pin(async move {
+            let mut conn = conn;
+            api_keys::table
+                .filter(api_keys::tenant_id.eq(tenant.0))
+                .filter(api_keys::revoked_at.is_null())
+                .count()
+                .get_result(&mut conn)
+                .await
+        })
+    }
 }

@@ -14,6 +14,8 @@
 //! - [`api_keys`]: a tenant's API keys.
 //! - [`tokens`]: single-use tokens sent by mail.
 //! - [`limits`]: the rate limits of these routes and of invitations.
+//! - [`links`]: [`links::MembershipRoles`], identity's answer to the access
+//!   engine's question about roles.
 //! - [`mail`]: the identity mail templates.
 //! - [`users`]: finders on the users table for other crates and the CLI.
 //! - [`schema`]: diesel's `table!` declarations of identity's tables.
@@ -21,6 +23,7 @@
 pub mod accounts;
 pub mod api_keys;
 pub mod limits;
+pub mod links;
 pub mod mail;
 pub mod members;
 pub mod password;

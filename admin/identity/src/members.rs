@@ -11,9 +11,14 @@ use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures_util::future::BoxFuture;
 use plinth_access::Role;
+use plinth_access::quota::Counter;
 use plinth_access::{Access, Quota, quota};
+
+use crate::schema::{invitations, memberships};
 use plinth_access::{Allowed, TenantContext, requirements};
 use plinth_http::request::{Json, RequestId, client_ip};
 use plinth_http::{ApiError, FieldError};
@@ -64,6 +69,31 @@ pub async fn owners(conn: &mut AsyncPgConnection, tenant: TenantId) -> diesel::Q
     .bind::<SqlUuid, _>(tenant.0)
     .load(conn)
     .await
+}
+
+/// `user`'s memberships: tenant and role.
+pub async fn of_user(conn: &mut AsyncPgConnection, user: UserId) -> diesel::QueryResult<Vec<(TenantId, String)>> {
+    let rows: Vec<(uuid::Uuid, String)> = memberships::table
+        .filter(memberships::user_id.eq(user.0))
+        .select((memberships::tenant_id, memberships::role))
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(|(t, r)| (TenantId(t), r)).collect())
+}
+
+/// How many members each of `tenants` has (tenants without any are absent).
+pub async fn counts(
+    conn: &mut AsyncPgConnection,
+    tenants: &[TenantId],
+) -> diesel::QueryResult<std::collections::HashMap<TenantId, i64>> {
+    let ids: Vec<uuid::Uuid> = tenants.iter().map(|t| t.0).collect();
+    let rows: Vec<(uuid::Uuid, i64)> = memberships::table
+        .filter(memberships::tenant_id.eq_any(ids))
+        .group_by(memberships::tenant_id)
+        .select((memberships::tenant_id, diesel::dsl::count_star()))
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(|(t, n)| (TenantId(t), n)).collect())
 }
 
 fn caller(ctx: &TenantContext) -> Option<UserId> {
@@ -434,7 +464,7 @@ async fn accept(
             let tenant =
                 registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or(ApiError::NotFound("tenant"))?;
             let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
-            quota::reserve(c, tenant.id, Quota::Members, limit, quota::JOINED_MEMBERS_SQL).await?;
+            quota::reserve(c, tenant.id, Quota::Members, limit, &JoinedMembers).await?;
             // Use the invitation up, exactly once.
             let used = diesel::sql_query(
                 "UPDATE public.invitations SET accepted_at = now() WHERE id = $1 AND accepted_at IS NULL \
@@ -488,4 +518,40 @@ async fn accept(
     tracing::info!(invitation.id = %pending.id, user.id = %user, "invitation accepted");
     Ok(HttpResponse::Ok()
         .json(json!({ "tenant_id": pending.tenant_id, "user_id": user, "role": role, "token": token })))
+}
+
+/// Counts the members quota: members and pending invitations (an
+/// invitation holds a seat until it is accepted or expires).
+pub struct MemberSeats;
+
+impl Counter for MemberSeats {
+    fn count<'a>(&'a self, conn: &'a AsyncPgConnection, tenant: TenantId) -> BoxFuture<'a, diesel::QueryResult<i64>> {
+        Box::pin(async move {
+            let (mut members, mut pending) = (conn, conn);
+            // Both counts are sent before either answer arrives (pipelined).
+            let (joined, invited) = futures_util::try_join!(
+                memberships::table.filter(memberships::tenant_id.eq(tenant.0)).count().get_result::<i64>(&mut members),
+                invitations::table
+                    .filter(invitations::tenant_id.eq(tenant.0))
+                    .filter(invitations::accepted_at.is_null())
+                    .filter(invitations::expires_at.gt(diesel::dsl::now))
+                    .count()
+                    .get_result::<i64>(&mut pending),
+            )?;
+            Ok(joined + invited)
+        })
+    }
+}
+
+/// Counts members who joined, without pending invitations: what accepting
+/// an invitation is checked against (the invitation already holds a seat).
+pub struct JoinedMembers;
+
+impl Counter for JoinedMembers {
+    fn count<'a>(&'a self, conn: &'a AsyncPgConnection, tenant: TenantId) -> BoxFuture<'a, diesel::QueryResult<i64>> {
+        Box::pin(async move {
+            let mut conn = conn;
+            memberships::table.filter(memberships::tenant_id.eq(tenant.0)).count().get_result(&mut conn).await
+        })
+    }
 }

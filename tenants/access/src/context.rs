@@ -8,9 +8,10 @@ use std::sync::Arc;
 use crate::catalog::{Plan, Quota};
 use crate::engine::Access;
 use crate::model::Subject;
-use crate::quota;
+use crate::quota::{self, Counters};
 use crate::roles::Role;
 use crate::snapshot::TenantPolicy;
+use diesel_async::AsyncPgConnection;
 use plinth_http::error::ApiError;
 use plinth_http::request::RequestId;
 use plinth_tenants::db::{Db, PoolError, TenantConn, TenantRows, TxFn};
@@ -58,6 +59,7 @@ pub struct TenantContext {
     pub(crate) subject: Subject,
     pub(crate) db: Db,
     pub(crate) access: Arc<Access>,
+    pub(crate) counters: actix_web::web::Data<Counters>,
 }
 
 impl TenantContext {
@@ -89,22 +91,21 @@ impl TenantContext {
     }
 
     /// 402 `quota_exceeded` unless the tenant may have one more of `quota`.
-    /// Counted in `conn`'s transaction, under a per-tenant lock held until
-    /// it ends, so concurrent creates cannot overshoot the limit.
-    pub async fn reserve<C>(&self, conn: &mut C, quota: Quota) -> Result<(), ApiError>
-    where
-        C: quota::Conn,
-    {
-        quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), quota.count_sql()).await
+    /// Counted in `conn`'s transaction by the quota's registered counter,
+    /// under a per-tenant lock held until it ends, so concurrent creates
+    /// cannot overshoot the limit.
+    pub async fn reserve(&self, conn: &AsyncPgConnection, quota: Quota) -> Result<(), ApiError> {
+        let counter = self.counters.get(quota)?;
+        quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), counter).await
     }
 
-    /// Like [`TenantContext::reserve`], counting with `sql` instead (it takes
-    /// the tenant id as `$1` and returns `used`).
-    pub async fn reserve_counting<C>(&self, conn: &mut C, quota: Quota, sql: &str) -> Result<(), ApiError>
-    where
-        C: quota::Conn,
-    {
-        quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), sql).await
+    /// What the tenant uses of each quota its plan names, and the limit.
+    pub async fn usage(&self, conn: &AsyncPgConnection) -> Result<Vec<(Quota, quota::Usage)>, ApiError> {
+        let mut usage = Vec::with_capacity(Quota::ALL.len());
+        for q in Quota::ALL {
+            usage.push((q, quota::usage(conn, self.tenant.id, self.counters.get(q)?, self.plan().limit(q)).await?));
+        }
+        Ok(usage)
     }
 
     /// An audit entry for `action` by this request's caller, with its

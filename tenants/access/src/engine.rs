@@ -5,20 +5,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use diesel::QueryableByName;
-use diesel::sql_types::{Text, Uuid as SqlUuid};
-use diesel_async::RunQueryDsl;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::catalog::Catalog;
 use crate::model::{Decision, Need, Subject, feature_node};
 use crate::snapshot::{self, Fact, Rules, Snapshot, TenantPolicy};
 
-use crate::roles::Role;
+use crate::grants;
+use crate::roles::{Role, RoleSource};
 use plinth_http::error::ApiError;
 use plinth_tenants::db::{Db, PgConn};
 use plinth_tenants::ids::{TenantId, UserId};
 use plinth_tenants::notify::{Handler, ListenEvent};
+use plinth_tenants::registry::{self, PlanStatus};
 
 /// The access model (casbin), with comments.
 pub const MODEL: &str = include_str!("../../../config/access/model.conf");
@@ -75,6 +74,8 @@ pub struct Access {
     catalog: Arc<Catalog>,
     writer: mpsc::UnboundedSender<Msg>,
     db: Db,
+    /// Identity's answer to "which role does this member or key hold".
+    roles: Arc<dyn RoleSource>,
     /// Loaded while the listener has stayed connected: the engine is current.
     trusted: Arc<AtomicBool>,
     /// Bumped on every disconnect, so a reload that began before one does
@@ -86,7 +87,7 @@ impl Access {
     /// An engine that knows the templates and the catalog and learns links
     /// as they are used, until the first full load (run when the listener
     /// connects, see [`Access::listen_handlers`]) brings in the rest.
-    pub async fn start(db: Db, catalog: Catalog) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(db: Db, catalog: Catalog, roles: Arc<dyn RoleSource>) -> anyhow::Result<Arc<Self>> {
         let rules = Arc::new(Rules::parse(MODEL, POLICY)?);
         let catalog = Arc::new(catalog);
         let first = Snapshot::build(&rules, &catalog, &[]).await?;
@@ -97,6 +98,7 @@ impl Access {
         let epoch = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             db: db.clone(),
+            roles: Arc::clone(&roles),
             rules: Arc::clone(&rules),
             catalog: Arc::clone(&catalog),
             current: Arc::clone(&current),
@@ -107,7 +109,7 @@ impl Access {
             epoch: Arc::clone(&epoch),
         };
         tokio::spawn(writer.run());
-        Ok(Arc::new(Self { current, rules, catalog, writer: tx, db, trusted, epoch }))
+        Ok(Arc::new(Self { current, rules, catalog, writer: tx, db, roles, trusted, epoch }))
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -162,7 +164,8 @@ impl Access {
         tenant: TenantId,
     ) -> Result<Asked, ApiError> {
         if !AtomicBool::load(&self.trusted, Ordering::SeqCst) {
-            let (role, policy) = db.platform(async |c| read_standing(c, &self.catalog, subject, tenant).await).await?;
+            let (role, policy) =
+                db.platform(async |c| read_standing(c, &self.catalog, &*self.roles, subject, tenant).await).await?;
             let policy = policy.ok_or(ApiError::NotFound("tenant"))?;
             let ten = if policy.active { snapshot::plan_node(&policy.plan) } else { "none".to_owned() };
             let role_node = role.map(snapshot::role_node).unwrap_or_default();
@@ -212,17 +215,7 @@ impl Access {
                 .await?;
             (snapshot.platform_admin(user).unwrap_or(false), Subject::User(user).to_string(), snapshot)
         } else {
-            let rows: Vec<AdminRow> = self
-                .db
-                .platform(async |c| {
-                    let rows = diesel::sql_query(format!("{ADMINS_SQL} WHERE user_id = $1"))
-                        .bind::<SqlUuid, _>(user.0)
-                        .load(c)
-                        .await?;
-                    Ok::<_, ApiError>(rows)
-                })
-                .await?;
-            let admin = !rows.is_empty();
+            let admin = self.db.platform(async |c| Ok::<_, ApiError>(crate::grants::is_admin(c, user).await?)).await?;
             let sub = if admin { snapshot::PLATFORM_ADMIN_ROLE.to_owned() } else { String::new() };
             (admin, sub, self.snapshot())
         };
@@ -339,6 +332,7 @@ impl Access {
 /// The one task that changes snapshots.
 struct Writer {
     db: Db,
+    roles: Arc<dyn RoleSource>,
     rules: Arc<Rules>,
     catalog: Arc<Catalog>,
     current: Arc<RwLock<Arc<Snapshot>>>,
@@ -403,7 +397,8 @@ impl Writer {
         let mut seen = std::collections::HashSet::new();
         changes.retain(|c| seen.insert(*c));
         let catalog = Arc::clone(&self.catalog);
-        let facts = self.db.platform(async |c| read_changes(c, &catalog, &changes).await).await?;
+        let roles = Arc::clone(&self.roles);
+        let facts = self.db.platform(async |c| read_changes(c, &catalog, &*roles, &changes).await).await?;
         exclusive(&mut self.spare).await?.apply(&facts);
         self.swap();
         exclusive(&mut self.spare).await?.apply(&facts);
@@ -414,7 +409,8 @@ impl Writer {
     async fn reload(&mut self) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let catalog = Arc::clone(&self.catalog);
-        let facts = Arc::new(self.db.platform(async |c| read_all(c, &catalog).await).await?);
+        let roles = Arc::clone(&self.roles);
+        let facts = Arc::new(self.db.platform(async |c| read_all(c, &catalog, &*roles).await).await?);
         let (rules, catalog) = (Arc::clone(&self.rules), Arc::clone(&self.catalog));
         let build = |facts: Arc<Vec<Fact>>| {
             let (rules, catalog) = (Arc::clone(&rules), Arc::clone(&catalog));
@@ -448,43 +444,7 @@ async fn exclusive(spare: &mut Arc<Snapshot>) -> anyhow::Result<&mut Snapshot> {
     Arc::get_mut(spare).ok_or_else(|| anyhow::anyhow!("the spare policy copy is still shared"))
 }
 
-#[derive(QueryableByName)]
-struct MemberRow {
-    #[diesel(sql_type = SqlUuid)]
-    tenant_id: uuid::Uuid,
-    #[diesel(sql_type = SqlUuid)]
-    user_id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
-    role: String,
-}
-
-#[derive(QueryableByName)]
-struct KeyRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: uuid::Uuid,
-    #[diesel(sql_type = SqlUuid)]
-    tenant_id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
-    role: String,
-}
-
-#[derive(QueryableByName)]
-struct TenantRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
-    plan: String,
-    #[diesel(sql_type = Text)]
-    status: String,
-}
-
-#[derive(QueryableByName)]
-struct AdminRow {
-    #[diesel(sql_type = SqlUuid)]
-    user_id: uuid::Uuid,
-}
-
-fn tenant_policy(catalog: &Catalog, row: TenantRow) -> Fact {
+fn tenant_policy(catalog: &Catalog, row: PlanStatus) -> Fact {
     let plan = catalog.effective(&row.plan);
     if plan.name != row.plan {
         tracing::warn!(tenant.id = %row.id, plan = row.plan, "tenant is on a plan the catalog does not list; treated as free");
@@ -497,118 +457,73 @@ fn tenant_policy(catalog: &Catalog, row: TenantRow) -> Fact {
     }
 }
 
-fn parse_role(role: &str) -> anyhow::Result<Role> {
-    Role::parse(role).ok_or_else(|| anyhow::anyhow!("unknown role {role:?} in the database"))
-}
-
-const MEMBERS_SQL: &str = "SELECT tenant_id, user_id, role FROM public.memberships";
-const KEYS_SQL: &str = "SELECT id, tenant_id, role FROM public.api_keys WHERE revoked_at IS NULL";
-const TENANTS_SQL: &str = "SELECT id, plan, status FROM public.tenants";
-const ADMINS_SQL: &str = "SELECT user_id FROM public.platform_admins";
-
-/// Every link, read in one repeatable-read transaction so they agree.
-async fn read_all(conn: &mut PgConn, catalog: &Catalog) -> anyhow::Result<Vec<Fact>> {
+/// Every link, read in one repeatable-read transaction so they agree:
+/// tenants from the registry, roles from `roles` (identity), platform
+/// admins from [`grants`].
+async fn read_all(conn: &mut PgConn, catalog: &Catalog, roles: &dyn RoleSource) -> anyhow::Result<Vec<Fact>> {
     plinth_tenants::db::batch(conn, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
     let mut facts = Vec::new();
-    let tenants: Vec<TenantRow> = diesel::sql_query(TENANTS_SQL).load(conn).await?;
+    let tenants = registry::plan_status(conn, None).await?;
     facts.extend(tenants.into_iter().map(|row| tenant_policy(catalog, row)));
-    let members: Vec<MemberRow> = diesel::sql_query(MEMBERS_SQL).load(conn).await?;
-    for m in members {
-        facts.push(Fact::Member {
-            tenant: TenantId(m.tenant_id),
-            user: UserId(m.user_id),
-            role: Some(parse_role(&m.role)?),
-        });
+    let all = roles.all(conn).await?;
+    for (tenant, user, role) in all.members {
+        facts.push(Fact::Member { tenant, user, role: Some(role) });
     }
-    let keys: Vec<KeyRow> = diesel::sql_query(KEYS_SQL).load(conn).await?;
-    for k in keys {
-        facts.push(Fact::Key { key: k.id, grant: Some((TenantId(k.tenant_id), parse_role(&k.role)?)) });
+    for (key, tenant, role) in all.keys {
+        facts.push(Fact::Key { key, grant: Some((tenant, role)) });
     }
-    let admins: Vec<AdminRow> = diesel::sql_query(ADMINS_SQL).load(conn).await?;
-    facts.extend(admins.into_iter().map(|a| Fact::PlatformAdmin { user: UserId(a.user_id), granted: true }));
+    let admins = grants::all(conn).await?;
+    facts.extend(admins.into_iter().map(|user| Fact::PlatformAdmin { user, granted: true }));
     Ok(facts)
-}
-
-#[derive(QueryableByName)]
-struct StandingRow {
-    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
-    role: Option<String>,
-    #[diesel(sql_type = Text)]
-    plan: String,
-    #[diesel(sql_type = Text)]
-    status: String,
 }
 
 /// A subject's role and its tenant's policy, read directly.
 async fn read_standing(
     conn: &mut PgConn,
     catalog: &Catalog,
+    roles: &dyn RoleSource,
     subject: Subject,
     tenant: TenantId,
 ) -> Result<(Option<Role>, Option<TenantPolicy>), ApiError> {
-    let (join, id) = match subject {
-        Subject::Member(_, user) => ("public.memberships s ON s.tenant_id = t.id AND s.user_id = $2", user.0),
-        Subject::Key(_, key) => ("public.api_keys s ON s.tenant_id = t.id AND s.id = $2 AND s.revoked_at IS NULL", key),
+    let role = match subject {
+        Subject::Member(_, user) => roles.member(conn, tenant, user).await.map_err(ApiError::Internal)?,
+        Subject::Key(_, key) => match roles.key(conn, key).await.map_err(ApiError::Internal)? {
+            Some((of, role)) if of == tenant => Some(role),
+            _ => None,
+        },
         Subject::User(_) => return Ok((None, None)),
     };
-    let rows: Vec<StandingRow> = diesel::sql_query(format!(
-        "SELECT s.role, t.plan, t.status FROM public.tenants t LEFT JOIN {join} WHERE t.id = $1"
-    ))
-    .bind::<SqlUuid, _>(tenant.0)
-    .bind::<SqlUuid, _>(id)
-    .load(conn)
-    .await?;
-    let Some(row) = rows.into_iter().next() else { return Ok((None, None)) };
-    let role = row.role.as_deref().map(parse_role).transpose()?;
-    let Fact::Tenant { policy, .. } =
-        tenant_policy(catalog, TenantRow { id: tenant.0, plan: row.plan, status: row.status })
-    else {
-        return Ok((role, None));
+    let Some(row) = registry::plan_status(conn, Some(tenant)).await?.into_iter().next() else {
+        return Ok((None, None));
     };
+    let Fact::Tenant { policy, .. } = tenant_policy(catalog, row) else { return Ok((role, None)) };
     Ok((role, policy))
 }
 
 /// The current rows behind each change; a missing row is a fact too.
-async fn read_changes(conn: &mut PgConn, catalog: &Catalog, changes: &[Change]) -> anyhow::Result<Vec<Fact>> {
+async fn read_changes(
+    conn: &mut PgConn,
+    catalog: &Catalog,
+    roles: &dyn RoleSource,
+    changes: &[Change],
+) -> anyhow::Result<Vec<Fact>> {
     let mut facts = Vec::with_capacity(changes.len());
     for change in changes {
         match *change {
             Change::Membership(tenant, user) => {
-                let rows: Vec<MemberRow> =
-                    diesel::sql_query(format!("{MEMBERS_SQL} WHERE tenant_id = $1 AND user_id = $2"))
-                        .bind::<SqlUuid, _>(tenant.0)
-                        .bind::<SqlUuid, _>(user.0)
-                        .load(conn)
-                        .await?;
-                let role = rows.into_iter().next().map(|r| parse_role(&r.role)).transpose()?;
+                let role = roles.member(conn, tenant, user).await?;
                 facts.push(Fact::Member { tenant, user, role });
             }
             Change::ApiKey(key) => {
-                let rows: Vec<KeyRow> =
-                    diesel::sql_query(format!("{KEYS_SQL} AND id = $1")).bind::<SqlUuid, _>(key).load(conn).await?;
-                let grant = rows
-                    .into_iter()
-                    .next()
-                    .map(|r| Ok::<_, anyhow::Error>((TenantId(r.tenant_id), parse_role(&r.role)?)))
-                    .transpose()?;
+                let grant = roles.key(conn, key).await?;
                 facts.push(Fact::Key { key, grant });
             }
-            Change::Tenant(tenant) => {
-                let rows: Vec<TenantRow> = diesel::sql_query(format!("{TENANTS_SQL} WHERE id = $1"))
-                    .bind::<SqlUuid, _>(tenant.0)
-                    .load(conn)
-                    .await?;
-                match rows.into_iter().next() {
-                    Some(row) => facts.push(tenant_policy(catalog, row)),
-                    None => facts.push(Fact::Tenant { tenant, policy: None }),
-                }
-            }
+            Change::Tenant(tenant) => match registry::plan_status(conn, Some(tenant)).await?.into_iter().next() {
+                Some(row) => facts.push(tenant_policy(catalog, row)),
+                None => facts.push(Fact::Tenant { tenant, policy: None }),
+            },
             Change::PlatformAdmin(user) => {
-                let rows: Vec<AdminRow> = diesel::sql_query(format!("{ADMINS_SQL} WHERE user_id = $1"))
-                    .bind::<SqlUuid, _>(user.0)
-                    .load(conn)
-                    .await?;
-                facts.push(Fact::PlatformAdmin { user, granted: !rows.is_empty() });
+                facts.push(Fact::PlatformAdmin { user, granted: grants::is_admin(conn, user).await? });
             }
         }
     }

@@ -34,6 +34,7 @@ use crate::authn::{Authenticate, Credential, bearer};
 use crate::context::{Principal, TenantContext};
 use crate::engine::Access;
 use crate::model::{Decision, Need, Subject};
+use crate::quota::Counters;
 use crate::resolve::TenantResolver;
 
 /// What one route needs; implemented by the types [`requirements!`] declares.
@@ -204,6 +205,18 @@ impl TenantContext {
         let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
         let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
         let ip = plinth_http::request::client_ip(req, header.as_deref());
-        Ok(Self { tenant, principal, role, policy, request_id, ip, subject, db: db.get_ref().clone(), access })
+        let counters = registered::<Counters>(req)?;
+        Ok(Self {
+            tenant,
+            principal,
+            role,
+            policy,
+            request_id,
+            ip,
+            subject,
+            db: db.get_ref().clone(),
+            access,
+            counters,
+        })
     }
 }

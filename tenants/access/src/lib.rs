@@ -53,5 +53,5 @@ pub use engine::{
 pub use gate::{Allowed, PlatformAllowed};
 pub use model::{Action, Decision, Need, Subject};
 pub use plans::change_plan;
-pub use roles::Role;
+pub use roles::{AllRoles, Role, RoleSource};
 pub use snapshot::TenantPolicy;

@@ -7,39 +7,46 @@
 //! nothing is locked once the transaction ends. Unlimited quotas take no
 //! lock and count nothing.
 
-use diesel::QueryableByName;
-use diesel::pg::Pg;
-use diesel::sql_types::{BigInt, Integer, Text, Uuid as SqlUuid};
-use diesel_async::{AsyncConnectionCore, RunQueryDsl};
+use std::collections::HashMap;
+use std::sync::Arc;
 
-use super::Quota;
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Integer, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use futures_util::future::BoxFuture;
+
+use crate::catalog::Quota;
 use plinth_http::error::ApiError;
 use plinth_tenants::ids::TenantId;
 
-/// A connection `reserve` can run on: a platform connection, or a
-/// tenant-scoped one (`TenantConn::pg`).
-pub trait Conn: AsyncConnectionCore<Backend = Pg> + Send {}
-impl<C: AsyncConnectionCore<Backend = Pg> + Send> Conn for C {}
+/// Counts what one quota limits for one tenant. The crate that owns the
+/// counted rows implements it (projects: the product; members and API keys:
+/// identity), and the application registers one per quota in [`Counters`].
+/// `conn` is the caller's, in its transaction: a platform connection or a
+/// tenant-scoped one.
+pub trait Counter: Send + Sync + 'static {
+    fn count<'a>(&'a self, conn: &'a AsyncPgConnection, tenant: TenantId) -> BoxFuture<'a, diesel::QueryResult<i64>>;
+}
 
-/// Members who joined, without pending invitations: what accepting an
-/// invitation is checked against (the invitation already holds a seat).
-pub const JOINED_MEMBERS_SQL: &str = "SELECT count(*) AS used FROM public.memberships WHERE tenant_id = $1";
+/// One [`Counter`] per quota, registered at start-up as app data.
+#[derive(Clone, Default)]
+pub struct Counters(HashMap<Quota, Arc<dyn Counter>>);
 
-impl Quota {
-    /// Counts what the quota limits; takes the tenant id as `$1`. Projects
-    /// live in the tenant's schema, found through its `search_path`.
-    pub fn count_sql(self) -> &'static str {
-        match self {
-            Self::Projects => "SELECT count(*) AS used FROM projects",
-            Self::Members => {
-                "SELECT (SELECT count(*) FROM public.memberships WHERE tenant_id = $1) \
-                 + (SELECT count(*) FROM public.invitations WHERE tenant_id = $1 \
-                    AND accepted_at IS NULL AND expires_at > now()) AS used"
-            }
-            Self::ApiKeys => "SELECT count(*) AS used FROM public.api_keys WHERE tenant_id = $1 AND revoked_at IS NULL",
-        }
+impl Counters {
+    pub fn with(mut self, quota: Quota, counter: impl Counter) -> Self {
+        self.0.insert(quota, Arc::new(counter));
+        self
     }
 
+    pub fn get(&self, quota: Quota) -> Result<&dyn Counter, ApiError> {
+        self.0
+            .get(&quota)
+            .map(|c| &**c)
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no counter is registered for {}", quota.as_str())))
+    }
+}
+
+impl Quota {
     /// The advisory lock class of this quota (first key of the two-key lock).
     fn lock_class(self) -> i32 {
         0x504c_0000
@@ -51,10 +58,12 @@ impl Quota {
     }
 }
 
+/// The row a counting query returns (`SELECT count(*) AS used ...`), for
+/// owners that count with SQL.
 #[derive(QueryableByName)]
-struct Used {
+pub struct Used {
     #[diesel(sql_type = BigInt)]
-    used: i64,
+    pub used: i64,
 }
 
 /// How much of a quota a tenant uses; `max: None` is unlimited.
@@ -64,35 +73,37 @@ pub struct Usage {
     pub max: Option<u32>,
 }
 
-/// Counts `quota` for `tenant`, without a lock (for display).
-pub async fn usage<C: Conn>(
-    conn: &mut C,
+/// Counts `quota` for `tenant` with `counter`, without a lock (for display).
+pub async fn usage(
+    conn: &AsyncPgConnection,
     tenant: TenantId,
-    quota: Quota,
+    counter: &dyn Counter,
     limit: Option<u32>,
 ) -> Result<Usage, ApiError> {
-    let row: Used = diesel::sql_query(quota.count_sql()).bind::<SqlUuid, _>(tenant.0).get_result(conn).await?;
-    Ok(Usage { used: row.used, max: limit })
+    Ok(Usage { used: counter.count(conn, tenant).await?, max: limit })
 }
 
 /// 402 `quota_exceeded` unless `tenant` may have one more of `quota`.
 /// Holds the tenant's lock for `quota` until the transaction ends.
-pub async fn reserve<C: Conn>(
-    conn: &mut C,
+/// Counted by `counter` (the owner of the rows), in `conn`'s transaction.
+pub async fn reserve(
+    conn: &AsyncPgConnection,
     tenant: TenantId,
     quota: Quota,
     limit: Option<u32>,
-    sql: &str,
+    counter: &dyn Counter,
 ) -> Result<(), ApiError> {
     let Some(limit) = limit else { return Ok(()) };
+    // Raw SQL: a function call diesel's DSL has no declaration for.
+    let mut locking = conn;
     diesel::sql_query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
         .bind::<Integer, _>(quota.lock_class())
         .bind::<Text, _>(tenant.0.to_string())
-        .execute(conn)
+        .execute(&mut locking)
         .await?;
-    let row: Used = diesel::sql_query(sql).bind::<SqlUuid, _>(tenant.0).get_result(conn).await?;
-    if row.used >= i64::from(limit) {
-        return Err(ApiError::QuotaExceeded { quota: quota.as_str(), limit, used: row.used });
+    let used = counter.count(conn, tenant).await?;
+    if used >= i64::from(limit) {
+        return Err(ApiError::QuotaExceeded { quota: quota.as_str(), limit, used });
     }
     Ok(())
 }

@@ -187,6 +187,21 @@ pub async fn find_by_id(conn: &mut PgConn, id: TenantId) -> Result<Option<Tenant
     tenants::table.find(id.0).select(TenantRow::as_select()).first(conn).await.optional().and_then(into_tenant)
 }
 
+/// The tenants among `ids` that exist and are not being deleted, by slug.
+pub async fn find_live_by_ids(conn: &mut PgConn, ids: &[TenantId]) -> Result<Vec<Tenant>, DbError> {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|t| t.0).collect();
+    tenants::table
+        .filter(tenants::id.eq_any(ids))
+        .filter(tenants::status.ne(TenantStatus::Deleting.as_str()))
+        .order(tenants::slug.asc())
+        .select(TenantRow::as_select())
+        .load(conn)
+        .await?
+        .into_iter()
+        .map(Tenant::try_from)
+        .collect()
+}
+
 /// The tenant served on a verified custom domain.
 pub async fn find_by_domain(conn: &mut PgConn, domain: &str) -> Result<Option<Tenant>, DbError> {
     tenant_domains::table
@@ -209,6 +224,34 @@ pub async fn list(conn: &mut PgConn) -> Result<Vec<Tenant>, DbError> {
         .into_iter()
         .map(Tenant::try_from)
         .collect()
+}
+
+/// Up to `limit` tenants with ids after `after`, in id order (cursor pages).
+pub async fn page(conn: &mut PgConn, after: Option<uuid::Uuid>, limit: i64) -> Result<Vec<Tenant>, DbError> {
+    let query = tenants::table.order(tenants::id.asc()).limit(limit).select(TenantRow::as_select()).into_boxed();
+    let query = match after {
+        Some(after) => query.filter(tenants::id.gt(after)),
+        None => query,
+    };
+    query.load(conn).await?.into_iter().map(Tenant::try_from).collect()
+}
+
+/// A tenant's plan and status as stored, for the access policy.
+#[derive(Debug, Clone, diesel::Queryable)]
+pub struct PlanStatus {
+    pub id: uuid::Uuid,
+    pub plan: String,
+    pub status: String,
+}
+
+/// The plan and status of every tenant (`None`), or of one.
+pub async fn plan_status(conn: &mut PgConn, only: Option<TenantId>) -> Result<Vec<PlanStatus>, DbError> {
+    let query = tenants::table.select((tenants::id, tenants::plan, tenants::status)).into_boxed();
+    let query = match only {
+        Some(id) => query.filter(tenants::id.eq(id.0)),
+        None => query,
+    };
+    query.load(conn).await
 }
 
 /// Moves a tenant between `active` and `suspended`. A tenant being deleted
