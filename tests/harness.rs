@@ -424,8 +424,9 @@ pub async fn set_status(db: &Db, id: TenantId, status: TenantStatus) -> TestResu
     Ok(())
 }
 
-pub async fn add_domain(db: &Db, id: TenantId, domain: &str, verified: bool) -> TestResult {
-    db.platform(async |c| Ok::<_, ApiError>(registry::add_domain(c, id, domain, verified).await?)).await?;
+pub async fn add_domain(db: &Db, tenant: &Tenant, domain: &str, verified: bool) -> TestResult {
+    db.tenant_rows(tenant.scope(), async |rows| Ok::<_, ApiError>(registry::add_domain(rows, domain, verified).await?))
+        .await?;
     Ok(())
 }
 

@@ -12,8 +12,8 @@ async fn tenant_by_subdomain_header_and_verified_custom_domain() -> TestResult {
     let acme = app.create_tenant("acme").await?;
     app.create_tenant("globex").await?;
     app.create_project("acme", "acme-project").await?;
-    add_domain(&app.db, acme.id, "projects.acme.example", true).await?;
-    add_domain(&app.db, acme.id, "unverified.acme.example", false).await?;
+    add_domain(&app.db, &acme, "projects.acme.example", true).await?;
+    add_domain(&app.db, &acme, "unverified.acme.example", false).await?;
 
     let names = |body: serde_json::Value| -> Vec<String> {
         body["data"].as_array().into_iter().flatten().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect()
@@ -59,7 +59,7 @@ async fn tenant_by_subdomain_header_and_verified_custom_domain() -> TestResult {
 
     // A domain added later is served within a second, though its absence was cached.
     assert_error(get("new.acme.example").send().await?, 400, "invalid_request").await?;
-    add_domain(&app.db, acme.id, "new.acme.example", true).await?;
+    add_domain(&app.db, &acme, "new.acme.example", true).await?;
     eventually(Duration::from_secs(1), || async { Ok(get("new.acme.example").send().await?.status() == 200) }).await?;
     Ok(())
 }

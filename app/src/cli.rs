@@ -530,8 +530,10 @@ async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyho
                 bail!("{domain:?} is not a domain name");
             }
             let tenant = find(db, &slug).await?;
-            db.platform(async |c| Ok::<_, anyhow::Error>(registry::add_domain(c, tenant.id, &domain, true).await?))
-                .await?;
+            db.tenant_rows(tenant.scope(), async |rows| {
+                Ok::<_, anyhow::Error>(registry::add_domain(rows, &domain, true).await?)
+            })
+            .await?;
             println!("tenant {slug} is now served on {domain}");
         }
     }

@@ -406,118 +406,146 @@ async fn accept(
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
     let AcceptBody { token, password } = body.0;
-    let hash = sessions::hash_token(&token);
-    // Look before the transaction: password hashing must not hold it open.
-    let lookup = async |c: &mut AsyncPgConnection| -> Result<Option<(PendingRow, Option<ExistingUser>)>, ApiError> {
-        let pending: Vec<PendingRow> = diesel::sql_query(
-            "SELECT id, tenant_id, email, role FROM public.invitations \
-             WHERE token_hash = $1 AND accepted_at IS NULL AND expires_at > now()",
-        )
-        .bind::<Bytea, _>(&hash[..])
+    let (pending, existing, tenant) = db.platform(async |c| find_invitation(c, &token).await).await?;
+    let email = EmailAddress::parse(&pending.email).map_err(|_| invalid_token())?;
+    let joiner = Joiner::prove(existing, session, password, &hashing).await?;
+    let role = parse_role("role", &pending.role)?;
+    let entry = Entry::new(Actor::System, "invitation.accepted").target("invitation", pending.id);
+    let mut entry = match req.extensions().get::<RequestId>() {
+        Some(id) => id.stamp(entry),
+        None => entry,
+    };
+    entry.ip = Some(client_ip(&req, cfg.client_ip_header.as_deref()));
+    let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
+    let joined = Joined { invitation: pending.id, email, role, limit, session_ttl: cfg.session_ttl };
+    let (user, token) = db.tenant_rows(tenant.scope(), async |rows| join(rows, joined, &joiner, entry).await).await?;
+    tracing::info!(invitation.id = %pending.id, user.id = %user, "invitation accepted");
+    Ok(HttpResponse::Ok().json(json!({ "tenant_id": tenant.id, "user_id": user, "role": role, "token": token })))
+}
+
+/// The pending invitation a token names, the account its address already
+/// has (if any) and its tenant. Read before the joining transaction:
+/// password hashing must not hold one open.
+async fn find_invitation(
+    c: &mut AsyncPgConnection,
+    token: &str,
+) -> Result<(PendingRow, Option<ExistingUser>, registry::Tenant), ApiError> {
+    let pending: Vec<PendingRow> = diesel::sql_query(
+        "SELECT id, tenant_id, email, role FROM public.invitations \
+         WHERE token_hash = $1 AND accepted_at IS NULL AND expires_at > now()",
+    )
+    .bind::<Bytea, _>(&sessions::hash_token(token)[..])
+    .load(c)
+    .await?;
+    let pending = pending.into_iter().next().ok_or_else(invalid_token)?;
+    let user: Vec<ExistingUser> = diesel::sql_query("SELECT id, password_hash FROM public.users WHERE email = $1")
+        .bind::<Text, _>(&pending.email)
         .load(c)
         .await?;
-        let Some(pending) = pending.into_iter().next() else { return Ok(None) };
-        let user: Vec<ExistingUser> = diesel::sql_query("SELECT id, password_hash FROM public.users WHERE email = $1")
-            .bind::<Text, _>(&pending.email)
-            .load(c)
-            .await?;
-        Ok(Some((pending, user.into_iter().next())))
-    };
-    let (pending, existing) = db.platform(lookup).await?.ok_or_else(invalid_token)?;
-    let email = EmailAddress::parse(&pending.email).map_err(|_| invalid_token())?;
-    // Who is joining, and how they proved it.
-    enum Joiner {
-        Existing(uuid::Uuid),
-        New(String),
-    }
-    let joiner = match (&existing, &session, password) {
-        (Some(user), Some(Authenticated(s)), _) if s.user_id.0 == user.id => Joiner::Existing(user.id),
-        (_, Some(_), _) => return Err(ApiError::Forbidden),
-        (Some(user), None, Some(password)) => {
-            if !hashing.verify(&password, Some(user.password_hash.clone())).await? {
-                return Err(ApiError::InvalidCredentials);
+    let tenant = registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or_else(invalid_token)?;
+    Ok((pending, user.into_iter().next(), tenant))
+}
+
+/// Who is joining, and how they proved it.
+enum Joiner {
+    Existing(uuid::Uuid),
+    /// A new account, with its password's hash.
+    New(String),
+}
+
+impl Joiner {
+    /// An existing account proves itself with its session or its password;
+    /// a new one brings a password that meets the policy.
+    async fn prove(
+        existing: Option<ExistingUser>,
+        session: Option<Authenticated>,
+        password: Option<String>,
+        hashing: &Hashing,
+    ) -> Result<Self, ApiError> {
+        match (existing, session, password) {
+            (Some(user), Some(Authenticated(s)), _) if s.user_id.0 == user.id => Ok(Self::Existing(user.id)),
+            (_, Some(_), _) => Err(ApiError::Forbidden),
+            (Some(user), None, Some(password)) => {
+                if !hashing.verify(&password, Some(user.password_hash)).await? {
+                    return Err(ApiError::InvalidCredentials);
+                }
+                Ok(Self::Existing(user.id))
             }
-            Joiner::Existing(user.id)
-        }
-        (Some(_), None, None) => return Err(ApiError::Unauthenticated),
-        (None, None, Some(password)) => {
-            password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
-            Joiner::New(hashing.hash(password).await?)
-        }
-        (None, None, None) => {
-            return Err(ApiError::invalid_fields(vec![FieldError::new(
+            (Some(_), None, None) => Err(ApiError::Unauthenticated),
+            (None, None, Some(password)) => {
+                password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
+                Ok(Self::New(hashing.hash(password).await?))
+            }
+            (None, None, None) => Err(ApiError::invalid_fields(vec![FieldError::new(
                 "password",
                 "required",
                 "is needed to create the account",
-            )]));
+            )])),
+        }
+    }
+}
+
+/// What accepting an invitation writes.
+struct Joined {
+    invitation: uuid::Uuid,
+    email: EmailAddress,
+    role: Role,
+    /// The plan's members limit.
+    limit: Option<u32>,
+    session_ttl: std::time::Duration,
+}
+
+/// Uses the invitation up (exactly once), creates the account if the joiner
+/// is new (verified: the invitation reached the address), and makes the
+/// membership, all in the tenant's transaction; returns the user and, for a
+/// new account, its session token.
+async fn join(
+    rows: &mut TenantRows<'_>,
+    joined: Joined,
+    joiner: &Joiner,
+    entry: Entry,
+) -> Result<(uuid::Uuid, Option<String>), ApiError> {
+    let tenant = rows.tenant_id();
+    // The seat lock first, as inviting takes it before touching an
+    // invitation: the same order everywhere, so no deadlock. The invitation
+    // held a seat; joining is refused only when the members alone have
+    // reached the plan's limit (after a downgrade).
+    quota::reserve(rows.conn(), tenant, Quota::Members, joined.limit, &JoinedMembers).await?;
+    let used = diesel::sql_query(
+        "UPDATE public.invitations SET accepted_at = now() WHERE id = $1 AND tenant_id = $2 \
+         AND accepted_at IS NULL AND expires_at > now()",
+    )
+    .bind::<SqlUuid, _>(joined.invitation)
+    .bind::<SqlUuid, _>(tenant.0)
+    .execute(rows.conn())
+    .await?;
+    if used != 1 {
+        return Err(invalid_token());
+    }
+    let (user, session) = match joiner {
+        Joiner::Existing(id) => (*id, None),
+        Joiner::New(hash) => {
+            let user = insert_user(rows.conn(), &joined.email, hash).await?;
+            diesel::sql_query("UPDATE public.users SET email_verified_at = now() WHERE id = $1")
+                .bind::<SqlUuid, _>(user.id)
+                .execute(rows.conn())
+                .await?;
+            let (token, _) = sessions::create_session(rows.conn(), UserId(user.id), joined.session_ttl).await?;
+            (user.id, Some(token))
         }
     };
-    let role = parse_role("role", &pending.role)?;
-    let ip = client_ip(&req, cfg.client_ip_header.as_deref());
-    let request_id = req.extensions().get::<RequestId>().cloned();
-    let (user, token) = db
-        .platform(async |c| {
-            // The seat lock first, as inviting takes it before touching an
-            // invitation: the same order everywhere, so no deadlock. The
-            // invitation held a seat; joining is refused only when the
-            // members alone have reached the plan's limit (after a downgrade).
-            let tenant =
-                registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or(ApiError::NotFound("tenant"))?;
-            let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
-            quota::reserve(c, tenant.id, Quota::Members, limit, &JoinedMembers).await?;
-            // Use the invitation up, exactly once.
-            let used = diesel::sql_query(
-                "UPDATE public.invitations SET accepted_at = now() WHERE id = $1 AND accepted_at IS NULL \
-                 AND expires_at > now()",
-            )
-            .bind::<SqlUuid, _>(pending.id)
-            .execute(c)
-            .await?;
-            if used != 1 {
-                return Err(invalid_token());
-            }
-            let (user, session) = match &joiner {
-                Joiner::Existing(id) => (*id, None),
-                Joiner::New(hash) => {
-                    let user = insert_user(c, &email, hash).await?;
-                    diesel::sql_query("UPDATE public.users SET email_verified_at = now() WHERE id = $1")
-                        .bind::<SqlUuid, _>(user.id)
-                        .execute(c)
-                        .await?;
-                    let (token, _) = sessions::create_session(c, UserId(user.id), cfg.session_ttl).await?;
-                    (user.id, Some(token))
-                }
-            };
-            diesel::sql_query(
-                "INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) \
-                 ON CONFLICT (tenant_id, user_id) DO NOTHING",
-            )
-            .bind::<SqlUuid, _>(pending.tenant_id)
-            .bind::<SqlUuid, _>(user)
-            .bind::<Text, _>(role.as_str())
-            .execute(c)
-            .await?;
-            let entry = Entry {
-                actor: Actor::User(user),
-                action: "invitation.accepted",
-                target_type: Some("invitation"),
-                target_id: Some(pending.id.to_string()),
-                ip: Some(ip.clone()),
-                request_id: None,
-                details: json!({}),
-            }
-            .details(json!({ "role": role }));
-            let entry = match &request_id {
-                Some(id) => id.stamp(entry),
-                None => entry,
-            };
-            audit::record_as_system(c, &tenant.schema, entry).await?;
-            Ok::<_, ApiError>((user, session))
-        })
-        .await?;
-    tracing::info!(invitation.id = %pending.id, user.id = %user, "invitation accepted");
-    Ok(HttpResponse::Ok()
-        .json(json!({ "tenant_id": pending.tenant_id, "user_id": user, "role": role, "token": token })))
+    diesel::sql_query(
+        "INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) \
+         ON CONFLICT (tenant_id, user_id) DO NOTHING",
+    )
+    .bind::<SqlUuid, _>(tenant.0)
+    .bind::<SqlUuid, _>(user)
+    .bind::<Text, _>(joined.role.as_str())
+    .execute(rows.conn())
+    .await?;
+    let entry = Entry { actor: Actor::User(user), ..entry }.details(json!({ "role": joined.role }));
+    audit::record(rows, entry).await?;
+    Ok((user, session))
 }
 
 /// Counts the members quota: members and pending invitations (an

@@ -8,7 +8,7 @@ use diesel::result::{DatabaseErrorKind, Error as DbError};
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
-use crate::db::{Db, PgConn, PoolError, TenantScope};
+use crate::db::{Db, PgConn, PoolError, TenantRows, TenantScope};
 use crate::ids::{SchemaName, Slug, TenantId};
 use crate::migrate::{self, TENANT_MIGRATIONS};
 use crate::schema::{tenant_domains, tenants};
@@ -291,15 +291,16 @@ pub async fn set_plan(conn: &mut PgConn, id: TenantId, plan: &str) -> Result<Opt
 
 /// Records a custom domain for a tenant. `verified` is the operator's word
 /// that the domain points at Plinth; only verified domains route requests.
-pub async fn add_domain(conn: &mut PgConn, id: TenantId, domain: &str, verified: bool) -> Result<(), DbError> {
+pub async fn add_domain(rows: &mut TenantRows<'_>, domain: &str, verified: bool) -> Result<(), DbError> {
     let now = Utc::now();
+    let tenant = rows.tenant_id();
     diesel::insert_into(tenant_domains::table)
         .values((
             tenant_domains::domain.eq(domain.to_ascii_lowercase()),
-            tenant_domains::tenant_id.eq(id.0),
+            tenant_domains::tenant_id.eq(tenant.0),
             tenant_domains::verified_at.eq(verified.then_some(now)),
         ))
-        .execute(conn)
+        .execute(rows.conn())
         .await?;
     Ok(())
 }
