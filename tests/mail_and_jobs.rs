@@ -611,3 +611,32 @@ async fn a_failed_job_keeps_its_cause_in_last_error() -> TestResult {
     worker.stop().await?;
     Ok(())
 }
+
+/// A CLI failure says why: an unknown plan names the plans there are, and a
+/// database failure under a command keeps the database's own message.
+#[tokio::test]
+async fn a_cli_failure_keeps_its_cause() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    registry::create(&db, &Slug::parse("acme")?, "Acme").await?;
+    let plinth = async |args: &[&str]| -> TestResult<(bool, String)> {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+            .args(args)
+            .env("DATABASE_URL", &testdb.url)
+            .output()
+            .await?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    let (ok, err) = plinth(&["tenants", "set-plan", "acme", "gold"]).await?;
+    assert!(!ok);
+    assert!(err.contains(r#"no plan "gold""#) && err.contains("free, pro"), "{err}");
+    // The known cause: the audit log a plan change writes is gone.
+    let client = testdb.client().await?;
+    let schema: String =
+        client.query_one("SELECT schema_name FROM public.tenants WHERE slug = 'acme'", &[]).await?.get(0);
+    client.batch_execute(&format!(r#"DROP TABLE "{schema}".audit_log"#)).await?;
+    let (ok, err) = plinth(&["tenants", "set-plan", "acme", "pro"]).await?;
+    assert!(!ok);
+    assert!(err.contains("changing the plan") && err.contains("audit_log\" does not exist"), "{err}");
+    Ok(())
+}

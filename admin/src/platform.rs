@@ -185,7 +185,10 @@ async fn set_plan(
     let plan = body.0.plan;
     let tenant = db
         .platform(async |c| {
-            plinth_access::change_plan(c, access.catalog(), id, &plan, actor, json!({ "by": "platform admin" })).await
+            Ok::<_, ApiError>(
+                plinth_access::change_plan(c, access.catalog(), id, &plan, actor, json!({ "by": "platform admin" }))
+                    .await?,
+            )
         })
         .await?
         .ok_or(ApiError::NotFound("tenant"))?

@@ -1,6 +1,7 @@
 //! Composition of background work: the job worker with every crate's job
 //! handlers, and the mailer with every crate's mail templates.
 
+use anyhow::Context as _;
 use std::sync::Arc;
 
 use plinth_jobs::{Handlers, Worker, WorkerConfig};
@@ -41,9 +42,9 @@ pub async fn schedule_sync(settings: &Settings, db_config: &DbConfig) -> anyhow:
     }
     let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;
     let job = plinth_billing::process::sync_job(settings.stripe.sync_every);
-    db.platform(async |c| Ok::<_, plinth_http::ApiError>(plinth_jobs::enqueue(c, job).await?))
+    db.platform(async |c| Ok::<_, anyhow::Error>(plinth_jobs::enqueue(c, job).await?))
         .await
-        .map_err(|e| anyhow::anyhow!("queueing the billing sync: {e}"))?;
+        .context("queueing the billing sync")?;
     Ok(())
 }
 

@@ -427,7 +427,7 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
                         (None, Some(hash)) => {
                             let user = plinth_identity::accounts::insert_user(c, &email, hash)
                                 .await
-                                .map_err(|e| anyhow::anyhow!("creating the account: {e}"))?;
+                                .context("creating the account")?;
                             (user.id, true)
                         }
                         (None, None) => bail!("no account has this address; pass --password-stdin to create one"),
@@ -500,10 +500,12 @@ async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyho
             let changed = db
                 .platform(async |c| {
                     let by = serde_json::json!({ "by": "plinth tenants" });
-                    plinth_access::change_plan(c, &catalog, tenant.id, &plan, Actor::System, by).await
+                    Ok::<_, anyhow::Error>(
+                        plinth_access::change_plan(c, &catalog, tenant.id, &plan, Actor::System, by).await?,
+                    )
                 })
                 .await
-                .map_err(|e| anyhow::anyhow!("changing the plan: {e}"))?;
+                .context("changing the plan")?;
             if changed.is_none() {
                 bail!("tenant {slug:?} is being deleted");
             }

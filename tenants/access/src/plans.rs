@@ -1,13 +1,35 @@
 //! Changing a tenant's plan: the registry row, the audit entry, and (through
 //! the trigger on `tenants`) every instance's policy.
 
-use plinth_http::ApiError;
+use plinth_http::{ApiError, FieldError};
 use plinth_tenants::db::PgConn;
 use plinth_tenants::ids::TenantId;
 
 use crate::catalog::Catalog;
 
-/// Moves a tenant to `plan` (a plan of `catalog`; otherwise 400) and, if it
+/// Why a plan could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("unknown plan {plan:?}; the catalog has {}", known.join(", "))]
+    UnknownPlan { plan: String, known: Vec<String> },
+    #[error("changing the plan in the database")]
+    Db(#[from] diesel::result::Error),
+}
+
+impl From<PlanError> for ApiError {
+    fn from(e: PlanError) -> Self {
+        match e {
+            PlanError::UnknownPlan { known, .. } => ApiError::invalid_fields(vec![FieldError::new(
+                "plan",
+                "invalid",
+                format!("must be one of {}", known.join(", ")),
+            )]),
+            PlanError::Db(e) => e.into(),
+        }
+    }
+}
+
+/// Moves a tenant to `plan` (a plan of `catalog`) and, if it
 /// changed, records `plan.changed` in the tenant's audit log with `from`,
 /// `to` and `details`. The trigger on `tenants` tells every instance's
 /// policy. Returns the tenant and whether the plan changed; `None` if there
@@ -19,14 +41,10 @@ pub async fn change_plan(
     plan: &str,
     actor: plinth_tenants::audit::Actor,
     details: serde_json::Value,
-) -> Result<Option<(plinth_tenants::registry::Tenant, bool)>, ApiError> {
+) -> Result<Option<(plinth_tenants::registry::Tenant, bool)>, PlanError> {
     if catalog.get(plan).is_none() {
-        let known: Vec<_> = catalog.plans().iter().map(|p| p.name.as_str()).collect();
-        return Err(ApiError::invalid_fields(vec![plinth_http::error::FieldError::new(
-            "plan",
-            "invalid",
-            format!("must be one of {}", known.join(", ")),
-        )]));
+        let known = catalog.plans().iter().map(|p| p.name.clone()).collect();
+        return Err(PlanError::UnknownPlan { plan: plan.to_owned(), known });
     }
     let Some((tenant, before)) = plinth_tenants::registry::set_plan(conn, id, plan).await? else { return Ok(None) };
     let changed = before != plan;
