@@ -31,6 +31,7 @@ use stripe_checkout::checkout_session::{CreateCheckoutSession, CreateCheckoutSes
 use stripe_core::customer::CreateCustomer;
 
 use crate::config::StripeConfig;
+use crate::error::BillingError;
 
 requirements! {
     /// Billing is the owners' business, on every plan.
@@ -74,12 +75,10 @@ impl Stripe {
         }))
     }
 
-    fn admit(&self) -> Result<(), ApiError> {
+    fn admit(&self) -> Result<(), BillingError> {
         let mut open = self.open_until.lock().unwrap_or_else(|p| p.into_inner());
         match *open {
-            Some(until) if Instant::now() < until => {
-                Err(ApiError::Unavailable(anyhow::anyhow!("Stripe is failing; not calling it for a while")))
-            }
+            Some(until) if Instant::now() < until => Err(BillingError::StripePaused),
             Some(_) => {
                 // Half open: this call may try; the next failure reopens.
                 *open = None;
@@ -90,7 +89,7 @@ impl Stripe {
         }
     }
 
-    fn record<T>(&self, result: Result<T, StripeError>, what: &str) -> Result<T, ApiError> {
+    fn record<T>(&self, result: Result<T, StripeError>, what: &'static str) -> Result<T, BillingError> {
         match result {
             Ok(value) => {
                 self.failures.store(0, Ordering::SeqCst);
@@ -99,20 +98,20 @@ impl Stripe {
             // Stripe answered and refused (4xx): our request, not an outage.
             Err(StripeError::Stripe(err, status)) if status < 500 => {
                 self.failures.store(0, Ordering::SeqCst);
-                Err(ApiError::Internal(anyhow::anyhow!("Stripe refused {what} ({status}): {:?}", err.message)))
+                Err(BillingError::StripeRefused { what, status, message: format!("{:?}", err.message) })
             }
             Err(err) => {
                 if self.failures.fetch_add(1, Ordering::SeqCst) + 1 >= FAILURES_TO_OPEN {
                     *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + OPEN_FOR);
                     tracing::warn!("Stripe failed {FAILURES_TO_OPEN} times in a row; pausing calls for 30 s");
                 }
-                Err(ApiError::Unavailable(anyhow::anyhow!("{what} failed: {err}")))
+                Err(BillingError::StripeFailed { what, source: err })
             }
         }
     }
 
     /// The subscription as Stripe has it now (retried with backoff: a read).
-    pub async fn subscription(&self, id: &str) -> Result<stripe_shared::Subscription, ApiError> {
+    pub async fn subscription(&self, id: &str) -> Result<stripe_shared::Subscription, BillingError> {
         self.admit()?;
         let read = stripe_billing::subscription::RetrieveSubscription::new(id)
             .customize()
@@ -123,7 +122,7 @@ impl Stripe {
     }
 
     /// Every subscription of a customer, newest first (up to 100).
-    pub async fn subscriptions_of(&self, customer: &str) -> Result<Vec<stripe_shared::Subscription>, ApiError> {
+    pub async fn subscriptions_of(&self, customer: &str) -> Result<Vec<stripe_shared::Subscription>, BillingError> {
         self.admit()?;
         let list = stripe_billing::subscription::ListSubscription::new()
             .customer(customer)
@@ -141,13 +140,13 @@ impl Stripe {
     /// The tenant's Stripe customer, created on first need with the tenant
     /// id in its metadata. The idempotency key is the tenant's, so two
     /// concurrent first requests get the same customer from Stripe.
-    pub async fn customer(&self, db: &Db, tenant: TenantId, name: &str) -> Result<String, ApiError> {
+    pub async fn customer(&self, db: &Db, tenant: TenantId, name: &str) -> Result<String, BillingError> {
         if let Some(id) = customer_of(db, tenant).await? {
             return Ok(id);
         }
         self.admit()?;
         let key = IdempotencyKey::new(format!("plinth-customer-{}", tenant.0))
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("idempotency key: {e}")))?;
+            .map_err(|e| BillingError::Internal(format!("idempotency key: {e}")))?;
         let created = CreateCustomer::new()
             .name(name)
             .metadata([("tenant_id".to_owned(), tenant.0.to_string())])
@@ -165,12 +164,12 @@ impl Stripe {
             .bind::<Text, _>(&id)
             .execute(c)
             .await?;
-            Ok::<_, ApiError>(())
+            Ok::<_, BillingError>(())
         })
         .await?;
         // Whoever linked first wins; with the shared idempotency key it is
         // the same customer anyway.
-        customer_of(db, tenant).await?.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("customer link vanished")))
+        customer_of(db, tenant).await?.ok_or_else(|| BillingError::Internal("the customer link vanished".into()))
     }
 }
 
@@ -180,14 +179,14 @@ struct CustomerRow {
     customer_id: String,
 }
 
-async fn customer_of(db: &Db, tenant: TenantId) -> Result<Option<String>, ApiError> {
+async fn customer_of(db: &Db, tenant: TenantId) -> Result<Option<String>, BillingError> {
     let rows: Vec<CustomerRow> = db
         .platform(async |c| {
             let rows = diesel::sql_query("SELECT customer_id FROM public.billing_customers WHERE tenant_id = $1")
                 .bind::<SqlUuid, _>(tenant.0)
                 .load(c)
                 .await?;
-            Ok::<_, ApiError>(rows)
+            Ok::<_, BillingError>(rows)
         })
         .await?;
     Ok(rows.into_iter().next().map(|r| r.customer_id))

@@ -7,12 +7,14 @@
 //!   replay and sync.
 //! - [`api`]: Stripe's API behind a circuit breaker; checkout, portal and
 //!   the subscription view.
-//! - [`config`], [`mail`] (the billing notices).
+//! - [`config`], [`mail`] (the billing notices), [`error`] (billing's own
+//!   error, converted to `ApiError` only by routes).
 //!
 //! `docs/billing.md` has the operator's set-up and the state machine.
 
 pub mod api;
 pub mod config;
+pub mod error;
 pub mod mail;
 pub mod process;
 pub mod webhook;

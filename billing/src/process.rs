@@ -35,8 +35,9 @@ use diesel::QueryableByName;
 use diesel::sql_types::{Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_access::{Catalog, catalog::FREE, change_plan};
-use plinth_http::ApiError;
 use plinth_identity::members;
+
+use crate::error::BillingError;
 use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
 use plinth_mail::{self as mail, EmailAddress, Mail};
 use plinth_tenants::audit::Actor;
@@ -139,18 +140,18 @@ struct Park(String);
 /// roll the transaction back.
 enum Fail {
     Park(String),
-    Api(ApiError),
+    Error(BillingError),
 }
 
 impl From<diesel::result::Error> for Fail {
     fn from(e: diesel::result::Error) -> Self {
-        Fail::Api(e.into())
+        Fail::Error(e.into())
     }
 }
 
 impl From<plinth_tenants::db::PoolError> for Fail {
     fn from(e: plinth_tenants::db::PoolError) -> Self {
-        Fail::Api(e.into())
+        Fail::Error(e.into())
     }
 }
 
@@ -215,7 +216,7 @@ impl Processor {
                         this.db
                             .platform(async |c| {
                                 jobs::enqueue(c, sync_job(every)).await?;
-                                Ok::<_, ApiError>(())
+                                Ok::<_, BillingError>(())
                             })
                             .await
                             .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("queueing the next sync")))?;
@@ -241,7 +242,7 @@ impl Processor {
     /// or processed event is read afresh. Applying it is idempotent: an
     /// older state than the applied one is skipped, and mail is keyed by
     /// event and recipient.
-    pub async fn replay(&self, event_id: &str) -> Result<Outcome, ApiError> {
+    pub async fn replay(&self, event_id: &str) -> Result<Outcome, BillingError> {
         let known = self
             .db
             .platform(async |c| {
@@ -251,17 +252,17 @@ impl Processor {
                 .bind::<Text, _>(event_id)
                 .execute(c)
                 .await?;
-                Ok::<_, ApiError>(n)
+                Ok::<_, BillingError>(n)
             })
             .await?;
         if known == 0 {
-            return Err(ApiError::NotFound("event"));
+            return Err(BillingError::NoSuchEvent(event_id.to_owned()));
         }
         self.process(event_id).await
     }
 
     /// Processes one stored event (see the module documentation).
-    pub async fn process(&self, event_id: &str) -> Result<Outcome, ApiError> {
+    pub async fn process(&self, event_id: &str) -> Result<Outcome, BillingError> {
         let outcome = self
             .db
             .platform(async |c| {
@@ -287,11 +288,11 @@ impl Processor {
                 tracing::warn!(stripe.event = event_id, reason, "Stripe event parked");
                 Ok(Outcome::Parked(reason))
             }
-            Err(Fail::Api(err)) => Err(err),
+            Err(Fail::Error(err)) => Err(err),
         }
     }
 
-    async fn mark(&self, event_id: &str, status: &str, reason: Option<&str>) -> Result<(), ApiError> {
+    async fn mark(&self, event_id: &str, status: &str, reason: Option<&str>) -> Result<(), BillingError> {
         self.db
             .platform(async |c| {
                 diesel::sql_query("UPDATE public.stripe_events SET status = $2, parked_reason = $3 WHERE id = $1")
@@ -300,7 +301,7 @@ impl Processor {
                     .bind::<Nullable<Text>, _>(reason)
                     .execute(c)
                     .await?;
-                Ok::<_, ApiError>(())
+                Ok::<_, BillingError>(())
             })
             .await
     }
@@ -518,8 +519,8 @@ impl Processor {
     /// Re-reads every linked customer's subscriptions from Stripe and
     /// applies the newest to its tenant (`plinth billing sync`). Tenants
     /// without a Stripe customer (plans set by an operator) are left alone.
-    pub async fn sync(&self) -> Result<Synced, ApiError> {
-        let api = self.api.as_ref().ok_or(ApiError::BillingNotConfigured)?;
+    pub async fn sync(&self) -> Result<Synced, BillingError> {
+        let api = self.api.as_ref().ok_or(BillingError::NotConfigured)?;
         #[derive(QueryableByName)]
         struct Customer {
             #[diesel(sql_type = SqlUuid)]
@@ -549,7 +550,7 @@ impl Processor {
                         Some(Link { tenant_id: b.tenant_id, customer_id: b.customer_id, plan: tenant.plan.clone() })
                     })
                     .collect();
-                Ok::<_, ApiError>(links)
+                Ok::<_, BillingError>(links)
             })
             .await?;
         let mut synced = Synced { customers: links.len(), ..Synced::default() };
@@ -559,9 +560,7 @@ impl Processor {
                 let subs = api.subscriptions_of(&link.customer_id).await?;
                 self.db
                     .platform(async |c| {
-                        lock_customer(c, &link.customer_id)
-                            .await
-                            .map_err(|Park(r)| ApiError::Internal(anyhow::anyhow!(r)))?;
+                        lock_customer(c, &link.customer_id).await.map_err(|Park(r)| BillingError::Unappliable(r))?;
                         let event = format!("sync:{}", Utc::now().timestamp());
                         match <[_]>::first(&subs) {
                             Some(sub) => {
@@ -572,7 +571,7 @@ impl Processor {
                                 };
                                 self.apply_subscription(c, &event, kind, Utc::now(), tenant, &link.customer_id, sub)
                                     .await
-                                    .map_err(|Park(r)| ApiError::Internal(anyhow::anyhow!(r)))?;
+                                    .map_err(|Park(r)| BillingError::Unappliable(r))?;
                             }
                             None => {
                                 let details = json!({ "by": "stripe sync", "reason": "no subscription" });
@@ -580,7 +579,7 @@ impl Processor {
                             }
                         }
                         let plan = registry::plan_status(c, Some(tenant)).await?.into_iter().next();
-                        Ok::<_, ApiError>(plan.map(|p| p.plan))
+                        Ok::<_, BillingError>(plan.map(|p| p.plan))
                     })
                     .await
             }
@@ -588,7 +587,7 @@ impl Processor {
             match result {
                 Ok(Some(plan)) if plan != link.plan => synced.changed.push((tenant, plan)),
                 Ok(_) => {}
-                Err(err) => synced.failed.push((tenant, err.to_string())),
+                Err(err) => synced.failed.push((tenant, format!("{:#}", anyhow::Error::new(err)))),
             }
         }
         Ok(synced)
@@ -596,7 +595,7 @@ impl Processor {
 
     /// Ends a past-due subscription's grace: free, unless it was paid (or
     /// changed) since.
-    async fn end_grace(&self, payload: &Value) -> Result<(), ApiError> {
+    async fn end_grace(&self, payload: &Value) -> Result<(), BillingError> {
         let id = payload["subscription"].as_str().unwrap_or_default().to_owned();
         let since = payload["since"].as_i64().and_then(|t| DateTime::from_timestamp(t, 0));
         self.db
@@ -617,11 +616,11 @@ impl Processor {
                 .load(c)
                 .await?;
                 let Some(row) = rows.into_iter().next() else { return Ok(()) };
-                lock_customer(c, &row.customer_id).await.map_err(|Park(r)| ApiError::Internal(anyhow::anyhow!(r)))?;
+                lock_customer(c, &row.customer_id).await.map_err(|Park(r)| BillingError::Unappliable(r))?;
                 let details = json!({ "by": "stripe", "subscription": id, "status": "past_due", "grace": "ended" });
                 change_plan(c, &self.catalog, TenantId(row.tenant_id), FREE, Actor::System, details).await?;
                 tracing::info!(tenant.id = %row.tenant_id, "grace ended for a past-due subscription: free plan");
-                Ok::<_, ApiError>(())
+                Ok::<_, BillingError>(())
             })
             .await
     }

@@ -22,6 +22,7 @@ use serde_json::json;
 use stripe_webhook::{Webhook, WebhookError};
 
 use crate::config::StripeConfig;
+use crate::error::BillingError;
 
 /// Stripe sends events of up to a few hundred kilobytes.
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -143,7 +144,7 @@ pub async fn receive(
             let stored =
                 insert(c, &id, kind.as_deref(), object_id.as_deref(), created_at, &stored_payload, parked.as_deref())
                     .await?;
-            Ok::<_, ApiError>(stored)
+            Ok::<_, BillingError>(stored)
         })
         .await?;
     if stored && parked.is_none() {
@@ -251,8 +252,8 @@ pub async fn list_events(
 pub enum ReceiveError {
     #[error(transparent)]
     Refused(#[from] Refused),
-    #[error(transparent)]
-    Api(#[from] ApiError),
+    #[error("storing the event")]
+    Store(#[from] BillingError),
 }
 
 async fn receive_route(
@@ -299,6 +300,6 @@ async fn receive_route(
             tracing::info!(reason = %why, "Stripe webhook refused");
             Err(ApiError::invalid(why.to_string()))
         }
-        Err(ReceiveError::Api(err)) => Err(err),
+        Err(ReceiveError::Store(err)) => Err(err.into()),
     }
 }
