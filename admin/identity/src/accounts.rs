@@ -7,17 +7,16 @@
 use std::time::Duration;
 
 use crate::sessions::{self, Authenticated};
-use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::result::{DatabaseErrorKind, Error as DbError};
 use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::ratelimit;
-use plinth_http::request::{Json, RequestId};
+use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
-use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::registry::{self, CreateError};
 use plinth_tenants::{Db, Slug, Tenant, TenantId, UserId};
 use serde::{Deserialize, Serialize};
@@ -67,7 +66,7 @@ fn client(req: &HttpRequest, cfg: &IdentityConfig) -> String {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/signup", web::post().to(signup))
         .route("/v1/tenants", web::post().to(create_tenant))
-        .route("/v1/auth/login", web::post().to(login))
+        .route("/v1/auth/login", web::post().to(crate::login::login))
         .route("/v1/auth/logout", web::post().to(logout))
         .route("/v1/auth/verify-email", web::post().to(verify_email))
         .route("/v1/auth/password-reset", web::post().to(request_password_reset))
@@ -265,199 +264,6 @@ async fn create_tenant(
 struct Count {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     n: i64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginBody {
-    email: String,
-    password: String,
-    /// With two-factor login on: a current code or a recovery code.
-    totp_code: Option<String>,
-}
-
-#[derive(QueryableByName)]
-struct Credentials {
-    #[diesel(sql_type = SqlUuid)]
-    id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
-    email: String,
-    #[diesel(sql_type = Text)]
-    password_hash: String,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    email_verified_at: Option<DateTime<Utc>>,
-}
-
-/// `POST /v1/auth/login`: a session for the right email and password; the
-/// same 401 `invalid_credentials`, in the same time, for a wrong password, an
-/// unknown address, a malformed address and an over-long password: each
-/// runs one argon2id verification and records one failure.
-///
-/// Failed-login limits are reserved before the password is checked and
-/// given back on success, so concurrent guesses cannot all pass the check.
-/// An account over its limit from everywhere refuses addresses that have
-/// failed on it, but still checks a guess from an address with no failures:
-/// the owner, from their own address, gets in with the right password (and
-/// second factor); a wrong guess from there answers 429 as well.
-async fn login(
-    req: HttpRequest,
-    db: web::Data<Db>,
-    cfg: Option<web::Data<IdentityConfig>>,
-    limits: web::Data<RateLimits>,
-    hashing: web::Data<Hashing>,
-    body: Json<LoginBody>,
-) -> Result<HttpResponse, ApiError> {
-    let cfg = config(cfg);
-    let LoginBody { email, password, totp_code } = body.0;
-    let address = ip(&req, &cfg);
-    let client = ratelimit::client_key(&address);
-    count(&limits.login_per_ip, &client)?;
-    let email = EmailAddress::parse(&email).ok();
-    // A malformed address has no account; its attempts share one key.
-    let account = email.as_ref().map_or("(malformed)", EmailAddress::as_str).to_owned();
-    let account_ip = format!("{account} {client}");
-    let fresh_address = match limits.login_failures_per_account_ip.reserve(&account_ip) {
-        Ok(fresh) => fresh,
-        Err(wait) => return Err(ratelimit::limited(wait)),
-    };
-    // `None`: counted against the account; `Some(wait)`: the account is over
-    // its limit and this fresh address is let through to be checked.
-    let account_reserved = match limits.login_failures_per_account.reserve(&account) {
-        Ok(_) => None,
-        Err(wait) if fresh_address => Some(wait),
-        Err(wait) => {
-            // Refused unchecked: this address has failed on a locked account.
-            limits.login_failures_per_account_ip.refund(&account_ip);
-            return Err(ratelimit::limited(wait));
-        }
-    };
-    let give_back = || {
-        limits.login_failures_per_account_ip.refund(&account_ip);
-        if account_reserved.is_none() {
-            limits.login_failures_per_account.refund(&account);
-        }
-    };
-    let found: Option<Credentials> = match &email {
-        Some(email) => db
-            .platform(async |c| {
-                let rows: Vec<Credentials> = diesel::sql_query(
-                    "SELECT id, email, password_hash, email_verified_at FROM public.users WHERE email = $1",
-                )
-                .bind::<Text, _>(email.as_str())
-                .load(c)
-                .await?;
-                Ok::<_, ApiError>(rows.into_iter().next())
-            })
-            .await
-            .inspect_err(|_| give_back())?,
-        None => None,
-    };
-    let stored = found.as_ref().map(|f| f.password_hash.clone());
-    let request_id = req.extensions().get::<RequestId>().cloned();
-    let verified = hashing.verify(&password, stored).await.inspect_err(|_| give_back())?;
-    if !verified {
-        tracing::info!("login failed");
-        record_failure(&db, found.as_ref().map(|f| f.id), &address, request_id.as_ref()).await?;
-        return Err(match account_reserved {
-            Some(wait) => ratelimit::limited(wait),
-            None => ApiError::InvalidCredentials,
-        });
-    }
-    let user = found.ok_or(ApiError::InvalidCredentials)?;
-    let logged_in = Entry {
-        actor: Actor::User(user.id),
-        action: "auth.login",
-        target_type: Some("user"),
-        target_id: Some(user.id.to_string()),
-        ip: Some(address.clone()),
-        request_id: None,
-        details: json!({}),
-    };
-    let logged_in = match &request_id {
-        Some(id) => id.stamp(logged_in),
-        None => logged_in,
-    };
-    let created = db
-        .platform(async |c| {
-            // The row is locked so a second factor is used up exactly once.
-            let state = crate::totp::state(c, user.id, true).await?;
-            if state.totp_secret.is_some() {
-                let Some(code) = totp_code.as_deref() else { return Err(ApiError::TotpRequired) };
-                if !crate::totp::accept_second_factor(c, user.id, &state, code).await? {
-                    return Ok(None);
-                }
-            }
-            let created = sessions::create_session(c, UserId(user.id), cfg.session_ttl).await?;
-            record_in_every_tenant_of(c, user.id, logged_in).await?;
-            Ok::<_, ApiError>(Some(created))
-        })
-        .await;
-    let created = match created {
-        Ok(created) => created,
-        Err(ApiError::TotpRequired) => {
-            // The password was right: not a failure, but no session yet.
-            give_back();
-            return Err(ApiError::TotpRequired);
-        }
-        Err(other) => return Err(other),
-    };
-    let Some((token, session)) = created else {
-        tracing::info!("login failed: wrong second factor");
-        record_failure(&db, Some(user.id), &address, request_id.as_ref()).await?;
-        return Err(match account_reserved {
-            Some(wait) => ratelimit::limited(wait),
-            None => ApiError::InvalidCredentials,
-        });
-    };
-    give_back();
-    tracing::info!(user.id = %user.id, "logged in");
-    Ok(HttpResponse::Ok().json(json!({
-        "token": token,
-        "expires_at": session.expires_at,
-        "user": User { id: user.id, email: user.email, email_verified_at: user.email_verified_at },
-    })))
-}
-
-/// Records one failed login, once (not in each organization's audit log),
-/// for 90 days.
-/// One insert on every path, with or without an account, so recording it
-/// takes the same time either way.
-async fn record_failure(
-    db: &Db,
-    user: Option<uuid::Uuid>,
-    ip: &str,
-    request_id: Option<&RequestId>,
-) -> Result<(), ApiError> {
-    db.statement(async |c| {
-        diesel::sql_query(
-            // Raw SQL: a writable CTE. Records kept 90 days; each insert
-            // removes up to ten older ones, so the table stays bounded.
-            "WITH pruned AS (DELETE FROM public.login_failures WHERE id IN \
-               (SELECT id FROM public.login_failures WHERE at < now() - interval '90 days' ORDER BY at LIMIT 10)) \
-             INSERT INTO public.login_failures (id, user_id, ip, request_id) VALUES ($1, $2, $3, $4)",
-        )
-        .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
-        .bind::<Nullable<SqlUuid>, _>(user)
-        .bind::<Text, _>(ip)
-        .bind::<Nullable<Text>, _>(request_id.map(|r| r.0.as_str()))
-        .execute(c)
-        .await?;
-        Ok::<_, ApiError>(())
-    })
-    .await
-}
-
-/// Records `entry` in the audit log of every tenant `user` belongs to.
-async fn record_in_every_tenant_of(
-    conn: &mut AsyncPgConnection,
-    user: uuid::Uuid,
-    entry: Entry,
-) -> Result<(), ApiError> {
-    let tenants: Vec<TenantId> = crate::members::of_user(conn, UserId(user)).await?.into_iter().map(|m| m.0).collect();
-    for tenant in registry::find_live_by_ids(conn, &tenants).await? {
-        audit::record_as_system(conn, &tenant.schema, entry.clone()).await?;
-    }
-    Ok(())
 }
 
 /// `POST /v1/auth/logout`: revokes the caller's session everywhere.

@@ -4,6 +4,7 @@
 //!
 //! - [`accounts`]: signup, login, logout, `/v1/me`, email verification and
 //!   password reset, and their configuration ([`accounts::IdentityConfig`]).
+//! - [`login`]: `POST /v1/auth/login` and its failed-login budget.
 //! - [`sessions`]: bearer tokens for sessions and API keys, their cached
 //!   checks, and [`sessions::Authenticator`], the answer to the access
 //!   gate's authentication question.
@@ -24,6 +25,7 @@ pub mod accounts;
 pub mod api_keys;
 pub mod limits;
 pub mod links;
+pub mod login;
 pub mod mail;
 pub mod members;
 pub mod password;

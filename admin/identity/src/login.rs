@@ -1,0 +1,246 @@
+//! `POST /v1/auth/login`: a session for the right email and password; the
+//! same 401 `invalid_credentials`, in the same time, for a wrong password, an
+//! unknown address, a malformed address and an over-long password: each
+//! runs one argon2id verification and records one failure.
+//!
+//! Failed-login limits are reserved before the password is checked and
+//! given back on success ([`FailureBudget`]), so concurrent guesses cannot
+//! all pass the check. An account over its limit from everywhere refuses
+//! addresses that have failed on it, but still checks a guess from an
+//! address with no failures: the owner, from their own address, gets in
+//! with the right password (and second factor); a wrong guess from there
+//! answers 429 as well.
+
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_http::ApiError;
+use plinth_http::ratelimit;
+use plinth_http::request::{Json, RequestId};
+use plinth_mail::EmailAddress;
+use plinth_tenants::audit::{self, Actor, Entry};
+use plinth_tenants::{Db, TenantId, UserId, registry};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::accounts::{IdentityConfig, User, config};
+use crate::limits::{RateLimits, count};
+use crate::password::Hashing;
+use crate::sessions::{self, SessionInfo};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LoginBody {
+    email: String,
+    password: String,
+    /// With two-factor login on: a current code or a recovery code.
+    totp_code: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct Credentials {
+    #[diesel(sql_type = SqlUuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    password_hash: String,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    email_verified_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) async fn login(
+    req: HttpRequest,
+    db: web::Data<Db>,
+    cfg: Option<web::Data<IdentityConfig>>,
+    limits: web::Data<RateLimits>,
+    hashing: web::Data<Hashing>,
+    body: Json<LoginBody>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg = config(cfg);
+    let LoginBody { email, password, totp_code } = body.0;
+    let address = plinth_http::request::client_ip(&req, cfg.client_ip_header.as_deref());
+    let request_id = req.extensions().get::<RequestId>().cloned();
+    let email = EmailAddress::parse(&email).ok();
+    let budget = FailureBudget::reserve(&limits, email.as_ref(), &address)?;
+    let found = budget.keep(credentials(&db, email.as_ref()).await)?;
+    let stored = found.as_ref().map(|f| f.password_hash.clone());
+    let failure = Failure { db: &db, ip: &address, request_id: request_id.as_ref() };
+    if !budget.keep(hashing.verify(&password, stored).await)? {
+        tracing::info!("login failed");
+        return Err(budget.spent(failure, found.map(|f| f.id)).await);
+    }
+    let user = found.ok_or(ApiError::InvalidCredentials)?;
+    let entry = Entry::new(Actor::User(user.id), "auth.login").target("user", user.id);
+    let mut entry = match &request_id {
+        Some(id) => id.stamp(entry),
+        None => entry,
+    };
+    entry.ip = Some(address.clone());
+    let session = match open_session(&db, user.id, totp_code.as_deref(), cfg.session_ttl, entry).await {
+        // The password was right: not a failure, but no session yet.
+        Err(ApiError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired)),
+        other => other?,
+    };
+    let Some((token, session)) = session else {
+        tracing::info!("login failed: wrong second factor");
+        return Err(budget.spent(failure, Some(user.id)).await);
+    };
+    budget.give_back(());
+    tracing::info!(user.id = %user.id, "logged in");
+    Ok(HttpResponse::Ok().json(json!({
+        "token": token,
+        "expires_at": session.expires_at,
+        "user": User { id: user.id, email: user.email, email_verified_at: user.email_verified_at },
+    })))
+}
+
+/// The failed-login limits one attempt has reserved: per client address,
+/// per account and address, and per account.
+struct FailureBudget<'a> {
+    limits: &'a RateLimits,
+    account: String,
+    account_ip: String,
+    /// `Some(wait)`: the account is over its limit and this fresh address was
+    /// let through to be checked; a failure answers 429 with `wait`.
+    account_full: Option<std::time::Duration>,
+}
+
+impl<'a> FailureBudget<'a> {
+    fn reserve(limits: &'a RateLimits, email: Option<&EmailAddress>, address: &str) -> Result<Self, ApiError> {
+        let client = ratelimit::client_key(address);
+        count(&limits.login_per_ip, &client)?;
+        // A malformed address has no account; its attempts share one key.
+        let account = email.map_or("(malformed)", EmailAddress::as_str).to_owned();
+        let account_ip = format!("{account} {client}");
+        let fresh_address = match limits.login_failures_per_account_ip.reserve(&account_ip) {
+            Ok(fresh) => fresh,
+            Err(wait) => return Err(ratelimit::limited(wait)),
+        };
+        let account_full = match limits.login_failures_per_account.reserve(&account) {
+            Ok(_) => None,
+            Err(wait) if fresh_address => Some(wait),
+            Err(wait) => {
+                // Refused unchecked: this address has failed on a locked account.
+                limits.login_failures_per_account_ip.refund(&account_ip);
+                return Err(ratelimit::limited(wait));
+            }
+        };
+        Ok(Self { limits, account, account_ip, account_full })
+    }
+
+    /// Not a failed guess (success, or something broke): the reservations
+    /// go back.
+    fn give_back<T>(&self, value: T) -> T {
+        self.limits.login_failures_per_account_ip.refund(&self.account_ip);
+        if self.account_full.is_none() {
+            self.limits.login_failures_per_account.refund(&self.account);
+        }
+        value
+    }
+
+    /// `result`, giving the reservations back if it is an error.
+    fn keep<T>(&self, result: Result<T, ApiError>) -> Result<T, ApiError> {
+        result.map_err(|e| self.give_back(e))
+    }
+
+    /// A failed guess: the reservations stay spent, the failure is recorded,
+    /// and the answer is 401 (or 429 when the account is over its limit).
+    async fn spent(self, failure: Failure<'_>, user: Option<uuid::Uuid>) -> ApiError {
+        if let Err(err) = failure.record(user).await {
+            return err;
+        }
+        match self.account_full {
+            Some(wait) => ratelimit::limited(wait),
+            None => ApiError::InvalidCredentials,
+        }
+    }
+}
+
+/// The account's credentials, if `email` is well formed and has one.
+async fn credentials(db: &Db, email: Option<&EmailAddress>) -> Result<Option<Credentials>, ApiError> {
+    let Some(email) = email else { return Ok(None) };
+    db.platform(async |c| {
+        let rows: Vec<Credentials> =
+            diesel::sql_query("SELECT id, email, password_hash, email_verified_at FROM public.users WHERE email = $1")
+                .bind::<Text, _>(email.as_str())
+                .load(c)
+                .await?;
+        Ok::<_, ApiError>(rows.into_iter().next())
+    })
+    .await
+}
+
+/// After the password: checks the second factor if the account has one
+/// (`Ok(None)`: a wrong code), then creates the session and records
+/// `entry` in every tenant of the user, in one transaction.
+async fn open_session(
+    db: &Db,
+    user: uuid::Uuid,
+    totp_code: Option<&str>,
+    ttl: std::time::Duration,
+    entry: Entry,
+) -> Result<Option<(String, SessionInfo)>, ApiError> {
+    db.platform(async |c| {
+        // The row is locked so a second factor is used up exactly once.
+        let state = crate::totp::state(c, user, true).await?;
+        if state.totp_secret.is_some() {
+            let Some(code) = totp_code else { return Err(ApiError::TotpRequired) };
+            if !crate::totp::accept_second_factor(c, user, &state, code).await? {
+                return Ok(None);
+            }
+        }
+        let created = sessions::create_session(c, UserId(user), ttl).await?;
+        record_in_every_tenant_of(c, user, entry).await?;
+        Ok(Some(created))
+    })
+    .await
+}
+
+/// Where a failed login is recorded.
+struct Failure<'a> {
+    db: &'a Db,
+    ip: &'a str,
+    request_id: Option<&'a RequestId>,
+}
+
+impl Failure<'_> {
+    /// Records one failed login, once (not in each organization's audit
+    /// log), for 90 days. One insert on every path, with or without an
+    /// account, so recording it takes the same time either way.
+    async fn record(&self, user: Option<uuid::Uuid>) -> Result<(), ApiError> {
+        self.db
+            .statement(async |c| {
+                diesel::sql_query(
+                    // Raw SQL: a writable CTE. Records kept 90 days; each insert
+                    // removes up to ten older ones, so the table stays bounded.
+                    "WITH pruned AS (DELETE FROM public.login_failures WHERE id IN \
+                       (SELECT id FROM public.login_failures WHERE at < now() - interval '90 days' ORDER BY at LIMIT 10)) \
+                     INSERT INTO public.login_failures (id, user_id, ip, request_id) VALUES ($1, $2, $3, $4)",
+                )
+                .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+                .bind::<Nullable<SqlUuid>, _>(user)
+                .bind::<Text, _>(self.ip)
+                .bind::<Nullable<Text>, _>(self.request_id.map(|r| r.0.as_str()))
+                .execute(c)
+                .await?;
+                Ok::<_, ApiError>(())
+            })
+            .await
+    }
+}
+
+/// Records `entry` in the audit log of every tenant `user` belongs to.
+async fn record_in_every_tenant_of(
+    conn: &mut AsyncPgConnection,
+    user: uuid::Uuid,
+    entry: Entry,
+) -> Result<(), ApiError> {
+    let tenants: Vec<TenantId> = crate::members::of_user(conn, UserId(user)).await?.into_iter().map(|m| m.0).collect();
+    for tenant in registry::find_live_by_ids(conn, &tenants).await? {
+        audit::record_as_system(conn, &tenant.schema, entry.clone()).await?;
+    }
+    Ok(())
+}
