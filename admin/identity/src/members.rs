@@ -11,14 +11,14 @@ use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-use diesel::{ExpressionMethods as _, QueryDsl as _};
+use diesel::{ExpressionMethods as _, OptionalExtension as _, QueryDsl as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 use plinth_access::Role;
 use plinth_access::quota::Counter;
 use plinth_access::{Access, Quota, quota};
 
-use crate::schema::{invitations, memberships};
+use crate::schema::{invitations, memberships, users};
 use plinth_access::{Allowed, TenantContext, requirements};
 use plinth_http::request::{Json, RequestId, client_ip};
 use plinth_http::{ApiError, FieldError};
@@ -246,13 +246,6 @@ struct InviteBody {
 }
 
 #[derive(QueryableByName)]
-struct PendingId {
-    #[diesel(sql_type = SqlUuid)]
-    #[allow(dead_code)]
-    id: uuid::Uuid,
-}
-
-#[derive(QueryableByName)]
 struct InvitationRow {
     #[diesel(sql_type = SqlUuid)]
     id: uuid::Uuid,
@@ -272,97 +265,152 @@ async fn invite(
     limits: web::Data<RateLimits>,
     body: Json<InviteBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut errors = Vec::new();
-    let email = EmailAddress::parse(&body.0.email)
-        .map_err(|e| errors.push(FieldError::new("email", "invalid", e.to_string())))
-        .ok();
-    let role = Role::parse(&body.0.role);
-    if role.is_none() {
-        errors.push(FieldError::new("role", "invalid", "must be owner, admin, member or viewer"));
-    }
-    let (Some(email), Some(role)) = (email, role) else { return Err(ApiError::invalid_fields(errors)) };
+    let (email, role) = body.0.parse()?;
     if role == Role::Owner && ctx.role != Role::Owner {
         return Err(ApiError::Forbidden);
     }
-    let tenant_key = ctx.tenant.id.to_string();
     count(&limits.invitations_per_address, email.as_str())?;
-    count(&limits.invitations_per_tenant, &tenant_key)?;
-    let (token, hash) = sessions::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
-    let tenant = ctx.tenant.clone();
-    let inviter = caller(&ctx);
-    let entry = ctx.audit_entry("invitation.sent");
-    let invitation = ctx
-        .rows(async |rows| {
-            let already: Vec<RoleRow> = diesel::sql_query(
-                "SELECT m.user_id, m.role FROM public.memberships m JOIN public.users u ON u.id = m.user_id \
-                 WHERE m.tenant_id = $1 AND u.email = $2",
-            )
-            .bind::<SqlUuid, _>(rows.tenant_id().0)
-            .bind::<Text, _>(email.as_str())
-            .load(rows.conn())
-            .await?;
-            if !already.is_empty() {
-                return Err(ApiError::Conflict("this address is already a member".into()));
-            }
-            // Inviting the same address again replaces its pending
-            // invitation and takes no new seat.
-            let pending: Vec<PendingId> = diesel::sql_query(
-                "SELECT id FROM public.invitations WHERE tenant_id = $1 AND email = $2 \
-                 AND accepted_at IS NULL AND expires_at > now()",
-            )
-            .bind::<SqlUuid, _>(rows.tenant_id().0)
-            .bind::<Text, _>(email.as_str())
-            .load(rows.conn())
-            .await?;
-            if pending.is_empty() {
-                ctx.reserve(rows.conn(), Quota::Members).await?;
-            }
-            let row: InvitationRow = diesel::sql_query(
-                "INSERT INTO public.invitations (id, tenant_id, email, role, token_hash, invited_by, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(days => $7)) \
-                 ON CONFLICT (tenant_id, email) WHERE accepted_at IS NULL DO UPDATE SET role = EXCLUDED.role, \
-                   token_hash = EXCLUDED.token_hash, invited_by = EXCLUDED.invited_by, \
-                   expires_at = EXCLUDED.expires_at, sent = public.invitations.sent + 1 \
-                 RETURNING id, sent, expires_at",
-            )
-            .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
-            .bind::<SqlUuid, _>(rows.tenant_id().0)
-            .bind::<Text, _>(email.as_str())
-            .bind::<Text, _>(role.as_str())
-            .bind::<Bytea, _>(&hash[..])
-            .bind::<Nullable<SqlUuid>, _>(inviter.map(|u| u.0))
-            .bind::<Integer, _>(i32::try_from(INVITATION_DAYS).unwrap_or(7))
-            .get_result(rows.conn())
-            .await?;
-            let inviter_email: Vec<MemberRow> = diesel::sql_query(
-                "SELECT u.id AS user_id, u.email, m.role, m.created_at AS joined_at FROM public.users u \
-                 JOIN public.memberships m ON m.user_id = u.id AND m.tenant_id = $2 WHERE u.id = $1",
-            )
-            .bind::<Nullable<SqlUuid>, _>(inviter.map(|u| u.0))
-            .bind::<SqlUuid, _>(rows.tenant_id().0)
-            .load(rows.conn())
-            .await?;
-            let inviter_name =
-                inviter_email.into_iter().next().map(|m| m.email).unwrap_or_else(|| "A colleague".into());
-            let message = crate::mail::invitation(
-                email.clone(),
-                tenant.id,
-                &tenant.name,
-                &inviter_name,
-                role.as_str(),
-                &token,
-                format!("invitation:{}:{}", row.id, row.sent),
-            );
-            mail::queue(rows.conn(), message).await?;
-            let details = json!({ "email": email, "role": role, "sent": row.sent });
-            audit::record(rows, entry.target("invitation", row.id).details(details)).await?;
-            Ok::<_, ApiError>(row)
-        })
-        .await?;
+    count(&limits.invitations_per_tenant, &ctx.tenant.id.to_string())?;
+    let invite = Invite { email, role, inviter: caller(&ctx), entry: ctx.audit_entry("invitation.sent") };
+    let (invitation, email) = ctx.rows(async |rows| send_invitation(rows, &ctx, invite).await).await?;
     tracing::info!(invitation.id = %invitation.id, role = role.as_str(), sent = invitation.sent, "invitation sent");
     Ok(HttpResponse::Created().json(json!({
         "invitation": { "id": invitation.id, "email": email, "role": role, "expires_at": invitation.expires_at },
     })))
+}
+
+impl InviteBody {
+    /// The address and the role, or every problem with them at once.
+    fn parse(self) -> Result<(EmailAddress, Role), ApiError> {
+        let mut errors = Vec::new();
+        let email = EmailAddress::parse(&self.email)
+            .map_err(|e| errors.push(FieldError::new("email", "invalid", e.to_string())))
+            .ok();
+        let role = Role::parse(&self.role);
+        if role.is_none() {
+            errors.push(FieldError::new("role", "invalid", "must be owner, admin, member or viewer"));
+        }
+        match (email, role) {
+            (Some(email), Some(role)) => Ok((email, role)),
+            _ => Err(ApiError::invalid_fields(errors)),
+        }
+    }
+}
+
+/// An invitation to send.
+struct Invite {
+    email: EmailAddress,
+    role: Role,
+    inviter: Option<UserId>,
+    entry: Entry,
+}
+
+/// Sends (or sends again) an invitation in the tenant's transaction: refuses
+/// a member's address, takes a seat unless the address already holds a
+/// pending invitation, stores the new link, queues the mail and records it.
+async fn send_invitation(
+    rows: &mut TenantRows<'_>,
+    ctx: &TenantContext,
+    invite: Invite,
+) -> Result<(InvitationRow, EmailAddress), ApiError> {
+    let Invite { email, role, inviter, entry } = invite;
+    if is_member(rows, &email).await? {
+        return Err(ApiError::Conflict("this address is already a member".into()));
+    }
+    // Inviting the same address again replaces its pending invitation and
+    // takes no new seat.
+    if !has_pending_invitation(rows, &email).await? {
+        ctx.reserve(rows.conn(), Quota::Members).await?;
+    }
+    let (token, hash) = sessions::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    let row = store_invitation(rows, &email, role, &hash, inviter).await?;
+    let inviter_name = match inviter {
+        Some(user) => member_email(rows, user).await?,
+        None => None,
+    };
+    let message = crate::mail::invitation(
+        email.clone(),
+        rows.tenant_id(),
+        &ctx.tenant.name,
+        inviter_name.as_deref().unwrap_or("A colleague"),
+        role.as_str(),
+        &token,
+        format!("invitation:{}:{}", row.id, row.sent),
+    );
+    mail::queue(rows.conn(), message).await?;
+    let details = json!({ "email": email, "role": role, "sent": row.sent });
+    audit::record(rows, entry.target("invitation", row.id).details(details)).await?;
+    Ok((row, email))
+}
+
+/// Whether `email` belongs to a member of the tenant.
+async fn is_member(rows: &mut TenantRows<'_>, email: &EmailAddress) -> diesel::QueryResult<bool> {
+    let tenant = rows.tenant_id().0;
+    diesel::select(diesel::dsl::exists(
+        memberships::table
+            .inner_join(users::table)
+            .filter(memberships::tenant_id.eq(tenant))
+            .filter(users::email.eq(email.as_str())),
+    ))
+    .get_result(rows.conn())
+    .await
+}
+
+/// Whether `email` holds an unexpired, unaccepted invitation to the tenant.
+async fn has_pending_invitation(rows: &mut TenantRows<'_>, email: &EmailAddress) -> diesel::QueryResult<bool> {
+    let tenant = rows.tenant_id().0;
+    diesel::select(diesel::dsl::exists(
+        invitations::table
+            .filter(invitations::tenant_id.eq(tenant))
+            .filter(invitations::email.eq(email.as_str()))
+            .filter(invitations::accepted_at.is_null())
+            .filter(invitations::expires_at.gt(diesel::dsl::now)),
+    ))
+    .get_result(rows.conn())
+    .await
+}
+
+/// Stores the invitation, replacing a pending one for the same address
+/// (new link, role and expiry; `sent` counts the mails).
+async fn store_invitation(
+    rows: &mut TenantRows<'_>,
+    email: &EmailAddress,
+    role: Role,
+    token_hash: &[u8; 32],
+    inviter: Option<UserId>,
+) -> diesel::QueryResult<InvitationRow> {
+    let tenant = rows.tenant_id().0;
+    // Raw SQL: an upsert on a partial unique index (pending invitations).
+    diesel::sql_query(
+        "INSERT INTO public.invitations (id, tenant_id, email, role, token_hash, invited_by, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(days => $7)) \
+         ON CONFLICT (tenant_id, email) WHERE accepted_at IS NULL DO UPDATE SET role = EXCLUDED.role, \
+           token_hash = EXCLUDED.token_hash, invited_by = EXCLUDED.invited_by, \
+           expires_at = EXCLUDED.expires_at, sent = public.invitations.sent + 1 \
+         RETURNING id, sent, expires_at",
+    )
+    .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+    .bind::<SqlUuid, _>(tenant)
+    .bind::<Text, _>(email.as_str())
+    .bind::<Text, _>(role.as_str())
+    .bind::<Bytea, _>(&token_hash[..])
+    .bind::<Nullable<SqlUuid>, _>(inviter.map(|u| u.0))
+    .bind::<Integer, _>(i32::try_from(INVITATION_DAYS).unwrap_or(7))
+    .get_result(rows.conn())
+    .await
+}
+
+/// A member's address, if `user` is a member of the tenant.
+async fn member_email(rows: &mut TenantRows<'_>, user: UserId) -> diesel::QueryResult<Option<String>> {
+    let tenant = rows.tenant_id().0;
+    memberships::table
+        .inner_join(users::table)
+        .filter(memberships::tenant_id.eq(tenant))
+        .filter(users::id.eq(user.0))
+        .select(users::email)
+        .first(rows.conn())
+        .await
+        .optional()
 }
 
 #[derive(Deserialize)]
