@@ -22,7 +22,7 @@ use plinth_access::Access;
 use plinth_access::{Allowed, requirements};
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
-use plinth_tenants::{Db, TenantId};
+use plinth_tenants::{Db, Tenant, TenantId};
 use serde::Deserialize;
 use serde_json::json;
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
@@ -171,6 +171,37 @@ impl Stripe {
         // the same customer anyway.
         customer_of(db, tenant).await?.ok_or_else(|| BillingError::Internal("the customer link vanished".into()))
     }
+
+    /// A Checkout session subscribing the tenant's customer (created on
+    /// first need) to `price`; its URL.
+    pub async fn checkout_session(&self, db: &Db, tenant: &Tenant, price: String) -> Result<String, BillingError> {
+        let customer = self.customer(db, tenant.id, &tenant.name).await?;
+        self.admit()?;
+        let item = CreateCheckoutSessionLineItems { price: Some(price), quantity: Some(1), ..Default::default() };
+        let session = CreateCheckoutSession::new()
+            .mode(stripe_shared::CheckoutSessionMode::Subscription)
+            .customer(customer)
+            .client_reference_id(tenant.id.to_string())
+            .line_items(vec![item])
+            .success_url(format!("{}/billing/success?session_id={{CHECKOUT_SESSION_ID}}", self.public_url))
+            .cancel_url(format!("{}/billing/cancelled", self.public_url))
+            .send(&self.client)
+            .await;
+        let session = self.record(session, "creating a checkout session")?;
+        session.url.ok_or_else(|| BillingError::Internal("Stripe returned no checkout URL".into()))
+    }
+
+    /// A Customer Portal session for the tenant's customer; its URL.
+    pub async fn portal_session(&self, db: &Db, tenant: &Tenant) -> Result<String, BillingError> {
+        let customer = self.customer(db, tenant.id, &tenant.name).await?;
+        self.admit()?;
+        let session = CreateBillingPortalSession::new()
+            .customer(customer)
+            .return_url(format!("{}/billing", self.public_url))
+            .send(&self.client)
+            .await;
+        Ok(self.record(session, "creating a portal session")?.url)
+    }
 }
 
 #[derive(QueryableByName)]
@@ -222,20 +253,7 @@ async fn checkout(
             format!("must be a plan with a price: {}", paid.join(", ")),
         )]));
     };
-    let customer = api.customer(&db, ctx.tenant.id, &ctx.tenant.name).await?;
-    api.admit()?;
-    let item = CreateCheckoutSessionLineItems { price: Some(price), quantity: Some(1), ..Default::default() };
-    let session = CreateCheckoutSession::new()
-        .mode(stripe_shared::CheckoutSessionMode::Subscription)
-        .customer(customer)
-        .client_reference_id(ctx.tenant.id.to_string())
-        .line_items(vec![item])
-        .success_url(format!("{}/billing/success?session_id={{CHECKOUT_SESSION_ID}}", api.public_url))
-        .cancel_url(format!("{}/billing/cancelled", api.public_url))
-        .send(&api.client)
-        .await;
-    let session = api.record(session, "creating a checkout session")?;
-    let url = session.url.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("Stripe returned no checkout URL")))?;
+    let url = api.checkout_session(&db, &ctx.tenant, price).await?;
     Ok(HttpResponse::Ok().json(json!({ "url": url })))
 }
 
@@ -247,15 +265,8 @@ async fn portal(
     api: Option<web::Data<Stripe>>,
 ) -> Result<HttpResponse, ApiError> {
     let api = stripe(api)?;
-    let customer = api.customer(&db, ctx.tenant.id, &ctx.tenant.name).await?;
-    api.admit()?;
-    let session = CreateBillingPortalSession::new()
-        .customer(customer)
-        .return_url(format!("{}/billing", api.public_url))
-        .send(&api.client)
-        .await;
-    let session = api.record(session, "creating a portal session")?;
-    Ok(HttpResponse::Ok().json(json!({ "url": session.url })))
+    let url = api.portal_session(&db, &ctx.tenant).await?;
+    Ok(HttpResponse::Ok().json(json!({ "url": url })))
 }
 
 #[derive(QueryableByName, serde::Serialize)]
