@@ -22,11 +22,11 @@ use plinth_tenants::TenantId;
 
 use crate::schema::api_keys;
 use plinth_access::Role;
-use plinth_access::{Allowed, Principal, requirements};
+use plinth_access::{Allowed, Principal, TenantContext, requirements};
 use plinth_http::request::{Json, Validator};
 use plinth_http::{ApiError, FieldError};
 use plinth_tenants::TenantRows;
-use plinth_tenants::audit;
+use plinth_tenants::audit::{self, Entry};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -55,13 +55,6 @@ struct KeyRow {
     created_at: DateTime<Utc>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
     last_used_at: Option<DateTime<Utc>>,
-}
-
-#[derive(QueryableByName)]
-struct KeyId {
-    #[diesel(sql_type = SqlUuid)]
-    #[allow(dead_code)]
-    id: uuid::Uuid,
 }
 
 #[derive(Deserialize)]
@@ -94,45 +87,67 @@ async fn create(ctx: Allowed<ManageApiKeys>, body: Json<NewKey>) -> Result<HttpR
         Principal::User { .. } => None,
     };
     let entry = ctx.audit_entry("api_key.created");
-    let row: KeyRow = ctx
-        .rows(async |rows| {
-            if let Some(parent) = minted_by {
-                // Locks the minting key, so revoking it waits for this key to
-                // exist and then revokes it too.
-                let live: Vec<KeyId> = diesel::sql_query(
-                    "SELECT id FROM public.api_keys WHERE id = $1 AND revoked_at IS NULL FOR UPDATE",
-                )
-                .bind::<SqlUuid, _>(parent)
-                .load(rows.conn())
-                .await?;
-                if live.is_empty() {
-                    return Err(ApiError::Unauthenticated);
-                }
-            }
-            ctx.reserve(rows.conn(), Quota::ApiKeys).await?;
-            let row: KeyRow = diesel::sql_query(
-                "INSERT INTO public.api_keys (id, tenant_id, name, role, prefix, token_hash, created_by, created_by_key) \
-                 VALUES ($1, $2, $3, $4, $5, $6, \
-                         coalesce($7, (SELECT created_by FROM public.api_keys WHERE id = $8)), $8) \
-                 RETURNING id, name, role, prefix, created_at, last_used_at",
-            )
-            .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
-            .bind::<SqlUuid, _>(rows.tenant_id().0)
-            .bind::<Text, _>(&name)
-            .bind::<Text, _>(role.as_str())
-            .bind::<Text, _>(&prefix)
-            .bind::<Bytea, _>(&hash[..])
-            .bind::<Nullable<SqlUuid>, _>(creator)
-            .bind::<Nullable<SqlUuid>, _>(minted_by)
-            .get_result(rows.conn())
-            .await?;
-            let details = json!({ "name": row.name, "role": row.role, "prefix": row.prefix });
-            audit::record(rows, entry.target("api_key", row.id).details(details)).await?;
-            Ok::<_, ApiError>(row)
-        })
-        .await?;
+    let new = NewKeyRow { name, role, prefix, hash, creator, minted_by };
+    let row = ctx.rows(async |rows| create_key(rows, &ctx, new, entry).await).await?;
     tracing::info!(api_key.id = %row.id, role = role.as_str(), "API key created");
     Ok(HttpResponse::Created().json(json!({ "api_key": row, "key": key })))
+}
+
+/// A key to store: its name, role, the visible prefix and hash of its secret,
+/// the user it acts for and the key that minted it (if any).
+struct NewKeyRow {
+    name: String,
+    role: Role,
+    prefix: String,
+    hash: [u8; 32],
+    creator: Option<uuid::Uuid>,
+    minted_by: Option<uuid::Uuid>,
+}
+
+/// Stores a new key for the tenant within its quota, and records it.
+async fn create_key(
+    rows: &mut TenantRows<'_>,
+    ctx: &TenantContext,
+    new: NewKeyRow,
+    entry: Entry,
+) -> Result<KeyRow, ApiError> {
+    let NewKeyRow { name, role, prefix, hash, creator, minted_by } = new;
+    if let Some(parent) = minted_by {
+        // Locks the minting key, so revoking it waits for this key to
+        // exist and then revokes it too.
+        let tenant = rows.tenant_id().0;
+        let live: Vec<uuid::Uuid> = api_keys::table
+            .filter(api_keys::id.eq(parent))
+            .filter(api_keys::tenant_id.eq(tenant))
+            .filter(api_keys::revoked_at.is_null())
+            .select(api_keys::id)
+            .for_update()
+            .load(rows.conn())
+            .await?;
+        if live.is_empty() {
+            return Err(ApiError::Unauthenticated);
+        }
+    }
+    ctx.reserve(rows.conn(), Quota::ApiKeys).await?;
+    let row: KeyRow = diesel::sql_query(
+        "INSERT INTO public.api_keys (id, tenant_id, name, role, prefix, token_hash, created_by, created_by_key) \
+         VALUES ($1, $2, $3, $4, $5, $6, \
+                 coalesce($7, (SELECT created_by FROM public.api_keys WHERE id = $8)), $8) \
+         RETURNING id, name, role, prefix, created_at, last_used_at",
+    )
+    .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
+    .bind::<SqlUuid, _>(rows.tenant_id().0)
+    .bind::<Text, _>(&name)
+    .bind::<Text, _>(role.as_str())
+    .bind::<Text, _>(&prefix)
+    .bind::<Bytea, _>(&hash[..])
+    .bind::<Nullable<SqlUuid>, _>(creator)
+    .bind::<Nullable<SqlUuid>, _>(minted_by)
+    .get_result(rows.conn())
+    .await?;
+    let details = json!({ "name": row.name, "role": row.role, "prefix": row.prefix });
+    audit::record(rows, entry.target("api_key", row.id).details(details)).await?;
+    Ok(row)
 }
 
 async fn list(ctx: Allowed<ManageApiKeys>) -> Result<HttpResponse, ApiError> {
