@@ -68,4 +68,33 @@ diesel::table! {
 }
 
 diesel::joinable!(memberships -> users (user_id));
-diesel::allow_tables_to_appear_in_same_query!(users, memberships, api_keys, sessions, invitations);
+
+diesel::table! {
+    public.totp_recovery_codes (user_id, code_hash) {
+        user_id -> Uuid,
+        code_hash -> Bytea,
+        used_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    public.user_tokens (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        purpose -> Text,
+        token_hash -> Bytea,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        used_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    users,
+    memberships,
+    api_keys,
+    sessions,
+    invitations,
+    totp_recovery_codes,
+    user_tokens
+);

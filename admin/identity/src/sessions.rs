@@ -13,8 +13,9 @@ use std::time::Duration;
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use diesel::QueryableByName;
-use diesel::sql_types::{Bytea, Timestamptz, Uuid as SqlUuid};
+use diesel::{
+    ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 use sha2::Digest as _;
@@ -26,6 +27,8 @@ use plinth_tenants::cache::NotifiedCache;
 use plinth_tenants::db::Db;
 use plinth_tenants::ids::{TenantId, UserId};
 use plinth_tenants::notify::{Handler, ListenEvent};
+
+use crate::schema::{api_keys, sessions};
 
 /// The NOTIFY channel on which revoked session ids arrive.
 pub const CHANNEL: &str = "plinth_sessions";
@@ -60,13 +63,11 @@ pub fn hash_token(token: &str) -> [u8; 32] {
     sha2::Sha256::digest(token.as_bytes()).into()
 }
 
-#[derive(QueryableByName)]
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = sessions)]
 struct SessionRow {
-    #[diesel(sql_type = SqlUuid)]
     id: uuid::Uuid,
-    #[diesel(sql_type = SqlUuid)]
     user_id: uuid::Uuid,
-    #[diesel(sql_type = Timestamptz)]
     expires_at: DateTime<Utc>,
 }
 
@@ -80,24 +81,24 @@ pub async fn create_session(
     let (token, hash) = new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
     let ttl = chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(e.into()))?;
     let mut conn = conn;
-    let row: SessionRow = diesel::sql_query(
-        "INSERT INTO public.sessions (id, user_id, token_hash, expires_at) VALUES ($1, $2, $3, $4) \
-         RETURNING id, user_id, expires_at",
-    )
-    .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
-    .bind::<SqlUuid, _>(user.0)
-    .bind::<Bytea, _>(&hash[..])
-    .bind::<Timestamptz, _>(Utc::now() + ttl)
-    .get_result(&mut conn)
-    .await?;
+    let row: SessionRow = diesel::insert_into(sessions::table)
+        .values((
+            sessions::id.eq(uuid::Uuid::now_v7()),
+            sessions::user_id.eq(user.0),
+            sessions::token_hash.eq(&hash[..]),
+            sessions::expires_at.eq(Utc::now() + ttl),
+        ))
+        .returning(SessionRow::as_returning())
+        .get_result(&mut conn)
+        .await?;
     Ok((token, SessionInfo { session_id: row.id, user_id: UserId(row.user_id), expires_at: row.expires_at }))
 }
 
 /// Revokes one session (logout).
 pub async fn revoke_session(conn: &AsyncPgConnection, session: uuid::Uuid) -> diesel::QueryResult<()> {
     let mut conn = conn;
-    diesel::sql_query("UPDATE public.sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
-        .bind::<SqlUuid, _>(session)
+    diesel::update(sessions::table.filter(sessions::id.eq(session)).filter(sessions::revoked_at.is_null()))
+        .set(sessions::revoked_at.eq(diesel::dsl::now))
         .execute(&mut conn)
         .await?;
     Ok(())
@@ -106,8 +107,8 @@ pub async fn revoke_session(conn: &AsyncPgConnection, session: uuid::Uuid) -> di
 /// Revokes every session of `user` (password changed or reset).
 pub async fn revoke_all_sessions(conn: &AsyncPgConnection, user: UserId) -> diesel::QueryResult<usize> {
     let mut conn = conn;
-    diesel::sql_query("UPDATE public.sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL")
-        .bind::<SqlUuid, _>(user.0)
+    diesel::update(sessions::table.filter(sessions::user_id.eq(user.0)).filter(sessions::revoked_at.is_null()))
+        .set(sessions::revoked_at.eq(diesel::dsl::now))
         .execute(&mut conn)
         .await
 }
@@ -119,11 +120,13 @@ pub async fn revoke_other_sessions(
     keep: uuid::Uuid,
 ) -> diesel::QueryResult<usize> {
     let mut conn = conn;
-    diesel::sql_query(
-        "UPDATE public.sessions SET revoked_at = now() WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
+    diesel::update(
+        sessions::table
+            .filter(sessions::user_id.eq(user.0))
+            .filter(sessions::id.ne(keep))
+            .filter(sessions::revoked_at.is_null()),
     )
-    .bind::<SqlUuid, _>(user.0)
-    .bind::<SqlUuid, _>(keep)
+    .set(sessions::revoked_at.eq(diesel::dsl::now))
     .execute(&mut conn)
     .await
 }
@@ -164,15 +167,13 @@ impl Sessions {
                     .db
                     .platform(async |c| {
                         Ok::<_, ApiError>(
-                            diesel::sql_query(
-                                "SELECT id, user_id, expires_at FROM public.sessions \
-                                 WHERE token_hash = $1 AND revoked_at IS NULL",
-                            )
-                            .bind::<Bytea, _>(&hash[..])
-                            .get_result(c)
-                            .await
-                            .map(Some)
-                            .or_else(|e| if e == diesel::result::Error::NotFound { Ok(None) } else { Err(e) })?,
+                            sessions::table
+                                .filter(sessions::token_hash.eq(&hash[..]))
+                                .filter(sessions::revoked_at.is_null())
+                                .select(SessionRow::as_select())
+                                .first(c)
+                                .await
+                                .optional()?,
                         )
                     })
                     .await?;
@@ -197,16 +198,6 @@ pub struct ApiKeyInfo {
     pub key_id: uuid::Uuid,
     pub tenant_id: TenantId,
     pub role: Role,
-}
-
-#[derive(QueryableByName)]
-struct ApiKeyRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: uuid::Uuid,
-    #[diesel(sql_type = SqlUuid)]
-    tenant_id: uuid::Uuid,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    role: String,
 }
 
 /// A new API key secret and its hash.
@@ -255,21 +246,22 @@ impl ApiKeys {
         let found = match self.cache.get(&hash) {
             Ok(hit) => hit,
             Err(ticket) => {
-                let rows: Vec<ApiKeyRow> = self
+                let row: Option<(uuid::Uuid, uuid::Uuid, String)> = self
                     .db
                     .platform(async |c| {
                         Ok::<_, ApiError>(
-                            diesel::sql_query(
-                                "SELECT id, tenant_id, role FROM public.api_keys WHERE token_hash = $1 AND revoked_at IS NULL",
-                            )
-                            .bind::<Bytea, _>(&hash[..])
-                            .load(c)
-                            .await?,
+                            api_keys::table
+                                .filter(api_keys::token_hash.eq(&hash[..]))
+                                .filter(api_keys::revoked_at.is_null())
+                                .select((api_keys::id, api_keys::tenant_id, api_keys::role))
+                                .first(c)
+                                .await
+                                .optional()?,
                         )
                     })
                     .await?;
-                let found = rows.into_iter().next().and_then(|r| {
-                    Some(ApiKeyInfo { key_id: r.id, tenant_id: TenantId(r.tenant_id), role: Role::parse(&r.role)? })
+                let found = row.and_then(|(key_id, tenant, role)| {
+                    Some(ApiKeyInfo { key_id, tenant_id: TenantId(tenant), role: Role::parse(&role)? })
                 });
                 self.cache.insert(ticket, hash, found.clone());
                 found
@@ -298,8 +290,8 @@ impl ApiKeys {
         tokio::spawn(async move {
             let result = db
                 .platform(async |c| {
-                    diesel::sql_query("UPDATE public.api_keys SET last_used_at = now() WHERE id = $1")
-                        .bind::<SqlUuid, _>(key_id)
+                    diesel::update(api_keys::table.find(key_id))
+                        .set(api_keys::last_used_at.eq(diesel::dsl::now))
                         .execute(c)
                         .await
                         .map_err(ApiError::from)

@@ -16,8 +16,9 @@
 
 use crate::sessions::{self, Authenticated};
 use actix_web::{HttpResponse, web};
-use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Bytea, Nullable, Text, Uuid as SqlUuid};
+use diesel::{
+    ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
@@ -25,6 +26,7 @@ use plinth_tenants::UserId;
 
 use crate::limits::RateLimits;
 use crate::password::Hashing;
+use crate::schema::{totp_recovery_codes, users};
 use serde::Deserialize;
 use serde_json::json;
 use totp_rs::{Builder, Totp};
@@ -58,24 +60,35 @@ fn normalize_recovery(code: &str) -> String {
     code.trim().to_ascii_lowercase()
 }
 
-#[derive(QueryableByName)]
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = users)]
 pub(crate) struct TotpState {
-    #[diesel(sql_type = Text)]
     pub email: String,
-    #[diesel(sql_type = Nullable<Bytea>)]
     pub totp_secret: Option<Vec<u8>>,
-    #[diesel(sql_type = Nullable<Bytea>)]
     pub totp_pending: Option<Vec<u8>>,
-    #[diesel(sql_type = Nullable<BigInt>)]
     pub totp_last_step: Option<i64>,
 }
 
+/// The account's second-factor state; `lock` holds the row for the rest of
+/// the transaction (so a code is used up exactly once).
 pub(crate) async fn state(conn: &mut AsyncPgConnection, user: uuid::Uuid, lock: bool) -> Result<TotpState, ApiError> {
-    let sql = format!(
-        "SELECT email, totp_secret, totp_pending, totp_last_step FROM public.users WHERE id = $1{}",
-        if lock { " FOR UPDATE" } else { "" }
-    );
-    Ok(diesel::sql_query(sql).bind::<SqlUuid, _>(user).get_result(conn).await?)
+    let query = users::table.find(user).select(TotpState::as_select());
+    Ok(if lock { query.for_update().first(conn).await? } else { query.first(conn).await? })
+}
+
+/// Turns two-factor login off for `user` and deletes its recovery codes.
+async fn clear_second_factor(conn: &mut AsyncPgConnection, user: uuid::Uuid) -> diesel::QueryResult<()> {
+    diesel::update(users::table.find(user))
+        .set((
+            users::totp_secret.eq(None::<Vec<u8>>),
+            users::totp_pending.eq(None::<Vec<u8>>),
+            users::totp_last_step.eq(None::<i64>),
+            users::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+    diesel::delete(totp_recovery_codes::table.filter(totp_recovery_codes::user_id.eq(user))).execute(conn).await?;
+    Ok(())
 }
 
 /// Turns two-factor login off for the account with `email`, deletes its
@@ -84,25 +97,12 @@ pub(crate) async fn state(conn: &mut AsyncPgConnection, user: uuid::Uuid, lock: 
 /// after verifying who is asking (`plinth admin reset-second-factor`).
 /// Returns whether the account exists.
 pub async fn reset_second_factor(conn: &mut AsyncPgConnection, email: &str) -> Result<bool, diesel::result::Error> {
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = SqlUuid)]
-        id: uuid::Uuid,
-    }
-    let found: Vec<Id> = diesel::sql_query(
-        "UPDATE public.users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, updated_at = now() \
-         WHERE email = $1 RETURNING id",
-    )
-    .bind::<Text, _>(email)
-    .load(conn)
-    .await?;
-    let Some(user) = found.into_iter().next() else { return Ok(false) };
-    diesel::sql_query("DELETE FROM public.totp_recovery_codes WHERE user_id = $1")
-        .bind::<SqlUuid, _>(user.id)
-        .execute(conn)
-        .await?;
-    sessions::revoke_all_sessions(conn, UserId(user.id)).await?;
-    tracing::info!(user.id = %user.id, "two-factor login reset by an operator");
+    let found: Option<uuid::Uuid> =
+        users::table.filter(users::email.eq(email)).select(users::id).for_update().first(conn).await.optional()?;
+    let Some(user) = found else { return Ok(false) };
+    clear_second_factor(conn, user).await?;
+    sessions::revoke_all_sessions(conn, UserId(user)).await?;
+    tracing::info!(user.id = %user, "two-factor login reset by an operator");
     Ok(true)
 }
 
@@ -117,11 +117,14 @@ pub(crate) async fn accept_second_factor(
 ) -> Result<bool, ApiError> {
     let Some(secret) = &state.totp_secret else { return Ok(false) };
     if code.contains('-') {
-        let used = diesel::sql_query(
-            "UPDATE public.totp_recovery_codes SET used_at = now() WHERE user_id = $1 AND code_hash = $2 AND used_at IS NULL",
+        let hash = sessions::hash_token(&normalize_recovery(code));
+        let used = diesel::update(
+            totp_recovery_codes::table
+                .filter(totp_recovery_codes::user_id.eq(user))
+                .filter(totp_recovery_codes::code_hash.eq(&hash[..]))
+                .filter(totp_recovery_codes::used_at.is_null()),
         )
-        .bind::<SqlUuid, _>(user)
-        .bind::<Bytea, _>(&sessions::hash_token(&normalize_recovery(code))[..])
+        .set(totp_recovery_codes::used_at.eq(diesel::dsl::now))
         .execute(conn)
         .await?;
         return Ok(used == 1);
@@ -131,11 +134,7 @@ pub(crate) async fn accept_second_factor(
     if state.totp_last_step.is_some_and(|last| step <= last) {
         return Ok(false); // replayed
     }
-    diesel::sql_query("UPDATE public.users SET totp_last_step = $2 WHERE id = $1")
-        .bind::<SqlUuid, _>(user)
-        .bind::<BigInt, _>(step)
-        .execute(conn)
-        .await?;
+    diesel::update(users::table.find(user)).set(users::totp_last_step.eq(step)).execute(conn).await?;
     Ok(true)
 }
 
@@ -145,11 +144,10 @@ struct PasswordBody {
     password: String,
 }
 
-#[derive(QueryableByName)]
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = users)]
 struct StoredPassword {
-    #[diesel(sql_type = Text)]
     email: String,
-    #[diesel(sql_type = Text)]
     password_hash: String,
 }
 
@@ -165,12 +163,7 @@ async fn recheck_password(
 ) -> Result<(), ApiError> {
     let stored: StoredPassword = db
         .platform(async |c| {
-            Ok::<_, ApiError>(
-                diesel::sql_query("SELECT email, password_hash FROM public.users WHERE id = $1")
-                    .bind::<SqlUuid, _>(user)
-                    .get_result(c)
-                    .await?,
-            )
+            Ok::<_, ApiError>(users::table.find(user).select(StoredPassword::as_select()).first(c).await?)
         })
         .await?;
     if let Some(wait) = limits.login_failures_per_account.is_limited(&stored.email) {
@@ -200,9 +193,8 @@ async fn enroll(
             if current.totp_secret.is_some() {
                 return Err(ApiError::Conflict("two-factor login is already on; disable it first".into()));
             }
-            diesel::sql_query("UPDATE public.users SET totp_pending = $2, updated_at = now() WHERE id = $1")
-                .bind::<SqlUuid, _>(user)
-                .bind::<Bytea, _>(&secret[..])
+            diesel::update(users::table.find(user))
+                .set((users::totp_pending.eq(&secret[..]), users::updated_at.eq(diesel::dsl::now)))
                 .execute(c)
                 .await?;
             Ok::<_, ApiError>(current.email)
@@ -245,25 +237,22 @@ async fn confirm(
         let current = state(c, user, true).await?;
         let pending = current.totp_pending.clone().ok_or_else(|| ApiError::Conflict("enroll first".into()))?;
         let step = totp(&pending, &current.email)?.check_current(body.0.code.trim()).ok_or_else(wrong_code)?;
-        diesel::sql_query(
-            "UPDATE public.users SET totp_secret = totp_pending, totp_pending = NULL, totp_last_step = $2, \
-             updated_at = now() WHERE id = $1",
-        )
-        .bind::<SqlUuid, _>(user)
-        .bind::<BigInt, _>(i64::try_from(step).unwrap_or(i64::MAX))
-        .execute(c)
-        .await?;
-        diesel::sql_query("DELETE FROM public.totp_recovery_codes WHERE user_id = $1")
-            .bind::<SqlUuid, _>(user)
+        diesel::update(users::table.find(user))
+            .set((
+                users::totp_secret.eq(users::totp_pending),
+                users::totp_pending.eq(None::<Vec<u8>>),
+                users::totp_last_step.eq(i64::try_from(step).unwrap_or(i64::MAX)),
+                users::updated_at.eq(diesel::dsl::now),
+            ))
             .execute(c)
             .await?;
-        for code in &codes {
-            diesel::sql_query("INSERT INTO public.totp_recovery_codes (user_id, code_hash) VALUES ($1, $2)")
-                .bind::<SqlUuid, _>(user)
-                .bind::<Bytea, _>(&sessions::hash_token(code)[..])
-                .execute(c)
-                .await?;
-        }
+        diesel::delete(totp_recovery_codes::table.filter(totp_recovery_codes::user_id.eq(user))).execute(c).await?;
+        let hashes: Vec<[u8; 32]> = codes.iter().map(|code| sessions::hash_token(code)).collect();
+        let rows: Vec<_> = hashes
+            .iter()
+            .map(|h| (totp_recovery_codes::user_id.eq(user), totp_recovery_codes::code_hash.eq(&h[..])))
+            .collect();
+        diesel::insert_into(totp_recovery_codes::table).values(rows).execute(c).await?;
         // Whoever else holds a session of this account is signed out.
         sessions::revoke_other_sessions(c, UserId(user), session).await?;
         Ok::<_, ApiError>(())
@@ -287,14 +276,7 @@ async fn disable(
         if !accept_second_factor(c, user, &current, &body.0.code).await? {
             return Err(wrong_code());
         }
-        diesel::sql_query(
-            "UPDATE public.users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = NULL, updated_at = now() \
-             WHERE id = $1",
-        )
-        .bind::<SqlUuid, _>(user)
-        .execute(c)
-        .await?;
-        diesel::sql_query("DELETE FROM public.totp_recovery_codes WHERE user_id = $1").bind::<SqlUuid, _>(user).execute(c).await?;
+        clear_second_factor(c, user).await?;
         Ok::<_, ApiError>(())
     })
     .await?;
