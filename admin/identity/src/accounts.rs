@@ -9,9 +9,11 @@ use std::time::Duration;
 use crate::sessions::{self, Authenticated};
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
-use diesel::QueryableByName;
 use diesel::result::{DatabaseErrorKind, Error as DbError};
-use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::Uuid as SqlUuid;
+use diesel::{
+    ExpressionMethods as _, NullableExpressionMethods as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::ratelimit;
 use plinth_http::request::Json;
@@ -24,6 +26,7 @@ use serde_json::json;
 
 use crate::limits::{RateLimitConfig, RateLimits, count};
 use crate::password::{self, Hashing};
+use crate::schema::{memberships, users};
 use crate::tokens::{self, invalid_token, issue_token, redeem_token};
 
 /// Settings of the identity routes.
@@ -75,13 +78,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// A user as the API shows it.
-#[derive(Debug, Clone, Serialize, QueryableByName)]
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[diesel(table_name = users)]
 pub struct User {
-    #[diesel(sql_type = SqlUuid)]
     pub id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
     pub email: String,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
     pub email_verified_at: Option<DateTime<Utc>>,
 }
 
@@ -99,30 +100,28 @@ pub async fn insert_user(
     password_hash: &str,
 ) -> Result<User, ApiError> {
     let mut conn = conn;
-    diesel::sql_query(
-        "INSERT INTO public.users (id, email, password_hash) VALUES ($1, $2, $3) \
-         RETURNING id, email, email_verified_at",
-    )
-    .bind::<SqlUuid, _>(UserId::new().0)
-    .bind::<Text, _>(email.as_str())
-    .bind::<Text, _>(password_hash)
-    .get_result(&mut conn)
-    .await
-    .map_err(|e| {
-        if unique_violation(&e, "users_email_key") {
-            ApiError::Conflict("an account with this email address exists; sign in to add an organization".into())
-        } else {
-            e.into()
-        }
-    })
+    diesel::insert_into(users::table)
+        .values((
+            users::id.eq(UserId::new().0),
+            users::email.eq(email.as_str()),
+            users::password_hash.eq(password_hash),
+        ))
+        .returning(User::as_returning())
+        .get_result(&mut conn)
+        .await
+        .map_err(|e| {
+            if unique_violation(&e, "users_email_key") {
+                ApiError::Conflict("an account with this email address exists; sign in to add an organization".into())
+            } else {
+                e.into()
+            }
+        })
 }
 
 async fn add_member(conn: &AsyncPgConnection, tenant: &Tenant, user: uuid::Uuid, role: &str) -> Result<(), ApiError> {
     let mut conn = conn;
-    diesel::sql_query("INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3)")
-        .bind::<SqlUuid, _>(tenant.id.0)
-        .bind::<SqlUuid, _>(user)
-        .bind::<Text, _>(role)
+    diesel::insert_into(memberships::table)
+        .values((memberships::tenant_id.eq(tenant.id.0), memberships::user_id.eq(user), memberships::role.eq(role)))
         .execute(&mut conn)
         .await?;
     Ok(())
@@ -238,18 +237,20 @@ async fn create_tenant(
     count(&limits.organizations_per_user, &user.to_string())?;
     let tenant = db
         .platform(async |c| {
-            // Serializes this user's creations, so the cap holds under concurrency.
+            // Serializes this user's creations, so the cap holds under
+            // concurrency. Raw SQL: a function diesel has no declaration for.
             diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended('plinth.orgs:' || $1::text, 0))")
                 .bind::<SqlUuid, _>(user)
                 .execute(c)
                 .await?;
-            let owned: Count =
-                diesel::sql_query("SELECT count(*) AS n FROM public.memberships WHERE user_id = $1 AND role = 'owner'")
-                    .bind::<SqlUuid, _>(user)
-                    .get_result(c)
-                    .await?;
-            if owned.n >= i64::from(cfg.max_organizations_per_user) {
-                tracing::info!(user.id = %user, owned = owned.n, "organization cap reached");
+            let owned: i64 = memberships::table
+                .filter(memberships::user_id.eq(user))
+                .filter(memberships::role.eq("owner"))
+                .count()
+                .get_result(c)
+                .await?;
+            if owned >= i64::from(cfg.max_organizations_per_user) {
+                tracing::info!(user.id = %user, owned, "organization cap reached");
                 return Err(ApiError::Forbidden);
             }
             let tenant = provision(c, &slug, &body.0.organization).await?;
@@ -258,12 +259,6 @@ async fn create_tenant(
         })
         .await?;
     Ok(HttpResponse::Created().json(json!({ "tenant": tenant, "role": "owner" })))
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
 }
 
 /// `POST /v1/auth/logout`: revokes the caller's session everywhere.
@@ -277,10 +272,7 @@ async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiEr
     let user_id = who.0.user_id.0;
     let (user, memberships) = db
         .platform(async |c| {
-            let user: User = diesel::sql_query("SELECT id, email, email_verified_at FROM public.users WHERE id = $1")
-                .bind::<SqlUuid, _>(user_id)
-                .get_result(c)
-                .await?;
+            let user: User = users::table.find(user_id).select(User::as_select()).first(c).await?;
             let roles: std::collections::HashMap<TenantId, String> =
                 crate::members::of_user(c, UserId(user_id)).await?.into_iter().collect();
             let ids: Vec<TenantId> = roles.keys().copied().collect();
@@ -320,13 +312,13 @@ async fn verify_email(
     let token = body.0.token;
     db.platform(async |c| {
         let user = redeem_token(c, &token, "verify_email").await?.ok_or_else(invalid_token)?;
-        diesel::sql_query(
-            "UPDATE public.users SET email_verified_at = coalesce(email_verified_at, now()), updated_at = now() \
-             WHERE id = $1",
-        )
-        .bind::<SqlUuid, _>(user)
-        .execute(c)
-        .await?;
+        diesel::update(users::table.find(user))
+            .set((
+                users::email_verified_at.eq(coalesce(users::email_verified_at, diesel::dsl::now).nullable()),
+                users::updated_at.eq(diesel::dsl::now),
+            ))
+            .execute(c)
+            .await?;
         Ok::<_, ApiError>(())
     })
     .await?;
@@ -414,17 +406,25 @@ async fn confirm_password_reset(
             // Redeemed here, once: a concurrent confirmation finds it used.
             let user = redeem_token(c, &token, "password_reset").await?.ok_or_else(invalid_token)?;
             // Following the link proves the address too.
-            diesel::sql_query(
-                "UPDATE public.users SET password_hash = $2, email_verified_at = coalesce(email_verified_at, now()), \
-                 updated_at = now() WHERE id = $1",
-            )
-            .bind::<SqlUuid, _>(user)
-            .bind::<Text, _>(&hash)
-            .execute(c)
-            .await?;
+            diesel::update(users::table.find(user))
+                .set((
+                    users::password_hash.eq(&hash),
+                    users::email_verified_at.eq(coalesce(users::email_verified_at, diesel::dsl::now).nullable()),
+                    users::updated_at.eq(diesel::dsl::now),
+                ))
+                .execute(c)
+                .await?;
             Ok::<_, ApiError>(sessions::revoke_all_sessions(c, UserId(user)).await?)
         })
         .await?;
     tracing::info!(sessions.revoked = revoked, "password reset");
     Ok(HttpResponse::Ok().json(json!({ "password_changed": true })))
+}
+
+diesel::define_sql_function! {
+    /// SQL's `coalesce` for a nullable timestamp and a fallback.
+    fn coalesce(
+        x: diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>,
+        y: diesel::sql_types::Timestamptz,
+    ) -> diesel::sql_types::Timestamptz;
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use crate::sessions;
 use chrono::Utc;
-use diesel::QueryableByName;
-use diesel::sql_types::{Bytea, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::{ExpressionMethods as _, OptionalExtension as _, QueryDsl as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::schema::user_tokens;
 use plinth_http::{ApiError, FieldError};
 
 /// A single-use token for `purpose`, valid for `ttl`; returns (id, token).
@@ -22,23 +23,17 @@ pub(crate) async fn issue_token(
     let id = uuid::Uuid::now_v7();
     let expires = Utc::now() + chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(e.into()))?;
     let mut conn = conn;
-    diesel::sql_query(
-        "INSERT INTO public.user_tokens (id, user_id, purpose, token_hash, expires_at) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind::<SqlUuid, _>(id)
-    .bind::<SqlUuid, _>(user)
-    .bind::<Text, _>(purpose)
-    .bind::<Bytea, _>(&hash[..])
-    .bind::<Timestamptz, _>(expires)
-    .execute(&mut conn)
-    .await?;
+    diesel::insert_into(user_tokens::table)
+        .values((
+            user_tokens::id.eq(id),
+            user_tokens::user_id.eq(user),
+            user_tokens::purpose.eq(purpose),
+            user_tokens::token_hash.eq(&hash[..]),
+            user_tokens::expires_at.eq(expires),
+        ))
+        .execute(&mut conn)
+        .await?;
     Ok((id, token))
-}
-
-#[derive(QueryableByName)]
-pub(crate) struct UserIdRow {
-    #[diesel(sql_type = SqlUuid)]
-    pub(crate) user_id: uuid::Uuid,
 }
 
 /// Uses up a single-use token: the user it belongs to, if it was valid.
@@ -48,15 +43,13 @@ pub(crate) async fn redeem_token(
     purpose: &str,
 ) -> Result<Option<uuid::Uuid>, ApiError> {
     let mut conn = conn;
-    let row: Vec<UserIdRow> = diesel::sql_query(
-        "UPDATE public.user_tokens SET used_at = now() WHERE token_hash = $1 AND purpose = $2 \
-         AND used_at IS NULL AND expires_at > now() RETURNING user_id",
-    )
-    .bind::<Bytea, _>(&sessions::hash_token(token)[..])
-    .bind::<Text, _>(purpose)
-    .load(&mut conn)
-    .await?;
-    Ok(row.into_iter().next().map(|r| r.user_id))
+    let hash = sessions::hash_token(token);
+    Ok(diesel::update(live(&hash, purpose))
+        .set(user_tokens::used_at.eq(diesel::dsl::now))
+        .returning(user_tokens::user_id)
+        .get_result(&mut conn)
+        .await
+        .optional()?)
 }
 
 pub(crate) fn invalid_token() -> ApiError {
@@ -68,13 +61,17 @@ pub(crate) fn invalid_token() -> ApiError {
 /// real token deserves.
 pub(crate) async fn is_live(conn: &AsyncPgConnection, token: &str, purpose: &str) -> Result<bool, ApiError> {
     let mut conn = conn;
-    let rows: Vec<UserIdRow> = diesel::sql_query(
-        "SELECT user_id FROM public.user_tokens WHERE token_hash = $1 AND purpose = $2 \
-         AND used_at IS NULL AND expires_at > now()",
-    )
-    .bind::<Bytea, _>(&sessions::hash_token(token)[..])
-    .bind::<Text, _>(purpose)
-    .load(&mut conn)
-    .await?;
-    Ok(!rows.is_empty())
+    let hash = sessions::hash_token(token);
+    Ok(diesel::select(diesel::dsl::exists(live(&hash, purpose))).get_result(&mut conn).await?)
+}
+
+/// The unused, unexpired token with this hash and purpose.
+#[diesel::dsl::auto_type(no_type_alias)]
+fn live<'a>(hash: &'a [u8; 32], purpose: &'a str) -> _ {
+    let hash: &'a [u8] = &hash[..];
+    user_tokens::table
+        .filter(user_tokens::token_hash.eq(hash))
+        .filter(user_tokens::purpose.eq(purpose))
+        .filter(user_tokens::used_at.is_null())
+        .filter(user_tokens::expires_at.gt(diesel::dsl::now))
 }
