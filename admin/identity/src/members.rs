@@ -11,7 +11,7 @@ use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-use diesel::{ExpressionMethods as _, OptionalExtension as _, QueryDsl as _};
+use diesel::{BoolExpressionMethods as _, ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 use plinth_access::Role;
@@ -52,23 +52,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// An owner of a tenant, for mail about the organization.
-#[derive(Debug, Clone, QueryableByName)]
+#[derive(Debug, Clone, Queryable)]
 pub struct Owner {
-    #[diesel(sql_type = SqlUuid)]
     pub user_id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
     pub email: String,
 }
 
 /// The owners of `tenant`.
 pub async fn owners(conn: &mut AsyncPgConnection, tenant: TenantId) -> diesel::QueryResult<Vec<Owner>> {
-    diesel::sql_query(
-        "SELECT u.id AS user_id, u.email FROM public.memberships m JOIN public.users u ON u.id = m.user_id \
-         WHERE m.tenant_id = $1 AND m.role = 'owner'",
-    )
-    .bind::<SqlUuid, _>(tenant.0)
-    .load(conn)
-    .await
+    memberships::table
+        .inner_join(users::table)
+        .filter(memberships::tenant_id.eq(tenant.0))
+        .filter(memberships::role.eq(Role::Owner.as_str()))
+        .select((users::id, users::email))
+        .load(conn)
+        .await
 }
 
 /// `user`'s memberships: tenant and role.
@@ -106,15 +104,11 @@ fn parse_role(field: &str, role: &str) -> Result<Role, ApiError> {
     })
 }
 
-#[derive(Serialize, QueryableByName)]
+#[derive(Serialize, Queryable)]
 struct MemberRow {
-    #[diesel(sql_type = SqlUuid)]
     user_id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
     email: String,
-    #[diesel(sql_type = Text)]
     role: String,
-    #[diesel(sql_type = Timestamptz)]
     joined_at: DateTime<Utc>,
 }
 
@@ -127,37 +121,29 @@ async fn list(ctx: Allowed<ManageMembers>) -> Result<HttpResponse, ApiError> {
 /// The tenant's members, in the order they joined.
 async fn members_of(rows: &mut TenantRows<'_>) -> diesel::QueryResult<Vec<MemberRow>> {
     let tenant = rows.tenant_id().0;
-    diesel::sql_query(
-        "SELECT u.id AS user_id, u.email, m.role, m.created_at AS joined_at FROM public.memberships m \
-         JOIN public.users u ON u.id = m.user_id WHERE m.tenant_id = $1 ORDER BY m.created_at, u.email",
-    )
-    .bind::<SqlUuid, _>(tenant)
-    .load(rows.conn())
-    .await
-}
-
-#[derive(QueryableByName)]
-struct RoleRow {
-    #[diesel(sql_type = SqlUuid)]
-    user_id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
-    role: String,
+    memberships::table
+        .inner_join(users::table)
+        .filter(memberships::tenant_id.eq(tenant))
+        .order((memberships::created_at.asc(), users::email.asc()))
+        .select((users::id, users::email, memberships::role, memberships::created_at))
+        .load(rows.conn())
+        .await
 }
 
 /// The tenant's memberships that matter for the owner rules, locked for the
 /// rest of the transaction: the target's, and every owner's.
 async fn lock_owners_and(rows: &mut TenantRows<'_>, target: uuid::Uuid) -> Result<(Option<Role>, usize), ApiError> {
     let tenant = rows.tenant_id().0;
-    let found: Vec<RoleRow> = diesel::sql_query(
-        "SELECT user_id, role FROM public.memberships WHERE tenant_id = $1 AND (role = 'owner' OR user_id = $2) \
-         ORDER BY user_id FOR UPDATE",
-    )
-    .bind::<SqlUuid, _>(tenant)
-    .bind::<SqlUuid, _>(target)
-    .load(rows.conn())
-    .await?;
-    let target_role = found.iter().find(|r| r.user_id == target).and_then(|r| Role::parse(&r.role));
-    let owners = found.iter().filter(|r| r.role == "owner").count();
+    let found: Vec<(uuid::Uuid, String)> = memberships::table
+        .filter(memberships::tenant_id.eq(tenant))
+        .filter(memberships::role.eq(Role::Owner.as_str()).or(memberships::user_id.eq(target)))
+        .order(memberships::user_id.asc())
+        .select((memberships::user_id, memberships::role))
+        .for_update()
+        .load(rows.conn())
+        .await?;
+    let target_role = found.iter().find(|(user, _)| *user == target).and_then(|(_, role)| Role::parse(role));
+    let owners = found.iter().filter(|(_, role)| role == Role::Owner.as_str()).count();
     Ok((target_role, owners))
 }
 
@@ -191,10 +177,8 @@ async fn change_role(
         if current == Role::Owner && new_role != Role::Owner && owners <= 1 {
             return Err(ApiError::Conflict("the last owner cannot be demoted; make someone else owner first".into()));
         }
-        diesel::sql_query("UPDATE public.memberships SET role = $3 WHERE tenant_id = $1 AND user_id = $2")
-            .bind::<SqlUuid, _>(tenant)
-            .bind::<SqlUuid, _>(user)
-            .bind::<Text, _>(new_role.as_str())
+        diesel::update(memberships::table.find((tenant, user)))
+            .set(memberships::role.eq(new_role.as_str()))
             .execute(rows.conn())
             .await?;
         audit::record(rows, entry.details(json!({ "from": current, "to": new_role }))).await?;
@@ -225,11 +209,7 @@ async fn remove(ctx: Allowed<Leave>, path: web::Path<String>) -> Result<HttpResp
         if current == Role::Owner && owners <= 1 {
             return Err(ApiError::Conflict("the last owner cannot be removed".into()));
         }
-        diesel::sql_query("DELETE FROM public.memberships WHERE tenant_id = $1 AND user_id = $2")
-            .bind::<SqlUuid, _>(tenant)
-            .bind::<SqlUuid, _>(user)
-            .execute(rows.conn())
-            .await?;
+        diesel::delete(memberships::table.find((tenant, user))).execute(rows.conn()).await?;
         audit::record(rows, entry.details(json!({ "role": current }))).await?;
         Ok::<_, ApiError>(())
     })
@@ -380,7 +360,8 @@ async fn store_invitation(
     inviter: Option<UserId>,
 ) -> diesel::QueryResult<InvitationRow> {
     let tenant = rows.tenant_id().0;
-    // Raw SQL: an upsert on a partial unique index (pending invitations).
+    // Raw SQL: an upsert on a partial unique index (pending invitations)
+    // that also counts the resends.
     diesel::sql_query(
         "INSERT INTO public.invitations (id, tenant_id, email, role, token_hash, invited_by, expires_at) \
          VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(days => $7)) \
@@ -420,23 +401,17 @@ struct AcceptBody {
     password: Option<String>,
 }
 
-#[derive(QueryableByName)]
+#[derive(Queryable)]
 struct PendingRow {
-    #[diesel(sql_type = SqlUuid)]
     id: uuid::Uuid,
-    #[diesel(sql_type = SqlUuid)]
     tenant_id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
     email: String,
-    #[diesel(sql_type = Text)]
     role: String,
 }
 
-#[derive(QueryableByName)]
+#[derive(Queryable)]
 struct ExistingUser {
-    #[diesel(sql_type = SqlUuid)]
     id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
     password_hash: String,
 }
 
@@ -478,18 +453,18 @@ async fn find_invitation(
     c: &mut AsyncPgConnection,
     token: &str,
 ) -> Result<(PendingRow, Option<ExistingUser>, registry::Tenant), ApiError> {
-    let pending: Vec<PendingRow> = diesel::sql_query(
-        "SELECT id, tenant_id, email, role FROM public.invitations \
-         WHERE token_hash = $1 AND accepted_at IS NULL AND expires_at > now()",
-    )
-    .bind::<Bytea, _>(&sessions::hash_token(token)[..])
-    .load(c)
-    .await?;
-    let pending = pending.into_iter().next().ok_or_else(invalid_token)?;
-    let user: Vec<ExistingUser> = diesel::sql_query("SELECT id, password_hash FROM public.users WHERE email = $1")
-        .bind::<Text, _>(&pending.email)
-        .load(c)
-        .await?;
+    let hash = sessions::hash_token(token);
+    let pending: PendingRow = invitations::table
+        .filter(invitations::token_hash.eq(&hash[..]))
+        .filter(invitations::accepted_at.is_null())
+        .filter(invitations::expires_at.gt(diesel::dsl::now))
+        .select((invitations::id, invitations::tenant_id, invitations::email, invitations::role))
+        .first(c)
+        .await
+        .optional()?
+        .ok_or_else(invalid_token)?;
+    let user: Vec<ExistingUser> =
+        users::table.filter(users::email.eq(&pending.email)).select((users::id, users::password_hash)).load(c).await?;
     let tenant = registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or_else(invalid_token)?;
     Ok((pending, user.into_iter().next(), tenant))
 }
@@ -559,12 +534,14 @@ async fn join(
     // held a seat; joining is refused only when the members alone have
     // reached the plan's limit (after a downgrade).
     quota::reserve(rows.conn(), tenant, Quota::Members, joined.limit, &JoinedMembers).await?;
-    let used = diesel::sql_query(
-        "UPDATE public.invitations SET accepted_at = now() WHERE id = $1 AND tenant_id = $2 \
-         AND accepted_at IS NULL AND expires_at > now()",
+    let used = diesel::update(
+        invitations::table
+            .filter(invitations::id.eq(joined.invitation))
+            .filter(invitations::tenant_id.eq(tenant.0))
+            .filter(invitations::accepted_at.is_null())
+            .filter(invitations::expires_at.gt(diesel::dsl::now)),
     )
-    .bind::<SqlUuid, _>(joined.invitation)
-    .bind::<SqlUuid, _>(tenant.0)
+    .set(invitations::accepted_at.eq(diesel::dsl::now))
     .execute(rows.conn())
     .await?;
     if used != 1 {
@@ -574,23 +551,23 @@ async fn join(
         Joiner::Existing(id) => (*id, None),
         Joiner::New(hash) => {
             let user = insert_user(rows.conn(), &joined.email, hash).await?;
-            diesel::sql_query("UPDATE public.users SET email_verified_at = now() WHERE id = $1")
-                .bind::<SqlUuid, _>(user.id)
+            diesel::update(users::table.find(user.id))
+                .set(users::email_verified_at.eq(diesel::dsl::now))
                 .execute(rows.conn())
                 .await?;
             let (token, _) = sessions::create_session(rows.conn(), UserId(user.id), joined.session_ttl).await?;
             (user.id, Some(token))
         }
     };
-    diesel::sql_query(
-        "INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) \
-         ON CONFLICT (tenant_id, user_id) DO NOTHING",
-    )
-    .bind::<SqlUuid, _>(tenant.0)
-    .bind::<SqlUuid, _>(user)
-    .bind::<Text, _>(joined.role.as_str())
-    .execute(rows.conn())
-    .await?;
+    diesel::insert_into(memberships::table)
+        .values((
+            memberships::tenant_id.eq(tenant.0),
+            memberships::user_id.eq(user),
+            memberships::role.eq(joined.role.as_str()),
+        ))
+        .on_conflict_do_nothing()
+        .execute(rows.conn())
+        .await?;
     let entry = Entry { actor: Actor::User(user), ..entry }.details(json!({ "role": joined.role }));
     audit::record(rows, entry).await?;
     Ok((user, session))
