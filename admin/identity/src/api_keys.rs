@@ -11,8 +11,8 @@ use crate::sessions;
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
-use diesel::sql_types::{Bytea, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-use diesel::{ExpressionMethods as _, QueryDsl as _};
+use diesel::sql_types::{Bytea, Nullable, Text, Uuid as SqlUuid};
+use diesel::{ExpressionMethods as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _};
 use diesel_async::AsyncPgConnection;
 use diesel_async::RunQueryDsl;
 use futures_util::future::BoxFuture;
@@ -41,19 +41,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/api-keys/{id}", web::delete().to(revoke));
 }
 
-#[derive(Serialize, QueryableByName)]
+#[derive(Serialize, QueryableByName, Queryable, Selectable)]
+#[diesel(table_name = api_keys)]
 struct KeyRow {
-    #[diesel(sql_type = SqlUuid)]
     id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
     name: String,
-    #[diesel(sql_type = Text)]
     role: String,
-    #[diesel(sql_type = Text)]
     prefix: String,
-    #[diesel(sql_type = Timestamptz)]
     created_at: DateTime<Utc>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
     last_used_at: Option<DateTime<Utc>>,
 }
 
@@ -129,6 +124,8 @@ async fn create_key(
         }
     }
     ctx.reserve(rows.conn(), Quota::ApiKeys).await?;
+    // Raw SQL: the creator of a key minted by a key is read in the same
+    // statement (a subquery in VALUES).
     let row: KeyRow = diesel::sql_query(
         "INSERT INTO public.api_keys (id, tenant_id, name, role, prefix, token_hash, created_by, created_by_key) \
          VALUES ($1, $2, $3, $4, $5, $6, \
@@ -158,26 +155,28 @@ async fn list(ctx: Allowed<ManageApiKeys>) -> Result<HttpResponse, ApiError> {
 /// The tenant's live (unrevoked) API keys, oldest first.
 async fn live_keys(rows: &mut TenantRows<'_>) -> diesel::QueryResult<Vec<KeyRow>> {
     let tenant = rows.tenant_id().0;
-    diesel::sql_query(
-        "SELECT id, name, role, prefix, created_at, last_used_at FROM public.api_keys \
-         WHERE tenant_id = $1 AND revoked_at IS NULL ORDER BY created_at",
-    )
-    .bind::<SqlUuid, _>(tenant)
-    .load(rows.conn())
-    .await
+    api_keys::table
+        .filter(api_keys::tenant_id.eq(tenant))
+        .filter(api_keys::revoked_at.is_null())
+        .order(api_keys::created_at.asc())
+        .select(KeyRow::as_select())
+        .load(rows.conn())
+        .await
 }
 
 /// Revokes the tenant's key `id`; false if the tenant has no such live key.
 async fn revoke_key(rows: &mut TenantRows<'_>, id: uuid::Uuid) -> diesel::QueryResult<bool> {
     let tenant = rows.tenant_id().0;
-    let n = diesel::sql_query(
-        "UPDATE public.api_keys SET revoked_at = now() WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL",
+    let revoked = diesel::update(
+        api_keys::table
+            .filter(api_keys::id.eq(id))
+            .filter(api_keys::tenant_id.eq(tenant))
+            .filter(api_keys::revoked_at.is_null()),
     )
-    .bind::<SqlUuid, _>(id)
-    .bind::<SqlUuid, _>(tenant)
+    .set(api_keys::revoked_at.eq(diesel::dsl::now))
     .execute(rows.conn())
     .await?;
-    Ok(n == 1)
+    Ok(revoked == 1)
 }
 
 async fn revoke(ctx: Allowed<ManageApiKeys>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {

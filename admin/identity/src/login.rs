@@ -13,8 +13,10 @@
 
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
-use diesel::QueryableByName;
-use diesel::sql_types::{Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Nullable, Text, Uuid as SqlUuid};
+use diesel::{
+    ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::ApiError;
 use plinth_http::ratelimit;
@@ -28,6 +30,7 @@ use serde_json::json;
 use crate::accounts::{IdentityConfig, User, config};
 use crate::limits::{RateLimits, count};
 use crate::password::Hashing;
+use crate::schema::users;
 use crate::sessions::{self, SessionInfo};
 
 #[derive(Deserialize)]
@@ -39,15 +42,12 @@ pub(crate) struct LoginBody {
     totp_code: Option<String>,
 }
 
-#[derive(QueryableByName)]
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = users)]
 struct Credentials {
-    #[diesel(sql_type = SqlUuid)]
     id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
     email: String,
-    #[diesel(sql_type = Text)]
     password_hash: String,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
     email_verified_at: Option<DateTime<Utc>>,
 }
 
@@ -163,12 +163,13 @@ impl<'a> FailureBudget<'a> {
 async fn credentials(db: &Db, email: Option<&EmailAddress>) -> Result<Option<Credentials>, ApiError> {
     let Some(email) = email else { return Ok(None) };
     db.platform(async |c| {
-        let rows: Vec<Credentials> =
-            diesel::sql_query("SELECT id, email, password_hash, email_verified_at FROM public.users WHERE email = $1")
-                .bind::<Text, _>(email.as_str())
-                .load(c)
-                .await?;
-        Ok::<_, ApiError>(rows.into_iter().next())
+        let found = users::table
+            .filter(users::email.eq(email.as_str()))
+            .select(Credentials::as_select())
+            .first(c)
+            .await
+            .optional()?;
+        Ok::<_, ApiError>(found)
     })
     .await
 }

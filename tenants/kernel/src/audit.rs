@@ -9,7 +9,7 @@
 use diesel::sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use crate::db::TenantRows;
+use crate::db::{TenantConn, TenantRows};
 use crate::ids::SchemaName;
 
 /// Who did it.
@@ -101,6 +101,8 @@ pub async fn record_as_system(conn: &AsyncPgConnection, schema: &SchemaName, ent
     insert(conn, schema, entry).await
 }
 
+/// Raw SQL: the table is named with its schema, which diesel's `table!`
+/// cannot take at run time.
 async fn insert(conn: &AsyncPgConnection, schema: &SchemaName, entry: Entry) -> diesel::QueryResult<()> {
     let (actor_type, actor_id) = entry.actor.parts();
     let sql = format!(
@@ -122,4 +124,68 @@ async fn insert(conn: &AsyncPgConnection, schema: &SchemaName, entry: Entry) -> 
         .execute(&mut conn)
         .await?;
     Ok(())
+}
+
+/// The audit log of the tenant a [`TenantConn`] is scoped to (unqualified:
+/// found through its `search_path`).
+mod log {
+    diesel::table! {
+        audit_log (id) {
+            id -> Uuid,
+            at -> Timestamptz,
+            actor_type -> Text,
+            actor_id -> Nullable<Uuid>,
+            action -> Text,
+            target_type -> Nullable<Text>,
+            target_id -> Nullable<Text>,
+            ip -> Nullable<Text>,
+            request_id -> Nullable<Text>,
+            details -> Jsonb,
+        }
+    }
+}
+
+use log::audit_log;
+
+/// One stored entry, as the audit log route shows it.
+#[derive(Debug, Clone, serde::Serialize, diesel::Queryable, diesel::Selectable)]
+#[diesel(table_name = audit_log)]
+pub struct Stored {
+    pub id: uuid::Uuid,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub actor_type: String,
+    pub actor_id: Option<uuid::Uuid>,
+    pub action: String,
+    pub target_type: Option<String>,
+    pub target_id: Option<String>,
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+    pub details: serde_json::Value,
+}
+
+/// Which entries to read: older than `before` (a cursor), with `action`,
+/// by `actor`, at most `limit`, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub before: Option<uuid::Uuid>,
+    pub action: Option<String>,
+    pub actor: Option<uuid::Uuid>,
+    pub limit: i64,
+}
+
+/// Entries of the tenant `conn` is scoped to, newest first.
+pub async fn read(conn: &mut TenantConn<'_>, filter: Filter) -> diesel::QueryResult<Vec<Stored>> {
+    use diesel::{ExpressionMethods as _, QueryDsl as _, SelectableHelper as _};
+    let mut query =
+        audit_log::table.order(audit_log::id.desc()).limit(filter.limit).select(Stored::as_select()).into_boxed();
+    if let Some(before) = filter.before {
+        query = query.filter(audit_log::id.lt(before));
+    }
+    if let Some(action) = filter.action {
+        query = query.filter(audit_log::action.eq(action));
+    }
+    if let Some(actor) = filter.actor {
+        query = query.filter(audit_log::actor_id.eq(actor));
+    }
+    query.load(conn.pg()).await
 }
