@@ -22,8 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use diesel::QueryableByName;
-use diesel::sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid};
+use diesel::{
+    ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::PoolConfig;
@@ -101,36 +102,46 @@ pub struct Mail {
     pub tenant: Option<TenantId>,
 }
 
-#[derive(QueryableByName)]
-struct IdRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: uuid::Uuid,
+diesel::table! {
+    public.mail_outbox (id) {
+        id -> Uuid,
+        tenant_id -> Nullable<Uuid>,
+        idempotency_key -> Text,
+        recipient -> Text,
+        template -> Text,
+        data -> Jsonb,
+        status -> Text,
+        smtp_response -> Nullable<Text>,
+        created_at -> Timestamptz,
+        sent_at -> Nullable<Timestamptz>,
+    }
 }
 
 /// Queues `mail` on `conn`, in the caller's transaction. Returns false if a
 /// message with the same idempotency key was queued before.
 pub async fn queue(conn: &AsyncPgConnection, mail: Mail) -> diesel::QueryResult<bool> {
-    use diesel::OptionalExtension as _;
     let mut c = conn;
-    let inserted: Option<IdRow> = diesel::sql_query(
-        "INSERT INTO public.mail_outbox (id, tenant_id, idempotency_key, recipient, template, data) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-    )
-    .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
-    .bind::<Nullable<SqlUuid>, _>(mail.tenant.map(|t| t.0))
-    .bind::<Text, _>(&mail.idempotency_key)
-    .bind::<Text, _>(mail.to.as_str())
-    .bind::<Text, _>(mail.template)
-    .bind::<Jsonb, _>(&mail.data)
-    .get_result(&mut c)
-    .await
-    .optional()?;
-    let Some(row) = inserted else { return Ok(false) };
+    let inserted: Option<uuid::Uuid> = diesel::insert_into(mail_outbox::table)
+        .values((
+            mail_outbox::id.eq(uuid::Uuid::now_v7()),
+            mail_outbox::tenant_id.eq(mail.tenant.map(|t| t.0)),
+            mail_outbox::idempotency_key.eq(&mail.idempotency_key),
+            mail_outbox::recipient.eq(mail.to.as_str()),
+            mail_outbox::template.eq(mail.template),
+            mail_outbox::data.eq(&mail.data),
+        ))
+        .on_conflict(mail_outbox::idempotency_key)
+        .do_nothing()
+        .returning(mail_outbox::id)
+        .get_result(&mut c)
+        .await
+        .optional()?;
+    let Some(id) = inserted else { return Ok(false) };
     let job = NewJob {
         tenant: mail.tenant,
-        dedup_key: Some(row.id.to_string()),
+        dedup_key: Some(id.to_string()),
         max_attempts: 12,
-        ..NewJob::new(DELIVER, serde_json::json!({ "outbox_id": row.id }))
+        ..NewJob::new(DELIVER, serde_json::json!({ "outbox_id": id }))
     };
     jobs::enqueue(conn, job).await?;
     Ok(true)
@@ -277,13 +288,13 @@ impl Mailer {
         // run of the same job waits and then finds it sent.
         self.db
             .platform(async |conn| {
-                let row: Option<OutboxRow> = diesel::sql_query(
-                    "SELECT recipient, template, data, status FROM public.mail_outbox WHERE id = $1 FOR UPDATE",
-                )
-                .bind::<SqlUuid, _>(outbox_id)
-                .get_result(conn)
-                .await
-                .optional_row()?;
+                let row: Option<OutboxRow> = mail_outbox::table
+                    .find(outbox_id)
+                    .select(OutboxRow::as_select())
+                    .for_update()
+                    .first(conn)
+                    .await
+                    .optional()?;
                 let Some(row) = row else {
                     return Err(JobError::Fatal(anyhow::anyhow!("outbox message {outbox_id} does not exist")));
                 };
@@ -299,15 +310,17 @@ impl Mailer {
                     Sent::Accepted(r) => ("sent", r.as_str()),
                     Sent::Rejected(r) => ("failed", r.as_str()),
                 };
-                diesel::sql_query(
-                    "UPDATE public.mail_outbox SET status = $2, smtp_response = $3, data = '{}', \
-                     sent_at = CASE WHEN $2 = 'sent' THEN now() END WHERE id = $1",
-                )
-                .bind::<SqlUuid, _>(outbox_id)
-                .bind::<Text, _>(status)
-                .bind::<Text, _>(response)
-                .execute(conn)
-                .await?;
+                // The data (tokens in links) does not outlive the delivery.
+                let sent_at = (status == "sent").then(chrono::Utc::now);
+                diesel::update(mail_outbox::table.find(outbox_id))
+                    .set((
+                        mail_outbox::status.eq(status),
+                        mail_outbox::smtp_response.eq(response),
+                        mail_outbox::data.eq(serde_json::json!({})),
+                        mail_outbox::sent_at.eq(sent_at),
+                    ))
+                    .execute(conn)
+                    .await?;
                 match sent {
                     Sent::Accepted(_) => {
                         tracing::info!(mail.id = %outbox_id, mail.template = row.template, "mail sent")
@@ -362,26 +375,13 @@ impl Mailer {
     }
 }
 
-#[derive(QueryableByName)]
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = mail_outbox)]
 struct OutboxRow {
-    #[diesel(sql_type = Text)]
     recipient: String,
-    #[diesel(sql_type = Text)]
     template: String,
-    #[diesel(sql_type = Jsonb)]
     data: serde_json::Value,
-    #[diesel(sql_type = Text)]
     status: String,
-}
-
-trait OptionalRow<T> {
-    fn optional_row(self) -> Result<Option<T>, diesel::result::Error>;
-}
-
-impl<T> OptionalRow<T> for Result<T, diesel::result::Error> {
-    fn optional_row(self) -> Result<Option<T>, diesel::result::Error> {
-        diesel::OptionalExtension::optional(self)
-    }
 }
 
 #[cfg(test)]
