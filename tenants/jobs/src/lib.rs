@@ -21,8 +21,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{BigInt, Double, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-use diesel::{OptionalExtension as _, QueryableByName};
+use diesel::sql_types::{BigInt, Double, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
+use diesel::upsert::DecoratableTarget as _;
+use diesel::{
+    ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, QueryableByName, Selectable,
+    SelectableHelper as _,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::FutureExt as _;
 use serde::Serialize;
@@ -66,33 +70,65 @@ impl NewJob {
     }
 }
 
-#[derive(QueryableByName)]
-struct IdRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: uuid::Uuid,
+diesel::table! {
+    public.jobs (id) {
+        id -> Uuid,
+        kind -> Text,
+        payload -> Jsonb,
+        tenant_id -> Nullable<Uuid>,
+        dedup_key -> Nullable<Text>,
+        status -> Text,
+        attempts -> Integer,
+        max_attempts -> Integer,
+        run_at -> Timestamptz,
+        locked_by -> Nullable<Text>,
+        locked_until -> Nullable<Timestamptz>,
+        last_error -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+        wake -> Bool,
+    }
 }
 
 /// Queues a job on `conn`, inside whatever transaction `conn` is in. Returns
 /// `None` when a job with the same kind and dedup key already exists.
 pub async fn enqueue(conn: &AsyncPgConnection, job: NewJob) -> diesel::QueryResult<Option<JobId>> {
     let mut conn = conn;
-    let row: Option<IdRow> = diesel::sql_query(
-        "INSERT INTO public.jobs (id, kind, payload, tenant_id, dedup_key, run_at, max_attempts, wake) \
-         VALUES ($1, $2, $3, $4, $5, coalesce($6, now()), $7, $8) \
-         ON CONFLICT (kind, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id",
-    )
-    .bind::<SqlUuid, _>(JobId::new().0)
-    .bind::<Text, _>(job.kind)
-    .bind::<Jsonb, _>(&job.payload)
-    .bind::<Nullable<SqlUuid>, _>(job.tenant.map(|t| t.0))
-    .bind::<Nullable<Text>, _>(job.dedup_key.as_deref())
-    .bind::<Nullable<Timestamptz>, _>(job.run_at)
-    .bind::<Integer, _>(job.max_attempts.max(1))
-    .bind::<diesel::sql_types::Bool, _>(job.wake)
-    .get_result(&mut conn)
-    .await
+    let values = (
+        jobs::id.eq(JobId::new().0),
+        jobs::kind.eq(job.kind),
+        jobs::payload.eq(&job.payload),
+        jobs::tenant_id.eq(job.tenant.map(|t| t.0)),
+        jobs::dedup_key.eq(job.dedup_key.as_deref()),
+        jobs::max_attempts.eq(job.max_attempts.max(1)),
+        jobs::wake.eq(job.wake),
+    );
+    // Without `run_at` the column's default (the database's now) applies.
+    let id: Option<uuid::Uuid> = match job.run_at {
+        Some(run_at) => {
+            diesel::insert_into(jobs::table)
+                .values((values, jobs::run_at.eq(run_at)))
+                .on_conflict((jobs::kind, jobs::dedup_key))
+                .filter_target(jobs::dedup_key.is_not_null())
+                .do_nothing()
+                .returning(jobs::id)
+                .get_result(&mut conn)
+                .await
+        }
+        None => {
+            diesel::insert_into(jobs::table)
+                .values(values)
+                .on_conflict((jobs::kind, jobs::dedup_key))
+                .filter_target(jobs::dedup_key.is_not_null())
+                .do_nothing()
+                .returning(jobs::id)
+                .get_result(&mut conn)
+                .await
+        }
+    }
     .optional()?;
-    Ok(row.map(|r| JobId(r.id)))
+    Ok(id.map(JobId))
 }
 
 /// When an enqueuer last woke the job workers (ms since the epoch), and
@@ -160,13 +196,24 @@ pub async fn claim(db: &Db, worker: &str, limit: i64, lease: Duration) -> Result
     db.platform(async |conn| {
         // A job whose lease expired on its last attempt (its worker died, maybe
         // because of the job) is given up instead of being taken over forever.
-        diesel::sql_query(
-            "UPDATE public.jobs SET status = 'dead', finished_at = now(), updated_at = now(), locked_by = NULL, \
-             locked_until = NULL, last_error = 'the worker running the last attempt stopped responding' \
-             WHERE status = 'running' AND locked_until < now() AND attempts >= max_attempts",
+        diesel::update(
+            jobs::table
+                .filter(jobs::status.eq("running"))
+                .filter(jobs::locked_until.lt(diesel::dsl::now))
+                .filter(jobs::attempts.ge(jobs::max_attempts)),
         )
+        .set((
+            jobs::status.eq("dead"),
+            jobs::finished_at.eq(diesel::dsl::now),
+            jobs::updated_at.eq(diesel::dsl::now),
+            jobs::locked_by.eq(None::<String>),
+            jobs::locked_until.eq(None::<DateTime<Utc>>),
+            jobs::last_error.eq("the worker running the last attempt stopped responding"),
+        ))
         .execute(conn)
         .await?;
+        // Raw SQL: FOR UPDATE SKIP LOCKED in a subquery joined to the update,
+        // and a lease computed on the database's clock.
         Ok(diesel::sql_query(
             "UPDATE public.jobs j SET status = 'running', attempts = j.attempts + 1, locked_by = $1, \
                locked_until = now() + make_interval(secs => $2), updated_at = now() \
@@ -198,7 +245,12 @@ type BoxedQuery<'a> = diesel::query_builder::BoxedSqlQuery<'a, diesel::pg::Pg, d
 
 /// Runs an update on one job; true if it matched (the worker still held it).
 async fn update_one(db: &Db, query: BoxedQuery<'_>) -> bool {
-    match db.platform(async |conn| query.execute(conn).await.map_err(ClaimError::from)).await {
+    matched(db.platform(async |conn| query.execute(conn).await.map_err(ClaimError::from)).await)
+}
+
+/// Whether an update on one job matched; a failure is logged.
+fn matched(updated: Result<usize, ClaimError>) -> bool {
+    match updated {
         Ok(n) => n == 1,
         Err(err) => {
             tracing::error!(error = %err, "updating a job failed");
@@ -212,13 +264,29 @@ fn held<'a>(sql: &'static str, id: uuid::Uuid, worker: &'a str) -> BoxedQuery<'a
 }
 
 async fn complete(db: &Db, id: uuid::Uuid, worker: &str) -> bool {
-    let sql = "UPDATE public.jobs SET status = 'done', finished_at = now(), updated_at = now(), last_error = NULL, \
-               locked_by = NULL, locked_until = NULL WHERE id = $1 AND locked_by = $2 AND status = 'running'";
-    update_one(db, held(sql, id, worker)).await
+    let done = db
+        .platform(async |conn| {
+            diesel::update(jobs::table.find(id).filter(jobs::locked_by.eq(worker)).filter(jobs::status.eq("running")))
+                .set((
+                    jobs::status.eq("done"),
+                    jobs::finished_at.eq(diesel::dsl::now),
+                    jobs::updated_at.eq(diesel::dsl::now),
+                    jobs::last_error.eq(None::<String>),
+                    jobs::locked_by.eq(None::<String>),
+                    jobs::locked_until.eq(None::<DateTime<Utc>>),
+                ))
+                .execute(conn)
+                .await
+                .map_err(ClaimError::from)
+        })
+        .await;
+    matched(done)
 }
 
 /// Records a failure: queued again after `retry_in`, or dead if attempts are
-/// used up or `retry_in` is `None`.
+/// used up or `retry_in` is `None`. Raw SQL here and in `release` and
+/// `heartbeat`: the outcome depends on the row (`CASE`, `greatest`), and
+/// times are computed on the database's clock, as leases are compared.
 async fn fail(db: &Db, id: uuid::Uuid, worker: &str, error: &str, retry_in: Option<Duration>) -> bool {
     let sql = "UPDATE public.jobs SET last_error = $3, updated_at = now(), locked_by = NULL, locked_until = NULL, \
                status = CASE WHEN attempts >= max_attempts OR $4::float8 IS NULL THEN 'dead' ELSE 'queued' END, \
@@ -249,13 +317,17 @@ async fn heartbeat(db: &Db, id: uuid::Uuid, worker: &str, lease: Duration) -> bo
 /// attempts. Returns false if there is no such job in that state.
 pub async fn retry(db: &Db, id: JobId) -> Result<bool, ClaimError> {
     db.platform(async |conn| {
-        let n = diesel::sql_query(
-            "UPDATE public.jobs SET status = 'queued', run_at = now(), attempts = 0, last_error = NULL, \
-             finished_at = NULL, updated_at = now() WHERE id = $1 AND status IN ('dead', 'queued')",
-        )
-        .bind::<SqlUuid, _>(id.0)
-        .execute(conn)
-        .await?;
+        let n = diesel::update(jobs::table.find(id.0).filter(jobs::status.eq_any(["dead", "queued"])))
+            .set((
+                jobs::status.eq("queued"),
+                jobs::run_at.eq(diesel::dsl::now),
+                jobs::attempts.eq(0),
+                jobs::last_error.eq(None::<String>),
+                jobs::finished_at.eq(None::<DateTime<Utc>>),
+                jobs::updated_at.eq(diesel::dsl::now),
+            ))
+            .execute(conn)
+            .await?;
         Ok(n == 1)
     })
     .await
@@ -286,6 +358,7 @@ struct CountRow {
 pub async fn counts(db: &Db) -> Result<JobCounts, ClaimError> {
     let rows: Vec<CountRow> = db
         .platform(async |conn| {
+            // Raw SQL: grouped by a computed state (`CASE`).
             diesel::sql_query(
                 "SELECT CASE WHEN status = 'queued' AND attempts > 0 THEN 'retrying' ELSE status END AS state, \
                  count(*) AS n FROM public.jobs GROUP BY 1",
@@ -310,36 +383,28 @@ pub async fn counts(db: &Db) -> Result<JobCounts, ClaimError> {
 }
 
 /// One job, as `plinth jobs list` shows it.
-#[derive(Debug, Clone, QueryableByName, Serialize)]
+#[derive(Debug, Clone, Queryable, Selectable, Serialize)]
+#[diesel(table_name = jobs)]
 pub struct JobSummary {
-    #[diesel(sql_type = SqlUuid)]
     pub id: uuid::Uuid,
-    #[diesel(sql_type = Text)]
     pub kind: String,
-    #[diesel(sql_type = Text)]
     pub status: String,
-    #[diesel(sql_type = Integer)]
     pub attempts: i32,
-    #[diesel(sql_type = Integer)]
     pub max_attempts: i32,
-    #[diesel(sql_type = Timestamptz)]
     pub run_at: DateTime<Utc>,
-    #[diesel(sql_type = Nullable<Text>)]
     pub last_error: Option<String>,
 }
 
 /// The most recent jobs, optionally only those in `status`.
 pub async fn list(db: &Db, status: Option<&str>, limit: i64) -> Result<Vec<JobSummary>, ClaimError> {
     db.platform(async |conn| {
-        diesel::sql_query(
-            "SELECT id, kind, status, attempts, max_attempts, run_at, last_error FROM public.jobs \
-             WHERE $1::text IS NULL OR status = $1 ORDER BY created_at DESC LIMIT $2",
-        )
-        .bind::<Nullable<Text>, _>(status)
-        .bind::<BigInt, _>(limit)
-        .load(conn)
-        .await
-        .map_err(ClaimError::from)
+        let query =
+            jobs::table.order(jobs::created_at.desc()).limit(limit).select(JobSummary::as_select()).into_boxed();
+        let query = match status {
+            Some(status) => query.filter(jobs::status.eq(status)),
+            None => query,
+        };
+        query.load(conn).await.map_err(ClaimError::from)
     })
     .await
 }
