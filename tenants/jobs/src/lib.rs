@@ -162,6 +162,7 @@ pub fn wake_soon(db: &Db) {
         }
         let woke = db
             .statement(async |c| {
+                // Raw SQL: a function diesel has no declaration for.
                 diesel::sql_query("SELECT pg_notify($1, '')").bind::<Text, _>(CHANNEL).execute(c).await?;
                 Ok::<_, ClaimError>(())
             })

@@ -296,6 +296,7 @@ impl<'c> TenantConn<'c> {
             #[diesel(sql_type = Nullable<Text>)]
             schema: Option<String>,
         }
+        // Raw SQL: a function call, and this check must not depend on any table.
         let current: Current =
             diesel::sql_query("SELECT current_schema() AS schema").get_result(&mut self.conn).await?;
         if current.schema.as_deref() == Some(expected.as_str()) {

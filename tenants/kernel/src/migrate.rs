@@ -19,7 +19,7 @@ use futures_util::StreamExt as _;
 
 use crate::db::{Db, PgConn};
 use crate::ids::{SchemaName, TenantId};
-use crate::schema::tenant_migrations;
+use crate::schema::{tenant_migrations, tenants};
 
 /// One tenant migration, embedded at build time.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +74,7 @@ pub async fn run_platform_migrations_with(url: &str, timeouts: MigrationTimeouts
             )
         })?
         .context("connecting to run platform migrations")?;
+    // Raw SQL: an advisory-lock function diesel has no declaration for.
     let locked: LockTaken = diesel::sql_query(format!("SELECT pg_try_advisory_lock({PLATFORM_LOCK}) AS taken"))
         .get_result(&mut conn)
         .await
@@ -266,12 +267,6 @@ struct Behind {
     schema_name: String,
 }
 
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
 /// Brings every tenant schema up to `migrations`: finds the tenants behind in
 /// one query, migrates them `concurrency` at a time, each in its own
 /// transaction (so an interrupted run loses nothing and the next one resumes),
@@ -286,9 +281,8 @@ pub async fn migrate_tenants(
     let wanted = i64::try_from(versions.len()).context("too many migrations")?;
     let (total, behind) = db
         .platform(async |conn| {
-            let total: Count = diesel::sql_query("SELECT count(*) AS n FROM public.tenants WHERE status <> 'deleting'")
-                .get_result(conn)
-                .await?;
+            let total: i64 = tenants::table.filter(tenants::status.ne("deleting")).count().get_result(conn).await?;
+            // Raw SQL: a correlated count against an array of versions.
             let behind: Vec<Behind> = diesel::sql_query(
                 "SELECT t.id, t.slug, t.schema_name FROM public.tenants t \
                  WHERE t.status <> 'deleting' AND (SELECT count(*) FROM public.tenant_migrations m \
@@ -299,7 +293,7 @@ pub async fn migrate_tenants(
             .bind::<BigInt, _>(wanted)
             .load(conn)
             .await?;
-            Ok::<_, anyhow::Error>((total.n, behind))
+            Ok::<_, anyhow::Error>((total, behind))
         })
         .await
         .context("finding tenants that are behind")?;
