@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_web::{HttpResponse, web};
-use diesel::QueryableByName;
-use diesel::sql_types::{Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::{
+    ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
+};
 use diesel_async::RunQueryDsl;
 use plinth_access::Access;
 use plinth_access::{Allowed, requirements};
@@ -32,6 +33,7 @@ use stripe_core::customer::CreateCustomer;
 
 use crate::config::StripeConfig;
 use crate::error::BillingError;
+use crate::schema::{billing_customers, subscriptions};
 
 requirements! {
     /// Billing is the owners' business, on every plan.
@@ -157,13 +159,11 @@ impl Stripe {
         let customer = self.record(created, "creating a customer")?;
         let id = customer.id.as_str().to_owned();
         db.platform(async |c| {
-            diesel::sql_query(
-                "INSERT INTO public.billing_customers (tenant_id, customer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind::<SqlUuid, _>(tenant.0)
-            .bind::<Text, _>(&id)
-            .execute(c)
-            .await?;
+            diesel::insert_into(billing_customers::table)
+                .values((billing_customers::tenant_id.eq(tenant.0), billing_customers::customer_id.eq(&id)))
+                .on_conflict_do_nothing()
+                .execute(c)
+                .await?;
             Ok::<_, BillingError>(())
         })
         .await?;
@@ -204,23 +204,13 @@ impl Stripe {
     }
 }
 
-#[derive(QueryableByName)]
-struct CustomerRow {
-    #[diesel(sql_type = Text)]
-    customer_id: String,
-}
-
 async fn customer_of(db: &Db, tenant: TenantId) -> Result<Option<String>, BillingError> {
-    let rows: Vec<CustomerRow> = db
-        .platform(async |c| {
-            let rows = diesel::sql_query("SELECT customer_id FROM public.billing_customers WHERE tenant_id = $1")
-                .bind::<SqlUuid, _>(tenant.0)
-                .load(c)
-                .await?;
-            Ok::<_, BillingError>(rows)
-        })
-        .await?;
-    Ok(rows.into_iter().next().map(|r| r.customer_id))
+    db.platform(async |c| {
+        let found =
+            billing_customers::table.find(tenant.0).select(billing_customers::customer_id).first(c).await.optional()?;
+        Ok::<_, BillingError>(found)
+    })
+    .await
 }
 
 fn stripe(data: Option<web::Data<Stripe>>) -> Result<web::Data<Stripe>, ApiError> {
@@ -269,19 +259,14 @@ async fn portal(
     Ok(HttpResponse::Ok().json(json!({ "url": url })))
 }
 
-#[derive(QueryableByName, serde::Serialize)]
+#[derive(Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = subscriptions)]
 struct SubscriptionView {
-    #[diesel(sql_type = Text)]
     id: String,
-    #[diesel(sql_type = Text)]
     status: String,
-    #[diesel(sql_type = Nullable<Text>)]
     plan: Option<String>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
     trial_end: Option<chrono::DateTime<chrono::Utc>>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
     current_period_end: Option<chrono::DateTime<chrono::Utc>>,
-    #[diesel(sql_type = Bool)]
     cancel_at_period_end: bool,
 }
 
@@ -291,13 +276,13 @@ async fn subscription(ctx: Allowed<ManageBilling>, db: web::Data<Db>) -> Result<
     let tenant = ctx.tenant.id;
     let rows: Vec<SubscriptionView> = db
         .platform(async |c| {
-            let rows = diesel::sql_query(
-                "SELECT id, status, plan, trial_end, current_period_end, cancel_at_period_end \
-                 FROM public.subscriptions WHERE tenant_id = $1 ORDER BY last_event_at DESC LIMIT 1",
-            )
-            .bind::<SqlUuid, _>(tenant.0)
-            .load(c)
-            .await?;
+            let rows = subscriptions::table
+                .filter(subscriptions::tenant_id.eq(tenant.0))
+                .order(subscriptions::last_event_at.desc())
+                .limit(1)
+                .select(SubscriptionView::as_select())
+                .load(c)
+                .await?;
             Ok::<_, ApiError>(rows)
         })
         .await?;

@@ -7,6 +7,7 @@
 //!   replay and sync.
 //! - [`api`]: Stripe's API behind a circuit breaker; checkout, portal and
 //!   the subscription view.
+//! - [`schema`]: diesel's declarations of billing's tables.
 //! - [`config`], [`mail`] (the billing notices), [`error`] (billing's own
 //!   error, converted to `ApiError` only by routes).
 //!
@@ -17,4 +18,5 @@ pub mod config;
 pub mod error;
 pub mod mail;
 pub mod process;
+pub mod schema;
 pub mod webhook;

@@ -23,6 +23,7 @@ use stripe_webhook::{Webhook, WebhookError};
 
 use crate::config::StripeConfig;
 use crate::error::BillingError;
+use crate::schema::stripe_events;
 
 /// Stripe sends events of up to a few hundred kilobytes.
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -217,18 +218,14 @@ async fn insert(
     Ok(row.inserted)
 }
 
-#[derive(diesel::QueryableByName)]
 /// A stored event, as `plinth billing events` lists it.
+#[derive(Debug, diesel::Queryable, diesel::Selectable)]
+#[diesel(table_name = stripe_events)]
 pub struct StoredEvent {
-    #[diesel(sql_type = diesel::sql_types::Text)]
     pub id: String,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
     pub kind: Option<String>,
-    #[diesel(sql_type = diesel::sql_types::Text)]
     pub status: String,
-    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
     pub received_at: chrono::DateTime<chrono::Utc>,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
     pub parked_reason: Option<String>,
 }
 
@@ -238,14 +235,10 @@ pub async fn list_events(
     parked: bool,
     limit: i64,
 ) -> diesel::QueryResult<Vec<StoredEvent>> {
-    diesel::sql_query(
-        "SELECT id, type AS kind, status, received_at, parked_reason FROM public.stripe_events \
-         WHERE (NOT $1 OR status = 'parked') ORDER BY received_at DESC LIMIT $2",
-    )
-    .bind::<diesel::sql_types::Bool, _>(parked)
-    .bind::<diesel::sql_types::BigInt, _>(limit)
-    .load(c)
-    .await
+    use diesel::{ExpressionMethods as _, QueryDsl as _, SelectableHelper as _};
+    let query =
+        stripe_events::table.order(stripe_events::received_at.desc()).limit(limit).select(StoredEvent::as_select());
+    if parked { query.filter(stripe_events::status.eq("parked")).load(c).await } else { query.load(c).await }
 }
 
 #[derive(Debug, thiserror::Error)]
