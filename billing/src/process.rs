@@ -31,13 +31,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel::QueryableByName;
-use diesel::sql_types::{Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::Text;
+use diesel::upsert::excluded;
+use diesel::{
+    ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_access::{Catalog, catalog::FREE, change_plan};
 use plinth_identity::members;
 
 use crate::error::BillingError;
+use crate::schema::{billing_customers, stripe_events, subscriptions};
 use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
 use plinth_mail::{self as mail, EmailAddress, Mail};
 use plinth_tenants::audit::Actor;
@@ -103,33 +107,21 @@ pub struct Processor {
     api: Option<Arc<crate::api::Stripe>>,
 }
 
-#[derive(QueryableByName)]
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = stripe_events)]
 struct EventRow {
-    #[diesel(sql_type = Nullable<Text>)]
-    r#type: Option<String>,
-    #[diesel(sql_type = Text)]
+    kind: Option<String>,
     payload: String,
-    #[diesel(sql_type = Text)]
     status: String,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
     created_at: Option<DateTime<Utc>>,
 }
 
-#[derive(QueryableByName)]
-struct TenantOf {
-    #[diesel(sql_type = SqlUuid)]
-    tenant_id: uuid::Uuid,
-}
-
-#[derive(QueryableByName)]
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = subscriptions)]
 struct SubscriptionRow {
-    #[diesel(sql_type = Text)]
     status: String,
-    #[diesel(sql_type = Timestamptz)]
     last_event_at: DateTime<Utc>,
-    #[diesel(sql_type = Bool)]
     deleted: bool,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
     past_due_since: Option<DateTime<Utc>>,
 }
 
@@ -246,12 +238,10 @@ impl Processor {
         let known = self
             .db
             .platform(async |c| {
-                let n = diesel::sql_query(
-                    "UPDATE public.stripe_events SET status = 'received', parked_reason = NULL WHERE id = $1",
-                )
-                .bind::<Text, _>(event_id)
-                .execute(c)
-                .await?;
+                let n = diesel::update(stripe_events::table.find(event_id))
+                    .set((stripe_events::status.eq("received"), stripe_events::parked_reason.eq(None::<String>)))
+                    .execute(c)
+                    .await?;
                 Ok::<_, BillingError>(n)
             })
             .await?;
@@ -266,13 +256,14 @@ impl Processor {
         let outcome = self
             .db
             .platform(async |c| {
-                let rows: Vec<EventRow> = diesel::sql_query(
-                    "SELECT type, payload, status, created_at FROM public.stripe_events WHERE id = $1 FOR UPDATE",
-                )
-                .bind::<Text, _>(event_id)
-                .load(c)
-                .await?;
-                let Some(row) = rows.into_iter().next() else { return Err(Fail::Park("no such event".into())) };
+                let row: Option<EventRow> = stripe_events::table
+                    .find(event_id)
+                    .select(EventRow::as_select())
+                    .for_update()
+                    .first(c)
+                    .await
+                    .optional()?;
+                let Some(row) = row else { return Err(Fail::Park("no such event".into())) };
                 if row.status == "processed" {
                     return Ok(Outcome::AlreadyProcessed);
                 }
@@ -295,10 +286,8 @@ impl Processor {
     async fn mark(&self, event_id: &str, status: &str, reason: Option<&str>) -> Result<(), BillingError> {
         self.db
             .platform(async |c| {
-                diesel::sql_query("UPDATE public.stripe_events SET status = $2, parked_reason = $3 WHERE id = $1")
-                    .bind::<Text, _>(event_id)
-                    .bind::<Text, _>(status)
-                    .bind::<Nullable<Text>, _>(reason)
+                diesel::update(stripe_events::table.find(event_id))
+                    .set((stripe_events::status.eq(status), stripe_events::parked_reason.eq(reason)))
                     .execute(c)
                     .await?;
                 Ok::<_, BillingError>(())
@@ -312,7 +301,7 @@ impl Processor {
             serde_json::from_str(&row.payload).map_err(|_| Park("the event does not parse as JSON".into()))?;
         let object = &body["data"]["object"];
         let created = row.created_at.ok_or_else(|| Park("the event has no creation time".into()))?;
-        let kind = row.r#type.as_deref().unwrap_or_default();
+        let kind = row.kind.as_deref().unwrap_or_default();
         let outcome = match kind {
             "checkout.session.completed" => {
                 let session: CheckoutSession = parse(object, "checkout session")?;
@@ -393,13 +382,14 @@ impl Processor {
             "invoice.paid" | "entitlements.active_entitlement_summary.updated" => Outcome::Ignored,
             _ => Outcome::Ignored,
         };
-        diesel::sql_query(
-            "UPDATE public.stripe_events SET status = 'processed', parked_reason = NULL, processed_at = now() \
-             WHERE id = $1",
-        )
-        .bind::<Text, _>(event_id)
-        .execute(c)
-        .await?;
+        diesel::update(stripe_events::table.find(event_id))
+            .set((
+                stripe_events::status.eq("processed"),
+                stripe_events::parked_reason.eq(None::<String>),
+                stripe_events::processed_at.eq(diesel::dsl::now),
+            ))
+            .execute(c)
+            .await?;
         Ok(outcome)
     }
 
@@ -415,13 +405,8 @@ impl Processor {
         sub: &Subscription,
     ) -> Result<Outcome, Park> {
         let id = sub.id.as_str();
-        let known: Vec<SubscriptionRow> = diesel::sql_query(
-            "SELECT status, last_event_at, deleted, past_due_since FROM public.subscriptions WHERE id = $1",
-        )
-        .bind::<Text, _>(id)
-        .load(c)
-        .await?;
-        let known = known.into_iter().next();
+        let known: Option<SubscriptionRow> =
+            subscriptions::table.find(id).select(SubscriptionRow::as_select()).first(c).await.optional()?;
         let deleted = kind == "customer.subscription.deleted";
         if let Some(k) = &known {
             // Newer only; at the same second an update beats a creation; a
@@ -466,28 +451,40 @@ impl Processor {
             _ => None,
         };
         let period_end = <[_]>::first(&sub.items.data).and_then(|i| DateTime::from_timestamp(i.current_period_end, 0));
-        diesel::sql_query(
-            "INSERT INTO public.subscriptions (id, tenant_id, customer_id, status, price_id, plan, trial_end, \
-               current_period_end, cancel_at_period_end, past_due_since, deleted, last_event_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             ON CONFLICT (id) DO UPDATE SET tenant_id = $2, customer_id = $3, status = $4, price_id = $5, plan = $6, \
-               trial_end = $7, current_period_end = $8, cancel_at_period_end = $9, past_due_since = $10, \
-               deleted = $11, last_event_at = $12, updated_at = now()",
-        )
-        .bind::<Text, _>(id)
-        .bind::<SqlUuid, _>(tenant.0)
-        .bind::<Text, _>(customer)
-        .bind::<Text, _>(status)
-        .bind::<Nullable<Text>, _>(price.as_deref())
-        .bind::<Nullable<Text>, _>(paid_plan.as_deref())
-        .bind::<Nullable<Timestamptz>, _>(sub.trial_end.and_then(|t| DateTime::from_timestamp(t, 0)))
-        .bind::<Nullable<Timestamptz>, _>(period_end)
-        .bind::<Bool, _>(sub.cancel_at_period_end)
-        .bind::<Nullable<Timestamptz>, _>(past_due_since)
-        .bind::<Bool, _>(deleted)
-        .bind::<Timestamptz, _>(created)
-        .execute(c)
-        .await?;
+        let trial_end = sub.trial_end.and_then(|t| DateTime::from_timestamp(t, 0));
+        diesel::insert_into(subscriptions::table)
+            .values((
+                subscriptions::id.eq(id),
+                subscriptions::tenant_id.eq(tenant.0),
+                subscriptions::customer_id.eq(customer),
+                subscriptions::status.eq(status),
+                subscriptions::price_id.eq(price.as_deref()),
+                subscriptions::plan.eq(paid_plan.as_deref()),
+                subscriptions::trial_end.eq(trial_end),
+                subscriptions::current_period_end.eq(period_end),
+                subscriptions::cancel_at_period_end.eq(sub.cancel_at_period_end),
+                subscriptions::past_due_since.eq(past_due_since),
+                subscriptions::deleted.eq(deleted),
+                subscriptions::last_event_at.eq(created),
+            ))
+            .on_conflict(subscriptions::id)
+            .do_update()
+            .set((
+                subscriptions::tenant_id.eq(excluded(subscriptions::tenant_id)),
+                subscriptions::customer_id.eq(excluded(subscriptions::customer_id)),
+                subscriptions::status.eq(excluded(subscriptions::status)),
+                subscriptions::price_id.eq(excluded(subscriptions::price_id)),
+                subscriptions::plan.eq(excluded(subscriptions::plan)),
+                subscriptions::trial_end.eq(excluded(subscriptions::trial_end)),
+                subscriptions::current_period_end.eq(excluded(subscriptions::current_period_end)),
+                subscriptions::cancel_at_period_end.eq(excluded(subscriptions::cancel_at_period_end)),
+                subscriptions::past_due_since.eq(excluded(subscriptions::past_due_since)),
+                subscriptions::deleted.eq(excluded(subscriptions::deleted)),
+                subscriptions::last_event_at.eq(excluded(subscriptions::last_event_at)),
+                subscriptions::updated_at.eq(diesel::dsl::now),
+            ))
+            .execute(c)
+            .await?;
         if let Some(since) = past_due_since {
             let grace = chrono::Duration::from_std(self.grace).unwrap_or_default();
             let job = NewJob {
@@ -521,13 +518,6 @@ impl Processor {
     /// without a Stripe customer (plans set by an operator) are left alone.
     pub async fn sync(&self) -> Result<Synced, BillingError> {
         let api = self.api.as_ref().ok_or(BillingError::NotConfigured)?;
-        #[derive(QueryableByName)]
-        struct Customer {
-            #[diesel(sql_type = SqlUuid)]
-            tenant_id: uuid::Uuid,
-            #[diesel(sql_type = Text)]
-            customer_id: String,
-        }
         struct Link {
             tenant_id: uuid::Uuid,
             customer_id: String,
@@ -536,18 +526,19 @@ impl Processor {
         let links: Vec<Link> = self
             .db
             .platform(async |c| {
-                let customers: Vec<Customer> =
-                    diesel::sql_query("SELECT tenant_id, customer_id FROM public.billing_customers ORDER BY tenant_id")
-                        .load(c)
-                        .await?;
+                let customers: Vec<(uuid::Uuid, String)> = billing_customers::table
+                    .order(billing_customers::tenant_id.asc())
+                    .select((billing_customers::tenant_id, billing_customers::customer_id))
+                    .load(c)
+                    .await?;
                 // Plans from the registry; tenants being deleted are left alone.
                 let plans: std::collections::HashMap<uuid::Uuid, PlanStatus> =
                     registry::plan_status(c, None).await?.into_iter().map(|p| (p.id, p)).collect();
                 let links = customers
                     .into_iter()
-                    .filter_map(|b| {
-                        let tenant = plans.get(&b.tenant_id).filter(|p| p.status != "deleting")?;
-                        Some(Link { tenant_id: b.tenant_id, customer_id: b.customer_id, plan: tenant.plan.clone() })
+                    .filter_map(|(tenant_id, customer_id)| {
+                        let tenant = plans.get(&tenant_id).filter(|p| p.status != "deleting")?;
+                        Some(Link { tenant_id, customer_id, plan: tenant.plan.clone() })
                     })
                     .collect();
                 Ok::<_, BillingError>(links)
@@ -600,26 +591,20 @@ impl Processor {
         let since = payload["since"].as_i64().and_then(|t| DateTime::from_timestamp(t, 0));
         self.db
             .platform(async |c| {
-                #[derive(QueryableByName)]
-                struct Row {
-                    #[diesel(sql_type = SqlUuid)]
-                    tenant_id: uuid::Uuid,
-                    #[diesel(sql_type = Text)]
-                    customer_id: String,
-                }
-                let rows: Vec<Row> = diesel::sql_query(
-                    "SELECT tenant_id, customer_id FROM public.subscriptions \
-                     WHERE id = $1 AND status = 'past_due' AND NOT deleted AND past_due_since = $2",
-                )
-                .bind::<Text, _>(&id)
-                .bind::<Nullable<Timestamptz>, _>(since)
-                .load(c)
-                .await?;
-                let Some(row) = rows.into_iter().next() else { return Ok(()) };
-                lock_customer(c, &row.customer_id).await.map_err(|Park(r)| BillingError::Unappliable(r))?;
+                let row: Option<(uuid::Uuid, String)> = subscriptions::table
+                    .find(&id)
+                    .filter(subscriptions::status.eq("past_due"))
+                    .filter(subscriptions::deleted.eq(false))
+                    .filter(subscriptions::past_due_since.eq(since))
+                    .select((subscriptions::tenant_id, subscriptions::customer_id))
+                    .first(c)
+                    .await
+                    .optional()?;
+                let Some((tenant, customer)) = row else { return Ok(()) };
+                lock_customer(c, &customer).await.map_err(|Park(r)| BillingError::Unappliable(r))?;
                 let details = json!({ "by": "stripe", "subscription": id, "status": "past_due", "grace": "ended" });
-                change_plan(c, &self.catalog, TenantId(row.tenant_id), FREE, Actor::System, details).await?;
-                tracing::info!(tenant.id = %row.tenant_id, "grace ended for a past-due subscription: free plan");
+                change_plan(c, &self.catalog, TenantId(tenant), FREE, Actor::System, details).await?;
+                tracing::info!(tenant.id = %tenant, "grace ended for a past-due subscription: free plan");
                 Ok::<_, BillingError>(())
             })
             .await
@@ -631,6 +616,7 @@ fn price_of(sub: &Subscription) -> Option<String> {
 }
 
 async fn lock_customer(c: &mut AsyncPgConnection, customer: &str) -> Result<(), Park> {
+    // Raw SQL: an advisory-lock function diesel has no declaration for.
     diesel::sql_query("SELECT pg_advisory_xact_lock(hashtext('stripe:' || $1))")
         .bind::<Text, _>(customer)
         .execute(c)
@@ -640,36 +626,34 @@ async fn lock_customer(c: &mut AsyncPgConnection, customer: &str) -> Result<(), 
 
 /// Links a tenant to its Stripe customer (the first link stays).
 async fn link_customer(c: &mut AsyncPgConnection, tenant: TenantId, customer: &str) -> Result<(), Park> {
-    let taken: Vec<TenantOf> =
-        diesel::sql_query("SELECT tenant_id FROM public.billing_customers WHERE customer_id = $1")
-            .bind::<Text, _>(customer)
-            .load(c)
-            .await?;
-    if let Some(other) = <[_]>::first(&taken)
-        && other.tenant_id != tenant.0
+    if let Some(other) = customer_tenant(c, customer).await?
+        && other != tenant.0
     {
         return Err(Park(format!("customer {customer} belongs to another tenant")));
     }
-    diesel::sql_query(
-        "INSERT INTO public.billing_customers (tenant_id, customer_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind::<SqlUuid, _>(tenant.0)
-    .bind::<Text, _>(customer)
-    .execute(c)
-    .await?;
+    diesel::insert_into(billing_customers::table)
+        .values((billing_customers::tenant_id.eq(tenant.0), billing_customers::customer_id.eq(customer)))
+        .on_conflict_do_nothing()
+        .execute(c)
+        .await?;
     Ok(())
+}
+
+/// The tenant a customer is linked to.
+async fn customer_tenant(c: &mut AsyncPgConnection, customer: &str) -> diesel::QueryResult<Option<uuid::Uuid>> {
+    billing_customers::table
+        .filter(billing_customers::customer_id.eq(customer))
+        .select(billing_customers::tenant_id)
+        .first(c)
+        .await
+        .optional()
 }
 
 /// The tenant of a customer: its link, else the `tenant_id` metadata Plinth
 /// puts on the customers it creates.
 async fn tenant_of(c: &mut AsyncPgConnection, customer: &str, metadata: Option<&String>) -> Result<TenantId, Park> {
-    let rows: Vec<TenantOf> =
-        diesel::sql_query("SELECT tenant_id FROM public.billing_customers WHERE customer_id = $1")
-            .bind::<Text, _>(customer)
-            .load(c)
-            .await?;
-    if let Some(row) = <[_]>::first(&rows) {
-        return Ok(TenantId(row.tenant_id));
+    if let Some(tenant) = customer_tenant(c, customer).await? {
+        return Ok(TenantId(tenant));
     }
     if let Some(tenant) = metadata.and_then(|m| uuid::Uuid::parse_str(m).ok())
         && registry::find_by_id(c, TenantId(tenant)).await?.is_some()
