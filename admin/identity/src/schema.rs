@@ -1,6 +1,5 @@
 //! Diesel declarations of identity's tables (schema-qualified, so they never
-//! depend on `search_path`). Tables not declared here are still queried with
-//! raw SQL; see `docs/architecture.md`.
+//! depend on `search_path`).
 
 diesel::table! {
     public.users (id) {
@@ -64,6 +63,18 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         accepted_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// Written only by the login's raw insert (a writable CTE that also
+    /// prunes), declared so the table has its typed description too.
+    public.login_failures (id) {
+        id -> Uuid,
+        user_id -> Nullable<Uuid>,
+        ip -> Text,
+        request_id -> Nullable<Text>,
+        at -> Timestamptz,
     }
 }
 
