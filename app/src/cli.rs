@@ -425,7 +425,7 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
                     let (user, created) = match (find_id_by_email(c, &email).await?.map(|u| u.0), &hash) {
                         (Some(id), _) => (id, false),
                         (None, Some(hash)) => {
-                            let user = plinth_identity::accounts::insert_user(c, &email, hash)
+                            let user = plinth_identity::users::insert_user(c, &email, hash)
                                 .await
                                 .context("creating the account")?;
                             (user.id, true)

@@ -14,7 +14,7 @@ use plinth_access::resolve::{self, TenantResolver};
 use plinth_access::{Access, Quota};
 use plinth_http::ApiError;
 use plinth_http::request::{BodyLimit, BodyTimeout, ClientIpHeader, request_span};
-use plinth_identity::accounts::IdentityConfig;
+use plinth_identity::config::IdentityConfig;
 use plinth_identity::limits::RateLimits;
 use plinth_identity::links::MembershipRoles;
 use plinth_identity::password::Hashing;
@@ -122,6 +122,7 @@ impl Application {
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)
                 .configure(plinth_identity::accounts::configure)
+                .configure(plinth_identity::login::configure)
                 .configure(plinth_admin::tenant::configure)
                 .configure(plinth_admin::platform::configure)
                 .configure(plinth_identity::members::configure)

@@ -4,16 +4,10 @@
 //! Users are global (platform schema); what they may do in a tenant comes
 //! from a membership with a role.
 
-use std::time::Duration;
-
 use crate::sessions::{self, Authenticated};
 use actix_web::{HttpRequest, HttpResponse, web};
-use chrono::{DateTime, Utc};
-use diesel::result::{DatabaseErrorKind, Error as DbError};
 use diesel::sql_types::Uuid as SqlUuid;
-use diesel::{
-    ExpressionMethods as _, NullableExpressionMethods as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
-};
+use diesel::{ExpressionMethods as _, NullableExpressionMethods as _, QueryDsl as _, SelectableHelper as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::ratelimit;
 use plinth_http::request::Json;
@@ -21,40 +15,15 @@ use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
 use plinth_tenants::registry::{self, CreateError};
 use plinth_tenants::{Db, Slug, Tenant, TenantId, UserId};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
-use crate::limits::{RateLimitConfig, RateLimits, count};
+use crate::config::{IdentityConfig, config};
+use crate::limits::{RateLimits, count};
 use crate::password::{self, Hashing};
 use crate::schema::{memberships, users};
 use crate::tokens::{self, invalid_token, issue_token, redeem_token};
-
-/// Settings of the identity routes.
-#[derive(Debug, Clone)]
-pub struct IdentityConfig {
-    pub session_ttl: Duration,
-    pub verify_email_ttl: Duration,
-    pub password_reset_ttl: Duration,
-    /// A header set by a proxy you control naming the client's address
-    /// (its last entry is used); unset: the peer address.
-    pub client_ip_header: Option<String>,
-    pub limits: RateLimitConfig,
-    /// Organizations one user may own (`PLINTH_MAX_ORGANIZATIONS_PER_USER`).
-    pub max_organizations_per_user: u32,
-}
-
-impl Default for IdentityConfig {
-    fn default() -> Self {
-        Self {
-            session_ttl: Duration::from_secs(14 * 24 * 3600),
-            verify_email_ttl: Duration::from_secs(48 * 3600),
-            password_reset_ttl: Duration::from_secs(3600),
-            client_ip_header: None,
-            limits: RateLimitConfig::default(),
-            max_organizations_per_user: 20,
-        }
-    }
-}
+use crate::users::{User, insert_user};
 
 /// The client's address.
 fn ip(req: &HttpRequest, cfg: &IdentityConfig) -> String {
@@ -69,53 +38,11 @@ fn client(req: &HttpRequest, cfg: &IdentityConfig) -> String {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/signup", web::post().to(signup))
         .route("/v1/tenants", web::post().to(create_tenant))
-        .route("/v1/auth/login", web::post().to(crate::login::login))
         .route("/v1/auth/logout", web::post().to(logout))
         .route("/v1/auth/verify-email", web::post().to(verify_email))
         .route("/v1/auth/password-reset", web::post().to(request_password_reset))
         .route("/v1/auth/password-reset/confirm", web::post().to(confirm_password_reset))
         .route("/v1/me", web::get().to(me));
-}
-
-/// A user as the API shows it.
-#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
-#[diesel(table_name = users)]
-pub struct User {
-    pub id: uuid::Uuid,
-    pub email: String,
-    pub email_verified_at: Option<DateTime<Utc>>,
-}
-
-pub(crate) fn config(data: Option<web::Data<IdentityConfig>>) -> IdentityConfig {
-    data.map(|d| d.get_ref().clone()).unwrap_or_default()
-}
-
-fn unique_violation(err: &DbError, constraint: &str) -> bool {
-    matches!(err, DbError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) if info.constraint_name() == Some(constraint))
-}
-
-pub async fn insert_user(
-    conn: &AsyncPgConnection,
-    email: &EmailAddress,
-    password_hash: &str,
-) -> Result<User, ApiError> {
-    let mut conn = conn;
-    diesel::insert_into(users::table)
-        .values((
-            users::id.eq(UserId::new().0),
-            users::email.eq(email.as_str()),
-            users::password_hash.eq(password_hash),
-        ))
-        .returning(User::as_returning())
-        .get_result(&mut conn)
-        .await
-        .map_err(|e| {
-            if unique_violation(&e, "users_email_key") {
-                ApiError::Conflict("an account with this email address exists; sign in to add an organization".into())
-            } else {
-                e.into()
-            }
-        })
 }
 
 async fn add_member(conn: &AsyncPgConnection, tenant: &Tenant, user: uuid::Uuid, role: &str) -> Result<(), ApiError> {

@@ -2,8 +2,9 @@
 //! sessions, API keys, memberships, invitations, single-use mail tokens,
 //! login failures and second-factor tables.
 //!
-//! - [`accounts`]: signup, login, logout, `/v1/me`, email verification and
-//!   password reset, and their configuration ([`accounts::IdentityConfig`]).
+//! - [`accounts`]: signup, new organizations, logout, `/v1/me`, email
+//!   verification and password reset.
+//! - [`config`]: the identity routes' settings ([`config::IdentityConfig`]).
 //! - [`login`]: `POST /v1/auth/login` and its failed-login budget.
 //! - [`sessions`]: bearer tokens for sessions and API keys, their cached
 //!   checks, and [`sessions::Authenticator`], the answer to the access
@@ -18,11 +19,13 @@
 //! - [`links`]: [`links::MembershipRoles`], identity's answer to the access
 //!   engine's question about roles.
 //! - [`mail`]: the identity mail templates.
-//! - [`users`]: finders on the users table for other crates and the CLI.
+//! - [`users`]: the users table (the user as shown, creating an account,
+//!   finders for other crates and the CLI).
 //! - [`schema`]: diesel's `table!` declarations of identity's tables.
 
 pub mod accounts;
 pub mod api_keys;
+pub mod config;
 pub mod limits;
 pub mod links;
 pub mod login;

@@ -27,15 +27,16 @@ use plinth_tenants::{Db, TenantId, UserId, registry};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::accounts::{IdentityConfig, User, config};
+use crate::config::{IdentityConfig, config};
 use crate::limits::{RateLimits, count};
 use crate::password::Hashing;
 use crate::schema::users;
 use crate::sessions::{self, SessionInfo};
+use crate::users::User;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct LoginBody {
+struct LoginBody {
     email: String,
     password: String,
     /// With two-factor login on: a current code or a recovery code.
@@ -51,7 +52,11 @@ struct Credentials {
     email_verified_at: Option<DateTime<Utc>>,
 }
 
-pub(crate) async fn login(
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/auth/login", web::post().to(login));
+}
+
+async fn login(
     req: HttpRequest,
     db: web::Data<Db>,
     cfg: Option<web::Data<IdentityConfig>>,

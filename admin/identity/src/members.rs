@@ -29,10 +29,11 @@ use plinth_tenants::{Db, TenantId, TenantRows, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::accounts::{IdentityConfig, config, insert_user};
+use crate::config::{IdentityConfig, config};
 use crate::limits::{RateLimits, count};
 use crate::password::{self, Hashing};
 use crate::tokens::invalid_token;
+use crate::users::insert_user;
 
 const INVITATION_DAYS: i64 = 7;
 

@@ -1,11 +1,17 @@
-//! The users table's finders for everyone outside identity (the CLI, other
-//! crates). Addresses are stored normalized (trimmed, lowercased), which
-//! [`EmailAddress`] guarantees.
+//! The users table: the user as the API shows it, creating an account, and
+//! finders for the CLI and other crates. Addresses are stored normalized
+//! (trimmed, lowercased), which [`EmailAddress`] guarantees.
 
-use diesel::{ExpressionMethods as _, OptionalExtension as _, QueryDsl as _};
+use chrono::{DateTime, Utc};
+use diesel::result::{DatabaseErrorKind, Error as DbError};
+use diesel::{
+    ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
+use plinth_http::ApiError;
 use plinth_mail::EmailAddress;
 use plinth_tenants::UserId;
+use serde::Serialize;
 
 use crate::schema::users;
 
@@ -21,4 +27,42 @@ pub async fn find_id_by_email(
         .await
         .optional()
         .map(|id| id.map(UserId))
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[diesel(table_name = users)]
+pub struct User {
+    pub id: uuid::Uuid,
+    pub email: String,
+    pub email_verified_at: Option<DateTime<Utc>>,
+}
+
+/// Creates an account; 409 when the address has one.
+pub async fn insert_user(
+    conn: &AsyncPgConnection,
+    email: &EmailAddress,
+    password_hash: &str,
+) -> Result<User, ApiError> {
+    let mut conn = conn;
+    diesel::insert_into(users::table)
+        .values((
+            users::id.eq(UserId::new().0),
+            users::email.eq(email.as_str()),
+            users::password_hash.eq(password_hash),
+        ))
+        .returning(User::as_returning())
+        .get_result(&mut conn)
+        .await
+        .map_err(|e| {
+            if unique_violation(&e, "users_email_key") {
+                ApiError::Conflict("an account with this email address exists; sign in to add an organization".into())
+            } else {
+                e.into()
+            }
+        })
+}
+
+fn unique_violation(err: &DbError, constraint: &str) -> bool {
+    matches!(err, DbError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) if info.constraint_name() == Some(constraint))
 }
