@@ -1,5 +1,5 @@
-//! Plan limits, counted in SQL inside the transaction that would exceed
-//! them.
+//! Plan limits, counted inside the transaction that would exceed them, by
+//! the crate that owns what is counted ([`Counter`]).
 //!
 //! [`reserve`] takes a transaction-scoped advisory lock for the tenant and
 //! the quota, then counts. Two requests creating at once queue on the lock,
@@ -10,8 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Integer, Text};
+use diesel::sql_types::{Integer, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 
@@ -56,14 +55,6 @@ impl Quota {
                 Self::ApiKeys => 3,
             }
     }
-}
-
-/// The row a counting query returns (`SELECT count(*) AS used ...`), for
-/// owners that count with SQL.
-#[derive(QueryableByName)]
-pub struct Used {
-    #[diesel(sql_type = BigInt)]
-    pub used: i64,
 }
 
 /// How much of a quota a tenant uses; `max: None` is unlimited.
