@@ -103,31 +103,18 @@ pub async fn enqueue(conn: &AsyncPgConnection, job: NewJob) -> diesel::QueryResu
         jobs::dedup_key.eq(job.dedup_key.as_deref()),
         jobs::max_attempts.eq(job.max_attempts.max(1)),
         jobs::wake.eq(job.wake),
+        // `None` inserts DEFAULT: the database's now.
+        job.run_at.map(|at| jobs::run_at.eq(at)),
     );
-    // Without `run_at` the column's default (the database's now) applies.
-    let id: Option<uuid::Uuid> = match job.run_at {
-        Some(run_at) => {
-            diesel::insert_into(jobs::table)
-                .values((values, jobs::run_at.eq(run_at)))
-                .on_conflict((jobs::kind, jobs::dedup_key))
-                .filter_target(jobs::dedup_key.is_not_null())
-                .do_nothing()
-                .returning(jobs::id)
-                .get_result(&mut conn)
-                .await
-        }
-        None => {
-            diesel::insert_into(jobs::table)
-                .values(values)
-                .on_conflict((jobs::kind, jobs::dedup_key))
-                .filter_target(jobs::dedup_key.is_not_null())
-                .do_nothing()
-                .returning(jobs::id)
-                .get_result(&mut conn)
-                .await
-        }
-    }
-    .optional()?;
+    let id: Option<uuid::Uuid> = diesel::insert_into(jobs::table)
+        .values(values)
+        .on_conflict((jobs::kind, jobs::dedup_key))
+        .filter_target(jobs::dedup_key.is_not_null())
+        .do_nothing()
+        .returning(jobs::id)
+        .get_result(&mut conn)
+        .await
+        .optional()?;
     Ok(id.map(JobId))
 }
 
