@@ -9,7 +9,6 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use diesel::sql_types::Uuid as SqlUuid;
 use diesel::{ExpressionMethods as _, NullableExpressionMethods as _, QueryDsl as _, SelectableHelper as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use plinth_http::ratelimit;
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
@@ -24,16 +23,6 @@ use crate::password::{self, Hashing};
 use crate::schema::{memberships, users};
 use crate::tokens::{self, invalid_token, issue_token, redeem_token};
 use crate::users::{User, insert_user};
-
-/// The client's address.
-fn ip(req: &HttpRequest, cfg: &IdentityConfig) -> String {
-    plinth_http::request::client_ip(req, cfg.client_ip_header.as_deref())
-}
-
-/// The client, as the rate limits count it (an IPv6 address per /64).
-fn client(req: &HttpRequest, cfg: &IdentityConfig) -> String {
-    ratelimit::client_key(&ip(req, cfg))
-}
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/signup", web::post().to(signup))
@@ -104,7 +93,7 @@ async fn signup(
     body: Json<SignupBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
-    count(&limits.signup_per_ip, &client(&req, &cfg))?;
+    count(&limits.signup_per_ip, &cfg.client_key(&req))?;
     let (email, slug) = check_signup(&body.0)?;
     let SignupBody { password, organization, .. } = body.0;
     let hash = hashing.hash(password).await?;
@@ -235,7 +224,7 @@ async fn verify_email(
     limits: web::Data<RateLimits>,
     body: Json<TokenBody>,
 ) -> Result<HttpResponse, ApiError> {
-    count(&limits.verify_per_ip, &client(&req, &config(cfg)))?;
+    count(&limits.verify_per_ip, &config(cfg).client_key(&req))?;
     let token = body.0.token;
     db.platform(async |c| {
         let user = redeem_token(c, &token, "verify_email").await?.ok_or_else(invalid_token)?;
@@ -268,7 +257,7 @@ async fn request_password_reset(
     body: Json<ResetBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
-    count(&limits.password_reset_per_ip, &client(&req, &cfg))?;
+    count(&limits.password_reset_per_ip, &cfg.client_key(&req))?;
     if let Ok(email) = EmailAddress::parse(&body.0.email) {
         // Counted per address whether or not it has an account: the limit
         // tells nothing about which addresses exist.
@@ -318,7 +307,7 @@ async fn confirm_password_reset(
     hashing: web::Data<Hashing>,
     body: Json<ConfirmBody>,
 ) -> Result<HttpResponse, ApiError> {
-    count(&limits.verify_per_ip, &client(&req, &config(cfg)))?;
+    count(&limits.verify_per_ip, &config(cfg).client_key(&req))?;
     let ConfirmBody { token, password } = body.0;
     password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
     // The token is checked before the new password is hashed, so random

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use actix_web::web;
+use actix_web::{HttpRequest, web};
 
 use crate::limits::RateLimitConfig;
 
@@ -30,6 +30,18 @@ impl Default for IdentityConfig {
             limits: RateLimitConfig::default(),
             max_organizations_per_user: 20,
         }
+    }
+}
+
+impl IdentityConfig {
+    /// The client's address (see `client_ip_header`).
+    pub fn client_ip(&self, req: &HttpRequest) -> String {
+        plinth_http::request::client_ip(req, self.client_ip_header.as_deref())
+    }
+
+    /// The client, as the rate limits count it (an IPv6 address per /64).
+    pub fn client_key(&self, req: &HttpRequest) -> String {
+        plinth_http::ratelimit::client_key(&self.client_ip(req))
     }
 }
 

@@ -66,7 +66,7 @@ async fn login(
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
     let LoginBody { email, password, totp_code } = body.0;
-    let address = plinth_http::request::client_ip(&req, cfg.client_ip_header.as_deref());
+    let address = cfg.client_ip(&req);
     let request_id = req.extensions().get::<RequestId>().cloned();
     let email = EmailAddress::parse(&email).ok();
     let budget = FailureBudget::reserve(&limits, email.as_ref(), &address)?;

@@ -20,7 +20,7 @@ use plinth_access::{Access, Quota, quota};
 
 use crate::schema::{invitations, memberships, users};
 use plinth_access::{Allowed, TenantContext, requirements};
-use plinth_http::request::{Json, RequestId, client_ip};
+use plinth_http::request::{Json, RequestId};
 use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
 use plinth_tenants::audit::{self, Actor, Entry};
@@ -439,7 +439,7 @@ async fn accept(
         Some(id) => id.stamp(entry),
         None => entry,
     };
-    entry.ip = Some(client_ip(&req, cfg.client_ip_header.as_deref()));
+    entry.ip = Some(cfg.client_ip(&req));
     let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
     let joined = Joined { invitation: pending.id, email, role, limit, session_ttl: cfg.session_ttl };
     let (user, token) = db.tenant_rows(tenant.scope(), async |rows| join(rows, joined, &joiner, entry).await).await?;
