@@ -14,12 +14,13 @@ use crate::schema::{api_keys, memberships};
 /// Memberships and API keys as role links.
 pub struct MembershipRoles;
 
-fn role(stored: &str) -> anyhow::Result<Role> {
-    Role::parse(stored).ok_or_else(|| anyhow::anyhow!("unknown role {stored:?} in the database"))
+fn role(stored: &str) -> diesel::QueryResult<Role> {
+    Role::parse(stored)
+        .ok_or_else(|| diesel::result::Error::DeserializationError(format!("unknown role {stored:?}").into()))
 }
 
 impl RoleSource for MembershipRoles {
-    fn all<'a>(&'a self, conn: &'a mut PgConn) -> BoxFuture<'a, anyhow::Result<AllRoles>> {
+    fn all<'a>(&'a self, conn: &'a mut PgConn) -> BoxFuture<'a, diesel::QueryResult<AllRoles>> {
         Box::pin(async move {
             let members: Vec<(uuid::Uuid, uuid::Uuid, String)> = memberships::table
                 .select((memberships::tenant_id, memberships::user_id, memberships::role))
@@ -34,11 +35,11 @@ impl RoleSource for MembershipRoles {
                 members: members
                     .into_iter()
                     .map(|(t, u, r)| Ok((TenantId(t), UserId(u), role(&r)?)))
-                    .collect::<anyhow::Result<_>>()?,
+                    .collect::<diesel::QueryResult<_>>()?,
                 keys: keys
                     .into_iter()
                     .map(|(k, t, r)| Ok((k, TenantId(t), role(&r)?)))
-                    .collect::<anyhow::Result<_>>()?,
+                    .collect::<diesel::QueryResult<_>>()?,
             })
         })
     }
@@ -48,7 +49,7 @@ impl RoleSource for MembershipRoles {
         conn: &'a mut PgConn,
         tenant: TenantId,
         user: UserId,
-    ) -> BoxFuture<'a, anyhow::Result<Option<Role>>> {
+    ) -> BoxFuture<'a, diesel::QueryResult<Option<Role>>> {
         Box::pin(async move {
             let found: Option<String> = memberships::table
                 .filter(memberships::tenant_id.eq(tenant.0).and(memberships::user_id.eq(user.0)))
@@ -64,7 +65,7 @@ impl RoleSource for MembershipRoles {
         &'a self,
         conn: &'a mut PgConn,
         key: uuid::Uuid,
-    ) -> BoxFuture<'a, anyhow::Result<Option<(TenantId, Role)>>> {
+    ) -> BoxFuture<'a, diesel::QueryResult<Option<(TenantId, Role)>>> {
         Box::pin(async move {
             let found: Option<(uuid::Uuid, String)> = api_keys::table
                 .filter(api_keys::id.eq(key).and(api_keys::revoked_at.is_null()))

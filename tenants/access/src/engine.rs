@@ -486,8 +486,8 @@ async fn read_standing(
     tenant: TenantId,
 ) -> Result<(Option<Role>, Option<TenantPolicy>), ApiError> {
     let role = match subject {
-        Subject::Member(_, user) => roles.member(conn, tenant, user).await.map_err(ApiError::Internal)?,
-        Subject::Key(_, key) => match roles.key(conn, key).await.map_err(ApiError::Internal)? {
+        Subject::Member(_, user) => roles.member(conn, tenant, user).await?,
+        Subject::Key(_, key) => match roles.key(conn, key).await? {
             Some((of, role)) if of == tenant => Some(role),
             _ => None,
         },

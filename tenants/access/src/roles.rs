@@ -37,24 +37,26 @@ impl Role {
 }
 
 /// Where subjects' roles come from: memberships and API keys, which identity
-/// owns. The engine asks this on a full load, for one changed link, and for
+/// owns. Errors are the database's, so a lost connection answers 503 like
+/// any other query (a stored role Plinth does not know is a
+/// deserialization error). The engine asks this on a full load, for one changed link, and for
 /// a subject it does not know yet; identity answers with its own queries.
 pub trait RoleSource: Send + Sync + 'static {
     /// Every membership and every live API key.
-    fn all<'a>(&'a self, conn: &'a mut PgConn) -> BoxFuture<'a, anyhow::Result<AllRoles>>;
+    fn all<'a>(&'a self, conn: &'a mut PgConn) -> BoxFuture<'a, diesel::QueryResult<AllRoles>>;
     /// `user`'s role in `tenant`, if a member.
     fn member<'a>(
         &'a self,
         conn: &'a mut PgConn,
         tenant: TenantId,
         user: UserId,
-    ) -> BoxFuture<'a, anyhow::Result<Option<Role>>>;
+    ) -> BoxFuture<'a, diesel::QueryResult<Option<Role>>>;
     /// A live key's tenant and role.
     fn key<'a>(
         &'a self,
         conn: &'a mut PgConn,
         key: uuid::Uuid,
-    ) -> BoxFuture<'a, anyhow::Result<Option<(TenantId, Role)>>>;
+    ) -> BoxFuture<'a, diesel::QueryResult<Option<(TenantId, Role)>>>;
 }
 
 /// Every role link, as [`RoleSource::all`] reads it.
