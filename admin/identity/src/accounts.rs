@@ -12,16 +12,17 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
-use plinth_tenants::registry::{self, CreateError};
+use plinth_tenants::registry;
 use plinth_tenants::{Db, Slug, Tenant, TenantId, UserId};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::{IdentityConfig, config};
+use crate::error::IdentityError;
 use crate::limits::{RateLimits, count};
 use crate::password::{self, Hashing};
 use crate::schema::{memberships, users};
-use crate::tokens::{self, invalid_token, issue_token, redeem_token};
+use crate::tokens::{self, issue_token, redeem_token};
 use crate::users::{User, insert_user};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -34,7 +35,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/me", web::get().to(me));
 }
 
-async fn add_member(conn: &AsyncPgConnection, tenant: &Tenant, user: uuid::Uuid, role: &str) -> Result<(), ApiError> {
+async fn add_member(
+    conn: &AsyncPgConnection,
+    tenant: &Tenant,
+    user: uuid::Uuid,
+    role: &str,
+) -> diesel::QueryResult<()> {
     let mut conn = conn;
     diesel::insert_into(memberships::table)
         .values((memberships::tenant_id.eq(tenant.id.0), memberships::user_id.eq(user), memberships::role.eq(role)))
@@ -43,15 +49,9 @@ async fn add_member(conn: &AsyncPgConnection, tenant: &Tenant, user: uuid::Uuid,
     Ok(())
 }
 
-async fn provision(conn: &mut AsyncPgConnection, slug: &Slug, organization: &str) -> Result<Tenant, ApiError> {
-    registry::provision(conn, slug, organization).await.map_err(|e| match e {
-        CreateError::SlugTaken => ApiError::Conflict("the slug is already taken".into()),
-        CreateError::InvalidName(why) => {
-            ApiError::invalid_fields(vec![FieldError::new("organization", "invalid", why)])
-        }
-        CreateError::Db(e) => e.into(),
-        CreateError::Pool(e) => e.into(),
-    })
+/// A new organization (its schema provisioned) in the caller's transaction.
+async fn provision(conn: &mut AsyncPgConnection, slug: &Slug, organization: &str) -> Result<Tenant, IdentityError> {
+    Ok(registry::provision(conn, slug, organization).await?)
 }
 
 #[derive(Deserialize)]
@@ -227,7 +227,7 @@ async fn verify_email(
     count(&limits.verify_per_ip, &config(cfg).client_key(&req))?;
     let token = body.0.token;
     db.platform(async |c| {
-        let user = redeem_token(c, &token, "verify_email").await?.ok_or_else(invalid_token)?;
+        let user = redeem_token(c, &token, "verify_email").await?.ok_or(IdentityError::InvalidToken)?;
         diesel::update(users::table.find(user))
             .set((
                 users::email_verified_at.eq(coalesce(users::email_verified_at, diesel::dsl::now).nullable()),
@@ -267,7 +267,7 @@ async fn request_password_reset(
         let db = db.get_ref().clone();
         tokio::spawn(async move {
             if let Err(err) = send_password_reset(&db, &cfg, email).await {
-                tracing::error!(error = %err, "queueing a password reset failed");
+                tracing::error!(error = format!("{:#}", anyhow::Error::new(err)), "queueing a password reset failed");
             }
         });
     }
@@ -275,7 +275,7 @@ async fn request_password_reset(
 }
 
 /// Queues a reset link if `email` has an account.
-async fn send_password_reset(db: &Db, cfg: &IdentityConfig, email: EmailAddress) -> Result<(), ApiError> {
+async fn send_password_reset(db: &Db, cfg: &IdentityConfig, email: EmailAddress) -> Result<(), IdentityError> {
     db.platform(async |c| {
         if let Some(user) = crate::users::find_id_by_email(c, &email).await? {
             let ttl = cfg.password_reset_ttl;
@@ -285,7 +285,7 @@ async fn send_password_reset(db: &Db, cfg: &IdentityConfig, email: EmailAddress)
                 crate::mail::password_reset(email.clone(), &token, minutes, format!("password_reset:{token_id}"));
             mail::queue(c, message).await?;
         }
-        Ok::<_, ApiError>(())
+        Ok::<_, IdentityError>(())
     })
     .await
 }
@@ -312,15 +312,15 @@ async fn confirm_password_reset(
     password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
     // The token is checked before the new password is hashed, so random
     // tokens cost a lookup, not an argon2id run.
-    let known = db.platform(async |c| tokens::is_live(c, &token, "password_reset").await).await?;
+    let known = db.platform(async |c| Ok::<_, ApiError>(tokens::is_live(c, &token, "password_reset").await?)).await?;
     if !known {
-        return Err(invalid_token());
+        return Err(IdentityError::InvalidToken.into());
     }
     let hash = hashing.hash(password).await?;
     let revoked = db
         .platform(async |c| {
             // Redeemed here, once: a concurrent confirmation finds it used.
-            let user = redeem_token(c, &token, "password_reset").await?.ok_or_else(invalid_token)?;
+            let user = redeem_token(c, &token, "password_reset").await?.ok_or(IdentityError::InvalidToken)?;
             // Following the link proves the address too.
             diesel::update(users::table.find(user))
                 .set((

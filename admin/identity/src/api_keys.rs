@@ -7,6 +7,7 @@
 //! another key belongs to the same creator and is revoked with the key that
 //! minted it. A revoked key stops working everywhere within a second.
 
+use crate::error::IdentityError;
 use crate::sessions;
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
@@ -74,7 +75,7 @@ async fn create(ctx: Allowed<ManageApiKeys>, body: Json<NewKey>) -> Result<HttpR
     if role > ctx.role {
         return Err(ApiError::Forbidden);
     }
-    let (key, hash) = sessions::new_api_key().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    let (key, hash) = sessions::new_api_key().map_err(IdentityError::from)?;
     let prefix: String = key.chars().take(12).collect();
     let (creator, name) = (ctx.principal.user_id().map(|u| u.0), body.0.name.trim().to_owned());
     let minted_by = match &ctx.principal {
@@ -105,7 +106,7 @@ async fn create_key(
     ctx: &TenantContext,
     new: NewKeyRow,
     entry: Entry,
-) -> Result<KeyRow, ApiError> {
+) -> Result<KeyRow, IdentityError> {
     let NewKeyRow { name, role, prefix, hash, creator, minted_by } = new;
     if let Some(parent) = minted_by {
         // Locks the minting key, so revoking it waits for this key to
@@ -120,7 +121,7 @@ async fn create_key(
             .load(rows.conn())
             .await?;
         if live.is_empty() {
-            return Err(ApiError::Unauthenticated);
+            return Err(IdentityError::Unauthenticated);
         }
     }
     ctx.reserve(rows.conn(), Quota::ApiKeys).await?;

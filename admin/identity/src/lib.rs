@@ -5,6 +5,8 @@
 //! - [`accounts`]: signup, new organizations, logout, `/v1/me`, email
 //!   verification and password reset.
 //! - [`config`]: the identity routes' settings ([`config::IdentityConfig`]).
+//! - [`error`]: [`error::IdentityError`], what the domain functions return;
+//!   routes turn it into `ApiError`.
 //! - [`login`]: `POST /v1/auth/login` and its failed-login budget.
 //! - [`sessions`]: bearer tokens for sessions and API keys, their cached
 //!   checks, and [`sessions::Authenticator`], the answer to the access
@@ -26,6 +28,7 @@
 pub mod accounts;
 pub mod api_keys;
 pub mod config;
+pub mod error;
 pub mod limits;
 pub mod links;
 pub mod login;

@@ -28,6 +28,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::{IdentityConfig, config};
+use crate::error::IdentityError;
 use crate::limits::{RateLimits, count};
 use crate::password::Hashing;
 use crate::schema::users;
@@ -86,7 +87,7 @@ async fn login(
     entry.ip = Some(address.clone());
     let session = match open_session(&db, user.id, totp_code.as_deref(), cfg.session_ttl, entry).await {
         // The password was right: not a failure, but no session yet.
-        Err(ApiError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired)),
+        Err(IdentityError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired)),
         other => other?,
     };
     let Some((token, session)) = session else {
@@ -147,15 +148,15 @@ impl<'a> FailureBudget<'a> {
     }
 
     /// `result`, giving the reservations back if it is an error.
-    fn keep<T>(&self, result: Result<T, ApiError>) -> Result<T, ApiError> {
-        result.map_err(|e| self.give_back(e))
+    fn keep<T>(&self, result: Result<T, IdentityError>) -> Result<T, ApiError> {
+        result.map_err(|e| self.give_back(e.into()))
     }
 
     /// A failed guess: the reservations stay spent, the failure is recorded,
     /// and the answer is 401 (or 429 when the account is over its limit).
     async fn spent(self, failure: Failure<'_>, user: Option<uuid::Uuid>) -> ApiError {
         if let Err(err) = failure.record(user).await {
-            return err;
+            return err.into();
         }
         match self.account_full {
             Some(wait) => ratelimit::limited(wait),
@@ -165,7 +166,7 @@ impl<'a> FailureBudget<'a> {
 }
 
 /// The account's credentials, if `email` is well formed and has one.
-async fn credentials(db: &Db, email: Option<&EmailAddress>) -> Result<Option<Credentials>, ApiError> {
+async fn credentials(db: &Db, email: Option<&EmailAddress>) -> Result<Option<Credentials>, IdentityError> {
     let Some(email) = email else { return Ok(None) };
     db.platform(async |c| {
         let found = users::table
@@ -174,7 +175,7 @@ async fn credentials(db: &Db, email: Option<&EmailAddress>) -> Result<Option<Cre
             .first(c)
             .await
             .optional()?;
-        Ok::<_, ApiError>(found)
+        Ok::<_, IdentityError>(found)
     })
     .await
 }
@@ -188,12 +189,12 @@ async fn open_session(
     totp_code: Option<&str>,
     ttl: std::time::Duration,
     entry: Entry,
-) -> Result<Option<(String, SessionInfo)>, ApiError> {
+) -> Result<Option<(String, SessionInfo)>, IdentityError> {
     db.platform(async |c| {
         // The row is locked so a second factor is used up exactly once.
         let state = crate::totp::state(c, user, true).await?;
         if state.totp_secret.is_some() {
-            let Some(code) = totp_code else { return Err(ApiError::TotpRequired) };
+            let Some(code) = totp_code else { return Err(IdentityError::TotpRequired) };
             if !crate::totp::accept_second_factor(c, user, &state, code).await? {
                 return Ok(None);
             }
@@ -216,7 +217,7 @@ impl Failure<'_> {
     /// Records one failed login, once (not in each organization's audit
     /// log), for 90 days. One insert on every path, with or without an
     /// account, so recording it takes the same time either way.
-    async fn record(&self, user: Option<uuid::Uuid>) -> Result<(), ApiError> {
+    async fn record(&self, user: Option<uuid::Uuid>) -> Result<(), IdentityError> {
         self.db
             .statement(async |c| {
                 diesel::sql_query(
@@ -232,7 +233,7 @@ impl Failure<'_> {
                 .bind::<Nullable<Text>, _>(self.request_id.map(|r| r.0.as_str()))
                 .execute(c)
                 .await?;
-                Ok::<_, ApiError>(())
+                Ok::<_, IdentityError>(())
             })
             .await
     }
@@ -243,7 +244,7 @@ async fn record_in_every_tenant_of(
     conn: &mut AsyncPgConnection,
     user: uuid::Uuid,
     entry: Entry,
-) -> Result<(), ApiError> {
+) -> diesel::QueryResult<()> {
     let tenants: Vec<TenantId> = crate::members::of_user(conn, UserId(user)).await?.into_iter().map(|m| m.0).collect();
     for tenant in registry::find_live_by_ids(conn, &tenants).await? {
         audit::record_as_system(conn, &tenant.schema, entry.clone()).await?;

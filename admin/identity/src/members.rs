@@ -30,9 +30,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::{IdentityConfig, config};
+use crate::error::IdentityError;
 use crate::limits::{RateLimits, count};
 use crate::password::{self, Hashing};
-use crate::tokens::invalid_token;
 use crate::users::insert_user;
 
 const INVITATION_DAYS: i64 = 7;
@@ -133,7 +133,7 @@ async fn members_of(rows: &mut TenantRows<'_>) -> diesel::QueryResult<Vec<Member
 
 /// The tenant's memberships that matter for the owner rules, locked for the
 /// rest of the transaction: the target's, and every owner's.
-async fn lock_owners_and(rows: &mut TenantRows<'_>, target: uuid::Uuid) -> Result<(Option<Role>, usize), ApiError> {
+async fn lock_owners_and(rows: &mut TenantRows<'_>, target: uuid::Uuid) -> diesel::QueryResult<(Option<Role>, usize)> {
     let tenant = rows.tenant_id().0;
     let found: Vec<(uuid::Uuid, String)> = memberships::table
         .filter(memberships::tenant_id.eq(tenant))
@@ -293,17 +293,17 @@ async fn send_invitation(
     rows: &mut TenantRows<'_>,
     ctx: &TenantContext,
     invite: Invite,
-) -> Result<(InvitationRow, EmailAddress), ApiError> {
+) -> Result<(InvitationRow, EmailAddress), IdentityError> {
     let Invite { email, role, inviter, entry } = invite;
     if is_member(rows, &email).await? {
-        return Err(ApiError::Conflict("this address is already a member".into()));
+        return Err(IdentityError::AlreadyMember);
     }
     // Inviting the same address again replaces its pending invitation and
     // takes no new seat.
     if !has_pending_invitation(rows, &email).await? {
         ctx.reserve(rows.conn(), Quota::Members).await?;
     }
-    let (token, hash) = sessions::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    let (token, hash) = sessions::new_token()?;
     let row = store_invitation(rows, &email, role, &hash, inviter).await?;
     let inviter_name = match inviter {
         Some(user) => member_email(rows, user).await?,
@@ -431,7 +431,7 @@ async fn accept(
     let cfg = config(cfg);
     let AcceptBody { token, password } = body.0;
     let (pending, existing, tenant) = db.platform(async |c| find_invitation(c, &token).await).await?;
-    let email = EmailAddress::parse(&pending.email).map_err(|_| invalid_token())?;
+    let email = EmailAddress::parse(&pending.email).map_err(|_| IdentityError::InvalidToken)?;
     let joiner = Joiner::prove(existing, session, password, &hashing).await?;
     let role = parse_role("role", &pending.role)?;
     let entry = Entry::new(Actor::System, "invitation.accepted").target("invitation", pending.id);
@@ -453,7 +453,7 @@ async fn accept(
 async fn find_invitation(
     c: &mut AsyncPgConnection,
     token: &str,
-) -> Result<(PendingRow, Option<ExistingUser>, registry::Tenant), ApiError> {
+) -> Result<(PendingRow, Option<ExistingUser>, registry::Tenant), IdentityError> {
     let hash = sessions::hash_token(token);
     let pending: PendingRow = invitations::table
         .filter(invitations::token_hash.eq(&hash[..]))
@@ -463,10 +463,10 @@ async fn find_invitation(
         .first(c)
         .await
         .optional()?
-        .ok_or_else(invalid_token)?;
+        .ok_or(IdentityError::InvalidToken)?;
     let user: Vec<ExistingUser> =
         users::table.filter(users::email.eq(&pending.email)).select((users::id, users::password_hash)).load(c).await?;
-    let tenant = registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or_else(invalid_token)?;
+    let tenant = registry::find_by_id(c, TenantId(pending.tenant_id)).await?.ok_or(IdentityError::InvalidToken)?;
     Ok((pending, user.into_iter().next(), tenant))
 }
 
@@ -485,22 +485,22 @@ impl Joiner {
         session: Option<Authenticated>,
         password: Option<String>,
         hashing: &Hashing,
-    ) -> Result<Self, ApiError> {
+    ) -> Result<Self, IdentityError> {
         match (existing, session, password) {
             (Some(user), Some(Authenticated(s)), _) if s.user_id.0 == user.id => Ok(Self::Existing(user.id)),
-            (_, Some(_), _) => Err(ApiError::Forbidden),
+            (_, Some(_), _) => Err(IdentityError::Forbidden),
             (Some(user), None, Some(password)) => {
                 if !hashing.verify(&password, Some(user.password_hash)).await? {
-                    return Err(ApiError::InvalidCredentials);
+                    return Err(IdentityError::InvalidCredentials);
                 }
                 Ok(Self::Existing(user.id))
             }
-            (Some(_), None, None) => Err(ApiError::Unauthenticated),
+            (Some(_), None, None) => Err(IdentityError::Unauthenticated),
             (None, None, Some(password)) => {
-                password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
+                password::check("password", &password).map_err(|e| IdentityError::Invalid(vec![e]))?;
                 Ok(Self::New(hashing.hash(password).await?))
             }
-            (None, None, None) => Err(ApiError::invalid_fields(vec![FieldError::new(
+            (None, None, None) => Err(IdentityError::Invalid(vec![FieldError::new(
                 "password",
                 "required",
                 "is needed to create the account",
@@ -528,7 +528,7 @@ async fn join(
     joined: Joined,
     joiner: &Joiner,
     entry: Entry,
-) -> Result<(uuid::Uuid, Option<String>), ApiError> {
+) -> Result<(uuid::Uuid, Option<String>), IdentityError> {
     let tenant = rows.tenant_id();
     // The seat lock first, as inviting takes it before touching an
     // invitation: the same order everywhere, so no deadlock. The invitation
@@ -546,7 +546,7 @@ async fn join(
     .execute(rows.conn())
     .await?;
     if used != 1 {
-        return Err(invalid_token());
+        return Err(IdentityError::InvalidToken);
     }
     let (user, session) = match joiner {
         Joiner::Existing(id) => (*id, None),

@@ -18,7 +18,9 @@ use std::cell::RefCell;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{self, Output, ParamsString, PasswordHash, Salt, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
-use plinth_http::{ApiError, FieldError};
+use plinth_http::FieldError;
+
+use crate::error::IdentityError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub const MIN_CHARS: usize = 10;
@@ -98,15 +100,15 @@ impl Hashing {
     }
 
     /// Runs `f` on a hashing thread once a turn is free (503 after `wait`).
-    async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, ApiError> {
+    async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R, IdentityError> {
         let permit = match tokio::time::timeout(self.wait, Arc::clone(&self.permits).acquire_owned()).await {
             Ok(Ok(permit)) => permit,
             Ok(Err(closed)) => {
-                return Err(ApiError::Internal(anyhow::Error::new(closed).context("the hasher is closed")));
+                return Err(IdentityError::Internal(anyhow::Error::new(closed).context("the hasher is closed")));
             }
             Err(_) => {
                 tracing::warn!(wait_ms = self.wait.as_millis() as u64, "password hashing is saturated; refusing");
-                return Err(ApiError::Unavailable(anyhow::anyhow!("every password hashing slot stayed busy")));
+                return Err(IdentityError::HashingBusy);
             }
         };
         let (done, result) = tokio::sync::oneshot::channel();
@@ -118,22 +120,24 @@ impl Hashing {
         // many channel slots as permits.
         self.work
             .try_send(job)
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("the password hashing threads are gone: {e}")))?;
-        result.await.map_err(|e| ApiError::Internal(anyhow::anyhow!("password hashing was cancelled: {e}")))
+            .map_err(|_| IdentityError::Internal(anyhow::anyhow!("the password hashing threads are gone")))?;
+        result
+            .await
+            .map_err(|e| IdentityError::Internal(anyhow::Error::new(e).context("password hashing was cancelled")))
     }
 
     /// Hashes a password that passed [`check`].
-    pub async fn hash(&self, password: String) -> Result<String, ApiError> {
+    pub async fn hash(&self, password: String) -> Result<String, IdentityError> {
         self.run(move || hash_with_own_memory(password.as_bytes()))
             .await?
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("hashing a password: {e}")))
+            .map_err(|e| IdentityError::Internal(anyhow::anyhow!("{e}").context("hashing a password")))
     }
 
     /// Whether `password` matches `stored`. With `None` (no such account, a
     /// malformed address, an over-long password) it runs the same argon2id
     /// verification against a dummy hash and says no, so every failed login
     /// costs the same.
-    pub async fn verify(&self, password: &str, stored: Option<String>) -> Result<bool, ApiError> {
+    pub async fn verify(&self, password: &str, stored: Option<String>) -> Result<bool, IdentityError> {
         // An over-long password is verified as an empty one: the same work,
         // and a huge input costs nothing extra.
         let password = if password.len() > MAX_BYTES { String::new() } else { password.to_owned() };

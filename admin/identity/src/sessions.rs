@@ -20,6 +20,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 use sha2::Digest as _;
 
+use plinth_access::AccessError;
 use plinth_access::Role;
 use plinth_access::authn::{Authenticate, Credential, bearer};
 use plinth_http::ApiError;
@@ -28,6 +29,7 @@ use plinth_tenants::db::Db;
 use plinth_tenants::ids::{TenantId, UserId};
 use plinth_tenants::notify::{Handler, ListenEvent};
 
+use crate::error::IdentityError;
 use crate::schema::{api_keys, sessions};
 
 /// The NOTIFY channel on which revoked session ids arrive.
@@ -43,9 +45,9 @@ pub struct SessionInfo {
 }
 
 /// `N` random bytes from the operating system.
-pub fn random_bytes<const N: usize>() -> Result<[u8; N], ApiError> {
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
     let mut bytes = [0u8; N];
-    getrandom::fill(&mut bytes).map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    getrandom::fill(&mut bytes)?;
     Ok(bytes)
 }
 
@@ -77,9 +79,10 @@ pub async fn create_session(
     conn: &AsyncPgConnection,
     user: UserId,
     ttl: Duration,
-) -> Result<(String, SessionInfo), ApiError> {
-    let (token, hash) = new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
-    let ttl = chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(e.into()))?;
+) -> Result<(String, SessionInfo), IdentityError> {
+    let (token, hash) = new_token()?;
+    let ttl = chrono::Duration::from_std(ttl)
+        .map_err(|e| IdentityError::Internal(anyhow::Error::new(e).context("the session lifetime is out of range")))?;
     let mut conn = conn;
     let row: SessionRow = diesel::insert_into(sessions::table)
         .values((
@@ -155,7 +158,7 @@ impl Sessions {
     }
 
     /// The live session a token belongs to, if any.
-    pub async fn verify(&self, token: &str) -> Result<Option<SessionInfo>, ApiError> {
+    pub async fn verify(&self, token: &str) -> Result<Option<SessionInfo>, IdentityError> {
         if !token.starts_with(TOKEN_PREFIX) || token.len() > 100 {
             return Ok(None);
         }
@@ -166,7 +169,7 @@ impl Sessions {
                 let row: Option<SessionRow> = self
                     .db
                     .platform(async |c| {
-                        Ok::<_, ApiError>(
+                        Ok::<_, IdentityError>(
                             sessions::table
                                 .filter(sessions::token_hash.eq(&hash[..]))
                                 .filter(sessions::revoked_at.is_null())
@@ -238,7 +241,7 @@ impl ApiKeys {
     }
 
     /// The live key a secret belongs to, if any.
-    pub async fn verify(self: &Arc<Self>, key: &str) -> Result<Option<ApiKeyInfo>, ApiError> {
+    pub async fn verify(self: &Arc<Self>, key: &str) -> Result<Option<ApiKeyInfo>, IdentityError> {
         if !key.starts_with(API_KEY_PREFIX) || key.len() > 100 {
             return Ok(None);
         }
@@ -249,7 +252,7 @@ impl ApiKeys {
                 let row: Option<(uuid::Uuid, uuid::Uuid, String)> = self
                     .db
                     .platform(async |c| {
-                        Ok::<_, ApiError>(
+                        Ok::<_, IdentityError>(
                             api_keys::table
                                 .filter(api_keys::token_hash.eq(&hash[..]))
                                 .filter(api_keys::revoked_at.is_null())
@@ -294,11 +297,14 @@ impl ApiKeys {
                         .set(api_keys::last_used_at.eq(diesel::dsl::now))
                         .execute(c)
                         .await
-                        .map_err(ApiError::from)
+                        .map_err(IdentityError::from)
                 })
                 .await;
             if let Err(err) = result {
-                tracing::warn!(error = %err, "recording an API key's last use failed");
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::new(err)),
+                    "recording an API key's last use failed"
+                );
             }
         });
     }
@@ -335,7 +341,7 @@ pub struct Authenticator {
 }
 
 impl Authenticate for Authenticator {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Credential>, ApiError>> {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Credential>, AccessError>> {
         Box::pin(async move {
             if token.starts_with(API_KEY_PREFIX) {
                 let key = self.api_keys.verify(token).await?;

@@ -9,8 +9,8 @@ use chrono::Utc;
 use diesel::{ExpressionMethods as _, OptionalExtension as _, QueryDsl as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
+use crate::error::IdentityError;
 use crate::schema::user_tokens;
-use plinth_http::{ApiError, FieldError};
 
 /// A single-use token for `purpose`, valid for `ttl`; returns (id, token).
 pub(crate) async fn issue_token(
@@ -18,10 +18,12 @@ pub(crate) async fn issue_token(
     user: uuid::Uuid,
     purpose: &str,
     ttl: Duration,
-) -> Result<(uuid::Uuid, String), ApiError> {
-    let (token, hash) = sessions::new_token().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+) -> Result<(uuid::Uuid, String), IdentityError> {
+    let (token, hash) = sessions::new_token()?;
     let id = uuid::Uuid::now_v7();
-    let expires = Utc::now() + chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(e.into()))?;
+    let ttl = chrono::Duration::from_std(ttl)
+        .map_err(|e| IdentityError::Internal(anyhow::Error::new(e).context("the token lifetime is out of range")))?;
+    let expires = Utc::now() + ttl;
     let mut conn = conn;
     diesel::insert_into(user_tokens::table)
         .values((
@@ -41,28 +43,24 @@ pub(crate) async fn redeem_token(
     conn: &AsyncPgConnection,
     token: &str,
     purpose: &str,
-) -> Result<Option<uuid::Uuid>, ApiError> {
+) -> Result<Option<uuid::Uuid>, diesel::result::Error> {
     let mut conn = conn;
     let hash = sessions::hash_token(token);
-    Ok(diesel::update(live(&hash, purpose))
+    diesel::update(live(&hash, purpose))
         .set(user_tokens::used_at.eq(diesel::dsl::now))
         .returning(user_tokens::user_id)
         .get_result(&mut conn)
         .await
-        .optional()?)
-}
-
-pub(crate) fn invalid_token() -> ApiError {
-    ApiError::invalid_fields(vec![FieldError::new("token", "invalid", "is invalid, used or expired")])
+        .optional()
 }
 
 /// Whether `token` is a live token for `purpose`, without using it up: a
 /// cheap look before expensive work (hashing a new password) that only a
 /// real token deserves.
-pub(crate) async fn is_live(conn: &AsyncPgConnection, token: &str, purpose: &str) -> Result<bool, ApiError> {
+pub(crate) async fn is_live(conn: &AsyncPgConnection, token: &str, purpose: &str) -> diesel::QueryResult<bool> {
     let mut conn = conn;
     let hash = sessions::hash_token(token);
-    Ok(diesel::select(diesel::dsl::exists(live(&hash, purpose))).get_result(&mut conn).await?)
+    diesel::select(diesel::dsl::exists(live(&hash, purpose))).get_result(&mut conn).await
 }
 
 /// The unused, unexpired token with this hash and purpose.

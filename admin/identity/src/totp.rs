@@ -24,6 +24,7 @@ use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_tenants::UserId;
 
+use crate::error::IdentityError;
 use crate::limits::RateLimits;
 use crate::password::Hashing;
 use crate::schema::{totp_recovery_codes, users};
@@ -40,17 +41,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 const RECOVERY_CODES: usize = 10;
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
-fn totp(secret: &[u8], email: &str) -> Result<Totp, ApiError> {
+fn totp(secret: &[u8], email: &str) -> Result<Totp, IdentityError> {
     Builder::new()
         .with_secret(secret.to_vec())
         .with_account_name(email)
         .with_issuer(Some("Plinth"))
         .build()
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("building a TOTP: {e}")))
+        .map_err(|e| IdentityError::Internal(anyhow::anyhow!("{e}").context("building a TOTP")))
 }
 
 /// `xxxxx-xxxxx` from 50 random bits.
-fn recovery_code() -> Result<String, ApiError> {
+fn recovery_code() -> Result<String, getrandom::Error> {
     let bytes = sessions::random_bytes::<10>()?;
     let chars: String = bytes.iter().map(|b| BASE32[usize::from(*b) % 32] as char).collect();
     Ok(format!("{}-{}", &chars[..5], &chars[5..]))
@@ -71,9 +72,13 @@ pub(crate) struct TotpState {
 
 /// The account's second-factor state; `lock` holds the row for the rest of
 /// the transaction (so a code is used up exactly once).
-pub(crate) async fn state(conn: &mut AsyncPgConnection, user: uuid::Uuid, lock: bool) -> Result<TotpState, ApiError> {
+pub(crate) async fn state(
+    conn: &mut AsyncPgConnection,
+    user: uuid::Uuid,
+    lock: bool,
+) -> diesel::QueryResult<TotpState> {
     let query = users::table.find(user).select(TotpState::as_select());
-    Ok(if lock { query.for_update().first(conn).await? } else { query.first(conn).await? })
+    if lock { query.for_update().first(conn).await } else { query.first(conn).await }
 }
 
 /// Turns two-factor login off for `user` and deletes its recovery codes.
@@ -114,7 +119,7 @@ pub(crate) async fn accept_second_factor(
     user: uuid::Uuid,
     state: &TotpState,
     code: &str,
-) -> Result<bool, ApiError> {
+) -> Result<bool, IdentityError> {
     let Some(secret) = &state.totp_secret else { return Ok(false) };
     if code.contains('-') {
         let hash = sessions::hash_token(&normalize_recovery(code));
@@ -160,21 +165,21 @@ async fn recheck_password(
     limits: &RateLimits,
     user: uuid::Uuid,
     password: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), IdentityError> {
     let stored: StoredPassword = db
         .platform(async |c| {
-            Ok::<_, ApiError>(users::table.find(user).select(StoredPassword::as_select()).first(c).await?)
+            Ok::<_, IdentityError>(users::table.find(user).select(StoredPassword::as_select()).first(c).await?)
         })
         .await?;
     if let Some(wait) = limits.login_failures_per_account.is_limited(&stored.email) {
-        return Err(plinth_http::ratelimit::limited(wait));
+        return Err(IdentityError::RateLimited(wait));
     }
     if hashing.verify(password, Some(stored.password_hash)).await? {
         return Ok(());
     }
     let _ = limits.login_failures_per_account.check(&stored.email);
     tracing::info!(user.id = %user, "second-factor change refused: wrong password");
-    Err(ApiError::InvalidCredentials)
+    Err(IdentityError::InvalidCredentials)
 }
 
 async fn enroll(
@@ -186,7 +191,7 @@ async fn enroll(
 ) -> Result<HttpResponse, ApiError> {
     let user = who.0.user_id.0;
     recheck_password(&db, &hashing, &limits, user, &body.0.password).await?;
-    let secret = sessions::random_bytes::<20>()?;
+    let secret = sessions::random_bytes::<20>().map_err(IdentityError::from)?;
     let email = db
         .platform(async |c| {
             let current = state(c, user, true).await?;
@@ -232,7 +237,8 @@ async fn confirm(
     let user = who.0.user_id.0;
     let session = who.0.session_id;
     recheck_password(&db, &hashing, &limits, user, &body.0.password).await?;
-    let codes: Vec<String> = (0..RECOVERY_CODES).map(|_| recovery_code()).collect::<Result<_, _>>()?;
+    let codes: Vec<String> =
+        (0..RECOVERY_CODES).map(|_| recovery_code()).collect::<Result<_, _>>().map_err(IdentityError::from)?;
     db.platform(async |c| {
         let current = state(c, user, true).await?;
         let pending = current.totp_pending.clone().ok_or_else(|| ApiError::Conflict("enroll first".into()))?;

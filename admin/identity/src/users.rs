@@ -8,11 +8,11 @@ use diesel::{
     ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl as _};
-use plinth_http::ApiError;
 use plinth_mail::EmailAddress;
 use plinth_tenants::UserId;
 use serde::Serialize;
 
+use crate::error::IdentityError;
 use crate::schema::users;
 
 /// The account with this address, if there is one.
@@ -38,12 +38,12 @@ pub struct User {
     pub email_verified_at: Option<DateTime<Utc>>,
 }
 
-/// Creates an account; 409 when the address has one.
+/// Creates an account; [`IdentityError::EmailTaken`] when the address has one.
 pub async fn insert_user(
     conn: &AsyncPgConnection,
     email: &EmailAddress,
     password_hash: &str,
-) -> Result<User, ApiError> {
+) -> Result<User, IdentityError> {
     let mut conn = conn;
     diesel::insert_into(users::table)
         .values((
@@ -54,13 +54,7 @@ pub async fn insert_user(
         .returning(User::as_returning())
         .get_result(&mut conn)
         .await
-        .map_err(|e| {
-            if unique_violation(&e, "users_email_key") {
-                ApiError::Conflict("an account with this email address exists; sign in to add an organization".into())
-            } else {
-                e.into()
-            }
-        })
+        .map_err(|e| if unique_violation(&e, "users_email_key") { IdentityError::EmailTaken } else { e.into() })
 }
 
 fn unique_violation(err: &DbError, constraint: &str) -> bool {

@@ -3,10 +3,10 @@
 //! are its tables) and the application registers the answer as
 //! `web::Data<dyn Authenticate>`.
 
+use crate::error::AccessError;
 use actix_web::HttpRequest;
 use actix_web::http::header::AUTHORIZATION;
 use futures_util::future::BoxFuture;
-use plinth_http::ApiError;
 use plinth_tenants::ids::{TenantId, UserId};
 
 /// Who a valid token speaks for.
@@ -19,9 +19,11 @@ pub enum Credential {
 }
 
 /// Answers whose a bearer token is: `Ok(None)` for a token that is unknown,
-/// expired or revoked.
+/// expired or revoked; an error only when the answer could not be found
+/// (the database's error as [`AccessError::Database`] or
+/// [`AccessError::Pool`], so a lost connection stays a 503).
 pub trait Authenticate: Send + Sync + 'static {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Credential>, ApiError>>;
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Credential>, AccessError>>;
 }
 
 /// The bearer token of a request, if it has one.

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use crate::catalog::{Plan, Quota};
 use crate::engine::Access;
+use crate::error::AccessError;
 use crate::model::Subject;
 use crate::quota::{self, Counters};
 use crate::roles::Role;
 use crate::snapshot::TenantPolicy;
 use diesel_async::AsyncPgConnection;
-use plinth_http::error::ApiError;
 use plinth_http::request::RequestId;
 use plinth_tenants::db::{Db, PoolError, TenantConn, TenantRows, TxFn};
 use plinth_tenants::ids::UserId;
@@ -90,17 +90,18 @@ impl TenantContext {
         self.access.catalog().effective(&self.policy.plan)
     }
 
-    /// 402 `quota_exceeded` unless the tenant may have one more of `quota`.
+    /// [`AccessError::QuotaExceeded`] (402 `quota_exceeded` at the edge)
+    /// unless the tenant may have one more of `quota`.
     /// Counted in `conn`'s transaction by the quota's registered counter,
     /// under a per-tenant lock held until it ends, so concurrent creates
     /// cannot overshoot the limit.
-    pub async fn reserve(&self, conn: &AsyncPgConnection, quota: Quota) -> Result<(), ApiError> {
+    pub async fn reserve(&self, conn: &AsyncPgConnection, quota: Quota) -> Result<(), AccessError> {
         let counter = self.counters.get(quota)?;
         quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), counter).await
     }
 
     /// What the tenant uses of each quota its plan names, and the limit.
-    pub async fn usage(&self, conn: &AsyncPgConnection) -> Result<Vec<(Quota, quota::Usage)>, ApiError> {
+    pub async fn usage(&self, conn: &AsyncPgConnection) -> Result<Vec<(Quota, quota::Usage)>, AccessError> {
         let mut usage = Vec::with_capacity(Quota::ALL.len());
         for q in Quota::ALL {
             usage.push((q, quota::usage(conn, self.tenant.id, self.counters.get(q)?, self.plan().limit(q)).await?));

@@ -11,9 +11,9 @@ use crate::catalog::Catalog;
 use crate::model::{Decision, Need, Subject, feature_node};
 use crate::snapshot::{self, Fact, Rules, Snapshot, TenantPolicy};
 
+use crate::error::AccessError;
 use crate::grants;
 use crate::roles::{Role, RoleSource};
-use plinth_http::error::ApiError;
 use plinth_tenants::db::{Db, PgConn};
 use plinth_tenants::ids::{TenantId, UserId};
 use plinth_tenants::notify::{Handler, ListenEvent};
@@ -121,16 +121,14 @@ impl Access {
     }
 
     /// Asks the writer to re-read `changes` and waits until they are applied.
-    async fn refresh(&self, changes: Vec<Change>) -> Result<(), ApiError> {
+    async fn refresh(&self, changes: Vec<Change>) -> Result<(), AccessError> {
         let (done, applied) = oneshot::channel();
-        self.writer
-            .send(Msg::Refresh(changes, Some(done)))
-            .map_err(|_| ApiError::Internal(anyhow::anyhow!("the policy writer has stopped")))?;
-        applied.await.map_err(|_| ApiError::Unavailable(anyhow::anyhow!("reading policy changes failed")))
+        self.writer.send(Msg::Refresh(changes, Some(done))).map_err(|_| AccessError::WriterStopped)?;
+        applied.await.map_err(|_| AccessError::NotRead)
     }
 
     /// The snapshot, after reading whatever `missing` says it lacks.
-    async fn knowing(&self, missing: impl Fn(&Snapshot) -> Vec<Change>) -> Result<Arc<Snapshot>, ApiError> {
+    async fn knowing(&self, missing: impl Fn(&Snapshot) -> Vec<Change>) -> Result<Arc<Snapshot>, AccessError> {
         let snapshot = self.snapshot();
         let changes = missing(&snapshot);
         if changes.is_empty() {
@@ -150,7 +148,7 @@ impl Access {
     /// this comes from the engine (reading only what it has not seen yet).
     /// Otherwise the engine may be behind, so the rows are read directly and
     /// the check names the role and plan themselves instead of the links.
-    pub(crate) async fn tenant_subject(&self, subject: Subject, tenant: TenantId) -> Result<Asked, ApiError> {
+    pub(crate) async fn tenant_subject(&self, subject: Subject, tenant: TenantId) -> Result<Asked, AccessError> {
         self.tenant_subject_on(&self.db, subject, tenant).await
     }
 
@@ -162,11 +160,11 @@ impl Access {
         db: &Db,
         subject: Subject,
         tenant: TenantId,
-    ) -> Result<Asked, ApiError> {
+    ) -> Result<Asked, AccessError> {
         if !AtomicBool::load(&self.trusted, Ordering::SeqCst) {
             let (role, policy) =
                 db.platform(async |c| read_standing(c, &self.catalog, &*self.roles, subject, tenant).await).await?;
-            let policy = policy.ok_or(ApiError::NotFound("tenant"))?;
+            let policy = policy.ok_or(AccessError::TenantNotFound)?;
             let ten = if policy.active { snapshot::plan_node(&policy.plan) } else { "none".to_owned() };
             let role_node = role.map(snapshot::role_node).unwrap_or_default();
             return Ok(Asked {
@@ -195,7 +193,7 @@ impl Access {
             })
             .await?;
         let role = snapshot.role(&subject).flatten();
-        let policy = snapshot.tenant(tenant).cloned().ok_or(ApiError::NotFound("tenant"))?;
+        let policy = snapshot.tenant(tenant).cloned().ok_or(AccessError::TenantNotFound)?;
         Ok(Asked {
             sub: subject.to_string(),
             ten: snapshot::tenant_node(tenant),
@@ -208,14 +206,15 @@ impl Access {
 
     /// Whether `user` holds the platform admin grant (read directly while
     /// the engine may be behind, like [`Access::tenant_subject`]).
-    pub(crate) async fn platform_user(&self, user: UserId) -> Result<(bool, Asked), ApiError> {
+    pub(crate) async fn platform_user(&self, user: UserId) -> Result<(bool, Asked), AccessError> {
         let (admin, sub, snapshot) = if AtomicBool::load(&self.trusted, Ordering::SeqCst) {
             let snapshot = self
                 .knowing(|s| if s.platform_admin(user).is_none() { vec![Change::PlatformAdmin(user)] } else { vec![] })
                 .await?;
             (snapshot.platform_admin(user).unwrap_or(false), Subject::User(user).to_string(), snapshot)
         } else {
-            let admin = self.db.platform(async |c| Ok::<_, ApiError>(crate::grants::is_admin(c, user).await?)).await?;
+            let admin =
+                self.db.platform(async |c| Ok::<_, AccessError>(crate::grants::is_admin(c, user).await?)).await?;
             let sub = if admin { snapshot::PLATFORM_ADMIN_ROLE.to_owned() } else { String::new() };
             (admin, sub, self.snapshot())
         };
@@ -225,9 +224,9 @@ impl Access {
 
     /// The one check, for a subject [`Access::tenant_subject`] or
     /// [`Access::platform_user`] found holding a role.
-    pub(crate) fn decide(&self, asked: &Asked, need: &Need) -> Result<Decision, ApiError> {
+    pub(crate) fn decide(&self, asked: &Asked, need: &Need) -> Result<Decision, AccessError> {
         let feature = need.feature.map(feature_node);
-        let fail = |e: casbin::Error| ApiError::Internal(anyhow::anyhow!("policy check failed: {e}"));
+        let fail = AccessError::Policy;
         if asked.snapshot.enforce(&asked.sub, &asked.ten, need, feature.as_deref().unwrap_or("-")).map_err(fail)? {
             let rule = self.rules.matching_template(&asked.role_node, need).map(|t| format!("p, {}", t.join(", ")));
             return Ok(Decision::Allowed { rule: rule.unwrap_or_default() });
@@ -251,7 +250,12 @@ impl Access {
     /// One check, as the gate makes it, for a subject already authenticated
     /// (benchmarks, tests and tools). A subject holding no role is
     /// `Forbidden`.
-    pub async fn check(&self, subject: Subject, tenant: Option<TenantId>, need: &Need) -> Result<Decision, ApiError> {
+    pub async fn check(
+        &self,
+        subject: Subject,
+        tenant: Option<TenantId>,
+        need: &Need,
+    ) -> Result<Decision, AccessError> {
         let (known, asked) = match (subject, tenant) {
             (Subject::User(user), None) => self.platform_user(user).await?,
             (subject, Some(tenant)) => {
@@ -309,12 +313,10 @@ impl Access {
 
     /// Reads every link again and waits until both copies have them (the
     /// listener does this on every connect; tools and tests call it).
-    pub async fn reload(&self) -> Result<(), ApiError> {
+    pub async fn reload(&self) -> Result<(), AccessError> {
         let (done, loaded) = oneshot::channel();
-        self.writer
-            .send(Msg::Reload(Some(done), None))
-            .map_err(|_| ApiError::Internal(anyhow::anyhow!("the policy writer has stopped")))?;
-        loaded.await.map_err(|_| ApiError::Unavailable(anyhow::anyhow!("loading the access policy failed")))
+        self.writer.send(Msg::Reload(Some(done), None)).map_err(|_| AccessError::WriterStopped)?;
+        loaded.await.map_err(|_| AccessError::NotRead)
     }
 
     /// Whether checks are answered from the engine (loaded, listener
@@ -484,7 +486,7 @@ async fn read_standing(
     roles: &dyn RoleSource,
     subject: Subject,
     tenant: TenantId,
-) -> Result<(Option<Role>, Option<TenantPolicy>), ApiError> {
+) -> Result<(Option<Role>, Option<TenantPolicy>), AccessError> {
     let role = match subject {
         Subject::Member(_, user) => roles.member(conn, tenant, user).await?,
         Subject::Key(_, key) => match roles.key(conn, key).await? {

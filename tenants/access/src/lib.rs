@@ -26,7 +26,7 @@
 //! - **Tenant resolution** ([`resolve`]): the tenant of a request from its
 //!   host, a custom domain or `X-Tenant`.
 //!
-//! Modules: [`authn`], [`catalog`], [`context`], [`engine`], [`gate`],
+//! Modules: [`authn`], [`catalog`], [`context`], [`engine`], [`error`], [`gate`],
 //! [`grants`], [`model`], [`plans`], [`quota`], [`resolve`], [`roles`]; `links` (casbin's role manager
 //! replacement) and `snapshot` (the facts the engine holds) are private.
 
@@ -34,6 +34,7 @@ pub mod authn;
 pub mod catalog;
 pub mod context;
 pub mod engine;
+pub mod error;
 pub mod gate;
 pub mod grants;
 mod links;
@@ -50,6 +51,7 @@ pub use engine::{
     API_KEYS_CHANNEL, Access, Asked, Change, MEMBERSHIPS_CHANNEL, MODEL, PLATFORM_ADMINS_CHANNEL, POLICY,
     TENANT_POLICY_CHANNEL,
 };
+pub use error::AccessError;
 pub use gate::{Allowed, PlatformAllowed};
 pub use model::{Action, Decision, Need, Subject};
 pub use plans::change_plan;

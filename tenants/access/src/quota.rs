@@ -15,7 +15,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 
 use crate::catalog::Quota;
-use plinth_http::error::ApiError;
+use crate::error::AccessError;
 use plinth_tenants::ids::TenantId;
 
 /// Counts what one quota limits for one tenant. The crate that owns the
@@ -37,11 +37,8 @@ impl Counters {
         self
     }
 
-    pub fn get(&self, quota: Quota) -> Result<&dyn Counter, ApiError> {
-        self.0
-            .get(&quota)
-            .map(|c| &**c)
-            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no counter is registered for {}", quota.as_str())))
+    pub fn get(&self, quota: Quota) -> Result<&dyn Counter, AccessError> {
+        self.0.get(&quota).map(|c| &**c).ok_or(AccessError::NoCounter(quota.as_str()))
     }
 }
 
@@ -70,11 +67,12 @@ pub async fn usage(
     tenant: TenantId,
     counter: &dyn Counter,
     limit: Option<u32>,
-) -> Result<Usage, ApiError> {
+) -> Result<Usage, AccessError> {
     Ok(Usage { used: counter.count(conn, tenant).await?, max: limit })
 }
 
-/// 402 `quota_exceeded` unless `tenant` may have one more of `quota`.
+/// [`AccessError::QuotaExceeded`] (402 `quota_exceeded` at the edge) unless
+/// `tenant` may have one more of `quota`.
 /// Holds the tenant's lock for `quota` until the transaction ends.
 /// Counted by `counter` (the owner of the rows), in `conn`'s transaction.
 pub async fn reserve(
@@ -83,7 +81,7 @@ pub async fn reserve(
     quota: Quota,
     limit: Option<u32>,
     counter: &dyn Counter,
-) -> Result<(), ApiError> {
+) -> Result<(), AccessError> {
     let Some(limit) = limit else { return Ok(()) };
     // Raw SQL: a function call diesel's DSL has no declaration for.
     let mut locking = conn;
@@ -94,7 +92,7 @@ pub async fn reserve(
         .await?;
     let used = counter.count(conn, tenant).await?;
     if used >= i64::from(limit) {
-        return Err(ApiError::QuotaExceeded { quota: quota.as_str(), limit, used });
+        return Err(AccessError::QuotaExceeded { quota: quota.as_str(), limit, used });
     }
     Ok(())
 }

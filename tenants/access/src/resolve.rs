@@ -11,6 +11,8 @@ use actix_web::HttpRequest;
 use actix_web::http::header::HOST;
 
 use plinth_http::error::ApiError;
+
+use crate::error::AccessError;
 use plinth_tenants::cache::NotifiedCache;
 use plinth_tenants::db::Db;
 use plinth_tenants::ids::Slug;
@@ -109,16 +111,18 @@ impl TenantResolver {
         Some(Key::Domain(host.to_owned()))
     }
 
-    async fn lookup(&self, key: Key) -> Result<Option<Arc<Tenant>>, ApiError> {
+    async fn lookup(&self, key: Key) -> Result<Option<Arc<Tenant>>, AccessError> {
         let ticket = match self.cache.get(&key) {
             Ok(hit) => return Ok(hit),
             Err(ticket) => ticket,
         };
         let found = match &key {
             Key::Slug(s) if s.is_empty() => None,
-            Key::Slug(s) => self.db.platform(async |c| Ok::<_, ApiError>(registry::find_by_slug(c, s).await?)).await?,
+            Key::Slug(s) => {
+                self.db.platform(async |c| Ok::<_, AccessError>(registry::find_by_slug(c, s).await?)).await?
+            }
             Key::Domain(d) => {
-                self.db.platform(async |c| Ok::<_, ApiError>(registry::find_by_domain(c, d).await?)).await?
+                self.db.platform(async |c| Ok::<_, AccessError>(registry::find_by_domain(c, d).await?)).await?
             }
         }
         .map(Arc::new);
