@@ -135,6 +135,12 @@ impl TestDb {
     pub async fn client(&self) -> TestResult<tokio_postgres::Client> {
         admin_client(&self.url).await
     }
+
+    /// A client on the server's admin database, for what cannot be done
+    /// from inside this one (`ALTER DATABASE ... ALLOW_CONNECTIONS`).
+    pub async fn server_client(&self) -> TestResult<tokio_postgres::Client> {
+        admin_client(&self.admin_url).await
+    }
 }
 
 impl Drop for TestDb {

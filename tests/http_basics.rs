@@ -1,6 +1,8 @@
 use reqwest::Method;
 
-use crate::harness::{AppOptions, TestApp, TestDb, TestResult, assert_error};
+use std::time::Duration;
+
+use crate::harness::{AppOptions, TestApp, TestDb, TestResult, assert_error, eventually};
 
 #[tokio::test]
 async fn every_response_carries_the_servers_request_id() -> TestResult {
@@ -36,6 +38,51 @@ async fn health_endpoints() -> TestResult {
     assert!(res.headers().contains_key("retry-after"));
     let body = assert_error(res, 503, "unavailable").await?;
     assert!(!body.to_string().contains("plinth_test"), "no internal detail leaks: {body}");
+    Ok(())
+}
+
+/// Readiness fails, with the reason, once the notification listener has
+/// been unable to reconnect for a few seconds, and recovers when it is back.
+#[tokio::test]
+async fn readiness_fails_while_the_notification_listener_stays_down() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let app = TestApp::spawn_on(&testdb, AppOptions::default()).await?;
+    let admin = testdb.server_client().await?;
+    let listeners = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2";
+    let name = plinth_tenants::notify::APPLICATION_NAME;
+    eventually(Duration::from_secs(20), || async {
+        Ok(admin.query_one(listeners, &[&testdb.name, &name]).await?.get::<_, i64>(0) == 1)
+    })
+    .await?;
+    let status = || async { Ok::<_, reqwest::Error>(app.http.get(app.url("/health/ready")).send().await?.status()) };
+    assert_eq!(status().await?, 200);
+
+    // No new connection to this database (the pool keeps its own), and the
+    // listener's is ended: it cannot come back.
+    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", testdb.name)).await?;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+            &[&testdb.name, &name],
+        )
+        .await?;
+    let waited = eventually(Duration::from_secs(30), || async {
+        let res = app.http.get(app.url("/health/ready")).send().await?;
+        if res.status() != 503 {
+            return Ok(false);
+        }
+        let body = assert_error(res, 503, "unavailable").await?;
+        Ok(body["error"]["message"].as_str().is_some_and(|m| m.contains("notification listener")))
+    })
+    .await?;
+    // Not at once: a listener that reconnects within a few seconds (a
+    // database restart) leaves the instance ready.
+    assert!(waited >= Duration::from_secs(5), "unready after {waited:?}");
+    // Live is not readiness: still 200.
+    assert_eq!(app.http.get(app.url("/health/live")).send().await?.status(), 200);
+
+    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", testdb.name)).await?;
+    eventually(Duration::from_secs(30), || async { Ok(status().await? == 200) }).await?;
     Ok(())
 }
 

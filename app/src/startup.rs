@@ -19,7 +19,7 @@ use plinth_identity::limits::RateLimits;
 use plinth_identity::links::MembershipRoles;
 use plinth_identity::password::Hashing;
 use plinth_identity::sessions::{self, ApiKeys, Authenticator, Sessions};
-use plinth_tenants::notify::Listener;
+use plinth_tenants::notify::{Listener, ListenerHealth};
 use plinth_tenants::{Db, DbConfig, migrate};
 
 use crate::config::Settings;
@@ -63,6 +63,7 @@ impl Application {
         }
         let api_keys = ApiKeys::new(resolver_db);
         listener.on(sessions::API_KEYS_CHANNEL, api_keys.listen_handler());
+        let listener_health = web::Data::new(listener.health());
         let listener_task = listener.spawn(listen_url);
 
         let tcp = TcpListener::bind(&settings.listen).with_context(|| format!("binding {}", settings.listen))?;
@@ -119,6 +120,7 @@ impl Application {
                 .app_data(body_limit)
                 .app_data(body_timeout)
                 .app_data(hashing_data.clone())
+                .app_data(listener_health.clone())
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)
                 .configure(plinth_identity::accounts::configure)
@@ -170,9 +172,25 @@ async fn live() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready when the database answers within a second and its platform schema
-/// is the one this binary was built for (no migration pending, none newer).
-async fn ready(db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
+/// How long the notification listener may be down before the instance
+/// says it is not ready: its reconnect backoff tops out at 5 s, so a
+/// database restart that the listener rides out stays ready.
+const LISTENER_DOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// Ready when the notification listener is connected (or has been down for
+/// less than [`LISTENER_DOWN_LIMIT`]: without it the instance still answers
+/// correctly, but its caches and the access engine stop trusting themselves
+/// and read the database for every request), the database answers within a
+/// second, and its
+/// platform schema is the one this binary was built for (no migration
+/// pending, none newer).
+async fn ready(db: web::Data<Db>, listener: web::Data<ListenerHealth>) -> Result<HttpResponse, ApiError> {
+    if let Some(down) = listener.down_for().filter(|d| *d > LISTENER_DOWN_LIMIT) {
+        return Err(ApiError::NotReady(format!(
+            "the notification listener has been disconnected for {} s",
+            down.as_secs()
+        )));
+    }
     let check = db.platform(async |conn| Ok::<_, ApiError>(migrate::platform_schema_state(conn).await?));
     match tokio::time::timeout(std::time::Duration::from_secs(1), check).await {
         Ok(Ok(migrate::SchemaState::Current)) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))),

@@ -5,10 +5,13 @@
 //! every (re)connect handlers receive [`ListenEvent::Connected`], meaning "you
 //! may have missed notifications: reload"; while disconnected they receive
 //! [`ListenEvent::Disconnected`] so caches can stop trusting themselves.
+//! [`ListenerHealth`] says how long it has been down, for readiness. The
+//! connection names itself `plinth listener` (`application_name`), so an
+//! operator finds it in `pg_stat_activity`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use tokio_postgres::AsyncMessage;
@@ -23,10 +26,48 @@ pub enum ListenEvent<'a> {
 
 pub type Handler = Arc<dyn Fn(ListenEvent<'_>) + Send + Sync>;
 
+/// The `application_name` of the listening connection.
+pub const APPLICATION_NAME: &str = "plinth listener";
+
+/// Whether the listener is connected, and if not, since when. Cheap to
+/// clone; every clone sees the same state.
+#[derive(Clone, Debug)]
+pub struct ListenerHealth {
+    down_since: Arc<Mutex<Option<Instant>>>,
+}
+
+impl ListenerHealth {
+    /// Down from now: not connected yet.
+    fn new() -> Self {
+        Self { down_since: Arc::new(Mutex::new(Some(Instant::now()))) }
+    }
+
+    fn set(&self, connected: bool) {
+        let mut down = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        if connected {
+            *down = None;
+        } else {
+            down.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// How long the listener has been down (since start if it never
+    /// connected); `None` while it is connected.
+    pub fn down_for(&self) -> Option<Duration> {
+        self.down_since.lock().unwrap_or_else(|p| p.into_inner()).map(|since| since.elapsed())
+    }
+}
+
 /// Collects channel handlers, then runs the listening task.
-#[derive(Default)]
 pub struct Listener {
     handlers: HashMap<&'static str, Vec<Handler>>,
+    health: ListenerHealth,
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Self { handlers: HashMap::new(), health: ListenerHealth::new() }
+    }
 }
 
 impl Listener {
@@ -40,6 +81,11 @@ impl Listener {
         self
     }
 
+    /// The connection state of this listener, for readiness.
+    pub fn health(&self) -> ListenerHealth {
+        self.health.clone()
+    }
+
     /// Starts listening in the background, reconnecting with backoff forever.
     pub fn spawn(self, url: String) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
@@ -49,6 +95,7 @@ impl Listener {
                     Ok(()) => backoff = Duration::from_millis(100),
                     Err(err) => tracing::warn!(error = %err, "notification listener disconnected; reconnecting"),
                 }
+                self.health.set(false);
                 self.broadcast(ListenEvent::Disconnected);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -63,7 +110,8 @@ impl Listener {
     }
 
     async fn listen_once(&self, url: &str) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let mut config: tokio_postgres::Config = url.parse()?;
+        let (client, mut connection) = config.application_name(APPLICATION_NAME).connect(tokio_postgres::NoTls).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -86,6 +134,7 @@ impl Listener {
         let result = async {
             client.batch_execute(&listen).await?;
             tracing::debug!("notification listener connected");
+            self.health.set(true);
             self.broadcast(ListenEvent::Connected);
             let mut ping = tokio::time::interval(Duration::from_secs(10));
             loop {
