@@ -116,3 +116,101 @@ async fn oversize_bodies_get_413() -> TestResult {
     assert_eq!(res.status(), 201);
     Ok(())
 }
+
+/// The headers every answer carries, whatever its status; HSTS only when the
+/// public URL is https.
+#[tokio::test]
+async fn every_answer_carries_the_security_headers() -> TestResult {
+    let app = TestApp::spawn().await?;
+    app.create_tenant("acme").await?;
+    let answers = [
+        app.http.get(app.url("/health/live")).send().await?,
+        app.http.get(app.url("/nope")).send().await?,
+        app.http.get(app.url("/v1/me")).send().await?,
+        app.req(Method::GET, "acme", "/v1/projects").send().await?,
+        app.req(Method::PUT, "acme", "/v1/projects").send().await?,
+        app.http.get(app.url("/v1/projects%00")).send().await?,
+    ];
+    let mut statuses = Vec::new();
+    for res in answers {
+        statuses.push(res.status().as_u16());
+        let h = res.headers();
+        let at = format!("{} {}", res.status(), res.url().path());
+        assert_eq!(h["x-content-type-options"], "nosniff", "{at}");
+        assert_eq!(h["referrer-policy"], "no-referrer", "{at}");
+        assert_eq!(h["x-frame-options"], "DENY", "{at}");
+        assert_eq!(h["content-security-policy"], "default-src 'none'; frame-ancestors 'none'", "{at}");
+        assert_eq!(h["cache-control"], "no-store", "{at}");
+        assert!(!h.contains_key("strict-transport-security"), "{at}: HSTS over http");
+    }
+    assert_eq!(statuses, [200, 404, 401, 200, 405, 400]);
+
+    let testdb = TestDb::migrated().await?;
+    let https = AppOptions { settings: vec![("PLINTH_PUBLIC_URL", "https://plinth.example")], ..Default::default() };
+    let app = TestApp::spawn_on(&testdb, https).await?;
+    for path in ["/health/live", "/nope"] {
+        let res = app.http.get(app.url(path)).send().await?;
+        assert_eq!(res.headers()["strict-transport-security"], "max-age=31536000; includeSubDomains", "{path}");
+    }
+    Ok(())
+}
+
+/// Browsers get cross-origin access for the listed origins only, and none
+/// when no origin is listed.
+#[tokio::test]
+async fn cross_origin_access_is_for_the_listed_origins() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let listed = AppOptions {
+        settings: vec![("PLINTH_CORS_ORIGINS", "https://app.example.com, http://localhost:3000")],
+        ..Default::default()
+    };
+    let app = TestApp::spawn_on(&testdb, listed).await?;
+    app.create_tenant("acme").await?;
+    let preflight = |origin: &str, method: &str| {
+        app.http
+            .request(Method::OPTIONS, app.url("/v1/projects"))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", "authorization, content-type, x-tenant")
+    };
+
+    let res = preflight("https://app.example.com", "POST").send().await?;
+    assert_eq!(res.status(), 200);
+    let h = res.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert!(h["access-control-allow-methods"].to_str()?.contains("POST"), "{h:?}");
+    let allowed = h["access-control-allow-headers"].to_str()?.to_ascii_lowercase();
+    for header in ["authorization", "content-type", "x-tenant"] {
+        assert!(allowed.contains(header), "{header} not in {allowed}");
+    }
+    assert_eq!(h["access-control-max-age"], "600");
+    assert!(!h.contains_key("access-control-allow-credentials"), "bearer tokens, not cookies");
+
+    // The request itself: the web app may read the answer and its request id.
+    let res = app.req(Method::GET, "acme", "/v1/projects").header("origin", "http://localhost:3000").send().await?;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["access-control-allow-origin"], "http://localhost:3000");
+    let exposed = res.headers()["access-control-expose-headers"].to_str()?.to_ascii_lowercase();
+    assert!(exposed.contains("x-request-id") && exposed.contains("retry-after"), "{exposed}");
+
+    // Another origin, or a method or header not offered, gets no access.
+    let res = preflight("https://evil.example", "POST").send().await?;
+    assert!(!res.headers().contains_key("access-control-allow-origin"));
+    assert_error(res, 400, "invalid_request").await?;
+    let res = preflight("https://app.example.com", "TRACE").send().await?;
+    assert!(!res.headers().contains_key("access-control-allow-origin"));
+    assert!(res.status().is_client_error());
+
+    // Unset: no origin is allowed.
+    let app = TestApp::spawn().await?;
+    let res = app
+        .http
+        .request(Method::OPTIONS, app.url("/v1/projects"))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await?;
+    assert!(!res.headers().contains_key("access-control-allow-origin"));
+    assert_error(res, 405, "method_not_allowed").await?;
+    Ok(())
+}

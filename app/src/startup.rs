@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix_web::dev::Server;
-use actix_web::middleware::from_fn;
+use actix_web::middleware::{Condition, from_fn};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use plinth_access::authn::Authenticate;
@@ -13,7 +13,7 @@ use plinth_access::quota::Counters;
 use plinth_access::resolve::{self, TenantResolver};
 use plinth_access::{Access, Quota};
 use plinth_http::ApiError;
-use plinth_http::request::{BodyLimit, BodyTimeout, ClientIpHeader, request_span};
+use plinth_http::request::{BodyLimit, BodyTimeout, ClientIpHeader, Hsts, request_span};
 use plinth_identity::config::IdentityConfig;
 use plinth_identity::limits::RateLimits;
 use plinth_identity::links::MembershipRoles;
@@ -94,6 +94,8 @@ impl Application {
                 .with(Quota::Members, plinth_identity::members::MemberSeats)
                 .with(Quota::ApiKeys, plinth_identity::api_keys::LiveKeys),
         );
+        let hsts = Hsts(settings.public_url.starts_with("https://"));
+        let cors_origins = settings.cors_origins.clone();
         let next_pool = Arc::new(AtomicUsize::new(0));
         let server = HttpServer::new(move || {
             let db = pools[next_pool.fetch_add(1, Ordering::Relaxed) % pools.len()].clone();
@@ -106,7 +108,11 @@ impl Application {
                         cfg.app_data(api);
                     }
                 })
+                // Inside the request middleware, so its refusals are
+                // enveloped and stamped like every other answer.
+                .wrap(Condition::new(!cors_origins.is_empty(), plinth_http::cors::cors(&cors_origins)))
                 .wrap(from_fn(request_span))
+                .app_data(hsts)
                 .app_data(web::Data::new(db))
                 .app_data(resolver_data.clone())
                 .app_data(sessions_data.clone())

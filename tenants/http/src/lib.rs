@@ -2,14 +2,17 @@
 //! knows status codes: the crates below it return their own errors, and
 //! [`ApiError`] turns them into the JSON envelope.
 //!
+//! - [`cors`]: cross-origin access for the listed origins.
 //! - [`error`]: [`ApiError`], [`FieldError`] and the envelope
 //!   `{"error": {"code", "message", "details"?}}`.
-//! - [`request`]: request ids and the request span, the JSON body extractor
+//! - [`request`]: request ids, the request span and the security headers
+//!   of every answer, the JSON body extractor
 //!   with size and time limits, field validation, cursor pagination, the
 //!   client address.
 //! - [`ratelimit`]: in-process fixed-window limits keyed by hashed client
 //!   keys, bounded in memory.
 
+pub mod cors;
 pub mod error;
 pub mod ratelimit;
 pub mod request;

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use actix_web::ResponseError as _;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
-use actix_web::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use actix_web::http::header::{
+    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue,
+    REFERRER_POLICY, STRICT_TRANSPORT_SECURITY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+};
 use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt as _;
@@ -70,10 +73,37 @@ impl RequestId {
     }
 }
 
+/// Whether answers carry `Strict-Transport-Security` (app data: on when
+/// the public URL is https). Without it registered, they don't.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hsts(pub bool);
+
+/// The headers every answer carries unless its route set its own: the API
+/// answers JSON that no browser should sniff, frame, cache or send a
+/// referrer from, and most of it is personal (tokens, members, addresses).
+fn secure(headers: &mut HeaderMap, hsts: bool) {
+    let defaults = [
+        (X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (REFERRER_POLICY, "no-referrer"),
+        (X_FRAME_OPTIONS, "DENY"),
+        (CONTENT_SECURITY_POLICY, "default-src 'none'; frame-ancestors 'none'"),
+        (CACHE_CONTROL, "no-store"),
+    ];
+    for (name, value) in defaults {
+        if !headers.contains_key(&name) {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+    }
+    if hsts && !headers.contains_key(STRICT_TRANSPORT_SECURITY) {
+        headers.insert(STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000; includeSubDomains"));
+    }
+}
+
 /// Middleware: gives every request an id and one tracing span carrying the
 /// id, method, path, tenant slug (filled in when resolved), the access
 /// decision (filled in by the gate, see `access`) and status, and answers
-/// the id in the `x-request-id` header of every response, errors included.
+/// the id in the `x-request-id` header of every response, errors included,
+/// with the security headers of [`secure`] (and [`Hsts`]).
 ///
 /// It is also where the edge refuses what no route should see: a URI that
 /// decodes to a NUL byte (400). Errors raised below it by actix itself (a
@@ -105,10 +135,12 @@ pub async fn request_span(
     );
     let started = Instant::now();
     let limit = req.app_data::<BodyLimit>().copied().unwrap_or_default().0;
+    let hsts = req.app_data::<Hsts>().copied().unwrap_or_default().0;
     let stamp = |res: &mut HttpResponse| {
         if let Ok(value) = HeaderValue::from_str(&id.0) {
             res.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
+        secure(res.headers_mut(), hsts);
         span.record("http.status", res.status().as_u16());
         span.in_scope(|| {
             tracing::info!(http.latency_ms = started.elapsed().as_secs_f64() * 1000.0, "request finished");
