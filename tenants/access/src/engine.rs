@@ -226,8 +226,8 @@ impl Access {
     /// [`Access::platform_user`] found holding a role.
     pub(crate) fn decide(&self, asked: &Asked, need: &Need) -> Result<Decision, AccessError> {
         let feature = need.feature.map(feature_node);
-        let fail = AccessError::Policy;
-        if asked.snapshot.enforce(&asked.sub, &asked.ten, need, feature.as_deref().unwrap_or("-")).map_err(fail)? {
+        let allowed = asked.snapshot.enforce(&asked.sub, &asked.ten, need, feature.as_deref().unwrap_or("-"));
+        if allowed.map_err(AccessError::Policy)? {
             let rule = self.rules.matching_template(&asked.role_node, need).map(|t| format!("p, {}", t.join(", ")));
             return Ok(Decision::Allowed { rule: rule.unwrap_or_default() });
         }

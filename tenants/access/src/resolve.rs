@@ -11,13 +11,13 @@ use actix_web::HttpRequest;
 use actix_web::http::header::HOST;
 
 use plinth_http::error::ApiError;
-
-use crate::error::AccessError;
 use plinth_tenants::cache::NotifiedCache;
 use plinth_tenants::db::Db;
 use plinth_tenants::ids::Slug;
 use plinth_tenants::notify::{Handler, ListenEvent};
 use plinth_tenants::registry::{self, Tenant, TenantStatus};
+
+use crate::error::AccessError;
 
 /// The NOTIFY channel the registry triggers publish on.
 pub const CHANNEL: &str = "plinth_tenants";
