@@ -13,6 +13,7 @@ mod isolation;
 mod lifecycle;
 mod mail_and_jobs;
 mod members;
+mod metrics;
 mod migrations;
 mod policy;
 mod projects;

@@ -74,6 +74,9 @@ pub struct Settings {
     /// `PLINTH_CLIENT_IP_HEADER`: a header a proxy you control sets to the
     /// client's address (its last entry counts). Unset: the peer address.
     pub client_ip_header: Option<String>,
+    /// `PLINTH_METRICS_TOKEN`: the bearer token `GET /metrics` needs;
+    /// unset, it needs none.
+    pub metrics_token: Option<String>,
     /// `PLINTH_CORS_ORIGINS`: the web apps' origins that may call the API
     /// from a browser (commas or spaces between them); unset, none may.
     pub cors_origins: Vec<String>,
@@ -186,6 +189,7 @@ impl Settings {
             run_worker: flag("PLINTH_WORKER", true)?,
             worker_concurrency: usize::try_from(num("PLINTH_WORKER_CONCURRENCY", 4)?)?.max(1),
             client_ip_header: get("PLINTH_CLIENT_IP_HEADER").map(str::to_ascii_lowercase),
+            metrics_token: get("PLINTH_METRICS_TOKEN").map(str::to_owned),
             cors_origins: plinth_http::cors::parse_origins(get("PLINTH_CORS_ORIGINS").unwrap_or_default())
                 .map_err(|e| anyhow::anyhow!("PLINTH_CORS_ORIGINS: {e}"))?,
             limits: {

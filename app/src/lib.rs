@@ -1,10 +1,11 @@
 //! Plinth's binary crate as a library: configuration, zero-configuration
-//! PostgreSQL, telemetry, the HTTP application, the CLI and the example
+//! PostgreSQL, telemetry and metrics, the HTTP application, the CLI and the example
 //! product domain (projects and tasks).
 
 pub mod background;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod pg;
 pub mod projects;
 pub mod routes;

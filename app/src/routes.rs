@@ -15,6 +15,7 @@ use plinth_http::ApiError;
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health/live"),
     ("GET", "/health/ready"),
+    ("GET", "/metrics"),
     ("POST", "/v1/signup"),
     ("POST", "/v1/tenants"),
     ("POST", "/v1/auth/login"),

@@ -52,6 +52,7 @@ impl Application {
             (0..workers).map(|_| Db::connect(&per_worker)).collect::<anyhow::Result<Vec<_>>>()?.into();
         // Tenant and session lookups miss their caches rarely; a small pool of their own.
         let resolver_db = Db::connect(&DbConfig { pool_size: 2, ..db_config.clone() })?;
+        let every_pool = pools.iter().cloned().chain([resolver_db.clone()]).collect();
         let resolver = TenantResolver::new(resolver_db.clone(), &settings.base_domain);
         listener.on(resolve::CHANNEL, resolver.listen_handler());
         let sessions = Sessions::new(resolver_db.clone());
@@ -63,6 +64,11 @@ impl Application {
         }
         let api_keys = ApiKeys::new(resolver_db);
         listener.on(sessions::API_KEYS_CHANNEL, api_keys.listen_handler());
+        let metrics = web::Data::new(crate::metrics::Metrics::new(
+            settings.metrics_token.as_deref(),
+            every_pool,
+            listener.health(),
+        )?);
         let listener_health = web::Data::new(listener.health());
         let listener_task = listener.spawn(listen_url);
 
@@ -127,8 +133,10 @@ impl Application {
                 .app_data(body_timeout)
                 .app_data(hashing_data.clone())
                 .app_data(listener_health.clone())
+                .app_data(metrics.clone())
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .configure(configure)
+                .configure(crate::metrics::configure)
                 .configure(plinth_identity::accounts::configure)
                 .configure(plinth_identity::login::configure)
                 .configure(plinth_admin::tenant::configure)

@@ -273,24 +273,26 @@ async fn receive_route(
     let body = plinth_http::request::read_body(&req, &mut payload, MAX_EVENT_BYTES).await?;
     match receive(&db, secrets, &body, signature, Utc::now().timestamp()).await {
         Ok(received) => {
-            let (id, duplicate) = match &received {
+            let (id, duplicate, outcome) = match &received {
                 Received::Stored { id, kind } => {
                     tracing::info!(stripe.event = id, stripe.type = kind, "Stripe event stored");
-                    (id, false)
+                    (id, false, "stored")
                 }
                 Received::Parked { id, reason } => {
                     tracing::warn!(stripe.event = id, reason, "Stripe event stored, parked");
-                    (id, false)
+                    (id, false, "parked")
                 }
                 Received::Duplicate { id } => {
                     tracing::info!(stripe.event = id, "Stripe event delivered again; acknowledged");
-                    (id, true)
+                    (id, true, "duplicate")
                 }
             };
+            metrics::counter!("plinth_stripe_webhooks_total", "outcome" => outcome).increment(1);
             Ok(HttpResponse::Ok().json(json!({ "received": true, "id": id, "duplicate": duplicate })))
         }
         Err(ReceiveError::Refused(why)) => {
             tracing::info!(reason = %why, "Stripe webhook refused");
+            metrics::counter!("plinth_stripe_webhooks_total", "outcome" => "refused").increment(1);
             Err(ApiError::invalid(why.to_string()))
         }
         Err(ReceiveError::Store(err)) => Err(err.into()),

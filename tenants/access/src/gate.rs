@@ -76,6 +76,7 @@ pub(crate) fn record(subject: Subject, tenant: &str, need: &Need, decision: &Dec
         span.record("access.rule", rule.as_str());
     }
     tracing::debug!(result = decision.as_str(), "access decision");
+    metrics::counter!("plinth_policy_checks_total", "decision" => decision.as_str()).increment(1);
 }
 
 /// The decision as the client sees it.

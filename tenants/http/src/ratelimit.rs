@@ -167,6 +167,7 @@ impl RateLimiter {
 
 /// The error for a refused event: 429 `rate_limited` with `Retry-After`.
 pub fn limited(retry_after: Duration) -> ApiError {
+    metrics::counter!("plinth_rate_limited_total").increment(1);
     ApiError::RateLimited { retry_after_secs: retry_after.as_secs().max(1) }
 }
 

@@ -136,7 +136,9 @@ pub async fn request_span(
     let started = Instant::now();
     let limit = req.app_data::<BodyLimit>().copied().unwrap_or_default().0;
     let hsts = req.app_data::<Hsts>().copied().unwrap_or_default().0;
-    let stamp = |res: &mut HttpResponse| {
+    let method = method_label(req.method());
+    let stamp = |res: &mut HttpResponse, route: Option<&str>| {
+        observe(method, route, res.status().as_u16(), started.elapsed());
         if let Ok(value) = HeaderValue::from_str(&id.0) {
             res.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
@@ -148,24 +150,52 @@ pub async fn request_span(
     };
     if has_nul(req.uri()) {
         let mut res = ApiError::invalid("the URL holds a NUL byte").error_response();
-        stamp(&mut res);
+        stamp(&mut res, None);
         return Ok(req.into_response(res));
     }
     match next.call(req).instrument(span.clone()).await {
         Ok(res) => {
             let (req, res) = res.into_parts();
             let mut res = enveloped(res.map_into_boxed_body(), limit);
-            stamp(&mut res);
+            stamp(&mut res, req.match_pattern().as_deref());
             Ok(ServiceResponse::new(req, res))
         }
         // An error that escaped the handlers (a middleware's): answered as
         // the response it carries, enveloped and stamped.
         Err(err) => {
             let mut res = enveloped(err.error_response(), limit);
-            stamp(&mut res);
+            stamp(&mut res, None);
             Err(actix_web::error::InternalError::from_response(err, res).into())
         }
     }
+}
+
+/// A request method as a metric label: the standard ones by name, anything
+/// else as `other`, so clients cannot grow the label set.
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    const KNOWN: [(Method, &str); 7] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::PATCH, "PATCH"),
+        (Method::DELETE, "DELETE"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+    ];
+    KNOWN.iter().find(|(m, _)| m == method).map_or("other", |(_, name)| name)
+}
+
+/// Counts one answered request and its latency, by the route's pattern
+/// (`/v1/projects/{id}`, never the path itself: ids stay out of labels);
+/// `unmatched` when no route took it.
+fn observe(method: &'static str, route: Option<&str>, status: u16, took: Duration) {
+    let route = route.unwrap_or("unmatched").to_owned();
+    let status = status.to_string();
+    metrics::counter!("plinth_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("plinth_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(took.as_secs_f64());
 }
 
 /// Whether the path or query decodes to a NUL byte (`%00`).

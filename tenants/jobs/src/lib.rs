@@ -370,6 +370,48 @@ pub async fn counts(db: &Db) -> Result<JobCounts, ClaimError> {
     Ok(counts)
 }
 
+/// Jobs not done, by kind and state (as [`counts`] names states), and how
+/// long the longest-waiting job that is due has waited, for the metrics.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub by_kind: Vec<(String, String, i64)>,
+    pub oldest_due_secs: f64,
+}
+
+#[derive(QueryableByName)]
+struct KindRow {
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = Text)]
+    state: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+    #[diesel(sql_type = Nullable<Double>)]
+    waited: Option<f64>,
+}
+
+/// [`QueueStats`], in one query over the rows not done (done rows are
+/// many and counted by the runs counter instead).
+pub async fn queue_stats(db: &Db) -> Result<QueueStats, ClaimError> {
+    let rows: Vec<KindRow> = db
+        .platform(async |conn| {
+            // Raw SQL: grouped by a computed state, with an aggregate FILTER.
+            diesel::sql_query(
+                "SELECT kind, CASE WHEN status = 'queued' AND attempts > 0 THEN 'retrying' ELSE status END AS state, \
+                 count(*) AS n, \
+                 extract(epoch FROM now() - min(run_at) FILTER (WHERE status = 'queued' AND run_at <= now()))::float8 \
+                   AS waited \
+                 FROM public.jobs WHERE status <> 'done' GROUP BY 1, 2",
+            )
+            .load(conn)
+            .await
+            .map_err(ClaimError::from)
+        })
+        .await?;
+    let oldest_due_secs = rows.iter().filter_map(|r| r.waited).fold(0.0, f64::max);
+    Ok(QueueStats { by_kind: rows.into_iter().map(|r| (r.kind, r.state, r.n)).collect(), oldest_due_secs })
+}
+
 /// One job, as `plinth jobs list` shows it.
 #[derive(Debug, Clone, Queryable, Selectable, Serialize)]
 #[diesel(table_name = jobs)]
@@ -581,6 +623,9 @@ impl Worker {
         async move {
             let started = std::time::Instant::now();
             let (id, attempts, max_attempts) = (job.id, job.attempts, job.max_attempts);
+            // A kind with no handler here is not a label: rows are not code.
+            let kind =
+                if self.handlers.0.contains_key(job.kind.as_str()) { job.kind.clone() } else { "unknown".into() };
             let outcome = match self.handlers.0.get(job.kind.as_str()) {
                 None => Err(JobError::Fatal(anyhow::anyhow!("no handler for job kind {:?}", job.kind))),
                 Some(handler) => {
@@ -603,6 +648,12 @@ impl Worker {
                 }
             };
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let counted = match &outcome {
+                Ok(()) => "done",
+                Err(JobError::Retry(_)) if attempts < max_attempts => "retry",
+                Err(_) => "dead",
+            };
+            metrics::counter!("plinth_job_runs_total", "kind" => kind, "outcome" => counted).increment(1);
             match outcome {
                 Ok(()) => {
                     if complete(&self.db, id, &self.id).await {
