@@ -268,6 +268,7 @@ async fn receive_route(
     };
     if let Some(why) = refused {
         tracing::info!(reason = %why, "Stripe webhook refused");
+        metrics::counter!("plinth_stripe_webhooks_total", "outcome" => "refused").increment(1);
         return Err(ApiError::invalid(why.to_string()));
     }
     let body = plinth_http::request::read_body(&req, &mut payload, MAX_EVENT_BYTES).await?;
