@@ -122,6 +122,13 @@ async fn metrics_need_their_token_move_with_the_work_and_name_nobody() -> TestRe
         Ok(value(&scrape(&app).await?, "plinth_job_runs_total", &done) > runs_before)
     })
     .await?;
+    // The same worker processes the Stripe event (applied or parked, as
+    // this test's Stripe knows no customer).
+    let processed_before = value(&before, "plinth_stripe_events_processed_total", &[]);
+    eventually(Duration::from_secs(30), || async {
+        Ok(value(&scrape(&app).await?, "plinth_stripe_events_processed_total", &[]) > processed_before)
+    })
+    .await?;
     worker.stop().await?;
 
     let after = scrape(&app).await?;
@@ -139,6 +146,10 @@ async fn metrics_need_their_token_move_with_the_work_and_name_nobody() -> TestRe
     assert!(moved("plinth_stripe_webhooks_total", &[("outcome", "stored")]) >= 1.0);
     assert!(moved("plinth_stripe_webhooks_total", &[("outcome", "duplicate")]) >= 1.0);
     assert!(moved("plinth_rate_limited_total", &[]) >= 1.0);
+    assert!(moved("plinth_mail_total", &[("outcome", "sent")]) >= 1.0);
+    assert!(moved("plinth_tenant_transactions_total", &[("kind", "schema"), ("outcome", "commit")]) >= 6.0);
+    assert!(moved("plinth_cache_requests_total", &[("cache", "sessions"), ("result", "hit")]) >= 5.0);
+    assert!(moved("plinth_cache_requests_total", &[("cache", "tenants")]) >= 1.0);
     assert_eq!(value(&after, "plinth_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
     assert!(value(&after, "plinth_db_pool_max_connections", &[]) > 0.0);
     assert_eq!(value(&after, "plinth_notify_listener_up", &[]), 1.0);

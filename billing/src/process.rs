@@ -98,6 +98,19 @@ pub enum Outcome {
     Parked(String),
 }
 
+impl Outcome {
+    /// The outcome as a metric label.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Stale => "stale",
+            Self::Ignored => "ignored",
+            Self::AlreadyProcessed => "already_processed",
+            Self::Parked(_) => "parked",
+        }
+    }
+}
+
 pub struct Processor {
     db: Db,
     catalog: Arc<Catalog>,
@@ -114,6 +127,7 @@ struct EventRow {
     payload: String,
     status: String,
     created_at: Option<DateTime<Utc>>,
+    received_at: DateTime<Utc>,
 }
 
 #[derive(Queryable, Selectable)]
@@ -265,17 +279,26 @@ impl Processor {
                     .optional()?;
                 let Some(row) = row else { return Err(Fail::Park("no such event".into())) };
                 if row.status == "processed" {
-                    return Ok(Outcome::AlreadyProcessed);
+                    return Ok((Outcome::AlreadyProcessed, row.received_at));
                 }
-                self.apply(c, event_id, &row).await.map_err(|Park(reason)| Fail::Park(reason))
+                let outcome = self.apply(c, event_id, &row).await.map_err(|Park(reason)| Fail::Park(reason))?;
+                Ok((outcome, row.received_at))
             })
             .await;
         match outcome {
-            Ok(outcome) => Ok(outcome),
+            Ok((outcome, received_at)) => {
+                metrics::counter!("plinth_stripe_events_processed_total", "outcome" => outcome.label()).increment(1);
+                if outcome != Outcome::AlreadyProcessed {
+                    let delay = (Utc::now() - received_at).to_std().unwrap_or_default();
+                    metrics::histogram!("plinth_stripe_event_delay_seconds").record(delay.as_secs_f64());
+                }
+                Ok(outcome)
+            }
             // Whatever the event changed before it had to wait was rolled
             // back with its transaction; record why it waits.
             Err(Fail::Park(reason)) => {
                 self.mark(event_id, "parked", Some(&reason)).await?;
+                metrics::counter!("plinth_stripe_events_processed_total", "outcome" => "parked").increment(1);
                 tracing::warn!(stripe.event = event_id, reason, "Stripe event parked");
                 Ok(Outcome::Parked(reason))
             }

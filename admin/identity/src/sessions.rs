@@ -142,7 +142,7 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn new(db: Db) -> Arc<Self> {
-        Arc::new(Self { db, cache: NotifiedCache::new(Some(Duration::from_secs(60)), 100_000) })
+        Arc::new(Self { db, cache: NotifiedCache::new("sessions", Some(Duration::from_secs(60)), 100_000) })
     }
 
     /// The listener handler that evicts revoked sessions.
@@ -224,7 +224,7 @@ impl ApiKeys {
     pub fn new(db: Db) -> Arc<Self> {
         Arc::new(Self {
             db,
-            cache: NotifiedCache::new(Some(Duration::from_secs(60)), 100_000),
+            cache: NotifiedCache::new("api_keys", Some(Duration::from_secs(60)), 100_000),
             last_marked: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }

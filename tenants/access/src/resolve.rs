@@ -44,7 +44,7 @@ impl TenantResolver {
         Arc::new(Self {
             db,
             base_domain: base_domain.trim_matches('.').to_ascii_lowercase(),
-            cache: NotifiedCache::new(None, MAX_ENTRIES),
+            cache: NotifiedCache::new("tenants", None, MAX_ENTRIES),
         })
     }
 

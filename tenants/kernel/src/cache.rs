@@ -21,6 +21,7 @@ struct State<K, V> {
 }
 
 pub struct NotifiedCache<K, V> {
+    name: &'static str,
     state: RwLock<State<K, V>>,
     trusted: AtomicBool,
     ttl: Option<Duration>,
@@ -32,8 +33,10 @@ pub struct NotifiedCache<K, V> {
 pub struct Ticket(Option<u64>);
 
 impl<K: Eq + Hash, V: Clone> NotifiedCache<K, V> {
-    pub fn new(ttl: Option<Duration>, max_entries: usize) -> Self {
+    /// `name` labels its hits and misses in the metrics.
+    pub fn new(name: &'static str, ttl: Option<Duration>, max_entries: usize) -> Self {
         Self {
+            name,
             state: RwLock::new(State { generation: 0, entries: HashMap::new() }),
             trusted: AtomicBool::new(false),
             ttl,
@@ -44,13 +47,24 @@ impl<K: Eq + Hash, V: Clone> NotifiedCache<K, V> {
     /// The cached value, or a ticket for inserting the one about to be read.
     pub fn get(&self, key: &K) -> Result<V, Ticket> {
         if !self.trusted.load(Ordering::SeqCst) {
+            self.count("untrusted");
             return Err(Ticket(None));
         }
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         match state.entries.get(key) {
-            Some((value, at)) if self.ttl.is_none_or(|ttl| at.elapsed() < ttl) => Ok(value.clone()),
-            _ => Err(Ticket(Some(state.generation))),
+            Some((value, at)) if self.ttl.is_none_or(|ttl| at.elapsed() < ttl) => {
+                self.count("hit");
+                Ok(value.clone())
+            }
+            _ => {
+                self.count("miss");
+                Err(Ticket(Some(state.generation)))
+            }
         }
+    }
+
+    fn count(&self, result: &'static str) {
+        metrics::counter!("plinth_cache_requests_total", "cache" => self.name, "result" => result).increment(1);
     }
 
     /// Caches `value` unless the cache was invalidated since `ticket` was
@@ -93,7 +107,7 @@ mod tests {
 
     #[test]
     fn untrusted_caches_nothing_and_stale_tickets_are_ignored() {
-        let cache: NotifiedCache<&str, u32> = NotifiedCache::new(None, 10);
+        let cache: NotifiedCache<&str, u32> = NotifiedCache::new("test", None, 10);
         let ticket = cache.get(&"a").unwrap_err();
         cache.insert(ticket, "a", 1);
         assert!(cache.get(&"a").is_err(), "not trusted: nothing cached");
@@ -115,13 +129,13 @@ mod tests {
 
     #[test]
     fn entries_expire_and_the_size_is_bounded() {
-        let cache: NotifiedCache<u32, u32> = NotifiedCache::new(Some(Duration::ZERO), 2);
+        let cache: NotifiedCache<u32, u32> = NotifiedCache::new("test", Some(Duration::ZERO), 2);
         cache.set_trusted(true);
         let t = cache.get(&1).unwrap_err();
         cache.insert(t, 1, 1);
         assert!(cache.get(&1).is_err(), "expired at once");
 
-        let cache: NotifiedCache<u32, u32> = NotifiedCache::new(None, 2);
+        let cache: NotifiedCache<u32, u32> = NotifiedCache::new("test", None, 2);
         cache.set_trusted(true);
         for k in 0..3 {
             let t = cache.get(&k).unwrap_err();

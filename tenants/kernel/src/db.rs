@@ -189,7 +189,7 @@ impl Db {
             let mut rows = TenantRows { conn: &mut conn, tenant_id: tenant.id, schema: tenant.schema };
             f(&mut rows).await
         };
-        finish(&mut conn, result).await
+        counted("rows", finish(&mut conn, result).await)
     }
 
     /// Runs `f` in a transaction scoped to one tenant's schema.
@@ -234,8 +234,16 @@ impl Db {
                 (Err(begin_failed), _) => Err(begin_failed.into()),
             }
         };
-        finish(&mut obj, result).await
+        counted("schema", finish(&mut obj, result).await)
     }
+}
+
+/// Counts a finished tenant transaction (`schema`: a [`TenantConn`];
+/// `rows`: a [`TenantRows`]) by whether it committed.
+fn counted<R, E>(kind: &'static str, result: Result<R, E>) -> Result<R, E> {
+    let outcome = if result.is_ok() { "commit" } else { "rollback" };
+    metrics::counter!("plinth_tenant_transactions_total", "kind" => kind, "outcome" => outcome).increment(1);
+    result
 }
 
 /// Commits on success, rolls back on error. A failed rollback leaves the

@@ -303,7 +303,9 @@ impl Mailer {
                     return Ok(());
                 }
                 let sent = match self.render(outbox_id, &row) {
-                    Ok(message) => self.send(message).await?,
+                    Ok(message) => self.send(message).await.inspect_err(|_| {
+                        metrics::counter!("plinth_mail_total", "outcome" => "error").increment(1);
+                    })?,
                     Err(err) => Sent::Rejected(format!("could not build the message: {err:#}")),
                 };
                 let (status, response) = match &sent {
@@ -321,6 +323,8 @@ impl Mailer {
                     ))
                     .execute(conn)
                     .await?;
+                let outcome = if matches!(sent, Sent::Accepted(_)) { "sent" } else { "rejected" };
+                metrics::counter!("plinth_mail_total", "outcome" => outcome).increment(1);
                 match sent {
                     Sent::Accepted(_) => {
                         tracing::info!(mail.id = %outbox_id, mail.template = row.template, "mail sent")
