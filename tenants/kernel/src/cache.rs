@@ -50,17 +50,16 @@ impl<K: Eq + Hash, V: Clone> NotifiedCache<K, V> {
             self.count("untrusted");
             return Err(Ticket(None));
         }
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        match state.entries.get(key) {
-            Some((value, at)) if self.ttl.is_none_or(|ttl| at.elapsed() < ttl) => {
-                self.count("hit");
-                Ok(value.clone())
+        let found = {
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            match state.entries.get(key) {
+                Some((value, at)) if self.ttl.is_none_or(|ttl| at.elapsed() < ttl) => Ok(value.clone()),
+                _ => Err(Ticket(Some(state.generation))),
             }
-            _ => {
-                self.count("miss");
-                Err(Ticket(Some(state.generation)))
-            }
-        }
+        };
+        // Counted once the lock is released.
+        self.count(if found.is_ok() { "hit" } else { "miss" });
+        found
     }
 
     fn count(&self, result: &'static str) {
