@@ -26,14 +26,29 @@ const BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 /// The process's recorder: installed once (the `metrics` facade has one
 /// global recorder), shared by every application built in the process.
+///
+/// The exporter keeps histogram samples until its upkeep folds them into
+/// buckets; a thread of its own runs that every 5 s, so memory stays bounded
+/// when nobody scrapes.
 fn recorder() -> anyhow::Result<PrometheusHandle> {
     static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     RECORDER
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
                 .and_then(PrometheusBuilder::install_recorder)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("plinth-metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .map_err(|e| format!("starting the metrics upkeep thread: {e}"))?;
+            Ok(handle)
         })
         .clone()
         .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))
