@@ -5,6 +5,7 @@
 pub mod background;
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod metrics;
 pub mod pg;
 pub mod projects;

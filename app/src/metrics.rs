@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use actix_web::{HttpRequest, HttpResponse, web};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use plinth_access::authn::bearer;
+use plinth_billing::error::BillingError;
 use plinth_http::ApiError;
 use plinth_identity::sessions::hash_token;
 use plinth_tenants::Db;
@@ -72,6 +73,11 @@ impl Metrics {
     pub fn new(token: Option<&str>, pools: Vec<Db>, listener: ListenerHealth) -> anyhow::Result<Arc<Self>> {
         let handle = recorder()?;
         metrics::gauge!("plinth_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        // Series without labels are reported from the start, at zero, so
+        // that `rate()` over them has a beginning and the alerts' queries
+        // find them before the first event.
+        metrics::counter!("plinth_rate_limited_total").increment(0);
+        let _ = metrics::histogram!("plinth_stripe_event_delay_seconds");
         Ok(Arc::new(Self {
             handle,
             token: token.map(hash_token),
@@ -81,8 +87,11 @@ impl Metrics {
         }))
     }
 
-    /// The scrape-time gauges: pools, the listener, the job queue.
+    /// The scrape-time gauges: readiness, pools, the listener, the job
+    /// queue, parked Stripe events.
     async fn refresh(&self, db: &Db) {
+        let ready = crate::health::readiness(db, &self.listener).await.is_ok();
+        metrics::gauge!("plinth_ready").set(if ready { 1.0 } else { 0.0 });
         let (mut max, mut open, mut idle, mut waiting) = (0, 0, 0, 0);
         for pool in &self.pools {
             let status = pool.status();
@@ -118,6 +127,13 @@ impl Metrics {
                 );
                 metrics::gauge!("plinth_jobs_stats_up").set(0.0);
             }
+        }
+        match db.platform(async |c| Ok::<_, BillingError>(plinth_billing::webhook::parked_count(c).await?)).await {
+            Ok(n) => metrics::gauge!("plinth_stripe_events_parked").set(n as f64),
+            Err(err) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::new(err)),
+                "counting parked Stripe events for metrics failed"
+            ),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix_web::dev::Server;
 use actix_web::middleware::{Condition, from_fn};
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use plinth_access::authn::Authenticate;
 use plinth_access::quota::Counters;
@@ -19,8 +19,8 @@ use plinth_identity::limits::RateLimits;
 use plinth_identity::links::MembershipRoles;
 use plinth_identity::password::Hashing;
 use plinth_identity::sessions::{self, ApiKeys, Authenticator, Sessions};
-use plinth_tenants::notify::{Listener, ListenerHealth};
-use plinth_tenants::{Db, DbConfig, migrate};
+use plinth_tenants::notify::Listener;
+use plinth_tenants::{Db, DbConfig};
 
 use crate::config::Settings;
 
@@ -135,7 +135,7 @@ impl Application {
                 .app_data(listener_health.clone())
                 .app_data(metrics.clone())
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
-                .configure(configure)
+                .configure(crate::health::configure)
                 .configure(crate::metrics::configure)
                 .configure(plinth_identity::accounts::configure)
                 .configure(plinth_identity::login::configure)
@@ -175,41 +175,5 @@ impl Application {
     /// A handle to stop the server from elsewhere (tests, signals).
     pub fn handle(&self) -> actix_web::dev::ServerHandle {
         self.server.handle()
-    }
-}
-
-fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health/live", web::get().to(live)).route("/health/ready", web::get().to(ready));
-}
-
-async fn live() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
-}
-
-/// How long the notification listener may be down before the instance
-/// says it is not ready: its reconnect backoff tops out at 5 s, so a
-/// database restart that the listener rides out stays ready.
-const LISTENER_DOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(8);
-
-/// Ready when the notification listener is connected (or has been down for
-/// less than [`LISTENER_DOWN_LIMIT`]: without it the instance still answers
-/// correctly, but its caches and the access engine stop trusting themselves
-/// and read the database for every request), the database answers within a
-/// second, and its
-/// platform schema is the one this binary was built for (no migration
-/// pending, none newer).
-async fn ready(db: web::Data<Db>, listener: web::Data<ListenerHealth>) -> Result<HttpResponse, ApiError> {
-    if let Some(down) = listener.down_for().filter(|d| *d > LISTENER_DOWN_LIMIT) {
-        return Err(ApiError::NotReady(format!(
-            "the notification listener has been disconnected for {} s",
-            down.as_secs()
-        )));
-    }
-    let check = db.platform(async |conn| Ok::<_, ApiError>(migrate::platform_schema_state(conn).await?));
-    match tokio::time::timeout(std::time::Duration::from_secs(1), check).await {
-        Ok(Ok(migrate::SchemaState::Current)) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))),
-        Ok(Ok(state)) => Err(ApiError::NotReady(state.to_string())),
-        Ok(Err(err)) => Err(ApiError::Unavailable(anyhow::anyhow!("database check failed: {err}"))),
-        Err(_) => Err(ApiError::Unavailable(anyhow::anyhow!("database check timed out"))),
     }
 }

@@ -241,6 +241,13 @@ pub async fn list_events(
     if parked { query.filter(stripe_events::status.eq("parked")).load(c).await } else { query.load(c).await }
 }
 
+/// How many stored events are parked (the `plinth_stripe_events_parked`
+/// gauge).
+pub async fn parked_count(c: &mut diesel_async::AsyncPgConnection) -> diesel::QueryResult<i64> {
+    use diesel::{ExpressionMethods as _, QueryDsl as _};
+    stripe_events::table.filter(stripe_events::status.eq("parked")).count().get_result(c).await
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
     #[error(transparent)]

@@ -1,0 +1,49 @@
+//! `GET /health/live` and `GET /health/ready`, and the readiness check that
+//! `/metrics` reports as `plinth_ready`.
+
+use std::time::Duration;
+
+use actix_web::{HttpResponse, web};
+use plinth_http::ApiError;
+use plinth_tenants::notify::ListenerHealth;
+use plinth_tenants::{Db, migrate};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health/live", web::get().to(live)).route("/health/ready", web::get().to(ready));
+}
+
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+/// How long the notification listener may be down before the instance
+/// says it is not ready: its reconnect backoff tops out at 5 s, so a
+/// database restart that the listener rides out stays ready.
+const LISTENER_DOWN_LIMIT: Duration = Duration::from_secs(8);
+
+/// Ready when the notification listener is connected (or has been down for
+/// less than [`LISTENER_DOWN_LIMIT`]: without it the instance still answers
+/// correctly, but its caches and the access engine stop trusting themselves
+/// and read the database for every request), the database answers within a
+/// second, and its platform schema is the one this binary was built for (no
+/// migration pending, none newer). The error says which.
+pub async fn readiness(db: &Db, listener: &ListenerHealth) -> Result<(), ApiError> {
+    if let Some(down) = listener.down_for().filter(|d| *d > LISTENER_DOWN_LIMIT) {
+        return Err(ApiError::NotReady(format!(
+            "the notification listener has been disconnected for {} s",
+            down.as_secs()
+        )));
+    }
+    let check = db.platform(async |conn| Ok::<_, ApiError>(migrate::platform_schema_state(conn).await?));
+    match tokio::time::timeout(Duration::from_secs(1), check).await {
+        Ok(Ok(migrate::SchemaState::Current)) => Ok(()),
+        Ok(Ok(state)) => Err(ApiError::NotReady(state.to_string())),
+        Ok(Err(err)) => Err(ApiError::Unavailable(anyhow::anyhow!("database check failed: {err}"))),
+        Err(_) => Err(ApiError::Unavailable(anyhow::anyhow!("database check timed out"))),
+    }
+}
+
+async fn ready(db: web::Data<Db>, listener: web::Data<ListenerHealth>) -> Result<HttpResponse, ApiError> {
+    readiness(&db, &listener).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+}
