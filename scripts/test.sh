@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs Plinth's whole test suite on a fresh machine: installs what the tests
-# need (PgBouncer), makes sure PostgreSQL is running, then runs cargo test.
+# need (PgBouncer, promtool), makes sure PostgreSQL is running, then runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,20 @@ if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq pgbouncer >/dev/null
 fi
+
+# promtool checks and tests the alert rules (deploy/prometheus). Only the
+# tool is taken from Debian's prometheus package, unpacked under target/,
+# so that installing it starts no Prometheus server.
+tools="$PWD/target/tools"
+if ! command -v promtool >/dev/null && [ ! -x "$tools/usr/bin/promtool" ]; then
+    echo "installing promtool (the alert rule tests need it)"
+    mkdir -p "$tools/deb"
+    as_root apt-get update -qq
+    (cd "$tools/deb" && apt-get download -qq prometheus)
+    dpkg-deb --fsys-tarfile "$tools"/deb/prometheus_*.deb | tar -x -C "$tools" ./usr/bin/promtool
+    rm -rf "$tools/deb"
+fi
+export PATH="$PATH:$tools/usr/bin"
 
 # With DATABASE_URL unset the tests use PostgreSQL on 127.0.0.1:5432, or start
 # a private cluster from the installed server binaries if nothing answers.

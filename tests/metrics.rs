@@ -48,6 +48,22 @@ fn value(samples: &[(Sample, f64)], name: &str, labels: &[(&str, &str)]) -> f64 
         .sum()
 }
 
+/// A file under `deploy/`.
+fn deploy(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file)
+}
+
+/// Every `plinth_*` metric name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for (at, _) in text.match_indices("plinth_") {
+        let name: String =
+            text[at..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        names.insert(name);
+    }
+    names
+}
+
 async fn scrape(app: &TestApp) -> TestResult<Vec<(Sample, f64)>> {
     let res = app.http.get(app.url("/metrics")).bearer_auth(TOKEN).send().await?;
     assert_eq!(res.status(), 200);
@@ -154,6 +170,17 @@ async fn metrics_need_their_token_move_with_the_work_and_name_nobody() -> TestRe
     assert!(value(&after, "plinth_db_pool_max_connections", &[]) > 0.0);
     assert_eq!(value(&after, "plinth_notify_listener_up", &[]), 1.0);
     assert_eq!(value(&after, "plinth_jobs_stats_up", &[]), 1.0);
+    assert_eq!(value(&after, "plinth_ready", &[]), 1.0);
+    // Every metric the alerts and the dashboard query is one Plinth reports.
+    for file in ["prometheus/alerts.yml", "grafana/plinth.json"] {
+        let text = std::fs::read_to_string(deploy(file))?;
+        for name in metric_names(&text) {
+            assert!(
+                after.iter().any(|((n, _), _)| *n == name),
+                "{file} queries {name}, which /metrics does not report"
+            );
+        }
+    }
 
     // Nobody in the labels: no id, address, slug or token, in any series.
     let token = app.token("acme").ok_or("no token")?;
@@ -170,5 +197,54 @@ async fn metrics_need_their_token_move_with_the_work_and_name_nobody() -> TestRe
             assert!(!named, "{name} has the label value {value:?}");
         }
     }
+    Ok(())
+}
+
+/// Runs promtool (installed by `scripts/test.sh`) in `deploy/prometheus`.
+fn promtool(args: &[&str]) -> TestResult<String> {
+    let out = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(deploy("prometheus"))
+        .output()
+        .map_err(|e| format!("running promtool (scripts/test.sh installs it): {e}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        return Err(format!("promtool {args:?} failed:\n{text}").into());
+    }
+    Ok(text)
+}
+
+#[test]
+fn alert_rules_pass_their_tests_and_dashboard_queries_parse() -> TestResult {
+    let checked = promtool(&["check", "rules", "alerts.yml"])?;
+    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
+    promtool(&["test", "rules", "alerts.test.yml"])?;
+    // Every alert has a test and a runbook.
+    let alerts = std::fs::read_to_string(deploy("prometheus/alerts.yml"))?;
+    let tests = std::fs::read_to_string(deploy("prometheus/alerts.test.yml"))?;
+    let runbooks = std::fs::read_to_string(deploy("../docs/operations.md"))?;
+    for name in alerts.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")) {
+        assert!(tests.contains(&format!("alertname: {name}")), "{name} has no promtool test");
+        assert!(runbooks.contains(&format!("### {name}\n")), "{name} has no runbook in docs/operations.md");
+    }
+    // The dashboard's queries, as recording rules, pass promtool's parser.
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(deploy("grafana/plinth.json"))?)?;
+    let panels = dashboard["panels"].as_array().ok_or("no panels")?;
+    let rules: Vec<serde_json::Value> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .enumerate()
+        .map(|(i, t)| {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            let expr = expr.replace("$__rate_interval", "5m").replace("$instance", ".*");
+            serde_json::json!({ "record": format!("dashboard:query_{i}"), "expr": expr })
+        })
+        .collect();
+    assert!(rules.len() >= 20, "{} queries", rules.len());
+    let dir = TempDir::new("dashboard")?;
+    let file = dir.path.join("dashboard.rules.json");
+    std::fs::write(&file, serde_json::json!({ "groups": [{ "name": "dashboard", "rules": rules }] }).to_string())?;
+    let file = file.to_str().ok_or("temp path")?;
+    promtool(&["check", "rules", file])?;
     Ok(())
 }
