@@ -12,7 +12,7 @@ pub const DEFAULT: &str = include_str!("../../../config/plans.toml");
 pub const FREE: &str = "free";
 
 /// A countable resource a plan may limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Quota {
     /// Projects in the tenant's schema.

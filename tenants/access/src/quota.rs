@@ -55,7 +55,7 @@ impl Quota {
 }
 
 /// How much of a quota a tenant uses; `max: None` is unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub used: i64,
     pub max: Option<u32>,

@@ -14,9 +14,11 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
 /// One invalid input field, reported in `error.details`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldError {
+    /// The field, as the request named it.
     pub field: String,
+    /// What is wrong with it (`required`, `too_long`, `invalid`, ...).
     pub code: &'static str,
     pub message: String,
 }

@@ -9,11 +9,14 @@
 //!   of every answer, the JSON body extractor
 //!   with size and time limits, field validation, cursor pagination, the
 //!   client address.
+//! - [`openapi`]: what every operation of the OpenAPI document shares (the
+//!   error answers, the bearer schemes, the tenant header, pagination).
 //! - [`ratelimit`]: in-process fixed-window limits keyed by hashed client
 //!   keys, bounded in memory.
 
 pub mod cors;
 pub mod error;
+pub mod openapi;
 pub mod ratelimit;
 pub mod request;
 

@@ -442,9 +442,11 @@ impl PageParams {
 }
 
 /// One page of a list: the items, and the cursor of the next page if any.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub data: Vec<T>,
+    /// The `cursor` of the next page; null on the last page.
+    #[schema(format = Uuid)]
     pub next_cursor: Option<String>,
 }
 

@@ -148,8 +148,9 @@ mod log {
 use log::audit_log;
 
 /// One stored entry, as the audit log route shows it.
-#[derive(Debug, Clone, serde::Serialize, diesel::Queryable, diesel::Selectable)]
+#[derive(Debug, Clone, serde::Serialize, diesel::Queryable, diesel::Selectable, utoipa::ToSchema)]
 #[diesel(table_name = audit_log)]
+#[schema(as = AuditEntry)]
 pub struct Stored {
     pub id: uuid::Uuid,
     pub at: chrono::DateTime<chrono::Utc>,

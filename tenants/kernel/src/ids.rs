@@ -5,6 +5,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+#[doc(hidden)]
+pub use utoipa; // For `uuid_id!` in other crates.
+
 /// Declares a typed UUID identifier usable in diesel queries and JSON.
 #[macro_export]
 macro_rules! uuid_id {
@@ -31,6 +34,18 @@ macro_rules! uuid_id {
                 Self::new()
             }
         }
+
+        impl $crate::ids::utoipa::PartialSchema for $name {
+            fn schema() -> $crate::ids::utoipa::openapi::RefOr<$crate::ids::utoipa::openapi::schema::Schema> {
+                use $crate::ids::utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)))
+                    .into()
+            }
+        }
+
+        impl $crate::ids::utoipa::ToSchema for $name {}
 
         impl ::std::fmt::Display for $name {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {

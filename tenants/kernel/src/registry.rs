@@ -14,7 +14,7 @@ use crate::migrate::{self, TENANT_MIGRATIONS};
 use crate::schema::{tenant_domains, tenants};
 
 /// Whether a tenant is served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TenantStatus {
     Active,
@@ -44,12 +44,16 @@ impl TenantStatus {
 }
 
 /// A tenant as the registry knows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Tenant {
     pub id: TenantId,
+    /// The tenant's URL name (see [`Slug`]).
+    #[schema(pattern = r"^[a-z][a-z0-9-]*$", min_length = 3, max_length = 40)]
     pub slug: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     #[serde(skip)]
+    #[schema(ignore)]
     pub schema: SchemaName,
     pub status: TenantStatus,
     pub plan: String,
