@@ -7,6 +7,7 @@ mod access;
 mod api_keys;
 mod audit;
 mod billing;
+mod contract;
 mod http_basics;
 mod identity;
 mod isolation;

@@ -5,18 +5,20 @@
 //! create-superuser`, kept by `plinth_access::grants`), separate from any
 //! tenant role. A signed-in user without it gets 403 on every route here.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpResponse, delete, get, post, put, web};
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncPgConnection;
 use plinth_access::Access;
 use plinth_access::{PlatformAllowed, requirements};
 use plinth_http::ApiError;
+use plinth_http::openapi::{ErrorEnvelope, Forbidden, NotFound, PageQuery};
 use plinth_http::request::{Json, Page, PageParams};
 use plinth_identity::members;
 use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::{Db, Tenant, TenantId, TenantStatus, registry};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
 
 requirements! {
     /// Every platform admin route.
@@ -25,15 +27,15 @@ requirements! {
 
 /// Mounted under one `/v1/admin` scope: other requests skip these routes
 /// with one prefix comparison instead of trying each pattern.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(
-        web::scope("/v1/admin")
-            .route("/tenants", web::get().to(list))
-            .route("/tenants/{id}", web::get().to(show))
-            .route("/tenants/{id}", web::delete().to(delete))
-            .route("/tenants/{id}/suspend", web::post().to(suspend))
-            .route("/tenants/{id}/reactivate", web::post().to(reactivate))
-            .route("/tenants/{id}/plan", web::put().to(set_plan)),
+        utoipa_actix_web::scope("/v1/admin")
+            .service(list)
+            .service(show)
+            .service(delete)
+            .service(suspend)
+            .service(reactivate)
+            .service(set_plan),
     );
 }
 
@@ -66,11 +68,13 @@ fn system_entry(actor: Actor, action: &'static str, tenant: TenantId, details: s
 }
 
 /// A tenant as platform admins see it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = PlatformTenant)]
 struct TenantRow {
     id: uuid::Uuid,
     slug: String,
     name: String,
+    #[schema(value_type = TenantStatus)]
     status: &'static str,
     plan: String,
     created_at: DateTime<Utc>,
@@ -95,7 +99,21 @@ async fn with_members(conn: &mut AsyncPgConnection, tenants: Vec<Tenant>) -> die
         .collect())
 }
 
+#[derive(Serialize, ToSchema)]
+struct OneTenant<T: ToSchema> {
+    tenant: T,
+}
+
 /// `GET /v1/admin/tenants`: every tenant, oldest first, paginated.
+#[utoipa::path(
+    operation_id = "admin_list_tenants",
+    tag = "platform",
+    summary = "Every tenant, oldest first (platform admins)",
+    params(PageQuery),
+    security(("session" = [])),
+    responses((status = 200, body = Page<TenantRow>), Forbidden),
+)]
+#[get("/tenants")]
 async fn list(
     _: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
@@ -116,6 +134,15 @@ fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
 }
 
 /// `GET /v1/admin/tenants/{id}`.
+#[utoipa::path(
+    operation_id = "admin_show_tenant",
+    tag = "platform",
+    summary = "One tenant (platform admins)",
+    params(("id" = uuid::Uuid, Path, description = "The tenant.")),
+    security(("session" = [])),
+    responses((status = 200, body = OneTenant<TenantRow>), Forbidden, NotFound),
+)]
+#[get("/tenants/{id}")]
 async fn show(
     _: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
@@ -129,9 +156,18 @@ async fn show(
         })
         .await?;
     let tenant = rows.into_iter().next().ok_or(ApiError::NotFound("tenant"))?;
-    Ok(HttpResponse::Ok().json(json!({ "tenant": tenant })))
+    Ok(HttpResponse::Ok().json(OneTenant { tenant }))
 }
 
+#[utoipa::path(
+    operation_id = "admin_suspend_tenant",
+    tag = "platform",
+    summary = "Suspends a tenant: its requests answer 403 `tenant_suspended`, its data is kept (platform admins)",
+    params(("id" = uuid::Uuid, Path, description = "The tenant.")),
+    security(("session" = [])),
+    responses((status = 200, body = OneTenant<Tenant>), Forbidden, NotFound),
+)]
+#[post("/tenants/{id}/suspend")]
 async fn suspend(
     admin: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
@@ -140,6 +176,15 @@ async fn suspend(
     status_route(admin, db, path, TenantStatus::Suspended).await
 }
 
+#[utoipa::path(
+    operation_id = "admin_reactivate_tenant",
+    tag = "platform",
+    summary = "Serves a suspended tenant again (platform admins)",
+    params(("id" = uuid::Uuid, Path, description = "The tenant.")),
+    security(("session" = [])),
+    responses((status = 200, body = OneTenant<Tenant>), Forbidden, NotFound),
+)]
+#[post("/tenants/{id}/reactivate")]
 async fn reactivate(
     admin: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
@@ -162,17 +207,33 @@ async fn status_route(
         .await?
         .ok_or(ApiError::NotFound("tenant"))?;
     tracing::info!(tenant.id = %tenant.id, status = tenant.status.as_str(), "tenant status changed by a platform admin");
-    Ok(HttpResponse::Ok().json(json!({ "tenant": tenant })))
+    Ok(HttpResponse::Ok().json(OneTenant { tenant }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PlanBody {
+    /// A plan of the catalog (`config/plans.toml`).
     plan: String,
 }
 
 /// `PUT /v1/admin/tenants/{id}/plan` {plan}: a manual override (billing
 /// moves plans by itself when Stripe says so).
+#[utoipa::path(
+    operation_id = "admin_set_plan",
+    tag = "platform",
+    summary = "Sets a tenant's plan by hand (platform admins; billing moves plans by itself)",
+    params(("id" = uuid::Uuid, Path, description = "The tenant.")),
+    security(("session" = [])),
+    request_body = PlanBody,
+    responses(
+        (status = 200, body = OneTenant<Tenant>),
+        (status = 400, description = "Error: invalid_request (no such plan).", body = ErrorEnvelope),
+        Forbidden,
+        NotFound,
+    ),
+)]
+#[put("/tenants/{id}/plan")]
 async fn set_plan(
     admin: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
@@ -194,11 +255,20 @@ async fn set_plan(
         .ok_or(ApiError::NotFound("tenant"))?
         .0;
     tracing::info!(tenant.id = %tenant.id, plan = tenant.plan, "tenant plan changed by a platform admin");
-    Ok(HttpResponse::Ok().json(json!({ "tenant": tenant })))
+    Ok(HttpResponse::Ok().json(OneTenant { tenant }))
 }
 
 /// `DELETE /v1/admin/tenants/{id}`: the tenant stops being served at once,
 /// then its schema is dropped.
+#[utoipa::path(
+    operation_id = "admin_delete_tenant",
+    tag = "platform",
+    summary = "Deletes a tenant: it stops being served at once, then its schema is dropped (platform admins)",
+    params(("id" = uuid::Uuid, Path, description = "The tenant.")),
+    security(("session" = [])),
+    responses((status = 204, description = "Deleted."), Forbidden, NotFound),
+)]
+#[delete("/tenants/{id}")]
 async fn delete(
     _: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,

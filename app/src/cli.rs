@@ -54,6 +54,8 @@ pub enum Command {
     /// Stripe events: list what is waiting, process one again.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// Print the OpenAPI document (as `GET /openapi.json` serves it), for client generators.
+    Openapi,
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,6 +156,10 @@ pub struct MigrateArgs {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Openapi = cli.command {
+        // Needs no settings and no database.
+        return print_openapi();
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     telemetry::init(settings.log_json);
     raise_file_limit();
@@ -264,7 +270,13 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
             admin_command(command, &db).await
         }
+        Command::Openapi => print_openapi(),
     }
+}
+
+fn print_openapi() -> anyhow::Result<ExitCode> {
+    println!("{}", crate::api::document().to_pretty_json()?);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// With `PLINTH_MIGRATE_ON_START=false`, `serve` migrates nothing: it only

@@ -3,17 +3,33 @@
 
 use std::time::Duration;
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpResponse, get, web};
 use plinth_http::ApiError;
 use plinth_tenants::notify::ListenerHealth;
 use plinth_tenants::{Db, migrate};
+use serde::Serialize;
+use utoipa::ToSchema;
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health/live", web::get().to(live)).route("/health/ready", web::get().to(ready));
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(live).service(ready);
 }
 
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// `ok` (live) or `ready`.
+    #[schema(example = "ready")]
+    status: &'static str,
+}
+
+/// The process answers: cheap, for restarts.
+#[utoipa::path(
+    operation_id = "health_live",
+    tag = "operations",
+    responses((status = 200, body = Health)),
+)]
+#[get("/health/live")]
 async fn live() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+    HttpResponse::Ok().json(Health { status: "ok" })
 }
 
 /// How long the notification listener may be down before the instance
@@ -43,7 +59,19 @@ pub async fn readiness(db: &Db, listener: &ListenerHealth) -> Result<(), ApiErro
     }
 }
 
+/// Ready to serve: for taking an instance in and out of a load balancer.
+#[utoipa::path(
+    operation_id = "health_ready",
+    tag = "operations",
+    responses(
+        (status = 200, body = Health),
+        (status = 503, description = "Error: unavailable, with the reason: the database does not answer, a \
+                                     migration is pending, or the notification listener is down.",
+         body = plinth_http::openapi::ErrorEnvelope),
+    ),
+)]
+#[get("/health/ready")]
 async fn ready(db: web::Data<Db>, listener: web::Data<ListenerHealth>) -> Result<HttpResponse, ApiError> {
     readiness(&db, &listener).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+    Ok(HttpResponse::Ok().json(Health { status: "ready" }))
 }

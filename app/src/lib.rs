@@ -2,6 +2,7 @@
 //! PostgreSQL, telemetry and metrics, the HTTP application, the CLI and the example
 //! product domain (projects and tasks).
 
+pub mod api;
 pub mod background;
 pub mod cli;
 pub mod config;

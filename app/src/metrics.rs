@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, get, web};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use plinth_access::authn::bearer;
 use plinth_billing::error::BillingError;
@@ -138,11 +138,19 @@ impl Metrics {
     }
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/metrics", web::get().to(scrape));
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(scrape);
 }
 
 /// `GET /metrics`.
+#[utoipa::path(
+    operation_id = "metrics",
+    tag = "operations",
+    summary = "Metrics in Prometheus' text format (docs/operations.md lists them)",
+    security((), ("metrics_token" = [])),
+    responses((status = 200, description = "Prometheus' text exposition format.", content_type = "text/plain")),
+)]
+#[get("/metrics")]
 async fn scrape(
     req: HttpRequest,
     metrics: web::Data<Arc<Metrics>>,

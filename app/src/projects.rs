@@ -4,16 +4,19 @@
 //! [`TenantConn`], so they cannot run against another tenant's schema, and
 //! handlers stay thin.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpResponse, delete, get, patch, post, web};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use plinth_access::Quota;
 use plinth_access::{Allowed, requirements};
 use plinth_http::ApiError;
+use plinth_http::openapi::{NotFound, PageQuery, PlanLimits, TenantHeader, text};
 use plinth_http::request::{Json, Page, PageParams, PageRequest, Validator};
 use plinth_tenants::{TenantConn, uuid_id};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa::openapi::schema::ObjectBuilder;
 
 /// Tenant tables, unqualified: they resolve through the tenant-scoped
 /// transaction's `search_path`.
@@ -54,55 +57,66 @@ uuid_id!(
     TaskId
 );
 
-#[derive(Debug, Clone, Serialize, Queryable, Selectable, Insertable)]
+#[derive(Debug, Clone, Serialize, Queryable, Selectable, Insertable, ToSchema)]
 #[diesel(table_name = projects)]
 pub struct Project {
     pub id: ProjectId,
+    #[schema(schema_with = project_name)]
     pub name: String,
+    #[schema(schema_with = project_description)]
     pub description: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, Queryable, Selectable, Insertable)]
+#[derive(Debug, Clone, Serialize, Queryable, Selectable, Insertable, ToSchema)]
 #[diesel(table_name = tasks)]
 pub struct Task {
     pub id: TaskId,
     pub project_id: ProjectId,
+    #[schema(schema_with = task_title)]
     pub title: String,
     pub done: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProject {
+    #[schema(schema_with = project_name)]
     pub name: String,
     #[serde(default)]
+    #[schema(schema_with = project_description)]
     pub description: String,
 }
 
-#[derive(Debug, Default, Deserialize, AsChangeset)]
+/// The fields to change; those left out keep their value.
+#[derive(Debug, Default, Deserialize, AsChangeset, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[diesel(table_name = projects)]
 pub struct ProjectChanges {
+    #[schema(schema_with = project_name)]
     pub name: Option<String>,
+    #[schema(schema_with = project_description)]
     pub description: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTask {
+    #[schema(schema_with = task_title)]
     pub title: String,
     #[serde(default)]
     pub done: bool,
 }
 
-#[derive(Debug, Default, Deserialize, AsChangeset)]
+/// The fields to change; those left out keep their value.
+#[derive(Debug, Default, Deserialize, AsChangeset, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[diesel(table_name = tasks)]
 pub struct TaskChanges {
+    #[schema(schema_with = task_title)]
     pub title: Option<String>,
     pub done: Option<bool>,
 }
@@ -110,6 +124,18 @@ pub struct TaskChanges {
 const NAME_MAX: usize = 200;
 const DESCRIPTION_MAX: usize = 10_000;
 const TITLE_MAX: usize = 500;
+
+fn project_name() -> ObjectBuilder {
+    text(1, NAME_MAX, false)
+}
+
+fn project_description() -> ObjectBuilder {
+    text(0, DESCRIPTION_MAX, true)
+}
+
+fn task_title() -> ObjectBuilder {
+    text(1, TITLE_MAX, false)
+}
 
 impl NewProject {
     fn validate(mut self) -> Result<Self, ApiError> {
@@ -299,33 +325,17 @@ requirements! {
     Export = "export", Manage, feature: "data_export";
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/export", web::get().to(export_route));
-    cfg.service(
-        web::resource("/v1/projects")
-            .get(list_projects_route)
-            .post(create_project_route)
-            .default_service(web::to(crate::routes::not_found)),
-    )
-    .service(
-        web::resource("/v1/projects/{id}")
-            .get(get_project_route)
-            .patch(update_project_route)
-            .delete(delete_project_route)
-            .default_service(web::to(crate::routes::not_found)),
-    )
-    .service(
-        web::resource("/v1/projects/{id}/tasks")
-            .get(list_tasks_route)
-            .post(create_task_route)
-            .default_service(web::to(crate::routes::not_found)),
-    )
-    .service(
-        web::resource("/v1/tasks/{id}")
-            .patch(update_task_route)
-            .delete(delete_task_route)
-            .default_service(web::to(crate::routes::not_found)),
-    );
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(export_route)
+        .service(list_projects_route)
+        .service(create_project_route)
+        .service(get_project_route)
+        .service(update_project_route)
+        .service(delete_project_route)
+        .service(list_tasks_route)
+        .service(create_task_route)
+        .service(update_task_route)
+        .service(delete_task_route);
 }
 
 /// An id in a path that does not parse names nothing: 404, like an unknown id.
@@ -333,13 +343,30 @@ fn parse_id<T: std::str::FromStr>(raw: &str, what: &'static str) -> Result<T, Ap
     raw.parse().map_err(|_| ApiError::NotFound(what))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ExportedProject {
     #[serde(flatten)]
     project: Project,
     tasks: Vec<Task>,
 }
 
+/// Everything the tenant's product data holds.
+#[derive(Serialize, ToSchema)]
+struct TenantExport {
+    /// The tenant's slug.
+    tenant: String,
+    projects: Vec<ExportedProject>,
+}
+
+/// Every project with its tasks (admins, on plans with `data_export`).
+#[utoipa::path(
+    operation_id = "export",
+    tag = "projects",
+    params(TenantHeader),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 200, body = TenantExport), PlanLimits),
+)]
+#[get("/v1/export")]
 async fn export_route(ctx: Allowed<Export>) -> Result<HttpResponse, ApiError> {
     let (projects, tasks) = ctx
         .tx(async |c| {
@@ -356,9 +383,18 @@ async fn export_route(ctx: Allowed<Export>) -> Result<HttpResponse, ApiError> {
         .into_iter()
         .map(|project| ExportedProject { tasks: by_project.remove(&project.id).unwrap_or_default(), project })
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "tenant": ctx.tenant.slug, "projects": projects })))
+    Ok(HttpResponse::Ok().json(TenantExport { tenant: ctx.tenant.slug.clone(), projects }))
 }
 
+/// The tenant's projects, oldest first.
+#[utoipa::path(
+    operation_id = "list_projects",
+    tag = "projects",
+    params(TenantHeader, PageQuery),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 200, body = Page<Project>)),
+)]
+#[get("/v1/projects")]
 async fn list_projects_route(
     ctx: Allowed<ReadProjects>,
     query: web::Query<PageParams>,
@@ -368,6 +404,16 @@ async fn list_projects_route(
     Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |p| p.id.0)))
 }
 
+/// Creates a project (members and up; counts against the plan's `projects` limit).
+#[utoipa::path(
+    operation_id = "create_project",
+    tag = "projects",
+    params(TenantHeader),
+    security(("session" = []), ("api_key" = [])),
+    request_body = NewProject,
+    responses((status = 201, body = Project), PlanLimits),
+)]
+#[post("/v1/projects")]
 async fn create_project_route(ctx: Allowed<WriteProjects>, body: Json<NewProject>) -> Result<HttpResponse, ApiError> {
     let new = body.0.validate()?;
     let project = ctx
@@ -379,12 +425,31 @@ async fn create_project_route(ctx: Allowed<WriteProjects>, body: Json<NewProject
     Ok(HttpResponse::Created().json(project))
 }
 
+/// One project.
+#[utoipa::path(
+    operation_id = "get_project",
+    tag = "projects",
+    params(TenantHeader, ("id" = ProjectId, Path, description = "The project.")),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 200, body = Project), NotFound),
+)]
+#[get("/v1/projects/{id}")]
 async fn get_project_route(ctx: Allowed<ReadProjects>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "project")?;
     let project = ctx.tx(async |c| Ok::<_, ApiError>(get_project(c, id).await?)).await?;
     Ok(HttpResponse::Ok().json(project.ok_or(ApiError::NotFound("project"))?))
 }
 
+/// Changes a project's name or description (members and up).
+#[utoipa::path(
+    operation_id = "update_project",
+    tag = "projects",
+    params(TenantHeader, ("id" = ProjectId, Path, description = "The project.")),
+    security(("session" = []), ("api_key" = [])),
+    request_body = ProjectChanges,
+    responses((status = 200, body = Project), NotFound),
+)]
+#[patch("/v1/projects/{id}")]
 async fn update_project_route(
     ctx: Allowed<WriteProjects>,
     path: web::Path<String>,
@@ -396,12 +461,30 @@ async fn update_project_route(
     Ok(HttpResponse::Ok().json(project.ok_or(ApiError::NotFound("project"))?))
 }
 
+/// Deletes a project and its tasks (admins and up).
+#[utoipa::path(
+    operation_id = "delete_project",
+    tag = "projects",
+    params(TenantHeader, ("id" = ProjectId, Path, description = "The project.")),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 204, description = "Deleted."), NotFound),
+)]
+#[delete("/v1/projects/{id}")]
 async fn delete_project_route(ctx: Allowed<DeleteProjects>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "project")?;
     let deleted = ctx.tx(async |c| Ok::<_, ApiError>(delete_project(c, id).await?)).await?;
     if deleted { Ok(HttpResponse::NoContent().finish()) } else { Err(ApiError::NotFound("project")) }
 }
 
+/// A project's tasks, oldest first.
+#[utoipa::path(
+    operation_id = "list_tasks",
+    tag = "projects",
+    params(TenantHeader, ("id" = ProjectId, Path, description = "The project."), PageQuery),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 200, body = Page<Task>), NotFound),
+)]
+#[get("/v1/projects/{id}/tasks")]
 async fn list_tasks_route(
     ctx: Allowed<ReadTasks>,
     path: web::Path<String>,
@@ -414,6 +497,16 @@ async fn list_tasks_route(
     Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |t| t.id.0)))
 }
 
+/// Adds a task to a project (members and up).
+#[utoipa::path(
+    operation_id = "create_task",
+    tag = "projects",
+    params(TenantHeader, ("id" = ProjectId, Path, description = "The project.")),
+    security(("session" = []), ("api_key" = [])),
+    request_body = NewTask,
+    responses((status = 201, body = Task), NotFound),
+)]
+#[post("/v1/projects/{id}/tasks")]
 async fn create_task_route(
     ctx: Allowed<WriteTasks>,
     path: web::Path<String>,
@@ -425,6 +518,16 @@ async fn create_task_route(
     Ok(HttpResponse::Created().json(task.ok_or(ApiError::NotFound("project"))?))
 }
 
+/// Changes a task's title or whether it is done (members and up).
+#[utoipa::path(
+    operation_id = "update_task",
+    tag = "tasks",
+    params(TenantHeader, ("id" = TaskId, Path, description = "The task.")),
+    security(("session" = []), ("api_key" = [])),
+    request_body = TaskChanges,
+    responses((status = 200, body = Task), NotFound),
+)]
+#[patch("/v1/tasks/{id}")]
 async fn update_task_route(
     ctx: Allowed<WriteTasks>,
     path: web::Path<String>,
@@ -436,6 +539,15 @@ async fn update_task_route(
     Ok(HttpResponse::Ok().json(task.ok_or(ApiError::NotFound("task"))?))
 }
 
+/// Deletes a task (admins and up).
+#[utoipa::path(
+    operation_id = "delete_task",
+    tag = "tasks",
+    params(TenantHeader, ("id" = TaskId, Path, description = "The task.")),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 204, description = "Deleted."), NotFound),
+)]
+#[delete("/v1/tasks/{id}")]
 async fn delete_task_route(ctx: Allowed<DeleteTasks>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "task")?;
     let deleted = ctx.tx(async |c| Ok::<_, ApiError>(delete_task(c, id).await?)).await?;

@@ -21,6 +21,7 @@ use plinth_identity::password::Hashing;
 use plinth_identity::sessions::{self, ApiKeys, Authenticator, Sessions};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::{Db, DbConfig};
+use utoipa_actix_web::AppExt as _;
 
 use crate::config::Settings;
 
@@ -102,6 +103,11 @@ impl Application {
         );
         let hsts = Hsts(settings.public_url.starts_with("https://"));
         let cors_origins = settings.cors_origins.clone();
+        let document = crate::api::document();
+        let route_table = web::Data::new(crate::routes::RouteTable::new(&document));
+        let document = web::Data::new(crate::api::Document(
+            serde_json::to_vec(&document).context("rendering the OpenAPI document")?.into(),
+        ));
         let next_pool = Arc::new(AtomicUsize::new(0));
         let server = HttpServer::new(move || {
             let db = pools[next_pool.fetch_add(1, Ordering::Relaxed) % pools.len()].clone();
@@ -135,19 +141,11 @@ impl Application {
                 .app_data(listener_health.clone())
                 .app_data(metrics.clone())
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
-                .configure(crate::health::configure)
-                .configure(crate::metrics::configure)
-                .configure(plinth_identity::accounts::configure)
-                .configure(plinth_identity::login::configure)
-                .configure(plinth_admin::tenant::configure)
-                .configure(plinth_admin::platform::configure)
-                .configure(plinth_identity::members::configure)
-                .configure(plinth_identity::api_keys::configure)
-                .configure(plinth_admin::audit_log::configure)
-                .configure(plinth_identity::totp::configure)
-                .configure(crate::projects::configure)
-                .configure(plinth_billing::webhook::configure)
-                .configure(plinth_billing::api::configure)
+                .app_data(route_table.clone())
+                .app_data(document.clone())
+                .into_utoipa_app()
+                .configure(crate::api::routes)
+                .into_app()
                 .default_service(web::to(crate::routes::not_found))
         })
         .workers(workers)

@@ -14,22 +14,23 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpResponse, get, post, web};
 use diesel::{
     ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
 };
 use diesel_async::RunQueryDsl;
 use plinth_access::Access;
 use plinth_access::{Allowed, requirements};
+use plinth_http::openapi::{ErrorEnvelope, TenantHeader};
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_tenants::{Db, Tenant, TenantId};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
 use stripe_checkout::checkout_session::{CreateCheckoutSession, CreateCheckoutSessionLineItems};
 use stripe_core::customer::CreateCustomer;
+use utoipa::ToSchema;
 
 use crate::config::StripeConfig;
 use crate::error::BillingError;
@@ -40,10 +41,8 @@ requirements! {
     ManageBilling = "billing", Manage, feature: none;
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/billing/checkout", web::post().to(checkout))
-        .route("/v1/billing/portal", web::post().to(portal))
-        .route("/v1/billing/subscription", web::get().to(subscription));
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(checkout).service(portal).service(subscription);
 }
 
 const FAILURES_TO_OPEN: u32 = 5;
@@ -217,14 +216,36 @@ fn stripe(data: Option<web::Data<Stripe>>) -> Result<web::Data<Stripe>, ApiError
     data.ok_or(ApiError::BillingNotConfigured)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CheckoutBody {
+    /// A plan of the catalog that has a Stripe price.
     plan: String,
+}
+
+/// A Stripe page to send the owner to.
+#[derive(Serialize, ToSchema)]
+struct Redirect {
+    /// An https URL on stripe.com.
+    url: String,
 }
 
 /// `POST /v1/billing/checkout` {plan} → {url}: a Checkout Session in
 /// subscription mode for the plan's price, for the tenant's customer.
+#[utoipa::path(
+    operation_id = "billing_checkout",
+    tag = "billing",
+    summary = "A Stripe Checkout page that subscribes the organization to a paid plan (owners)",
+    params(TenantHeader),
+    security(("session" = []), ("api_key" = [])),
+    request_body = CheckoutBody,
+    responses(
+        (status = 200, body = Redirect),
+        (status = 400, description = "Error: invalid_request (not a plan with a price).", body = ErrorEnvelope),
+        (status = 503, description = "Error: billing_not_configured (this server has no Stripe key), unavailable (Stripe or the database is failing).", body = ErrorEnvelope),
+    ),
+)]
+#[post("/v1/billing/checkout")]
 async fn checkout(
     ctx: Allowed<ManageBilling>,
     db: web::Data<Db>,
@@ -244,11 +265,20 @@ async fn checkout(
         )]));
     };
     let url = api.checkout_session(&db, &ctx.tenant, price).await?;
-    Ok(HttpResponse::Ok().json(json!({ "url": url })))
+    Ok(HttpResponse::Ok().json(Redirect { url }))
 }
 
 /// `POST /v1/billing/portal` → {url}: the Customer Portal for the tenant's
 /// customer.
+#[utoipa::path(
+    operation_id = "billing_portal",
+    tag = "billing",
+    summary = "A Stripe Customer Portal page for the organization's subscription and invoices (owners)",
+    params(TenantHeader),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 200, body = Redirect), (status = 503, description = "Error: billing_not_configured (this server has no Stripe key), unavailable (Stripe or the database is failing).", body = ErrorEnvelope)),
+)]
+#[post("/v1/billing/portal")]
 async fn portal(
     ctx: Allowed<ManageBilling>,
     db: web::Data<Db>,
@@ -256,7 +286,7 @@ async fn portal(
 ) -> Result<HttpResponse, ApiError> {
     let api = stripe(api)?;
     let url = api.portal_session(&db, &ctx.tenant).await?;
-    Ok(HttpResponse::Ok().json(json!({ "url": url })))
+    Ok(HttpResponse::Ok().json(Redirect { url }))
 }
 
 #[derive(Queryable, Selectable, serde::Serialize)]
@@ -270,8 +300,30 @@ struct SubscriptionView {
     cancel_at_period_end: bool,
 }
 
+/// The tenant's plan and its newest subscription.
+#[derive(Serialize, ToSchema)]
+struct Billing {
+    plan: String,
+    /// Stripe's status of the subscription (`active`, `past_due`, ...); null without one.
+    status: Option<String>,
+    trial_end: Option<chrono::DateTime<chrono::Utc>>,
+    current_period_end: Option<chrono::DateTime<chrono::Utc>>,
+    cancel_at_period_end: bool,
+    /// Stripe's subscription id.
+    subscription: Option<String>,
+}
+
 /// `GET /v1/billing/subscription`: the tenant's plan and its newest
 /// subscription as Stripe last reported it.
+#[utoipa::path(
+    operation_id = "billing_subscription",
+    tag = "billing",
+    summary = "The organization's plan and its subscription as Stripe last reported it (owners)",
+    params(TenantHeader),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 200, body = Billing)),
+)]
+#[get("/v1/billing/subscription")]
 async fn subscription(ctx: Allowed<ManageBilling>, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
     let tenant = ctx.tenant.id;
     let rows: Vec<SubscriptionView> = db
@@ -287,12 +339,12 @@ async fn subscription(ctx: Allowed<ManageBilling>, db: web::Data<Db>) -> Result<
         })
         .await?;
     let sub = rows.into_iter().next();
-    Ok(HttpResponse::Ok().json(json!({
-        "plan": ctx.plan().name,
-        "status": sub.as_ref().map(|s| s.status.clone()),
-        "trial_end": sub.as_ref().and_then(|s| s.trial_end),
-        "current_period_end": sub.as_ref().and_then(|s| s.current_period_end),
-        "cancel_at_period_end": sub.as_ref().is_some_and(|s| s.cancel_at_period_end),
-        "subscription": sub.map(|s| s.id),
-    })))
+    Ok(HttpResponse::Ok().json(Billing {
+        plan: ctx.plan().name.clone(),
+        status: sub.as_ref().map(|s| s.status.clone()),
+        trial_end: sub.as_ref().and_then(|s| s.trial_end),
+        current_period_end: sub.as_ref().and_then(|s| s.current_period_end),
+        cancel_at_period_end: sub.as_ref().is_some_and(|s| s.cancel_at_period_end),
+        subscription: sub.map(|s| s.id),
+    }))
 }

@@ -11,15 +11,16 @@
 //! and nothing is stored. Each stored event is processed by a job queued
 //! in the same transaction (see [`crate::process`]).
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, post, web};
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::ApiError;
 use plinth_jobs as jobs;
 use plinth_tenants::Db;
-use serde_json::json;
+use serde::Serialize;
 use stripe_webhook::{Webhook, WebhookError};
+use utoipa::ToSchema;
 
 use crate::config::StripeConfig;
 use crate::error::BillingError;
@@ -28,8 +29,8 @@ use crate::schema::stripe_events;
 /// Stripe sends events of up to a few hundred kilobytes.
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/webhooks/stripe", web::post().to(receive_route));
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(receive_route);
 }
 
 /// Whether a `Stripe-Signature` header has Stripe's shape: a `t=` of digits
@@ -256,6 +257,34 @@ pub enum ReceiveError {
     Store(#[from] BillingError),
 }
 
+/// Acknowledged: stored, or known already.
+#[derive(Serialize, ToSchema)]
+struct Acknowledged {
+    /// Always true.
+    received: bool,
+    /// The event's id.
+    id: String,
+    /// Whether it had been delivered before.
+    duplicate: bool,
+}
+
+/// A Stripe event: `POST /v1/webhooks/stripe`.
+#[utoipa::path(
+    operation_id = "receive_stripe_webhook",
+    tag = "billing",
+    summary = "Receives Stripe's webhook events",
+    description = "For Stripe only: the body is an event as Stripe sends it, signed in `Stripe-Signature` with the \
+                   endpoint's secret. A signed event is stored before it is acknowledged, so nothing is lost; \
+                   a delivery again is acknowledged as a duplicate.",
+    params(("Stripe-Signature" = String, Header, description = "`t=<unix time>,v1=<HMAC-SHA256 hex>`, as Stripe signs.")),
+    request_body(content = Object, content_type = "application/json", description = "A Stripe event."),
+    responses(
+        (status = 200, body = Acknowledged),
+        (status = 400, description = "Error: invalid_request (no or a wrong signature, too old, not an event).", body = plinth_http::openapi::ErrorEnvelope),
+        (status = 503, description = "Error: billing_not_configured (no webhook secret), unavailable.", body = plinth_http::openapi::ErrorEnvelope),
+    ),
+)]
+#[post("/v1/webhooks/stripe")]
 async fn receive_route(
     req: HttpRequest,
     mut payload: web::Payload,
@@ -296,7 +325,7 @@ async fn receive_route(
                 }
             };
             metrics::counter!("plinth_stripe_webhooks_total", "outcome" => outcome).increment(1);
-            Ok(HttpResponse::Ok().json(json!({ "received": true, "id": id, "duplicate": duplicate })))
+            Ok(HttpResponse::Ok().json(Acknowledged { received: true, id: id.clone(), duplicate }))
         }
         Err(ReceiveError::Refused(why)) => {
             tracing::info!(reason = %why, "Stripe webhook refused");

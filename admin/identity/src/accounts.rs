@@ -5,17 +5,20 @@
 //! from a membership with a role.
 
 use crate::sessions::{self, Authenticated};
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, get, post, web};
+use chrono::{DateTime, Utc};
 use diesel::sql_types::Uuid as SqlUuid;
 use diesel::{ExpressionMethods as _, NullableExpressionMethods as _, QueryDsl as _, SelectableHelper as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_http::openapi::RateLimited;
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
 use plinth_tenants::registry;
+use plinth_tenants::registry::TenantStatus;
 use plinth_tenants::{Db, Slug, Tenant, TenantId, UserId};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::config::{IdentityConfig, config};
 use crate::error::IdentityError;
@@ -25,14 +28,14 @@ use crate::schema::{memberships, users};
 use crate::tokens::{self, issue_token, redeem_token};
 use crate::users::{User, insert_user};
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/signup", web::post().to(signup))
-        .route("/v1/tenants", web::post().to(create_tenant))
-        .route("/v1/auth/logout", web::post().to(logout))
-        .route("/v1/auth/verify-email", web::post().to(verify_email))
-        .route("/v1/auth/password-reset", web::post().to(request_password_reset))
-        .route("/v1/auth/password-reset/confirm", web::post().to(confirm_password_reset))
-        .route("/v1/me", web::get().to(me));
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(signup)
+        .service(create_tenant)
+        .service(logout)
+        .service(verify_email)
+        .service(request_password_reset)
+        .service(confirm_password_reset)
+        .service(me);
 }
 
 async fn add_member(
@@ -54,13 +57,29 @@ async fn provision(conn: &mut AsyncPgConnection, slug: &Slug, organization: &str
     Ok(registry::provision(conn, slug, organization).await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SignupBody {
+    #[schema(schema_with = crate::openapi::email)]
     email: String,
+    #[schema(schema_with = crate::openapi::new_password)]
     password: String,
+    /// The organization's display name.
+    #[schema(schema_with = crate::openapi::organization)]
     organization: String,
+    /// The organization's URL name, unique on the platform.
+    #[schema(schema_with = crate::openapi::slug)]
     slug: String,
+}
+
+/// A new account signed in, with its organization.
+#[derive(Serialize, ToSchema)]
+struct SignedUp {
+    tenant: Tenant,
+    user: User,
+    /// A session token: `Authorization: Bearer <token>`.
+    token: String,
+    expires_at: DateTime<Utc>,
 }
 
 /// Checks every field at once, so the client hears about all problems.
@@ -84,6 +103,16 @@ fn check_signup(body: &SignupBody) -> Result<(EmailAddress, Slug), ApiError> {
 
 /// `POST /v1/signup`: the user, the tenant (schema provisioned), the owner
 /// membership, a session and the verification mail, in one transaction.
+#[utoipa::path(
+    tag = "accounts",
+    summary = "Signs up: an account, its organization, and a session",
+    description = "Creates the account, the organization (its schema provisioned) with the account as its owner, \
+                   a session, and mails a verification link, all or nothing. 409 when the address has an account \
+                   or the slug is taken.",
+    request_body = SignupBody,
+    responses((status = 201, body = SignedUp), (status = 409, description = "Error: conflict (the address has an account, or the slug is taken).", body = plinth_http::openapi::ErrorEnvelope), RateLimited),
+)]
+#[post("/v1/signup")]
 async fn signup(
     req: HttpRequest,
     db: web::Data<Db>,
@@ -116,24 +145,43 @@ async fn signup(
         })
         .await?;
     tracing::info!(tenant.slug = %tenant.slug, user.id = %user.id, "signed up");
-    Ok(HttpResponse::Created().json(json!({
-        "tenant": tenant,
-        "user": user,
-        "token": token,
-        "expires_at": session.expires_at,
-    })))
+    Ok(HttpResponse::Created().json(SignedUp { tenant, user, token, expires_at: session.expires_at }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewTenantBody {
+    #[schema(schema_with = crate::openapi::organization)]
     organization: String,
+    #[schema(schema_with = crate::openapi::slug)]
     slug: String,
+}
+
+/// The new organization and the caller's role in it.
+#[derive(Serialize, ToSchema)]
+struct CreatedTenant {
+    tenant: Tenant,
+    /// Always `owner`.
+    #[schema(value_type = String, example = "owner")]
+    role: &'static str,
 }
 
 /// `POST /v1/tenants`: a signed-in user creates another organization and
 /// becomes its owner: at most `organizations_per_user` an hour, and at most
 /// `max_organizations_per_user` owned at once (403 past it).
+#[utoipa::path(
+    tag = "accounts",
+    summary = "Creates another organization, owned by the caller",
+    security(("session" = [])),
+    request_body = NewTenantBody,
+    responses(
+        (status = 201, body = CreatedTenant),
+        (status = 403, description = "Error: forbidden (the caller owns as many organizations as allowed).", body = plinth_http::openapi::ErrorEnvelope),
+        (status = 409, description = "Error: conflict (the slug is taken).", body = plinth_http::openapi::ErrorEnvelope),
+        RateLimited,
+    ),
+)]
+#[post("/v1/tenants")]
 async fn create_tenant(
     db: web::Data<Db>,
     cfg: Option<web::Data<IdentityConfig>>,
@@ -174,16 +222,56 @@ async fn create_tenant(
             Ok::<_, ApiError>(tenant)
         })
         .await?;
-    Ok(HttpResponse::Created().json(json!({ "tenant": tenant, "role": "owner" })))
+    Ok(HttpResponse::Created().json(CreatedTenant { tenant, role: "owner" }))
 }
 
 /// `POST /v1/auth/logout`: revokes the caller's session everywhere.
+#[utoipa::path(
+    tag = "accounts",
+    summary = "Signs out: the session ends on every instance",
+    security(("session" = [])),
+    responses((status = 204, description = "Signed out.")),
+)]
+#[post("/v1/auth/logout")]
 async fn logout(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
     db.platform(async |c| Ok::<_, ApiError>(sessions::revoke_session(c, who.0.session_id).await?)).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// A tenant the caller belongs to, as `GET /v1/me` lists it.
+#[derive(Serialize, ToSchema)]
+struct MemberOf {
+    id: TenantId,
+    #[schema(schema_with = crate::openapi::slug)]
+    slug: String,
+    name: String,
+    status: TenantStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Membership {
+    tenant: MemberOf,
+    #[schema(value_type = plinth_access::Role)]
+    role: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Me {
+    user: User,
+    /// Whether sign-in asks for a one-time code.
+    totp_enabled: bool,
+    /// The organizations the caller belongs to (not those being deleted).
+    memberships: Vec<Membership>,
+}
+
 /// `GET /v1/me`: the caller and their memberships.
+#[utoipa::path(
+    tag = "accounts",
+    summary = "The signed-in user and their organizations",
+    security(("session" = [])),
+    responses((status = 200, body = Me)),
+)]
+#[get("/v1/me")]
 async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
     let user_id = who.0.user_id.0;
     let (user, memberships) = db
@@ -197,8 +285,7 @@ async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiEr
                 .into_iter()
                 .map(|t| {
                     let role = roles.get(&t.id).cloned().unwrap_or_default();
-                    let tenant = json!({ "id": t.id, "slug": t.slug, "name": t.name, "status": t.status.as_str() });
-                    json!({ "tenant": tenant, "role": role })
+                    Membership { tenant: MemberOf { id: t.id, slug: t.slug, name: t.name, status: t.status }, role }
                 })
                 .collect();
             Ok::<_, ApiError>((user, memberships))
@@ -207,16 +294,35 @@ async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiEr
     let totp_enabled = db
         .platform(async |c| Ok::<_, ApiError>(crate::totp::state(c, user_id, false).await?.totp_secret.is_some()))
         .await?;
-    Ok(HttpResponse::Ok().json(json!({ "user": user, "totp_enabled": totp_enabled, "memberships": memberships })))
+    Ok(HttpResponse::Ok().json(Me { user, totp_enabled, memberships }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenBody {
+    /// The token from the verification mail.
+    #[schema(schema_with = crate::openapi::mail_token)]
     token: String,
 }
 
+#[derive(Serialize, ToSchema)]
+struct EmailVerified {
+    /// Always true.
+    email_verified: bool,
+}
+
 /// `POST /v1/auth/verify-email`: redeems the token from the verification mail.
+#[utoipa::path(
+    tag = "accounts",
+    summary = "Proves an email address with the token from the verification mail",
+    request_body = TokenBody,
+    responses(
+        (status = 200, body = EmailVerified),
+        (status = 400, description = "Error: invalid_request (the token is unknown, used or expired).", body = plinth_http::openapi::ErrorEnvelope),
+        RateLimited,
+    ),
+)]
+#[post("/v1/auth/verify-email")]
 async fn verify_email(
     req: HttpRequest,
     db: web::Data<Db>,
@@ -238,17 +344,29 @@ async fn verify_email(
         Ok::<_, ApiError>(())
     })
     .await?;
-    Ok(HttpResponse::Ok().json(json!({ "email_verified": true })))
+    Ok(HttpResponse::Ok().json(EmailVerified { email_verified: true }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResetBody {
+    /// Any text: an address without an account gets the same answer.
     email: String,
 }
 
+/// Nothing: the same answer whether or not the address has an account.
+#[derive(Serialize, ToSchema)]
+struct Accepted {}
+
 /// `POST /v1/auth/password-reset`: always 202, whether or not the address
 /// has an account; if it has, a single-use link goes out by mail.
+#[utoipa::path(
+    tag = "accounts",
+    summary = "Mails a password-reset link, if the address has an account",
+    request_body = ResetBody,
+    responses((status = 202, body = Accepted), RateLimited),
+)]
+#[post("/v1/auth/password-reset")]
 async fn request_password_reset(
     req: HttpRequest,
     db: web::Data<Db>,
@@ -271,7 +389,7 @@ async fn request_password_reset(
             }
         });
     }
-    Ok(HttpResponse::Accepted().json(json!({})))
+    Ok(HttpResponse::Accepted().json(Accepted {}))
 }
 
 /// Queues a reset link if `email` has an account.
@@ -290,15 +408,35 @@ async fn send_password_reset(db: &Db, cfg: &IdentityConfig, email: EmailAddress)
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ConfirmBody {
+    /// The token from the reset mail.
+    #[schema(schema_with = crate::openapi::mail_token)]
     token: String,
+    #[schema(schema_with = crate::openapi::new_password)]
     password: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct PasswordChanged {
+    /// Always true.
+    password_changed: bool,
 }
 
 /// `POST /v1/auth/password-reset/confirm`: sets the new password, uses up
 /// the token and revokes every session of the account.
+#[utoipa::path(
+    tag = "accounts",
+    summary = "Sets a new password with the token from the reset mail; every session of the account ends",
+    request_body = ConfirmBody,
+    responses(
+        (status = 200, body = PasswordChanged),
+        (status = 400, description = "Error: invalid_request (the token is unknown, used or expired, or the password is not allowed).", body = plinth_http::openapi::ErrorEnvelope),
+        RateLimited,
+    ),
+)]
+#[post("/v1/auth/password-reset/confirm")]
 async fn confirm_password_reset(
     req: HttpRequest,
     db: web::Data<Db>,
@@ -334,7 +472,7 @@ async fn confirm_password_reset(
         })
         .await?;
     tracing::info!(sessions.revoked = revoked, "password reset");
-    Ok(HttpResponse::Ok().json(json!({ "password_changed": true })))
+    Ok(HttpResponse::Ok().json(PasswordChanged { password_changed: true }))
 }
 
 diesel::define_sql_function! {

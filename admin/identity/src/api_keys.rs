@@ -9,7 +9,7 @@
 
 use crate::error::IdentityError;
 use crate::sessions;
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpResponse, delete, get, post, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Nullable, Text, Uuid as SqlUuid};
@@ -24,44 +24,86 @@ use plinth_tenants::TenantId;
 use crate::schema::api_keys;
 use plinth_access::Role;
 use plinth_access::{Allowed, Principal, TenantContext, requirements};
+use plinth_http::openapi::{NotFound, PlanLimits, TenantHeader, text};
 use plinth_http::request::{Json, Validator};
 use plinth_http::{ApiError, FieldError};
 use plinth_tenants::TenantRows;
 use plinth_tenants::audit::{self, Entry};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 
 requirements! {
     /// Creating, listing and revoking keys: admins, on plans with `api_keys`.
     ManageApiKeys = "api_keys", Manage, feature: "api_keys";
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/api-keys", web::get().to(list))
-        .route("/v1/api-keys", web::post().to(create))
-        .route("/v1/api-keys/{id}", web::delete().to(revoke));
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(list).service(create).service(revoke);
 }
 
-#[derive(Serialize, QueryableByName, Queryable, Selectable)]
+const NAME_MAX: usize = 100;
+
+fn key_name() -> ObjectBuilder {
+    text(1, NAME_MAX, false)
+}
+
+/// A key's role: never owner.
+fn key_role() -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["admin", "member", "viewer"]))
+}
+
+#[derive(Serialize, QueryableByName, Queryable, Selectable, ToSchema)]
 #[diesel(table_name = api_keys)]
+#[schema(as = ApiKey)]
 struct KeyRow {
     id: uuid::Uuid,
+    #[schema(schema_with = key_name)]
     name: String,
+    #[schema(schema_with = key_role)]
     role: String,
+    /// The key's first characters, to tell keys apart.
     prefix: String,
     created_at: DateTime<Utc>,
     last_used_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewKey {
+    #[schema(schema_with = key_name)]
     name: String,
+    /// At most the creator's own role.
+    #[schema(schema_with = key_role)]
     role: String,
 }
 
+#[derive(Serialize, ToSchema)]
+struct CreatedKey {
+    api_key: KeyRow,
+    /// The key itself, shown this once: `Authorization: Bearer <key>`.
+    key: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ApiKeys {
+    /// The live keys, oldest first.
+    data: Vec<KeyRow>,
+}
+
+#[utoipa::path(
+    operation_id = "create_api_key",
+    tag = "api keys",
+    summary = "Creates an API key for this organization (admins, on plans with `api_keys`)",
+    params(TenantHeader),
+    security(("session" = []), ("api_key" = [])),
+    request_body = NewKey,
+    responses((status = 201, body = CreatedKey), PlanLimits),
+)]
+#[post("/v1/api-keys")]
 async fn create(ctx: Allowed<ManageApiKeys>, body: Json<NewKey>) -> Result<HttpResponse, ApiError> {
-    Validator::default().text("name", &body.0.name, 1, 100, false).finish()?;
+    Validator::default().text("name", &body.0.name, 1, NAME_MAX, false).finish()?;
     let role = match Role::parse(&body.0.role) {
         Some(role) if role != Role::Owner => role,
         _ => {
@@ -86,7 +128,7 @@ async fn create(ctx: Allowed<ManageApiKeys>, body: Json<NewKey>) -> Result<HttpR
     let new = NewKeyRow { name, role, prefix, hash, creator, minted_by };
     let row = ctx.rows(async |rows| create_key(rows, &ctx, new, entry).await).await?;
     tracing::info!(api_key.id = %row.id, role = role.as_str(), "API key created");
-    Ok(HttpResponse::Created().json(json!({ "api_key": row, "key": key })))
+    Ok(HttpResponse::Created().json(CreatedKey { api_key: row, key }))
 }
 
 /// A key to store: its name, role, the visible prefix and hash of its secret,
@@ -148,9 +190,18 @@ async fn create_key(
     Ok(row)
 }
 
+#[utoipa::path(
+    operation_id = "list_api_keys",
+    tag = "api keys",
+    summary = "The organization's live API keys (admins, on plans with `api_keys`)",
+    params(TenantHeader),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 200, body = ApiKeys), PlanLimits),
+)]
+#[get("/v1/api-keys")]
 async fn list(ctx: Allowed<ManageApiKeys>) -> Result<HttpResponse, ApiError> {
     let keys = ctx.rows(async |rows| Ok::<_, ApiError>(live_keys(rows).await?)).await?;
-    Ok(HttpResponse::Ok().json(json!({ "data": keys })))
+    Ok(HttpResponse::Ok().json(ApiKeys { data: keys }))
 }
 
 /// The tenant's live (unrevoked) API keys, oldest first.
@@ -180,6 +231,15 @@ async fn revoke_key(rows: &mut TenantRows<'_>, id: uuid::Uuid) -> diesel::QueryR
     Ok(revoked == 1)
 }
 
+#[utoipa::path(
+    operation_id = "revoke_api_key",
+    tag = "api keys",
+    summary = "Revokes an API key; it stops working everywhere within a second",
+    params(TenantHeader, ("id" = uuid::Uuid, Path, description = "The key.")),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 204, description = "Revoked."), NotFound, PlanLimits),
+)]
+#[delete("/v1/api-keys/{id}")]
 async fn revoke(ctx: Allowed<ManageApiKeys>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = uuid::Uuid::parse_str(&path).map_err(|_| ApiError::NotFound("API key"))?;
     let entry = ctx.audit_entry("api_key.revoked").target("api_key", id);

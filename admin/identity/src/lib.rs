@@ -34,6 +34,7 @@ pub mod links;
 pub mod login;
 pub mod mail;
 pub mod members;
+pub mod openapi;
 pub mod password;
 pub mod schema;
 pub mod sessions;

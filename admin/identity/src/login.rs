@@ -11,7 +11,7 @@
 //! with the right password (and second factor); a wrong guess from there
 //! answers 429 as well.
 
-use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, post, web};
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Nullable, Text, Uuid as SqlUuid};
 use diesel::{
@@ -19,13 +19,14 @@ use diesel::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::ApiError;
+use plinth_http::openapi::{ErrorEnvelope, RateLimited};
 use plinth_http::ratelimit;
 use plinth_http::request::{Json, RequestId};
 use plinth_mail::EmailAddress;
 use plinth_tenants::audit::{self, Actor, Entry};
 use plinth_tenants::{Db, TenantId, UserId, registry};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::config::{IdentityConfig, config};
 use crate::error::IdentityError;
@@ -35,13 +36,25 @@ use crate::schema::users;
 use crate::sessions::{self, SessionInfo};
 use crate::users::User;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginBody {
+    /// Any text: a malformed address is refused like a wrong password.
     email: String,
+    #[schema(schema_with = crate::openapi::password)]
     password: String,
-    /// With two-factor login on: a current code or a recovery code.
+    /// With two-factor sign-in on: a current code or a recovery code.
+    #[schema(nullable = false)]
     totp_code: Option<String>,
+}
+
+/// A session.
+#[derive(Serialize, ToSchema)]
+struct LoggedIn {
+    /// The session token: `Authorization: Bearer <token>`.
+    token: String,
+    expires_at: DateTime<Utc>,
+    user: User,
 }
 
 #[derive(Queryable, Selectable)]
@@ -53,10 +66,22 @@ struct Credentials {
     email_verified_at: Option<DateTime<Utc>>,
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/auth/login", web::post().to(login));
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(login);
 }
 
+#[utoipa::path(
+    tag = "accounts",
+    summary = "Signs in with email and password (and a one-time code when two-factor sign-in is on)",
+    request_body = LoginBody,
+    responses(
+        (status = 200, body = LoggedIn),
+        (status = 401, description = "Error: invalid_credentials (a wrong address, password or code, all alike), \
+                                     totp_required (the right password; now the one-time code).", body = ErrorEnvelope),
+        RateLimited,
+    ),
+)]
+#[post("/v1/auth/login")]
 async fn login(
     req: HttpRequest,
     db: web::Data<Db>,
@@ -96,11 +121,11 @@ async fn login(
     };
     budget.give_back(());
     tracing::info!(user.id = %user.id, "logged in");
-    Ok(HttpResponse::Ok().json(json!({
-        "token": token,
-        "expires_at": session.expires_at,
-        "user": User { id: user.id, email: user.email, email_verified_at: user.email_verified_at },
-    })))
+    Ok(HttpResponse::Ok().json(LoggedIn {
+        token,
+        expires_at: session.expires_at,
+        user: User { id: user.id, email: user.email, email_verified_at: user.email_verified_at },
+    }))
 }
 
 /// The failed-login limits one attempt has reserved: per client address,

@@ -7,7 +7,7 @@
 //! member's session stops opening the tenant at once.
 
 use crate::sessions::{self, Authenticated};
-use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, delete, get, patch, post, web};
 use chrono::{DateTime, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{Bytea, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
@@ -20,6 +20,7 @@ use plinth_access::{Access, Quota, quota};
 
 use crate::schema::{invitations, memberships, users};
 use plinth_access::{Allowed, TenantContext, requirements};
+use plinth_http::openapi::{ErrorEnvelope, NotFound, PlanLimits, RateLimited, TenantHeader};
 use plinth_http::request::{Json, RequestId};
 use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
@@ -28,6 +29,7 @@ use plinth_tenants::registry;
 use plinth_tenants::{Db, TenantId, TenantRows, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
 
 use crate::config::{IdentityConfig, config};
 use crate::error::IdentityError;
@@ -44,12 +46,8 @@ requirements! {
     Leave = "members", Read, feature: none;
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/members", web::get().to(list))
-        .route("/v1/members/{user_id}", web::patch().to(change_role))
-        .route("/v1/members/{user_id}", web::delete().to(remove))
-        .route("/v1/invitations", web::post().to(invite))
-        .route("/v1/invitations/accept", web::post().to(accept));
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(list).service(change_role).service(remove).service(send_invite).service(accept);
 }
 
 /// An owner of a tenant, for mail about the organization.
@@ -105,18 +103,36 @@ fn parse_role(field: &str, role: &str) -> Result<Role, ApiError> {
     })
 }
 
-#[derive(Serialize, Queryable)]
+#[derive(Serialize, Queryable, ToSchema)]
+#[schema(as = Member)]
 struct MemberRow {
     user_id: uuid::Uuid,
+    #[schema(schema_with = crate::openapi::email)]
     email: String,
+    #[schema(value_type = Role)]
     role: String,
     joined_at: DateTime<Utc>,
 }
 
+#[derive(Serialize, ToSchema)]
+struct Members {
+    /// Every member, in the order they joined.
+    data: Vec<MemberRow>,
+}
+
 /// `GET /v1/members` (admins).
+#[utoipa::path(
+    operation_id = "list_members",
+    tag = "members",
+    summary = "The organization's members (admins and owners)",
+    params(TenantHeader),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 200, body = Members)),
+)]
+#[get("/v1/members")]
 async fn list(ctx: Allowed<ManageMembers>) -> Result<HttpResponse, ApiError> {
     let members = ctx.rows(async |rows| Ok::<_, ApiError>(members_of(rows).await?)).await?;
-    Ok(HttpResponse::Ok().json(json!({ "data": members })))
+    Ok(HttpResponse::Ok().json(Members { data: members }))
 }
 
 /// The tenant's members, in the order they joined.
@@ -152,13 +168,34 @@ fn target(path: &str) -> Result<uuid::Uuid, ApiError> {
     uuid::Uuid::parse_str(path).map_err(|_| ApiError::NotFound("member"))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RoleBody {
+    #[schema(value_type = Role)]
     role: String,
 }
 
+#[derive(Serialize, ToSchema)]
+struct MemberRole {
+    user_id: uuid::Uuid,
+    role: Role,
+}
+
 /// `PATCH /v1/members/{user_id}` {role}.
+#[utoipa::path(
+    operation_id = "change_member_role",
+    tag = "members",
+    summary = "Changes a member's role (admins; only owners grant or take the owner role)",
+    params(TenantHeader, ("user_id" = uuid::Uuid, Path, description = "The member.")),
+    security(("session" = []), ("api_key" = [])),
+    request_body = RoleBody,
+    responses(
+        (status = 200, body = MemberRole),
+        NotFound,
+        (status = 409, description = "Error: conflict (the last owner cannot be demoted).", body = ErrorEnvelope),
+    ),
+)]
+#[patch("/v1/members/{user_id}")]
 async fn change_role(
     ctx: Allowed<ManageMembers>,
     path: web::Path<String>,
@@ -187,10 +224,23 @@ async fn change_role(
     })
     .await?;
     tracing::info!(member.id = %user, role = new_role.as_str(), "member role changed");
-    Ok(HttpResponse::Ok().json(json!({ "user_id": user, "role": new_role })))
+    Ok(HttpResponse::Ok().json(MemberRole { user_id: user, role: new_role }))
 }
 
 /// `DELETE /v1/members/{user_id}`: the member loses access at once.
+#[utoipa::path(
+    operation_id = "remove_member",
+    tag = "members",
+    summary = "Removes a member, who loses access at once (admins; anyone may remove themselves)",
+    params(TenantHeader, ("user_id" = uuid::Uuid, Path, description = "The member.")),
+    security(("session" = []), ("api_key" = [])),
+    responses(
+        (status = 204, description = "Removed."),
+        NotFound,
+        (status = 409, description = "Error: conflict (the last owner cannot be removed).", body = ErrorEnvelope),
+    ),
+)]
+#[delete("/v1/members/{user_id}")]
 async fn remove(ctx: Allowed<Leave>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let user = target(&path)?;
     // Anyone may leave; removing someone else takes an admin.
@@ -219,11 +269,28 @@ async fn remove(ctx: Allowed<Leave>, path: web::Path<String>) -> Result<HttpResp
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct InviteBody {
+    #[schema(schema_with = crate::openapi::email)]
     email: String,
+    /// Only owners invite owners.
+    #[schema(value_type = Role)]
     role: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Invitation {
+    id: uuid::Uuid,
+    #[schema(schema_with = crate::openapi::email)]
+    email: String,
+    role: Role,
+    expires_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Invited {
+    invitation: Invitation,
 }
 
 #[derive(QueryableByName)]
@@ -241,7 +308,24 @@ struct InvitationRow {
 /// counts against a limit per recipient address (from every tenant) and one
 /// per tenant (429 beyond), so no organization, or set of organizations,
 /// can flood an inbox with a subject of its choosing.
-async fn invite(
+#[utoipa::path(
+    operation_id = "invite_member",
+    tag = "members",
+    summary = "Invites an address by mail; inviting it again sends a new link (admins)",
+    description = "A pending invitation holds a seat: it counts against the plan's `members` limit until it is \
+                   accepted or expires.",
+    params(TenantHeader),
+    security(("session" = []), ("api_key" = [])),
+    request_body = InviteBody,
+    responses(
+        (status = 201, body = Invited),
+        PlanLimits,
+        (status = 409, description = "Error: conflict (the address is already a member).", body = ErrorEnvelope),
+        RateLimited,
+    ),
+)]
+#[post("/v1/invitations")]
+async fn send_invite(
     ctx: Allowed<ManageMembers>,
     limits: web::Data<RateLimits>,
     body: Json<InviteBody>,
@@ -255,9 +339,14 @@ async fn invite(
     let invite = Invite { email, role, inviter: caller(&ctx), entry: ctx.audit_entry("invitation.sent") };
     let (invitation, email) = ctx.rows(async |rows| send_invitation(rows, &ctx, invite).await).await?;
     tracing::info!(invitation.id = %invitation.id, role = role.as_str(), sent = invitation.sent, "invitation sent");
-    Ok(HttpResponse::Created().json(json!({
-        "invitation": { "id": invitation.id, "email": email, "role": role, "expires_at": invitation.expires_at },
-    })))
+    Ok(HttpResponse::Created().json(Invited {
+        invitation: Invitation {
+            id: invitation.id,
+            email: email.as_str().to_owned(),
+            role,
+            expires_at: invitation.expires_at,
+        },
+    }))
 }
 
 impl InviteBody {
@@ -395,11 +484,25 @@ async fn member_email(rows: &mut TenantRows<'_>, user: UserId) -> diesel::QueryR
         .optional()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AcceptBody {
+    /// The token from the invitation mail.
+    #[schema(schema_with = crate::openapi::mail_token)]
     token: String,
+    /// Without a session: the existing account's password, or the new
+    /// account's.
+    #[schema(schema_with = crate::openapi::password, nullable = false)]
     password: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Accepted {
+    tenant_id: TenantId,
+    user_id: uuid::Uuid,
+    role: Role,
+    /// A session for a new account (null when an existing one joined).
+    token: Option<String>,
 }
 
 #[derive(Queryable)]
@@ -419,6 +522,23 @@ struct ExistingUser {
 /// `POST /v1/invitations/accept` {token, password?}: joins the invited
 /// address's account (signed in as it, or with its password), or creates the
 /// account (the link proves the address) and signs it in.
+#[utoipa::path(
+    operation_id = "accept_invitation",
+    tag = "members",
+    summary = "Accepts an invitation: joins with the session or password of the invited address, or creates its account",
+    security((), ("session" = [])),
+    request_body = AcceptBody,
+    responses(
+        (status = 200, body = Accepted),
+        (status = 400, description = "Error: invalid_request (the token is unknown, used or expired; a new account's \
+                                     password is missing or not allowed).", body = ErrorEnvelope),
+        (status = 401, description = "Error: unauthenticated (the address has an account: sign in or give its password), \
+                                     invalid_credentials.", body = ErrorEnvelope),
+        (status = 403, description = "Error: forbidden (signed in as another account).", body = ErrorEnvelope),
+        PlanLimits,
+    ),
+)]
+#[post("/v1/invitations/accept")]
 async fn accept(
     req: HttpRequest,
     db: web::Data<Db>,
@@ -444,7 +564,7 @@ async fn accept(
     let joined = Joined { invitation: pending.id, email, role, limit, session_ttl: cfg.session_ttl };
     let (user, token) = db.tenant_rows(tenant.scope(), async |rows| join(rows, joined, &joiner, entry).await).await?;
     tracing::info!(invitation.id = %pending.id, user.id = %user, "invitation accepted");
-    Ok(HttpResponse::Ok().json(json!({ "tenant_id": tenant.id, "user_id": user, "role": role, "token": token })))
+    Ok(HttpResponse::Ok().json(Accepted { tenant_id: tenant.id, user_id: user, role, token }))
 }
 
 /// The pending invitation a token names, the account its address already

@@ -15,11 +15,12 @@
 //! again, so an observed code cannot be replayed.
 
 use crate::sessions::{self, Authenticated};
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpResponse, post, web};
 use diesel::{
     ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_http::openapi::{Conflict, ErrorEnvelope, RateLimited};
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_tenants::UserId;
@@ -28,14 +29,32 @@ use crate::error::IdentityError;
 use crate::limits::RateLimits;
 use crate::password::Hashing;
 use crate::schema::{totp_recovery_codes, users};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use totp_rs::{Builder, Totp};
+use utoipa::ToSchema;
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/auth/totp/enroll", web::post().to(enroll))
-        .route("/v1/auth/totp/confirm", web::post().to(confirm))
-        .route("/v1/auth/totp/disable", web::post().to(disable));
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(enroll).service(confirm).service(disable);
+}
+
+/// A new second factor, not yet on.
+#[derive(Serialize, ToSchema)]
+struct Enrolled {
+    /// The shared secret, base32.
+    #[schema(pattern = "^[a-z2-7]+$")]
+    secret: String,
+    /// The same as an `otpauth://totp/...` URL, for a QR code.
+    otpauth_url: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct TwoFactor {
+    totp_enabled: bool,
+    /// When turned on: ten single-use codes that stand in for the app, shown
+    /// this once.
+    #[schema(nullable = false)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery_codes: Option<Vec<String>>,
 }
 
 const RECOVERY_CODES: usize = 10;
@@ -143,9 +162,11 @@ pub(crate) async fn accept_second_factor(
     Ok(true)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PasswordBody {
+    /// The account's password, asked again.
+    #[schema(schema_with = crate::openapi::password)]
     password: String,
 }
 
@@ -182,6 +203,20 @@ async fn recheck_password(
     Err(IdentityError::InvalidCredentials)
 }
 
+#[utoipa::path(
+    operation_id = "enroll_totp",
+    tag = "accounts",
+    summary = "Starts turning on two-factor sign-in: a new secret for the authenticator app",
+    security(("session" = [])),
+    request_body = PasswordBody,
+    responses(
+        (status = 200, body = Enrolled),
+        (status = 401, description = "Error: unauthenticated, invalid_credentials (the password is wrong).", body = ErrorEnvelope),
+        Conflict,
+        RateLimited,
+    ),
+)]
+#[post("/v1/auth/totp/enroll")]
 async fn enroll(
     db: web::Data<plinth_tenants::Db>,
     hashing: web::Data<Hashing>,
@@ -207,19 +242,22 @@ async fn enroll(
         .await?;
     let totp = totp(&secret, &email)?;
     let url = totp.to_url().map_err(|e| ApiError::Internal(anyhow::anyhow!("otpauth URL: {e}")))?;
-    Ok(HttpResponse::Ok().json(json!({ "secret": totp.secret().to_base32(), "otpauth_url": url })))
+    Ok(HttpResponse::Ok().json(Enrolled { secret: totp.secret().to_base32(), otpauth_url: url }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CodeBody {
+    /// A current code from the app, or a recovery code.
     code: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ConfirmBody {
+    /// A current code from the app.
     code: String,
+    #[schema(schema_with = crate::openapi::password)]
     password: String,
 }
 
@@ -227,6 +265,21 @@ fn wrong_code() -> ApiError {
     ApiError::invalid_fields(vec![FieldError::new("code", "invalid", "is not a valid code")])
 }
 
+#[utoipa::path(
+    operation_id = "confirm_totp",
+    tag = "accounts",
+    summary = "Turns two-factor sign-in on with a code from the app; other sessions end",
+    security(("session" = [])),
+    request_body = ConfirmBody,
+    responses(
+        (status = 200, body = TwoFactor),
+        (status = 400, description = "Error: invalid_request (the code is wrong).", body = ErrorEnvelope),
+        (status = 401, description = "Error: unauthenticated, invalid_credentials (the password is wrong).", body = ErrorEnvelope),
+        Conflict,
+        RateLimited,
+    ),
+)]
+#[post("/v1/auth/totp/confirm")]
 async fn confirm(
     db: web::Data<plinth_tenants::Db>,
     hashing: web::Data<Hashing>,
@@ -265,9 +318,22 @@ async fn confirm(
     })
     .await?;
     tracing::info!(user.id = %user, "two-factor login turned on");
-    Ok(HttpResponse::Ok().json(json!({ "totp_enabled": true, "recovery_codes": codes })))
+    Ok(HttpResponse::Ok().json(TwoFactor { totp_enabled: true, recovery_codes: Some(codes) }))
 }
 
+#[utoipa::path(
+    operation_id = "disable_totp",
+    tag = "accounts",
+    summary = "Turns two-factor sign-in off with a current or recovery code",
+    security(("session" = [])),
+    request_body = CodeBody,
+    responses(
+        (status = 200, body = TwoFactor),
+        (status = 400, description = "Error: invalid_request (the code is wrong).", body = ErrorEnvelope),
+        Conflict,
+    ),
+)]
+#[post("/v1/auth/totp/disable")]
 async fn disable(
     db: web::Data<plinth_tenants::Db>,
     who: Authenticated,
@@ -287,5 +353,5 @@ async fn disable(
     })
     .await?;
     tracing::info!(user.id = %user, "two-factor login turned off");
-    Ok(HttpResponse::Ok().json(json!({ "totp_enabled": false })))
+    Ok(HttpResponse::Ok().json(TwoFactor { totp_enabled: false, recovery_codes: None }))
 }

@@ -30,11 +30,13 @@ pub async fn find_id_by_email(
 }
 
 /// A user as the API shows it.
-#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[derive(Debug, Clone, Serialize, Queryable, Selectable, utoipa::ToSchema)]
 #[diesel(table_name = users)]
 pub struct User {
     pub id: uuid::Uuid,
+    #[schema(schema_with = crate::openapi::email)]
     pub email: String,
+    /// When the address was proven by the link in the verification mail.
     pub email_verified_at: Option<DateTime<Utc>>,
 }
 
