@@ -341,8 +341,15 @@ fn refuse_nul(body: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Parses JSON, reporting type errors against the field they occurred in.
+/// Parses a JSON object, reporting type errors against the field they
+/// occurred in. Every request body Plinth takes is an object; serde would
+/// also fill a struct from an array of its fields in order (`[null, null]`),
+/// which no client means.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(ApiError::invalid("the body must be a JSON object"));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
@@ -373,15 +380,15 @@ impl Validator {
         self
     }
 
-    /// A text field: trimmed length within `min..=max` characters, no control
-    /// characters other than newlines and tabs when `multiline`.
+    /// A text field: at most `max` characters as sent, at least `min` once
+    /// trimmed (so not blank), no control characters other than newlines and
+    /// tabs when `multiline`.
     pub fn text(&mut self, field: &str, value: &str, min: usize, max: usize, multiline: bool) -> &mut Self {
-        let len = value.trim().chars().count();
-        if len < min {
+        if value.trim().chars().count() < min {
             let message =
                 if min == 1 { "must not be empty".to_owned() } else { format!("must be at least {min} characters") };
             self.0.push(FieldError::new(field, "too_short", message));
-        } else if len > max {
+        } else if value.chars().count() > max {
             self.0.push(FieldError::new(field, "too_long", format!("must be at most {max} characters")));
         }
         let bad = value.chars().any(|c| c.is_control() && !(multiline && matches!(c, '\n' | '\t' | '\r')));

@@ -116,15 +116,15 @@ pub enum CreateError {
     Pool(#[from] PoolError),
 }
 
-/// Checks an organization name: 1–200 characters after trimming, no control
-/// characters. Returns the trimmed name.
+/// Checks an organization name: at most 200 characters as given, not blank,
+/// no control or invisible characters. Returns the trimmed name.
 pub fn validate_name(name: &str) -> Result<&str, &'static str> {
+    if name.chars().count() > 200 {
+        return Err("must be at most 200 characters");
+    }
     let name = name.trim();
     if name.is_empty() {
         return Err("must not be empty");
-    }
-    if name.chars().count() > 200 {
-        return Err("must be at most 200 characters");
     }
     if name.chars().any(char::is_control) {
         return Err("must not contain control characters");
