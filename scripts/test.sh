@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs Plinth's whole test suite on a fresh machine: installs what the tests
-# need (PgBouncer, promtool), makes sure PostgreSQL is running, then runs cargo test.
+# need (PgBouncer, Chromium, promtool, a Python environment with schemathesis), makes sure PostgreSQL is running, then runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,12 @@ if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
     echo "installing pgbouncer (the PgBouncer isolation test needs it)"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq pgbouncer >/dev/null
+fi
+
+if ! command -v chromium >/dev/null; then
+    echo "installing chromium (the API reference page is tested in a browser)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
 fi
 
 # promtool checks and tests the alert rules (deploy/prometheus). Only the
@@ -25,6 +31,18 @@ if ! command -v promtool >/dev/null && [ ! -x "$tools/usr/bin/promtool" ]; then
     rm -rf "$tools/deb"
 fi
 export PATH="$PATH:$tools/usr/bin"
+
+# schemathesis and an OpenAPI validator (tests/contract.rs), from PyPI, in a
+# virtual environment; installed again when scripts/requirements-test.txt
+# changes.
+venv="$tools/venv"
+if ! cmp -s scripts/requirements-test.txt "$venv/requirements-test.txt" 2>/dev/null; then
+    echo "installing schemathesis and openapi-spec-validator (the API contract tests need them)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt
+    cp scripts/requirements-test.txt "$venv/requirements-test.txt"
+fi
 
 # With DATABASE_URL unset the tests use PostgreSQL on 127.0.0.1:5432, or start
 # a private cluster from the installed server binaries if nothing answers.

@@ -9,9 +9,11 @@
 use actix_web::{App, HttpRequest, HttpResponse, web};
 use reqwest::Method;
 use std::collections::BTreeSet;
+use std::time::Duration;
 use utoipa_actix_web::AppExt as _;
 
-use crate::harness::{TempDir, TestApp, TestResult};
+use crate::harness::{AppOptions, TempDir, TestApp, TestDb, TestResult, platform_admin};
+use crate::stripe::StripeMock;
 
 /// The served document.
 async fn document(app: &TestApp) -> TestResult<serde_json::Value> {
@@ -80,6 +82,48 @@ async fn the_document_is_valid_openapi_3_1() -> TestResult {
     assert!(codes.to_string().contains("\"quota_exceeded\""), "{codes}");
     let name = &doc["components"]["schemas"]["NewProject"]["properties"]["name"];
     assert_eq!((name["minLength"].as_u64(), name["maxLength"].as_u64()), (Some(1), Some(200)), "{name}");
+    Ok(())
+}
+
+/// `/docs` in a real browser (Chromium, headless; `scripts/test.sh` installs
+/// it): Redoc draws every operation from `/openapi.json` under the page's
+/// strict CSP, with nothing from another origin.
+#[tokio::test]
+async fn the_reference_page_draws_the_document_in_a_browser() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let res = app.http.get(app.url("/docs")).send().await?;
+    assert_eq!(res.status(), 200);
+    let csp = res.headers()["content-security-policy"].to_str()?.to_owned();
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-eval"), "{csp}");
+    let profile = TempDir::new("chromium")?;
+    let mut command = tokio::process::Command::new("chromium");
+    command
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"])
+        .arg(format!("--user-data-dir={}", profile.path.display()))
+        // Virtual time runs the page's scripts to their end, however busy the machine.
+        .args(["--virtual-time-budget=30000", "--dump-dom", &app.url("/docs")])
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .map_err(|_| "chromium ran for 2 minutes")?
+        .map_err(|e| format!("running chromium (scripts/test.sh installs it): {e}"))?;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    for summary in [
+        "Signs up: an account, its organization, and a session",
+        "The tenant's projects, oldest first.",
+        "Every tenant, oldest first (platform admins)",
+        "Receives Stripe's webhook events",
+    ] {
+        assert!(dom.contains(summary), "{summary:?} is not on the page; the browser said:\n{log}");
+    }
+    // Redoc links its own logo from its CDN; the policy blocks it, and
+    // nothing else is blocked.
+    let violations: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Content Security Policy") && !l.contains("https://cdn.redoc.ly/redoc/logo-mini.svg"))
+        .collect();
+    assert!(violations.is_empty(), "{violations:#?}");
     Ok(())
 }
 
@@ -164,5 +208,120 @@ async fn the_document_holds_exactly_the_routes_actix_serves() -> TestResult {
     // And the running server serves the same document.
     let running = TestApp::spawn().await?;
     assert_eq!(operations(&document(&running).await?)?, documented);
+    Ok(())
+}
+
+/// Each schema name is one type's: utoipa files schemas by name, so a second
+/// type of the same name would silently replace the first in the document.
+#[test]
+fn schema_names_are_unique() -> TestResult {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    let mut dirs = vec![root.join("app/src"), root.join("tenants"), root.join("admin"), root.join("billing/src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    let mut seen: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    let mut count = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !(line.starts_with("#[derive(") && line.contains("ToSchema")) {
+                continue;
+            }
+            // The attributes and the item after the derive.
+            let mut renamed = None;
+            let item = lines[i + 1..].iter().find_map(|l| {
+                if let Some(name) = l.strip_prefix("#[schema(as = ") {
+                    renamed = name.strip_suffix(")]").map(str::to_owned);
+                }
+                let l = l.strip_prefix("pub ").or_else(|| l.strip_prefix("pub(crate) ")).unwrap_or(l);
+                let rest = l.strip_prefix("struct ").or_else(|| l.strip_prefix("enum "))?;
+                Some(rest.split(|c: char| !c.is_alphanumeric() && c != '_').next().unwrap_or_default().to_owned())
+            });
+            let name = renamed.or(item).ok_or_else(|| format!("{}: a derive without an item", file.display()))?;
+            let place = format!("{}:{}", file.display(), i + 1);
+            if let Some(first) = seen.insert(name.clone(), place.clone()) {
+                return Err(format!("the schema name {name} is used at {first} and at {place}").into());
+            }
+            count += 1;
+        }
+    }
+    assert!(count >= 50, "{count} schemas found");
+    Ok(())
+}
+
+/// The checks a schemathesis run must pass: no 5xx, and every answer's
+/// status, content type, headers and body as the document says.
+const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
+                      response_headers_conformance,response_schema_conformance,negative_data_rejection";
+
+/// Runs schemathesis against `app` as `token` in tenant `acme`, with
+/// `filter` arguments; fails with its report unless it finds nothing.
+async fn schemathesis(app: &TestApp, token: &str, filter: &[&str]) -> TestResult {
+    // A fixed seed, so that a run can be repeated; `PLINTH_SCHEMATHESIS_SEED`
+    // explores others, `PLINTH_SCHEMATHESIS_EXAMPLES` more cases per operation.
+    let seed = std::env::var("PLINTH_SCHEMATHESIS_SEED").unwrap_or_else(|_| "20261202".into());
+    let examples = std::env::var("PLINTH_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "25".into());
+    let mut command = tokio::process::Command::from(tool("schemathesis"));
+    command
+        .args(["run", &app.url("/openapi.json"), "--checks", CHECKS, "--mode", "all"])
+        .args(["--max-examples", &examples, "--request-timeout", "10", "--seed", &seed, "--no-color"])
+        .args(["-H", &format!("Authorization: Bearer {token}"), "-H", "X-Tenant: acme"])
+        .args(filter)
+        .kill_on_drop(true);
+    let run = tokio::time::timeout(Duration::from_secs(900), command.output()).await;
+    let out = run
+        .map_err(|_| "schemathesis ran for 15 minutes")?
+        .map_err(|e| format!("running schemathesis (scripts/test.sh installs it): {e}"))?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("schemathesis found problems:\n{report}{}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    assert!(report.contains(" passed") && !report.contains("failures"), "{report}");
+    Ok(())
+}
+
+/// Every operation, with examples that fit the document and examples that
+/// break it, and the stateful links between them, as the owner of a tenant
+/// on the enterprise plan with Stripe (a local stand-in) configured.
+#[tokio::test]
+async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() -> TestResult {
+    let stripe = StripeMock::start().await?;
+    let testdb = TestDb::migrated().await?;
+    let api_base: &'static str = Box::leak(stripe.url.clone().into_boxed_str());
+    let settings = vec![
+        ("PLINTH_STRIPE_SECRET_KEY", "sk_test_plinth_contract"),
+        ("PLINTH_STRIPE_API_BASE", api_base),
+        ("PLINTH_STRIPE_WEBHOOK_SECRET", "whsec_plinth_contract"),
+        ("PLINTH_STRIPE_PRICE_PRO", "price_plinth_pro"),
+        ("PLINTH_STRIPE_PRICE_ENTERPRISE", "price_plinth_enterprise"),
+    ];
+    let app = TestApp::spawn_on(&testdb, AppOptions { settings, ..Default::default() }).await?;
+    app.create_tenant_on("acme", "enterprise").await?;
+    let token = app.token("acme").ok_or("no token")?;
+    // Another tenant's data, which a run as acme's owner must not touch.
+    app.create_tenant("globex").await?;
+    let globex = app.create_project("globex", "Globex's own").await?;
+    let globex_url = format!("/v1/projects/{}", globex["id"].as_str().ok_or("no id")?);
+
+    // Signing out ends the session the run uses, and a platform admin may
+    // delete acme: those operations run after the others.
+    schemathesis(&app, &token, &["--exclude-operation-id", "logout", "--exclude-tag", "platform"]).await?;
+    let res = app.req(Method::GET, "globex", &globex_url).send().await?;
+    assert_eq!(res.status(), 200, "globex's project is still there");
+    assert_eq!(res.json::<serde_json::Value>().await?, globex, "and unchanged");
+    let lobby = app.create_tenant("lobby").await?;
+    let admin = platform_admin(&app, &lobby).await?;
+    schemathesis(&app, &admin, &["--include-tag", "platform"]).await?;
+    schemathesis(&app, &token, &["--include-operation-id", "logout", "--phases", "examples,coverage,fuzzing"]).await?;
     Ok(())
 }

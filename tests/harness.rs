@@ -485,3 +485,21 @@ pub async fn add_member(db: &Db, tenant: &Tenant, token: &str) -> TestResult {
     .await?;
     Ok(())
 }
+
+/// A user with the platform admin grant, made as a viewer of `lobby`;
+/// returns a session token.
+pub async fn platform_admin(app: &TestApp, lobby: &Tenant) -> TestResult<String> {
+    let token = member(&app.db, lobby, Role::Viewer).await?;
+    let me: serde_json::Value = app
+        .http
+        .get(app.url("/v1/me"))
+        .bearer_auth(&token)
+        .header("x-tenant", lobby.slug.as_str())
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id: uuid::Uuid = me["user"]["id"].as_str().ok_or("no user id")?.parse()?;
+    app.db.platform(async |c| Ok::<_, plinth_http::ApiError>(plinth_access::grants::grant(c, id).await?)).await?;
+    Ok(token)
+}

@@ -15,7 +15,9 @@ use plinth_tenants::{Db, Tenant, TenantStatus, UserId};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{AppOptions, TestApp, TestDb, TestResult, assert_error, eventually, member, set_status};
+use crate::harness::{
+    AppOptions, TestApp, TestDb, TestResult, assert_error, eventually, member, platform_admin, set_status,
+};
 
 /// Who calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,15 +187,6 @@ async fn user_id_of(app: &TestApp, slug: &str, token: &str) -> TestResult<String
     let me: Value =
         app.http.get(app.url("/v1/me")).bearer_auth(token).header("x-tenant", slug).send().await?.json().await?;
     Ok(me["user"]["id"].as_str().ok_or("no user id")?.to_owned())
-}
-
-/// A user with the platform admin grant (and no membership); returns a token.
-async fn platform_admin(app: &TestApp, lobby: &Tenant) -> TestResult<String> {
-    // A session for a fresh user: made as a member of a throwaway tenant.
-    let token = member(&app.db, lobby, Role::Viewer).await?;
-    let id: uuid::Uuid = user_id_of(app, &lobby.slug, &token).await?.parse()?;
-    app.db.platform(async |c| Ok::<_, ApiError>(plinth_access::grants::grant(c, id).await?)).await?;
-    Ok(token)
 }
 
 async fn table_tenant(app: &TestApp, plan: &'static str, suspended: bool) -> TestResult<TableTenant> {

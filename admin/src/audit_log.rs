@@ -30,7 +30,7 @@ struct Query {
     /// Only entries of this action (`member.removed`, `api_key.created`, ...).
     action: Option<String>,
     /// Only entries by this user or API key.
-    #[param(format = Uuid)]
+    #[param(schema_with = plinth_http::openapi::uuid_or_empty)]
     actor: Option<String>,
 }
 

@@ -11,7 +11,7 @@ use diesel_async::RunQueryDsl;
 use plinth_access::Quota;
 use plinth_access::{Allowed, requirements};
 use plinth_http::ApiError;
-use plinth_http::openapi::{NotFound, PageQuery, PlanLimits, TenantHeader, text};
+use plinth_http::openapi::{NotFound, PageQuery, PlanLimits, TenantHeader, optional_text, text};
 use plinth_http::request::{Json, Page, PageParams, PageRequest, Validator};
 use plinth_tenants::{TenantConn, uuid_id};
 use serde::{Deserialize, Serialize};
@@ -96,9 +96,9 @@ pub struct NewProject {
 #[serde(deny_unknown_fields)]
 #[diesel(table_name = projects)]
 pub struct ProjectChanges {
-    #[schema(schema_with = project_name)]
+    #[schema(schema_with = new_project_name)]
     pub name: Option<String>,
-    #[schema(schema_with = project_description)]
+    #[schema(schema_with = new_project_description)]
     pub description: Option<String>,
 }
 
@@ -116,7 +116,7 @@ pub struct NewTask {
 #[serde(deny_unknown_fields)]
 #[diesel(table_name = tasks)]
 pub struct TaskChanges {
-    #[schema(schema_with = task_title)]
+    #[schema(schema_with = new_task_title)]
     pub title: Option<String>,
     pub done: Option<bool>,
 }
@@ -135,6 +135,19 @@ fn project_description() -> ObjectBuilder {
 
 fn task_title() -> ObjectBuilder {
     text(1, TITLE_MAX, false)
+}
+
+/// In a change: null keeps the value.
+fn new_project_name() -> ObjectBuilder {
+    optional_text(1, NAME_MAX, false)
+}
+
+fn new_project_description() -> ObjectBuilder {
+    optional_text(0, DESCRIPTION_MAX, true)
+}
+
+fn new_task_title() -> ObjectBuilder {
+    optional_text(1, TITLE_MAX, false)
 }
 
 impl NewProject {
@@ -411,7 +424,16 @@ async fn list_projects_route(
     params(TenantHeader),
     security(("session" = []), ("api_key" = [])),
     request_body = NewProject,
-    responses((status = 201, body = Project), PlanLimits),
+    responses(
+        (status = 201, body = Project, links(
+            ("GetProject" = (operation_id = "get_project", parameters(("id" = "$response.body#/id")))),
+            ("UpdateProject" = (operation_id = "update_project", parameters(("id" = "$response.body#/id")))),
+            ("DeleteProject" = (operation_id = "delete_project", parameters(("id" = "$response.body#/id")))),
+            ("ListTasks" = (operation_id = "list_tasks", parameters(("id" = "$response.body#/id")))),
+            ("CreateTask" = (operation_id = "create_task", parameters(("id" = "$response.body#/id")))),
+        )),
+        PlanLimits,
+    ),
 )]
 #[post("/v1/projects")]
 async fn create_project_route(ctx: Allowed<WriteProjects>, body: Json<NewProject>) -> Result<HttpResponse, ApiError> {
@@ -504,7 +526,13 @@ async fn list_tasks_route(
     params(TenantHeader, ("id" = ProjectId, Path, description = "The project.")),
     security(("session" = []), ("api_key" = [])),
     request_body = NewTask,
-    responses((status = 201, body = Task), NotFound),
+    responses(
+        (status = 201, body = Task, links(
+            ("UpdateTask" = (operation_id = "update_task", parameters(("id" = "$response.body#/id")))),
+            ("DeleteTask" = (operation_id = "delete_task", parameters(("id" = "$response.body#/id")))),
+        )),
+        NotFound,
+    ),
 )]
 #[post("/v1/projects/{id}/tasks")]
 async fn create_task_route(

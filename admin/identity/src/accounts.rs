@@ -356,7 +356,7 @@ struct ResetBody {
 
 /// Nothing: the same answer whether or not the address has an account.
 #[derive(Serialize, ToSchema)]
-struct Accepted {}
+struct ResetRequested {}
 
 /// `POST /v1/auth/password-reset`: always 202, whether or not the address
 /// has an account; if it has, a single-use link goes out by mail.
@@ -364,7 +364,7 @@ struct Accepted {}
     tag = "accounts",
     summary = "Mails a password-reset link, if the address has an account",
     request_body = ResetBody,
-    responses((status = 202, body = Accepted), RateLimited),
+    responses((status = 202, body = ResetRequested), RateLimited),
 )]
 #[post("/v1/auth/password-reset")]
 async fn request_password_reset(
@@ -389,7 +389,7 @@ async fn request_password_reset(
             }
         });
     }
-    Ok(HttpResponse::Accepted().json(Accepted {}))
+    Ok(HttpResponse::Accepted().json(ResetRequested {}))
 }
 
 /// Queues a reset link if `email` has an account.
@@ -410,7 +410,7 @@ async fn send_password_reset(db: &Db, cfg: &IdentityConfig, email: EmailAddress)
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ConfirmBody {
+struct NewPasswordBody {
     /// The token from the reset mail.
     #[schema(schema_with = crate::openapi::mail_token)]
     token: String,
@@ -429,7 +429,7 @@ struct PasswordChanged {
 #[utoipa::path(
     tag = "accounts",
     summary = "Sets a new password with the token from the reset mail; every session of the account ends",
-    request_body = ConfirmBody,
+    request_body = NewPasswordBody,
     responses(
         (status = 200, body = PasswordChanged),
         (status = 400, description = "Error: invalid_request (the token is unknown, used or expired, or the password is not allowed).", body = plinth_http::openapi::ErrorEnvelope),
@@ -443,10 +443,10 @@ async fn confirm_password_reset(
     cfg: Option<web::Data<IdentityConfig>>,
     limits: web::Data<RateLimits>,
     hashing: web::Data<Hashing>,
-    body: Json<ConfirmBody>,
+    body: Json<NewPasswordBody>,
 ) -> Result<HttpResponse, ApiError> {
     count(&limits.verify_per_ip, &config(cfg).client_key(&req))?;
-    let ConfirmBody { token, password } = body.0;
+    let NewPasswordBody { token, password } = body.0;
     password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
     // The token is checked before the new password is hashed, so random
     // tokens cost a lookup, not an argon2id run.

@@ -497,7 +497,7 @@ struct AcceptBody {
 }
 
 #[derive(Serialize, ToSchema)]
-struct Accepted {
+struct InvitationAccepted {
     tenant_id: TenantId,
     user_id: uuid::Uuid,
     role: Role,
@@ -529,7 +529,7 @@ struct ExistingUser {
     security((), ("session" = [])),
     request_body = AcceptBody,
     responses(
-        (status = 200, body = Accepted),
+        (status = 200, body = InvitationAccepted),
         (status = 400, description = "Error: invalid_request (the token is unknown, used or expired; a new account's \
                                      password is missing or not allowed).", body = ErrorEnvelope),
         (status = 401, description = "Error: unauthenticated (the address has an account: sign in or give its password), \
@@ -564,7 +564,7 @@ async fn accept(
     let joined = Joined { invitation: pending.id, email, role, limit, session_ttl: cfg.session_ttl };
     let (user, token) = db.tenant_rows(tenant.scope(), async |rows| join(rows, joined, &joiner, entry).await).await?;
     tracing::info!(invitation.id = %pending.id, user.id = %user, "invitation accepted");
-    Ok(HttpResponse::Ok().json(Accepted { tenant_id: tenant.id, user_id: user, role, token }))
+    Ok(HttpResponse::Ok().json(InvitationAccepted { tenant_id: tenant.id, user_id: user, role, token }))
 }
 
 /// The pending invitation a token names, the account its address already

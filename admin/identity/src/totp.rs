@@ -254,7 +254,7 @@ struct CodeBody {
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ConfirmBody {
+struct TotpConfirmBody {
     /// A current code from the app.
     code: String,
     #[schema(schema_with = crate::openapi::password)]
@@ -270,7 +270,7 @@ fn wrong_code() -> ApiError {
     tag = "accounts",
     summary = "Turns two-factor sign-in on with a code from the app; other sessions end",
     security(("session" = [])),
-    request_body = ConfirmBody,
+    request_body = TotpConfirmBody,
     responses(
         (status = 200, body = TwoFactor),
         (status = 400, description = "Error: invalid_request (the code is wrong).", body = ErrorEnvelope),
@@ -285,7 +285,7 @@ async fn confirm(
     hashing: web::Data<Hashing>,
     limits: web::Data<RateLimits>,
     who: Authenticated,
-    body: Json<ConfirmBody>,
+    body: Json<TotpConfirmBody>,
 ) -> Result<HttpResponse, ApiError> {
     let user = who.0.user_id.0;
     let session = who.0.session_id;

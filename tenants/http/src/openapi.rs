@@ -14,7 +14,7 @@ use utoipa::openapi::content::ContentBuilder;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
 use utoipa::openapi::response::ResponseBuilder;
-use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+use utoipa::openapi::schema::{AnyOfBuilder, KnownFormat, ObjectBuilder, SchemaFormat, SchemaType, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{OpenApi, Ref, RefOr, Required, Response};
 use utoipa::{IntoParams, IntoResponses, PartialSchema, ToSchema};
@@ -161,6 +161,19 @@ pub fn text(min: usize, max: usize, multiline: bool) -> ObjectBuilder {
         .pattern(Some(plinth_tenants::text::text_pattern(multiline, min > 0)))
 }
 
+/// A text field to change, as [`text`]; null (or left out) keeps the value.
+pub fn optional_text(min: usize, max: usize, multiline: bool) -> ObjectBuilder {
+    text(min, max, multiline).schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+}
+
+/// An id given as text in a query, where empty means none (a cursor, a
+/// filter): a UUID, or the empty string.
+pub fn uuid_or_empty() -> AnyOfBuilder {
+    AnyOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid))))
+        .item(ObjectBuilder::new().schema_type(Type::String).max_length(Some(0)))
+}
+
 /// The tenant a request acts in, when the host does not name it.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
@@ -182,8 +195,7 @@ fn in_tenant(operation: &Operation) -> bool {
 pub fn page_params() -> Vec<utoipa::openapi::path::Parameter> {
     let limit =
         ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)).maximum(Some(100)).default(Some(20.into()));
-    let cursor =
-        ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)));
+    let cursor = uuid_or_empty();
     vec![
         ParameterBuilder::new()
             .name("limit")
@@ -196,7 +208,7 @@ pub fn page_params() -> Vec<utoipa::openapi::path::Parameter> {
             .name("cursor")
             .parameter_in(ParameterIn::Query)
             .required(Required::False)
-            .description(Some("`next_cursor` of the previous page; absent for the first."))
+            .description(Some("`next_cursor` of the previous page; absent or empty for the first."))
             .schema(Some(cursor))
             .build(),
     ]
@@ -216,6 +228,7 @@ impl IntoParams for PageQuery {
 /// declares, where it did not describe them itself:
 /// - every operation: 500 `internal` and 503 `unavailable`;
 /// - a request body: 400, 408, 413 and 415;
+/// - query parameters: 400;
 /// - a bearer token: 401;
 /// - the tenant header: 400 (no tenant named), 403 (suspended, or a role
 ///   that may not), 404 (no such tenant).
@@ -252,6 +265,14 @@ pub fn finish(doc: &mut OpenApi) {
             let mut statuses = vec![500, 503];
             if operation.request_body.is_some() {
                 statuses.extend([400, 408, 413, 415]);
+            }
+            let query = operation
+                .parameters
+                .iter()
+                .flatten()
+                .any(|p| matches!(p, RefOr::T(p) if p.parameter_in == ParameterIn::Query));
+            if query {
+                statuses.push(400);
             }
             if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
                 statuses.push(401);
