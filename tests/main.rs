@@ -9,6 +9,7 @@ mod audit;
 mod billing;
 mod contract;
 mod http_basics;
+mod idempotency;
 mod identity;
 mod isolation;
 mod lifecycle;

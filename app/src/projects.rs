@@ -4,6 +4,7 @@
 //! [`TenantConn`], so they cannot run against another tenant's schema, and
 //! handlers stay thin.
 
+use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, delete, get, patch, post, web};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -11,9 +12,12 @@ use diesel_async::RunQueryDsl;
 use plinth_access::Quota;
 use plinth_access::{Allowed, requirements};
 use plinth_http::ApiError;
-use plinth_http::openapi::{NotFound, PageQuery, PlanLimits, TenantHeader, optional_text, text};
+use plinth_http::idempotency::{self, IdempotencyKey};
+use plinth_http::openapi::{
+    IdempotencyKeyHeader, KeyReuse, NotFound, PageQuery, PlanLimits, TenantHeader, optional_text, text,
+};
 use plinth_http::request::{Json, Page, PageParams, PageRequest, Validator};
-use plinth_tenants::{TenantConn, uuid_id};
+use plinth_tenants::{Db, TenantConn, uuid_id};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa::openapi::schema::ObjectBuilder;
@@ -421,7 +425,7 @@ async fn list_projects_route(
 #[utoipa::path(
     operation_id = "create_project",
     tag = "projects",
-    params(TenantHeader),
+    params(TenantHeader, IdempotencyKeyHeader),
     security(("session" = []), ("api_key" = [])),
     request_body = NewProject,
     responses(
@@ -433,18 +437,32 @@ async fn list_projects_route(
             ("CreateTask" = (operation_id = "create_task", parameters(("id" = "$response.body#/id")))),
         )),
         PlanLimits,
+        KeyReuse,
     ),
 )]
 #[post("/v1/projects")]
-async fn create_project_route(ctx: Allowed<WriteProjects>, body: Json<NewProject>) -> Result<HttpResponse, ApiError> {
+async fn create_project_route(
+    ctx: Allowed<WriteProjects>,
+    db: web::Data<Db>,
+    body: Json<NewProject>,
+    key: IdempotencyKey,
+) -> Result<HttpResponse, ApiError> {
+    let digest = body.digest();
     let new = body.0.validate()?;
-    let project = ctx
-        .tx(async |c| {
-            ctx.reserve(c.pg(), Quota::Projects).await?;
-            Ok::<_, ApiError>(create_project(c, new).await?)
-        })
-        .await?;
-    Ok(HttpResponse::Created().json(project))
+    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest);
+    let keyed = keyed.as_ref();
+    idempotency::once(&db, keyed, async || {
+        let json = ctx
+            .tx(async |c| {
+                idempotency::claim(c.pg(), keyed).await?;
+                ctx.reserve(c.pg(), Quota::Projects).await?;
+                let project = create_project(c, new).await?;
+                idempotency::record(c.pg(), keyed, StatusCode::CREATED, &project).await
+            })
+            .await?;
+        Ok(idempotency::answer(StatusCode::CREATED, json))
+    })
+    .await
 }
 
 /// One project.
@@ -523,7 +541,7 @@ async fn list_tasks_route(
 #[utoipa::path(
     operation_id = "create_task",
     tag = "projects",
-    params(TenantHeader, ("id" = ProjectId, Path, description = "The project.")),
+    params(TenantHeader, ("id" = ProjectId, Path, description = "The project."), IdempotencyKeyHeader),
     security(("session" = []), ("api_key" = [])),
     request_body = NewTask,
     responses(
@@ -532,18 +550,33 @@ async fn list_tasks_route(
             ("DeleteTask" = (operation_id = "delete_task", parameters(("id" = "$response.body#/id")))),
         )),
         NotFound,
+        KeyReuse,
     ),
 )]
 #[post("/v1/projects/{id}/tasks")]
 async fn create_task_route(
     ctx: Allowed<WriteTasks>,
+    db: web::Data<Db>,
     path: web::Path<String>,
     body: Json<NewTask>,
+    key: IdempotencyKey,
 ) -> Result<HttpResponse, ApiError> {
+    let digest = body.digest();
     let project = parse_id(&path, "project")?;
     let new = body.0.validate()?;
-    let task = ctx.tx(async |c| Ok::<_, ApiError>(create_task(c, project, new).await?)).await?;
-    Ok(HttpResponse::Created().json(task.ok_or(ApiError::NotFound("project"))?))
+    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest);
+    let keyed = keyed.as_ref();
+    idempotency::once(&db, keyed, async || {
+        let json = ctx
+            .tx(async |c| {
+                idempotency::claim(c.pg(), keyed).await?;
+                let task = create_task(c, project, new).await?.ok_or(ApiError::NotFound("project"))?;
+                idempotency::record(c.pg(), keyed, StatusCode::CREATED, &task).await
+            })
+            .await?;
+        Ok(idempotency::answer(StatusCode::CREATED, json))
+    })
+    .await
 }
 
 /// Changes a task's title or whether it is done (members and up).

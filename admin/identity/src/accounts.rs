@@ -5,12 +5,14 @@
 //! from a membership with a role.
 
 use crate::sessions::{self, Authenticated};
+use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use chrono::{DateTime, Utc};
 use diesel::sql_types::Uuid as SqlUuid;
 use diesel::{ExpressionMethods as _, NullableExpressionMethods as _, QueryDsl as _, SelectableHelper as _};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use plinth_http::openapi::RateLimited;
+use plinth_http::idempotency::{self, IdempotencyKey};
+use plinth_http::openapi::{IdempotencyKeyHeader, KeyReuse, RateLimited};
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
@@ -172,12 +174,14 @@ struct CreatedTenant {
 #[utoipa::path(
     tag = "accounts",
     summary = "Creates another organization, owned by the caller",
+    params(IdempotencyKeyHeader),
     security(("session" = [])),
     request_body = NewTenantBody,
     responses(
         (status = 201, body = CreatedTenant),
+        KeyReuse,
         (status = 403, description = "Error: forbidden (the caller owns as many organizations as allowed).", body = plinth_http::openapi::ErrorEnvelope),
-        (status = 409, description = "Error: conflict (the slug is taken).", body = plinth_http::openapi::ErrorEnvelope),
+        (status = 409, description = "Error: conflict (the slug is taken), idempotency_key_in_use.", body = plinth_http::openapi::ErrorEnvelope),
         RateLimited,
     ),
 )]
@@ -188,7 +192,9 @@ async fn create_tenant(
     limits: web::Data<RateLimits>,
     who: Authenticated,
     body: Json<NewTenantBody>,
+    key: IdempotencyKey,
 ) -> Result<HttpResponse, ApiError> {
+    let digest = body.digest();
     let cfg = config(cfg);
     let mut errors = Vec::new();
     if let Err(why) = registry::validate_name(&body.0.organization) {
@@ -198,31 +204,37 @@ async fn create_tenant(
         Slug::parse(&body.0.slug).map_err(|e| errors.push(FieldError::new("slug", e.code(), e.to_string()))).ok();
     let Some(slug) = slug.filter(|_| errors.is_empty()) else { return Err(ApiError::invalid_fields(errors)) };
     let user = who.0.user_id.0;
-    count(&limits.organizations_per_user, &user.to_string())?;
-    let tenant = db
-        .platform(async |c| {
-            // Serializes this user's creations, so the cap holds under
-            // concurrency. Raw SQL: a function diesel has no declaration for.
-            diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended('plinth.orgs:' || $1::text, 0))")
-                .bind::<SqlUuid, _>(user)
-                .execute(c)
-                .await?;
-            let owned: i64 = memberships::table
-                .filter(memberships::user_id.eq(user))
-                .filter(memberships::role.eq("owner"))
-                .count()
-                .get_result(c)
-                .await?;
-            if owned >= i64::from(cfg.max_organizations_per_user) {
-                tracing::info!(user.id = %user, owned, "organization cap reached");
-                return Err(ApiError::Forbidden);
-            }
-            let tenant = provision(c, &slug, &body.0.organization).await?;
-            add_member(c, &tenant, user, "owner").await?;
-            Ok::<_, ApiError>(tenant)
-        })
-        .await?;
-    Ok(HttpResponse::Created().json(CreatedTenant { tenant, role: "owner" }))
+    let keyed = key.keyed(format!("user:{user}"), digest);
+    let keyed = keyed.as_ref();
+    idempotency::once(&db, keyed, async || {
+        count(&limits.organizations_per_user, &user.to_string())?;
+        let json = db
+            .platform(async |c| {
+                idempotency::claim(c, keyed).await?;
+                // Serializes this user's creations, so the cap holds under
+                // concurrency. Raw SQL: a function diesel has no declaration for.
+                diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended('plinth.orgs:' || $1::text, 0))")
+                    .bind::<SqlUuid, _>(user)
+                    .execute(c)
+                    .await?;
+                let owned: i64 = memberships::table
+                    .filter(memberships::user_id.eq(user))
+                    .filter(memberships::role.eq("owner"))
+                    .count()
+                    .get_result(c)
+                    .await?;
+                if owned >= i64::from(cfg.max_organizations_per_user) {
+                    tracing::info!(user.id = %user, owned, "organization cap reached");
+                    return Err(ApiError::Forbidden);
+                }
+                let tenant = provision(c, &slug, &body.0.organization).await?;
+                add_member(c, &tenant, user, "owner").await?;
+                idempotency::record(c, keyed, StatusCode::CREATED, &CreatedTenant { tenant, role: "owner" }).await
+            })
+            .await?;
+        Ok(idempotency::answer(StatusCode::CREATED, json))
+    })
+    .await
 }
 
 /// `POST /v1/auth/logout`: revokes the caller's session everywhere.

@@ -19,8 +19,12 @@ use plinth_access::quota::Counter;
 use plinth_access::{Access, Quota, quota};
 
 use crate::schema::{invitations, memberships, users};
+use actix_web::http::StatusCode;
 use plinth_access::{Allowed, TenantContext, requirements};
-use plinth_http::openapi::{ErrorEnvelope, NotFound, PlanLimits, RateLimited, TenantHeader};
+use plinth_http::idempotency::{self, IdempotencyKey};
+use plinth_http::openapi::{
+    ErrorEnvelope, IdempotencyKeyHeader, KeyReuse, NotFound, PlanLimits, RateLimited, TenantHeader,
+};
 use plinth_http::request::{Json, RequestId};
 use plinth_http::{ApiError, FieldError};
 use plinth_mail::{self as mail, EmailAddress};
@@ -314,39 +318,56 @@ struct InvitationRow {
     summary = "Invites an address by mail; inviting it again sends a new link (admins)",
     description = "A pending invitation holds a seat: it counts against the plan's `members` limit until it is \
                    accepted or expires.",
-    params(TenantHeader),
+    params(TenantHeader, IdempotencyKeyHeader),
     security(("session" = []), ("api_key" = [])),
     request_body = InviteBody,
     responses(
         (status = 201, body = Invited),
         PlanLimits,
-        (status = 409, description = "Error: conflict (the address is already a member).", body = ErrorEnvelope),
+        KeyReuse,
+        (status = 409, description = "Error: conflict (the address is already a member), idempotency_key_in_use.", body = ErrorEnvelope),
         RateLimited,
     ),
 )]
 #[post("/v1/invitations")]
 async fn send_invite(
     ctx: Allowed<ManageMembers>,
+    db: web::Data<Db>,
     limits: web::Data<RateLimits>,
     body: Json<InviteBody>,
+    key: IdempotencyKey,
 ) -> Result<HttpResponse, ApiError> {
+    let digest = body.digest();
     let (email, role) = body.0.parse()?;
     if role == Role::Owner && ctx.role != Role::Owner {
         return Err(ApiError::Forbidden);
     }
-    count(&limits.invitations_per_address, email.as_str())?;
-    count(&limits.invitations_per_tenant, &ctx.tenant.id.to_string())?;
-    let invite = Invite { email, role, inviter: caller(&ctx), entry: ctx.audit_entry("invitation.sent") };
-    let (invitation, email) = ctx.rows(async |rows| send_invitation(rows, &ctx, invite).await).await?;
-    tracing::info!(invitation.id = %invitation.id, role = role.as_str(), sent = invitation.sent, "invitation sent");
-    Ok(HttpResponse::Created().json(Invited {
-        invitation: Invitation {
-            id: invitation.id,
-            email: email.as_str().to_owned(),
-            role,
-            expires_at: invitation.expires_at,
-        },
-    }))
+    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest);
+    let keyed = keyed.as_ref();
+    idempotency::once(&db, keyed, async || {
+        count(&limits.invitations_per_address, email.as_str())?;
+        count(&limits.invitations_per_tenant, &ctx.tenant.id.to_string())?;
+        let invite = Invite { email, role, inviter: caller(&ctx), entry: ctx.audit_entry("invitation.sent") };
+        let (json, id, sent) = ctx
+            .rows(async |rows| {
+                idempotency::claim(rows.conn(), keyed).await?;
+                let (invitation, email) = send_invitation(rows, &ctx, invite).await?;
+                let invited = Invited {
+                    invitation: Invitation {
+                        id: invitation.id,
+                        email: email.as_str().to_owned(),
+                        role,
+                        expires_at: invitation.expires_at,
+                    },
+                };
+                let json = idempotency::record(rows.conn(), keyed, StatusCode::CREATED, &invited).await?;
+                Ok::<_, ApiError>((json, invitation.id, invitation.sent))
+            })
+            .await?;
+        tracing::info!(invitation.id = %id, role = role.as_str(), sent, "invitation sent");
+        Ok(idempotency::answer(StatusCode::CREATED, json))
+    })
+    .await
 }
 
 impl InviteBody {

@@ -37,6 +37,14 @@ impl Principal {
             Self::ApiKey { .. } => None,
         }
     }
+
+    /// Whose `Idempotency-Key`s a request uses: the user's, or the key's.
+    pub fn idempotency_caller(&self) -> String {
+        match self {
+            Self::User { user_id, .. } => format!("user:{user_id}"),
+            Self::ApiKey { key_id } => format!("api_key:{key_id}"),
+        }
+    }
 }
 
 /// An authenticated member of a resolved tenant, allowed by the gate.

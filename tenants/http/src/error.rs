@@ -51,6 +51,13 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    /// A request with an `Idempotency-Key` that another request with the
+    /// same key is still doing.
+    #[error("another request with this Idempotency-Key is in progress; retry shortly")]
+    IdempotencyKeyInUse,
+    /// The same `Idempotency-Key` with another request.
+    #[error("this Idempotency-Key was used with another request")]
+    IdempotencyKeyReused,
     #[error("this method is not allowed on this resource")]
     MethodNotAllowed,
     #[error("request body is larger than {limit} bytes")]
@@ -93,6 +100,8 @@ impl ApiError {
             Self::TenantSuspended => "tenant_suspended",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
+            Self::IdempotencyKeyInUse => "idempotency_key_in_use",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
@@ -179,7 +188,8 @@ impl ResponseError for ApiError {
             Self::PlanRequired { .. } | Self::QuotaExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
             Self::Forbidden | Self::TenantSuspended => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,

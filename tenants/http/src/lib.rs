@@ -9,6 +9,7 @@
 //!   of every answer, the JSON body extractor
 //!   with size and time limits, field validation, cursor pagination, the
 //!   client address.
+//! - [`idempotency`]: `Idempotency-Key` on the routes that create something.
 //! - [`openapi`]: what every operation of the OpenAPI document shares (the
 //!   error answers, the bearer schemes, the tenant header, pagination).
 //! - [`ratelimit`]: in-process fixed-window limits keyed by hashed client
@@ -16,6 +17,7 @@
 
 pub mod cors;
 pub mod error;
+pub mod idempotency;
 pub mod openapi;
 pub mod ratelimit;
 pub mod request;

@@ -38,6 +38,8 @@ pub const ERROR_CODES: &[&str] = &[
     "tenant_suspended",
     "not_found",
     "conflict",
+    "idempotency_key_in_use",
+    "idempotency_key_reused",
     "method_not_allowed",
     "payload_too_large",
     "unsupported_media_type",
@@ -112,6 +114,7 @@ fn codes_of(status: u16) -> &'static str {
         404 => "not_found",
         408 => "request_timeout",
         409 => "conflict",
+        422 => "idempotency_key_reused",
         413 => "payload_too_large",
         415 => "unsupported_media_type",
         429 => "rate_limited",
@@ -148,6 +151,38 @@ error_responses! {
     PlanLimits: [402];
     /// 403 `forbidden`: the caller's role does not allow this.
     Forbidden: [403];
+}
+
+/// With an `Idempotency-Key`: 409 `idempotency_key_in_use` (a request
+/// with the key is still running) and 422 `idempotency_key_reused`.
+pub struct KeyReuse;
+
+impl IntoResponses for KeyReuse {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        [
+            (409, "Error: conflict, idempotency_key_in_use (a request with this Idempotency-Key is still running)."),
+            (422, "Error: idempotency_key_reused (this Idempotency-Key was used with another request)."),
+        ]
+        .into_iter()
+        .map(|(status, description)| {
+            let mut response = error_response(status, "");
+            response.description = description.to_owned();
+            (status.to_string(), RefOr::T(response))
+        })
+        .collect()
+    }
+}
+
+/// `Idempotency-Key`, on the routes that create something.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // Read by `crate::idempotency::IdempotencyKey`.
+pub struct IdempotencyKeyHeader {
+    /// Makes a retry safe: the same key with the same request within 24 hours
+    /// answers the first answer again (with `Idempotent-Replayed: true`)
+    /// without doing the work twice. Keys are the caller's own.
+    #[param(rename = "Idempotency-Key", min_length = 1, max_length = 255, pattern = "^[!-~]+$")]
+    idempotency_key: Option<String>,
 }
 
 /// A text field as [`crate::request::Validator::text`] checks it: `min` to

@@ -291,7 +291,15 @@ where
 /// arrive within the [`BodyTimeout`] (408), malformed JSON (400), a NUL
 /// character in any string (400) and values of the wrong type (400 naming
 /// the field).
-pub struct Json<T>(pub T);
+pub struct Json<T>(pub T, [u8; 32]);
+
+impl<T> Json<T> {
+    /// The SHA-256 of the body as sent, for `Idempotency-Key` (computed only
+    /// when the request has one; zero otherwise).
+    pub fn digest(&self) -> [u8; 32] {
+        self.1
+    }
+}
 
 impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
     type Error = ApiError;
@@ -315,8 +323,13 @@ impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
                 return Err(ApiError::UnsupportedMediaType);
             }
             let body = read_body(&req, &mut payload, limit).await?;
+            let digest = if req.headers().contains_key(crate::idempotency::HEADER) {
+                <sha2::Sha256 as sha2::Digest>::digest(&body).into()
+            } else {
+                [0; 32]
+            };
             refuse_nul(&body)?;
-            parse_json(&body).map(Json)
+            parse_json(&body).map(|value| Json(value, digest))
         })
     }
 }

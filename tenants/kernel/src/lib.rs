@@ -14,10 +14,13 @@
 //!   connected.
 //! - [`audit`]: the append-only audit log in each tenant's schema.
 //! - [`text`]: characters names refuse, addresses kept out of logs.
+//! - [`idempotency`]: the stored first answers of requests made with an
+//!   `Idempotency-Key`.
 
 pub mod audit;
 pub mod cache;
 pub mod db;
+pub mod idempotency;
 pub mod ids;
 pub mod migrate;
 pub mod notify;

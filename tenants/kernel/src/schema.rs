@@ -34,3 +34,14 @@ diesel::table! {
 diesel::joinable!(tenant_domains -> tenants (tenant_id));
 diesel::joinable!(tenant_migrations -> tenants (tenant_id));
 diesel::allow_tables_to_appear_in_same_query!(tenants, tenant_domains, tenant_migrations);
+
+diesel::table! {
+    public.idempotency_keys (caller, key) {
+        caller -> Text,
+        key -> Text,
+        request_hash -> Bytea,
+        status -> Int2,
+        body -> Bytea,
+        created_at -> Timestamptz,
+    }
+}
