@@ -26,6 +26,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .configure(plinth_admin::tenant::configure)
         .configure(plinth_admin::platform::configure)
         .configure(plinth_identity::members::configure)
+        .configure(plinth_identity::invitations::configure)
         .configure(plinth_identity::api_keys::configure)
         .configure(plinth_admin::audit_log::configure)
         .configure(plinth_identity::totp::configure)

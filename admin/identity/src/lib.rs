@@ -29,6 +29,7 @@ pub mod accounts;
 pub mod api_keys;
 pub mod config;
 pub mod error;
+pub mod invitations;
 pub mod limits;
 pub mod links;
 pub mod login;
