@@ -297,7 +297,11 @@ impl Processor {
             // Whatever the event changed before it had to wait was rolled
             // back with its transaction; record why it waits.
             Err(Fail::Park(reason)) => {
-                self.mark(event_id, "parked", Some(&reason)).await?;
+                if !self.park(event_id, &reason).await? {
+                    // A replay applied it between this attempt's
+                    // transaction and now.
+                    return Ok(Outcome::AlreadyProcessed);
+                }
                 metrics::counter!("plinth_stripe_events_processed_total", "outcome" => "parked").increment(1);
                 tracing::warn!(stripe.event = event_id, reason, "Stripe event parked");
                 Ok(Outcome::Parked(reason))
@@ -306,14 +310,19 @@ impl Processor {
         }
     }
 
-    async fn mark(&self, event_id: &str, status: &str, reason: Option<&str>) -> Result<(), BillingError> {
+    /// Records why an event waits, unless it has been processed since the
+    /// attempt's transaction ended (a concurrent `plinth billing replay`):
+    /// parking must not turn an applied event back into a waiting one.
+    /// False when it was processed.
+    async fn park(&self, event_id: &str, reason: &str) -> Result<bool, BillingError> {
         self.db
             .platform(async |c| {
-                diesel::update(stripe_events::table.find(event_id))
-                    .set((stripe_events::status.eq(status), stripe_events::parked_reason.eq(reason)))
-                    .execute(c)
-                    .await?;
-                Ok::<_, BillingError>(())
+                let n =
+                    diesel::update(stripe_events::table.find(event_id).filter(stripe_events::status.ne("processed")))
+                        .set((stripe_events::status.eq("parked"), stripe_events::parked_reason.eq(reason)))
+                        .execute(c)
+                        .await?;
+                Ok::<_, BillingError>(n == 1)
             })
             .await
     }
