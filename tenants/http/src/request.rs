@@ -189,13 +189,47 @@ fn method_label(method: &actix_web::http::Method) -> &'static str {
 /// Counts one answered request and its latency, by the route's pattern
 /// (`/v1/projects/{id}`, never the path itself: ids stay out of labels);
 /// `unmatched` when no route took it.
+///
+/// Each thread keeps the handles of the series it has seen: looking a series
+/// up by its labels costs label strings, a hash and a map lookup per request.
+/// Routes, methods and statuses are few, so the map stays small.
 fn observe(method: &'static str, route: Option<&str>, status: u16, took: Duration) {
-    let route = route.unwrap_or("unmatched").to_owned();
-    let status = status.to_string();
-    metrics::counter!("plinth_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("plinth_http_request_duration_seconds", "method" => method, "route" => route)
-        .record(took.as_secs_f64());
+    let route = route.unwrap_or("unmatched");
+    SERIES.with_borrow_mut(|series| {
+        if !series.contains_key(route) {
+            series.insert(route.into(), Vec::new());
+        }
+        let Some(seen) = series.get_mut(route) else { return };
+        let index = match seen.iter().position(|s| s.method == method && s.status == status) {
+            Some(index) => index,
+            None => {
+                let (route, code) = (route.to_owned(), status.to_string());
+                let count = metrics::counter!(
+                    "plinth_http_requests_total", "method" => method, "route" => route.clone(), "status" => code
+                );
+                let latency =
+                    metrics::histogram!("plinth_http_request_duration_seconds", "method" => method, "route" => route);
+                seen.push(RequestSeries { method, status, count, latency });
+                seen.len() - 1
+            }
+        };
+        seen[index].count.increment(1);
+        seen[index].latency.record(took.as_secs_f64());
+    });
+}
+
+/// The request series of one method and status (see [`observe`]).
+struct RequestSeries {
+    method: &'static str,
+    status: u16,
+    count: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+thread_local! {
+    /// Per route pattern.
+    static SERIES: std::cell::RefCell<std::collections::HashMap<Box<str>, Vec<RequestSeries>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
 /// Whether the path or query decodes to a NUL byte (`%00`).
