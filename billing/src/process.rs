@@ -45,10 +45,12 @@ use crate::schema::{billing_customers, stripe_events, subscriptions};
 use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
 use plinth_mail::{self as mail, EmailAddress, Mail};
 use plinth_tenants::audit::Actor;
-use plinth_tenants::registry::PlanStatus;
 use plinth_tenants::{Db, TenantId, registry};
 use serde_json::{Value, json};
 use stripe_shared::{CheckoutSession, Invoice, Subscription, SubscriptionStatus};
+
+mod sync;
+pub use sync::Synced;
 
 /// Job kind: process one stored event (payload `{"id": "evt_..."}`).
 pub const PROCESS: &str = "billing.event";
@@ -69,14 +71,6 @@ pub fn sync_job(every: Duration) -> NewJob {
         max_attempts: 3,
         ..NewJob::new(SYNC, json!({ "every_secs": secs }))
     }
-}
-
-/// What a sync did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Synced {
-    pub customers: usize,
-    pub changed: Vec<(TenantId, String)>,
-    pub failed: Vec<(TenantId, String)>,
 }
 
 /// The job that processes a stored event, queued in the inbox's transaction.
@@ -543,77 +537,6 @@ impl Processor {
             .await?;
         }
         Ok(Outcome::Applied)
-    }
-
-    /// Re-reads every linked customer's subscriptions from Stripe and
-    /// applies the newest to its tenant (`plinth billing sync`). Tenants
-    /// without a Stripe customer (plans set by an operator) are left alone.
-    pub async fn sync(&self) -> Result<Synced, BillingError> {
-        let api = self.api.as_ref().ok_or(BillingError::NotConfigured)?;
-        struct Link {
-            tenant_id: uuid::Uuid,
-            customer_id: String,
-            plan: String,
-        }
-        let links: Vec<Link> = self
-            .db
-            .platform(async |c| {
-                let customers: Vec<(uuid::Uuid, String)> = billing_customers::table
-                    .order(billing_customers::tenant_id.asc())
-                    .select((billing_customers::tenant_id, billing_customers::customer_id))
-                    .load(c)
-                    .await?;
-                // Plans from the registry; tenants being deleted are left alone.
-                let plans: std::collections::HashMap<uuid::Uuid, PlanStatus> =
-                    registry::plan_status(c, None).await?.into_iter().map(|p| (p.id, p)).collect();
-                let links = customers
-                    .into_iter()
-                    .filter_map(|(tenant_id, customer_id)| {
-                        let tenant = plans.get(&tenant_id).filter(|p| p.status != "deleting")?;
-                        Some(Link { tenant_id, customer_id, plan: tenant.plan.clone() })
-                    })
-                    .collect();
-                Ok::<_, BillingError>(links)
-            })
-            .await?;
-        let mut synced = Synced { customers: links.len(), ..Synced::default() };
-        for link in links {
-            let tenant = TenantId(link.tenant_id);
-            let result = async {
-                let subs = api.subscriptions_of(&link.customer_id).await?;
-                self.db
-                    .platform(async |c| {
-                        lock_customer(c, &link.customer_id).await.map_err(|Park(r)| BillingError::Unappliable(r))?;
-                        let event = format!("sync:{}", Utc::now().timestamp());
-                        match <[_]>::first(&subs) {
-                            Some(sub) => {
-                                let kind = if sub.status == SubscriptionStatus::Canceled {
-                                    "customer.subscription.deleted"
-                                } else {
-                                    "customer.subscription.updated"
-                                };
-                                self.apply_subscription(c, &event, kind, Utc::now(), tenant, &link.customer_id, sub)
-                                    .await
-                                    .map_err(|Park(r)| BillingError::Unappliable(r))?;
-                            }
-                            None => {
-                                let details = json!({ "by": "stripe sync", "reason": "no subscription" });
-                                change_plan(c, &self.catalog, tenant, FREE, Actor::System, details).await?;
-                            }
-                        }
-                        let plan = registry::plan_status(c, Some(tenant)).await?.into_iter().next();
-                        Ok::<_, BillingError>(plan.map(|p| p.plan))
-                    })
-                    .await
-            }
-            .await;
-            match result {
-                Ok(Some(plan)) if plan != link.plan => synced.changed.push((tenant, plan)),
-                Ok(_) => {}
-                Err(err) => synced.failed.push((tenant, format!("{:#}", anyhow::Error::new(err)))),
-            }
-        }
-        Ok(synced)
     }
 
     /// Ends a past-due subscription's grace: free, unless it was paid (or
