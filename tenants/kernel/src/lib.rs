@@ -27,6 +27,7 @@ pub mod notify;
 pub mod registry;
 pub mod schema;
 pub mod text;
+pub mod trace;
 
 pub use db::{Db, DbConfig, PgConn, TenantConn, TenantRows};
 pub use ids::{SchemaName, Slug, TenantId, UserId};
