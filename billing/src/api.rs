@@ -26,12 +26,13 @@ use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_tenants::{Db, Tenant, TenantId};
 use serde::{Deserialize, Serialize};
-use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
 use stripe_checkout::checkout_session::{CreateCheckoutSession, CreateCheckoutSessionLineItems};
+use stripe_client_core::{IdempotencyKey, RequestStrategy, StripeRequest};
 use stripe_core::customer::CreateCustomer;
 use utoipa::ToSchema;
 
+use crate::client::{Client, StripeError};
 use crate::config::StripeConfig;
 use crate::error::BillingError;
 use crate::schema::{billing_customers, subscriptions};
@@ -61,12 +62,7 @@ impl Stripe {
     /// `None` without a secret key.
     pub fn new(config: &StripeConfig, public_url: &str) -> anyhow::Result<Option<Self>> {
         let Some(key) = &config.secret_key else { return Ok(None) };
-        let client = ClientBuilder::new(key.clone())
-            // The client appends `v1/...` to the base.
-            .url(format!("{}/", config.api_base.trim_end_matches('/')))
-            .timeout(Duration::from_secs(5))
-            .app_info("plinth", Some(env!("CARGO_PKG_VERSION").to_owned()), None)
-            .build()
+        let client = Client::new(key, &config.api_base, Duration::from_secs(5))
             .map_err(|e| anyhow::anyhow!("configuring the Stripe client: {e}"))?;
         Ok(Some(Self {
             client,
@@ -97,9 +93,9 @@ impl Stripe {
                 Ok(value)
             }
             // Stripe answered and refused (4xx): our request, not an outage.
-            Err(StripeError::Stripe(err, status)) if status < 500 => {
+            Err(StripeError::Api { status, error }) if status < 500 => {
                 self.failures.store(0, Ordering::SeqCst);
-                Err(BillingError::StripeRefused { what, status, message: format!("{:?}", err.message) })
+                Err(BillingError::StripeRefused { what, status, message: format!("{:?}", error.message) })
             }
             Err(err) => {
                 if self.failures.fetch_add(1, Ordering::SeqCst) + 1 >= FAILURES_TO_OPEN {

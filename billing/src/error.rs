@@ -2,10 +2,10 @@
 //! cause. Routes turn it into [`ApiError`] with `?`; jobs and the CLI keep
 //! its whole chain (`{:#}`).
 
+use crate::client::StripeError;
 use plinth_access::plans::PlanError;
 use plinth_http::ApiError;
 use plinth_tenants::db::PoolError;
-use stripe::StripeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {

@@ -14,6 +14,7 @@
 //! `docs/billing.md` has the operator's set-up and the state machine.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod mail;
