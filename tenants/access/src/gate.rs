@@ -199,6 +199,7 @@ impl TenantContext {
             return Err(ApiError::TenantSuspended);
         }
         tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
+        tracing::Span::current().record("tenant.id", tracing::field::display(tenant.id));
         let decision = access.decide(&asked, need)?;
         drop(asked);
         record(subject, &tenant.id.to_string(), need, &decision);

@@ -118,11 +118,16 @@ pub async fn request_span(
     req.extensions_mut().insert(id.clone());
     let span = tracing::info_span!(
         "request",
+        otel.name = method_label(req.method()),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
         request.id = %id.0,
         request.client_id = id.1.as_deref(),
         http.method = %req.method(),
         http.path = %req.path(),
+        http.route = tracing::field::Empty,
         tenant.slug = tracing::field::Empty,
+        tenant.id = tracing::field::Empty,
         user.id = tracing::field::Empty,
         access.subject = tracing::field::Empty,
         access.tenant = tracing::field::Empty,
@@ -133,6 +138,8 @@ pub async fn request_span(
         access.rule = tracing::field::Empty,
         http.status = tracing::field::Empty,
     );
+    // A caller's W3C trace context makes this request part of its trace.
+    plinth_tenants::trace::continue_from(&span, |name| req.headers().get(name).and_then(|v| v.to_str().ok()));
     let started = Instant::now();
     let limit = req.app_data::<BodyLimit>().copied().unwrap_or_default().0;
     let hsts = req.app_data::<Hsts>().copied().unwrap_or_default().0;
@@ -144,6 +151,15 @@ pub async fn request_span(
         }
         secure(res.headers_mut(), hsts);
         span.record("http.status", res.status().as_u16());
+        if res.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+        if let Some(route) = route {
+            span.record("http.route", route);
+            if plinth_tenants::trace::exporting() {
+                plinth_tenants::trace::rename(&span, format!("{method} {route}"));
+            }
+        }
         span.in_scope(|| {
             tracing::info!(http.latency_ms = started.elapsed().as_secs_f64() * 1000.0, "request finished");
         });

@@ -34,6 +34,7 @@ use tracing::Instrument as _;
 use plinth_tenants::db::{Db, PoolError};
 use plinth_tenants::ids::TenantId;
 use plinth_tenants::text::redact_addresses;
+use plinth_tenants::trace;
 
 mod stats;
 pub use stats::{JobCounts, JobSummary, QueueStats, counts, list, queue_stats};
@@ -91,27 +92,48 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// The columns a job is queued with. `jobs` itself is declared without
+    /// `traceparent`: diesel takes 16 columns unless built with its
+    /// 32-column feature, which makes it much slower to build; the claim
+    /// reads it in raw SQL.
+    #[sql_name = "jobs"]
+    public.queued_jobs (id) {
+        id -> Uuid,
+        kind -> Text,
+        payload -> Jsonb,
+        tenant_id -> Nullable<Uuid>,
+        dedup_key -> Nullable<Text>,
+        max_attempts -> Integer,
+        wake -> Bool,
+        run_at -> Timestamptz,
+        traceparent -> Nullable<Text>,
+    }
+}
+
 /// Queues a job on `conn`, inside whatever transaction `conn` is in. Returns
 /// `None` when a job with the same kind and dedup key already exists.
 pub async fn enqueue(conn: &AsyncPgConnection, job: NewJob) -> diesel::QueryResult<Option<JobId>> {
     let mut conn = conn;
     let values = (
-        jobs::id.eq(JobId::new().0),
-        jobs::kind.eq(job.kind),
-        jobs::payload.eq(&job.payload),
-        jobs::tenant_id.eq(job.tenant.map(|t| t.0)),
-        jobs::dedup_key.eq(job.dedup_key.as_deref()),
-        jobs::max_attempts.eq(job.max_attempts.max(1)),
-        jobs::wake.eq(job.wake),
+        queued_jobs::id.eq(JobId::new().0),
+        queued_jobs::kind.eq(job.kind),
+        queued_jobs::payload.eq(&job.payload),
+        queued_jobs::tenant_id.eq(job.tenant.map(|t| t.0)),
+        queued_jobs::dedup_key.eq(job.dedup_key.as_deref()),
+        queued_jobs::max_attempts.eq(job.max_attempts.max(1)),
+        queued_jobs::wake.eq(job.wake),
+        // The job's span continues the trace that queued it.
+        queued_jobs::traceparent.eq(plinth_tenants::trace::current_traceparent()),
         // `None` inserts DEFAULT: the database's now.
-        job.run_at.map(|at| jobs::run_at.eq(at)),
+        job.run_at.map(|at| queued_jobs::run_at.eq(at)),
     );
-    let id: Option<uuid::Uuid> = diesel::insert_into(jobs::table)
+    let id: Option<uuid::Uuid> = diesel::insert_into(queued_jobs::table)
         .values(values)
-        .on_conflict((jobs::kind, jobs::dedup_key))
-        .filter_target(jobs::dedup_key.is_not_null())
+        .on_conflict((queued_jobs::kind, queued_jobs::dedup_key))
+        .filter_target(queued_jobs::dedup_key.is_not_null())
         .do_nothing()
-        .returning(jobs::id)
+        .returning(queued_jobs::id)
         .get_result(&mut conn)
         .await
         .optional()?;
@@ -176,6 +198,9 @@ pub struct ClaimedJob {
     pub attempts: i32,
     #[diesel(sql_type = Integer)]
     pub max_attempts: i32,
+    /// The trace of the span that queued the job (`trace`).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub traceparent: Option<String>,
 }
 
 /// Claims up to `limit` ready jobs (queued and due, or running with an
@@ -209,7 +234,7 @@ pub async fn claim(db: &Db, worker: &str, limit: i64, lease: Duration) -> Result
                    WHERE (status = 'queued' AND run_at <= now()) OR (status = 'running' AND locked_until < now()) \
                    ORDER BY run_at LIMIT $3 FOR UPDATE SKIP LOCKED) picked \
              WHERE j.id = picked.id \
-             RETURNING j.id, j.kind, j.payload, j.tenant_id, j.attempts, j.max_attempts",
+             RETURNING j.id, j.kind, j.payload, j.tenant_id, j.attempts, j.max_attempts, j.traceparent",
         )
         .bind::<Text, _>(worker)
         .bind::<Double, _>(lease.as_secs_f64())
@@ -497,11 +522,15 @@ impl Worker {
     async fn run_one(self: Arc<Self>, job: ClaimedJob) {
         let span = tracing::info_span!(
             "job",
+            otel.name = format!("job {}", job.kind),
+            otel.kind = "consumer",
             job.kind = %job.kind,
             job.id = %job.id,
             job.attempt = job.attempts,
-            tenant.id = job.tenant_id.map(|t| t.to_string()).unwrap_or_default(),
+            tenant.id = job.tenant_id.map(tracing::field::display),
         );
+        let traceparent = job.traceparent.as_deref();
+        plinth_tenants::trace::continue_from(&span, |name| traceparent.filter(|_| name == trace::TRACEPARENT));
         async move {
             let started = std::time::Instant::now();
             let (id, attempts, max_attempts) = (job.id, job.attempts, job.max_attempts);

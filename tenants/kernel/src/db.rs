@@ -18,6 +18,7 @@ use diesel_async::{
     AnsiTransactionManager, AsyncConnection, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
 };
 use futures_util::FutureExt as _;
+use tracing::Instrument as _;
 
 use crate::ids::{SchemaName, TenantId};
 
@@ -183,13 +184,17 @@ impl Db {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
-        let mut conn = self.conn().await?;
-        AnsiTransactionManager::begin_transaction(&mut *conn).await?;
-        let result = {
-            let mut rows = TenantRows { conn: &mut conn, tenant_id: tenant.id, schema: tenant.schema };
-            f(&mut rows).await
-        };
-        counted("rows", finish(&mut conn, result).await)
+        async {
+            let mut conn = self.conn().await?;
+            AnsiTransactionManager::begin_transaction(&mut *conn).await?;
+            let result = {
+                let mut rows = TenantRows { conn: &mut conn, tenant_id: tenant.id, schema: tenant.schema };
+                f(&mut rows).await
+            };
+            counted("rows", finish(&mut conn, result).await)
+        }
+        .instrument(tx_span("rows", tenant.id))
+        .await
     }
 
     /// Runs `f` in a transaction scoped to one tenant's schema.
@@ -206,42 +211,62 @@ impl Db {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
-        let mut obj = self.conn().await?;
-        // Count the transaction as open before anything is sent. If this
-        // future is dropped from here on, the pool sees an open transaction
-        // and discards the connection instead of handing it (mid-transaction,
-        // with this tenant's search_path) to another request.
-        AnsiTransactionManager::transaction_manager_status_mut(&mut *obj)
-            .transaction_state()?
-            .change_transaction_depth(TransactionDepthChange::IncreaseDepth)?;
-        let begin_sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
-        let result = {
-            let shared: &AsyncPgConnection = &obj;
-            let mut scoped = TenantConn { conn: shared, tenant_id: tenant.id };
-            // `join` polls `begin` first, which queues BEGIN on the connection
-            // before `f` can queue anything; the connection keeps that order.
-            let begin = async {
-                let mut conn = shared;
-                conn.batch_execute(&begin_sql).await
+        async {
+            let mut obj = self.conn().await?;
+            // Count the transaction as open before anything is sent. If this
+            // future is dropped from here on, the pool sees an open transaction
+            // and discards the connection instead of handing it (mid-transaction,
+            // with this tenant's search_path) to another request.
+            AnsiTransactionManager::transaction_manager_status_mut(&mut *obj)
+                .transaction_state()?
+                .change_transaction_depth(TransactionDepthChange::IncreaseDepth)?;
+            let begin_sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
+            let result = {
+                let shared: &AsyncPgConnection = &obj;
+                let mut scoped = TenantConn { conn: shared, tenant_id: tenant.id };
+                // `join` polls `begin` first, which queues BEGIN on the connection
+                // before `f` can queue anything; the connection keeps that order.
+                let begin = async {
+                    let mut conn = shared;
+                    conn.batch_execute(&begin_sql).await
+                };
+                let body = async {
+                    #[cfg(debug_assertions)]
+                    scoped.assert_schema::<E>(tenant.schema).await?;
+                    f(&mut scoped).await
+                };
+                match futures_util::future::join(begin, body).await {
+                    (Ok(()), result) => result,
+                    (Err(begin_failed), _) => Err(begin_failed.into()),
+                }
             };
-            let body = async {
-                #[cfg(debug_assertions)]
-                scoped.assert_schema::<E>(tenant.schema).await?;
-                f(&mut scoped).await
-            };
-            match futures_util::future::join(begin, body).await {
-                (Ok(()), result) => result,
-                (Err(begin_failed), _) => Err(begin_failed.into()),
-            }
-        };
-        counted("schema", finish(&mut obj, result).await)
+            counted("schema", finish(&mut obj, result).await)
+        }
+        .instrument(tx_span("schema", tenant.id))
+        .await
     }
 }
 
+/// The span of one tenant transaction, for traces. DEBUG, so that logs at
+/// the default level never pay for it; the trace exporter takes Plinth's
+/// DEBUG spans (app `telemetry`).
+fn tx_span(kind: &'static str, tenant: TenantId) -> tracing::Span {
+    tracing::debug_span!(
+        "tenant transaction",
+        otel.kind = "client",
+        db.system.name = "postgresql",
+        tx.kind = kind,
+        tenant.id = %tenant,
+        tx.outcome = tracing::field::Empty,
+    )
+}
+
 /// Counts a finished tenant transaction (`schema`: a [`TenantConn`];
-/// `rows`: a [`TenantRows`]) by whether it committed.
+/// `rows`: a [`TenantRows`]) by whether it committed, and records that on
+/// its span.
 fn counted<R, E>(kind: &'static str, result: Result<R, E>) -> Result<R, E> {
     let outcome = if result.is_ok() { "commit" } else { "rollback" };
+    tracing::Span::current().record("tx.outcome", outcome);
     metrics::counter!("plinth_tenant_transactions_total", "kind" => kind, "outcome" => outcome).increment(1);
     result
 }

@@ -20,6 +20,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use anyhow::Context as _;
 use diesel::{
@@ -302,8 +303,15 @@ impl Mailer {
                     tracing::info!(mail.id = %outbox_id, status = row.status, "mail already handled");
                     return Ok(());
                 }
+                let span = tracing::info_span!(
+                    "mail delivery",
+                    otel.kind = "client",
+                    mail.id = %outbox_id,
+                    mail.template = row.template,
+                    tenant.id = row.tenant_id.map(tracing::field::display),
+                );
                 let sent = match self.render(outbox_id, &row) {
-                    Ok(message) => self.send(message).await.inspect_err(|_| {
+                    Ok(message) => self.send(message).instrument(span).await.inspect_err(|_| {
                         metrics::counter!("plinth_mail_total", "outcome" => "error").increment(1);
                     })?,
                     Err(err) => Sent::Rejected(format!("could not build the message: {err:#}")),
@@ -382,6 +390,7 @@ impl Mailer {
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = mail_outbox)]
 struct OutboxRow {
+    tenant_id: Option<uuid::Uuid>,
     recipient: String,
     template: String,
     data: serde_json::Value,

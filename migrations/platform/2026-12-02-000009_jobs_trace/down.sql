@@ -1,0 +1,1 @@
+ALTER TABLE public.jobs DROP COLUMN traceparent;
