@@ -632,8 +632,12 @@ mod api {
         let stripe = StripeMock::start().await?;
         let (app, testdb) = app(&stripe).await?;
         let acme = app.create_tenant("acme").await?;
-        let checkout =
-            || app.req(Method::POST, "acme", "/v1/billing/checkout").json(&serde_json::json!({ "plan": "pro" })).send();
+        let checkout = || {
+            app.req(Method::POST, "acme", "/v1/billing/checkout")
+                .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .json(&serde_json::json!({ "plan": "pro" }))
+                .send()
+        };
         // Two at once: Stripe sees the same idempotency key for the customer.
         let (a, b) = tokio::join!(checkout(), checkout());
         for res in [a?, b?] {
@@ -648,6 +652,10 @@ mod api {
         assert!(customers.iter().all(|r| r.idempotency_key.as_deref() == Some(key.as_str())), "{customers:?}");
         assert!(customers.iter().all(|r| r.field("metadata[tenant_id]") == Some(&acme.id.to_string()[..])));
         assert_eq!(customers[0].authorization.as_deref(), Some("Bearer sk_test_plinth"));
+        // The API version async-stripe's types are generated for.
+        assert!(requests.iter().all(|r| r.stripe_version.as_deref() == Some("2026-09-30.endive")), "{requests:?}");
+        // No trace exporter in this process: a caller's trace is not passed on.
+        assert!(requests.iter().all(|r| r.traceparent.is_none()));
         let linked: i64 = testdb
             .client()
             .await?
@@ -698,8 +706,12 @@ mod api {
         let (app, _db) = app(&stripe).await?;
         app.create_tenant("acme").await?;
         stripe.set_down(true);
-        let checkout =
-            || app.req(Method::POST, "acme", "/v1/billing/checkout").json(&serde_json::json!({ "plan": "pro" })).send();
+        let checkout = || {
+            app.req(Method::POST, "acme", "/v1/billing/checkout")
+                .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .json(&serde_json::json!({ "plan": "pro" }))
+                .send()
+        };
         for _ in 0..5 {
             let started = Instant::now();
             assert_error(checkout().await?, 503, "unavailable").await?;

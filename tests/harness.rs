@@ -41,7 +41,7 @@ async fn server() -> TestResult<&'static Server> {
     SERVER
         .get_or_try_init(|| async {
             if std::env::var_os("TEST_LOG").is_some() {
-                plinth::telemetry::init(false);
+                let _ = plinth::telemetry::init(false, None);
             }
             let data_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pg");
             let database = plinth::pg::prepare(std::env::var("DATABASE_URL").ok().as_deref(), &data_dir, "postgres")
@@ -221,7 +221,7 @@ impl TestApp {
         let addr = format!("http://127.0.0.1:{}", app.port());
         let handle = app.handle();
         tokio::spawn(app.run_until_stopped());
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let http = http_client().timeout(Duration::from_secs(30)).build()?;
         let app = Self { addr, db, http, handle, testdb: None, tokens: Default::default() };
         app.wait_until_cache_trusted().await?;
         Ok(app)
@@ -407,6 +407,15 @@ impl Drop for PgBouncer {
 }
 
 /// A directory removed on drop.
+/// An HTTP client for the tests. reqwest's TLS is rustls without a built-in
+/// crypto provider (the app installs ring at startup); the tests install the
+/// same one.
+pub fn http_client() -> reqwest::ClientBuilder {
+    // Already installed (by another test) is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 pub struct TempDir {
     pub path: std::path::PathBuf,
 }

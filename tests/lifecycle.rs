@@ -26,7 +26,7 @@ async fn sigterm_lets_in_flight_requests_finish() -> TestResult {
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let http = reqwest::Client::new();
+    let http = crate::harness::http_client().build()?;
     let base = format!("http://127.0.0.1:{port}");
     eventually(Duration::from_secs(20), || async {
         Ok(http.get(format!("{base}/health/ready")).send().await.is_ok_and(|r| r.status() == 200))

@@ -24,4 +24,5 @@ mod routing;
 mod security;
 mod smtp;
 mod stripe;
+mod traces;
 mod world;

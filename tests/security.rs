@@ -213,7 +213,7 @@ impl Served {
         }
         let child = cmd.spawn()?;
         let served = Self { child, addr: format!("http://127.0.0.1:{port}") };
-        let http = reqwest::Client::new();
+        let http = crate::harness::http_client().build()?;
         eventually(Duration::from_secs(60), || async {
             Ok(http.get(format!("{}/health/ready", served.addr)).send().await.is_ok_and(|r| r.status() == 200))
         })
@@ -252,7 +252,7 @@ async fn hashing_is_bounded_under_bursts() -> TestResult {
     let numbers: Vec<&str> = files.split_whitespace().skip(3).take(2).collect();
     assert_eq!(numbers.first(), numbers.get(1), "soft file limit raised to the hard one: {files}");
 
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+    let http = crate::harness::http_client().timeout(Duration::from_secs(120)).build()?;
     let res = http
         .post(format!("{}/v1/signup", served.addr))
         .json(&json!({ "email": "ada@example.com", "password": PASSWORD, "organization": "Acme", "slug": "acme" }))
@@ -829,7 +829,7 @@ async fn client_mistakes_do_not_log_at_error() -> TestResult {
         .kill_on_drop(true)
         .spawn()?;
     let addr = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = crate::harness::http_client().build()?;
     eventually(Duration::from_secs(60), || async {
         Ok(http.get(format!("{addr}/health/ready")).send().await.is_ok_and(|r| r.status() == 200))
     })

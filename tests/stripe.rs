@@ -78,6 +78,9 @@ pub struct Recorded {
     pub path: String,
     pub idempotency_key: Option<String>,
     pub authorization: Option<String>,
+    /// The W3C trace context the call carried.
+    pub traceparent: Option<String>,
+    pub stripe_version: Option<String>,
     /// The form body, decoded (`line_items[0][price]` → value).
     pub form: Vec<(String, String)>,
 }
@@ -121,6 +124,8 @@ impl StripeMock {
                         path: req.path().to_owned(),
                         idempotency_key: header("idempotency-key"),
                         authorization: header("authorization"),
+                        traceparent: header("traceparent"),
+                        stripe_version: header("stripe-version"),
                         form,
                     };
                     let mut state = state.lock().unwrap_or_else(|p| p.into_inner());

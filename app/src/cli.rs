@@ -161,11 +161,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return print_openapi();
     }
     let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init(settings.log_json);
+    let telemetry = telemetry::init(settings.log_json, settings.otlp_endpoint.as_deref())?;
     raise_file_limit();
     let database = pg::prepare(settings.database_url.as_deref(), &settings.data_dir, "plinth").await?;
     let result = dispatch(cli.command, &settings, &database.url).await;
     database.shutdown();
+    // Flushing blocks on the exporter's thread.
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     result
 }
 

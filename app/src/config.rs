@@ -77,6 +77,9 @@ pub struct Settings {
     /// `PLINTH_METRICS_TOKEN`: the bearer token `GET /metrics` needs;
     /// unset, it needs none.
     pub metrics_token: Option<String>,
+    /// `PLINTH_OTLP_ENDPOINT`: an OpenTelemetry collector's OTLP/HTTP base
+    /// URL (`http://collector:4318`); unset, no traces are exported.
+    pub otlp_endpoint: Option<String>,
     /// `PLINTH_CORS_ORIGINS`: the web apps' origins that may call the API
     /// from a browser (commas or spaces between them); unset, none may.
     pub cors_origins: Vec<String>,
@@ -190,6 +193,12 @@ impl Settings {
             worker_concurrency: usize::try_from(num("PLINTH_WORKER_CONCURRENCY", 4)?)?.max(1),
             client_ip_header: get("PLINTH_CLIENT_IP_HEADER").map(str::to_ascii_lowercase),
             metrics_token: get("PLINTH_METRICS_TOKEN").map(str::to_owned),
+            otlp_endpoint: match get("PLINTH_OTLP_ENDPOINT").map(str::trim).filter(|v| !v.is_empty()) {
+                Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                    bail!("PLINTH_OTLP_ENDPOINT must be an http:// or https:// URL, like http://collector:4318")
+                }
+                url => url.map(str::to_owned),
+            },
             cors_origins: plinth_http::cors::parse_origins(get("PLINTH_CORS_ORIGINS").unwrap_or_default())
                 .map_err(|e| anyhow::anyhow!("PLINTH_CORS_ORIGINS: {e}"))?,
             limits: {
