@@ -244,7 +244,10 @@ async fn a_killed_worker_job_is_taken_over_after_its_lease_and_completes_once() 
     let tenant = acme(&db).await?;
     queue(&db, invitation(&tenant, "grace@example.com", "invite-1")?).await?;
     let settings = settings(Some(smtp.url()), &dir.path)?;
-    let lease = WorkerConfig { lease: Duration::from_millis(600), ..fast() };
+    // A lease long enough that the rescuer's own heartbeats (every third of
+    // it) keep it on a loaded machine: with 600 ms, a heartbeat late by
+    // 400 ms let the rescuer take its own job over again (a third attempt).
+    let lease = WorkerConfig { lease: Duration::from_secs(2), ..fast() };
     let doomed = Running::mail(&testdb, &settings, lease.clone())?;
     let client = testdb.client().await?;
     eventually(Duration::from_secs(10), || async { Ok(job_states(&client).await?[0].0 == "running") }).await?;
