@@ -218,3 +218,59 @@ async fn creating_an_organization_twice_with_one_key_makes_one() -> TestResult {
     assert_eq!(again.json::<Value>().await?, first);
     Ok(())
 }
+
+#[tokio::test]
+async fn checkout_with_a_key_opens_one_stripe_session_for_its_caller() -> TestResult {
+    use crate::harness::{AppOptions, TestDb};
+    let stripe = crate::stripe::StripeMock::start().await?;
+    let testdb = TestDb::migrated().await?;
+    let url: &'static str = Box::leak(stripe.url.clone().into_boxed_str());
+    let settings = vec![
+        ("PLINTH_STRIPE_SECRET_KEY", "sk_test_plinth"),
+        ("PLINTH_STRIPE_API_BASE", url),
+        ("PLINTH_STRIPE_PRICE_PRO", "price_plinth_pro"),
+        ("PLINTH_STRIPE_PRICE_ENTERPRISE", "price_plinth_enterprise"),
+    ];
+    let app = TestApp::spawn_on(&testdb, AppOptions { settings, ..Default::default() }).await?;
+    app.create_tenant("acme").await?;
+    app.create_tenant("bravo").await?;
+    let checkout = |slug: &str, key: &str, plan: &str| {
+        app.req(Method::POST, slug, "/v1/billing/checkout")
+            .header("idempotency-key", key)
+            .json(&json!({ "plan": plan }))
+            .send()
+    };
+    let url_of = async |res: reqwest::Response| -> TestResult<String> {
+        assert_eq!(res.status(), 200);
+        let body: Value = res.json().await?;
+        Ok(body["url"].as_str().ok_or("no url")?.to_owned())
+    };
+
+    // Two at once with one key, then a retry: one session, one URL.
+    let (a, b) = tokio::join!(checkout("acme", "k1", "pro"), checkout("acme", "k1", "pro"));
+    let (a, b) = (url_of(a?).await?, url_of(b?).await?);
+    let retry = checkout("acme", "k1", "pro").await?;
+    assert_eq!(retry.headers().get("idempotent-replayed").map(|v| v.as_bytes()), Some(&b"true"[..]));
+    let retried = url_of(retry).await?;
+    assert_eq!((&a, &b), (&retried, &retried));
+    let first = a;
+    let sessions: Vec<_> = stripe.requests().into_iter().filter(|r| r.path == "/v1/checkout/sessions").collect();
+    assert!((1..=2).contains(&sessions.len()), "the retry never reached Stripe: {sessions:?}");
+    assert!(sessions.iter().all(|s| s.idempotency_key.is_some() && s.idempotency_key == sessions[0].idempotency_key));
+
+    // The key with another plan: 422, whether Plinth or Stripe notices first.
+    let res = checkout("acme", "k1", "enterprise").await?;
+    assert_error(res, 422, "idempotency_key_reused").await?;
+    let (a, b) = tokio::join!(checkout("acme", "k2", "pro"), checkout("acme", "k2", "enterprise"));
+    let mut statuses = [a?.status().as_u16(), b?.status().as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 422]);
+
+    // Another caller's key of the same name is theirs: a session of their own.
+    let bravo = url_of(checkout("bravo", "k1", "pro").await?).await?;
+    assert_ne!(bravo, first);
+    // Without a key, each request opens a session.
+    let plain = || app.req(Method::POST, "acme", "/v1/billing/checkout").json(&json!({ "plan": "pro" })).send();
+    assert_ne!(url_of(plain().await?).await?, url_of(plain().await?).await?);
+    Ok(())
+}

@@ -96,6 +96,8 @@ struct MockState {
     requests: Vec<Recorded>,
     customers: std::collections::HashMap<String, String>,
     subscriptions: std::collections::HashMap<String, Value>,
+    /// Idempotency key → the first request's form and answer.
+    idempotent: std::collections::HashMap<String, (Vec<(String, String)>, u16, Value)>,
     down: bool,
 }
 
@@ -135,14 +137,28 @@ impl StripeMock {
                             .json(json!({ "error": { "type": "api_error", "message": "down" } }));
                     }
                     let n = state.requests.len();
-                    match (recorded.method.as_str(), recorded.path.as_str()) {
+                    // Stripe's idempotency: a POST with a key seen before replays
+                    // its first answer, or is refused if its parameters differ.
+                    let key = recorded.idempotency_key.clone().filter(|_| recorded.method == "POST");
+                    if let Some((form, status, body)) = key.as_ref().and_then(|k| state.idempotent.get(k)) {
+                        if *form != recorded.form {
+                            return HttpResponse::BadRequest().json(json!({ "error": {
+                                "type": "idempotency_error",
+                                "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."
+                            } }));
+                        }
+                        return HttpResponse::build(actix_web::http::StatusCode::from_u16(*status).unwrap_or_default())
+                            .insert_header(("idempotent-replayed", "true"))
+                            .json(body);
+                    }
+                    let (status, body): (u16, Value) = match (recorded.method.as_str(), recorded.path.as_str()) {
                         ("POST", "/v1/customers") => {
                             let key = recorded.idempotency_key.clone().unwrap_or_else(|| format!("k{n}"));
                             let id = state.customers.entry(key).or_insert_with(|| format!("cus_mock_{n}")).clone();
                             let mut customer = object("customer");
                             customer["id"] = json!(id);
                             customer["metadata"] = json!({ "tenant_id": recorded.field("metadata[tenant_id]") });
-                            HttpResponse::Ok().json(customer)
+                            (200, customer)
                         }
                         ("POST", "/v1/checkout/sessions") => {
                             let mut session = object("checkout.session");
@@ -151,14 +167,14 @@ impl StripeMock {
                             session["url"] = json!(format!("https://checkout.stripe.test/c/pay/cs_mock_{n}"));
                             session["customer"] = json!(recorded.field("customer"));
                             session["client_reference_id"] = json!(recorded.field("client_reference_id"));
-                            HttpResponse::Ok().json(session)
+                            (200, session)
                         }
                         ("POST", "/v1/billing_portal/sessions") => {
                             let mut session = object("billing_portal.session");
                             session["id"] = json!(format!("bps_mock_{n}"));
                             session["customer"] = json!(recorded.field("customer"));
                             session["url"] = json!(format!("https://billing.stripe.test/p/session/bps_mock_{n}"));
-                            HttpResponse::Ok().json(session)
+                            (200, session)
                         }
                         ("GET", "/v1/subscriptions") => {
                             let customer = req
@@ -169,21 +185,24 @@ impl StripeMock {
                                 .to_owned();
                             let data: Vec<Value> =
                                 state.subscriptions.values().filter(|s| s["customer"] == customer).cloned().collect();
-                            HttpResponse::Ok().json(
+                            (200,
                                 json!({ "object": "list", "data": data, "has_more": false, "url": "/v1/subscriptions" }),
                             )
                         }
                         ("GET", path) if path.starts_with("/v1/subscriptions/") => {
                             match state.subscriptions.get(&path["/v1/subscriptions/".len()..]) {
-                                Some(sub) => HttpResponse::Ok().json(sub),
-                                None => HttpResponse::NotFound().json(
+                                Some(sub) => (200, sub.clone()),
+                                None => (404,
                                     json!({ "error": { "type": "invalid_request_error", "message": "no such subscription" } }),
                                 ),
                             }
                         }
-                        _ => HttpResponse::NotFound()
-                            .json(json!({ "error": { "type": "invalid_request_error", "message": "no such route" } })),
+                        _ => (404, json!({ "error": { "type": "invalid_request_error", "message": "no such route" } })),
+                    };
+                    if let Some(key) = key {
+                        state.idempotent.insert(key, (recorded.form.clone(), status, body.clone()));
                     }
+                    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default()).json(body)
                 }
             }))
         })

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, get, post, web};
 use diesel::{
     ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
@@ -21,14 +22,17 @@ use diesel::{
 use diesel_async::RunQueryDsl;
 use plinth_access::Access;
 use plinth_access::{Allowed, requirements};
-use plinth_http::openapi::{ErrorEnvelope, TenantHeader};
+use plinth_http::idempotency::{self, IdempotencyKey};
+use plinth_http::openapi::{ErrorEnvelope, IdempotencyKeyHeader, KeyReuse, TenantHeader};
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
+use plinth_tenants::idempotency::Keyed;
 use plinth_tenants::{Db, Tenant, TenantId};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
 use stripe_checkout::checkout_session::{CreateCheckoutSession, CreateCheckoutSessionLineItems};
-use stripe_client_core::{IdempotencyKey, RequestStrategy, StripeRequest};
+use stripe_client_core::{RequestStrategy, StripeRequest};
 use stripe_core::customer::CreateCustomer;
 use utoipa::ToSchema;
 
@@ -92,6 +96,12 @@ impl Stripe {
                 self.failures.store(0, Ordering::SeqCst);
                 Ok(value)
             }
+            Err(StripeError::Api { status, error })
+                if status == 409 || error.type_ == stripe_shared::ApiErrorsType::IdempotencyError =>
+            {
+                self.failures.store(0, Ordering::SeqCst);
+                Err(BillingError::StripeIdempotency { status })
+            }
             // Stripe answered and refused (4xx): our request, not an outage.
             Err(StripeError::Api { status, error }) if status < 500 => {
                 self.failures.store(0, Ordering::SeqCst);
@@ -142,7 +152,7 @@ impl Stripe {
             return Ok(id);
         }
         self.admit()?;
-        let key = IdempotencyKey::new(format!("plinth-customer-{}", tenant.0))
+        let key = stripe_client_core::IdempotencyKey::new(format!("plinth-customer-{}", tenant.0))
             .map_err(|e| BillingError::Internal(format!("idempotency key: {e}")))?;
         let created = CreateCustomer::new()
             .name(name)
@@ -168,11 +178,35 @@ impl Stripe {
     }
 
     /// A Checkout session subscribing the tenant's customer (created on
-    /// first need) to `price`; its URL.
-    pub async fn checkout_session(&self, db: &Db, tenant: &Tenant, price: String) -> Result<String, BillingError> {
+    /// first need) to `price`; its URL. With `once` (a caller's
+    /// `Idempotency-Key`), Stripe creates one session for it however often
+    /// it is asked, and refuses it with other parameters.
+    pub async fn checkout_session(
+        &self,
+        db: &Db,
+        tenant: &Tenant,
+        price: String,
+        once: Option<&Keyed>,
+    ) -> Result<String, BillingError> {
         let customer = self.customer(db, tenant.id, &tenant.name).await?;
         self.admit()?;
         let item = CreateCheckoutSessionLineItems { price: Some(price), quantity: Some(1), ..Default::default() };
+        let strategy = match once {
+            // Stripe's keys are per account and 255 characters at most: the
+            // caller and their key, hashed.
+            Some(keyed) => {
+                let digest = Sha256::new()
+                    .chain_update(keyed.caller.as_bytes())
+                    .chain_update([0])
+                    .chain_update(keyed.key.as_bytes())
+                    .finalize();
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                let key = stripe_client_core::IdempotencyKey::new(format!("plinth-checkout-{hex}"))
+                    .map_err(|e| BillingError::Internal(format!("idempotency key: {e}")))?;
+                RequestStrategy::Idempotent(key)
+            }
+            None => RequestStrategy::Once,
+        };
         let session = CreateCheckoutSession::new()
             .mode(stripe_shared::CheckoutSessionMode::Subscription)
             .customer(customer)
@@ -180,6 +214,8 @@ impl Stripe {
             .line_items(vec![item])
             .success_url(format!("{}/billing/success?session_id={{CHECKOUT_SESSION_ID}}", self.public_url))
             .cancel_url(format!("{}/billing/cancelled", self.public_url))
+            .customize()
+            .request_strategy(strategy)
             .send(&self.client)
             .await;
         let session = self.record(session, "creating a checkout session")?;
@@ -232,13 +268,14 @@ struct Redirect {
     operation_id = "billing_checkout",
     tag = "billing",
     summary = "A Stripe Checkout page that subscribes the organization to a paid plan (owners)",
-    params(TenantHeader),
+    params(TenantHeader, IdempotencyKeyHeader),
     security(("session" = []), ("api_key" = [])),
     request_body = CheckoutBody,
     responses(
         (status = 200, body = Redirect),
         (status = 400, description = "Error: invalid_request (not a plan with a price).", body = ErrorEnvelope),
         (status = 503, description = "Error: billing_not_configured (this server has no Stripe key), unavailable (Stripe or the database is failing).", body = ErrorEnvelope),
+        KeyReuse,
     ),
 )]
 #[post("/v1/billing/checkout")]
@@ -248,8 +285,10 @@ async fn checkout(
     access: web::Data<std::sync::Arc<Access>>,
     api: Option<web::Data<Stripe>>,
     body: Json<CheckoutBody>,
+    key: IdempotencyKey,
 ) -> Result<HttpResponse, ApiError> {
     let api = stripe(api)?;
+    let digest = body.digest();
     let plan = access.catalog().get(&body.0.plan);
     let Some(price) = plan.and_then(|p| p.stripe_price.clone()) else {
         let paid: Vec<_> =
@@ -260,8 +299,22 @@ async fn checkout(
             format!("must be a plan with a price: {}", paid.join(", ")),
         )]));
     };
-    let url = api.checkout_session(&db, &ctx.tenant, price).await?;
-    Ok(HttpResponse::Ok().json(Redirect { url }))
+    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest);
+    let keyed = keyed.as_ref();
+    // No transaction is held across the call to Stripe: Stripe's own key
+    // makes the session once; the answer is then recorded under the
+    // caller's key, and a concurrent twin that loses the claim replays it.
+    idempotency::once(&db, keyed, async || {
+        let url = api.checkout_session(&db, &ctx.tenant, price, keyed).await?;
+        let json = db
+            .platform(async |c| {
+                idempotency::claim(c, keyed).await?;
+                idempotency::record(c, keyed, StatusCode::OK, &Redirect { url }).await
+            })
+            .await?;
+        Ok(idempotency::answer(StatusCode::OK, json))
+    })
+    .await
 }
 
 /// `POST /v1/billing/portal` → {url}: the Customer Portal for the tenant's

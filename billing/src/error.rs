@@ -25,6 +25,11 @@ pub enum BillingError {
         #[source]
         source: StripeError,
     },
+    /// Stripe refused a request's idempotency key: used before with other
+    /// parameters (400 `idempotency_error`), or in use by a concurrent
+    /// request (409).
+    #[error("Stripe refused the idempotency key ({status})")]
+    StripeIdempotency { status: u16 },
     /// What Stripe has cannot be applied (an unknown price or customer).
     #[error("cannot apply: {0}")]
     Unappliable(String),
@@ -47,6 +52,8 @@ impl From<BillingError> for ApiError {
             BillingError::Db(e) => e.into(),
             BillingError::Pool(e) => e.into(),
             BillingError::Plan(e) => e.into(),
+            BillingError::StripeIdempotency { status: 409 } => ApiError::IdempotencyKeyInUse,
+            BillingError::StripeIdempotency { .. } => ApiError::IdempotencyKeyReused,
             BillingError::StripeRefused { .. } | BillingError::Unappliable(_) | BillingError::Internal(_) => {
                 ApiError::Internal(e.into())
             }
