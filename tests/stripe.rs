@@ -91,13 +91,16 @@ impl Recorded {
     }
 }
 
+/// A keyed request's form, and the status and body it was answered.
+type FirstAnswer = (Vec<(String, String)>, u16, Value);
+
 #[derive(Default)]
 struct MockState {
     requests: Vec<Recorded>,
     customers: std::collections::HashMap<String, String>,
     subscriptions: std::collections::HashMap<String, Value>,
     /// Idempotency key → the first request's form and answer.
-    idempotent: std::collections::HashMap<String, (Vec<(String, String)>, u16, Value)>,
+    idempotent: std::collections::HashMap<String, FirstAnswer>,
     down: bool,
 }
 
