@@ -19,6 +19,7 @@
 
 pub mod audit;
 pub mod cache;
+pub mod crypto;
 pub mod db;
 pub mod idempotency;
 pub mod ids;
