@@ -203,6 +203,7 @@ impl TestApp {
         values.insert("PLINTH_LISTEN".to_owned(), "127.0.0.1:0".to_owned());
         values.insert("PLINTH_BASE_DOMAIN".to_owned(), BASE_DOMAIN.to_owned());
         values.insert("PLINTH_WORKERS".to_owned(), "1".to_owned());
+        values.insert("PLINTH_ENCRYPTION_KEY".to_owned(), TEST_ENCRYPTION_KEY.to_owned());
         values.insert("PLINTH_SHUTDOWN_TIMEOUT_SECS".to_owned(), "1".to_owned());
         for (key, value) in &options.settings {
             values.insert((*key).to_owned(), (*value).to_owned());
@@ -407,6 +408,9 @@ impl Drop for PgBouncer {
 }
 
 /// A directory removed on drop.
+/// The key the test servers seal with (32 bytes of base64).
+pub const TEST_ENCRYPTION_KEY: &str = "cGxpbnRoIHRlc3RzIHNlYWwgd2l0aCB0aGlzIGtleSE=";
+
 /// An HTTP client for the tests. reqwest's TLS is rustls without a built-in
 /// crypto provider (the app installs ring at startup); the tests install the
 /// same one.

@@ -274,3 +274,83 @@ async fn checkout_with_a_key_opens_one_stripe_session_for_its_caller() -> TestRe
     assert_ne!(url_of(plain().await?).await?, url_of(plain().await?).await?);
     Ok(())
 }
+
+/// Answers that carry a credential are replayed, and stored sealed: the
+/// key table never holds the token or the API key in the clear.
+#[tokio::test]
+async fn signup_and_api_keys_replay_their_credential_which_is_stored_sealed() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let signup = |slug: &str, password: &str| {
+        app.http
+            .post(app.url("/v1/signup"))
+            .header("idempotency-key", "signup-1")
+            .json(&json!({
+                "email": "founder@globex.example.com", "password": password,
+                "organization": "Globex", "slug": slug,
+            }))
+            .send()
+    };
+    let (a, b) =
+        futures_util::join!(signup("globex", "correct horse battery"), signup("globex", "correct horse battery"));
+    let (a, b) = (a?, b?);
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (201, 201), "not 409: the first answer again");
+    let (a, b) = (a.json::<Value>().await?, b.json::<Value>().await?);
+    assert_eq!(a, b);
+    let token = a["token"].as_str().ok_or("no token")?.to_owned();
+    let again = signup("globex", "correct horse battery").await?;
+    assert_eq!(again.headers().get("idempotent-replayed").map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert_eq!(again.json::<Value>().await?["token"], token.as_str());
+    // Another password or slug with the key: 422, no second account.
+    assert_error(signup("globex", "another password here").await?, 422, "idempotency_key_reused").await?;
+    assert_error(signup("initech", "correct horse battery").await?, 422, "idempotency_key_reused").await?;
+    // The same key from another address is another caller's.
+    let other = app
+        .http
+        .post(app.url("/v1/signup"))
+        .header("idempotency-key", "signup-1")
+        .json(&json!({
+            "email": "founder@initech.example.com", "password": "correct horse battery",
+            "organization": "Initech", "slug": "initech",
+        }))
+        .send()
+        .await?;
+    assert_eq!(other.status(), 201);
+    let db = sql(&app).await?;
+    let accounts: i64 = db.query_one("SELECT count(*) FROM public.users", &[]).await?.get(0);
+    assert_eq!(accounts, 2);
+
+    // API keys: the same key twice shows the same secret, created once.
+    app.create_tenant_on("acme", "enterprise").await?;
+    app.create_tenant_on("bravo", "enterprise").await?;
+    let mint = |slug: &str| {
+        app.req(Method::POST, slug, "/v1/api-keys")
+            .header("idempotency-key", "deploy-key")
+            .json(&json!({ "name": "deploy", "role": "member" }))
+            .send()
+    };
+    let (first, second) = futures_util::join!(mint("acme"), mint("acme"));
+    let (first, second) = (first?, second?);
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (201, 201));
+    let (first, second) = (first.json::<Value>().await?, second.json::<Value>().await?);
+    assert_eq!(first, second);
+    let secret = first["key"].as_str().ok_or("no key")?.to_owned();
+    let keys: i64 = db.query_one("SELECT count(*) FROM public.api_keys", &[]).await?.get(0);
+    assert_eq!(keys, 1);
+    // The replayed key works.
+    let listed = app.http.get(app.url("/v1/projects")).header("x-tenant", "acme").bearer_auth(&secret).send().await?;
+    assert_eq!(listed.status(), 200);
+    // Bravo's owner is another caller: a key of their own.
+    let bravo = mint("bravo").await?;
+    assert_eq!(bravo.status(), 201);
+    assert_ne!(bravo.json::<Value>().await?["key"], secret.as_str());
+
+    let stored: Vec<Vec<u8>> =
+        db.query("SELECT body FROM public.idempotency_keys", &[]).await?.iter().map(|r| r.get(0)).collect();
+    assert_eq!(stored.len(), 4, "two signups and two API keys");
+    for body in &stored {
+        for secret in [token.as_bytes(), secret.as_bytes(), b"founder@", b"Globex"] {
+            assert!(!body.windows(secret.len()).any(|w| w == secret), "a stored answer holds a secret in the clear");
+        }
+    }
+    Ok(())
+}

@@ -77,6 +77,10 @@ pub struct Settings {
     /// `PLINTH_METRICS_TOKEN`: the bearer token `GET /metrics` needs;
     /// unset, it needs none.
     pub metrics_token: Option<String>,
+    /// `PLINTH_ENCRYPTION_KEY`: 32-byte keys in base64, comma-separated; the
+    /// first seals what Plinth keeps secret and must read back, all open it.
+    /// Unset: a key generated into `<data dir>/encryption.key`, with a warning.
+    pub encryption_key: Option<String>,
     /// `PLINTH_OTLP_ENDPOINT`: an OpenTelemetry collector's OTLP/HTTP base
     /// URL (`http://collector:4318`); unset, no traces are exported.
     pub otlp_endpoint: Option<String>,
@@ -193,6 +197,7 @@ impl Settings {
             worker_concurrency: usize::try_from(num("PLINTH_WORKER_CONCURRENCY", 4)?)?.max(1),
             client_ip_header: get("PLINTH_CLIENT_IP_HEADER").map(str::to_ascii_lowercase),
             metrics_token: get("PLINTH_METRICS_TOKEN").map(str::to_owned),
+            encryption_key: get("PLINTH_ENCRYPTION_KEY").map(str::to_owned),
             otlp_endpoint: match get("PLINTH_OTLP_ENDPOINT").map(str::trim).filter(|v| !v.is_empty()) {
                 Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
                     bail!("PLINTH_OTLP_ENDPOINT must be an http:// or https:// URL, like http://collector:4318")

@@ -449,7 +449,7 @@ async fn create_project_route(
 ) -> Result<HttpResponse, ApiError> {
     let digest = body.digest();
     let new = body.0.validate()?;
-    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest);
+    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest)?;
     let keyed = keyed.as_ref();
     idempotency::once(&db, keyed, async || {
         let json = ctx
@@ -564,7 +564,7 @@ async fn create_task_route(
     let digest = body.digest();
     let project = parse_id(&path, "project")?;
     let new = body.0.validate()?;
-    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest);
+    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest)?;
     let keyed = keyed.as_ref();
     idempotency::once(&db, keyed, async || {
         let json = ctx

@@ -58,6 +58,10 @@ impl Application {
         listener.on(resolve::CHANNEL, resolver.listen_handler());
         let sessions = Sessions::new(resolver_db.clone());
         listener.on(sessions::CHANNEL, sessions.listen_handler());
+        let keyring = web::Data::new(plinth_tenants::crypto::Keyring::load(
+            settings.encryption_key.as_deref(),
+            &settings.data_dir,
+        )?);
         let catalog = settings.catalog()?;
         let access = Access::start(resolver_db.clone(), catalog, Arc::new(MembershipRoles)).await?;
         for (channel, handler) in access.listen_handlers() {
@@ -125,6 +129,7 @@ impl Application {
                 .wrap(Condition::new(!cors_origins.is_empty(), plinth_http::cors::cors(&cors_origins)))
                 .wrap(from_fn(request_span))
                 .app_data(hsts)
+                .app_data(keyring.clone())
                 .app_data(web::Data::new(db))
                 .app_data(resolver_data.clone())
                 .app_data(sessions_data.clone())

@@ -22,11 +22,10 @@ use diesel::{
 use diesel_async::RunQueryDsl;
 use plinth_access::Access;
 use plinth_access::{Allowed, requirements};
-use plinth_http::idempotency::{self, IdempotencyKey};
+use plinth_http::idempotency::{self, IdempotencyKey, Keyed};
 use plinth_http::openapi::{ErrorEnvelope, IdempotencyKeyHeader, KeyReuse, TenantHeader};
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
-use plinth_tenants::idempotency::Keyed;
 use plinth_tenants::{Db, Tenant, TenantId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -196,9 +195,9 @@ impl Stripe {
             // caller and their key, hashed.
             Some(keyed) => {
                 let digest = Sha256::new()
-                    .chain_update(keyed.caller.as_bytes())
+                    .chain_update(keyed.caller().as_bytes())
                     .chain_update([0])
-                    .chain_update(keyed.key.as_bytes())
+                    .chain_update(keyed.key().as_bytes())
                     .finalize();
                 let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
                 let key = stripe_client_core::IdempotencyKey::new(format!("plinth-checkout-{hex}"))
@@ -299,7 +298,7 @@ async fn checkout(
             format!("must be a plan with a price: {}", paid.join(", ")),
         )]));
     };
-    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest);
+    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest)?;
     let keyed = keyed.as_ref();
     // No transaction is held across the call to Stripe: Stripe's own key
     // makes the session once; the answer is then recorded under the

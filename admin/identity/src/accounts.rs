@@ -20,6 +20,7 @@ use plinth_tenants::registry;
 use plinth_tenants::registry::TenantStatus;
 use plinth_tenants::{Db, Slug, Tenant, TenantId, UserId};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use utoipa::ToSchema;
 
 use crate::config::{IdentityConfig, config};
@@ -111,8 +112,9 @@ fn check_signup(body: &SignupBody) -> Result<(EmailAddress, Slug), ApiError> {
     description = "Creates the account, the organization (its schema provisioned) with the account as its owner, \
                    a session, and mails a verification link, all or nothing. 409 when the address has an account \
                    or the slug is taken.",
+    params(IdempotencyKeyHeader),
     request_body = SignupBody,
-    responses((status = 201, body = SignedUp), (status = 409, description = "Error: conflict (the address has an account, or the slug is taken).", body = plinth_http::openapi::ErrorEnvelope), RateLimited),
+    responses((status = 201, body = SignedUp), (status = 409, description = "Error: conflict (the address has an account, or the slug is taken), idempotency_key_in_use.", body = plinth_http::openapi::ErrorEnvelope), KeyReuse, RateLimited),
 )]
 #[post("/v1/signup")]
 async fn signup(
@@ -122,32 +124,52 @@ async fn signup(
     limits: web::Data<RateLimits>,
     hashing: web::Data<Hashing>,
     body: Json<SignupBody>,
+    key: IdempotencyKey,
 ) -> Result<HttpResponse, ApiError> {
+    let digest = body.digest();
     let cfg = config(cfg);
     count(&limits.signup_per_ip, &cfg.client_key(&req))?;
     let (email, slug) = check_signup(&body.0)?;
+    // Nobody is signed in yet: the key belongs to the address signing up
+    // (hashed, so the key table holds no address). Replaying needs the same
+    // body, password included.
+    let caller = format!("signup:{}", hex(&Sha256::digest(email.as_str().as_bytes())));
+    let keyed = key.keyed(caller, digest)?;
+    let keyed = keyed.as_ref();
     let SignupBody { password, organization, .. } = body.0;
-    let hash = hashing.hash(password).await?;
-    let (tenant, user, token, session) = db
-        .platform(async |c| {
-            let user = insert_user(c, &email, &hash).await?;
-            let tenant = provision(c, &slug, &organization).await?;
-            add_member(c, &tenant, user.id, "owner").await?;
-            let (token, session) = sessions::create_session(c, UserId(user.id), cfg.session_ttl).await?;
-            let (token_id, verify) = issue_token(c, user.id, "verify_email", cfg.verify_email_ttl).await?;
-            let message = crate::mail::verify_email(
-                email.clone(),
-                Some(tenant.id),
-                &tenant.name,
-                &verify,
-                format!("verify_email:{token_id}"),
-            );
-            mail::queue(c, message).await?;
-            Ok::<_, ApiError>((tenant, user, token, session))
-        })
-        .await?;
-    tracing::info!(tenant.slug = %tenant.slug, user.id = %user.id, "signed up");
-    Ok(HttpResponse::Created().json(SignedUp { tenant, user, token, expires_at: session.expires_at }))
+    idempotency::once(&db, keyed, async || {
+        let hash = hashing.hash(password).await?;
+        let (json, tenant, user) = db
+            .platform(async |c| {
+                idempotency::claim(c, keyed).await?;
+                let user = insert_user(c, &email, &hash).await?;
+                let tenant = provision(c, &slug, &organization).await?;
+                add_member(c, &tenant, user.id, "owner").await?;
+                let (token, session) = sessions::create_session(c, UserId(user.id), cfg.session_ttl).await?;
+                let (token_id, verify) = issue_token(c, user.id, "verify_email", cfg.verify_email_ttl).await?;
+                let message = crate::mail::verify_email(
+                    email.clone(),
+                    Some(tenant.id),
+                    &tenant.name,
+                    &verify,
+                    format!("verify_email:{token_id}"),
+                );
+                mail::queue(c, message).await?;
+                let (slug, user_id) = (tenant.slug.clone(), user.id);
+                let answer = SignedUp { tenant, user, token, expires_at: session.expires_at };
+                let json = idempotency::record(c, keyed, StatusCode::CREATED, &answer).await?;
+                Ok::<_, ApiError>((json, slug, user_id))
+            })
+            .await?;
+        tracing::info!(tenant.slug = %tenant, user.id = %user, "signed up");
+        Ok(idempotency::answer(StatusCode::CREATED, json))
+    })
+    .await
+}
+
+/// Lower-case hexadecimal.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -204,7 +226,7 @@ async fn create_tenant(
         Slug::parse(&body.0.slug).map_err(|e| errors.push(FieldError::new("slug", e.code(), e.to_string()))).ok();
     let Some(slug) = slug.filter(|_| errors.is_empty()) else { return Err(ApiError::invalid_fields(errors)) };
     let user = who.0.user_id.0;
-    let keyed = key.keyed(format!("user:{user}"), digest);
+    let keyed = key.keyed(format!("user:{user}"), digest)?;
     let keyed = keyed.as_ref();
     idempotency::once(&db, keyed, async || {
         count(&limits.organizations_per_user, &user.to_string())?;

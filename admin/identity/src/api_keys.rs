@@ -19,12 +19,14 @@ use diesel_async::RunQueryDsl;
 use futures_util::future::BoxFuture;
 use plinth_access::Quota;
 use plinth_access::quota::Counter;
-use plinth_tenants::TenantId;
+use plinth_tenants::{Db, TenantId};
 
 use crate::schema::api_keys;
+use actix_web::http::StatusCode;
 use plinth_access::Role;
 use plinth_access::{Allowed, Principal, TenantContext, requirements};
-use plinth_http::openapi::{NotFound, PlanLimits, TenantHeader, text};
+use plinth_http::idempotency::{self, IdempotencyKey};
+use plinth_http::openapi::{IdempotencyKeyHeader, KeyReuse, NotFound, PlanLimits, TenantHeader, text};
 use plinth_http::request::{Json, Validator};
 use plinth_http::{ApiError, FieldError};
 use plinth_tenants::TenantRows;
@@ -96,13 +98,19 @@ struct ApiKeys {
     operation_id = "create_api_key",
     tag = "api keys",
     summary = "Creates an API key for this organization (admins, on plans with `api_keys`)",
-    params(TenantHeader),
+    params(TenantHeader, IdempotencyKeyHeader),
     security(("session" = []), ("api_key" = [])),
     request_body = NewKey,
-    responses((status = 201, body = CreatedKey), PlanLimits),
+    responses((status = 201, body = CreatedKey), PlanLimits, KeyReuse),
 )]
 #[post("/v1/api-keys")]
-async fn create(ctx: Allowed<ManageApiKeys>, body: Json<NewKey>) -> Result<HttpResponse, ApiError> {
+async fn create(
+    ctx: Allowed<ManageApiKeys>,
+    db: web::Data<Db>,
+    body: Json<NewKey>,
+    idempotency_key: IdempotencyKey,
+) -> Result<HttpResponse, ApiError> {
+    let digest = body.digest();
     Validator::default().text("name", &body.0.name, 1, NAME_MAX, false).finish()?;
     let role = match Role::parse(&body.0.role) {
         Some(role) if role != Role::Owner => role,
@@ -117,18 +125,30 @@ async fn create(ctx: Allowed<ManageApiKeys>, body: Json<NewKey>) -> Result<HttpR
     if role > ctx.role {
         return Err(ApiError::Forbidden);
     }
-    let (key, hash) = sessions::new_api_key().map_err(IdentityError::from)?;
-    let prefix: String = key.chars().take(12).collect();
-    let (creator, name) = (ctx.principal.user_id().map(|u| u.0), body.0.name.trim().to_owned());
-    let minted_by = match &ctx.principal {
-        Principal::ApiKey { key_id } => Some(*key_id),
-        Principal::User { .. } => None,
-    };
-    let entry = ctx.audit_entry("api_key.created");
-    let new = NewKeyRow { name, role, prefix, hash, creator, minted_by };
-    let row = ctx.rows(async |rows| create_key(rows, &ctx, new, entry).await).await?;
-    tracing::info!(api_key.id = %row.id, role = role.as_str(), "API key created");
-    Ok(HttpResponse::Created().json(CreatedKey { api_key: row, key }))
+    let keyed = idempotency_key.keyed(ctx.principal.idempotency_caller(), digest)?;
+    let keyed = keyed.as_ref();
+    // A replayed answer shows the same key again: it is stored sealed.
+    idempotency::once(&db, keyed, async || {
+        let (key, hash) = sessions::new_api_key().map_err(IdentityError::from)?;
+        let prefix: String = key.chars().take(12).collect();
+        let (creator, name) = (ctx.principal.user_id().map(|u| u.0), body.0.name.trim().to_owned());
+        let minted_by = match &ctx.principal {
+            Principal::ApiKey { key_id } => Some(*key_id),
+            Principal::User { .. } => None,
+        };
+        let entry = ctx.audit_entry("api_key.created");
+        let new = NewKeyRow { name, role, prefix, hash, creator, minted_by };
+        let json = ctx
+            .rows(async |rows| {
+                idempotency::claim(rows.conn(), keyed).await?;
+                let row = create_key(rows, &ctx, new, entry).await?;
+                tracing::info!(api_key.id = %row.id, role = role.as_str(), "API key created");
+                idempotency::record(rows.conn(), keyed, StatusCode::CREATED, &CreatedKey { api_key: row, key }).await
+            })
+            .await?;
+        Ok(idempotency::answer(StatusCode::CREATED, json))
+    })
+    .await
 }
 
 /// A key to store: its name, role, the visible prefix and hash of its secret,

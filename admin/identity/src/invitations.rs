@@ -107,7 +107,7 @@ async fn send_invite(
     if role == Role::Owner && ctx.role != Role::Owner {
         return Err(ApiError::Forbidden);
     }
-    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest);
+    let keyed = key.keyed(ctx.principal.idempotency_caller(), digest)?;
     let keyed = keyed.as_ref();
     idempotency::once(&db, keyed, async || {
         count(&limits.invitations_per_address, email.as_str())?;

@@ -15,9 +15,10 @@ use std::future::{Future, Ready, ready};
 use actix_web::dev::Payload;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{CONTENT_TYPE, HOST, HeaderName};
-use actix_web::{FromRequest, HttpRequest, HttpResponse};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
 use plinth_tenants::Db;
-use plinth_tenants::idempotency::{self, Earlier, Keyed};
+use plinth_tenants::crypto::Keyring;
+use plinth_tenants::idempotency::{self, Earlier};
 use sha2::{Digest as _, Sha256};
 
 use crate::ApiError;
@@ -30,18 +31,49 @@ pub const MAX_KEY: usize = 255;
 
 /// The request's `Idempotency-Key`, and the hash of what names the request
 /// apart from its body: method, path, tenant (the `X-Tenant` header and the
-/// host).
+/// host); with the keyring that seals stored answers.
 #[derive(Debug, Clone)]
-pub struct IdempotencyKey(Option<(String, [u8; 32])>);
+pub struct IdempotencyKey {
+    sent: Option<(String, [u8; 32])>,
+    ring: Option<web::Data<Keyring>>,
+}
+
+/// A request made with a key, by a caller: what [`once`], [`claim`] and
+/// [`record`] take.
+#[derive(Debug, Clone)]
+pub struct Keyed {
+    inner: idempotency::Keyed,
+    ring: web::Data<Keyring>,
+}
+
+impl Keyed {
+    /// `user:<id>`, `api_key:<id>`, or what else named the caller.
+    pub fn caller(&self) -> &str {
+        &self.inner.caller
+    }
+
+    /// The key as the caller sent it.
+    pub fn key(&self) -> &str {
+        &self.inner.key
+    }
+
+    /// What a stored answer is bound to: its caller and key.
+    fn context(&self) -> Vec<u8> {
+        [&b"idempotency\0"[..], self.inner.caller.as_bytes(), b"\0", self.inner.key.as_bytes()].concat()
+    }
+}
 
 impl IdempotencyKey {
     /// The key for `caller` (`user:<id>` or `api_key:<id>`) and a request
     /// with a body of `digest` ([`crate::Json::digest`]), if a key was sent.
-    pub fn keyed(&self, caller: String, digest: [u8; 32]) -> Option<Keyed> {
-        self.0.as_ref().map(|(key, head)| {
-            let request = Sha256::new().chain_update(head).chain_update(digest).finalize().into();
-            Keyed { caller, key: key.clone(), request }
-        })
+    pub fn keyed(&self, caller: String, digest: [u8; 32]) -> Result<Option<Keyed>, ApiError> {
+        let Some((key, head)) = &self.sent else { return Ok(None) };
+        let ring = self
+            .ring
+            .clone()
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no keyring registered for stored answers")))?;
+        let request = Sha256::new().chain_update(head).chain_update(digest).finalize().into();
+        Ok(Some(Keyed { inner: idempotency::Keyed { caller, key: key.clone(), request }, ring }))
     }
 }
 
@@ -50,7 +82,8 @@ impl FromRequest for IdempotencyKey {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let Some(value) = req.headers().get(HEADER) else { return ready(Ok(Self(None))) };
+        let ring = req.app_data::<web::Data<Keyring>>().cloned();
+        let Some(value) = req.headers().get(HEADER) else { return ready(Ok(Self { sent: None, ring })) };
         let key = match value.to_str() {
             Ok(key) if (1..=MAX_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => key,
             _ => {
@@ -66,19 +99,25 @@ impl FromRequest for IdempotencyKey {
             hash.update((part.len() as u64).to_be_bytes());
             hash.update(part);
         }
-        ready(Ok(Self(Some((key.to_owned(), hash.finalize().into())))))
+        ready(Ok(Self { sent: Some((key.to_owned(), hash.finalize().into())), ring }))
     }
 }
 
 /// The answer an earlier request with this key left, replayed; 422 when the
 /// key was used for another request.
 async fn replay(db: &Db, keyed: &Keyed) -> Result<Option<HttpResponse>, ApiError> {
-    let earlier = db.platform(async |c| Ok::<_, ApiError>(idempotency::earlier(c, keyed).await?)).await?;
+    let earlier = db.platform(async |c| Ok::<_, ApiError>(idempotency::earlier(c, &keyed.inner).await?)).await?;
     match earlier {
         None => Ok(None),
         Some(Earlier::OtherRequest) => Err(ApiError::IdempotencyKeyReused),
         Some(Earlier::Answered { status, body }) => {
             let status = StatusCode::from_u16(status).map_err(|e| ApiError::Internal(e.into()))?;
+            // Answers stored before they were sealed are plain JSON.
+            let body = if Keyring::is_sealed(&body) {
+                keyed.ring.open(&body, &keyed.context()).map_err(|e| ApiError::Internal(e.into()))?
+            } else {
+                body
+            };
             Ok(Some(
                 HttpResponse::build(status)
                     .insert_header((CONTENT_TYPE, "application/json"))
@@ -115,7 +154,7 @@ where
     C: diesel_async::AsyncConnectionCore<Backend = diesel::pg::Pg>,
 {
     match keyed {
-        Some(keyed) if !idempotency::claim(conn, keyed).await? => Err(ApiError::IdempotencyKeyInUse),
+        Some(keyed) if !idempotency::claim(conn, &keyed.inner).await? => Err(ApiError::IdempotencyKeyInUse),
         _ => Ok(()),
     }
 }
@@ -134,7 +173,9 @@ where
 {
     let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(e.into()))?;
     if let Some(keyed) = keyed {
-        idempotency::record(conn, keyed, status.as_u16(), &bytes).await?;
+        // Answers hold personal data, some a credential: sealed at rest.
+        let sealed = keyed.ring.seal(&bytes, &keyed.context()).map_err(|e| ApiError::Internal(e.into()))?;
+        idempotency::record(conn, &keyed.inner, status.as_u16(), &sealed).await?;
     }
     Ok(bytes)
 }
