@@ -124,7 +124,7 @@ pub async fn enqueue(conn: &AsyncPgConnection, job: NewJob) -> diesel::QueryResu
         queued_jobs::max_attempts.eq(job.max_attempts.max(1)),
         queued_jobs::wake.eq(job.wake),
         // The job's span continues the trace that queued it.
-        queued_jobs::traceparent.eq(plinth_tenants::trace::current_traceparent()),
+        queued_jobs::traceparent.eq(trace::current_traceparent()),
         // `None` inserts DEFAULT: the database's now.
         job.run_at.map(|at| queued_jobs::run_at.eq(at)),
     );
@@ -530,7 +530,7 @@ impl Worker {
             tenant.id = job.tenant_id.map(tracing::field::display),
         );
         let traceparent = job.traceparent.as_deref();
-        plinth_tenants::trace::continue_from(&span, |name| traceparent.filter(|_| name == trace::TRACEPARENT));
+        trace::continue_from(&span, |name| traceparent.filter(|_| name == trace::TRACEPARENT));
         async move {
             let started = std::time::Instant::now();
             let (id, attempts, max_attempts) = (job.id, job.attempts, job.max_attempts);

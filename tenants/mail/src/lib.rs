@@ -20,7 +20,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::Instrument as _;
 
 use anyhow::Context as _;
 use diesel::{
@@ -31,6 +30,7 @@ use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::PoolConfig;
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
 use plinth_tenants::db::Db;
