@@ -21,6 +21,7 @@ mod policy;
 mod projects;
 mod provisioning;
 mod routing;
+mod secrets;
 mod security;
 mod smtp;
 mod stripe;

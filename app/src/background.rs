@@ -18,7 +18,10 @@ pub fn templates(public_url: &str) -> anyhow::Result<Templates> {
 /// A worker with every job kind registered, on a pool of its own.
 pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -> anyhow::Result<Worker> {
     let db = Db::connect(&DbConfig { pool_size: config.concurrency + 2, ..db_config.clone() })?;
-    let transport = Transport::from_settings(settings.smtp_url.as_deref(), settings.data_dir.join("mail"))?;
+    let transport = Transport::from_settings(
+        settings.smtp_url.as_ref().map(plinth_tenants::crypto::Secret::expose),
+        settings.data_dir.join("mail"),
+    )?;
     let mailer = Arc::new(Mailer::new(db.clone(), transport, &settings.mail_from, templates(&settings.public_url)?)?);
     let mut handlers = Handlers::new();
     handlers.on(mail::DELIVER, mailer.handler());

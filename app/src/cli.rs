@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::config::Settings;
 use crate::startup::Application;
 use crate::{background, pg, telemetry};
+use plinth_tenants::crypto::Secret;
 
 #[derive(Debug, Parser)]
 #[command(name = "plinth", version, about = "Plinth: a multi-tenant SaaS platform backend.")]
@@ -163,7 +164,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     let telemetry = telemetry::init(settings.log_json, settings.otlp_endpoint.as_deref())?;
     raise_file_limit();
-    let database = pg::prepare(settings.database_url.as_deref(), &settings.data_dir, "plinth").await?;
+    let database =
+        pg::prepare(settings.database_url.as_ref().map(Secret::expose), &settings.data_dir, "plinth").await?;
     let result = dispatch(cli.command, &settings, &database.url).await;
     database.shutdown();
     // Flushing blocks on the exporter's thread.
@@ -194,7 +196,7 @@ pub fn db_config(settings: &Settings, url: &str) -> DbConfig {
 }
 
 async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::Result<ExitCode> {
-    let listen_url = settings.listen_database_url.clone().unwrap_or_else(|| url.to_owned());
+    let listen_url = settings.listen_database_url.as_ref().map_or_else(|| url.to_owned(), |u| u.expose().to_owned());
     let timeouts =
         migrate::MigrationTimeouts { connect: settings.db_connect_timeout, lock: settings.migration_lock_timeout };
     match command {

@@ -9,15 +9,29 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use plinth_http::ratelimit::Limit;
 use plinth_identity::limits::RateLimitConfig;
+use plinth_tenants::crypto::Secret;
+
+/// The settings that are secrets: each can also be read from a file named by
+/// `<NAME>_FILE` (`DATABASE_URL_FILE=/run/secrets/database_url`, the
+/// containers' convention), and none is ever printed ([`Secret`]).
+pub const SECRETS: [&str; 7] = [
+    "DATABASE_URL",
+    "PLINTH_LISTEN_DATABASE_URL",
+    "PLINTH_STRIPE_SECRET_KEY",
+    "PLINTH_STRIPE_WEBHOOK_SECRET",
+    "PLINTH_SMTP_URL",
+    "PLINTH_METRICS_TOKEN",
+    "PLINTH_ENCRYPTION_KEY",
+];
 
 /// Every setting Plinth reads, with its default.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `DATABASE_URL`; unset means zero-configuration PostgreSQL (see `pg`).
-    pub database_url: Option<String>,
+    pub database_url: Option<Secret>,
     /// `PLINTH_LISTEN_DATABASE_URL`: the direct (not PgBouncer) URL used for
     /// LISTEN/NOTIFY. Defaults to the database URL.
-    pub listen_database_url: Option<String>,
+    pub listen_database_url: Option<Secret>,
     /// `PLINTH_LISTEN` (default `127.0.0.1:8080`).
     pub listen: String,
     /// `PLINTH_BASE_DOMAIN` (default `localhost`): `<slug>.<base>` is a tenant.
@@ -64,7 +78,7 @@ pub struct Settings {
     /// `PLINTH_LOG_FORMAT`: `json` or `text` (default).
     pub log_json: bool,
     /// `PLINTH_SMTP_URL`: unset means mail is written to `<data dir>/mail`.
-    pub smtp_url: Option<String>,
+    pub smtp_url: Option<Secret>,
     /// `PLINTH_MAIL_FROM` (default `Plinth <noreply@localhost>`).
     pub mail_from: String,
     /// `PLINTH_WORKER` (default true): `serve` also runs the job worker.
@@ -76,11 +90,11 @@ pub struct Settings {
     pub client_ip_header: Option<String>,
     /// `PLINTH_METRICS_TOKEN`: the bearer token `GET /metrics` needs;
     /// unset, it needs none.
-    pub metrics_token: Option<String>,
+    pub metrics_token: Option<Secret>,
     /// `PLINTH_ENCRYPTION_KEY`: 32-byte keys in base64, comma-separated; the
     /// first seals what Plinth keeps secret and must read back, all open it.
     /// Unset: a key generated into `<data dir>/encryption.key`, with a warning.
-    pub encryption_key: Option<String>,
+    pub encryption_key: Option<Secret>,
     /// `PLINTH_OTLP_ENDPOINT`: an OpenTelemetry collector's OTLP/HTTP base
     /// URL (`http://collector:4318`); unset, no traces are exported.
     pub otlp_endpoint: Option<String>,
@@ -125,15 +139,17 @@ impl Settings {
             values.extend(parse_file(&text).with_context(|| format!("in {}", path.display()))?);
         }
         for (key, value) in std::env::vars() {
-            if key == "DATABASE_URL" || key.starts_with("PLINTH_") {
+            if key == "DATABASE_URL" || key == "DATABASE_URL_FILE" || key.starts_with("PLINTH_") {
                 values.insert(key, value);
             }
         }
         Self::from_values(&values)
     }
 
-    /// Builds settings from `NAME → value`, applying defaults.
+    /// Builds settings from `NAME → value`, applying defaults; a secret's
+    /// `<NAME>_FILE` is read here.
     pub fn from_values(values: &HashMap<String, String>) -> anyhow::Result<Self> {
+        let values = &read_secret_files(values)?;
         let get = |k: &str| values.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
         let num = |k: &str, default: u64| -> anyhow::Result<u64> {
             get(k).map_or(Ok(default), |v| v.parse().with_context(|| format!("{k} must be a whole number")))
@@ -151,8 +167,8 @@ impl Settings {
             bail!("PLINTH_LOG_FORMAT must be json or text");
         }
         Ok(Self {
-            database_url: get("DATABASE_URL").map(str::to_owned),
-            listen_database_url: get("PLINTH_LISTEN_DATABASE_URL").map(str::to_owned),
+            database_url: get("DATABASE_URL").map(Secret::new),
+            listen_database_url: get("PLINTH_LISTEN_DATABASE_URL").map(Secret::new),
             listen: get("PLINTH_LISTEN").unwrap_or("127.0.0.1:8080").to_owned(),
             base_domain: get("PLINTH_BASE_DOMAIN").unwrap_or("localhost").to_owned(),
             public_url: get("PLINTH_PUBLIC_URL").unwrap_or("http://localhost:8080").to_owned(),
@@ -175,10 +191,10 @@ impl Settings {
             shutdown_timeout: Duration::from_secs(num("PLINTH_SHUTDOWN_TIMEOUT_SECS", 30)?),
             workers: get("PLINTH_WORKERS").map(|v| v.parse()).transpose().context("PLINTH_WORKERS")?,
             log_json: log_format == "json",
-            smtp_url: get("PLINTH_SMTP_URL").map(str::to_owned),
+            smtp_url: get("PLINTH_SMTP_URL").map(Secret::new),
             plans_file: get("PLINTH_PLANS_FILE").map(PathBuf::from),
             stripe: plinth_billing::config::StripeConfig {
-                secret_key: get("PLINTH_STRIPE_SECRET_KEY").map(str::to_owned),
+                secret_key: get("PLINTH_STRIPE_SECRET_KEY").map(Secret::new),
                 webhook_secrets: plinth_billing::config::StripeConfig::secrets(get("PLINTH_STRIPE_WEBHOOK_SECRET")),
                 api_base: get("PLINTH_STRIPE_API_BASE").unwrap_or(plinth_billing::config::STRIPE_API).to_owned(),
                 grace: Duration::from_secs(86_400 * num("PLINTH_BILLING_GRACE_DAYS", 7)?),
@@ -196,8 +212,8 @@ impl Settings {
             run_worker: flag("PLINTH_WORKER", true)?,
             worker_concurrency: usize::try_from(num("PLINTH_WORKER_CONCURRENCY", 4)?)?.max(1),
             client_ip_header: get("PLINTH_CLIENT_IP_HEADER").map(str::to_ascii_lowercase),
-            metrics_token: get("PLINTH_METRICS_TOKEN").map(str::to_owned),
-            encryption_key: get("PLINTH_ENCRYPTION_KEY").map(str::to_owned),
+            metrics_token: get("PLINTH_METRICS_TOKEN").map(Secret::new),
+            encryption_key: get("PLINTH_ENCRYPTION_KEY").map(Secret::new),
             otlp_endpoint: match get("PLINTH_OTLP_ENDPOINT").map(str::trim).filter(|v| !v.is_empty()) {
                 Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
                     bail!("PLINTH_OTLP_ENDPOINT must be an http:// or https:// URL, like http://collector:4318")
@@ -235,6 +251,26 @@ impl Settings {
             },
         })
     }
+}
+
+/// `values` with each secret whose `<NAME>_FILE` is set read from that
+/// file (its trailing line break dropped). Both set is an error: which one
+/// was meant is not for Plinth to guess.
+fn read_secret_files(values: &HashMap<String, String>) -> anyhow::Result<HashMap<String, String>> {
+    let mut values = values.clone();
+    for name in SECRETS {
+        let file_key = format!("{name}_FILE");
+        let Some(path) = values.get(&file_key).map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()) else {
+            continue;
+        };
+        if values.get(name).is_some_and(|v| !v.trim().is_empty()) {
+            bail!("{name} and {file_key} are both set: set one");
+        }
+        // The error names the file, never its content.
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{file_key}: reading {path}"))?;
+        values.insert(name.to_owned(), text.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    Ok(values)
 }
 
 /// `N/period`, the period a number and a unit: `s`, `m` or `h`.
@@ -293,6 +329,45 @@ mod tests {
         for bad in ["5", "0/1m", "5/0h", "5/1d", "x/1m", "5/m"] {
             assert!(parse_limit(bad).is_err(), "{bad}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_print() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("plinth-secrets-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let mut values = HashMap::new();
+        for (i, name) in SECRETS.iter().enumerate() {
+            let path = dir.join(name);
+            let value = if *name == "PLINTH_ENCRYPTION_KEY" {
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned()
+            } else {
+                format!("postgres://u:file-secret-{i}@db/x")
+            };
+            std::fs::write(&path, format!("{value}\n"))?;
+            values.insert(format!("{name}_FILE"), path.display().to_string());
+        }
+        let s = Settings::from_values(&values)?;
+        assert_eq!(s.database_url.as_ref().map(Secret::expose), Some("postgres://u:file-secret-0@db/x"));
+        assert_eq!(s.stripe.webhook_secrets.len(), 1);
+        assert_eq!(s.metrics_token.as_ref().map(Secret::expose), Some("postgres://u:file-secret-5@db/x"));
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("file-secret") && !printed.contains("AAECAwQF"), "{printed}");
+
+        // Both, or a file that is not there: an error that names the
+        // setting and the file, never a value.
+        let mut both = values.clone();
+        both.insert("DATABASE_URL".to_owned(), "postgres://u:inline-secret@db/x".to_owned());
+        let err = format!("{:#}", Settings::from_values(&both).err().ok_or_else(|| anyhow::anyhow!("both accepted"))?);
+        assert!(err.contains("DATABASE_URL_FILE") && !err.contains("secret"), "{err}");
+        let mut missing = HashMap::new();
+        missing.insert("PLINTH_METRICS_TOKEN_FILE".to_owned(), dir.join("absent").display().to_string());
+        let err = format!(
+            "{:#}",
+            Settings::from_values(&missing).err().ok_or_else(|| anyhow::anyhow!("a missing file accepted"))?
+        );
+        assert!(err.contains("PLINTH_METRICS_TOKEN_FILE") && err.contains("absent"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 }

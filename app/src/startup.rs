@@ -59,7 +59,7 @@ impl Application {
         let sessions = Sessions::new(resolver_db.clone());
         listener.on(sessions::CHANNEL, sessions.listen_handler());
         let keyring = web::Data::new(plinth_tenants::crypto::Keyring::load(
-            settings.encryption_key.as_deref(),
+            settings.encryption_key.as_ref().map(plinth_tenants::crypto::Secret::expose),
             &settings.data_dir,
         )?);
         let catalog = settings.catalog()?;
@@ -70,7 +70,7 @@ impl Application {
         let api_keys = ApiKeys::new(resolver_db);
         listener.on(sessions::API_KEYS_CHANNEL, api_keys.listen_handler());
         let metrics = web::Data::new(crate::metrics::Metrics::new(
-            settings.metrics_token.as_deref(),
+            settings.metrics_token.as_ref().map(plinth_tenants::crypto::Secret::expose),
             every_pool,
             listener.health(),
         )?);

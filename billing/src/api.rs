@@ -65,7 +65,7 @@ impl Stripe {
     /// `None` without a secret key.
     pub fn new(config: &StripeConfig, public_url: &str) -> anyhow::Result<Option<Self>> {
         let Some(key) = &config.secret_key else { return Ok(None) };
-        let client = Client::new(key, &config.api_base, Duration::from_secs(5))
+        let client = Client::new(key.expose(), &config.api_base, Duration::from_secs(5))
             .map_err(|e| anyhow::anyhow!("configuring the Stripe client: {e}"))?;
         Ok(Some(Self {
             client,

@@ -18,6 +18,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::ApiError;
 use plinth_jobs as jobs;
 use plinth_tenants::Db;
+use plinth_tenants::crypto::Secret;
 use serde::Serialize;
 use stripe_webhook::{Webhook, WebhookError};
 use utoipa::ToSchema;
@@ -81,10 +82,10 @@ pub enum Refused {
 
 /// Checks the signature against each secret. `Ok(Some(event))` is a
 /// verified, parsed event; `Ok(None)` verified but unparseable.
-fn verify(payload: &str, header: &str, secrets: &[String], now: i64) -> Result<Option<stripe_webhook::Event>, Refused> {
+fn verify(payload: &str, header: &str, secrets: &[Secret], now: i64) -> Result<Option<stripe_webhook::Event>, Refused> {
     let mut refused = Refused::BadSignature;
     for secret in secrets {
-        match Webhook::construct_event_with_timestamp(payload, header, secret, now) {
+        match Webhook::construct_event_with_timestamp(payload, header, secret.expose(), now) {
             Ok(event) => return Ok(Some(event)),
             // Parsing comes after the signature and the timestamp passed.
             Err(WebhookError::BadParse(_)) => return Ok(None),
@@ -112,7 +113,7 @@ fn outline(payload: &str) -> (Option<String>, Option<String>, Option<String>, Op
 /// Verifies and stores one delivery.
 pub async fn receive(
     db: &Db,
-    secrets: &[String],
+    secrets: &[Secret],
     payload: &[u8],
     signature: Option<&str>,
     now: i64,
@@ -358,14 +359,14 @@ mod tests {
     /// may take a second between signing and receiving).
     #[test]
     fn timestamps_are_accepted_within_300_seconds_either_way() {
-        let secrets = vec!["whsec_plinth_unit".to_owned()];
+        let secrets = vec![Secret::new("whsec_plinth_unit")];
         let now = 1_800_000_000;
         for skew in [-300, -299, 0, 299, 300] {
-            let header = signed("{}", &secrets[0], now + skew);
+            let header = signed("{}", secrets[0].expose(), now + skew);
             assert!(verify("{}", &header, &secrets, now).is_ok(), "{skew} s refused");
         }
         for skew in [-301, 301, -3600] {
-            let header = signed("{}", &secrets[0], now + skew);
+            let header = signed("{}", secrets[0].expose(), now + skew);
             assert!(matches!(verify("{}", &header, &secrets, now), Err(Refused::Stale)), "{skew} s accepted");
         }
     }

@@ -1,4 +1,5 @@
-//! Encryption at rest for what Plinth must read back (stored answers that
+//! Secrets: [`Secret`] settings that never print themselves, and
+//! encryption at rest for what Plinth must read back (stored answers that
 //! carry a credential, and in time the other secrets it keeps): AES-256-GCM
 //! from ring, under the keys of `PLINTH_ENCRYPTION_KEY`.
 //!
@@ -150,6 +151,29 @@ impl Keyring {
     }
 }
 
+/// A secret setting (a database URL with its password, an API key, a
+/// token): its `Debug` is `Secret([redacted])` and it has no `Display`, so
+/// it reaches a log or an error message only through [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
 /// Writes `value` to a new file only its owner can read.
 fn write_private(path: &Path, value: &str) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -186,6 +210,14 @@ mod tests {
         *flipped.last_mut().unwrap() ^= 1;
         assert!(matches!(old.open(&flipped, b"row 1"), Err(CryptoError::Damaged)));
         assert!(matches!(old.open(&sealed[..10], b"row 1"), Err(CryptoError::Damaged)));
+    }
+
+    #[test]
+    fn a_secret_never_prints_itself() {
+        let secret = Secret::new("hunter2-token");
+        assert_eq!(format!("{secret:?}"), "Secret([redacted])");
+        assert_eq!(format!("{:?}", Some(vec![secret.clone()])), "Some([Secret([redacted])])");
+        assert_eq!(secret.expose(), "hunter2-token");
     }
 
     #[test]
