@@ -31,6 +31,11 @@ const BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 /// The exporter keeps histogram samples until its upkeep folds them into
 /// buckets; a thread of its own runs that every 5 s, so memory stays bounded
 /// when nobody scrapes.
+/// Installs the process's recorder (once; later calls do nothing).
+pub fn install() -> anyhow::Result<()> {
+    recorder().map(drop)
+}
+
 fn recorder() -> anyhow::Result<PrometheusHandle> {
     static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     RECORDER

@@ -76,7 +76,7 @@ pub(crate) fn record(subject: Subject, tenant: &str, need: &Need, decision: &Dec
         span.record("access.rule", rule.as_str());
     }
     tracing::debug!(result = decision.as_str(), "access decision");
-    metrics::counter!("plinth_policy_checks_total", "decision" => decision.as_str()).increment(1);
+    plinth_tenants::counters::increment("plinth_policy_checks_total", &[("decision", decision.as_str())]);
 }
 
 /// The decision as the client sees it.
@@ -199,7 +199,10 @@ impl TenantContext {
             return Err(ApiError::TenantSuspended);
         }
         tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
-        tracing::Span::current().record("tenant.id", tracing::field::display(tenant.id));
+        // For traces; logs have the id as access.tenant already.
+        if plinth_tenants::trace::exporting() {
+            tracing::Span::current().record("tenant.id", tracing::field::display(tenant.id));
+        }
         let decision = access.decide(&asked, need)?;
         drop(asked);
         record(subject, &tenant.id.to_string(), need, &decision);

@@ -63,7 +63,7 @@ impl<K: Eq + Hash, V: Clone> NotifiedCache<K, V> {
     }
 
     fn count(&self, result: &'static str) {
-        metrics::counter!("plinth_cache_requests_total", "cache" => self.name, "result" => result).increment(1);
+        crate::counters::increment("plinth_cache_requests_total", &[("cache", self.name), ("result", result)]);
     }
 
     /// Caches `value` unless the cache was invalidated since `ticket` was

@@ -267,7 +267,7 @@ fn tx_span(kind: &'static str, tenant: TenantId) -> tracing::Span {
 fn counted<R, E>(kind: &'static str, result: Result<R, E>) -> Result<R, E> {
     let outcome = if result.is_ok() { "commit" } else { "rollback" };
     tracing::Span::current().record("tx.outcome", outcome);
-    metrics::counter!("plinth_tenant_transactions_total", "kind" => kind, "outcome" => outcome).increment(1);
+    crate::counters::increment("plinth_tenant_transactions_total", &[("kind", kind), ("outcome", outcome)]);
     result
 }
 

@@ -19,6 +19,7 @@
 
 pub mod audit;
 pub mod cache;
+pub mod counters;
 pub mod crypto;
 pub mod db;
 pub mod idempotency;
