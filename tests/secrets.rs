@@ -159,3 +159,109 @@ async fn no_secret_reaches_the_logs_of_a_whole_run() -> TestResult {
     assert!(!printed.contains(&password), "the password is in the error: {printed}");
     Ok(())
 }
+
+/// RFC 4648 base32, without padding (as the enrolment answer gives it).
+fn base32(text: &str) -> TestResult<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut bits, mut value, mut out) = (0u32, 0u64, Vec::new());
+    for c in text.trim_end_matches('=').bytes() {
+        let digit = ALPHABET.iter().position(|&a| a == c).ok_or("not base32")?;
+        value = (value << 5) | digit as u64;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((value >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// The code an authenticator app shows now.
+fn code_now(secret_base32: &str) -> TestResult<String> {
+    let secret = totp_rs::Secret::try_from_base32(secret_base32)?;
+    Ok(totp_rs::Builder::new().with_secret(secret).build()?.generate_current().to_string())
+}
+
+#[tokio::test]
+async fn two_factor_secrets_are_sealed_plain_ones_get_sealed_and_keys_rotate() -> TestResult {
+    use crate::harness::{AppOptions, TEST_ENCRYPTION_KEY, TestApp};
+    const PASSWORD: &str = "a long enough password";
+    const NEW_KEY: &str = "bmV3IGtleTogcGxpbnRoIHJvdGF0ZXMgdG8gdGhpcyE=";
+    let testdb = TestDb::migrated().await?;
+    let app = TestApp::spawn_on(&testdb, AppOptions::default()).await?;
+    let signed: serde_json::Value = app
+        .http
+        .post(app.url("/v1/signup"))
+        .json(&json!({ "email": "ada@sealed.example.com", "password": PASSWORD, "organization": "Sealed", "slug": "sealed" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let session = signed["token"].as_str().ok_or("no token")?.to_owned();
+    let call =
+        |path: &str, body: serde_json::Value| app.http.post(app.url(path)).bearer_auth(&session).json(&body).send();
+    let enrolled: serde_json::Value =
+        call("/v1/auth/totp/enroll", json!({ "password": PASSWORD })).await?.json().await?;
+    let secret = enrolled["secret"].as_str().ok_or("no secret")?.to_owned();
+    let raw = base32(&secret)?;
+    let db = testdb.client().await?;
+    let stored = async || -> TestResult<Vec<u8>> {
+        let row = db
+            .query_one(
+                "SELECT coalesce(totp_secret, totp_pending) FROM public.users WHERE email = 'ada@sealed.example.com'",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    };
+    let pending = stored().await?;
+    assert!(pending.len() > raw.len() && !pending.windows(raw.len()).any(|w| w == raw), "the pending secret is sealed");
+    let res = call("/v1/auth/totp/confirm", json!({ "code": code_now(&secret)?, "password": PASSWORD })).await?;
+    assert_eq!(res.status(), 200);
+    let sealed = stored().await?;
+    assert!(!sealed.windows(raw.len()).any(|w| w == raw), "the confirmed secret is sealed");
+
+    // Each login uses up its step: forget it so the same code serves again.
+    let login = |app: &TestApp| {
+        let body = json!({ "email": "ada@sealed.example.com", "password": PASSWORD, "totp_code": code_now(&secret).unwrap_or_default() });
+        let request = app.http.post(app.url("/v1/auth/login")).json(&body);
+        async {
+            db.execute("UPDATE public.users SET totp_last_step = NULL", &[]).await?;
+            Ok::<_, Box<dyn std::error::Error>>(request.send().await?.status().as_u16())
+        }
+    };
+    assert_eq!(login(&app).await.map_err(|e| e.to_string())?, 200);
+
+    // A secret stored in the clear (before sealing began) still works, and
+    // the next start seals it.
+    db.execute("UPDATE public.users SET totp_secret = $1 WHERE email = 'ada@sealed.example.com'", &[&raw]).await?;
+    assert_eq!(login(&app).await.map_err(|e| e.to_string())?, 200);
+    let restarted = TestApp::spawn_on(&testdb, AppOptions::default()).await?;
+    let resealed = stored().await?;
+    assert!(resealed.len() > raw.len() && !resealed.windows(raw.len()).any(|w| w == raw));
+    assert_eq!(login(&restarted).await.map_err(|e| e.to_string())?, 200);
+
+    // A new key first: rotate-keys seals everything under it, and then the
+    // new key alone opens what the old one sealed.
+    let both = format!("{NEW_KEY},{TEST_ENCRYPTION_KEY}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["admin", "rotate-keys"])
+        .env("DATABASE_URL", &testdb.url)
+        .env("PLINTH_ENCRYPTION_KEY", &both)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(printed.contains("two-factor secrets of 1 accounts"), "{printed}");
+    assert_ne!(stored().await?, resealed);
+    let new_only = TestApp::spawn_on(
+        &testdb,
+        AppOptions { settings: vec![("PLINTH_ENCRYPTION_KEY", NEW_KEY)], ..Default::default() },
+    )
+    .await?;
+    assert_eq!(login(&new_only).await.map_err(|e| e.to_string())?, 200);
+    // The old key alone no longer opens it: the login fails, and says nothing.
+    assert_eq!(login(&app).await.map_err(|e| e.to_string())?, 500);
+    Ok(())
+}

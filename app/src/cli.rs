@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::config::Settings;
 use crate::startup::Application;
 use crate::{background, pg, telemetry};
-use plinth_tenants::crypto::Secret;
+use plinth_tenants::crypto::{Keyring, Secret};
 
 #[derive(Debug, Parser)]
 #[command(name = "plinth", version, about = "Plinth: a multi-tenant SaaS platform backend.")]
@@ -98,6 +98,10 @@ pub enum AdminCommand {
         #[arg(long)]
         email: String,
     },
+    /// Seal every stored secret (two-factor secrets, answers kept for
+    /// Idempotency-Key) under the first key of PLINTH_ENCRYPTION_KEY, after
+    /// a new key was put first; the old keys can go once this has run.
+    RotateKeys,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +205,9 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
         migrate::MigrationTimeouts { connect: settings.db_connect_timeout, lock: settings.migration_lock_timeout };
     match command {
         Command::Serve => {
+            // Before anything counts: a counter handle taken earlier would
+            // count nothing (plinth_tenants::counters).
+            crate::metrics::install()?;
             let config = db_config(settings, url);
             if settings.migrate_on_start {
                 // Platform migrations go straight to the server, never through a pooler.
@@ -272,7 +279,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
         Command::Admin(command) => {
             migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
-            admin_command(command, &db).await
+            admin_command(command, &db, settings).await
         }
         Command::Openapi => print_openapi(),
     }
@@ -417,7 +424,7 @@ async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCode> {
+async fn admin_command(command: AdminCommand, db: &Db, settings: &Settings) -> anyhow::Result<ExitCode> {
     match command {
         AdminCommand::CreateSuperuser { email, password_stdin } => {
             let email = EmailAddress::parse(&email).map_err(|e| anyhow::anyhow!("--email: {e}"))?;
@@ -479,6 +486,19 @@ async fn admin_command(command: AdminCommand, db: &Db) -> anyhow::Result<ExitCod
                 bail!("no account has this address");
             }
             println!("two-factor login is off for this account; its sessions have ended");
+        }
+        AdminCommand::RotateKeys => {
+            let ring = Keyring::load(settings.encryption_key.as_ref().map(Secret::expose), &settings.data_dir)?;
+            let (accounts, answers) = db
+                .platform(async |c| {
+                    let accounts = plinth_identity::totp::reseal(c, &ring, true).await?;
+                    let answers = plinth_tenants::idempotency::reseal(c, &ring).await?;
+                    Ok::<_, anyhow::Error>((accounts, answers))
+                })
+                .await?;
+            println!(
+                "sealed under the first key: the two-factor secrets of {accounts} accounts, {answers} stored answers"
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

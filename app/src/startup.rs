@@ -47,6 +47,8 @@ impl Application {
         listen_url: String,
         mut listener: Listener,
     ) -> anyhow::Result<Self> {
+        // Before anything counts (plinth_tenants::counters).
+        crate::metrics::install()?;
         let workers = settings.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let per_worker = DbConfig { pool_size: db_config.pool_size.div_ceil(workers).max(1), ..db_config.clone() };
         let pools: Arc<Vec<Db>> =
@@ -62,6 +64,14 @@ impl Application {
             settings.encryption_key.as_ref().map(plinth_tenants::crypto::Secret::expose),
             &settings.data_dir,
         )?);
+        // Two-factor secrets stored in the clear before sealing began.
+        let sealed = resolver_db
+            .platform(async |c| plinth_identity::totp::reseal(c, &keyring, false).await)
+            .await
+            .context("sealing stored two-factor secrets")?;
+        if sealed > 0 {
+            tracing::info!(accounts = sealed, "sealed two-factor secrets stored in the clear");
+        }
         let catalog = settings.catalog()?;
         let access = Access::start(resolver_db.clone(), catalog, Arc::new(MembershipRoles)).await?;
         for (channel, handler) in access.listen_handlers() {

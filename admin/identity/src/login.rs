@@ -24,6 +24,7 @@ use plinth_http::ratelimit;
 use plinth_http::request::{Json, RequestId};
 use plinth_mail::EmailAddress;
 use plinth_tenants::audit::{self, Actor, Entry};
+use plinth_tenants::crypto::Keyring;
 use plinth_tenants::{Db, TenantId, UserId, registry};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -85,6 +86,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 async fn login(
     req: HttpRequest,
     db: web::Data<Db>,
+    ring: web::Data<Keyring>,
     cfg: Option<web::Data<IdentityConfig>>,
     limits: web::Data<RateLimits>,
     hashing: web::Data<Hashing>,
@@ -110,7 +112,7 @@ async fn login(
         None => entry,
     };
     entry.ip = Some(address.clone());
-    let session = match open_session(&db, user.id, totp_code.as_deref(), cfg.session_ttl, entry).await {
+    let session = match open_session(&db, &ring, user.id, totp_code.as_deref(), cfg.session_ttl, entry).await {
         // The password was right: not a failure, but no session yet.
         Err(IdentityError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired)),
         other => other?,
@@ -210,6 +212,7 @@ async fn credentials(db: &Db, email: Option<&EmailAddress>) -> Result<Option<Cre
 /// `entry` in every tenant of the user, in one transaction.
 async fn open_session(
     db: &Db,
+    ring: &Keyring,
     user: uuid::Uuid,
     totp_code: Option<&str>,
     ttl: std::time::Duration,
@@ -220,7 +223,7 @@ async fn open_session(
         let state = crate::totp::state(c, user, true).await?;
         if state.totp_secret.is_some() {
             let Some(code) = totp_code else { return Err(IdentityError::TotpRequired) };
-            if !crate::totp::accept_second_factor(c, user, &state, code).await? {
+            if !crate::totp::accept_second_factor(c, ring, user, &state, code).await? {
                 return Ok(None);
             }
         }

@@ -24,6 +24,7 @@ use plinth_http::openapi::{Conflict, ErrorEnvelope, RateLimited};
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_tenants::UserId;
+use plinth_tenants::crypto::Keyring;
 
 use crate::error::IdentityError;
 use crate::limits::RateLimits;
@@ -100,6 +101,64 @@ pub(crate) async fn state(
     if lock { query.for_update().first(conn).await } else { query.first(conn).await }
 }
 
+/// The length of a TOTP secret; a stored value of this length is one
+/// written before secrets were sealed (sealed ones are longer).
+const SECRET_LEN: usize = 20;
+
+/// What a TOTP secret is sealed to: its account.
+fn context(user: uuid::Uuid) -> Vec<u8> {
+    format!("totp\0{user}").into_bytes()
+}
+
+/// A stored secret, opened (or as it is, if it predates sealing).
+fn reveal(ring: &Keyring, user: uuid::Uuid, stored: &[u8]) -> Result<Vec<u8>, IdentityError> {
+    if stored.len() == SECRET_LEN {
+        return Ok(stored.to_vec());
+    }
+    ring.open(stored, &context(user))
+        .map_err(|e| IdentityError::Internal(anyhow::Error::new(e).context("opening a TOTP secret")))
+}
+
+#[derive(diesel::QueryableByName)]
+struct StoredSecrets {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: uuid::Uuid,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bytea>)]
+    totp_secret: Option<Vec<u8>>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Bytea>)]
+    totp_pending: Option<Vec<u8>>,
+}
+
+/// Seals the TOTP secrets under the keyring's first key: with `every`, all
+/// of them (after a new key was put first: `plinth admin rotate-keys`);
+/// otherwise only those stored before sealing began (at every start).
+/// Returns how many accounts were rewritten.
+pub async fn reseal(conn: &mut AsyncPgConnection, ring: &Keyring, every: bool) -> Result<usize, IdentityError> {
+    // Raw SQL: octet_length, which diesel does not declare.
+    let which = if every {
+        "totp_secret IS NOT NULL OR totp_pending IS NOT NULL"
+    } else {
+        "octet_length(totp_secret) = 20 OR octet_length(totp_pending) = 20"
+    };
+    let rows: Vec<StoredSecrets> = diesel::sql_query(format!(
+        "SELECT id, totp_secret, totp_pending FROM public.users WHERE {which} ORDER BY id FOR UPDATE"
+    ))
+    .load(conn)
+    .await?;
+    for row in &rows {
+        let seal = |stored: &Option<Vec<u8>>| -> Result<Option<Vec<u8>>, IdentityError> {
+            let Some(stored) = stored else { return Ok(None) };
+            let plain = reveal(ring, row.id, stored)?;
+            Ok(Some(ring.seal(&plain, &context(row.id)).map_err(|e| IdentityError::Internal(e.into()))?))
+        };
+        diesel::update(users::table.find(row.id))
+            .set((users::totp_secret.eq(seal(&row.totp_secret)?), users::totp_pending.eq(seal(&row.totp_pending)?)))
+            .execute(conn)
+            .await?;
+    }
+    Ok(rows.len())
+}
+
 /// Turns two-factor login off for `user` and deletes its recovery codes.
 async fn clear_second_factor(conn: &mut AsyncPgConnection, user: uuid::Uuid) -> diesel::QueryResult<()> {
     diesel::update(users::table.find(user))
@@ -135,6 +194,7 @@ pub async fn reset_second_factor(conn: &mut AsyncPgConnection, email: &str) -> R
 /// recovery code. Returns whether it was accepted.
 pub(crate) async fn accept_second_factor(
     conn: &mut AsyncPgConnection,
+    ring: &Keyring,
     user: uuid::Uuid,
     state: &TotpState,
     code: &str,
@@ -153,7 +213,9 @@ pub(crate) async fn accept_second_factor(
         .await?;
         return Ok(used == 1);
     }
-    let Some(step) = totp(secret, &state.email)?.check_current(code.trim()) else { return Ok(false) };
+    let Some(step) = totp(&reveal(ring, user, secret)?, &state.email)?.check_current(code.trim()) else {
+        return Ok(false);
+    };
     let step = i64::try_from(step).unwrap_or(i64::MAX);
     if state.totp_last_step.is_some_and(|last| step <= last) {
         return Ok(false); // replayed
@@ -219,6 +281,7 @@ async fn recheck_password(
 #[post("/v1/auth/totp/enroll")]
 async fn enroll(
     db: web::Data<plinth_tenants::Db>,
+    ring: web::Data<Keyring>,
     hashing: web::Data<Hashing>,
     limits: web::Data<RateLimits>,
     who: Authenticated,
@@ -226,7 +289,8 @@ async fn enroll(
 ) -> Result<HttpResponse, ApiError> {
     let user = who.0.user_id.0;
     recheck_password(&db, &hashing, &limits, user, &body.0.password).await?;
-    let secret = sessions::random_bytes::<20>().map_err(IdentityError::from)?;
+    let secret = sessions::random_bytes::<SECRET_LEN>().map_err(IdentityError::from)?;
+    let sealed = ring.seal(&secret, &context(user)).map_err(|e| ApiError::Internal(e.into()))?;
     let email = db
         .platform(async |c| {
             let current = state(c, user, true).await?;
@@ -234,7 +298,7 @@ async fn enroll(
                 return Err(ApiError::Conflict("two-factor login is already on; disable it first".into()));
             }
             diesel::update(users::table.find(user))
-                .set((users::totp_pending.eq(&secret[..]), users::updated_at.eq(diesel::dsl::now)))
+                .set((users::totp_pending.eq(&sealed), users::updated_at.eq(diesel::dsl::now)))
                 .execute(c)
                 .await?;
             Ok::<_, ApiError>(current.email)
@@ -282,6 +346,7 @@ fn wrong_code() -> ApiError {
 #[post("/v1/auth/totp/confirm")]
 async fn confirm(
     db: web::Data<plinth_tenants::Db>,
+    ring: web::Data<Keyring>,
     hashing: web::Data<Hashing>,
     limits: web::Data<RateLimits>,
     who: Authenticated,
@@ -295,6 +360,7 @@ async fn confirm(
     db.platform(async |c| {
         let current = state(c, user, true).await?;
         let pending = current.totp_pending.clone().ok_or_else(|| ApiError::Conflict("enroll first".into()))?;
+        let pending = reveal(&ring, user, &pending)?;
         let step = totp(&pending, &current.email)?.check_current(body.0.code.trim()).ok_or_else(wrong_code)?;
         diesel::update(users::table.find(user))
             .set((
@@ -336,6 +402,7 @@ async fn confirm(
 #[post("/v1/auth/totp/disable")]
 async fn disable(
     db: web::Data<plinth_tenants::Db>,
+    ring: web::Data<Keyring>,
     who: Authenticated,
     body: Json<CodeBody>,
 ) -> Result<HttpResponse, ApiError> {
@@ -345,7 +412,7 @@ async fn disable(
         if current.totp_secret.is_none() {
             return Err(ApiError::Conflict("two-factor login is not on".into()));
         }
-        if !accept_second_factor(c, user, &current, &body.0.code).await? {
+        if !accept_second_factor(c, &ring, user, &current, &body.0.code).await? {
             return Err(wrong_code());
         }
         clear_second_factor(c, user).await?;

@@ -59,7 +59,7 @@ impl Keyed {
 
     /// What a stored answer is bound to: its caller and key.
     fn context(&self) -> Vec<u8> {
-        [&b"idempotency\0"[..], self.inner.caller.as_bytes(), b"\0", self.inner.key.as_bytes()].concat()
+        idempotency::seal_context(&self.inner.caller, &self.inner.key)
     }
 }
 

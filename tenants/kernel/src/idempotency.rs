@@ -98,6 +98,35 @@ where
     Ok(claimed == 1)
 }
 
+/// What a stored answer is sealed to: its caller and key (a sealed answer
+/// moved to another row does not open).
+pub fn seal_context(caller: &str, key: &str) -> Vec<u8> {
+    [&b"idempotency\0"[..], caller.as_bytes(), b"\0", key.as_bytes()].concat()
+}
+
+/// Seals every stored answer under the keyring's first key (after a new
+/// key was put first: `plinth admin rotate-keys`); answers stored in the
+/// clear before sealing began are sealed too. Returns how many.
+pub async fn reseal<C>(conn: &mut C, ring: &crate::crypto::Keyring) -> anyhow::Result<usize>
+where
+    C: AsyncConnectionCore<Backend = Pg>,
+{
+    let rows: Vec<(String, String, Vec<u8>)> = idempotency_keys::table
+        .select((idempotency_keys::caller, idempotency_keys::key, idempotency_keys::body))
+        .for_update()
+        .load(conn)
+        .await?;
+    for (caller, key, body) in &rows {
+        let context = seal_context(caller, key);
+        let plain = if crate::crypto::Keyring::is_sealed(body) { ring.open(body, &context)? } else { body.clone() };
+        diesel::update(idempotency_keys::table.find((caller, key)))
+            .set(idempotency_keys::body.eq(ring.seal(&plain, &context)?))
+            .execute(conn)
+            .await?;
+    }
+    Ok(rows.len())
+}
+
 /// Stores the answer of a claimed key, in the same transaction.
 pub async fn record<C>(conn: &mut C, keyed: &Keyed, status: u16, body: &[u8]) -> diesel::QueryResult<()>
 where
