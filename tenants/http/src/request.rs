@@ -244,8 +244,11 @@ struct RequestSeries {
 
 thread_local! {
     /// Per route pattern.
-    static SERIES: std::cell::RefCell<std::collections::HashMap<Box<str>, Vec<RequestSeries>>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+    /// Hashed with foldhash (hashbrown's default): the route is hashed on
+    /// every request, and SipHash's resistance to chosen keys buys nothing
+    /// for route patterns, which come from the code.
+    static SERIES: std::cell::RefCell<hashbrown::HashMap<Box<str>, Vec<RequestSeries>>> =
+        std::cell::RefCell::new(hashbrown::HashMap::new());
 }
 
 /// Whether the path or query decodes to a NUL byte (`%00`).

@@ -4,19 +4,27 @@
 //! from the name and labels, hashes it and searches the recorder's
 //! registry (about 2,000 instructions for the few counters of one request,
 //! measured with callgrind; docs/benchmarks.md). Here each thread keeps the
-//! handles it has used, keyed by the (static) name and label values.
+//! handles it has used, found by the (static) name and label values.
 //!
 //! A handle taken before the process installs its recorder counts nothing,
 //! and would stay so on that thread: the app installs the recorder before
 //! it starts anything that counts.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
+/// A series: its name and label values, all static.
 type Key = (&'static str, [(&'static str, &'static str); 2]);
 
 thread_local! {
-    static COUNTERS: RefCell<HashMap<Key, metrics::Counter>> = RefCell::new(HashMap::new());
+    /// Few series (a dozen), so a list: comparing the strings' addresses
+    /// costs less than hashing them.
+    static COUNTERS: RefCell<Vec<(Key, metrics::Counter)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The same static string (a string can be equal without being the same,
+/// which only costs a second handle to the same series).
+fn same(a: &'static str, b: &'static str) -> bool {
+    std::ptr::eq(a, b)
 }
 
 /// Adds one to the counter `name` with up to two `labels`.
@@ -26,13 +34,15 @@ pub fn increment(name: &'static str, labels: &[(&'static str, &'static str)]) {
         *slot = *label;
     }
     COUNTERS.with_borrow_mut(|counters| {
-        counters
-            .entry((name, pairs))
-            .or_insert_with(|| {
-                let labels: Vec<metrics::Label> =
-                    labels.iter().map(|(key, value)| metrics::Label::new(*key, *value)).collect();
-                metrics::counter!(name, labels)
-            })
-            .increment(1);
+        let found = counters.iter().position(|((n, p), _)| {
+            same(n, name) && p.iter().zip(&pairs).all(|((k, v), (k2, v2))| same(k, k2) && same(v, v2))
+        });
+        let index = found.unwrap_or_else(|| {
+            let labels: Vec<metrics::Label> =
+                labels.iter().map(|(key, value)| metrics::Label::new(*key, *value)).collect();
+            counters.push(((name, pairs), metrics::counter!(name, labels)));
+            counters.len() - 1
+        });
+        counters[index].1.increment(1);
     });
 }
