@@ -160,7 +160,17 @@ impl Stripe {
             .request_strategy(RequestStrategy::Idempotent(key))
             .send(&self.client)
             .await;
-        let customer = self.record(created, "creating a customer")?;
+        let customer = self.record(created, "creating a customer").map_err(|e| match e {
+            // The key is Plinth's own, not a caller's: a 409 here is a
+            // concurrent first checkout of the same tenant, not the caller's
+            // idempotency_key_in_use.
+            BillingError::StripeIdempotency { status } => BillingError::StripeRefused {
+                what: "creating a customer",
+                status,
+                message: "Stripe refused the tenant's customer key".into(),
+            },
+            other => other,
+        })?;
         let id = customer.id.as_str().to_owned();
         db.platform(async |c| {
             diesel::insert_into(billing_customers::table)
