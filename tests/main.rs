@@ -2,6 +2,7 @@
 //! Every test gets its own database (see `harness`).
 
 mod harness;
+mod processes;
 
 mod access;
 mod api_keys;
@@ -18,6 +19,7 @@ mod members;
 mod metrics;
 mod migrations;
 mod policy;
+mod postgres_tls;
 mod projects;
 mod provisioning;
 mod routing;

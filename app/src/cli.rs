@@ -294,8 +294,8 @@ fn print_openapi() -> anyhow::Result<ExitCode> {
 /// checks that someone ran `plinth migrate` for this binary, and stops with
 /// what to do if not.
 async fn require_current_schema(url: &str, timeouts: migrate::MigrationTimeouts) -> anyhow::Result<()> {
-    use diesel_async::AsyncConnection as _;
-    let mut conn = tokio::time::timeout(timeouts.connect, diesel_async::AsyncPgConnection::establish(url))
+    let target = plinth_tenants::postgres::Target::parse(url)?;
+    let mut conn = tokio::time::timeout(timeouts.connect, target.connect_diesel())
         .await
         .map_err(|_| anyhow::anyhow!("connecting to the database timed out after {} ms", timeouts.connect.as_millis()))?
         .context("connecting to check the platform schema")?;

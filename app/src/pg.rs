@@ -199,7 +199,8 @@ impl PrivateCluster {
     }
 }
 
-fn find_bin_dir() -> Option<PathBuf> {
+/// The directory of the installed PostgreSQL server binaries (`initdb`, `pg_ctl`).
+pub fn find_bin_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("PLINTH_PG_BINDIR") {
         return Some(PathBuf::from(dir));
     }

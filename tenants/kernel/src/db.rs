@@ -8,6 +8,7 @@
 //! cache off, see [`DbConfig::statement_cache`]) prepared statements never
 //! outlive the transaction that prepared them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -21,6 +22,7 @@ use futures_util::FutureExt as _;
 use tracing::Instrument as _;
 
 use crate::ids::{SchemaName, TenantId};
+use crate::postgres::Target;
 
 pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
 pub type PgConn = AsyncPgConnection;
@@ -72,11 +74,9 @@ impl DbConfig {
 /// transaction mode their Parse and Bind could reach different server
 /// connections. Opening a transaction first pins one server connection for
 /// the setup.
-async fn establish(url: String, statement_cache: bool) -> diesel::ConnectionResult<AsyncPgConnection> {
+async fn establish(target: &Target, statement_cache: bool) -> diesel::ConnectionResult<AsyncPgConnection> {
     use diesel::ConnectionError;
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+    let (client, connection) = target.connect().await.map_err(|e| ConnectionError::BadConnection(format!("{e:#}")))?;
     let begin = client.batch_execute("BEGIN");
     // The connection must be driven for BEGIN to complete; diesel-async takes
     // it over (and drives it) only afterwards, so poll both here.
@@ -124,7 +124,11 @@ impl Db {
         // test query on every checkout would cost a round trip per request.
         manager_config.recycling_method = RecyclingMethod::Fast;
         let cache = config.statement_cache;
-        manager_config.custom_setup = Box::new(move |url| establish(url.to_owned(), cache).boxed());
+        let target = Arc::new(Target::parse(&config.url)?);
+        manager_config.custom_setup = Box::new(move |_url| {
+            let target = target.clone();
+            async move { establish(&target, cache).await }.boxed()
+        });
         let manager = AsyncDieselConnectionManager::new_with_config(config.url.clone(), manager_config);
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)

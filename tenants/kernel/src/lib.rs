@@ -9,6 +9,7 @@
 //! - [`schema`]: diesel's `table!` declarations of the kernel's tables.
 //! - [`registry`]: the tenant registry in the public schema and provisioning.
 //! - [`migrate`]: platform migrations and the tenant migration orchestrator.
+//! - [`postgres`]: opening connections, with TLS as `sslmode` asks.
 //! - [`notify`]: one LISTEN connection shared by every cache, with reconnects.
 //! - [`cache`]: [`cache::NotifiedCache`], a cache trusted only while NOTIFY is
 //!   connected.
@@ -26,6 +27,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod migrate;
 pub mod notify;
+pub mod postgres;
 pub mod registry;
 pub mod schema;
 pub mod text;

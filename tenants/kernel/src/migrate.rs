@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
-use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::StreamExt as _;
 
@@ -65,7 +65,8 @@ pub async fn run_platform_migrations(url: &str) -> anyhow::Result<Vec<String>> {
 /// held by another instance for longer than `timeouts.lock`, is an error
 /// that says so; waiting for the lock is logged.
 pub async fn run_platform_migrations_with(url: &str, timeouts: MigrationTimeouts) -> anyhow::Result<Vec<String>> {
-    let mut conn = tokio::time::timeout(timeouts.connect, AsyncPgConnection::establish(url))
+    let target = crate::postgres::Target::parse(url)?;
+    let mut conn = tokio::time::timeout(timeouts.connect, target.connect_diesel())
         .await
         .map_err(|_| {
             anyhow::anyhow!(

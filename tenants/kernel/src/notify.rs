@@ -93,7 +93,9 @@ impl Listener {
             loop {
                 match self.listen_once(&url).await {
                     Ok(()) => backoff = Duration::from_millis(100),
-                    Err(err) => tracing::warn!(error = %err, "notification listener disconnected; reconnecting"),
+                    Err(err) => {
+                        tracing::warn!(error = format!("{err:#}"), "notification listener disconnected; reconnecting")
+                    }
                 }
                 self.health.set(false);
                 self.broadcast(ListenEvent::Disconnected);
@@ -109,9 +111,10 @@ impl Listener {
         }
     }
 
-    async fn listen_once(&self, url: &str) -> Result<(), tokio_postgres::Error> {
-        let mut config: tokio_postgres::Config = url.parse()?;
-        let (client, mut connection) = config.application_name(APPLICATION_NAME).connect(tokio_postgres::NoTls).await?;
+    async fn listen_once(&self, url: &str) -> anyhow::Result<()> {
+        let mut target = crate::postgres::Target::parse(url)?;
+        target.config_mut().application_name(APPLICATION_NAME);
+        let (client, mut connection) = target.connect().await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -163,6 +166,6 @@ impl Listener {
         }
         .await;
         driver.abort();
-        result
+        Ok(result?)
     }
 }
