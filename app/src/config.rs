@@ -247,6 +247,7 @@ impl Settings {
                     invitations_per_address: limit("PLINTH_LIMIT_INVITATIONS_PER_ADDRESS", d.invitations_per_address)?,
                     invitations_per_tenant: limit("PLINTH_LIMIT_INVITATIONS_PER_TENANT", d.invitations_per_tenant)?,
                     organizations_per_user: limit("PLINTH_LIMIT_ORGANIZATIONS_PER_USER", d.organizations_per_user)?,
+                    unknown_tokens_per_ip: limit("PLINTH_LIMIT_UNKNOWN_TOKENS_PER_IP", d.unknown_tokens_per_ip)?,
                 }
             },
         })

@@ -18,7 +18,7 @@ use plinth_identity::config::IdentityConfig;
 use plinth_identity::limits::RateLimits;
 use plinth_identity::links::MembershipRoles;
 use plinth_identity::password::Hashing;
-use plinth_identity::sessions::{self, ApiKeys, Authenticator, Sessions};
+use plinth_identity::sessions::{self, ApiKeys, Authenticator, Sessions, UnknownTokens};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::{Db, DbConfig};
 use utoipa_actix_web::AppExt as _;
@@ -30,6 +30,7 @@ pub struct Application {
     port: u16,
     server: Server,
     listener_task: tokio::task::JoinHandle<()>,
+    sweeper: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -53,12 +54,15 @@ impl Application {
         let per_worker = DbConfig { pool_size: db_config.pool_size.div_ceil(workers).max(1), ..db_config.clone() };
         let pools: Arc<Vec<Db>> =
             (0..workers).map(|_| Db::connect(&per_worker)).collect::<anyhow::Result<Vec<_>>>()?.into();
-        // Tenant and session lookups miss their caches rarely; a small pool of their own.
-        let resolver_db = Db::connect(&DbConfig { pool_size: 2, ..db_config.clone() })?;
+        // Tenant, session and key lookups miss their caches rarely, and the
+        // rate limits of the sensitive routes count in a shared table: a
+        // small pool of their own.
+        let resolver_db = Db::connect(&DbConfig { pool_size: 4, ..db_config.clone() })?;
         let every_pool = pools.iter().cloned().chain([resolver_db.clone()]).collect();
         let resolver = TenantResolver::new(resolver_db.clone(), &settings.base_domain);
         listener.on(resolve::CHANNEL, resolver.listen_handler());
-        let sessions = Sessions::new(resolver_db.clone());
+        let unknown_tokens = UnknownTokens::new(settings.limits.unknown_tokens_per_ip);
+        let sessions = Sessions::new(resolver_db.clone(), unknown_tokens.clone());
         listener.on(sessions::CHANNEL, sessions.listen_handler());
         let keyring = web::Data::new(plinth_tenants::crypto::Keyring::load(
             settings.encryption_key.as_ref().map(plinth_tenants::crypto::Secret::expose),
@@ -77,7 +81,7 @@ impl Application {
         for (channel, handler) in access.listen_handlers() {
             listener.on(channel, handler);
         }
-        let api_keys = ApiKeys::new(resolver_db);
+        let api_keys = ApiKeys::new(resolver_db.clone(), unknown_tokens);
         listener.on(sessions::API_KEYS_CHANNEL, api_keys.listen_handler());
         let metrics = web::Data::new(crate::metrics::Metrics::new(
             settings.metrics_token.as_ref().map(plinth_tenants::crypto::Secret::expose),
@@ -103,7 +107,8 @@ impl Application {
         };
         let hashing_data = web::Data::new(Hashing::new(settings.hash_concurrency, settings.hash_wait));
         let body_timeout = BodyTimeout(settings.body_timeout);
-        let limits_data = web::Data::new(RateLimits::new(&identity.limits));
+        let limits_data = web::Data::new(RateLimits::new(&identity.limits, &resolver_db));
+        let sweeper = tokio::spawn(sweep_rate_limits(resolver_db.clone()));
         let stripe_data = web::Data::new(settings.stripe.clone());
         let stripe_api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?.map(web::Data::new);
         let client_ip_data = web::Data::new(ClientIpHeader(identity.client_ip_header.clone()));
@@ -170,7 +175,7 @@ impl Application {
         .shutdown_timeout(settings.shutdown_timeout.as_secs())
         .listen(tcp)?;
         tracing::info!(port, workers, "listening");
-        Ok(Self { port, server: server.run(), listener_task })
+        Ok(Self { port, server: server.run(), listener_task, sweeper })
     }
 
     pub fn port(&self) -> u16 {
@@ -182,11 +187,29 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
         self.listener_task.abort();
+        self.sweeper.abort();
         result
     }
 
     /// A handle to stop the server from elsewhere (tests, signals).
     pub fn handle(&self) -> actix_web::dev::ServerHandle {
         self.server.handle()
+    }
+}
+
+/// Deletes drained rows of the shared rate-limit table once a minute (every
+/// instance does; the deletes are small and cannot conflict in meaning).
+async fn sweep_rate_limits(db: Db) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match plinth_http::ratelimit::sweep(&db).await {
+            Ok(0) => {}
+            Ok(swept) => tracing::debug!(swept, "drained rate-limit rows deleted"),
+            Err(err) => {
+                tracing::warn!(error = format!("{:#}", anyhow::Error::new(err)), "sweeping the rate-limit table failed")
+            }
+        }
     }
 }

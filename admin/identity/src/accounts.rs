@@ -128,7 +128,7 @@ async fn signup(
 ) -> Result<HttpResponse, ApiError> {
     let digest = body.digest();
     let cfg = config(cfg);
-    count(&limits.signup_per_ip, &cfg.client_key(&req))?;
+    count(&limits.signup_per_ip, &cfg.client_key(&req)).await?;
     let (email, slug) = check_signup(&body.0)?;
     // Nobody is signed in yet: the key belongs to the address signing up
     // (hashed, so the key table holds no address). Replaying needs the same
@@ -229,7 +229,7 @@ async fn create_tenant(
     let keyed = key.keyed(format!("user:{user}"), digest)?;
     let keyed = keyed.as_ref();
     idempotency::once(&db, keyed, async || {
-        count(&limits.organizations_per_user, &user.to_string())?;
+        count(&limits.organizations_per_user, &user.to_string()).await?;
         let json = db
             .platform(async |c| {
                 idempotency::claim(c, keyed).await?;
@@ -364,7 +364,7 @@ async fn verify_email(
     limits: web::Data<RateLimits>,
     body: Json<TokenBody>,
 ) -> Result<HttpResponse, ApiError> {
-    count(&limits.verify_per_ip, &config(cfg).client_key(&req))?;
+    count(&limits.verify_per_ip, &config(cfg).client_key(&req)).await?;
     let token = body.0.token;
     db.platform(async |c| {
         let user = redeem_token(c, &token, "verify_email").await?.ok_or(IdentityError::InvalidToken)?;
@@ -409,11 +409,11 @@ async fn request_password_reset(
     body: Json<ResetBody>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
-    count(&limits.password_reset_per_ip, &cfg.client_key(&req))?;
+    count(&limits.password_reset_per_ip, &cfg.client_key(&req)).await?;
     if let Ok(email) = EmailAddress::parse(&body.0.email) {
         // Counted per address whether or not it has an account: the limit
         // tells nothing about which addresses exist.
-        count(&limits.password_reset_per_account, email.as_str())?;
+        count(&limits.password_reset_per_account, email.as_str()).await?;
         // Off the response path, so an address with an account and one
         // without answer in the same time (no enumeration by timing).
         let db = db.get_ref().clone();
@@ -479,7 +479,7 @@ async fn confirm_password_reset(
     hashing: web::Data<Hashing>,
     body: Json<NewPasswordBody>,
 ) -> Result<HttpResponse, ApiError> {
-    count(&limits.verify_per_ip, &config(cfg).client_key(&req))?;
+    count(&limits.verify_per_ip, &config(cfg).client_key(&req)).await?;
     let NewPasswordBody { token, password } = body.0;
     password::check("password", &password).map_err(|e| ApiError::invalid_fields(vec![e]))?;
     // The token is checked before the new password is hashed, so random

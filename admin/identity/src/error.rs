@@ -38,6 +38,9 @@ pub enum IdentityError {
     /// Too many failed attempts; retry after this long.
     #[error("too many failed attempts")]
     RateLimited(Duration),
+    /// The shared rate-limit table could not be read or written.
+    #[error("checking a rate limit failed")]
+    Limits(#[source] ApiError),
     /// Every password hashing slot stayed busy for the configured wait.
     #[error("every password hashing slot stayed busy")]
     HashingBusy,
@@ -72,6 +75,7 @@ impl From<IdentityError> for ApiError {
             IdentityError::AlreadyMember => Self::Conflict("this address is already a member".into()),
             IdentityError::Invalid(fields) => Self::invalid_fields(fields),
             IdentityError::RateLimited(wait) => ratelimit::limited(wait),
+            IdentityError::Limits(err) => err,
             IdentityError::HashingBusy => Self::Unavailable(err.into()),
             IdentityError::Organization(CreateError::SlugTaken) => Self::Conflict("the slug is already taken".into()),
             IdentityError::Organization(CreateError::InvalidName(why)) => {
@@ -85,6 +89,15 @@ impl From<IdentityError> for ApiError {
     }
 }
 
+impl From<ratelimit::Refused> for IdentityError {
+    fn from(refused: ratelimit::Refused) -> Self {
+        match refused {
+            ratelimit::Refused::Limited(wait) => Self::RateLimited(wait),
+            ratelimit::Refused::Unavailable(err) => Self::Limits(err),
+        }
+    }
+}
+
 impl From<IdentityError> for AccessError {
     /// For the gate's authentication question: the database's own errors
     /// stay what they are (a lost connection answers 503), anything else is
@@ -94,6 +107,7 @@ impl From<IdentityError> for AccessError {
             IdentityError::Database(db) => Self::Database(db),
             IdentityError::Pool(pool) => Self::Pool(pool),
             IdentityError::Access(access) => access,
+            IdentityError::RateLimited(wait) => Self::RateLimited(wait),
             other => Self::Authentication(other.into()),
         }
     }

@@ -110,8 +110,8 @@ async fn send_invite(
     let keyed = key.keyed(ctx.principal.idempotency_caller(), digest)?;
     let keyed = keyed.as_ref();
     idempotency::once(&db, keyed, async || {
-        count(&limits.invitations_per_address, email.as_str())?;
-        count(&limits.invitations_per_tenant, &ctx.tenant.id.to_string())?;
+        count(&limits.invitations_per_address, email.as_str()).await?;
+        count(&limits.invitations_per_tenant, &ctx.tenant.id.to_string()).await?;
         let invite = Invite { email, role, inviter: caller(&ctx), entry: ctx.audit_entry("invitation.sent") };
         let (json, id, sent) = ctx
             .rows(async |rows| {

@@ -20,7 +20,7 @@ use diesel::{
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::ApiError;
 use plinth_http::openapi::{ErrorEnvelope, RateLimited};
-use plinth_http::ratelimit;
+use plinth_http::ratelimit::{self, Refused};
 use plinth_http::request::{Json, RequestId};
 use plinth_mail::EmailAddress;
 use plinth_tenants::audit::{self, Actor, Entry};
@@ -97,11 +97,11 @@ async fn login(
     let address = cfg.client_ip(&req);
     let request_id = req.extensions().get::<RequestId>().cloned();
     let email = EmailAddress::parse(&email).ok();
-    let budget = FailureBudget::reserve(&limits, email.as_ref(), &address)?;
-    let found = budget.keep(credentials(&db, email.as_ref()).await)?;
+    let budget = FailureBudget::reserve(&limits, email.as_ref(), &address).await?;
+    let found = budget.keep(credentials(&db, email.as_ref()).await).await?;
     let stored = found.as_ref().map(|f| f.password_hash.clone());
     let failure = Failure { db: &db, ip: &address, request_id: request_id.as_ref() };
-    if !budget.keep(hashing.verify(&password, stored).await)? {
+    if !budget.keep(hashing.verify(&password, stored).await).await? {
         tracing::info!("login failed");
         return Err(budget.spent(failure, found.map(|f| f.id)).await);
     }
@@ -114,14 +114,14 @@ async fn login(
     entry.ip = Some(address.clone());
     let session = match open_session(&db, &ring, user.id, totp_code.as_deref(), cfg.session_ttl, entry).await {
         // The password was right: not a failure, but no session yet.
-        Err(IdentityError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired)),
-        other => other?,
+        Err(IdentityError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired).await),
+        other => budget.keep(other).await?,
     };
     let Some((token, session)) = session else {
         tracing::info!("login failed: wrong second factor");
         return Err(budget.spent(failure, Some(user.id)).await);
     };
-    budget.give_back(());
+    budget.give_back(()).await;
     tracing::info!(user.id = %user.id, "logged in");
     Ok(HttpResponse::Ok().json(LoggedIn {
         token,
@@ -142,41 +142,47 @@ struct FailureBudget<'a> {
 }
 
 impl<'a> FailureBudget<'a> {
-    fn reserve(limits: &'a RateLimits, email: Option<&EmailAddress>, address: &str) -> Result<Self, ApiError> {
+    async fn reserve(limits: &'a RateLimits, email: Option<&EmailAddress>, address: &str) -> Result<Self, ApiError> {
         let client = ratelimit::client_key(address);
-        count(&limits.login_per_ip, &client)?;
+        count(&limits.login_per_ip, &client).await?;
         // A malformed address has no account; its attempts share one key.
         let account = email.map_or("(malformed)", EmailAddress::as_str).to_owned();
         let account_ip = format!("{account} {client}");
-        let fresh_address = match limits.login_failures_per_account_ip.reserve(&account_ip) {
-            Ok(fresh) => fresh,
-            Err(wait) => return Err(ratelimit::limited(wait)),
-        };
-        let account_full = match limits.login_failures_per_account.reserve(&account) {
+        let fresh_address = limits.login_failures_per_account_ip.reserve(&account_ip).await?;
+        let account_full = match limits.login_failures_per_account.reserve(&account).await {
             Ok(_) => None,
-            Err(wait) if fresh_address => Some(wait),
-            Err(wait) => {
-                // Refused unchecked: this address has failed on a locked account.
-                limits.login_failures_per_account_ip.refund(&account_ip);
-                return Err(ratelimit::limited(wait));
+            Err(Refused::Limited(wait)) if fresh_address => Some(wait),
+            Err(refused) => {
+                // Refused unchecked: this address has failed on a locked
+                // account (or the count could not be made).
+                let _ = limits.login_failures_per_account_ip.refund(&account_ip).await;
+                return Err(refused.into());
             }
         };
         Ok(Self { limits, account, account_ip, account_full })
     }
 
     /// Not a failed guess (success, or something broke): the reservations
-    /// go back.
-    fn give_back<T>(&self, value: T) -> T {
-        self.limits.login_failures_per_account_ip.refund(&self.account_ip);
-        if self.account_full.is_none() {
-            self.limits.login_failures_per_account.refund(&self.account);
+    /// go back. A refund that cannot be written leaves one failure counted
+    /// too many; the answer stays what it was.
+    async fn give_back<T>(&self, value: T) -> T {
+        if let Err(err) = self.limits.login_failures_per_account_ip.refund(&self.account_ip).await {
+            tracing::warn!(error = format!("{:#}", anyhow::Error::new(err)), "giving back a login reservation failed");
+        }
+        if self.account_full.is_none()
+            && let Err(err) = self.limits.login_failures_per_account.refund(&self.account).await
+        {
+            tracing::warn!(error = format!("{:#}", anyhow::Error::new(err)), "giving back a login reservation failed");
         }
         value
     }
 
     /// `result`, giving the reservations back if it is an error.
-    fn keep<T>(&self, result: Result<T, IdentityError>) -> Result<T, ApiError> {
-        result.map_err(|e| self.give_back(e.into()))
+    async fn keep<T>(&self, result: Result<T, IdentityError>) -> Result<T, ApiError> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(err) => Err(self.give_back(err.into()).await),
+        }
     }
 
     /// A failed guess: the reservations stay spent, the failure is recorded,

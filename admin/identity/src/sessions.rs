@@ -24,6 +24,7 @@ use plinth_access::AccessError;
 use plinth_access::Role;
 use plinth_access::authn::{Authenticate, Credential, bearer};
 use plinth_http::ApiError;
+use plinth_http::ratelimit::{Limit, RateLimiter, Refused};
 use plinth_tenants::cache::NotifiedCache;
 use plinth_tenants::db::Db;
 use plinth_tenants::ids::{TenantId, UserId};
@@ -134,15 +135,53 @@ pub async fn revoke_other_sessions(
     .await
 }
 
+/// Bearer tokens are `pls_` or `plk_` and 32 random bytes in unpadded
+/// base64: anything of another length is unknown without a query.
+const TOKEN_LEN: usize = 4 + 43;
+
+/// Unknown bearer tokens from one client address, counted on this instance.
+/// Each unknown token costs a query on the small lookup pool; a client over
+/// the limit is refused (429) before the query, and tokens the caches know
+/// are never counted or refused. Local by design: it protects this
+/// instance's pool, and a shared count would cost the query it saves.
+pub struct UnknownTokens(RateLimiter);
+
+impl UnknownTokens {
+    pub fn new(limit: Limit) -> Arc<Self> {
+        Arc::new(Self(RateLimiter::local("unknown_tokens_per_ip", limit)))
+    }
+
+    /// Counts a lookup before it is made (so that concurrent lookups cannot
+    /// all pass one check), or refuses a client over the limit.
+    async fn admit(&self, client: &str) -> Result<(), IdentityError> {
+        match self.0.reserve(client).await {
+            Ok(_) => Ok(()),
+            Err(Refused::Limited(wait)) => {
+                let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(retry_after_ms, "too many unknown tokens");
+                Err(IdentityError::RateLimited(wait))
+            }
+            Err(Refused::Unavailable(err)) => Err(IdentityError::Limits(err)),
+        }
+    }
+
+    /// Gives back the count of a lookup that found a live token.
+    async fn known(&self, client: &str) {
+        // A local limiter: nothing to fail.
+        let _ = self.0.refund(client).await;
+    }
+}
+
 /// Checks bearer tokens, with a cache kept current across instances.
 pub struct Sessions {
     db: Db,
     cache: NotifiedCache<[u8; 32], Option<SessionInfo>>,
+    unknown: Arc<UnknownTokens>,
 }
 
 impl Sessions {
-    pub fn new(db: Db) -> Arc<Self> {
-        Arc::new(Self { db, cache: NotifiedCache::new("sessions", Some(Duration::from_secs(60)), 100_000) })
+    pub fn new(db: Db, unknown: Arc<UnknownTokens>) -> Arc<Self> {
+        Arc::new(Self { db, cache: NotifiedCache::new("sessions", Some(Duration::from_secs(60)), 100_000), unknown })
     }
 
     /// The listener handler that evicts revoked sessions.
@@ -157,15 +196,17 @@ impl Sessions {
         })
     }
 
-    /// The live session a token belongs to, if any.
-    pub async fn verify(&self, token: &str) -> Result<Option<SessionInfo>, IdentityError> {
-        if !token.starts_with(TOKEN_PREFIX) || token.len() > 100 {
+    /// The live session a token belongs to, if any. `client` is the
+    /// caller's rate-limit key (see [`UnknownTokens`]).
+    pub async fn verify(&self, token: &str, client: &str) -> Result<Option<SessionInfo>, IdentityError> {
+        if !token.starts_with(TOKEN_PREFIX) || token.len() != TOKEN_LEN {
             return Ok(None);
         }
         let hash = hash_token(token);
         let found = match self.cache.get(&hash) {
             Ok(hit) => hit,
             Err(ticket) => {
+                self.unknown.admit(client).await?;
                 let row: Option<SessionRow> = self
                     .db
                     .platform(async |c| {
@@ -182,6 +223,9 @@ impl Sessions {
                     .await?;
                 let found =
                     row.map(|r| SessionInfo { session_id: r.id, user_id: UserId(r.user_id), expires_at: r.expires_at });
+                if found.is_some() {
+                    self.unknown.known(client).await;
+                }
                 self.cache.insert(ticket, hash, found.clone());
                 found
             }
@@ -217,14 +261,16 @@ pub fn new_api_key() -> Result<(String, [u8; 32]), getrandom::Error> {
 pub struct ApiKeys {
     db: Db,
     cache: NotifiedCache<[u8; 32], Option<ApiKeyInfo>>,
+    unknown: Arc<UnknownTokens>,
     last_marked: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
 }
 
 impl ApiKeys {
-    pub fn new(db: Db) -> Arc<Self> {
+    pub fn new(db: Db, unknown: Arc<UnknownTokens>) -> Arc<Self> {
         Arc::new(Self {
             db,
             cache: NotifiedCache::new("api_keys", Some(Duration::from_secs(60)), 100_000),
+            unknown,
             last_marked: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -241,14 +287,15 @@ impl ApiKeys {
     }
 
     /// The live key a secret belongs to, if any.
-    pub async fn verify(self: &Arc<Self>, key: &str) -> Result<Option<ApiKeyInfo>, IdentityError> {
-        if !key.starts_with(API_KEY_PREFIX) || key.len() > 100 {
+    pub async fn verify(self: &Arc<Self>, key: &str, client: &str) -> Result<Option<ApiKeyInfo>, IdentityError> {
+        if !key.starts_with(API_KEY_PREFIX) || key.len() != TOKEN_LEN {
             return Ok(None);
         }
         let hash = hash_token(key);
         let found = match self.cache.get(&hash) {
             Ok(hit) => hit,
             Err(ticket) => {
+                self.unknown.admit(client).await?;
                 let row: Option<(uuid::Uuid, uuid::Uuid, String)> = self
                     .db
                     .platform(async |c| {
@@ -266,6 +313,9 @@ impl ApiKeys {
                 let found = row.and_then(|(key_id, tenant, role)| {
                     Some(ApiKeyInfo { key_id, tenant_id: TenantId(tenant), role: Role::parse(&role)? })
                 });
+                if found.is_some() {
+                    self.unknown.known(client).await;
+                }
                 self.cache.insert(ticket, hash, found.clone());
                 found
             }
@@ -322,11 +372,12 @@ impl FromRequest for Authenticated {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let token = bearer(req);
+        let client = plinth_access::authn::client_key(req);
         let sessions = req.app_data::<web::Data<Arc<Sessions>>>().cloned();
         Box::pin(async move {
             let sessions = sessions.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("Sessions is not registered")))?;
             let token = token.ok_or(ApiError::Unauthenticated)?;
-            let session = sessions.verify(&token).await?.ok_or(ApiError::Unauthenticated)?;
+            let session = sessions.verify(&token, &client).await?.ok_or(ApiError::Unauthenticated)?;
             tracing::Span::current().record("user.id", session.user_id.to_string());
             Ok(Self(session))
         })
@@ -341,13 +392,17 @@ pub struct Authenticator {
 }
 
 impl Authenticate for Authenticator {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Credential>, AccessError>> {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+        client: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Credential>, AccessError>> {
         Box::pin(async move {
             if token.starts_with(API_KEY_PREFIX) {
-                let key = self.api_keys.verify(token).await?;
+                let key = self.api_keys.verify(token, client).await?;
                 Ok(key.map(|k| Credential::ApiKey { key_id: k.key_id, tenant_id: k.tenant_id }))
             } else {
-                let session = self.sessions.verify(token).await?;
+                let session = self.sessions.verify(token, client).await?;
                 Ok(session.map(|s| Credential::Session { user_id: s.user_id, session_id: s.session_id }))
             }
         })

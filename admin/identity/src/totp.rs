@@ -21,6 +21,7 @@ use diesel::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_http::openapi::{Conflict, ErrorEnvelope, RateLimited};
+use plinth_http::ratelimit::Refused;
 use plinth_http::request::Json;
 use plinth_http::{ApiError, FieldError};
 use plinth_tenants::UserId;
@@ -254,13 +255,18 @@ async fn recheck_password(
             Ok::<_, IdentityError>(users::table.find(user).select(StoredPassword::as_select()).first(c).await?)
         })
         .await?;
-    if let Some(wait) = limits.login_failures_per_account.is_limited(&stored.email) {
+    let limited = limits.login_failures_per_account.is_limited(&stored.email).await.map_err(IdentityError::Limits)?;
+    if let Some(wait) = limited {
         return Err(IdentityError::RateLimited(wait));
     }
     if hashing.verify(password, Some(stored.password_hash)).await? {
         return Ok(());
     }
-    let _ = limits.login_failures_per_account.check(&stored.email);
+    // Counted; already over the limit or not, the answer is the same.
+    match limits.login_failures_per_account.check(&stored.email).await {
+        Ok(()) | Err(Refused::Limited(_)) => {}
+        Err(Refused::Unavailable(err)) => return Err(IdentityError::Limits(err)),
+    }
     tracing::info!(user.id = %user, "second-factor change refused: wrong password");
     Err(IdentityError::InvalidCredentials)
 }

@@ -21,9 +21,22 @@ pub enum Credential {
 /// Answers whose a bearer token is: `Ok(None)` for a token that is unknown,
 /// expired or revoked; an error only when the answer could not be found
 /// (the database's error as [`AccessError::Database`] or
-/// [`AccessError::Pool`], so a lost connection stays a 503).
+/// [`AccessError::Pool`], so a lost connection stays a 503), or when
+/// `client` (the rate-limit key of the caller's address) has presented too
+/// many unknown tokens ([`AccessError::RateLimited`]).
 pub trait Authenticate: Send + Sync + 'static {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<Credential>, AccessError>>;
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+        client: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Credential>, AccessError>>;
+}
+
+/// The caller's address as the rate limits count it (an IPv6 address per
+/// /64), through the trusted proxy header when one is set.
+pub fn client_key(req: &HttpRequest) -> String {
+    let header = req.app_data::<actix_web::web::Data<plinth_http::request::ClientIpHeader>>().and_then(|h| h.0.clone());
+    plinth_http::ratelimit::client_key(&plinth_http::request::client_ip(req, header.as_deref()))
 }
 
 /// The bearer token of a request, if it has one.

@@ -28,6 +28,9 @@ pub enum AccessError {
     /// Checking a bearer token failed (identity's error, kept as the source).
     #[error("checking the credential failed")]
     Authentication(#[source] anyhow::Error),
+    /// The client presented too many unknown tokens; retry after this long.
+    #[error("too many unknown tokens")]
+    RateLimited(std::time::Duration),
     #[error("database query failed")]
     Database(#[from] diesel::result::Error),
     #[error("no database connection available")]
@@ -41,6 +44,7 @@ impl From<AccessError> for ApiError {
             AccessError::QuotaExceeded { quota, limit, used } => Self::QuotaExceeded { quota, limit, used },
             AccessError::Database(db) => db.into(),
             AccessError::Pool(pool) => pool.into(),
+            AccessError::RateLimited(wait) => plinth_http::ratelimit::limited(wait),
             AccessError::NotRead => Self::Unavailable(err.into()),
             AccessError::NoCounter(_)
             | AccessError::Policy(_)

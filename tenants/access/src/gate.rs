@@ -30,7 +30,7 @@ use plinth_tenants::db::Db;
 use plinth_tenants::ids::UserId;
 use plinth_tenants::registry::TenantStatus;
 
-use crate::authn::{Authenticate, Credential, bearer};
+use crate::authn::{Authenticate, Credential, bearer, client_key};
 use crate::context::{Principal, TenantContext};
 use crate::engine::Access;
 use crate::model::{Decision, Need, Subject};
@@ -133,7 +133,7 @@ impl<R: Requirement> FromRequest for PlatformAllowed<R> {
             let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
             // Only a user's session reaches platform routes; an API key is nobody here.
             let Some(Credential::Session { user_id, session_id }) =
-                registered::<dyn Authenticate>(&req)?.authenticate(&token).await?
+                registered::<dyn Authenticate>(&req)?.authenticate(&token, &client_key(&req)).await?
             else {
                 return Err(ApiError::Unauthenticated);
             };
@@ -172,8 +172,10 @@ impl TenantContext {
         let resolver = registered::<Arc<TenantResolver>>(req)?;
         let access = registered::<Arc<Access>>(req)?.get_ref().clone();
         let db = registered::<Db>(req)?;
-        let credential =
-            registered::<dyn Authenticate>(req)?.authenticate(&token).await?.ok_or(ApiError::Unauthenticated)?;
+        let credential = registered::<dyn Authenticate>(req)?
+            .authenticate(&token, &client_key(req))
+            .await?
+            .ok_or(ApiError::Unauthenticated)?;
         let (principal, tenant, subject) = match credential {
             Credential::ApiKey { key_id, tenant_id } => {
                 tracing::Span::current().record("user.id", format!("key:{key_id}"));

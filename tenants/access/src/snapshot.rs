@@ -102,8 +102,11 @@ pub(crate) enum Fact {
     PlatformAdmin { user: UserId, granted: bool },
 }
 
-/// Negative answers kept at most; past it the set starts over.
-const MAX_ABSENT: usize = 100_000;
+/// Negative answers kept at most; past it the oldest goes.
+const MAX_ABSENT: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(100_000) {
+    Some(n) => n,
+    None => std::num::NonZeroUsize::MIN,
+};
 
 pub(crate) struct Snapshot {
     enforcer: Enforcer,
@@ -116,7 +119,7 @@ pub(crate) struct Snapshot {
     platform_admins: HashSet<UserId>,
     tenants: HashMap<TenantId, TenantPolicy>,
     /// Subjects read from PostgreSQL and found to hold nothing.
-    absent: HashSet<Subject>,
+    absent: lru::LruCache<Subject, ()>,
 }
 
 pub(crate) fn role_node(role: Role) -> String {
@@ -164,7 +167,7 @@ impl Snapshot {
             keys: HashMap::new(),
             platform_admins: HashSet::new(),
             tenants: HashMap::new(),
-            absent: HashSet::new(),
+            absent: lru::LruCache::new(MAX_ABSENT),
         };
         snapshot.apply(facts);
         Ok(snapshot)
@@ -237,12 +240,9 @@ impl Snapshot {
 
     fn note_absent(&mut self, subject: Subject, absent: bool) {
         if absent {
-            if self.absent.len() >= MAX_ABSENT {
-                self.absent.clear();
-            }
-            self.absent.insert(subject);
+            self.absent.put(subject, ());
         } else {
-            self.absent.remove(&subject);
+            self.absent.pop(&subject);
         }
     }
 

@@ -6,41 +6,44 @@
 //! - A lookup that raced with an invalidation does not re-insert its (maybe
 //!   stale) answer: [`NotifiedCache::get`] hands out a ticket carrying the
 //!   generation, and [`NotifiedCache::insert`] ignores an outdated ticket.
-//! - Entries optionally expire after a TTL, and the cache starts over when it
-//!   reaches its size bound, so unbounded key spaces cannot grow it forever.
+//! - Entries optionally expire after a TTL, and the cache holds at most its
+//!   size bound: a new entry past it pushes out the least recently used one,
+//!   so a flood of new keys (random bearer tokens) cannot grow it, and
+//!   entries in use (live sessions) stay while the flood's one-off keys go.
 
-use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::RwLock;
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use lru::LruCache;
+
 struct State<K, V> {
     generation: u64,
-    entries: HashMap<K, (V, Instant)>,
+    entries: LruCache<K, (V, Instant)>,
 }
 
 pub struct NotifiedCache<K, V> {
     name: &'static str,
-    state: RwLock<State<K, V>>,
+    state: Mutex<State<K, V>>,
     trusted: AtomicBool,
     ttl: Option<Duration>,
-    max_entries: usize,
 }
 
 /// What a miss hands back, to be given to [`NotifiedCache::insert`].
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket(Option<u64>);
 
-impl<K: Eq + Hash, V: Clone> NotifiedCache<K, V> {
+impl<K: Eq + Hash + Clone, V: Clone> NotifiedCache<K, V> {
     /// `name` labels its hits and misses in the metrics.
     pub fn new(name: &'static str, ttl: Option<Duration>, max_entries: usize) -> Self {
+        let cap = NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN);
         Self {
             name,
-            state: RwLock::new(State { generation: 0, entries: HashMap::new() }),
+            state: Mutex::new(State { generation: 0, entries: LruCache::new(cap) }),
             trusted: AtomicBool::new(false),
             ttl,
-            max_entries,
         }
     }
 
@@ -51,10 +54,11 @@ impl<K: Eq + Hash, V: Clone> NotifiedCache<K, V> {
             return Err(Ticket(None));
         }
         let found = {
-            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let generation = state.generation;
             match state.entries.get(key) {
                 Some((value, at)) if self.ttl.is_none_or(|ttl| at.elapsed() < ttl) => Ok(value.clone()),
-                _ => Err(Ticket(Some(state.generation))),
+                _ => Err(Ticket(Some(generation))),
             }
         };
         // Counted once the lock is released.
@@ -70,14 +74,12 @@ impl<K: Eq + Hash, V: Clone> NotifiedCache<K, V> {
     /// issued (or was not trusted then).
     pub fn insert(&self, ticket: Ticket, key: K, value: V) {
         let Ticket(Some(generation)) = ticket else { return };
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.generation != generation || !self.trusted.load(Ordering::SeqCst) {
             return;
         }
-        if state.entries.len() >= self.max_entries {
-            state.entries.clear();
-        }
-        state.entries.insert(key, (value, Instant::now()));
+        // Past the bound, the least recently used entry makes room.
+        state.entries.put(key, (value, Instant::now()));
     }
 
     /// Forgets everything.
@@ -87,9 +89,16 @@ impl<K: Eq + Hash, V: Clone> NotifiedCache<K, V> {
 
     /// Forgets the entries matching `stale`.
     pub fn remove_where(&self, stale: impl Fn(&K, &V) -> bool) {
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.generation += 1;
-        state.entries.retain(|k, (v, _)| !stale(k, v));
+        if state.entries.iter().all(|(k, (v, _))| stale(k, v)) {
+            state.entries.clear();
+            return;
+        }
+        let gone: Vec<K> = state.entries.iter().filter(|(k, (v, _))| stale(k, v)).map(|(k, _)| k.clone()).collect();
+        for key in gone {
+            state.entries.pop(&key);
+        }
     }
 
     /// Called with the listener's state: trusted while connected. Either way
@@ -134,12 +143,20 @@ mod tests {
         cache.insert(t, 1, 1);
         assert!(cache.get(&1).is_err(), "expired at once");
 
-        let cache: NotifiedCache<u32, u32> = NotifiedCache::new("test", None, 2);
+        let cache: NotifiedCache<u32, u32> = NotifiedCache::new("test", None, 3);
         cache.set_trusted(true);
         for k in 0..3 {
             let t = cache.get(&k).unwrap_err();
             cache.insert(t, k, k);
         }
-        assert!(cache.get(&0).is_err() && cache.get(&2).is_ok(), "started over at the bound");
+        // 0 is in use; 1 and 2 were seen once.
+        assert_eq!(cache.get(&0).ok(), Some(0));
+        for k in 100..10_000 {
+            let t = cache.get(&k).unwrap_err();
+            cache.insert(t, k, k);
+            assert_eq!(cache.get(&0).ok(), Some(0), "the entry in use stays through a flood of new keys");
+        }
+        assert!(cache.get(&1).is_err() && cache.get(&2).is_err(), "the least recently used went first");
+        assert_eq!(cache.get(&9_999).ok(), Some(9_999), "the newest is kept");
     }
 }
