@@ -1,10 +1,29 @@
 #!/usr/bin/env bash
 # Runs Plinth's whole test suite on a fresh machine: installs what the tests
-# need (PgBouncer, Chromium, promtool, a Python environment with schemathesis), makes sure PostgreSQL is running, then runs cargo test.
+# need (PostgreSQL's server binaries, PgBouncer, Chromium, promtool,
+# a Python environment with schemathesis), makes sure PostgreSQL is running,
+# then runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+
+# PostgreSQL's server binaries: the tests use the server on 127.0.0.1:5432
+# when one answers, and start clusters of their own (TLS, restarts, and all
+# of them when nothing answers) from the binaries. Installed without a cluster
+# of the package's own: Debian's would ask for a password on 127.0.0.1.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+    echo "installing PostgreSQL (the tests start clusters of their own from its binaries)"
+    conf=/etc/postgresql-common/createcluster.conf
+    if [ -f "$conf" ]; then
+        as_root sed -i 's/^#\?\s*create_main_cluster.*/create_main_cluster = false/' "$conf"
+    else
+        as_root mkdir -p "$(dirname "$conf")"
+        echo "create_main_cluster = false" | as_root tee "$conf" >/dev/null
+    fi
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql >/dev/null
+fi
 
 if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
     echo "installing pgbouncer (the PgBouncer isolation test needs it)"

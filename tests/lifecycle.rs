@@ -131,3 +131,30 @@ async fn concurrent_database_creation_is_not_an_error() -> TestResult {
     client.batch_execute(&format!("DROP DATABASE {name}")).await?;
     Ok(())
 }
+
+/// A fresh machine: with nothing answering and no server binaries, or a
+/// server that wants a password, zero configuration stops and says exactly
+/// what to install or which `DATABASE_URL` to set.
+#[tokio::test]
+async fn zero_configuration_says_what_to_install_or_set() -> TestResult {
+    let data = TempDir::new("fresh")?;
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let local = plinth::pg::Local { address: nothing.to_string(), bin_dir: Some(data.path.join("no-binaries-here")) };
+    let err = plinth::pg::prepare_with(None, &local, &data.path, "plinth").await.err().map(|e| format!("{e:#}"));
+    let err = err.ok_or("prepared a database with no server and no binaries")?;
+    assert!(err.contains("no PostgreSQL answers on") && err.contains("sudo apt-get install postgresql"), "{err}");
+    assert!(err.contains("DATABASE_URL=postgres://USER:PASSWORD@HOST:5432/DATABASE"), "{err}");
+
+    // A server that takes password logins only.
+    let cluster = crate::processes::Cluster::init(&[])?;
+    cluster.hba("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")?;
+    cluster.start()?;
+    let local = plinth::pg::Local { address: format!("127.0.0.1:{}", cluster.port), bin_dir: None };
+    let err = plinth::pg::prepare_with(None, &local, &data.path, "plinth").await.err().map(|e| format!("{e:#}"));
+    let err = err.ok_or("connected without a password")?;
+    assert!(err.contains("asks for a password for user postgres"), "{err}");
+    assert!(err.contains(&format!("DATABASE_URL=postgres://plinth:PASSWORD@127.0.0.1:{}/plinth", cluster.port)));
+    // And no private cluster was started in its place.
+    assert!(!data.path.join("postgres").exists());
+    Ok(())
+}

@@ -28,6 +28,21 @@ impl Database {
     }
 }
 
+/// Where zero configuration looks for PostgreSQL: a server on `address`,
+/// else a private cluster from the server binaries in `bin_dir` (found on
+/// the system when `None`).
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub address: String,
+    pub bin_dir: Option<PathBuf>,
+}
+
+impl Default for Local {
+    fn default() -> Self {
+        Self { address: "127.0.0.1:5432".to_owned(), bin_dir: None }
+    }
+}
+
 /// Finds or starts the database named `name`.
 ///
 /// Falls back to a private cluster only when nothing answers on
@@ -35,27 +50,68 @@ impl Database {
 /// failed `CREATE DATABASE`) is an error: silently switching to another
 /// database would look like lost data.
 pub async fn prepare(database_url: Option<&str>, data_dir: &Path, name: &str) -> anyhow::Result<Database> {
+    prepare_with(database_url, &Local::default(), data_dir, name).await
+}
+
+/// [`prepare`], looking for the local server and binaries where `local` says.
+pub async fn prepare_with(
+    database_url: Option<&str>,
+    local: &Local,
+    data_dir: &Path,
+    name: &str,
+) -> anyhow::Result<Database> {
     if let Some(url) = database_url {
         return Ok(Database { url: url.to_owned(), cluster: None });
     }
-    let local = "postgres://postgres@127.0.0.1:5432/postgres";
-    match connect(local).await {
+    let address = &local.address;
+    let admin = format!("postgres://postgres@{address}/postgres");
+    match connect(&admin).await {
         Ok(client) => {
-            let url = create_if_missing(&client, local, name)
-                .await
-                .context("using the PostgreSQL server on 127.0.0.1:5432 (set DATABASE_URL to use another)")?;
-            tracing::info!(database = name, "using the PostgreSQL server on 127.0.0.1:5432");
+            let url = create_if_missing(&client, &admin, name).await.with_context(|| {
+                format!("using the PostgreSQL server on {address} (set DATABASE_URL to use another)")
+            })?;
+            tracing::info!(database = name, "using the PostgreSQL server on {address}");
             return Ok(Database { url, cluster: None });
         }
+        Err(err) if wants_password(&err) => bail!(
+            "the PostgreSQL server on {address} asks for a password for user postgres, and zero configuration has \
+             none. Set DATABASE_URL, for example DATABASE_URL=postgres://plinth:PASSWORD@{address}/plinth \
+             (a role that may create the database, or owns it), or let local connections in without a password \
+             (trust) in its pg_hba.conf"
+        ),
         Err(err) if err.as_db_error().is_some() => {
-            return Err(err)
-                .context("the PostgreSQL server on 127.0.0.1:5432 refused the connection (set DATABASE_URL)");
+            return Err(err).with_context(|| {
+                format!("the PostgreSQL server on {address} refused the connection (set DATABASE_URL)")
+            });
         }
-        Err(err) => tracing::warn!(error = %err, "no PostgreSQL answers on 127.0.0.1:5432; starting a private cluster"),
+        Err(err) => tracing::warn!(error = %err, "no PostgreSQL answers on {address}; starting a private cluster"),
     }
-    let cluster = PrivateCluster::start(&data_dir.join("postgres"))?;
+    let bin = match &local.bin_dir {
+        Some(dir) => dir.join("initdb").is_file().then(|| dir.clone()),
+        None => find_bin_dir(),
+    };
+    let Some(bin) = bin else {
+        bail!(
+            "no PostgreSQL answers on {address}, and no PostgreSQL server binaries (initdb, pg_ctl) are installed \
+             to start a private one. Install PostgreSQL (Debian/Ubuntu: sudo apt-get install postgresql; \
+             Fedora: sudo dnf install postgresql-server; macOS: brew install postgresql), or set \
+             DATABASE_URL=postgres://USER:PASSWORD@HOST:5432/DATABASE to use a server elsewhere \
+             (PLINTH_PG_BINDIR names the binaries' directory when it is somewhere unusual)"
+        );
+    };
+    let cluster = PrivateCluster::start_with(&bin, &data_dir.join("postgres"))?;
     let url = ensure_database(&cluster.url("postgres"), name).await?;
     Ok(Database { url, cluster: Some(cluster) })
+}
+
+/// Whether the server asked for a password (or refused the login for want
+/// of one): tokio-postgres reports the former as a configuration error.
+fn wants_password(err: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    let code = err.code();
+    code == Some(&SqlState::INVALID_PASSWORD)
+        || code == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+        || std::error::Error::source(err).is_some_and(|cause| cause.to_string().contains("password missing"))
 }
 
 async fn connect(admin_url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -112,6 +168,12 @@ impl PrivateCluster {
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
         let bin = find_bin_dir()
             .context("PostgreSQL server binaries (initdb, pg_ctl) not found; install PostgreSQL or set DATABASE_URL")?;
+        Self::start_with(&bin, dir)
+    }
+
+    /// [`start`](Self::start) with the server binaries in `bin`.
+    pub fn start_with(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let bin = bin.to_path_buf();
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let dir = dir.canonicalize()?;
         let lock_path = dir.with_extension("lock");
