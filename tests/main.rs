@@ -18,6 +18,7 @@ mod mail_and_jobs;
 mod members;
 mod metrics;
 mod migrations;
+mod pg_restart;
 mod policy;
 mod postgres_tls;
 mod projects;

@@ -165,10 +165,18 @@ impl UnknownTokens {
         }
     }
 
-    /// Gives back the count of a lookup that found a live token.
-    async fn known(&self, client: &str) {
-        // A local limiter: nothing to fail.
-        let _ = self.0.refund(client).await;
+    /// The lookup's answer; its count is given back unless it found no
+    /// token (a live token, or a lookup that failed, is not a guess).
+    async fn unless_unknown<T>(
+        &self,
+        client: &str,
+        lookup: Result<Option<T>, IdentityError>,
+    ) -> Result<Option<T>, IdentityError> {
+        if !matches!(lookup, Ok(None)) {
+            // A local limiter: nothing to fail.
+            let _ = self.0.refund(client).await;
+        }
+        lookup
     }
 }
 
@@ -208,24 +216,26 @@ impl Sessions {
             Err(ticket) => {
                 self.unknown.admit(client).await?;
                 let row: Option<SessionRow> = self
-                    .db
-                    .platform(async |c| {
-                        Ok::<_, IdentityError>(
-                            sessions::table
-                                .filter(sessions::token_hash.eq(&hash[..]))
-                                .filter(sessions::revoked_at.is_null())
-                                .select(SessionRow::as_select())
-                                .first(c)
-                                .await
-                                .optional()?,
-                        )
-                    })
+                    .unknown
+                    .unless_unknown(
+                        client,
+                        self.db
+                            .platform(async |c| {
+                                Ok::<_, IdentityError>(
+                                    sessions::table
+                                        .filter(sessions::token_hash.eq(&hash[..]))
+                                        .filter(sessions::revoked_at.is_null())
+                                        .select(SessionRow::as_select())
+                                        .first(c)
+                                        .await
+                                        .optional()?,
+                                )
+                            })
+                            .await,
+                    )
                     .await?;
                 let found =
                     row.map(|r| SessionInfo { session_id: r.id, user_id: UserId(r.user_id), expires_at: r.expires_at });
-                if found.is_some() {
-                    self.unknown.known(client).await;
-                }
                 self.cache.insert(ticket, hash, found.clone());
                 found
             }
@@ -297,25 +307,27 @@ impl ApiKeys {
             Err(ticket) => {
                 self.unknown.admit(client).await?;
                 let row: Option<(uuid::Uuid, uuid::Uuid, String)> = self
-                    .db
-                    .platform(async |c| {
-                        Ok::<_, IdentityError>(
-                            api_keys::table
-                                .filter(api_keys::token_hash.eq(&hash[..]))
-                                .filter(api_keys::revoked_at.is_null())
-                                .select((api_keys::id, api_keys::tenant_id, api_keys::role))
-                                .first(c)
-                                .await
-                                .optional()?,
-                        )
-                    })
+                    .unknown
+                    .unless_unknown(
+                        client,
+                        self.db
+                            .platform(async |c| {
+                                Ok::<_, IdentityError>(
+                                    api_keys::table
+                                        .filter(api_keys::token_hash.eq(&hash[..]))
+                                        .filter(api_keys::revoked_at.is_null())
+                                        .select((api_keys::id, api_keys::tenant_id, api_keys::role))
+                                        .first(c)
+                                        .await
+                                        .optional()?,
+                                )
+                            })
+                            .await,
+                    )
                     .await?;
                 let found = row.and_then(|(key_id, tenant, role)| {
                     Some(ApiKeyInfo { key_id, tenant_id: TenantId(tenant), role: Role::parse(&role)? })
                 });
-                if found.is_some() {
-                    self.unknown.known(client).await;
-                }
                 self.cache.insert(ticket, hash, found.clone());
                 found
             }

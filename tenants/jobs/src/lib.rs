@@ -258,7 +258,37 @@ type BoxedQuery<'a> = diesel::query_builder::BoxedSqlQuery<'a, diesel::pg::Pg, d
 
 /// Runs an update on one job; true if it matched (the worker still held it).
 async fn update_one(db: &Db, query: BoxedQuery<'_>) -> bool {
-    matched(db.platform(async |conn| query.execute(conn).await.map_err(ClaimError::from)).await)
+    matched(execute(db, query).await)
+}
+
+async fn execute(db: &Db, query: BoxedQuery<'_>) -> Result<usize, ClaimError> {
+    db.platform(async |conn| query.execute(conn).await.map_err(ClaimError::from)).await
+}
+
+/// Writes a job's outcome, retrying for up to 30 seconds while the database
+/// cannot be reached (a restart, a failover): a job that finished is not
+/// left running until its lease runs out and then run again.
+async fn settle<F, Fut>(mut write: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<usize, ClaimError>>,
+{
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Err(ClaimError::Pool(_)) if started.elapsed() < Duration::from_secs(30) => {}
+            Err(ClaimError::Db(diesel::result::Error::DatabaseError(kind, _)))
+                if matches!(
+                    kind,
+                    diesel::result::DatabaseErrorKind::ClosedConnection
+                        | diesel::result::DatabaseErrorKind::UnableToSendCommand
+                ) && started.elapsed() < Duration::from_secs(30) => {}
+            other => return matched(other),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// Whether an update on one job matched; a failure is logged.
@@ -277,23 +307,25 @@ fn held<'a>(sql: &'static str, id: uuid::Uuid, worker: &'a str) -> BoxedQuery<'a
 }
 
 async fn complete(db: &Db, id: uuid::Uuid, worker: &str) -> bool {
-    let done = db
-        .platform(async |conn| {
-            diesel::update(jobs::table.find(id).filter(jobs::locked_by.eq(worker)).filter(jobs::status.eq("running")))
-                .set((
-                    jobs::status.eq("done"),
-                    jobs::finished_at.eq(diesel::dsl::now),
-                    jobs::updated_at.eq(diesel::dsl::now),
-                    jobs::last_error.eq(None::<String>),
-                    jobs::locked_by.eq(None::<String>),
-                    jobs::locked_until.eq(None::<DateTime<Utc>>),
-                ))
-                .execute(conn)
-                .await
-                .map_err(ClaimError::from)
-        })
-        .await;
-    matched(done)
+    settle(|| complete_once(db, id, worker)).await
+}
+
+async fn complete_once(db: &Db, id: uuid::Uuid, worker: &str) -> Result<usize, ClaimError> {
+    db.platform(async |conn| {
+        diesel::update(jobs::table.find(id).filter(jobs::locked_by.eq(worker)).filter(jobs::status.eq("running")))
+            .set((
+                jobs::status.eq("done"),
+                jobs::finished_at.eq(diesel::dsl::now),
+                jobs::updated_at.eq(diesel::dsl::now),
+                jobs::last_error.eq(None::<String>),
+                jobs::locked_by.eq(None::<String>),
+                jobs::locked_until.eq(None::<DateTime<Utc>>),
+            ))
+            .execute(conn)
+            .await
+            .map_err(ClaimError::from)
+    })
+    .await
 }
 
 /// Records a failure: queued again after `retry_in`, or dead if attempts are
@@ -306,9 +338,8 @@ async fn fail(db: &Db, id: uuid::Uuid, worker: &str, error: &str, retry_in: Opti
                finished_at = CASE WHEN attempts >= max_attempts OR $4::float8 IS NULL THEN now() END, \
                run_at = now() + make_interval(secs => coalesce($4::float8, 0)) \
                WHERE id = $1 AND locked_by = $2 AND status = 'running'";
-    let query =
-        held(sql, id, worker).bind::<Text, _>(error).bind::<Nullable<Double>, _>(retry_in.map(|d| d.as_secs_f64()));
-    update_one(db, query).await
+    let retry_in = retry_in.map(|d| d.as_secs_f64());
+    settle(|| execute(db, held(sql, id, worker).bind::<Text, _>(error).bind::<Nullable<Double>, _>(retry_in))).await
 }
 
 /// Gives a job back unfinished (shutdown): it runs again at once and the

@@ -100,7 +100,9 @@ impl Listener {
                 self.health.set(false);
                 self.broadcast(ListenEvent::Disconnected);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // At most a second: after a restart the caches are bypassed until it
+                // is back, and each reconnect is one connection attempt.
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         })
     }

@@ -251,6 +251,7 @@ impl Transport {
 }
 
 /// What happened to a message.
+#[derive(Clone)]
 enum Sent {
     Accepted(String),
     Rejected(String),
@@ -287,7 +288,9 @@ impl Mailer {
             .ok_or_else(|| JobError::Fatal(anyhow::anyhow!("mail job without an outbox id")))?;
         // The row stays locked while the message is handed over, so a second
         // run of the same job waits and then finds it sent.
-        self.db
+        let handed_over = std::sync::Mutex::new(None);
+        let result = self
+            .db
             .platform(async |conn| {
                 let row: Option<OutboxRow> = mail_outbox::table
                     .find(outbox_id)
@@ -316,21 +319,10 @@ impl Mailer {
                     })?,
                     Err(err) => Sent::Rejected(format!("could not build the message: {err:#}")),
                 };
-                let (status, response) = match &sent {
-                    Sent::Accepted(r) => ("sent", r.as_str()),
-                    Sent::Rejected(r) => ("failed", r.as_str()),
-                };
-                // The data (tokens in links) does not outlive the delivery.
-                let sent_at = (status == "sent").then(chrono::Utc::now);
-                diesel::update(mail_outbox::table.find(outbox_id))
-                    .set((
-                        mail_outbox::status.eq(status),
-                        mail_outbox::smtp_response.eq(response),
-                        mail_outbox::data.eq(serde_json::json!({})),
-                        mail_outbox::sent_at.eq(sent_at),
-                    ))
-                    .execute(conn)
-                    .await?;
+                if let Ok(mut handed) = handed_over.lock() {
+                    *handed = Some(sent.clone());
+                }
+                record(conn, outbox_id, &sent).await?;
                 let outcome = if matches!(sent, Sent::Accepted(_)) { "sent" } else { "rejected" };
                 metrics::counter!("plinth_mail_total", "outcome" => outcome).increment(1);
                 match sent {
@@ -346,7 +338,39 @@ impl Mailer {
                 }
                 Ok(())
             })
-            .await
+            .await;
+        let handed = handed_over.lock().ok().and_then(|mut h| h.take());
+        match (result, handed) {
+            (Ok(()), _) => Ok(()),
+            // The server took (or refused) the message, and then the database
+            // went away before that was written down: write it down once the
+            // database is back, rather than let the job send it again.
+            (Err(err), Some(sent)) => self.record_later(outbox_id, &sent, err).await,
+            (Err(err), None) => Err(err),
+        }
+    }
+
+    /// Records a delivery whose first recording failed, retrying while the
+    /// database is away, for up to a minute (the job's lease); past that the
+    /// job is retried, and the message may go out twice.
+    async fn record_later(&self, outbox_id: uuid::Uuid, sent: &Sent, first: JobError) -> Result<(), JobError> {
+        tracing::warn!(mail.id = %outbox_id, "the mail was handed over but recording it failed; retrying the record");
+        let started = std::time::Instant::now();
+        let mut wait = std::time::Duration::from_millis(100);
+        let mut last = first;
+        while started.elapsed() < std::time::Duration::from_secs(50) {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(2));
+            match self.db.platform(async |conn| record(conn, outbox_id, sent).await).await {
+                Ok(()) => {
+                    tracing::info!(mail.id = %outbox_id, "delivery recorded after the database came back");
+                    return Ok(());
+                }
+                Err(err) => last = err,
+            }
+        }
+        tracing::error!(mail.id = %outbox_id, "a handed-over mail could not be recorded; it may be sent again");
+        Err(last)
     }
 
     fn render(&self, id: uuid::Uuid, row: &OutboxRow) -> anyhow::Result<Message> {
@@ -395,6 +419,26 @@ struct OutboxRow {
     template: String,
     data: serde_json::Value,
     status: String,
+}
+
+/// Writes down what the SMTP server said of a message (only while the row is
+/// still queued); the data (tokens in links) does not outlive the delivery.
+async fn record(conn: &mut AsyncPgConnection, outbox_id: uuid::Uuid, sent: &Sent) -> Result<(), JobError> {
+    let (status, response) = match sent {
+        Sent::Accepted(r) => ("sent", r.as_str()),
+        Sent::Rejected(r) => ("failed", r.as_str()),
+    };
+    let sent_at = (status == "sent").then(chrono::Utc::now);
+    diesel::update(mail_outbox::table.find(outbox_id).filter(mail_outbox::status.eq("queued")))
+        .set((
+            mail_outbox::status.eq(status),
+            mail_outbox::smtp_response.eq(response),
+            mail_outbox::data.eq(serde_json::json!({})),
+            mail_outbox::sent_at.eq(sent_at),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]
