@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs Plinth's whole test suite on a fresh machine: installs what the tests
-# need (PostgreSQL's server binaries, PgBouncer, Chromium, promtool,
+# need (PostgreSQL's server binaries, PgBouncer, HAProxy, Chromium, promtool,
 # a Python environment with schemathesis), makes sure PostgreSQL is running,
 # then runs cargo test.
 set -euo pipefail
@@ -29,6 +29,12 @@ if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
     echo "installing pgbouncer (the PgBouncer isolation test needs it)"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq pgbouncer >/dev/null
+fi
+
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
+    echo "installing haproxy (the rolling-restart test runs three instances behind it)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq haproxy >/dev/null
 fi
 
 if ! command -v chromium >/dev/null; then

@@ -14,6 +14,7 @@ mod idempotency;
 mod identity;
 mod isolation;
 mod lifecycle;
+mod load_balancer;
 mod mail_and_jobs;
 mod members;
 mod metrics;

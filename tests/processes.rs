@@ -132,7 +132,7 @@ impl Drop for Cluster {
 /// `plinth serve` as a child process on a port of its own, with its output
 /// kept for the test to read.
 pub struct Serve {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     pub base: String,
     output: Arc<Mutex<Vec<u8>>>,
     _data: TempDir,
@@ -193,7 +193,7 @@ impl Serve {
                 }
             });
         }
-        Ok(Self { _child: child, base: format!("http://127.0.0.1:{port}"), output, _data: data })
+        Ok(Self { child, base: format!("http://127.0.0.1:{port}"), output, _data: data })
     }
 
     /// Waits until `/health/ready` answers 200, or says why not.
@@ -209,5 +209,74 @@ impl Serve {
     /// Everything the process wrote so far, stdout and stderr together.
     pub fn output(&self) -> String {
         self.output.lock().map(|o| String::from_utf8_lossy(&o).into_owned()).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; its exit status.
+    pub async fn terminate(&mut self) -> TestResult<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await??)
+    }
+}
+
+/// HAProxy in front of servers on `ports`: round robin, health checks on
+/// `/health/ready` every 200 ms, and a request whose connection a server
+/// refused retried on another (only that: a request that reached a server
+/// is never sent twice). A new server connection per request, so that no
+/// request is sent on a kept-alive connection a stopping server is closing.
+pub struct Haproxy {
+    child: tokio::process::Child,
+    pub base: String,
+    _dir: TempDir,
+}
+
+impl Haproxy {
+    pub async fn start(ports: &[u16]) -> TestResult<Self> {
+        let bin = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .ok_or("haproxy is not installed (scripts/test.sh installs it)")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = TempDir::new("haproxy")?;
+        let servers: String =
+            ports.iter().enumerate().map(|(i, p)| format!("    server plinth{i} 127.0.0.1:{p} check\n")).collect();
+        let config = format!(
+            "global\n    maxconn 2000\n\
+             defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n\
+             \x20   retries 3\n    option redispatch 1\n    retry-on conn-failure\n\
+             \x20   http-reuse never\n    option http-server-close\n\
+             frontend web\n    bind 127.0.0.1:{port}\n    default_backend plinth\n\
+             backend plinth\n    balance roundrobin\n    option httpchk GET /health/ready\n\
+             \x20   http-check expect status 200\n    default-server inter 200ms fall 2 rise 2\n{servers}"
+        );
+        let path = dir.path.join("haproxy.cfg");
+        std::fs::write(&path, config)?;
+        let check = Command::new(bin).arg("-c").arg("-f").arg(&path).output()?;
+        if !check.status.success() {
+            return Err(format!("haproxy -c: {}", String::from_utf8_lossy(&check.stderr)).into());
+        }
+        let child = tokio::process::Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let proxy = Self { child, base: format!("http://127.0.0.1:{port}"), _dir: dir };
+        let http = crate::harness::http_client().build()?;
+        let url = format!("{}/health/ready", proxy.base);
+        eventually(Duration::from_secs(30), || async {
+            Ok(http.get(&url).send().await.is_ok_and(|r| r.status() == 200))
+        })
+        .await?;
+        Ok(proxy)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
     }
 }

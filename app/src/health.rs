@@ -33,7 +33,7 @@ async fn live() -> HttpResponse {
 }
 
 /// How long the notification listener may be down before the instance
-/// says it is not ready: its reconnect backoff tops out at 5 s, so a
+/// says it is not ready: its reconnect backoff tops out at 1 s, so a
 /// database restart that the listener rides out stays ready.
 const LISTENER_DOWN_LIMIT: Duration = Duration::from_secs(8);
 
