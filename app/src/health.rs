@@ -41,8 +41,9 @@ const LISTENER_DOWN_LIMIT: Duration = Duration::from_secs(8);
 /// less than [`LISTENER_DOWN_LIMIT`]: without it the instance still answers
 /// correctly, but its caches and the access engine stop trusting themselves
 /// and read the database for every request), the database answers within a
-/// second, and its platform schema is the one this binary was built for (no
-/// migration pending, none newer). The error says which.
+/// second, and no platform migration of this binary is pending (a newer one,
+/// applied for a newer binary during a rolling deploy, is fine: migrations
+/// only add). The error says which.
 pub async fn readiness(db: &Db, listener: &ListenerHealth) -> Result<(), ApiError> {
     if let Some(down) = listener.down_for().filter(|d| *d > LISTENER_DOWN_LIMIT) {
         return Err(ApiError::NotReady(format!(
@@ -53,6 +54,9 @@ pub async fn readiness(db: &Db, listener: &ListenerHealth) -> Result<(), ApiErro
     let check = db.platform(async |conn| Ok::<_, ApiError>(migrate::platform_schema_state(conn).await?));
     match tokio::time::timeout(Duration::from_secs(1), check).await {
         Ok(Ok(migrate::SchemaState::Current)) => Ok(()),
+        // A newer binary migrated during a rolling deploy: migrations only
+        // add, so this one keeps serving until it is replaced.
+        Ok(Ok(migrate::SchemaState::Ahead(_))) => Ok(()),
         Ok(Ok(state)) => Err(ApiError::NotReady(state.to_string())),
         Ok(Err(err)) => Err(ApiError::Unavailable(anyhow::anyhow!("database check failed: {err}"))),
         Err(_) => Err(ApiError::Unavailable(anyhow::anyhow!("database check timed out"))),

@@ -169,11 +169,16 @@ pub async fn platform_schema_state(conn: &mut AsyncPgConnection) -> Result<Schem
         other => Err(other),
     })?;
     let applied: HashSet<String> = applied.into_iter().map(|a| a.version).collect();
-    if let Some(unknown) = applied.iter().find(|v| !known.contains(v)) {
-        return Ok(SchemaState::Ahead(unknown.clone()));
-    }
+    // A pending migration of this binary matters more than one it does not
+    // know: its code needs the former.
     let behind = known.iter().filter(|v| !applied.contains(*v)).count();
-    Ok(if behind == 0 { SchemaState::Current } else { SchemaState::Behind(behind) })
+    if behind > 0 {
+        return Ok(SchemaState::Behind(behind));
+    }
+    Ok(match applied.iter().find(|v| !known.contains(v)) {
+        Some(unknown) => SchemaState::Ahead(unknown.clone()),
+        None => SchemaState::Current,
+    })
 }
 
 /// Applies `migrations` (all of them, in order) to a freshly created schema in
