@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 use utoipa_actix_web::AppExt as _;
 
-use crate::harness::{AppOptions, TempDir, TestApp, TestDb, TestResult, platform_admin};
+use crate::harness::{AppOptions, TempDir, TestApp, TestDb, TestResult, platform_admin, tool};
 use crate::stripe::StripeMock;
 
 /// The served document.
@@ -35,12 +35,6 @@ fn operations(doc: &serde_json::Value) -> TestResult<BTreeSet<(String, String)>>
         }
     }
     Ok(ops)
-}
-
-/// A tool from the test environment (`scripts/test.sh` installs it).
-fn tool(name: &str) -> std::process::Command {
-    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin").join(name);
-    std::process::Command::new(if venv.exists() { venv.into_os_string() } else { name.into() })
 }
 
 #[tokio::test]

@@ -407,6 +407,13 @@ impl Drop for PgBouncer {
     }
 }
 
+/// A tool from the test environment's Python virtual environment
+/// (`scripts/test.sh` installs it), or from the PATH.
+pub fn tool(name: &str) -> std::process::Command {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/venv/bin").join(name);
+    std::process::Command::new(if venv.exists() { venv.into_os_string() } else { name.into() })
+}
+
 /// A directory removed on drop.
 /// The key the test servers seal with (32 bytes of base64).
 pub const TEST_ENCRYPTION_KEY: &str = "cGxpbnRoIHRlc3RzIHNlYWwgd2l0aCB0aGlzIGtleSE=";

@@ -9,6 +9,7 @@ mod api_keys;
 mod audit;
 mod billing;
 mod contract;
+mod deploy;
 mod http_basics;
 mod idempotency;
 mod identity;

@@ -57,6 +57,9 @@ pub enum Command {
     Billing(BillingCommand),
     /// Print the OpenAPI document (as `GET /openapi.json` serves it), for client generators.
     Openapi,
+    /// Ask the server on PLINTH_LISTEN whether it is ready (`GET /health/ready`);
+    /// exits 0 when it is. For container health checks, where no curl is installed.
+    Health,
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +169,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return print_openapi();
     }
     let settings = Settings::load(cli.config.as_deref())?;
+    if let Command::Health = cli.command {
+        // Needs no database: it asks the running server.
+        return health(&settings.listen).await;
+    }
     let telemetry = telemetry::init(settings.log_json, settings.otlp_endpoint.as_deref())?;
     raise_file_limit();
     let database =
@@ -175,6 +182,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Flushing blocks on the exporter's thread.
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     result
+}
+
+/// `plinth health`: `GET /health/ready` on the listen address (an
+/// unspecified address such as 0.0.0.0 is asked on loopback).
+async fn health(listen: &str) -> anyhow::Result<ExitCode> {
+    let mut addr: std::net::SocketAddr = listen.parse().with_context(|| format!("PLINTH_LISTEN {listen:?}"))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    // reqwest's rustls takes the process's crypto provider (plain HTTP here,
+    // but the client is built with TLS); already installed is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?;
+    match client.get(format!("http://{addr}/health/ready")).send().await {
+        Ok(res) if res.status().is_success() => Ok(ExitCode::SUCCESS),
+        Ok(res) => {
+            eprintln!("not ready: {} {}", res.status(), res.text().await.unwrap_or_default());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(err) => {
+            eprintln!("no answer from {addr}: {err}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: each client
@@ -282,6 +317,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             admin_command(command, &db, settings).await
         }
         Command::Openapi => print_openapi(),
+        Command::Health => health(&settings.listen).await,
     }
 }
 
@@ -301,6 +337,11 @@ async fn require_current_schema(url: &str, timeouts: migrate::MigrationTimeouts)
         .context("connecting to check the platform schema")?;
     match migrate::platform_schema_state(&mut conn).await.context("reading the platform schema version")? {
         migrate::SchemaState::Current => Ok(()),
+        // A newer binary migrated (a rolling deploy): migrations only add.
+        migrate::SchemaState::Ahead(version) => {
+            tracing::warn!(version, "the database has a platform migration newer than this binary; serving anyway");
+            Ok(())
+        }
         state => {
             anyhow::bail!("{state}; PLINTH_MIGRATE_ON_START is false, so run `plinth migrate` with this binary first")
         }
