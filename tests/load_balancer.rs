@@ -24,6 +24,8 @@ struct Answer {
     kind: &'static str,
     status: u16,
     acknowledged: Option<String>,
+    /// Why no answer came (status 0).
+    error: Option<String>,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,9 +117,9 @@ async fn three_instances_behind_haproxy_restart_in_turn_and_no_request_fails() -
                         ("webhook", 200) => Some(format!("evt_lb_{i}")),
                         _ => None,
                     };
-                    Answer { kind, status, acknowledged }
+                    Answer { kind, status, acknowledged, error: None }
                 }
-                Err(err) => Answer { kind, status: 0, acknowledged: Some(format!("{err:#}")) },
+                Err(err) => Answer { kind, status: 0, acknowledged: None, error: Some(format!("{err:#}")) },
             };
             if let Ok(mut answers) = answers.lock() {
                 answers.push(answer);
@@ -161,7 +163,8 @@ async fn three_instances_behind_haproxy_restart_in_turn_and_no_request_fails() -
         answers.len(),
         failed.len()
     );
-    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    let errors: Vec<&str> = failed.iter().filter_map(|a| a.error.as_deref()).collect();
+    assert!(failed.is_empty(), "failed requests: {failed:?}; without an answer: {errors:?}");
 
     // Every acknowledged write and webhook is stored.
     let client = testdb.client().await?;
