@@ -363,6 +363,8 @@ impl Mailer {
             wait = (wait * 2).min(std::time::Duration::from_secs(2));
             match self.db.platform(async |conn| record(conn, outbox_id, sent).await).await {
                 Ok(()) => {
+                    let outcome = if matches!(sent, Sent::Accepted(_)) { "sent" } else { "rejected" };
+                    metrics::counter!("plinth_mail_total", "outcome" => outcome).increment(1);
                     tracing::info!(mail.id = %outbox_id, "delivery recorded after the database came back");
                     return Ok(());
                 }
