@@ -151,32 +151,31 @@ impl UnknownTokens {
         Arc::new(Self(RateLimiter::local("unknown_tokens_per_ip", limit)))
     }
 
-    /// Counts a lookup before it is made (so that concurrent lookups cannot
-    /// all pass one check), or refuses a client over the limit.
-    async fn admit(&self, client: &str) -> Result<(), IdentityError> {
+    /// Runs a lookup the caches could not answer, counted against `client`
+    /// before it is made (so that concurrent lookups cannot all pass one
+    /// check) and given back unless it found no token (a live token, or a
+    /// lookup that failed, is not a guess). Over the limit, refused (429)
+    /// without the lookup.
+    async fn lookup<T>(
+        &self,
+        client: &str,
+        query: impl Future<Output = Result<Option<T>, IdentityError>>,
+    ) -> Result<Option<T>, IdentityError> {
         match self.0.reserve(client).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(Refused::Limited(wait)) => {
                 let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
                 tracing::info!(retry_after_ms, "too many unknown tokens");
-                Err(IdentityError::RateLimited(wait))
+                return Err(IdentityError::RateLimited(wait));
             }
-            Err(Refused::Unavailable(err)) => Err(IdentityError::Limits(err)),
+            Err(Refused::Unavailable(err)) => return Err(IdentityError::Limits(err)),
         }
-    }
-
-    /// The lookup's answer; its count is given back unless it found no
-    /// token (a live token, or a lookup that failed, is not a guess).
-    async fn unless_unknown<T>(
-        &self,
-        client: &str,
-        lookup: Result<Option<T>, IdentityError>,
-    ) -> Result<Option<T>, IdentityError> {
-        if !matches!(lookup, Ok(None)) {
+        let found = query.await;
+        if !matches!(found, Ok(None)) {
             // A local limiter: nothing to fail.
             let _ = self.0.refund(client).await;
         }
-        lookup
+        found
     }
 }
 
@@ -214,26 +213,18 @@ impl Sessions {
         let found = match self.cache.get(&hash) {
             Ok(hit) => hit,
             Err(ticket) => {
-                self.unknown.admit(client).await?;
-                let row: Option<SessionRow> = self
-                    .unknown
-                    .unless_unknown(
-                        client,
-                        self.db
-                            .platform(async |c| {
-                                Ok::<_, IdentityError>(
-                                    sessions::table
-                                        .filter(sessions::token_hash.eq(&hash[..]))
-                                        .filter(sessions::revoked_at.is_null())
-                                        .select(SessionRow::as_select())
-                                        .first(c)
-                                        .await
-                                        .optional()?,
-                                )
-                            })
-                            .await,
+                let query = self.db.platform(async |c| {
+                    Ok::<_, IdentityError>(
+                        sessions::table
+                            .filter(sessions::token_hash.eq(&hash[..]))
+                            .filter(sessions::revoked_at.is_null())
+                            .select(SessionRow::as_select())
+                            .first(c)
+                            .await
+                            .optional()?,
                     )
-                    .await?;
+                });
+                let row: Option<SessionRow> = self.unknown.lookup(client, query).await?;
                 let found =
                     row.map(|r| SessionInfo { session_id: r.id, user_id: UserId(r.user_id), expires_at: r.expires_at });
                 self.cache.insert(ticket, hash, found.clone());
@@ -305,26 +296,18 @@ impl ApiKeys {
         let found = match self.cache.get(&hash) {
             Ok(hit) => hit,
             Err(ticket) => {
-                self.unknown.admit(client).await?;
-                let row: Option<(uuid::Uuid, uuid::Uuid, String)> = self
-                    .unknown
-                    .unless_unknown(
-                        client,
-                        self.db
-                            .platform(async |c| {
-                                Ok::<_, IdentityError>(
-                                    api_keys::table
-                                        .filter(api_keys::token_hash.eq(&hash[..]))
-                                        .filter(api_keys::revoked_at.is_null())
-                                        .select((api_keys::id, api_keys::tenant_id, api_keys::role))
-                                        .first(c)
-                                        .await
-                                        .optional()?,
-                                )
-                            })
-                            .await,
+                let query = self.db.platform(async |c| {
+                    Ok::<_, IdentityError>(
+                        api_keys::table
+                            .filter(api_keys::token_hash.eq(&hash[..]))
+                            .filter(api_keys::revoked_at.is_null())
+                            .select((api_keys::id, api_keys::tenant_id, api_keys::role))
+                            .first(c)
+                            .await
+                            .optional()?,
                     )
-                    .await?;
+                });
+                let row: Option<(uuid::Uuid, uuid::Uuid, String)> = self.unknown.lookup(client, query).await?;
                 let found = row.and_then(|(key_id, tenant, role)| {
                     Some(ApiKeyInfo { key_id, tenant_id: TenantId(tenant), role: Role::parse(&role)? })
                 });

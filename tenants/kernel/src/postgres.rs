@@ -95,19 +95,20 @@ impl Target {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?;
+        let algorithms = provider.signature_verification_algorithms;
         let client = match verify {
-            Verify::Nothing => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Unverified(provider.signature_verification_algorithms))),
+            Verify::Nothing => {
+                builder.dangerous().with_custom_certificate_verifier(Arc::new(Verifier { roots: None, algorithms }))
+            }
             Verify::Chain | Verify::Full => {
                 let roots = Arc::new(load_roots(ssl.root_cert.as_deref(), mode)?);
-                let webpki = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-                    .build()
-                    .context("building the certificate verifier")?;
                 if verify == Verify::Full {
+                    let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                        .build()
+                        .context("building the certificate verifier")?;
                     builder.with_webpki_verifier(webpki)
                 } else {
-                    let chain = ChainOnly { roots, algorithms: provider.signature_verification_algorithms, webpki };
+                    let chain = Verifier { roots: Some(roots), algorithms };
                     builder.dangerous().with_custom_certificate_verifier(Arc::new(chain))
                 }
             }
@@ -238,57 +239,20 @@ fn load_roots(root_cert: Option<&str>, mode: &str) -> anyhow::Result<RootCertSto
     Ok(roots)
 }
 
-/// `prefer` and `require`: the connection is encrypted, the certificate is
-/// not checked (libpq's meaning of these modes). The handshake signatures
-/// still are, so the session keys belong to whoever holds the certificate.
+/// The certificate check of the modes rustls's own verifier does not cover.
+/// Without `roots` (`prefer`, `require`) the connection is encrypted and the
+/// certificate is not checked, libpq's meaning of these modes; with them
+/// (`verify-ca`) the chain must lead to one of them, and the name in the
+/// certificate is not compared with the host. Either way the handshake
+/// signatures are checked, so the session keys belong to whoever holds the
+/// certificate.
 #[derive(Debug)]
-struct Unverified(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted root; the name in the
-/// certificate is not compared with the host.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct Verifier {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
-    webpki: Arc<WebPkiServerVerifier>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -297,8 +261,10 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algorithms.all)?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(&cert, roots, intermediates, now, self.algorithms.all)?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -308,7 +274,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -317,11 +283,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
