@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use plinth_access::Role;
 use plinth_access::{Access, Action, Catalog, Decision, Need, Subject};
-use plinth_tenants::migrate;
 use plinth_tenants::{Db, DbConfig, TenantId, UserId};
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+
+use common::Result;
 
 const SIZES: [usize; 3] = [10, 10_000, 100_000];
 const CALLS: usize = 200_000;
@@ -91,15 +92,7 @@ async fn main() -> Result {
 }
 
 async fn measure(size: usize) -> Result {
-    let admin = plinth::pg::prepare(std::env::var("DATABASE_URL").ok().as_deref(), ".plinth".as_ref(), "postgres")
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    let (client, conn) = tokio_postgres::connect(&admin.url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    client.batch_execute("DROP DATABASE IF EXISTS plinth_bench_access WITH (FORCE)").await?;
-    client.batch_execute("CREATE DATABASE plinth_bench_access").await?;
-    let url = format!("{}/plinth_bench_access", admin.url.rsplit_once('/').map_or(admin.url.as_str(), |(b, _)| b));
-    migrate::run_platform_migrations(&url).await.map_err(|e| format!("{e:#}"))?;
+    let (url, _client, admin) = common::fresh_database("plinth_bench_access").await?;
     let (bulk, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     bulk.batch_execute(&format!(

@@ -14,9 +14,11 @@
 use std::time::{Duration, Instant};
 
 use plinth_http::ratelimit::{Limit, RateLimiter};
-use plinth_tenants::{Db, DbConfig, migrate};
+use plinth_tenants::{Db, DbConfig};
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+
+use common::Result;
 
 const CHECKS: usize = 20_000;
 
@@ -29,15 +31,7 @@ fn report(name: &str, mut times: Vec<Duration>) {
 
 #[tokio::main]
 async fn main() -> Result {
-    let admin = plinth::pg::prepare(std::env::var("DATABASE_URL").ok().as_deref(), ".plinth".as_ref(), "postgres")
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    let (client, conn) = tokio_postgres::connect(&admin.url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    client.batch_execute("DROP DATABASE IF EXISTS plinth_bench WITH (FORCE)").await?;
-    client.batch_execute("CREATE DATABASE plinth_bench").await?;
-    let url = format!("{}/plinth_bench", admin.url.rsplit_once('/').map_or(admin.url.as_str(), |(b, _)| b));
-    migrate::run_platform_migrations(&url).await.map_err(|e| format!("{e:#}"))?;
+    let (url, _client, _admin) = common::fresh_database("plinth_bench").await?;
     let db = Db::connect(&DbConfig { pool_size: 1, ..DbConfig::new(&url) })?;
     // Never refuses: every check writes, as a passing check does.
     let limit = Limit::new(1_000_000, Duration::from_secs(1));

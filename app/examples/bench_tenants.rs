@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use plinth_tenants::migrate::{self, MigrateOptions, TENANT_MIGRATIONS};
 use plinth_tenants::{Db, DbConfig, Slug, registry};
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+
+use common::Result;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -29,15 +31,7 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result {
-    let admin = plinth::pg::prepare(std::env::var("DATABASE_URL").ok().as_deref(), ".plinth".as_ref(), "postgres")
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    let (client, conn) = tokio_postgres::connect(&admin.url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    client.batch_execute("DROP DATABASE IF EXISTS plinth_bench WITH (FORCE)").await?;
-    client.batch_execute("CREATE DATABASE plinth_bench").await?;
-    let url = format!("{}/plinth_bench", admin.url.rsplit_once('/').map_or(admin.url.as_str(), |(b, _)| b));
-    migrate::run_platform_migrations(&url).await.map_err(|e| format!("{e:#}"))?;
+    let (url, client, admin) = common::fresh_database("plinth_bench").await?;
     let db = Db::connect(&DbConfig::new(&url))?;
 
     // Ceiling: the provisioning SQL, raw, on one connection.

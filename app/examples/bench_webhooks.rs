@@ -18,9 +18,10 @@ use futures_util::StreamExt as _;
 use hmac::{KeyInit, Mac};
 use plinth::config::Settings;
 use plinth::startup::Application;
-use plinth_tenants::migrate;
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+
+use common::Result;
 
 const EVENTS: usize = 20_000;
 const REDELIVERIES: usize = 5_000;
@@ -37,15 +38,7 @@ fn sign(body: &str, t: i64) -> Result<String> {
 
 #[tokio::main]
 async fn main() -> Result {
-    let admin = plinth::pg::prepare(std::env::var("DATABASE_URL").ok().as_deref(), ".plinth".as_ref(), "postgres")
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    let (client, conn) = tokio_postgres::connect(&admin.url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    client.batch_execute("DROP DATABASE IF EXISTS plinth_bench_webhooks WITH (FORCE)").await?;
-    client.batch_execute("CREATE DATABASE plinth_bench_webhooks").await?;
-    let url = format!("{}/plinth_bench_webhooks", admin.url.rsplit_once('/').map_or(admin.url.as_str(), |(b, _)| b));
-    migrate::run_platform_migrations(&url).await.map_err(|e| format!("{e:#}"))?;
+    let (url, _client, admin) = common::fresh_database("plinth_bench_webhooks").await?;
 
     // Events built on Stripe's example subscription event.
     let fixtures: serde_json::Value = serde_json::from_str(FIXTURES)?;
