@@ -242,8 +242,8 @@ impl Haproxy {
         let servers: String =
             ports.iter().enumerate().map(|(i, p)| format!("    server plinth{i} 127.0.0.1:{p} check\n")).collect();
         let config = format!(
-            "global\n    maxconn 2000\n\
-             defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n\
+            "global\n    maxconn 2000\n    log stderr format raw local0\n\
+             defaults\n    mode http\n    log global\n    option httplog\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n\
              \x20   retries 3\n    option redispatch 1\n    retry-on conn-failure\n\
              \x20   http-reuse never\n    option http-server-close\n\
              frontend web\n    bind 127.0.0.1:{port}\n    default_backend plinth\n\
@@ -256,12 +256,13 @@ impl Haproxy {
         if !check.status.success() {
             return Err(format!("haproxy -c: {}", String::from_utf8_lossy(&check.stderr)).into());
         }
+        let log = std::fs::File::create(dir.path.join("haproxy.log"))?;
         let child = tokio::process::Command::new(bin)
             .arg("-db")
             .arg("-f")
             .arg(&path)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
         let proxy = Self { child, base: format!("http://127.0.0.1:{port}"), _dir: dir };
@@ -272,6 +273,13 @@ impl Haproxy {
         })
         .await?;
         Ok(proxy)
+    }
+}
+
+impl Haproxy {
+    /// HAProxy's log of every request (`option httplog`) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path.join("haproxy.log")).unwrap_or_default()
     }
 }
 

@@ -349,7 +349,7 @@ async fn require_current_schema(url: &str, timeouts: migrate::MigrationTimeouts)
 }
 
 /// Waits for SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

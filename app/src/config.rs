@@ -73,6 +73,9 @@ pub struct Settings {
     pub migrate_on_start: bool,
     /// `PLINTH_SHUTDOWN_TIMEOUT_SECS` (default 30): grace for in-flight requests.
     pub shutdown_timeout: Duration,
+    /// `PLINTH_SHUTDOWN_DRAIN_MS` (default 0): after SIGTERM, answer not ready
+    /// but keep serving this long before closing the listener.
+    pub shutdown_drain: Duration,
     /// `PLINTH_WORKERS` (default: one per core).
     pub workers: Option<usize>,
     /// `PLINTH_LOG_FORMAT`: `json` or `text` (default).
@@ -189,6 +192,7 @@ impl Settings {
             migration_lock_timeout: Duration::from_millis(num("PLINTH_MIGRATION_LOCK_TIMEOUT_MS", 60_000)?.max(1)),
             migrate_on_start: flag("PLINTH_MIGRATE_ON_START", true)?,
             shutdown_timeout: Duration::from_secs(num("PLINTH_SHUTDOWN_TIMEOUT_SECS", 30)?),
+            shutdown_drain: Duration::from_millis(num("PLINTH_SHUTDOWN_DRAIN_MS", 0)?),
             workers: get("PLINTH_WORKERS").map(|v| v.parse()).transpose().context("PLINTH_WORKERS")?,
             log_json: log_format == "json",
             smtp_url: get("PLINTH_SMTP_URL").map(Secret::new),

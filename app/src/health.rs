@@ -70,12 +70,36 @@ pub async fn readiness(db: &Db, listener: &ListenerHealth) -> Result<(), ApiErro
     responses(
         (status = 200, body = Health),
         (status = 503, description = "Error: unavailable, with the reason: the database does not answer, a \
-                                     migration is pending, or the notification listener is down.",
+                                     migration is pending, the notification listener is down, or the instance is \
+                                     shutting down.",
          body = plinth_http::openapi::ErrorEnvelope),
     ),
 )]
 #[get("/health/ready")]
-async fn ready(db: web::Data<Db>, listener: web::Data<ListenerHealth>) -> Result<HttpResponse, ApiError> {
+async fn ready(
+    db: web::Data<Db>,
+    listener: web::Data<ListenerHealth>,
+    draining: Option<web::Data<Draining>>,
+) -> Result<HttpResponse, ApiError> {
+    if draining.is_some_and(|d| d.is_set()) {
+        return Err(ApiError::NotReady("shutting down".to_owned()));
+    }
     readiness(&db, &listener).await?;
     Ok(HttpResponse::Ok().json(Health { status: "ready" }))
+}
+
+/// Set once the instance has been asked to stop: it answers not ready while
+/// it still serves for `PLINTH_SHUTDOWN_DRAIN_MS`, so that a load balancer
+/// takes it out before it stops accepting connections.
+#[derive(Debug, Clone, Default)]
+pub struct Draining(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Draining {
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }

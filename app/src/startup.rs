@@ -31,6 +31,8 @@ pub struct Application {
     server: Server,
     listener_task: tokio::task::JoinHandle<()>,
     sweeper: tokio::task::JoinHandle<()>,
+    draining: crate::health::Draining,
+    drain: std::time::Duration,
 }
 
 impl Application {
@@ -89,6 +91,8 @@ impl Application {
             listener.health(),
         )?);
         let listener_health = web::Data::new(listener.health());
+        let draining = crate::health::Draining::default();
+        let draining_data = web::Data::new(draining.clone());
         let listener_task = listener.spawn(listen_url);
 
         let tcp = TcpListener::bind(&settings.listen).with_context(|| format!("binding {}", settings.listen))?;
@@ -159,6 +163,7 @@ impl Application {
                 .app_data(body_timeout)
                 .app_data(hashing_data.clone())
                 .app_data(listener_health.clone())
+                .app_data(draining_data.clone())
                 .app_data(metrics.clone())
                 .app_data(web::QueryConfig::default().error_handler(|err, _| ApiError::invalid(err.to_string()).into()))
                 .app_data(route_table.clone())
@@ -173,9 +178,12 @@ impl Application {
         // instead of running the process out of file descriptors.
         .max_connections(settings.max_connections.div_ceil(workers).max(1))
         .shutdown_timeout(settings.shutdown_timeout.as_secs())
+        // SIGTERM and SIGINT are handled in run_until_stopped (the drain).
+        .disable_signals()
         .listen(tcp)?;
         tracing::info!(port, workers, "listening");
-        Ok(Self { port, server: server.run(), listener_task, sweeper })
+        let drain = settings.shutdown_drain;
+        Ok(Self { port, server: server.run(), listener_task, sweeper, draining, drain })
     }
 
     pub fn port(&self) -> u16 {
@@ -185,7 +193,22 @@ impl Application {
     /// Serves until SIGINT/SIGTERM, then stops accepting and lets in-flight
     /// requests finish (up to the shutdown timeout).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let (draining, drain) = (self.draining.clone(), self.drain);
+        let signals = tokio::spawn(async move {
+            crate::cli::shutdown_signal().await;
+            // Not ready, still serving: the load balancer's health checks
+            // take the instance out before it stops accepting.
+            draining.set();
+            if !drain.is_zero() {
+                let drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(drain_ms, "draining: answering not ready before closing the listener");
+                tokio::time::sleep(drain).await;
+            }
+            handle.stop(true).await;
+        });
         let result = self.server.await;
+        signals.abort();
         self.listener_task.abort();
         self.sweeper.abort();
         result
