@@ -22,7 +22,7 @@ use sha2::Digest as _;
 
 use plinth_access::AccessError;
 use plinth_access::Role;
-use plinth_access::authn::{Authenticate, Credential, bearer};
+use plinth_access::authn::{Authenticate, Client, Credential, bearer};
 use plinth_http::ApiError;
 use plinth_http::ratelimit::{Limit, RateLimiter, Refused};
 use plinth_tenants::cache::NotifiedCache;
@@ -158,10 +158,11 @@ impl UnknownTokens {
     /// without the lookup.
     async fn lookup<T>(
         &self,
-        client: &str,
+        client: &Client,
         query: impl Future<Output = Result<Option<T>, IdentityError>>,
     ) -> Result<Option<T>, IdentityError> {
-        match self.0.reserve(client).await {
+        let client = client.key();
+        match self.0.reserve(&client).await {
             Ok(_) => {}
             Err(Refused::Limited(wait)) => {
                 let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
@@ -173,7 +174,7 @@ impl UnknownTokens {
         let found = query.await;
         if !matches!(found, Ok(None)) {
             // A local limiter: nothing to fail.
-            let _ = self.0.refund(client).await;
+            let _ = self.0.refund(&client).await;
         }
         found
     }
@@ -205,7 +206,7 @@ impl Sessions {
 
     /// The live session a token belongs to, if any. `client` is the
     /// caller's rate-limit key (see [`UnknownTokens`]).
-    pub async fn verify(&self, token: &str, client: &str) -> Result<Option<SessionInfo>, IdentityError> {
+    pub async fn verify(&self, token: &str, client: &Client) -> Result<Option<SessionInfo>, IdentityError> {
         if !token.starts_with(TOKEN_PREFIX) || token.len() != TOKEN_LEN {
             return Ok(None);
         }
@@ -288,7 +289,7 @@ impl ApiKeys {
     }
 
     /// The live key a secret belongs to, if any.
-    pub async fn verify(self: &Arc<Self>, key: &str, client: &str) -> Result<Option<ApiKeyInfo>, IdentityError> {
+    pub async fn verify(self: &Arc<Self>, key: &str, client: &Client) -> Result<Option<ApiKeyInfo>, IdentityError> {
         if !key.starts_with(API_KEY_PREFIX) || key.len() != TOKEN_LEN {
             return Ok(None);
         }
@@ -367,7 +368,7 @@ impl FromRequest for Authenticated {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let token = bearer(req);
-        let client = plinth_access::authn::client_key(req);
+        let client = Client::of(req);
         let sessions = req.app_data::<web::Data<Arc<Sessions>>>().cloned();
         Box::pin(async move {
             let sessions = sessions.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("Sessions is not registered")))?;
@@ -390,7 +391,7 @@ impl Authenticate for Authenticator {
     fn authenticate<'a>(
         &'a self,
         token: &'a str,
-        client: &'a str,
+        client: &'a Client,
     ) -> BoxFuture<'a, Result<Option<Credential>, AccessError>> {
         Box::pin(async move {
             if token.starts_with(API_KEY_PREFIX) {

@@ -22,21 +22,37 @@ pub enum Credential {
 /// expired or revoked; an error only when the answer could not be found
 /// (the database's error as [`AccessError::Database`] or
 /// [`AccessError::Pool`], so a lost connection stays a 503), or when
-/// `client` (the rate-limit key of the caller's address) has presented too
-/// many unknown tokens ([`AccessError::RateLimited`]).
+/// `client` has presented too many unknown tokens
+/// ([`AccessError::RateLimited`]).
 pub trait Authenticate: Send + Sync + 'static {
     fn authenticate<'a>(
         &'a self,
         token: &'a str,
-        client: &'a str,
+        client: &'a Client,
     ) -> BoxFuture<'a, Result<Option<Credential>, AccessError>>;
 }
 
-/// The caller's address as the rate limits count it (an IPv6 address per
-/// /64), through the trusted proxy header when one is set.
-pub fn client_key(req: &HttpRequest) -> String {
-    let header = req.app_data::<actix_web::web::Data<plinth_http::request::ClientIpHeader>>().and_then(|h| h.0.clone());
-    plinth_http::ratelimit::client_key(&plinth_http::request::client_ip(req, header.as_deref()))
+/// The caller, as the limit on unknown tokens counts it: taken from the
+/// request (its peer address and the trusted proxy header's value, a cheap
+/// copy) and worked out into a rate-limit key only when a token has to be
+/// looked up. Most requests' tokens are cached and never need it.
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    forwarded: Option<actix_web::http::header::HeaderValue>,
+    peer: Option<std::net::IpAddr>,
+}
+
+impl Client {
+    pub fn of(req: &HttpRequest) -> Self {
+        let header = req.app_data::<actix_web::web::Data<plinth_http::request::ClientIpHeader>>();
+        let forwarded = header.and_then(|h| h.0.as_deref()).and_then(|name| req.headers().get(name)).cloned();
+        Self { forwarded, peer: req.peer_addr().map(|a| a.ip()) }
+    }
+
+    /// The rate-limit key: the client address, an IPv6 address as its /64.
+    pub fn key(&self) -> String {
+        plinth_http::ratelimit::client_key(&plinth_http::request::client_ip_of(self.forwarded.as_ref(), self.peer))
+    }
 }
 
 /// The bearer token of a request, if it has one.

@@ -30,7 +30,7 @@ use plinth_tenants::db::Db;
 use plinth_tenants::ids::UserId;
 use plinth_tenants::registry::TenantStatus;
 
-use crate::authn::{Authenticate, Credential, bearer, client_key};
+use crate::authn::{Authenticate, Client, Credential, bearer};
 use crate::context::{Principal, TenantContext};
 use crate::engine::Access;
 use crate::model::{Decision, Need, Subject};
@@ -133,7 +133,7 @@ impl<R: Requirement> FromRequest for PlatformAllowed<R> {
             let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
             // Only a user's session reaches platform routes; an API key is nobody here.
             let Some(Credential::Session { user_id, session_id }) =
-                registered::<dyn Authenticate>(&req)?.authenticate(&token, &client_key(&req)).await?
+                registered::<dyn Authenticate>(&req)?.authenticate(&token, &Client::of(&req)).await?
             else {
                 return Err(ApiError::Unauthenticated);
             };
@@ -173,7 +173,7 @@ impl TenantContext {
         let access = registered::<Arc<Access>>(req)?.get_ref().clone();
         let db = registered::<Db>(req)?;
         let credential = registered::<dyn Authenticate>(req)?
-            .authenticate(&token, &client_key(req))
+            .authenticate(&token, &Client::of(req))
             .await?
             .ok_or(ApiError::Unauthenticated)?;
         let (principal, tenant, subject) = match credential {

@@ -547,10 +547,14 @@ pub struct ClientIpHeader(pub Option<String>);
 /// Only a well-formed IP address is taken from the header; anything else
 /// falls back to the peer address.
 pub fn client_ip(req: &HttpRequest, header: Option<&str>) -> String {
+    client_ip_of(header.and_then(|name| req.headers().get(name)), req.peer_addr().map(|a| a.ip()))
+}
+
+/// [`client_ip`] from the proxy header's value and the peer address.
+pub fn client_ip_of(header: Option<&actix_web::http::header::HeaderValue>, peer: Option<std::net::IpAddr>) -> String {
     let from_header = header
-        .and_then(|name| req.headers().get(name))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.rsplit(',').next())
         .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok());
-    from_header.or_else(|| req.peer_addr().map(|a| a.ip())).map_or_else(|| "unknown".into(), |ip| ip.to_string())
+    from_header.or(peer).map_or_else(|| "unknown".into(), |ip| ip.to_string())
 }
