@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::harness::{AppOptions, TestApp, TestDb, TestResult, assert_error};
 use crate::stripe::{event, now, object, signature, v1};
 
-const SECRET: &str = "whsec_plinth_test_secret";
+pub(crate) const SECRET: &str = "whsec_plinth_test_secret";
 const OLD_SECRET: &str = "whsec_plinth_previous_secret";
 
 async fn app() -> TestResult<(TestApp, TestDb)> {
@@ -23,7 +23,7 @@ async fn app() -> TestResult<(TestApp, TestDb)> {
     Ok((app, testdb))
 }
 
-async fn post(app: &TestApp, body: &str, signature: Option<&str>) -> TestResult<reqwest::Response> {
+pub(crate) async fn post(app: &TestApp, body: &str, signature: Option<&str>) -> TestResult<reqwest::Response> {
     let mut req =
         app.http.request(Method::POST, app.url("/v1/webhooks/stripe")).header("content-type", "application/json");
     if let Some(signature) = signature {
@@ -122,7 +122,7 @@ async fn secrets_rotate_without_losing_events() -> TestResult {
 }
 
 #[tokio::test]
-async fn a_signed_body_that_does_not_parse_is_kept_parked() -> TestResult {
+async fn a_signed_body_that_is_not_an_event_is_kept_parked() -> TestResult {
     let (app, testdb) = app().await?;
     let t = now();
     let malformed = r#"{"id": "evt_plinth_5", "object": "event", "type": "customer.subscription.updated", "data": "#;
@@ -135,11 +135,20 @@ async fn a_signed_body_that_does_not_parse_is_kept_parked() -> TestResult {
     assert_eq!(post(&app, &wrong, Some(&signature(&wrong, SECRET, t))).await?.status(), 200);
     let rows = stored(&testdb).await?;
     assert_eq!(rows.len(), 2);
-    for row in &rows {
-        assert_eq!(row.1, "parked", "{row:?}");
-        assert!(row.3.as_deref().is_some_and(|r| !r.is_empty()));
-    }
-    assert!(rows.iter().any(|r| r.4 == malformed), "the raw body is kept as received");
+    let malformed_row = rows.iter().find(|r| r.4 == malformed).ok_or("the raw body is kept as received")?;
+    assert_eq!(malformed_row.1, "parked", "{malformed_row:?}");
+    assert!(malformed_row.3.as_deref().is_some_and(|r| !r.is_empty()));
+    // An event envelope is queued for processing whatever its object looks
+    // like (processing reads it by field, and parks it if it cannot).
+    let wrong_row = rows.iter().find(|r| r.0 == "evt_plinth_6").ok_or("evt_plinth_6 stored")?;
+    assert_eq!((wrong_row.1.as_str(), wrong_row.3.as_deref()), ("received", None));
+    let jobs: i64 = testdb
+        .client()
+        .await?
+        .query_one("SELECT count(*) FROM public.jobs WHERE kind = 'billing.event' AND dedup_key = 'evt_plinth_6'", &[])
+        .await?
+        .get(0);
+    assert_eq!(jobs, 1);
     // Delivered again: recognised, still one row each.
     assert_eq!(post(&app, malformed, Some(&signature(malformed, SECRET, now()))).await?.status(), 200);
     assert_eq!(stored(&testdb).await?.len(), 2);
@@ -155,7 +164,7 @@ async fn without_a_webhook_secret_billing_is_not_configured() -> TestResult {
     Ok(())
 }
 
-mod processing {
+pub(crate) mod processing {
     use std::time::Duration;
 
     use reqwest::Method;
@@ -167,30 +176,40 @@ mod processing {
     use crate::smtp::SmtpServer;
     use crate::stripe::{StripeMock, checkout_session, event, invoice, now, signature, subscription};
 
-    const PRO: &str = "price_plinth_pro";
-    const ENTERPRISE: &str = "price_plinth_enterprise";
+    pub(crate) const PRO: &str = "price_plinth_pro";
+    pub(crate) const ENTERPRISE: &str = "price_plinth_enterprise";
 
-    struct Billing {
-        app: TestApp,
-        smtp: SmtpServer,
+    pub(crate) struct Billing {
+        pub(crate) app: TestApp,
+        pub(crate) smtp: SmtpServer,
         _worker: Running,
-        testdb: TestDb,
+        pub(crate) testdb: TestDb,
         _dir: TempDir,
     }
 
-    async fn billing(grace_days: &'static str) -> TestResult<Billing> {
+    pub(crate) async fn billing(grace_days: &'static str) -> TestResult<Billing> {
         billing_with(grace_days, None).await
     }
 
     /// With `api`, subscriptions are re-read from that stand-in Stripe.
-    async fn billing_with(grace_days: &'static str, api: Option<&StripeMock>) -> TestResult<Billing> {
-        billing_polling(grace_days, api, fast()).await
+    pub(crate) async fn billing_with(grace_days: &'static str, api: Option<&StripeMock>) -> TestResult<Billing> {
+        billing_polling(grace_days, api, fast(), Vec::new()).await
+    }
+
+    /// With more settings (`PLINTH_STRIPE_MODE`, ...).
+    pub(crate) async fn billing_setting(
+        grace_days: &'static str,
+        api: Option<&StripeMock>,
+        more: Vec<(&'static str, &'static str)>,
+    ) -> TestResult<Billing> {
+        billing_polling(grace_days, api, fast(), more).await
     }
 
     async fn billing_polling(
         grace_days: &'static str,
         api: Option<&StripeMock>,
         worker: plinth_jobs::WorkerConfig,
+        more: Vec<(&'static str, &'static str)>,
     ) -> TestResult<Billing> {
         let testdb = TestDb::migrated().await?;
         let mut stripe = vec![
@@ -199,6 +218,7 @@ mod processing {
             ("PLINTH_STRIPE_PRICE_ENTERPRISE", ENTERPRISE),
             ("PLINTH_BILLING_GRACE_DAYS", grace_days),
         ];
+        stripe.extend(more);
         if let Some(api) = api {
             stripe.push(("PLINTH_STRIPE_SECRET_KEY", "sk_test_plinth"));
             stripe.push(("PLINTH_STRIPE_API_BASE", Box::leak(api.url.clone().into_boxed_str())));
@@ -219,7 +239,7 @@ mod processing {
     impl Billing {
         /// Delivers an event as Stripe would, and then again (Stripe
         /// delivers at least once): every test sees every event twice.
-        async fn deliver(&self, id: &str, kind: &str, created: i64, object: Value) -> TestResult {
+        pub(crate) async fn deliver(&self, id: &str, kind: &str, created: i64, object: Value) -> TestResult {
             let body = event(id, kind, created, object).to_string();
             for duplicate in [false, true] {
                 let res = post(&self.app, &body, Some(&signature(&body, SECRET, now()))).await?;
@@ -230,17 +250,17 @@ mod processing {
             Ok(())
         }
 
-        async fn plan(&self, slug: &str) -> TestResult<String> {
+        pub(crate) async fn plan(&self, slug: &str) -> TestResult<String> {
             let body: Value = self.app.req(Method::GET, slug, "/v1/tenant").send().await?.json().await?;
             Ok(body["plan"].as_str().unwrap_or_default().to_owned())
         }
 
-        async fn plan_becomes(&self, slug: &str, plan: &str) -> TestResult {
+        pub(crate) async fn plan_becomes(&self, slug: &str, plan: &str) -> TestResult {
             eventually(Duration::from_secs(10), || async { Ok(self.plan(slug).await? == plan) }).await?;
             Ok(())
         }
 
-        async fn event_status(&self, id: &str) -> TestResult<(String, Option<String>)> {
+        pub(crate) async fn event_status(&self, id: &str) -> TestResult<(String, Option<String>)> {
             let row = self
                 .testdb
                 .client()
@@ -250,12 +270,12 @@ mod processing {
             Ok((row.get(0), row.get(1)))
         }
 
-        async fn processed(&self, id: &str) -> TestResult {
+        pub(crate) async fn processed(&self, id: &str) -> TestResult {
             eventually(Duration::from_secs(10), || async { Ok(self.event_status(id).await?.0 == "processed") }).await?;
             Ok(())
         }
 
-        fn mails_to(&self, template_words: &str) -> usize {
+        pub(crate) fn mails_to(&self, template_words: &str) -> usize {
             self.smtp.accepted().iter().filter(|m| m.contains(template_words)).count()
         }
     }
@@ -344,7 +364,7 @@ mod processing {
     async fn the_inbox_wakes_the_worker_instead_of_leaving_events_to_its_poll() -> TestResult {
         // A worker that would poll only every 30 s.
         let slow = plinth_jobs::WorkerConfig { poll_interval: Duration::from_secs(30), ..fast() };
-        let b = billing_polling("7", None, slow).await?;
+        let b = billing_polling("7", None, slow, Vec::new()).await?;
         let acme = b.app.create_tenant("acme").await?;
         // The worker hears wake-ups only once its LISTEN is in place: wait
         // for it (it polls every 30 s, so a missed wake-up would fail below).
@@ -446,7 +466,7 @@ mod processing {
         Ok(())
     }
 
-    async fn cli(b: &Billing, args: &[&str], env: &[(&str, &str)]) -> TestResult<(bool, String)> {
+    pub(crate) async fn cli(b: &Billing, args: &[&str], env: &[(&str, &str)]) -> TestResult<(bool, String)> {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
             .args(args)
             .env("DATABASE_URL", &b.testdb.url)
@@ -561,7 +581,12 @@ mod processing {
             .await?;
         b.processed("evt_a").await?;
         b.processed("evt_g").await?;
-        b.app.set_plan("globex", "pro").await?;
+        // Drift: a plan billing set, for a subscription Stripe no longer has.
+        b.testdb
+            .client()
+            .await?
+            .execute("UPDATE public.tenants SET plan = 'pro', plan_source = 'billing' WHERE slug = 'globex'", &[])
+            .await?;
         stripe.set_subscription(subscription("sub_a", "cus_a", "active", ENTERPRISE));
         let (ok, out) = cli(
             &b,

@@ -268,7 +268,11 @@ impl TestApp {
             .platform(async |c| Ok::<_, ApiError>(registry::find_by_slug(c, slug).await?))
             .await?
             .ok_or("no such tenant")?;
-        self.db.platform(async |c| Ok::<_, ApiError>(registry::set_plan(c, tenant.id, plan).await?)).await?;
+        self.db
+            .platform(async |c| {
+                Ok::<_, ApiError>(registry::set_plan(c, tenant.id, plan, registry::PlanSource::Operator).await?)
+            })
+            .await?;
         eventually(Duration::from_secs(2), || async {
             let res = self.req(reqwest::Method::GET, slug, "/v1/tenant").send().await?;
             let body: serde_json::Value = res.json().await?;

@@ -70,8 +70,12 @@ async fn three_instances_behind_haproxy_restart_in_turn_and_no_request_fails() -
         .platform(async |c| Ok::<_, plinth_http::ApiError>(registry::find_by_slug(c, "balanced").await?))
         .await?
         .ok_or("no tenant")?;
-    db.platform(async |c| Ok::<_, plinth_http::ApiError>(registry::set_plan(c, tenant.id, "enterprise").await?))
-        .await?;
+    db.platform(async |c| {
+        Ok::<_, plinth_http::ApiError>(
+            registry::set_plan(c, tenant.id, "enterprise", registry::PlanSource::Operator).await?,
+        )
+    })
+    .await?;
     let member_token = member(&db, &tenant, Role::Member).await?;
 
     let stop = AtomicBool::new(false);
@@ -238,7 +242,10 @@ async fn three_instances_behind_haproxy_restart_in_turn_and_no_request_fails() -
         .await?;
     assert_eq!(res.status(), 200);
     let role = everywhere("role").await?;
-    db.platform(async |c| Ok::<_, plinth_http::ApiError>(registry::set_plan(c, tenant.id, "pro").await?)).await?;
+    db.platform(async |c| {
+        Ok::<_, plinth_http::ApiError>(registry::set_plan(c, tenant.id, "pro", registry::PlanSource::Operator).await?)
+    })
+    .await?;
     let plan = everywhere("plan").await?;
     client.execute("UPDATE public.tenants SET status = 'suspended' WHERE slug = 'balanced'", &[]).await?;
     let suspended = everywhere("suspension").await?;

@@ -278,6 +278,7 @@ async fn without_smtp_mail_is_written_to_the_folder() -> TestResult {
             tenant.id,
             &tenant.name,
             "2026-12-01",
+            "",
             "pf-1".into(),
         ),
     )
@@ -490,7 +491,7 @@ fn every_template_renders_with_its_constructor_data() -> TestResult {
         plinth_identity::mail::verify_email(to()?, Some(tenant), "Acme", "tok1", "k1".into()),
         plinth_identity::mail::invitation(to()?, tenant, "Acme", "Ada", "admin", "tok2", "k2".into()),
         plinth_identity::mail::password_reset(to()?, "tok3", 30, "k3".into()),
-        plinth_billing::mail::payment_failed(to()?, tenant, "Acme", "2026-12-01", "k4".into()),
+        plinth_billing::mail::payment_failed(to()?, tenant, "Acme", "2026-12-01", "", "k4".into()),
         plinth_billing::mail::trial_ending(to()?, tenant, "Acme", "pro", "2026-12-01", "k5".into()),
         plinth_billing::mail::subscription_cancelled(to()?, tenant, "Acme", "pro", "k6".into()),
     ];

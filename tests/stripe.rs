@@ -21,8 +21,14 @@ pub fn event(id: &str, kind: &str, created: i64, data_object: Value) -> Value {
     event["type"] = json!(kind);
     event["created"] = json!(created);
     event["data"] = json!({ "object": data_object });
+    event["livemode"] = json!(false);
+    // The version Plinth is pinned to (async-stripe's).
+    event["api_version"] = json!(API_VERSION);
     event
 }
+
+/// The Stripe API version Plinth's requests name and its endpoints should use.
+pub const API_VERSION: &str = "2026-09-30.endive";
 
 /// `Stripe-Signature: t=<t>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, as
 /// Stripe computes it, written here independently of the crate Plinth uses.
@@ -49,6 +55,9 @@ pub fn subscription(id: &str, customer: &str, status: &str, price: &str) -> Valu
     sub["customer"] = json!(customer);
     sub["status"] = json!(status);
     sub["cancel_at_period_end"] = json!(false);
+    sub["cancel_at"] = Value::Null;
+    sub["pause_collection"] = Value::Null;
+    sub["metadata"] = json!({});
     sub["items"]["data"][0]["price"]["id"] = json!(price);
     sub
 }
@@ -94,22 +103,176 @@ impl Recorded {
 /// A keyed request's form, and the status and body it was answered.
 type FirstAnswer = (Vec<(String, String)>, u16, Value);
 
+/// An error answer to give the next `times` requests to a path.
+struct Failure {
+    method: String,
+    path_prefix: String,
+    status: u16,
+    times: usize,
+}
+
 #[derive(Default)]
 struct MockState {
     requests: Vec<Recorded>,
-    customers: std::collections::HashMap<String, String>,
+    /// Idempotency key of a customer creation → the customer's id.
+    customer_keys: std::collections::HashMap<String, String>,
+    customers: std::collections::HashMap<String, Value>,
     subscriptions: std::collections::HashMap<String, Value>,
+    invoices: std::collections::HashMap<String, Value>,
     /// Idempotency key → the first request's form and answer.
     idempotent: std::collections::HashMap<String, FirstAnswer>,
+    /// Keys whose first request is still being answered.
+    in_flight: std::collections::HashSet<String>,
+    failures: Vec<Failure>,
+    delay: std::time::Duration,
     down: bool,
 }
 
+fn stripe_error(kind: &str, code: Option<&str>, message: &str, param: Option<&str>) -> Value {
+    json!({ "error": { "type": kind, "code": code, "message": message, "param": param } })
+}
+
+/// The answer Stripe gives `status` for a failure injected by a test, in
+/// Stripe's own words.
+fn failure_body(status: u16, path: &str) -> Value {
+    match status {
+        400 => stripe_error("invalid_request_error", Some("parameter_invalid"), "Invalid request", None),
+        401 => stripe_error("invalid_request_error", None, "Invalid API Key provided: sk_test_****", None),
+        403 => {
+            stripe_error("invalid_request_error", None, "The provided key does not have access to this resource", None)
+        }
+        404 => stripe_error(
+            "invalid_request_error",
+            Some("resource_missing"),
+            &format!("No such resource: '{}'", path.rsplit('/').next().unwrap_or_default()),
+            Some("id"),
+        ),
+        409 => stripe_error(
+            "idempotency_error",
+            Some("idempotency_key_in_use"),
+            "There is currently another in-progress request using this Idempotent Key. Please try again later.",
+            None,
+        ),
+        429 => stripe_error(
+            "invalid_request_error",
+            Some("rate_limit"),
+            "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+            None,
+        ),
+        _ => stripe_error("api_error", None, "An unknown error occurred", None),
+    }
+}
+
 /// A local HTTP server standing in for Stripe's API: answers with Stripe's
-/// own example objects and records every request.
+/// own example objects, keeps customers and subscriptions as Stripe would,
+/// honours idempotency keys as Stripe does (a repeat replays the first
+/// answer; other parameters are 400 `idempotency_error`; a repeat while the
+/// first is in flight is 409 `idempotency_key_in_use`), and can answer 404,
+/// 401, 403, 429 and 503 on demand. Records every request.
 pub struct StripeMock {
     pub url: String,
     state: std::sync::Arc<std::sync::Mutex<MockState>>,
     handle: actix_web::dev::ServerHandle,
+}
+
+fn answer(state: &mut MockState, recorded: &Recorded, query: &str, n: usize) -> (u16, Value) {
+    let param = |name: &str| -> Option<String> {
+        form_urlencoded(query.as_bytes()).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    };
+    let missing_customer = |state: &MockState, id: Option<&str>| -> Option<(u16, Value)> {
+        let id = id.unwrap_or_default();
+        let live = state.customers.get(id).is_some_and(|c| c["deleted"] != true);
+        (!live).then(|| {
+            (
+                400,
+                stripe_error(
+                    "invalid_request_error",
+                    Some("resource_missing"),
+                    &format!("No such customer: '{id}'"),
+                    Some("customer"),
+                ),
+            )
+        })
+    };
+    let path = recorded.path.as_str();
+    match (recorded.method.as_str(), path) {
+        ("POST", "/v1/customers") => {
+            let key = recorded.idempotency_key.clone().unwrap_or_else(|| format!("k{n}"));
+            let id = state.customer_keys.entry(key).or_insert_with(|| format!("cus_mock_{n}")).clone();
+            let mut customer = object("customer");
+            customer["id"] = json!(id);
+            customer["name"] = json!(recorded.field("name"));
+            customer["metadata"] = json!({ "tenant_id": recorded.field("metadata[tenant_id]") });
+            state.customers.insert(id, customer.clone());
+            (200, customer)
+        }
+        ("GET", "/v1/customers/search") => {
+            // `metadata['tenant_id']:'<id>'`, the one query Plinth makes.
+            let query = param("query").unwrap_or_default();
+            let wanted = query.split('\'').nth(3).unwrap_or_default().to_owned();
+            let data: Vec<Value> = state
+                .customers
+                .values()
+                .filter(|c| c["deleted"] != true && c["metadata"]["tenant_id"] == wanted.as_str())
+                .cloned()
+                .collect();
+            (200, json!({ "object": "search_result", "data": data, "has_more": false, "url": "/v1/customers/search" }))
+        }
+        ("GET", p) if p.starts_with("/v1/customers/") => match state.customers.get(&p["/v1/customers/".len()..]) {
+            Some(c) if c["deleted"] == true => (200, json!({ "id": c["id"], "object": "customer", "deleted": true })),
+            Some(c) => (200, c.clone()),
+            None => (404, failure_body(404, p)),
+        },
+        ("POST", "/v1/checkout/sessions") => {
+            if let Some(missing) = missing_customer(state, recorded.field("customer")) {
+                return missing;
+            }
+            let mut session = object("checkout.session");
+            session["id"] = json!(format!("cs_mock_{n}"));
+            session["mode"] = json!("subscription");
+            session["url"] = json!(format!("https://checkout.stripe.test/c/pay/cs_mock_{n}"));
+            session["customer"] = json!(recorded.field("customer"));
+            session["client_reference_id"] = json!(recorded.field("client_reference_id"));
+            (200, session)
+        }
+        ("POST", "/v1/billing_portal/sessions") => {
+            if let Some(missing) = missing_customer(state, recorded.field("customer")) {
+                return missing;
+            }
+            let mut session = object("billing_portal.session");
+            session["id"] = json!(format!("bps_mock_{n}"));
+            session["customer"] = json!(recorded.field("customer"));
+            session["url"] = json!(format!("https://billing.stripe.test/p/session/bps_mock_{n}"));
+            (200, session)
+        }
+        ("GET", "/v1/subscriptions") => {
+            let customer = param("customer").unwrap_or_default();
+            let data: Vec<Value> =
+                state.subscriptions.values().filter(|s| s["customer"] == customer.as_str()).cloned().collect();
+            (200, json!({ "object": "list", "data": data, "has_more": false, "url": "/v1/subscriptions" }))
+        }
+        ("GET", p) if p.starts_with("/v1/subscriptions/") => {
+            match state.subscriptions.get(&p["/v1/subscriptions/".len()..]) {
+                Some(sub) => (200, sub.clone()),
+                None => (404, failure_body(404, p)),
+            }
+        }
+        ("DELETE", p) if p.starts_with("/v1/subscriptions/") => {
+            match state.subscriptions.get_mut(&p["/v1/subscriptions/".len()..]) {
+                Some(sub) => {
+                    sub["status"] = json!("canceled");
+                    sub["canceled_at"] = json!(now());
+                    (200, sub.clone())
+                }
+                None => (404, failure_body(404, p)),
+            }
+        }
+        ("GET", p) if p.starts_with("/v1/invoices/") => match state.invoices.get(&p["/v1/invoices/".len()..]) {
+            Some(invoice) => (200, invoice.clone()),
+            None => (404, failure_body(404, p)),
+        },
+        (_, p) => (404, stripe_error("invalid_request_error", None, &format!("Unrecognized request URL ({p})"), None)),
+    }
 }
 
 impl StripeMock {
@@ -123,7 +286,6 @@ impl StripeMock {
                 let state = std::sync::Arc::clone(&state);
                 async move {
                     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                    let form = form_urlencoded(&body);
                     let recorded = Recorded {
                         method: req.method().to_string(),
                         path: req.path().to_owned(),
@@ -131,81 +293,61 @@ impl StripeMock {
                         authorization: header("authorization"),
                         traceparent: header("traceparent"),
                         stripe_version: header("stripe-version"),
-                        form,
+                        form: form_urlencoded(&body),
                     };
-                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-                    state.requests.push(recorded.clone());
-                    if state.down {
-                        return HttpResponse::ServiceUnavailable()
-                            .json(json!({ "error": { "type": "api_error", "message": "down" } }));
-                    }
-                    let n = state.requests.len();
-                    // Stripe's idempotency: a POST with a key seen before replays
-                    // its first answer, or is refused if its parameters differ.
-                    let key = recorded.idempotency_key.clone().filter(|_| recorded.method == "POST");
-                    if let Some((form, status, body)) = key.as_ref().and_then(|k| state.idempotent.get(k)) {
-                        if *form != recorded.form {
-                            return HttpResponse::BadRequest().json(json!({ "error": {
-                                "type": "idempotency_error",
-                                "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."
-                            } }));
+                    let reply = |status: u16, body: &Value| {
+                        HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default()).json(body)
+                    };
+                    let key = recorded.idempotency_key.clone().filter(|_| recorded.method != "GET");
+                    let (n, delay) = {
+                        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                        state.requests.push(recorded.clone());
+                        if state.down {
+                            return reply(503, &failure_body(503, &recorded.path));
                         }
-                        return HttpResponse::build(actix_web::http::StatusCode::from_u16(*status).unwrap_or_default())
-                            .insert_header(("idempotent-replayed", "true"))
-                            .json(body);
-                    }
-                    let (status, body): (u16, Value) = match (recorded.method.as_str(), recorded.path.as_str()) {
-                        ("POST", "/v1/customers") => {
-                            let key = recorded.idempotency_key.clone().unwrap_or_else(|| format!("k{n}"));
-                            let id = state.customers.entry(key).or_insert_with(|| format!("cus_mock_{n}")).clone();
-                            let mut customer = object("customer");
-                            customer["id"] = json!(id);
-                            customer["metadata"] = json!({ "tenant_id": recorded.field("metadata[tenant_id]") });
-                            (200, customer)
+                        let injected = state.failures.iter_mut().find(|f| {
+                            f.times > 0 && f.method == recorded.method && recorded.path.starts_with(&f.path_prefix)
+                        });
+                        if let Some(failure) = injected {
+                            failure.times -= 1;
+                            let status = failure.status;
+                            return reply(status, &failure_body(status, &recorded.path));
                         }
-                        ("POST", "/v1/checkout/sessions") => {
-                            let mut session = object("checkout.session");
-                            session["id"] = json!(format!("cs_mock_{n}"));
-                            session["mode"] = json!("subscription");
-                            session["url"] = json!(format!("https://checkout.stripe.test/c/pay/cs_mock_{n}"));
-                            session["customer"] = json!(recorded.field("customer"));
-                            session["client_reference_id"] = json!(recorded.field("client_reference_id"));
-                            (200, session)
-                        }
-                        ("POST", "/v1/billing_portal/sessions") => {
-                            let mut session = object("billing_portal.session");
-                            session["id"] = json!(format!("bps_mock_{n}"));
-                            session["customer"] = json!(recorded.field("customer"));
-                            session["url"] = json!(format!("https://billing.stripe.test/p/session/bps_mock_{n}"));
-                            (200, session)
-                        }
-                        ("GET", "/v1/subscriptions") => {
-                            let customer = req
-                                .query_string()
-                                .split('&')
-                                .find_map(|p| p.strip_prefix("customer="))
-                                .unwrap_or_default()
-                                .to_owned();
-                            let data: Vec<Value> =
-                                state.subscriptions.values().filter(|s| s["customer"] == customer).cloned().collect();
-                            (200,
-                                json!({ "object": "list", "data": data, "has_more": false, "url": "/v1/subscriptions" }),
-                            )
-                        }
-                        ("GET", path) if path.starts_with("/v1/subscriptions/") => {
-                            match state.subscriptions.get(&path["/v1/subscriptions/".len()..]) {
-                                Some(sub) => (200, sub.clone()),
-                                None => (404,
-                                    json!({ "error": { "type": "invalid_request_error", "message": "no such subscription" } }),
-                                ),
+                        // Stripe's idempotency: a repeat of a key replays its
+                        // first answer, or is refused if its parameters
+                        // differ, or while the first is still in flight.
+                        if let Some(key) = &key {
+                            if state.in_flight.contains(key) {
+                                return reply(409, &failure_body(409, &recorded.path));
                             }
+                            if let Some((form, status, body)) = state.idempotent.get(key) {
+                                if *form != recorded.form {
+                                    return reply(400, &stripe_error(
+                                        "idempotency_error",
+                                        None,
+                                        "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                                        None,
+                                    ));
+                                }
+                                let mut res = HttpResponse::build(
+                                    actix_web::http::StatusCode::from_u16(*status).unwrap_or_default(),
+                                );
+                                return res.insert_header(("idempotent-replayed", "true")).json(body);
+                            }
+                            state.in_flight.insert(key.clone());
                         }
-                        _ => (404, json!({ "error": { "type": "invalid_request_error", "message": "no such route" } })),
+                        (state.requests.len(), state.delay)
                     };
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                    let (status, body) = answer(&mut state, &recorded, req.query_string(), n);
                     if let Some(key) = key {
+                        state.in_flight.remove(&key);
                         state.idempotent.insert(key, (recorded.form.clone(), status, body.clone()));
                     }
-                    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default()).json(body)
+                    reply(status, &body)
                 }
             }))
         })
@@ -218,19 +360,66 @@ impl StripeMock {
         Ok(Self { url: format!("http://127.0.0.1:{port}"), state, handle })
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, MockState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).requests.clone()
+        self.state().requests.clone()
     }
 
     /// What `GET /v1/subscriptions/{id}` answers from now on.
     pub fn set_subscription(&self, sub: Value) {
         let id = sub["id"].as_str().unwrap_or_default().to_owned();
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).subscriptions.insert(id, sub);
+        self.state().subscriptions.insert(id, sub);
+    }
+
+    /// The subscription as the stand-in has it now.
+    pub fn subscription_now(&self, id: &str) -> Option<Value> {
+        self.state().subscriptions.get(id).cloned()
+    }
+
+    /// What `GET /v1/invoices/{id}` answers from now on.
+    pub fn set_invoice(&self, invoice: Value) {
+        let id = invoice["id"].as_str().unwrap_or_default().to_owned();
+        self.state().invoices.insert(id, invoice);
+    }
+
+    /// A customer Stripe has (made elsewhere: the Dashboard, an earlier
+    /// Plinth), with `metadata.tenant_id`.
+    pub fn add_customer(&self, id: &str, tenant: &str) {
+        let mut customer = object("customer");
+        customer["id"] = json!(id);
+        customer["metadata"] = json!({ "tenant_id": tenant });
+        self.state().customers.insert(id.to_owned(), customer);
+    }
+
+    /// Deletes a customer as the Dashboard does: its subscriptions are
+    /// cancelled with it.
+    pub fn delete_customer(&self, id: &str) {
+        let mut state = self.state();
+        if let Some(c) = state.customers.get_mut(id) {
+            c["deleted"] = json!(true);
+        }
+        for sub in state.subscriptions.values_mut().filter(|s| s["customer"] == id) {
+            sub["status"] = json!("canceled");
+        }
+    }
+
+    /// Answers the next `times` `method` requests under `path_prefix` with
+    /// Stripe's error for `status` (400, 401, 403, 404, 409, 429, 5xx).
+    pub fn fail(&self, method: &str, path_prefix: &str, status: u16, times: usize) {
+        self.state().failures.push(Failure { method: method.into(), path_prefix: path_prefix.into(), status, times });
+    }
+
+    /// Every answer takes this long (outside the lock: requests overlap).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.state().delay = delay;
     }
 
     /// Answer every request with 503 (or normally again).
     pub fn set_down(&self, down: bool) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).down = down;
+        self.state().down = down;
     }
 }
 

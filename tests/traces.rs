@@ -236,12 +236,14 @@ async fn a_request_its_transactions_stripe_calls_job_and_mail_are_exported_as_on
         .await?;
     assert_eq!(res.status(), 200, "{}", res.text().await?);
     let calls = stripe.requests();
-    assert_eq!(calls.len(), 2, "a customer, then a checkout session: {calls:?}");
+    // A search for the tenant's customer, its creation, a look for a live
+    // subscription, then the checkout session.
+    assert_eq!(calls.len(), 4, "{calls:?}");
     // Spans are exported as they end, in batches: the request's own span
     // ends last, after its answer is written.
     eventually(Duration::from_secs(20), || async {
         let spans = collector.trace(&billing_trace);
-        Ok(spans.iter().any(|s| s.kind == 2) && spans.iter().filter(|s| s.name.starts_with("Stripe ")).count() == 2)
+        Ok(spans.iter().any(|s| s.kind == 2) && spans.iter().filter(|s| s.name.starts_with("Stripe ")).count() == 4)
     })
     .await?;
     let spans = collector.trace(&billing_trace);

@@ -247,8 +247,16 @@ async fn set_plan(
     let tenant = db
         .platform(async |c| {
             Ok::<_, ApiError>(
-                plinth_access::change_plan(c, access.catalog(), id, &plan, actor, json!({ "by": "platform admin" }))
-                    .await?,
+                plinth_access::change_plan(
+                    c,
+                    access.catalog(),
+                    id,
+                    &plan,
+                    registry::PlanSource::Operator,
+                    actor,
+                    json!({ "by": "platform admin" }),
+                )
+                .await?,
             )
         })
         .await?
@@ -258,23 +266,47 @@ async fn set_plan(
     Ok(HttpResponse::Ok().json(OneTenant { tenant }))
 }
 
-/// `DELETE /v1/admin/tenants/{id}`: the tenant stops being served at once,
-/// then its schema is dropped.
+/// What must happen outside Plinth before a tenant's data goes (billing
+/// cancels its Stripe subscriptions). The app registers it as
+/// `web::Data<dyn Offboard>`.
+pub trait Offboard: Send + Sync {
+    fn offboard<'a>(
+        &'a self,
+        db: &'a Db,
+        tenant: TenantId,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), ApiError>> + Send + 'a>>;
+}
+
+/// `DELETE /v1/admin/tenants/{id}`: the tenant's subscriptions are
+/// cancelled in Stripe, then it stops being served at once, then its schema
+/// is dropped.
 #[utoipa::path(
     operation_id = "admin_delete_tenant",
     tag = "platform",
     summary = "Deletes a tenant: it stops being served at once, then its schema is dropped (platform admins)",
     params(("id" = uuid::Uuid, Path, description = "The tenant.")),
     security(("session" = [])),
-    responses((status = 204, description = "Deleted."), Forbidden, NotFound),
+    responses(
+        (status = 204, description = "Deleted."),
+        Forbidden,
+        NotFound,
+        (status = 503, description = "Error: unavailable (Stripe could not be reached to cancel the tenant's subscriptions; nothing was deleted), billing_not_configured (the tenant has live subscriptions and this server has no Stripe key).", body = plinth_http::openapi::ErrorEnvelope),
+    ),
 )]
 #[delete("/tenants/{id}")]
 async fn delete(
     _: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
+    offboard: web::Data<dyn Offboard>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
+    if db.platform(async |c| Ok::<_, ApiError>(registry::find_by_id(c, id).await?)).await?.is_none() {
+        return Err(ApiError::NotFound("tenant"));
+    }
+    // Outside Plinth first (billing cancels the subscriptions): if that
+    // cannot be done, the tenant stays, and the operator is told why.
+    offboard.offboard(&db, id).await?;
     let deleted = registry::delete(&db, id).await.map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
     if !deleted {
         return Err(ApiError::NotFound("tenant"));

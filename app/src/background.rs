@@ -30,7 +30,7 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
         .map(Arc::new)
         .filter(|_| !settings.stripe.offline);
     let catalog = Arc::new(settings.catalog()?);
-    let billing = plinth_billing::process::Processor::new(db.clone(), catalog, settings.stripe.grace, api);
+    let billing = plinth_billing::process::Processor::new(db.clone(), catalog, &settings.stripe, api);
     for (kind, handler) in billing.handlers() {
         handlers.on(kind, handler);
     }

@@ -141,7 +141,8 @@ pub enum TenantsCommand {
     Suspend { slug: String },
     /// Serve a suspended tenant again.
     Reactivate { slug: String },
-    /// Delete a tenant: stop serving it at once, then drop its schema and all its data.
+    /// Delete a tenant: cancel its Stripe subscriptions (nothing is deleted if Stripe cannot be
+    /// reached), stop serving it at once, then drop its schema and all its data.
     Delete {
         slug: String,
         /// Confirm that the tenant's data is to be destroyed.
@@ -430,7 +431,7 @@ async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) 
             let processor = plinth_billing::process::Processor::new(
                 db.clone(),
                 std::sync::Arc::new(settings.catalog()?),
-                settings.stripe.grace,
+                &settings.stripe,
                 Some(api),
             );
             let synced = processor.sync().await.context("syncing with Stripe")?;
@@ -452,12 +453,15 @@ async fn billing_command(command: BillingCommand, db: &Db, settings: &Settings) 
             let processor = plinth_billing::process::Processor::new(
                 db.clone(),
                 std::sync::Arc::new(settings.catalog()?),
-                settings.stripe.grace,
+                &settings.stripe,
                 api,
             );
             let outcome = processor.replay(&event_id).await.context("replaying the event")?;
             println!("{event_id}: {outcome:?}");
-            if matches!(outcome, plinth_billing::process::Outcome::Parked(_)) {
+            if matches!(
+                outcome,
+                plinth_billing::process::Outcome::Parked(_) | plinth_billing::process::Outcome::Refused(_)
+            ) {
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -578,7 +582,16 @@ async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyho
                 .platform(async |c| {
                     let by = serde_json::json!({ "by": "plinth tenants" });
                     Ok::<_, anyhow::Error>(
-                        plinth_access::change_plan(c, &catalog, tenant.id, &plan, Actor::System, by).await?,
+                        plinth_access::change_plan(
+                            c,
+                            &catalog,
+                            tenant.id,
+                            &plan,
+                            registry::PlanSource::Operator,
+                            Actor::System,
+                            by,
+                        )
+                        .await?,
                     )
                 })
                 .await
@@ -595,6 +608,16 @@ async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyho
                 bail!("deleting destroys all of the tenant's data; pass --yes to confirm");
             }
             let tenant = find(db, &slug).await?;
+            // Stripe first: a tenant whose subscriptions could not be
+            // cancelled is not deleted.
+            let api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?;
+            let cancelled = plinth_billing::stripe::close_tenant(db, api.as_ref(), tenant.id).await.context(
+                "cancelling the tenant's Stripe subscriptions (nothing was deleted; set PLINTH_STRIPE_SECRET_KEY \
+                 or try again when Stripe answers)",
+            )?;
+            for sub in &cancelled {
+                println!("cancelled Stripe subscription {sub}");
+            }
             registry::delete(db, tenant.id).await?;
             println!("deleted tenant {slug}");
         }

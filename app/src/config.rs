@@ -204,6 +204,13 @@ impl Settings {
                 grace: Duration::from_secs(86_400 * num("PLINTH_BILLING_GRACE_DAYS", 7)?),
                 offline: flag("PLINTH_BILLING_OFFLINE", false)?,
                 sync_every: Duration::from_secs(60 * num("PLINTH_BILLING_SYNC_MINUTES", 60)?),
+                breaker_open: Duration::from_secs(num("PLINTH_STRIPE_BREAKER_SECS", 30)?.max(1)),
+                livemode: match get("PLINTH_STRIPE_MODE") {
+                    Some("live") => Some(true),
+                    Some("test") => Some(false),
+                    Some(other) => bail!("PLINTH_STRIPE_MODE must be live or test, not {other:?}"),
+                    None => get("PLINTH_STRIPE_SECRET_KEY").and_then(plinth_billing::config::key_livemode),
+                },
             },
             stripe_prices: ["pro", "enterprise"]
                 .into_iter()

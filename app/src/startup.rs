@@ -12,6 +12,7 @@ use plinth_access::authn::Authenticate;
 use plinth_access::quota::Counters;
 use plinth_access::resolve::{self, TenantResolver};
 use plinth_access::{Access, Quota};
+use plinth_admin::platform::Offboard;
 use plinth_http::ApiError;
 use plinth_http::request::{BodyLimit, BodyTimeout, ClientIpHeader, Hsts, request_span};
 use plinth_identity::config::IdentityConfig;
@@ -115,6 +116,7 @@ impl Application {
         let sweeper = tokio::spawn(sweep_rate_limits(resolver_db.clone()));
         let stripe_data = web::Data::new(settings.stripe.clone());
         let stripe_api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?.map(web::Data::new);
+        let offboard = web::Data::from(Arc::new(CancelSubscriptions(stripe_api.clone())) as Arc<dyn Offboard>);
         let client_ip_data = web::Data::new(ClientIpHeader(identity.client_ip_header.clone()));
         let identity_data = web::Data::new(identity);
         // Each quota is counted by the crate that owns what it counts.
@@ -159,6 +161,7 @@ impl Application {
                 .app_data(client_ip_data.clone())
                 .app_data(limits_data.clone())
                 .app_data(stripe_data.clone())
+                .app_data(offboard.clone())
                 .app_data(body_limit)
                 .app_data(body_timeout)
                 .app_data(hashing_data.clone())
@@ -234,5 +237,26 @@ async fn sweep_rate_limits(db: Db) {
                 tracing::warn!(error = format!("{:#}", anyhow::Error::new(err)), "sweeping the rate-limit table failed")
             }
         }
+    }
+}
+
+/// Before a platform admin's deletion: the tenant's Stripe subscriptions are
+/// cancelled (see `plinth_billing::stripe::close_tenant`).
+struct CancelSubscriptions(Option<web::Data<plinth_billing::stripe::Stripe>>);
+
+impl Offboard for CancelSubscriptions {
+    fn offboard<'a>(
+        &'a self,
+        db: &'a Db,
+        tenant: plinth_tenants::TenantId,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), ApiError>> + Send + 'a>> {
+        Box::pin(async move {
+            let cancelled =
+                plinth_billing::stripe::close_tenant(db, self.0.as_ref().map(|api| api.get_ref()), tenant).await?;
+            if !cancelled.is_empty() {
+                tracing::info!(tenant.id = %tenant, subscriptions = cancelled.len(), "subscriptions cancelled before deletion");
+            }
+            Ok(())
+        })
     }
 }

@@ -21,8 +21,7 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use stripe_client_core::{
-    ConfigOverride, CustomizedStripeRequest, Outcome, RequestBuilder, RequestStrategy, StripeClient, StripeClientErr,
-    StripeMethod,
+    CustomizedStripeRequest, Outcome, RequestBuilder, RequestStrategy, StripeClient, StripeClientErr, StripeMethod,
 };
 use tracing::Instrument as _;
 
@@ -41,6 +40,39 @@ pub enum StripeError {
     /// The request could not be built, or the answer could not be read.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// How Plinth treats a failed call (docs/billing.md, "Stripe's errors").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// 400, 401, 403, 404 and other 4xx: retrying cannot help; Stripe's
+    /// message says what to fix.
+    Permanent,
+    /// 409 (a concurrent request with the same idempotency key) or 429
+    /// (rate limited): Stripe is up and asks for a later retry.
+    Later,
+    /// 5xx, timeouts, connection errors: Stripe is failing (the breaker
+    /// counts these).
+    Outage,
+}
+
+impl StripeError {
+    pub fn class(&self) -> Class {
+        match self {
+            Self::Api { status: 409 | 429, .. } => Class::Later,
+            Self::Api { status, .. } if *status < 500 => Class::Permanent,
+            Self::Invalid(_) => Class::Permanent,
+            _ => Class::Outage,
+        }
+    }
+
+    /// Stripe's own status, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
 }
 
 impl StripeClientErr for StripeError {
@@ -145,11 +177,22 @@ impl Client {
         tokio::time::timeout(timeout, sent).await.unwrap_or(Err(StripeError::Timeout(timeout)))
     }
 
-    async fn send(&self, req: RequestBuilder, config: ConfigOverride) -> Result<Bytes, StripeError> {
-        // Plinth makes no Connect calls: `config.account_id` stays unused.
-        let strategy = config.request_strategy.unwrap_or(RequestStrategy::Once);
-        let timeout = config.timeout.unwrap_or(self.timeout);
+    async fn send(
+        &self,
+        req: RequestBuilder,
+        strategy: RequestStrategy,
+        timeout: Option<Duration>,
+    ) -> Result<Bytes, StripeError> {
+        let timeout = timeout.unwrap_or(self.timeout);
         let key = strategy.get_key();
+        // A request with an idempotency key may be sent again safely: Stripe
+        // answers a repeat with the first answer, and a 409 while the first
+        // is still in flight. async-stripe's `Idempotent` strategy makes one
+        // attempt; Plinth's keyed requests are retried as reads are.
+        let strategy = match strategy {
+            RequestStrategy::Idempotent(_) => RequestStrategy::ExponentialBackoff(3),
+            other => other,
+        };
         let request = self.request(req, key.as_ref().map(|k| k.as_str()))?;
         let (mut tries, mut last_status, mut last_retry) = (0, None, None);
         let mut last_error = StripeError::Invalid("the request strategy allows no attempt".into());
@@ -181,23 +224,40 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Sends `req` and returns Stripe's answer as JSON, read by field
+    /// ([`crate::object`]) rather than by async-stripe's typed parse.
+    pub async fn json(&self, req: RequestBuilder, strategy: RequestStrategy) -> Result<serde_json::Value, StripeError> {
+        let span = span(&req);
+        let body = self.send(req, strategy, None).instrument(span).await?;
+        serde_json::from_slice(&body).map_err(|e| StripeError::Invalid(format!("Stripe's answer is not JSON: {e}")))
+    }
+}
+
 impl StripeClient for Client {
     type Err = StripeError;
 
     fn execute(&self, req: CustomizedStripeRequest) -> impl Future<Output = Result<Bytes, StripeError>> + Send {
         let (req, config) = req.into_pieces();
-        let method = match req.method {
-            StripeMethod::Get => "GET",
-            StripeMethod::Post => "POST",
-            StripeMethod::Delete => "DELETE",
-        };
-        let span = tracing::info_span!(
-            "stripe",
-            otel.name = format!("Stripe {method} /v1{}", req.path),
-            otel.kind = "client",
-            http.request.method = method,
-            url.path = format!("/v1{}", req.path),
-        );
-        self.send(req, config).instrument(span)
+        let span = span(&req);
+        // Plinth makes no Connect calls: `config.account_id` stays unused.
+        let strategy = config.request_strategy.unwrap_or(RequestStrategy::Once);
+        self.send(req, strategy, config.timeout).instrument(span)
     }
+}
+
+/// The span of one call to Stripe.
+fn span(req: &RequestBuilder) -> tracing::Span {
+    let method = match req.method {
+        StripeMethod::Get => "GET",
+        StripeMethod::Post => "POST",
+        StripeMethod::Delete => "DELETE",
+    };
+    tracing::info_span!(
+        "stripe",
+        otel.name = format!("Stripe {method} /v1{}", req.path),
+        otel.kind = "client",
+        http.request.method = method,
+        url.path = format!("/v1{}", req.path),
+    )
 }

@@ -24,6 +24,23 @@ pub struct StripeConfig {
     /// `PLINTH_BILLING_SYNC_MINUTES` (default 60; 0 turns it off): how often
     /// the worker re-reads every subscription from Stripe.
     pub sync_every: std::time::Duration,
+    /// `PLINTH_STRIPE_BREAKER_SECS` (default 30): how long the circuit
+    /// breaker keeps calls from Stripe after 5 failures in a row.
+    pub breaker_open: std::time::Duration,
+    /// Whether events must be live-mode (`true`) or test-mode (`false`):
+    /// `PLINTH_STRIPE_MODE` (`live` or `test`), else the secret key's own
+    /// mode (`sk_live_`/`rk_live_` or `sk_test_`/`rk_test_`). Unknown
+    /// (neither set) compares nothing.
+    pub livemode: Option<bool>,
+}
+
+/// The mode a Stripe secret key works in, from its prefix.
+pub fn key_livemode(key: &str) -> Option<bool> {
+    match key.get(..8) {
+        Some("sk_live_" | "rk_live_") => Some(true),
+        Some("sk_test_" | "rk_test_") => Some(false),
+        _ => None,
+    }
 }
 
 impl StripeConfig {

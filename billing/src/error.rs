@@ -16,9 +16,14 @@ pub enum BillingError {
     /// The circuit breaker is open after repeated failures.
     #[error("Stripe is failing; not calling it for a while")]
     StripePaused,
-    /// Stripe answered and refused (4xx): our request, not an outage.
-    #[error("Stripe refused {what} ({status}): {message}")]
-    StripeRefused { what: &'static str, status: u16, message: String },
+    /// Stripe answered and refused (400, 401, 403, 404): the request or the
+    /// key is wrong; retrying cannot help. Stripe's own message.
+    #[error("Stripe refused {what} ({status}{}): {message}", code.as_deref().map(|c| format!(", {c}")).unwrap_or_default())]
+    StripeRefused { what: &'static str, status: u16, code: Option<String>, message: String },
+    /// Stripe asked for a later retry (409 or 429) and still did after the
+    /// retries.
+    #[error("Stripe asked to retry {what} later ({status}): {message}")]
+    StripeBusy { what: &'static str, status: u16, message: String },
     #[error("{what} failed")]
     StripeFailed {
         what: &'static str,
@@ -30,6 +35,9 @@ pub enum BillingError {
     /// request (409).
     #[error("Stripe refused the idempotency key ({status})")]
     StripeIdempotency { status: u16 },
+    /// A checkout for a tenant with a subscription that has not ended.
+    #[error("the tenant already has a live subscription")]
+    AlreadySubscribed,
     /// What Stripe has cannot be applied (an unknown price or customer).
     #[error("cannot apply: {0}")]
     Unappliable(String),
@@ -43,12 +51,29 @@ pub enum BillingError {
     Internal(String),
 }
 
+impl BillingError {
+    /// Whether retrying later may succeed: Stripe unreachable, busy or
+    /// paused, or the database failing. Refusals and unreadable answers
+    /// are not.
+    pub fn transient(&self) -> bool {
+        match self {
+            Self::StripePaused | Self::StripeBusy { .. } | Self::Db(_) | Self::Pool(_) => true,
+            Self::StripeIdempotency { status } => *status == 409,
+            Self::StripeFailed { source, .. } => source.class() != crate::client::Class::Permanent,
+            _ => false,
+        }
+    }
+}
+
 impl From<BillingError> for ApiError {
     fn from(e: BillingError) -> Self {
         match e {
             BillingError::NotConfigured => ApiError::BillingNotConfigured,
             BillingError::NoSuchEvent(_) => ApiError::NotFound("event"),
-            BillingError::StripePaused | BillingError::StripeFailed { .. } => ApiError::Unavailable(e.into()),
+            BillingError::AlreadySubscribed => ApiError::AlreadySubscribed,
+            BillingError::StripePaused | BillingError::StripeFailed { .. } | BillingError::StripeBusy { .. } => {
+                ApiError::Unavailable(e.into())
+            }
             BillingError::Db(e) => e.into(),
             BillingError::Pool(e) => e.into(),
             BillingError::Plan(e) => e.into(),

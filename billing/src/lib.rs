@@ -5,8 +5,11 @@
 //! - [`webhook`]: the verified webhook inbox.
 //! - [`process`]: stored events → subscription state → the tenant's plan;
 //!   replay and sync.
-//! - [`api`]: Stripe's API behind a circuit breaker; checkout, portal and
-//!   the subscription view.
+//! - [`stripe`]: Stripe's API behind a circuit breaker, its error classes,
+//!   and each call Plinth makes; [`client`] sends them.
+//! - [`api`]: the routes: checkout, portal and the subscription view.
+//! - [`object`]: Stripe's objects read by field, in any API version.
+//! - [`customers`]: tenants' Stripe customers.
 //! - [`schema`]: diesel's declarations of billing's tables.
 //! - [`config`], [`mail`] (the billing notices), [`error`] (billing's own
 //!   error, converted to `ApiError` only by routes).
@@ -16,8 +19,11 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod customers;
 pub mod error;
 pub mod mail;
+pub mod object;
 pub mod process;
 pub mod schema;
+pub mod stripe;
 pub mod webhook;

@@ -5,27 +5,31 @@
 //! transaction as everything the event changes, mail included (the outbox
 //! is keyed by event id and recipient).
 //!
-//! Events of one Stripe customer are processed one at a time (a
-//! transaction advisory lock on the customer id). With Stripe configured, a
-//! subscription event re-reads the subscription from Stripe's API and
-//! applies what Stripe has now, so late and reordered deliveries cannot
-//! roll it back; while Stripe is unreachable the event waits and its job
-//! retries. Offline (no secret key, or `PLINTH_BILLING_OFFLINE=true`) the
-//! events' own payloads are applied in order of Stripe's timestamps: an
-//! event older than the newest one applied to its subscription is recorded
-//! and skipped.
+//! An event is read by its `type` and its object's fields
+//! ([`crate::object`]), in whatever API version it was rendered. Events of
+//! one Stripe customer are processed one at a time (a transaction advisory
+//! lock on the customer id). With Stripe configured, a subscription event
+//! re-reads the subscription from Stripe's API and applies what Stripe has
+//! now, so late and reordered deliveries cannot roll it back; while Stripe
+//! is unreachable the event waits and its job retries. Offline (no secret
+//! key, or `PLINTH_BILLING_OFFLINE=true`) the events' own payloads are
+//! applied in order of Stripe's timestamps (within one second, in the order
+//! a subscription lives: incomplete, trialing, active, ended): an event
+//! older than the newest one applied to its subscription is recorded and
+//! skipped.
 //!
-//! | subscription status | plan |
-//! |---|---|
-//! | `trialing`, `active` | the catalog plan of its price (an unknown price is parked) |
-//! | `past_due` | kept for the grace period, then free |
-//! | `unpaid`, `canceled`, `paused`, `incomplete_expired`, deleted | free |
-//! | `incomplete` | unchanged |
+//! The tenant's plan comes from all its subscriptions: the best plan any
+//! live one pays for (`trialing`, `active`, or `past_due` within the grace
+//! period), free when none is left. An operator's plan (set by a platform
+//! admin or the CLI) stays until a subscription grants a different paid
+//! plan; the periodic sync changes only plans billing set.
 //!
-//! An event naming a customer no tenant is linked to (yet), a tenant that
-//! does not exist, a price the catalog does not know, or a body that does
-//! not parse is parked with the reason and retried with backoff; nothing is
-//! dropped.
+//! An event naming a customer no tenant is linked to (yet), or a price the
+//! catalog does not know on a live subscription, is parked with the reason
+//! and retried with backoff. One that retrying cannot fix (Stripe refused
+//! the re-read, another mode's event, a body that is not an event) is
+//! parked for good: its job ends, and `plinth billing replay` runs it again
+//! once the cause is fixed. Nothing is dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,14 +44,18 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_access::{Catalog, catalog::FREE, change_plan};
 use plinth_identity::members;
 
+use crate::config::StripeConfig;
+use crate::customers;
 use crate::error::BillingError;
-use crate::schema::{billing_customers, stripe_events, subscriptions};
+use crate::object::{self, CheckoutSession, Invoice};
+use crate::schema::{stripe_events, subscriptions};
+use crate::stripe::ENDED;
 use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
 use plinth_mail::{self as mail, EmailAddress, Mail};
 use plinth_tenants::audit::Actor;
+use plinth_tenants::registry::PlanSource;
 use plinth_tenants::{Db, TenantId, registry};
 use serde_json::{Value, json};
-use stripe_shared::{CheckoutSession, Invoice, Subscription, SubscriptionStatus};
 
 mod sync;
 pub use sync::Synced;
@@ -84,12 +92,16 @@ pub enum Outcome {
     Applied,
     /// Older than what was applied already; recorded, nothing changed.
     Stale,
-    /// Not an event Plinth acts on.
+    /// Not an event Plinth acts on, or one about nothing Plinth has any
+    /// more (a deleted tenant's customer, a paid invoice).
     Ignored,
     /// Processed before (a replayed job).
     AlreadyProcessed,
     /// Waiting, with the reason; retried later.
     Parked(String),
+    /// Parked for good: retrying cannot help (Stripe refused, another
+    /// mode's event). `plinth billing replay` once the cause is fixed.
+    Refused(String),
 }
 
 impl Outcome {
@@ -101,6 +113,7 @@ impl Outcome {
             Self::Ignored => "ignored",
             Self::AlreadyProcessed => "already_processed",
             Self::Parked(_) => "parked",
+            Self::Refused(_) => "refused",
         }
     }
 }
@@ -109,15 +122,16 @@ pub struct Processor {
     db: Db,
     catalog: Arc<Catalog>,
     grace: Duration,
+    /// The mode events must be in (`None`: not compared).
+    livemode: Option<bool>,
     /// Stripe's API, to re-read subscriptions; `None` applies the events'
     /// own payloads in timestamp order (offline).
-    api: Option<Arc<crate::api::Stripe>>,
+    api: Option<Arc<crate::stripe::Stripe>>,
 }
 
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = stripe_events)]
 struct EventRow {
-    kind: Option<String>,
     payload: String,
     status: String,
     created_at: Option<DateTime<Utc>>,
@@ -128,18 +142,51 @@ struct EventRow {
 #[diesel(table_name = subscriptions)]
 struct SubscriptionRow {
     status: String,
+    plan: Option<String>,
     last_event_at: DateTime<Utc>,
     deleted: bool,
     past_due_since: Option<DateTime<Utc>>,
+    current_period_end: Option<DateTime<Utc>>,
 }
 
-/// Why an event waits.
-struct Park(String);
+/// Why an event waits: `retry` when retrying later may help.
+struct Park {
+    reason: String,
+    retry: bool,
+}
+
+impl Park {
+    fn wait(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into(), retry: true }
+    }
+
+    fn refuse(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into(), retry: false }
+    }
+}
+
+impl From<diesel::result::Error> for Park {
+    fn from(e: diesel::result::Error) -> Self {
+        Park::wait(format!("database: {e}"))
+    }
+}
+
+impl From<BillingError> for Park {
+    fn from(e: BillingError) -> Self {
+        let (transient, database) = (e.transient(), matches!(e, BillingError::Db(_) | BillingError::Pool(_)));
+        let reason = format!("{:#}", anyhow::Error::new(e));
+        match (transient, database) {
+            (true, true) => Park::wait(format!("database, will retry: {reason}")),
+            (true, false) => Park::wait(format!("Stripe unavailable, will retry: {reason}")),
+            (false, _) => Park::refuse(reason),
+        }
+    }
+}
 
 /// How processing an event's transaction ended without applying it: both
 /// roll the transaction back.
 enum Fail {
-    Park(String),
+    Park(Park),
     Error(BillingError),
 }
 
@@ -155,23 +202,34 @@ impl From<plinth_tenants::db::PoolError> for Fail {
     }
 }
 
-impl From<diesel::result::Error> for Park {
-    fn from(e: diesel::result::Error) -> Self {
-        Park(format!("database: {e}"))
-    }
+/// The tenant an event's customer belongs to.
+enum Owner {
+    Tenant(TenantId),
+    /// Its tenant was deleted (and its subscriptions cancelled then).
+    Closed,
 }
 
-fn parse<T: miniserde::Deserialize>(object: &Value, what: &str) -> Result<T, Park> {
-    miniserde::json::from_str(&object.to_string()).map_err(|_| Park(format!("the {what} does not parse")))
-}
-
-fn status_name(status: &SubscriptionStatus) -> &str {
-    status.as_str()
+/// Why a subscription's state is being applied: an event (which may change
+/// the plan and send mail) or the periodic sync (which records the state
+/// and then settles the plan once per tenant).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Event,
+    Sync,
 }
 
 impl Processor {
-    pub fn new(db: Db, catalog: Arc<Catalog>, grace: Duration, api: Option<Arc<crate::api::Stripe>>) -> Arc<Self> {
-        Arc::new(Self { db, catalog, grace, api })
+    pub fn new(
+        db: Db,
+        catalog: Arc<Catalog>,
+        config: &StripeConfig,
+        api: Option<Arc<crate::stripe::Stripe>>,
+    ) -> Arc<Self> {
+        Arc::new(Self { db, catalog, grace: config.grace, livemode: config.livemode, api })
+    }
+
+    fn grace(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.grace).unwrap_or_default()
     }
 
     /// The job handlers of billing.
@@ -188,6 +246,9 @@ impl Processor {
                         let id = job.payload["id"].as_str().unwrap_or_default().to_owned();
                         match this.process(&id).await {
                             Ok(Outcome::Parked(reason)) => Err(JobError::Retry(anyhow::anyhow!("parked: {reason}"))),
+                            Ok(Outcome::Refused(reason)) => {
+                                Err(JobError::Fatal(anyhow::anyhow!("parked for good: {reason}")))
+                            }
                             Ok(_) => Ok(()),
                             Err(err) => Err(JobError::Retry(anyhow::Error::new(err).context("processing the event"))),
                         }
@@ -239,9 +300,9 @@ impl Processor {
     }
 
     /// Processes a stored event again (`plinth billing replay`): a parked
-    /// or processed event is read afresh. Applying it is idempotent: an
-    /// older state than the applied one is skipped, and mail is keyed by
-    /// event and recipient.
+    /// or processed event is read afresh from its stored body. Applying it
+    /// is idempotent: an older state than the applied one is skipped, and
+    /// mail is keyed by event and recipient.
     pub async fn replay(&self, event_id: &str) -> Result<Outcome, BillingError> {
         let known = self
             .db
@@ -271,11 +332,11 @@ impl Processor {
                     .first(c)
                     .await
                     .optional()?;
-                let Some(row) = row else { return Err(Fail::Park("no such event".into())) };
+                let Some(row) = row else { return Err(Fail::Park(Park::refuse("no such event"))) };
                 if row.status == "processed" {
                     return Ok((Outcome::AlreadyProcessed, row.received_at));
                 }
-                let outcome = self.apply(c, event_id, &row).await.map_err(|Park(reason)| Fail::Park(reason))?;
+                let outcome = self.apply(c, event_id, &row).await.map_err(Fail::Park)?;
                 Ok((outcome, row.received_at))
             })
             .await;
@@ -290,15 +351,20 @@ impl Processor {
             }
             // Whatever the event changed before it had to wait was rolled
             // back with its transaction; record why it waits.
-            Err(Fail::Park(reason)) => {
+            Err(Fail::Park(Park { reason, retry })) => {
                 if !self.park(event_id, &reason).await? {
                     // A replay applied it between this attempt's
                     // transaction and now.
                     return Ok(Outcome::AlreadyProcessed);
                 }
-                metrics::counter!("plinth_stripe_events_processed_total", "outcome" => "parked").increment(1);
-                tracing::warn!(stripe.event = event_id, reason, "Stripe event parked");
-                Ok(Outcome::Parked(reason))
+                if retry {
+                    tracing::warn!(stripe.event = event_id, reason, "Stripe event parked");
+                } else {
+                    tracing::error!(stripe.event = event_id, reason, "Stripe event parked for good");
+                }
+                let outcome = if retry { Outcome::Parked(reason) } else { Outcome::Refused(reason) };
+                metrics::counter!("plinth_stripe_events_processed_total", "outcome" => outcome.label()).increment(1);
+                Ok(outcome)
             }
             Err(Fail::Error(err)) => Err(err),
         }
@@ -324,90 +390,96 @@ impl Processor {
     /// Applies one event in the caller's transaction; marks it processed.
     async fn apply(&self, c: &mut AsyncPgConnection, event_id: &str, row: &EventRow) -> Result<Outcome, Park> {
         let body: Value =
-            serde_json::from_str(&row.payload).map_err(|_| Park("the event does not parse as JSON".into()))?;
+            serde_json::from_str(&row.payload).map_err(|_| Park::refuse("the event does not parse as JSON"))?;
         let object = &body["data"]["object"];
-        let created = row.created_at.ok_or_else(|| Park("the event has no creation time".into()))?;
-        let kind = row.kind.as_deref().unwrap_or_default();
+        let kind = body["type"].as_str().ok_or_else(|| Park::refuse("the event has no type"))?;
+        if !object.is_object() {
+            return Err(Park::refuse("the event has no data.object"));
+        }
+        let created = row.created_at.ok_or_else(|| Park::refuse("the event has no creation time"))?;
+        if let (Some(expected), Some(live)) = (self.livemode, body["livemode"].as_bool())
+            && expected != live
+        {
+            let (event, key) = if live { ("live", "test") } else { ("test", "live") };
+            return Err(Park::refuse(format!("a {event}-mode event, and this server's Stripe mode is {key}")));
+        }
         let outcome = match kind {
-            "checkout.session.completed" => {
-                let session: CheckoutSession = parse(object, "checkout session")?;
-                let customer = session.customer.as_ref().map(|c| c.id().as_str().to_owned());
-                let customer = customer.ok_or_else(|| Park("the checkout session has no customer".into()))?;
-                lock_customer(c, &customer).await?;
-                let tenant = session
-                    .client_reference_id
-                    .as_deref()
-                    .and_then(|id| uuid::Uuid::parse_str(id).ok())
-                    .ok_or_else(|| Park("the checkout session names no tenant (client_reference_id)".into()))?;
-                if registry::find_by_id(c, TenantId(tenant)).await?.is_none() {
-                    return Err(Park(format!("no tenant {tenant}")));
-                }
-                link_customer(c, TenantId(tenant), &customer).await?;
-                Outcome::Applied
-            }
+            "checkout.session.completed" => self.checkout_completed(c, object).await?,
             "customer.subscription.created"
             | "customer.subscription.updated"
             | "customer.subscription.deleted"
             | "customer.subscription.paused"
-            | "customer.subscription.resumed" => {
-                let sub: Subscription = parse(object, "subscription")?;
-                let customer = sub.customer.id().as_str().to_owned();
-                lock_customer(c, &customer).await?;
-                let tenant = tenant_of(c, &customer, sub.metadata.get("tenant_id")).await?;
+            | "customer.subscription.resumed"
+            | "customer.subscription.pending_update_applied"
+            | "customer.subscription.pending_update_expired" => {
+                let sub = object::Subscription::read(object).map_err(Park::refuse)?;
+                lock_customer(c, &sub.customer).await?;
+                let tenant = match self.owner(c, &sub.customer, sub.tenant.as_deref()).await? {
+                    Owner::Tenant(tenant) => tenant,
+                    Owner::Closed => return self.done(c, event_id, Outcome::Ignored).await,
+                };
                 match &self.api {
                     // Whatever this event says, apply what Stripe has now.
                     Some(api) => {
-                        let current = api.subscription(sub.id.as_str()).await.map_err(|e| {
-                            Park(format!("Stripe unavailable, will retry: {:#}", anyhow::Error::new(e)))
-                        })?;
-                        let kind = if current.status == SubscriptionStatus::Canceled {
+                        let current = api.subscription(&sub.id).await?;
+                        let kind = if current.status == "canceled" {
                             "customer.subscription.deleted"
                         } else {
                             "customer.subscription.updated"
                         };
-                        self.apply_subscription(c, event_id, kind, Utc::now(), tenant, &customer, &current).await?
+                        let customer = current.customer.clone();
+                        self.apply_subscription(c, event_id, kind, Utc::now(), tenant, &customer, &current, Mode::Event)
+                            .await?
                     }
-                    None => self.apply_subscription(c, event_id, kind, created, tenant, &customer, &sub).await?,
+                    None => {
+                        self.apply_subscription(c, event_id, kind, created, tenant, &sub.customer, &sub, Mode::Event)
+                            .await?
+                    }
                 }
             }
             "customer.subscription.trial_will_end" => {
-                let sub: Subscription = parse(object, "subscription")?;
-                let customer = sub.customer.id().as_str().to_owned();
-                lock_customer(c, &customer).await?;
-                let tenant = tenant_of(c, &customer, sub.metadata.get("tenant_id")).await?;
-                let plan = price_of(&sub).and_then(|p| self.catalog.plan_for_price(&p)).map(|p| p.name.clone());
+                let sub = object::Subscription::read(object).map_err(Park::refuse)?;
+                lock_customer(c, &sub.customer).await?;
+                let tenant = match self.owner(c, &sub.customer, sub.tenant.as_deref()).await? {
+                    Owner::Tenant(tenant) => tenant,
+                    Owner::Closed => return self.done(c, event_id, Outcome::Ignored).await,
+                };
+                let plan = self.best_item(&sub).map(|(_, plan)| plan).unwrap_or_else(|| "paid".into());
                 let trial_end = sub
                     .trial_end
                     .and_then(|t| DateTime::from_timestamp(t, 0))
                     .map(|t| t.format("%Y-%m-%d").to_string())
                     .unwrap_or_default();
-                let plan = plan.unwrap_or_else(|| "paid".into());
                 notify_owners(c, tenant, event_id, |to, t, org, key| {
                     crate::mail::trial_ending(to, t, org, &plan, &trial_end, key)
                 })
                 .await?;
                 Outcome::Applied
             }
+            "customer.deleted" => {
+                let customer = object["id"].as_str().ok_or_else(|| Park::refuse("the customer has no id"))?;
+                lock_customer(c, customer).await?;
+                self.customer_deleted(c, event_id, customer).await?
+            }
             "invoice.payment_failed" | "invoice.payment_action_required" => {
-                let invoice: Invoice = parse(object, "invoice")?;
-                let customer = invoice.customer.as_ref().map(|c| c.id().as_str().to_owned());
-                let customer = customer.ok_or_else(|| Park("the invoice has no customer".into()))?;
+                let invoice = Invoice::read(object).map_err(Park::refuse)?;
+                let customer = invoice.customer.clone().ok_or_else(|| Park::refuse("the invoice has no customer"))?;
                 lock_customer(c, &customer).await?;
-                let tenant = tenant_of(c, &customer, None).await?;
-                let grace_until = (created + chrono::Duration::from_std(self.grace).unwrap_or_default())
-                    .format("%Y-%m-%d")
-                    .to_string();
-                notify_owners(c, tenant, event_id, |to, t, org, key| {
-                    crate::mail::payment_failed(to, t, org, &grace_until, key)
-                })
-                .await?;
-                Outcome::Applied
+                let tenant = match self.owner(c, &customer, None).await? {
+                    Owner::Tenant(tenant) => tenant,
+                    Owner::Closed => return self.done(c, event_id, Outcome::Ignored).await,
+                };
+                self.dunning(c, event_id, kind, created, tenant, &invoice).await?
             }
             // The plan follows the subscription's own events; Plinth's
             // features come from its catalog, not Stripe's entitlements.
-            "invoice.paid" | "entitlements.active_entitlement_summary.updated" => Outcome::Ignored,
             _ => Outcome::Ignored,
         };
+        self.done(c, event_id, outcome).await
+    }
+
+    /// Marks the event processed with `outcome`.
+    async fn done(&self, c: &mut AsyncPgConnection, event_id: &str, outcome: Outcome) -> Result<Outcome, Park> {
         diesel::update(stripe_events::table.find(event_id))
             .set((
                 stripe_events::status.eq("processed"),
@@ -419,6 +491,129 @@ impl Processor {
         Ok(outcome)
     }
 
+    /// `checkout.session.completed`: the session's customer becomes the
+    /// tenant's current one (a newer checkout replaces an older customer).
+    async fn checkout_completed(&self, c: &mut AsyncPgConnection, object: &Value) -> Result<Outcome, Park> {
+        let session = CheckoutSession::read(object).map_err(Park::refuse)?;
+        let customer = session.customer.ok_or_else(|| Park::refuse("the checkout session has no customer"))?;
+        lock_customer(c, &customer).await?;
+        let tenant = session
+            .tenant
+            .as_deref()
+            .and_then(|id| uuid::Uuid::parse_str(id).ok())
+            .map(TenantId)
+            .ok_or_else(|| Park::refuse("the checkout session names no tenant (client_reference_id)"))?;
+        if registry::find_by_id(c, tenant).await?.is_none() {
+            if customers::closure(c, &customer).await?.is_some() {
+                return Ok(Outcome::Ignored);
+            }
+            return Err(Park::refuse(format!("no tenant {tenant}")));
+        }
+        if let Err(other) = customers::link(c, tenant, &customer, "replaced by a newer checkout").await? {
+            return Err(Park::refuse(format!("customer {customer} belongs to another tenant ({other})")));
+        }
+        Ok(Outcome::Applied)
+    }
+
+    /// The tenant of a customer: its link; else the `tenant_id` Plinth puts
+    /// in the subscription's metadata at checkout, or in the customer's
+    /// (read from Stripe where it is configured). A customer whose tenant
+    /// was deleted is `Closed`.
+    async fn owner(&self, c: &mut AsyncPgConnection, customer: &str, metadata: Option<&str>) -> Result<Owner, Park> {
+        if let Some(tenant) = customers::tenant_of(c, customer).await? {
+            return Ok(Owner::Tenant(tenant));
+        }
+        if customers::closure(c, customer).await?.is_some() {
+            return Ok(Owner::Closed);
+        }
+        let named = match (metadata, &self.api) {
+            (Some(tenant), _) => Some(tenant.to_owned()),
+            (None, Some(api)) => api.customer_tenant(customer).await?,
+            (None, None) => None,
+        };
+        if let Some(tenant) = named.and_then(|m| uuid::Uuid::parse_str(&m).ok()).map(TenantId)
+            && registry::find_by_id(c, tenant).await?.is_some()
+            && customers::link(c, tenant, customer, "replaced").await?.is_ok()
+        {
+            return Ok(Owner::Tenant(tenant));
+        }
+        Err(Park::wait(format!("unknown customer {customer}")))
+    }
+
+    /// The best-ranked item whose price the catalog knows: (price, plan).
+    fn best_item(&self, sub: &object::Subscription) -> Option<(String, String)> {
+        sub.items
+            .iter()
+            .filter_map(|item| {
+                self.catalog.plan_for_price(&item.price).map(|plan| (item.price.clone(), plan.name.clone()))
+            })
+            .max_by_key(|(_, plan)| self.rank(plan))
+    }
+
+    /// A plan's place in the catalog (cheapest first).
+    fn rank(&self, plan: &str) -> usize {
+        self.catalog.plans().iter().position(|p| p.name == plan).unwrap_or(0)
+    }
+
+    /// The best plan the tenant's live subscriptions pay for.
+    async fn granted(&self, c: &mut AsyncPgConnection, tenant: TenantId) -> diesel::QueryResult<Option<String>> {
+        let rows: Vec<(String, Option<String>, Option<DateTime<Utc>>)> = subscriptions::table
+            .filter(subscriptions::tenant_id.eq(tenant.0))
+            .filter(subscriptions::deleted.eq(false))
+            .select((subscriptions::status, subscriptions::plan, subscriptions::past_due_since))
+            .load(c)
+            .await?;
+        let now = Utc::now();
+        Ok(rows
+            .into_iter()
+            .filter(|(status, _, since)| match status.as_str() {
+                "active" | "trialing" => true,
+                "past_due" => since.is_none_or(|since| since + self.grace() > now),
+                _ => false,
+            })
+            .filter_map(|(_, plan, _)| plan)
+            .max_by_key(|plan| self.rank(plan)))
+    }
+
+    /// Moves the tenant to the plan its subscriptions grant now, given what
+    /// they granted `before` this change. A plan billing set follows them
+    /// (free when none is left); an operator's plan changes only when
+    /// subscriptions grant a different paid plan, and never in a sync.
+    /// Returns (from, to) when the plan changed.
+    async fn settle(
+        &self,
+        c: &mut AsyncPgConnection,
+        tenant: TenantId,
+        before: Option<String>,
+        mode: Mode,
+        details: Value,
+    ) -> Result<Option<(String, String)>, Park> {
+        let after = self.granted(c, tenant).await?;
+        let Some((plan, source)) = registry::plan_for_update(c, tenant).await? else { return Ok(None) };
+        let target = match (source, mode) {
+            (PlanSource::Billing, _) => after.unwrap_or_else(|| FREE.to_owned()),
+            (PlanSource::Operator, Mode::Event) if after.is_some() && after != before => {
+                after.unwrap_or_else(|| FREE.to_owned())
+            }
+            (PlanSource::Operator, _) => return Ok(None),
+        };
+        if target == plan && source == PlanSource::Billing {
+            return Ok(None);
+        }
+        let changed = change_plan(c, &self.catalog, tenant, &target, PlanSource::Billing, Actor::System, details)
+            .await
+            .map_err(|e| Park::wait(format!("changing the plan: {:#}", anyhow::Error::new(e))))?;
+        match changed {
+            Some((_, true)) => {
+                tracing::info!(tenant.id = %tenant, plan = target, "plan changed by Stripe");
+                Ok(Some((plan, target)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Records a subscription's state and, for an event, settles the
+    /// tenant's plan and tells the owners when the last paid one ended.
     #[allow(clippy::too_many_arguments)]
     async fn apply_subscription(
         &self,
@@ -428,56 +623,46 @@ impl Processor {
         created: DateTime<Utc>,
         tenant: TenantId,
         customer: &str,
-        sub: &Subscription,
+        sub: &object::Subscription,
+        mode: Mode,
     ) -> Result<Outcome, Park> {
         let id = sub.id.as_str();
         let known: Option<SubscriptionRow> =
             subscriptions::table.find(id).select(SubscriptionRow::as_select()).first(c).await.optional()?;
         let deleted = kind == "customer.subscription.deleted";
+        let status = if deleted { "canceled" } else { sub.status.as_str() };
+        let best = self.best_item(sub);
+        let price =
+            best.as_ref().map(|(price, _)| price.clone()).or_else(|| <[_]>::first(&sub.items).map(|i| i.price.clone()));
+        let period_end = sub.period_end_of(price.as_deref()).and_then(|t| DateTime::from_timestamp(t, 0));
         if let Some(k) = &known {
-            // Newer only; at the same second an update beats a creation; a
-            // deletion is final.
+            // Newer only; a deletion is final. Within one second, the
+            // later stage of a subscription's life wins, then the later
+            // period, then an update over a creation.
             let newer = created > k.last_event_at
-                || (created == k.last_event_at && kind != "customer.subscription.created" && k.status != "canceled");
+                || (created == k.last_event_at && {
+                    let (new, old) = (object::Subscription::stage(status), object::Subscription::stage(&k.status));
+                    new > old
+                        || (new == old && period_end > k.current_period_end)
+                        || (new == old && period_end == k.current_period_end && kind != "customer.subscription.created")
+                });
             if k.deleted || !newer {
                 return Ok(Outcome::Stale);
             }
         }
-        let price = price_of(sub);
-        let status = if deleted { "canceled" } else { status_name(&sub.status) };
-        let paid_plan = match price.as_deref() {
-            Some(price) => match self.catalog.plan_for_price(price) {
-                Some(plan) => Some(plan.name.clone()),
-                None => {
-                    tracing::warn!(stripe.price = price, "a subscription is for a price no plan names");
-                    None
-                }
-            },
-            None => None,
-        };
-        let past_due_since = match (&sub.status, &known) {
-            (SubscriptionStatus::PastDue, Some(SubscriptionRow { past_due_since: Some(since), .. })) => Some(*since),
-            (SubscriptionStatus::PastDue, _) => Some(created),
+        let paid_plan = best.map(|(_, plan)| plan);
+        if paid_plan.is_none() && matches!(status, "active" | "trialing") {
+            let prices: Vec<_> = sub.items.iter().map(|i| i.price.as_str()).collect();
+            tracing::warn!(stripe.subscription = id, "a live subscription is for prices no plan names");
+            return Err(Park::wait(format!("unknown price {}", prices.join(", "))));
+        }
+        let past_due_since = match (status, &known) {
+            ("past_due", Some(SubscriptionRow { past_due_since: Some(since), .. })) => Some(*since),
+            ("past_due", _) => Some(created),
             _ => None,
         };
-        let target: Option<String> = match (&sub.status, deleted) {
-            (_, true) => Some(FREE.to_owned()),
-            (SubscriptionStatus::Active | SubscriptionStatus::Trialing, _) => match &paid_plan {
-                Some(plan) => Some(plan.clone()),
-                None => return Err(Park(format!("unknown price {}", price.unwrap_or_default()))),
-            },
-            (
-                SubscriptionStatus::Unpaid
-                | SubscriptionStatus::Canceled
-                | SubscriptionStatus::Paused
-                | SubscriptionStatus::IncompleteExpired,
-                _,
-            ) => Some(FREE.to_owned()),
-            // past_due keeps the plan for the grace; incomplete changes nothing.
-            _ => None,
-        };
-        let period_end = <[_]>::first(&sub.items.data).and_then(|i| DateTime::from_timestamp(i.current_period_end, 0));
-        let trial_end = sub.trial_end.and_then(|t| DateTime::from_timestamp(t, 0));
+        let at = |t: Option<i64>| t.and_then(|t| DateTime::from_timestamp(t, 0));
+        let before = self.granted(c, tenant).await?;
         diesel::insert_into(subscriptions::table)
             .values((
                 subscriptions::id.eq(id),
@@ -486,9 +671,11 @@ impl Processor {
                 subscriptions::status.eq(status),
                 subscriptions::price_id.eq(price.as_deref()),
                 subscriptions::plan.eq(paid_plan.as_deref()),
-                subscriptions::trial_end.eq(trial_end),
+                subscriptions::trial_end.eq(at(sub.trial_end)),
                 subscriptions::current_period_end.eq(period_end),
                 subscriptions::cancel_at_period_end.eq(sub.cancel_at_period_end),
+                subscriptions::cancel_at.eq(at(sub.cancel_at)),
+                subscriptions::pause_collection.eq(sub.pause_collection.as_ref()),
                 subscriptions::past_due_since.eq(past_due_since),
                 subscriptions::deleted.eq(deleted),
                 subscriptions::last_event_at.eq(created),
@@ -504,6 +691,8 @@ impl Processor {
                 subscriptions::trial_end.eq(excluded(subscriptions::trial_end)),
                 subscriptions::current_period_end.eq(excluded(subscriptions::current_period_end)),
                 subscriptions::cancel_at_period_end.eq(excluded(subscriptions::cancel_at_period_end)),
+                subscriptions::cancel_at.eq(excluded(subscriptions::cancel_at)),
+                subscriptions::pause_collection.eq(excluded(subscriptions::pause_collection)),
                 subscriptions::past_due_since.eq(excluded(subscriptions::past_due_since)),
                 subscriptions::deleted.eq(excluded(subscriptions::deleted)),
                 subscriptions::last_event_at.eq(excluded(subscriptions::last_event_at)),
@@ -512,62 +701,137 @@ impl Processor {
             .execute(c)
             .await?;
         if let Some(since) = past_due_since {
-            let grace = chrono::Duration::from_std(self.grace).unwrap_or_default();
             let job = NewJob {
                 dedup_key: Some(format!("{id}:{}", since.timestamp())),
-                run_at: Some(since + grace),
+                run_at: Some(since + self.grace()),
                 ..NewJob::new(GRACE, json!({ "subscription": id, "since": since.timestamp() }))
             };
             jobs::enqueue(c, job).await?;
         }
-        if let Some(plan) = target {
-            let details = json!({ "by": "stripe", "event": event_id, "subscription": id, "status": status });
-            let changed = change_plan(c, &self.catalog, tenant, &plan, Actor::System, details)
-                .await
-                .map_err(|e| Park(format!("changing the plan: {:#}", anyhow::Error::new(e))))?;
-            if let Some((_, true)) = changed {
-                tracing::info!(tenant.id = %tenant, plan, stripe.event = event_id, "plan changed by Stripe");
-            }
+        if mode == Mode::Sync {
+            return Ok(Outcome::Applied);
         }
-        if deleted {
-            let plan = paid_plan.unwrap_or_else(|| "paid".into());
-            notify_owners(c, tenant, event_id, |to, t, org, key| {
-                crate::mail::subscription_cancelled(to, t, org, &plan, key)
-            })
-            .await?;
+        let details = json!({ "by": "stripe", "event": event_id, "subscription": id, "status": status });
+        let changed = self.settle(c, tenant, before, mode, details).await?;
+        if deleted || ENDED.contains(&status) {
+            let plan = paid_plan.or_else(|| known.and_then(|k| k.plan));
+            cancelled_mail(c, tenant, event_id, changed, plan).await?;
         }
         Ok(Outcome::Applied)
     }
 
-    /// Ends a past-due subscription's grace: free, unless it was paid (or
-    /// changed) since.
+    /// `customer.deleted`: the customer is detached from its tenant (the
+    /// next checkout creates a new one), and its subscriptions, which Stripe
+    /// cancelled with it, end.
+    async fn customer_deleted(
+        &self,
+        c: &mut AsyncPgConnection,
+        event_id: &str,
+        customer: &str,
+    ) -> Result<Outcome, Park> {
+        let Some(tenant) = customers::tenant_of(c, customer).await? else { return Ok(Outcome::Ignored) };
+        customers::detach(c, customer, "deleted in Stripe").await?;
+        let before = self.granted(c, tenant).await?;
+        let ended: Vec<Option<String>> = diesel::update(
+            subscriptions::table
+                .filter(subscriptions::customer_id.eq(customer))
+                .filter(subscriptions::deleted.eq(false))
+                .filter(subscriptions::status.ne_all(ENDED)),
+        )
+        .set((
+            subscriptions::status.eq("canceled"),
+            subscriptions::deleted.eq(true),
+            subscriptions::updated_at.eq(diesel::dsl::now),
+        ))
+        .returning(subscriptions::plan)
+        .get_results(c)
+        .await?;
+        let details = json!({ "by": "stripe", "event": event_id, "customer": "deleted" });
+        let changed = self.settle(c, tenant, before, Mode::Event, details).await?;
+        let plan = ended.into_iter().flatten().max_by_key(|p| self.rank(p));
+        cancelled_mail(c, tenant, event_id, changed, plan).await?;
+        Ok(Outcome::Applied)
+    }
+
+    /// `invoice.payment_failed` and `invoice.payment_action_required`: the
+    /// owners are told what happened and by when to act, unless the invoice
+    /// was paid (or closed) since.
+    async fn dunning(
+        &self,
+        c: &mut AsyncPgConnection,
+        event_id: &str,
+        kind: &str,
+        created: DateTime<Utc>,
+        tenant: TenantId,
+        invoice: &Invoice,
+    ) -> Result<Outcome, Park> {
+        let sub: Option<SubscriptionRow> = match &invoice.subscription {
+            Some(id) => subscriptions::table.find(id).select(SubscriptionRow::as_select()).first(c).await.optional()?,
+            None => None,
+        };
+        // The current state, not the event's: a replayed or late failure
+        // must not ask for a payment that was made.
+        let settled = match &self.api {
+            Some(api) => api.invoice(&invoice.id).await?.settled(),
+            None => {
+                invoice.settled()
+                    || sub.as_ref().is_some_and(|s| {
+                        matches!(s.status.as_str(), "active" | "trialing") && s.last_event_at > created
+                    })
+            }
+        };
+        if settled {
+            return Ok(Outcome::Ignored);
+        }
+        let first = invoice.billing_reason.as_deref() == Some("subscription_create")
+            || sub.as_ref().is_some_and(|s| s.status == "incomplete");
+        let url = invoice.hosted_url.clone().unwrap_or_default();
+        // The downgrade runs at past_due_since + grace: the same date in
+        // every mail of one episode.
+        let since = sub.as_ref().and_then(|s| s.past_due_since).unwrap_or(created);
+        let grace_until = (since + self.grace()).format("%Y-%m-%d").to_string();
+        notify_owners(c, tenant, event_id, |to, t, org, key| match (kind, first) {
+            ("invoice.payment_action_required", _) => {
+                crate::mail::payment_action_required(to, t, org, &url, (!first).then_some(grace_until.as_str()), key)
+            }
+            (_, true) => crate::mail::first_payment_failed(to, t, org, &url, key),
+            (_, false) => crate::mail::payment_failed(to, t, org, &grace_until, &url, key),
+        })
+        .await?;
+        Ok(Outcome::Applied)
+    }
+
+    /// Ends a past-due subscription's grace: its plan no longer counts
+    /// (the tenant keeps what its other subscriptions grant), unless it was
+    /// paid (or changed) since. Checked under the customer's lock.
     async fn end_grace(&self, payload: &Value) -> Result<(), BillingError> {
         let id = payload["subscription"].as_str().unwrap_or_default().to_owned();
         let since = payload["since"].as_i64().and_then(|t| DateTime::from_timestamp(t, 0));
         self.db
             .platform(async |c| {
-                let row: Option<(uuid::Uuid, String)> = subscriptions::table
+                let customer: Option<String> =
+                    subscriptions::table.find(&id).select(subscriptions::customer_id).first(c).await.optional()?;
+                let Some(customer) = customer else { return Ok(()) };
+                lock_customer(c, &customer).await.map_err(|p| BillingError::Unappliable(p.reason))?;
+                let row: Option<(uuid::Uuid, Option<String>)> = subscriptions::table
                     .find(&id)
                     .filter(subscriptions::status.eq("past_due"))
                     .filter(subscriptions::deleted.eq(false))
                     .filter(subscriptions::past_due_since.eq(since))
-                    .select((subscriptions::tenant_id, subscriptions::customer_id))
+                    .select((subscriptions::tenant_id, subscriptions::plan))
                     .first(c)
                     .await
                     .optional()?;
-                let Some((tenant, customer)) = row else { return Ok(()) };
-                lock_customer(c, &customer).await.map_err(|Park(r)| BillingError::Unappliable(r))?;
+                let Some((tenant, plan)) = row else { return Ok(()) };
                 let details = json!({ "by": "stripe", "subscription": id, "status": "past_due", "grace": "ended" });
-                change_plan(c, &self.catalog, TenantId(tenant), FREE, Actor::System, details).await?;
-                tracing::info!(tenant.id = %tenant, "grace ended for a past-due subscription: free plan");
+                self.settle(c, TenantId(tenant), plan, Mode::Event, details)
+                    .await
+                    .map_err(|p| BillingError::Unappliable(p.reason))?;
+                tracing::info!(tenant.id = %tenant, "grace ended for a past-due subscription");
                 Ok::<_, BillingError>(())
             })
             .await
     }
-}
-
-fn price_of(sub: &Subscription) -> Option<String> {
-    <[_]>::first(&sub.items.data).map(|item| item.price.id.as_str().to_owned())
 }
 
 async fn lock_customer(c: &mut AsyncPgConnection, customer: &str) -> Result<(), Park> {
@@ -579,44 +843,22 @@ async fn lock_customer(c: &mut AsyncPgConnection, customer: &str) -> Result<(), 
     Ok(())
 }
 
-/// Links a tenant to its Stripe customer (the first link stays).
-async fn link_customer(c: &mut AsyncPgConnection, tenant: TenantId, customer: &str) -> Result<(), Park> {
-    if let Some(other) = customer_tenant(c, customer).await?
-        && other != tenant.0
-    {
-        return Err(Park(format!("customer {customer} belongs to another tenant")));
+/// Tells the owners their `plan` subscription was cancelled, when ending
+/// it `changed` the tenant's plan to free (not when another subscription
+/// still pays for a plan).
+async fn cancelled_mail(
+    c: &mut AsyncPgConnection,
+    tenant: TenantId,
+    event_id: &str,
+    changed: Option<(String, String)>,
+    plan: Option<String>,
+) -> Result<(), Park> {
+    if changed.is_none_or(|(_, to)| to != FREE) {
+        return Ok(());
     }
-    diesel::insert_into(billing_customers::table)
-        .values((billing_customers::tenant_id.eq(tenant.0), billing_customers::customer_id.eq(customer)))
-        .on_conflict_do_nothing()
-        .execute(c)
-        .await?;
-    Ok(())
-}
-
-/// The tenant a customer is linked to.
-async fn customer_tenant(c: &mut AsyncPgConnection, customer: &str) -> diesel::QueryResult<Option<uuid::Uuid>> {
-    billing_customers::table
-        .filter(billing_customers::customer_id.eq(customer))
-        .select(billing_customers::tenant_id)
-        .first(c)
+    let plan = plan.unwrap_or_else(|| "paid".into());
+    notify_owners(c, tenant, event_id, |to, t, org, key| crate::mail::subscription_cancelled(to, t, org, &plan, key))
         .await
-        .optional()
-}
-
-/// The tenant of a customer: its link, else the `tenant_id` metadata Plinth
-/// puts on the customers it creates.
-async fn tenant_of(c: &mut AsyncPgConnection, customer: &str, metadata: Option<&String>) -> Result<TenantId, Park> {
-    if let Some(tenant) = customer_tenant(c, customer).await? {
-        return Ok(TenantId(tenant));
-    }
-    if let Some(tenant) = metadata.and_then(|m| uuid::Uuid::parse_str(m).ok())
-        && registry::find_by_id(c, TenantId(tenant)).await?.is_some()
-    {
-        link_customer(c, TenantId(tenant), customer).await?;
-        return Ok(TenantId(tenant));
-    }
-    Err(Park(format!("unknown customer {customer}")))
 }
 
 /// Queues `make(to, tenant, organization, key)` to every owner of `tenant`,
@@ -627,13 +869,13 @@ async fn notify_owners(
     event_id: &str,
     make: impl Fn(EmailAddress, TenantId, &str, String) -> Mail,
 ) -> Result<(), Park> {
-    let t = registry::find_by_id(c, tenant).await?.ok_or_else(|| Park(format!("no tenant {tenant}")))?;
+    let t = registry::find_by_id(c, tenant).await?.ok_or_else(|| Park::refuse(format!("no tenant {tenant}")))?;
     for owner in members::owners(c, tenant).await? {
         let Ok(to) = EmailAddress::parse(&owner.email) else { continue };
         let key = format!("stripe:{event_id}:{}", owner.user_id);
         mail::queue(c, make(to, tenant, &t.name, key))
             .await
-            .map_err(|e| Park(format!("queueing mail: {:#}", anyhow::Error::new(e))))?;
+            .map_err(|e| Park::wait(format!("queueing mail: {:#}", anyhow::Error::new(e))))?;
     }
     Ok(())
 }

@@ -13,14 +13,18 @@ diesel::table! {
         status -> Text,
         parked_reason -> Nullable<Text>,
         processed_at -> Nullable<Timestamptz>,
+        api_version -> Nullable<Text>,
+        customer_id -> Nullable<Text>,
     }
 }
 
 diesel::table! {
-    public.billing_customers (tenant_id) {
-        tenant_id -> Uuid,
+    public.billing_customers (customer_id) {
         customer_id -> Text,
+        tenant_id -> Uuid,
         created_at -> Timestamptz,
+        detached_at -> Nullable<Timestamptz>,
+        detached_reason -> Nullable<Text>,
     }
 }
 
@@ -39,5 +43,16 @@ diesel::table! {
         deleted -> Bool,
         last_event_at -> Timestamptz,
         updated_at -> Timestamptz,
+        cancel_at -> Nullable<Timestamptz>,
+        pause_collection -> Nullable<Jsonb>,
+    }
+}
+
+diesel::table! {
+    public.billing_closures (customer_id) {
+        customer_id -> Text,
+        tenant_id -> Uuid,
+        closed_at -> Timestamptz,
+        result -> Jsonb,
     }
 }

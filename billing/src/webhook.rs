@@ -6,10 +6,14 @@
 //! within 300 s. It is then stored raw in `public.stripe_events`, keyed by
 //! its id, and acknowledged (200) only after that row is committed. A
 //! second delivery of the same id is acknowledged and counted, nothing
-//! more. A signed body that does not parse as a Stripe event is stored too,
-//! parked with the reason: nothing signed is lost. Anything else is 400
-//! and nothing is stored. Each stored event is processed by a job queued
-//! in the same transaction (see [`crate::process`]).
+//! more. Every signed event envelope (an id, a type and a `data.object`) is
+//! queued for processing, whatever API version it was rendered in; its
+//! `api_version` is recorded, and one other than the version Plinth is
+//! pinned to is logged and counted (`plinth_stripe_event_version_mismatch_total`).
+//! A signed body that is not an event envelope is stored too, parked with
+//! the reason: nothing signed is lost. Anything else is 400 and nothing is
+//! stored. Each stored event is processed by a job queued in the same
+//! transaction (see [`crate::process`]).
 
 use actix_web::{HttpRequest, HttpResponse, post, web};
 use chrono::{DateTime, Utc};
@@ -97,17 +101,34 @@ fn verify(payload: &str, header: &str, secrets: &[Secret], now: i64) -> Result<O
     Err(refused)
 }
 
-/// The id, type, object id and creation time of an event body, read
-/// leniently (for bodies the typed parser refused, and for the columns).
-fn outline(payload: &str) -> (Option<String>, Option<String>, Option<String>, Option<DateTime<Utc>>) {
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(payload) else { return (None, None, None, None) };
+/// What the inbox reads of an event body, leniently (for the columns, and
+/// for events rendered in another API version than async-stripe's).
+#[derive(Default)]
+struct Outline {
+    id: Option<String>,
+    kind: Option<String>,
+    object_id: Option<String>,
+    created_at: Option<DateTime<Utc>>,
+    api_version: Option<String>,
+    customer: Option<String>,
+    /// An id, a type and a `data.object`: processing can read it.
+    envelope: bool,
+}
+
+fn outline(payload: &str) -> Outline {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(payload) else { return Outline::default() };
     let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
-    (
-        text(&value["id"]),
-        text(&value["type"]),
-        text(&value["data"]["object"]["id"]),
-        value["created"].as_i64().and_then(|t| DateTime::from_timestamp(t, 0)),
-    )
+    let object = &value["data"]["object"];
+    let kind = text(&value["type"]);
+    Outline {
+        id: text(&value["id"]),
+        object_id: text(&object["id"]),
+        created_at: value["created"].as_i64().and_then(|t| DateTime::from_timestamp(t, 0)),
+        api_version: text(&value["api_version"]),
+        customer: crate::object::customer_of(kind.as_deref(), object),
+        envelope: value["id"].is_string() && kind.is_some() && object.is_object(),
+        kind,
+    }
 }
 
 /// Verifies and stores one delivery.
@@ -121,32 +142,60 @@ pub async fn receive(
     let header = signature.ok_or(Refused::NoSignature)?;
     let payload = std::str::from_utf8(payload).map_err(|_| Refused::NotText)?;
     let verified = verify(payload, header, secrets, now)?;
-    let (id, kind, object_id, created_at) = outline(payload);
+    let Outline { id, kind, object_id, created_at, api_version, customer, envelope } = outline(payload);
     // PostgreSQL text cannot hold NUL: such a body is kept with the byte
     // escaped, and parked (nothing Plinth can process has one).
     let payload_nul = payload.contains('\0');
     let stored_payload =
         if payload_nul { std::borrow::Cow::Owned(payload.replace('\0', "\\u0000")) } else { payload.into() };
     let has_nul = |v: &Option<String>| v.as_deref().is_some_and(|s| s.contains('\0'));
-    let unreadable = payload_nul || has_nul(&id) || has_nul(&kind) || has_nul(&object_id);
-    let (kind, object_id) =
-        if unreadable { (kind.map(|k| k.replace('\0', "\u{fffd}")), None) } else { (kind, object_id) };
+    let unreadable = payload_nul
+        || has_nul(&id)
+        || has_nul(&kind)
+        || has_nul(&object_id)
+        || has_nul(&api_version)
+        || has_nul(&customer);
+    let (kind, object_id, api_version, customer) = if unreadable {
+        (kind.map(|k| k.replace('\0', "\u{fffd}")), None, None, None)
+    } else {
+        (kind, object_id, api_version, customer)
+    };
     let (id, parked) = match (&verified, id) {
         _ if unreadable => (body_key(payload), Some("the event's id, type or body holds a NUL character".to_owned())),
         (Some(event), _) => (event.id.as_str().to_owned(), None),
+        // Another API version's shapes: processing reads it by field.
+        (None, Some(id)) if id.len() <= 255 && envelope => (id, None),
         (None, Some(id)) if id.len() <= 255 => (id, Some("the event does not parse as a Stripe event".to_owned())),
         // Signed, but not even a usable id: keyed by the body's hash so a
         // redelivery is still recognised.
         (None, _) => (body_key(payload), Some("the body is not JSON with an event id".to_owned())),
     };
     let kind = if unreadable { kind } else { verified.as_ref().map(|e| e.type_.as_str().to_owned()).or(kind) };
+    let pinned = stripe_shared::version::VERSION.as_str();
+    if let Some(version) = api_version.as_deref().filter(|v| *v != pinned) {
+        tracing::warn!(
+            stripe.event = id,
+            stripe.api_version = version,
+            pinned,
+            "a Stripe event in another API version than Plinth's; set the webhook endpoint's version to {pinned}"
+        );
+        metrics::counter!("plinth_stripe_event_version_mismatch_total").increment(1);
+    }
     // One statement: the event row and, for a new readable event, its
     // processing job; committed before the answer.
     let stored = db
         .statement(async |c| {
-            let stored =
-                insert(c, &id, kind.as_deref(), object_id.as_deref(), created_at, &stored_payload, parked.as_deref())
-                    .await?;
+            let event = NewEvent {
+                id: &id,
+                kind: kind.as_deref(),
+                object_id: object_id.as_deref(),
+                created_at,
+                api_version: api_version.as_deref(),
+                customer: customer.as_deref(),
+                payload: &stored_payload,
+                parked: parked.as_deref(),
+            };
+            let stored = insert(c, &event).await?;
             Ok::<_, BillingError>(stored)
         })
         .await?;
@@ -168,6 +217,18 @@ fn body_key(payload: &str) -> String {
     format!("unparsed_{}", &hex[..32])
 }
 
+/// One event as the inbox stores it.
+struct NewEvent<'a> {
+    id: &'a str,
+    kind: Option<&'a str>,
+    object_id: Option<&'a str>,
+    created_at: Option<DateTime<Utc>>,
+    api_version: Option<&'a str>,
+    customer: Option<&'a str>,
+    payload: &'a str,
+    parked: Option<&'a str>,
+}
+
 #[derive(diesel::QueryableByName)]
 struct Inserted {
     #[diesel(sql_type = diesel::sql_types::Bool)]
@@ -183,20 +244,13 @@ struct Inserted {
 /// is one round trip with no explicit transaction, which is what holds
 /// intake at its measured rate (`docs/benchmarks.md`, webhook intake); the
 /// jobs crate owns every other statement on that table.
-async fn insert(
-    conn: &mut AsyncPgConnection,
-    id: &str,
-    kind: Option<&str>,
-    object_id: Option<&str>,
-    created_at: Option<DateTime<Utc>>,
-    payload: &str,
-    parked: Option<&str>,
-) -> Result<bool, diesel::result::Error> {
-    let job = crate::process::job(id);
+async fn insert(conn: &mut AsyncPgConnection, event: &NewEvent<'_>) -> Result<bool, diesel::result::Error> {
+    let job = crate::process::job(event.id);
     let row: Inserted = diesel::sql_query(
         "WITH event AS ( \
-           INSERT INTO public.stripe_events (id, type, object_id, created_at, payload, status, parked_reason) \
-           VALUES ($1, $2, $3, $4, $5, CASE WHEN $6::text IS NULL THEN 'received' ELSE 'parked' END, $6) \
+           INSERT INTO public.stripe_events \
+             (id, type, object_id, created_at, payload, status, parked_reason, api_version, customer_id) \
+           VALUES ($1, $2, $3, $4, $5, CASE WHEN $6::text IS NULL THEN 'received' ELSE 'parked' END, $6, $11, $12) \
            ON CONFLICT (id) DO UPDATE SET duplicates = public.stripe_events.duplicates + 1 \
            RETURNING (xmax = 0) AS inserted), \
          job AS ( \
@@ -205,16 +259,18 @@ async fn insert(
            ON CONFLICT (kind, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING) \
          SELECT inserted FROM event",
     )
-    .bind::<Text, _>(id)
-    .bind::<Nullable<Text>, _>(kind)
-    .bind::<Nullable<Text>, _>(object_id)
-    .bind::<Nullable<Timestamptz>, _>(created_at)
-    .bind::<Text, _>(payload)
-    .bind::<Nullable<Text>, _>(parked)
+    .bind::<Text, _>(event.id)
+    .bind::<Nullable<Text>, _>(event.kind)
+    .bind::<Nullable<Text>, _>(event.object_id)
+    .bind::<Nullable<Timestamptz>, _>(event.created_at)
+    .bind::<Text, _>(event.payload)
+    .bind::<Nullable<Text>, _>(event.parked)
     .bind::<diesel::sql_types::Uuid, _>(uuid::Uuid::now_v7())
     .bind::<Text, _>(job.kind)
     .bind::<diesel::sql_types::Jsonb, _>(&job.payload)
     .bind::<diesel::sql_types::Integer, _>(job.max_attempts)
+    .bind::<Nullable<Text>, _>(event.api_version)
+    .bind::<Nullable<Text>, _>(event.customer)
     .get_result(conn)
     .await?;
     Ok(row.inserted)

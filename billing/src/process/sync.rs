@@ -1,17 +1,17 @@
-//! `plinth billing sync` (and the periodic job): every linked customer's
-//! subscriptions read again from Stripe and applied to its tenant.
+//! `plinth billing sync` (and the periodic job): every customer of every
+//! tenant read again from Stripe, all its subscriptions recorded, and the
+//! tenant's plan settled from them.
+
+use std::collections::BTreeMap;
 
 use chrono::Utc;
 use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::RunQueryDsl;
-use plinth_access::{catalog::FREE, change_plan};
-use plinth_tenants::audit::Actor;
 use plinth_tenants::registry::PlanStatus;
 use plinth_tenants::{TenantId, registry};
 use serde_json::json;
-use stripe_shared::SubscriptionStatus;
 
-use super::{Park, Processor, lock_customer};
+use super::{Mode, Processor, lock_customer};
 use crate::error::BillingError;
 use crate::schema::billing_customers;
 
@@ -24,71 +24,77 @@ pub struct Synced {
 }
 
 impl Processor {
-    /// Re-reads every linked customer's subscriptions from Stripe and
-    /// applies the newest to its tenant (`plinth billing sync`). Tenants
-    /// without a Stripe customer (plans set by an operator) are left alone.
+    /// Re-reads the subscriptions of every customer each tenant has had,
+    /// records them, and settles each tenant's plan: a plan billing set
+    /// follows them (free when none is live); an operator's plan stays.
     pub async fn sync(&self) -> Result<Synced, BillingError> {
         let api = self.api.as_ref().ok_or(BillingError::NotConfigured)?;
-        struct Link {
-            tenant_id: uuid::Uuid,
-            customer_id: String,
-            plan: String,
-        }
-        let links: Vec<Link> = self
+        let links: BTreeMap<uuid::Uuid, Vec<String>> = self
             .db
             .platform(async |c| {
                 let customers: Vec<(uuid::Uuid, String)> = billing_customers::table
-                    .order(billing_customers::tenant_id.asc())
+                    .order((billing_customers::tenant_id.asc(), billing_customers::customer_id.asc()))
                     .select((billing_customers::tenant_id, billing_customers::customer_id))
                     .load(c)
                     .await?;
-                // Plans from the registry; tenants being deleted are left alone.
-                let plans: std::collections::HashMap<uuid::Uuid, PlanStatus> =
-                    registry::plan_status(c, None).await?.into_iter().map(|p| (p.id, p)).collect();
-                let links = customers
+                // Tenants being deleted are left alone.
+                let live: std::collections::HashSet<uuid::Uuid> = registry::plan_status(c, None)
+                    .await?
                     .into_iter()
-                    .filter_map(|(tenant_id, customer_id)| {
-                        let tenant = plans.get(&tenant_id).filter(|p| p.status != "deleting")?;
-                        Some(Link { tenant_id, customer_id, plan: tenant.plan.clone() })
-                    })
+                    .filter(|p: &PlanStatus| p.status != "deleting")
+                    .map(|p| p.id)
                     .collect();
+                let mut links: BTreeMap<uuid::Uuid, Vec<String>> = BTreeMap::new();
+                for (tenant, customer) in customers.into_iter().filter(|(t, _)| live.contains(t)) {
+                    links.entry(tenant).or_default().push(customer);
+                }
                 Ok::<_, BillingError>(links)
             })
             .await?;
-        let mut synced = Synced { customers: links.len(), ..Synced::default() };
-        for link in links {
-            let tenant = TenantId(link.tenant_id);
+        let mut synced = Synced { customers: links.values().map(Vec::len).sum(), ..Synced::default() };
+        for (tenant, customers) in links {
+            let tenant = TenantId(tenant);
             let result = async {
-                let subs = api.subscriptions_of(&link.customer_id).await?;
+                let mut read = Vec::new();
+                for customer in &customers {
+                    read.push((customer, api.subscriptions_of(customer).await?));
+                }
                 self.db
                     .platform(async |c| {
-                        lock_customer(c, &link.customer_id).await.map_err(|Park(r)| BillingError::Unappliable(r))?;
+                        let park = |p: super::Park| BillingError::Unappliable(p.reason);
+                        // In one order (by customer id): no deadlock with
+                        // a sync of the same tenant elsewhere.
+                        for customer in &customers {
+                            lock_customer(c, customer).await.map_err(park)?;
+                        }
                         let event = format!("sync:{}", Utc::now().timestamp());
-                        match <[_]>::first(&subs) {
-                            Some(sub) => {
-                                let kind = if sub.status == SubscriptionStatus::Canceled {
+                        for (customer, subs) in &read {
+                            for sub in subs {
+                                let kind = if sub.status == "canceled" {
                                     "customer.subscription.deleted"
                                 } else {
                                     "customer.subscription.updated"
                                 };
-                                self.apply_subscription(c, &event, kind, Utc::now(), tenant, &link.customer_id, sub)
-                                    .await
-                                    .map_err(|Park(r)| BillingError::Unappliable(r))?;
-                            }
-                            None => {
-                                let details = json!({ "by": "stripe sync", "reason": "no subscription" });
-                                change_plan(c, &self.catalog, tenant, FREE, Actor::System, details).await?;
+                                let applied = self
+                                    .apply_subscription(c, &event, kind, Utc::now(), tenant, customer, sub, Mode::Sync)
+                                    .await;
+                                match applied {
+                                    Ok(_) => {}
+                                    // One unknown price does not stop the others.
+                                    Err(p) => tracing::warn!(tenant.id = %tenant, reason = p.reason, "sync skipped a subscription"),
+                                }
                             }
                         }
-                        let plan = registry::plan_status(c, Some(tenant)).await?.into_iter().next();
-                        Ok::<_, BillingError>(plan.map(|p| p.plan))
+                        let details = json!({ "by": "stripe sync" });
+                        let changed = self.settle(c, tenant, None, Mode::Sync, details).await.map_err(park)?;
+                        Ok::<_, BillingError>(changed.map(|(_, to)| to))
                     })
                     .await
             }
             .await;
             match result {
-                Ok(Some(plan)) if plan != link.plan => synced.changed.push((tenant, plan)),
-                Ok(_) => {}
+                Ok(Some(plan)) => synced.changed.push((tenant, plan)),
+                Ok(None) => {}
                 Err(err) => synced.failed.push((tenant, format!("{:#}", anyhow::Error::new(err)))),
             }
         }

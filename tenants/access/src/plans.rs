@@ -29,7 +29,7 @@ impl From<PlanError> for ApiError {
     }
 }
 
-/// Moves a tenant to `plan` (a plan of `catalog`) and, if it
+/// Moves a tenant to `plan` (a plan of `catalog`, from `source`) and, if it
 /// changed, records `plan.changed` in the tenant's audit log with `from`,
 /// `to` and `details`. The trigger on `tenants` tells every instance's
 /// policy. Returns the tenant and whether the plan changed; `None` if there
@@ -39,6 +39,7 @@ pub async fn change_plan(
     catalog: &Catalog,
     id: TenantId,
     plan: &str,
+    source: plinth_tenants::registry::PlanSource,
     actor: plinth_tenants::audit::Actor,
     details: serde_json::Value,
 ) -> Result<Option<(plinth_tenants::registry::Tenant, bool)>, PlanError> {
@@ -46,7 +47,9 @@ pub async fn change_plan(
         let known = catalog.plans().iter().map(|p| p.name.clone()).collect();
         return Err(PlanError::UnknownPlan { plan: plan.to_owned(), known });
     }
-    let Some((tenant, before)) = plinth_tenants::registry::set_plan(conn, id, plan).await? else { return Ok(None) };
+    let Some((tenant, before)) = plinth_tenants::registry::set_plan(conn, id, plan, source).await? else {
+        return Ok(None);
+    };
     let changed = before != plan;
     if changed {
         let mut all = serde_json::json!({ "from": before, "to": plan });

@@ -75,6 +75,9 @@ pub enum ApiError {
     NotReady(String),
     #[error("billing is not configured on this server")]
     BillingNotConfigured,
+    /// A checkout for an organization that has a live subscription.
+    #[error("the organization already has a live subscription; change plans in the billing portal")]
+    AlreadySubscribed,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -109,6 +112,7 @@ impl ApiError {
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) | Self::NotReady(_) => "unavailable",
             Self::BillingNotConfigured => "billing_not_configured",
+            Self::AlreadySubscribed => "already_subscribed",
             Self::Internal(_) => "internal",
         }
     }
@@ -188,7 +192,7 @@ impl ResponseError for ApiError {
             Self::PlanRequired { .. } | Self::QuotaExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
             Self::Forbidden | Self::TenantSuspended => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) | Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::IdempotencyKeyInUse | Self::AlreadySubscribed => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

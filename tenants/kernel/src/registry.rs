@@ -270,10 +270,33 @@ pub async fn set_status(conn: &mut PgConn, id: TenantId, status: TenantStatus) -
         .and_then(into_tenant)
 }
 
-/// Moves a tenant to `plan` (a plan of the catalog; the caller checks).
-/// Returns the updated tenant, or `None` if there is none (or it is being
-/// deleted), and the plan it was on.
-pub async fn set_plan(conn: &mut PgConn, id: TenantId, plan: &str) -> Result<Option<(Tenant, String)>, DbError> {
+/// Where a tenant's plan came from: billing (a new tenant's free plan, or
+/// its Stripe subscriptions) or an operator (a platform admin, the CLI).
+/// Billing's periodic repair changes only billing's plans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanSource {
+    Operator,
+    Billing,
+}
+
+impl PlanSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Operator => "operator",
+            Self::Billing => "billing",
+        }
+    }
+}
+
+/// Moves a tenant to `plan` (a plan of the catalog; the caller checks),
+/// recording where it came from. Returns the updated tenant, or `None` if
+/// there is none (or it is being deleted), and the plan it was on.
+pub async fn set_plan(
+    conn: &mut PgConn,
+    id: TenantId,
+    plan: &str,
+    source: PlanSource,
+) -> Result<Option<(Tenant, String)>, DbError> {
     let before: Option<String> = tenants::table
         .find(id.0)
         .filter(tenants::status.ne(TenantStatus::Deleting.as_str()))
@@ -284,13 +307,29 @@ pub async fn set_plan(conn: &mut PgConn, id: TenantId, plan: &str) -> Result<Opt
         .optional()?;
     let Some(before) = before else { return Ok(None) };
     let updated = diesel::update(tenants::table.find(id.0))
-        .set((tenants::plan.eq(plan), tenants::updated_at.eq(Utc::now())))
+        .set((tenants::plan.eq(plan), tenants::plan_source.eq(source.as_str()), tenants::updated_at.eq(Utc::now())))
         .returning(TenantRow::as_returning())
         .get_result(conn)
         .await
         .optional()
         .and_then(into_tenant)?;
     Ok(updated.map(|t| (t, before)))
+}
+
+/// A tenant's plan and where it came from, locked until the transaction
+/// ends; `None` if there is no such tenant (or it is being deleted).
+pub async fn plan_for_update(conn: &mut PgConn, id: TenantId) -> Result<Option<(String, PlanSource)>, DbError> {
+    let row: Option<(String, String)> = tenants::table
+        .find(id.0)
+        .filter(tenants::status.ne(TenantStatus::Deleting.as_str()))
+        .select((tenants::plan, tenants::plan_source))
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?;
+    Ok(row.map(|(plan, source)| {
+        (plan, if source == PlanSource::Billing.as_str() { PlanSource::Billing } else { PlanSource::Operator })
+    }))
 }
 
 /// Records a custom domain for a tenant. `verified` is the operator's word

@@ -11,6 +11,7 @@ diesel::table! {
         plan -> Text,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        plan_source -> Text,
     }
 }
 

@@ -1,0 +1,11 @@
+DROP TABLE public.billing_closures;
+ALTER TABLE public.tenants DROP COLUMN plan_source;
+ALTER TABLE public.subscriptions DROP COLUMN cancel_at, DROP COLUMN pause_collection;
+DELETE FROM public.billing_customers WHERE detached_at IS NOT NULL;
+DROP INDEX public.billing_customers_current_idx;
+ALTER TABLE public.billing_customers DROP COLUMN detached_at, DROP COLUMN detached_reason;
+ALTER TABLE public.billing_customers DROP CONSTRAINT billing_customers_pkey;
+ALTER TABLE public.billing_customers ADD PRIMARY KEY (tenant_id);
+ALTER TABLE public.billing_customers ADD CONSTRAINT billing_customers_customer_id_key UNIQUE (customer_id);
+DROP INDEX public.stripe_events_customer_waiting_idx;
+ALTER TABLE public.stripe_events DROP COLUMN api_version, DROP COLUMN customer_id;
