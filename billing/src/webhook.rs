@@ -171,16 +171,6 @@ pub async fn receive(
         (None, _) => (body_key(payload), Some("the body is not JSON with an event id".to_owned())),
     };
     let kind = if unreadable { kind } else { verified.as_ref().map(|e| e.type_.as_str().to_owned()).or(kind) };
-    let pinned = stripe_shared::version::VERSION.as_str();
-    if let Some(version) = api_version.as_deref().filter(|v| *v != pinned) {
-        tracing::warn!(
-            stripe.event = id,
-            stripe.api_version = version,
-            pinned,
-            "a Stripe event in another API version than Plinth's; set the webhook endpoint's version to {pinned}"
-        );
-        metrics::counter!("plinth_stripe_event_version_mismatch_total").increment(1);
-    }
     // One statement: the event row and, for a new readable event, its
     // processing job; committed before the answer.
     let stored = db
@@ -201,6 +191,17 @@ pub async fn receive(
         .await?;
     if stored && parked.is_none() {
         jobs::wake_soon(db);
+    }
+    // Once per event, not per delivery.
+    let pinned = stripe_shared::version::VERSION.as_str();
+    if let Some(version) = api_version.as_deref().filter(|v| stored && *v != pinned) {
+        tracing::warn!(
+            stripe.event = id,
+            stripe.api_version = version,
+            pinned,
+            "a Stripe event in another API version than Plinth's; set the webhook endpoint's version to {pinned}"
+        );
+        metrics::counter!("plinth_stripe_event_version_mismatch_total").increment(1);
     }
     Ok(match (stored, parked) {
         (false, _) => Received::Duplicate { id },
