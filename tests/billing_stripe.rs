@@ -668,3 +668,33 @@ mod online {
         Ok(())
     }
 }
+
+#[tokio::test]
+async fn billing_jobs_with_a_malformed_payload_die_at_once_with_the_reason() -> TestResult {
+    let b = billing("7").await?;
+    let db = b.testdb.db(2)?;
+    let bad = [
+        ("billing.event", json!({})),
+        ("billing.event", json!({ "id": 42 })),
+        ("billing.grace", json!({ "subscription": "sub_x" })),
+        ("billing.sync", json!({ "every": 60 })),
+    ];
+    for (kind, payload) in bad {
+        db.platform(async |c| {
+            plinth_jobs::enqueue(c, plinth_jobs::NewJob::new(kind, payload.clone())).await?;
+            Ok::<_, plinth_http::ApiError>(())
+        })
+        .await?;
+    }
+    eventually(Duration::from_secs(20), || async {
+        let dead: i64 = b.sql_one("SELECT count(*) FROM public.jobs WHERE status = 'dead' AND attempts = 1").await?;
+        Ok(dead == 4)
+    })
+    .await?;
+    let (ok, out) = cli(&b, &["jobs", "list", "--status", "dead"], &[]).await?;
+    assert!(ok, "{out}");
+    for field in ["no id in {}", "no id in {\"id\":42}", "no since in", "no every_secs in"] {
+        assert!(out.contains(field), "{field}: {out}");
+    }
+    Ok(())
+}

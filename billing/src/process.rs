@@ -243,8 +243,8 @@ impl Processor {
                 Arc::new(move |job: ClaimedJob| {
                     let this = Arc::clone(&process);
                     Box::pin(async move {
-                        let id = job.payload["id"].as_str().unwrap_or_default().to_owned();
-                        match this.process(&id).await {
+                        let id = text_field(&job.payload, "id")?;
+                        match this.process(id).await {
                             Ok(Outcome::Parked(reason)) => Err(JobError::Retry(anyhow::anyhow!("parked: {reason}"))),
                             Ok(Outcome::Refused(reason)) => {
                                 Err(JobError::Fatal(anyhow::anyhow!("parked for good: {reason}")))
@@ -260,7 +260,12 @@ impl Processor {
                 Arc::new(move |job: ClaimedJob| {
                     let this = Arc::clone(&grace);
                     Box::pin(async move {
-                        this.end_grace(&job.payload)
+                        let id = text_field(&job.payload, "subscription")?;
+                        let since = job.payload["since"]
+                            .as_i64()
+                            .and_then(|t| DateTime::from_timestamp(t, 0))
+                            .ok_or_else(|| malformed(&job.payload, "since"))?;
+                        this.end_grace(id, since)
                             .await
                             .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("ending a grace period")))
                     })
@@ -271,7 +276,10 @@ impl Processor {
                 Arc::new(move |job: ClaimedJob| {
                     let this = Arc::clone(&sync);
                     Box::pin(async move {
-                        let every = Duration::from_secs(job.payload["every_secs"].as_u64().unwrap_or(3600));
+                        let every = job.payload["every_secs"]
+                            .as_u64()
+                            .map(Duration::from_secs)
+                            .ok_or_else(|| malformed(&job.payload, "every_secs"))?;
                         let result = this.sync().await;
                         // The next run is queued whatever this one did.
                         this.db
@@ -804,17 +812,15 @@ impl Processor {
     /// Ends a past-due subscription's grace: its plan no longer counts
     /// (the tenant keeps what its other subscriptions grant), unless it was
     /// paid (or changed) since. Checked under the customer's lock.
-    async fn end_grace(&self, payload: &Value) -> Result<(), BillingError> {
-        let id = payload["subscription"].as_str().unwrap_or_default().to_owned();
-        let since = payload["since"].as_i64().and_then(|t| DateTime::from_timestamp(t, 0));
+    async fn end_grace(&self, id: &str, since: DateTime<Utc>) -> Result<(), BillingError> {
         self.db
             .platform(async |c| {
                 let customer: Option<String> =
-                    subscriptions::table.find(&id).select(subscriptions::customer_id).first(c).await.optional()?;
+                    subscriptions::table.find(id).select(subscriptions::customer_id).first(c).await.optional()?;
                 let Some(customer) = customer else { return Ok(()) };
                 lock_customer(c, &customer).await.map_err(|p| BillingError::Unappliable(p.reason))?;
                 let row: Option<(uuid::Uuid, Option<String>)> = subscriptions::table
-                    .find(&id)
+                    .find(id)
                     .filter(subscriptions::status.eq("past_due"))
                     .filter(subscriptions::deleted.eq(false))
                     .filter(subscriptions::past_due_since.eq(since))
@@ -832,6 +838,16 @@ impl Processor {
             })
             .await
     }
+}
+
+/// A job whose payload lacks `field` can never succeed: it dies at once,
+/// with the payload in its error (`plinth jobs list --status dead`).
+fn malformed(payload: &Value, field: &str) -> JobError {
+    JobError::Fatal(anyhow::anyhow!("malformed payload: no {field} in {payload}"))
+}
+
+fn text_field<'a>(payload: &'a Value, field: &str) -> Result<&'a str, JobError> {
+    payload[field].as_str().filter(|s| !s.is_empty()).ok_or_else(|| malformed(payload, field))
 }
 
 async fn lock_customer(c: &mut AsyncPgConnection, customer: &str) -> Result<(), Park> {
