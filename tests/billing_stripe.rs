@@ -698,3 +698,100 @@ async fn billing_jobs_with_a_malformed_payload_die_at_once_with_the_reason() -> 
     }
     Ok(())
 }
+
+mod stripe_outside_transactions {
+    use super::*;
+
+    /// The stand-in Stripe's settings for the CLI.
+    fn env(stripe: &StripeMock) -> [(&'static str, String); 4] {
+        [
+            ("PLINTH_STRIPE_SECRET_KEY", "sk_test_plinth".to_owned()),
+            ("PLINTH_STRIPE_API_BASE", stripe.url.clone()),
+            ("PLINTH_STRIPE_PRICE_PRO", PRO.to_owned()),
+            ("PLINTH_STRIPE_PRICE_ENTERPRISE", ENTERPRISE.to_owned()),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_slow_stripe_holds_no_transaction_and_no_lock() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let b = billing_with("7", Some(&stripe)).await?;
+        let acme = b.app.create_tenant("acme").await?;
+        b.link(&acme, "cus_slow", now() - 100).await?;
+        stripe.set_subscription(subscription("sub_slow", "cus_slow", "active", PRO));
+        // Within the client's 5 s per attempt.
+        stripe.slow_answers("/v1/subscriptions/sub_slow", Duration::from_secs(3));
+        b.deliver(
+            "evt_slow",
+            "customer.subscription.created",
+            now(),
+            subscription("sub_slow", "cus_slow", "active", PRO),
+        )
+        .await?;
+        // While Stripe takes its time over the re-read:
+        eventually(Duration::from_secs(10), || async {
+            Ok(stripe.requests().iter().any(|r| r.path == "/v1/subscriptions/sub_slow"))
+        })
+        .await?;
+        let (locks, open): (i64, i64) = {
+            let client = b.testdb.client().await?;
+            let locks = client
+                .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted", &[])
+                .await?
+                .get(0);
+            let open = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND state LIKE 'idle in transaction%'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            (locks, open)
+        };
+        assert_eq!((locks, open), (0, 0), "no customer lock and no open transaction while Stripe answers");
+        b.plan_becomes("acme", "pro").await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_sync_that_read_stripe_before_an_event_does_not_roll_it_back() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let b = billing_with("7", Some(&stripe)).await?;
+        let acme = b.app.create_tenant("acme").await?;
+        b.link(&acme, "cus_r", now() - 100).await?;
+        stripe.set_subscription(subscription("sub_r", "cus_r", "active", PRO));
+        b.deliver("evt_r1", "customer.subscription.created", now(), subscription("sub_r", "cus_r", "active", PRO))
+            .await?;
+        b.plan_becomes("acme", "pro").await?;
+        // The sync reads the list (pro) and gets its answer only later...
+        stripe.slow_answers("/v1/subscriptions", Duration::from_secs(4));
+        let env = env(&stripe);
+        let sync = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+            .args(["billing", "sync"])
+            .env("DATABASE_URL", &b.testdb.url)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output();
+        let sync = tokio::spawn(sync);
+        eventually(Duration::from_secs(20), || async {
+            Ok(stripe.requests().iter().any(|r| r.path == "/v1/subscriptions" && r.method == "GET"))
+        })
+        .await?;
+        // ...while the owner upgrades and the event is applied.
+        stripe.set_subscription(subscription("sub_r", "cus_r", "active", ENTERPRISE));
+        b.deliver(
+            "evt_r2",
+            "customer.subscription.updated",
+            now(),
+            subscription("sub_r", "cus_r", "active", ENTERPRISE),
+        )
+        .await?;
+        b.plan_becomes("acme", "enterprise").await?;
+        let out = sync.await??;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // From the registry itself: the API's view follows within a second.
+        let plan: String = b.sql_one("SELECT plan FROM public.tenants WHERE slug = 'acme'").await?;
+        assert_eq!(plan, "enterprise", "{}", String::from_utf8_lossy(&out.stdout));
+        Ok(())
+    }
+}

@@ -125,6 +125,9 @@ struct MockState {
     in_flight: std::collections::HashSet<String>,
     failures: Vec<Failure>,
     delay: std::time::Duration,
+    /// Path → how long its answer, computed when the request arrives, takes
+    /// to be sent: a slow read of a state that changes meanwhile.
+    slow_answers: std::collections::HashMap<String, std::time::Duration>,
     down: bool,
 }
 
@@ -341,11 +344,17 @@ impl StripeMock {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-                    let (status, body) = answer(&mut state, &recorded, req.query_string(), n);
-                    if let Some(key) = key {
-                        state.in_flight.remove(&key);
-                        state.idempotent.insert(key, (recorded.form.clone(), status, body.clone()));
+                    let (status, body, slow) = {
+                        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                        let (status, body) = answer(&mut state, &recorded, req.query_string(), n);
+                        if let Some(key) = key {
+                            state.in_flight.remove(&key);
+                            state.idempotent.insert(key, (recorded.form.clone(), status, body.clone()));
+                        }
+                        (status, body, state.slow_answers.get(&recorded.path).copied())
+                    };
+                    if let Some(slow) = slow {
+                        tokio::time::sleep(slow).await;
                     }
                     reply(status, &body)
                 }
@@ -415,6 +424,12 @@ impl StripeMock {
     /// Every answer takes this long (outside the lock: requests overlap).
     pub fn set_delay(&self, delay: std::time::Duration) {
         self.state().delay = delay;
+    }
+
+    /// Answers to `path` (exactly) are computed when the request arrives
+    /// and sent `delay` later.
+    pub fn slow_answers(&self, path: &str, delay: std::time::Duration) {
+        self.state().slow_answers.insert(path.to_owned(), delay);
     }
 
     /// Answer every request with 503 (or normally again).

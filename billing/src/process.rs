@@ -202,6 +202,29 @@ impl From<plinth_tenants::db::PoolError> for Fail {
     }
 }
 
+/// The subscription events: each re-reads the subscription where Stripe
+/// is configured.
+const SUBSCRIPTION_EVENTS: [&str; 7] = [
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "customer.subscription.pending_update_applied",
+    "customer.subscription.pending_update_expired",
+];
+
+/// What Stripe had for an event when it was read, before the event's
+/// transaction (none offline).
+#[derive(Default)]
+struct Fetched {
+    /// The subscription, and when it was read.
+    subscription: Option<(object::Subscription, DateTime<Utc>)>,
+    invoice: Option<Invoice>,
+    /// The `tenant_id` in the metadata of a customer no tenant is linked to.
+    customer_tenant: Option<String>,
+}
+
 /// The tenant an event's customer belongs to.
 enum Owner {
     Tenant(TenantId),
@@ -328,11 +351,64 @@ impl Processor {
         self.process(event_id).await
     }
 
+    /// What Stripe has now for an event, read before any transaction is
+    /// opened: a slow Stripe holds no connection and no lock. Read again
+    /// at each attempt; whatever was read is applied only if nothing newer
+    /// was applied meanwhile (stamped with the time of the read).
+    async fn fetch(&self, event_id: &str) -> Result<Fetched, Park> {
+        let Some(api) = &self.api else { return Ok(Fetched::default()) };
+        let payload: Option<String> = self
+            .db
+            .platform(async |c| {
+                Ok::<_, BillingError>(
+                    stripe_events::table.find(event_id).select(stripe_events::payload).first(c).await.optional()?,
+                )
+            })
+            .await?;
+        let Some(body) = payload.and_then(|p| serde_json::from_str::<Value>(&p).ok()) else {
+            return Ok(Fetched::default());
+        };
+        let object = &body["data"]["object"];
+        let mut fetched = Fetched::default();
+        let customer = match body["type"].as_str().unwrap_or_default() {
+            kind if SUBSCRIPTION_EVENTS.contains(&kind) => {
+                let Ok(sub) = object::Subscription::read(object) else { return Ok(fetched) };
+                let at = Utc::now();
+                fetched.subscription = Some((api.subscription(&sub.id).await?, at));
+                Some(sub.customer).filter(|_| sub.tenant.is_none())
+            }
+            "invoice.payment_failed" | "invoice.payment_action_required" => {
+                let Ok(invoice) = Invoice::read(object) else { return Ok(fetched) };
+                fetched.invoice = Some(api.invoice(&invoice.id).await?);
+                invoice.customer
+            }
+            _ => None,
+        };
+        // A customer no tenant is linked to: its metadata may name one.
+        if let Some(customer) = customer {
+            let known = self
+                .db
+                .platform(async |c| {
+                    Ok::<_, BillingError>(
+                        customers::tenant_of(c, &customer).await?.is_some()
+                            || customers::closure(c, &customer).await?.is_some(),
+                    )
+                })
+                .await?;
+            if !known {
+                fetched.customer_tenant = api.customer_tenant(&customer).await?;
+            }
+        }
+        Ok(fetched)
+    }
+
     /// Processes one stored event (see the module documentation).
     pub async fn process(&self, event_id: &str) -> Result<Outcome, BillingError> {
+        let fetched = self.fetch(event_id).await;
         let outcome = self
             .db
             .platform(async |c| {
+                let fetched = fetched.map_err(Fail::Park)?;
                 let row: Option<EventRow> = stripe_events::table
                     .find(event_id)
                     .select(EventRow::as_select())
@@ -344,7 +420,7 @@ impl Processor {
                 if row.status == "processed" {
                     return Ok((Outcome::AlreadyProcessed, row.received_at));
                 }
-                let outcome = self.apply(c, event_id, &row).await.map_err(Fail::Park)?;
+                let outcome = self.apply(c, event_id, &row, &fetched).await.map_err(Fail::Park)?;
                 Ok((outcome, row.received_at))
             })
             .await;
@@ -396,7 +472,13 @@ impl Processor {
     }
 
     /// Applies one event in the caller's transaction; marks it processed.
-    async fn apply(&self, c: &mut AsyncPgConnection, event_id: &str, row: &EventRow) -> Result<Outcome, Park> {
+    async fn apply(
+        &self,
+        c: &mut AsyncPgConnection,
+        event_id: &str,
+        row: &EventRow,
+        fetched: &Fetched,
+    ) -> Result<Outcome, Park> {
         let body: Value =
             serde_json::from_str(&row.payload).map_err(|_| Park::refuse("the event does not parse as JSON"))?;
         let object = &body["data"]["object"];
@@ -413,30 +495,25 @@ impl Processor {
         }
         let outcome = match kind {
             "checkout.session.completed" => self.checkout_completed(c, object).await?,
-            "customer.subscription.created"
-            | "customer.subscription.updated"
-            | "customer.subscription.deleted"
-            | "customer.subscription.paused"
-            | "customer.subscription.resumed"
-            | "customer.subscription.pending_update_applied"
-            | "customer.subscription.pending_update_expired" => {
+            kind if SUBSCRIPTION_EVENTS.contains(&kind) => {
                 let sub = object::Subscription::read(object).map_err(Park::refuse)?;
                 lock_customer(c, &sub.customer).await?;
-                let tenant = match self.owner(c, &sub.customer, sub.tenant.as_deref()).await? {
+                let named = sub.tenant.clone().or_else(|| fetched.customer_tenant.clone());
+                let tenant = match self.owner(c, &sub.customer, named.as_deref()).await? {
                     Owner::Tenant(tenant) => tenant,
                     Owner::Closed => return self.done(c, event_id, Outcome::Ignored).await,
                 };
-                match &self.api {
-                    // Whatever this event says, apply what Stripe has now.
-                    Some(api) => {
-                        let current = api.subscription(&sub.id).await?;
+                match &fetched.subscription {
+                    // Whatever this event says, apply what Stripe had when
+                    // it was read (unless something newer was applied since).
+                    Some((current, read_at)) => {
                         let kind = if current.status == "canceled" {
                             "customer.subscription.deleted"
                         } else {
                             "customer.subscription.updated"
                         };
                         let customer = current.customer.clone();
-                        self.apply_subscription(c, event_id, kind, Utc::now(), tenant, &customer, &current, Mode::Event)
+                        self.apply_subscription(c, event_id, kind, *read_at, tenant, &customer, current, Mode::Event)
                             .await?
                     }
                     None => {
@@ -473,11 +550,11 @@ impl Processor {
                 let invoice = Invoice::read(object).map_err(Park::refuse)?;
                 let customer = invoice.customer.clone().ok_or_else(|| Park::refuse("the invoice has no customer"))?;
                 lock_customer(c, &customer).await?;
-                let tenant = match self.owner(c, &customer, None).await? {
+                let tenant = match self.owner(c, &customer, fetched.customer_tenant.as_deref()).await? {
                     Owner::Tenant(tenant) => tenant,
                     Owner::Closed => return self.done(c, event_id, Outcome::Ignored).await,
                 };
-                self.dunning(c, event_id, kind, created, tenant, &invoice).await?
+                self.dunning(c, event_id, kind, created, tenant, &invoice, fetched.invoice.as_ref()).await?
             }
             // The plan follows the subscription's own events; Plinth's
             // features come from its catalog, not Stripe's entitlements.
@@ -523,23 +600,19 @@ impl Processor {
         Ok(Outcome::Applied)
     }
 
-    /// The tenant of a customer: its link; else the `tenant_id` Plinth puts
-    /// in the subscription's metadata at checkout, or in the customer's
-    /// (read from Stripe where it is configured). A customer whose tenant
-    /// was deleted is `Closed`.
-    async fn owner(&self, c: &mut AsyncPgConnection, customer: &str, metadata: Option<&str>) -> Result<Owner, Park> {
+    /// The tenant of a customer: its link; else the tenant `named` by the
+    /// `tenant_id` Plinth puts in the subscription's metadata at checkout,
+    /// or in the customer's (read from Stripe, where it is configured,
+    /// before the transaction). A customer whose tenant was deleted is
+    /// `Closed`.
+    async fn owner(&self, c: &mut AsyncPgConnection, customer: &str, named: Option<&str>) -> Result<Owner, Park> {
         if let Some(tenant) = customers::tenant_of(c, customer).await? {
             return Ok(Owner::Tenant(tenant));
         }
         if customers::closure(c, customer).await?.is_some() {
             return Ok(Owner::Closed);
         }
-        let named = match (metadata, &self.api) {
-            (Some(tenant), _) => Some(tenant.to_owned()),
-            (None, Some(api)) => api.customer_tenant(customer).await?,
-            (None, None) => None,
-        };
-        if let Some(tenant) = named.and_then(|m| uuid::Uuid::parse_str(&m).ok()).map(TenantId)
+        if let Some(tenant) = named.and_then(|m| uuid::Uuid::parse_str(m).ok()).map(TenantId)
             && registry::find_by_id(c, tenant).await?.is_some()
             && customers::link(c, tenant, customer, "replaced").await?.is_ok()
         {
@@ -764,6 +837,7 @@ impl Processor {
     /// `invoice.payment_failed` and `invoice.payment_action_required`: the
     /// owners are told what happened and by when to act, unless the invoice
     /// was paid (or closed) since.
+    #[allow(clippy::too_many_arguments)]
     async fn dunning(
         &self,
         c: &mut AsyncPgConnection,
@@ -772,6 +846,7 @@ impl Processor {
         created: DateTime<Utc>,
         tenant: TenantId,
         invoice: &Invoice,
+        current: Option<&Invoice>,
     ) -> Result<Outcome, Park> {
         let sub: Option<SubscriptionRow> = match &invoice.subscription {
             Some(id) => subscriptions::table.find(id).select(SubscriptionRow::as_select()).first(c).await.optional()?,
@@ -779,8 +854,8 @@ impl Processor {
         };
         // The current state, not the event's: a replayed or late failure
         // must not ask for a payment that was made.
-        let settled = match &self.api {
-            Some(api) => api.invoice(&invoice.id).await?.settled(),
+        let settled = match current {
+            Some(current) => current.settled(),
             None => {
                 invoice.settled()
                     || sub.as_ref().is_some_and(|s| {

@@ -55,9 +55,13 @@ impl Processor {
         for (tenant, customers) in links {
             let tenant = TenantId(tenant);
             let result = async {
+                // Stripe is read before the transaction; each state is
+                // stamped with the time it was read, so it is not applied
+                // over an event applied (from a later read) meanwhile.
                 let mut read = Vec::new();
                 for customer in &customers {
-                    read.push((customer, api.subscriptions_of(customer).await?));
+                    let at = Utc::now();
+                    read.push((customer, at, api.subscriptions_of(customer).await?));
                 }
                 self.db
                     .platform(async |c| {
@@ -68,7 +72,7 @@ impl Processor {
                             lock_customer(c, customer).await.map_err(park)?;
                         }
                         let event = format!("sync:{}", Utc::now().timestamp());
-                        for (customer, subs) in &read {
+                        for (customer, at, subs) in &read {
                             for sub in subs {
                                 let kind = if sub.status == "canceled" {
                                     "customer.subscription.deleted"
@@ -76,7 +80,7 @@ impl Processor {
                                     "customer.subscription.updated"
                                 };
                                 let applied = self
-                                    .apply_subscription(c, &event, kind, Utc::now(), tenant, customer, sub, Mode::Sync)
+                                    .apply_subscription(c, &event, kind, *at, tenant, customer, sub, Mode::Sync)
                                     .await;
                                 match applied {
                                     Ok(_) => {}
