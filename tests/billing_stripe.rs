@@ -795,3 +795,48 @@ mod stripe_outside_transactions {
         Ok(())
     }
 }
+
+#[tokio::test]
+async fn a_payment_applied_while_the_grace_job_waits_for_the_customer_is_not_downgraded() -> TestResult {
+    let b = billing("7").await?;
+    let acme = b.app.create_tenant("acme").await?;
+    let day = 86_400;
+    b.link(&acme, "cus_gr", now() - 8 * day).await?;
+    b.deliver(
+        "evt_gr_on",
+        "customer.subscription.created",
+        now() - 8 * day,
+        subscription("sub_gr", "cus_gr", "active", PRO),
+    )
+    .await?;
+    // Past due since 7 days less 8 s: the grace ends (and its job runs) in 8 s.
+    let since = now() - 7 * day + 8;
+    b.deliver("evt_gr_due", "customer.subscription.updated", since, subscription("sub_gr", "cus_gr", "past_due", PRO))
+        .await?;
+    b.processed("evt_gr_due").await?;
+    let registry_plan = || b.sql_one::<String>("SELECT plan FROM public.tenants WHERE slug = 'acme'");
+    assert_eq!(registry_plan().await?, "pro", "within the grace");
+    // Another transaction holds the customer (an event being applied)...
+    let holder = b.testdb.client().await?;
+    holder.execute("SELECT pg_advisory_lock(hashtext('stripe:' || 'cus_gr'))", &[]).await?;
+    // ...when the grace job starts and waits for it.
+    eventually(Duration::from_secs(30), || async {
+        let waiting: i64 =
+            b.sql_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").await?;
+        Ok(waiting == 1)
+    })
+    .await?;
+    // The payment is applied meanwhile.
+    holder
+        .execute("UPDATE public.subscriptions SET status = 'active', past_due_since = NULL WHERE id = 'sub_gr'", &[])
+        .await?;
+    holder.execute("SELECT pg_advisory_unlock(hashtext('stripe:' || 'cus_gr'))", &[]).await?;
+    eventually(Duration::from_secs(10), || async {
+        let done: i64 =
+            b.sql_one("SELECT count(*) FROM public.jobs WHERE kind = 'billing.grace' AND status = 'done'").await?;
+        Ok(done == 1)
+    })
+    .await?;
+    assert_eq!(registry_plan().await?, "pro", "the grace job looked again under the lock");
+    Ok(())
+}
