@@ -733,16 +733,25 @@ mod stripe_outside_transactions {
             Ok(stripe.requests().iter().any(|r| r.path == "/v1/subscriptions/sub_slow"))
         })
         .await?;
+        // Other tests share the server: only this database's locks count.
         let (locks, open): (i64, i64) = {
             let client = b.testdb.client().await?;
+            let this = "(SELECT oid FROM pg_database WHERE datname = current_database())";
             let locks = client
-                .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted", &[])
+                .query_one(
+                    &format!("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = {this}"),
+                    &[],
+                )
                 .await?
                 .get(0);
+            // The event's row lock keeps its table locked until the
+            // transaction ends.
             let open = client
                 .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                     AND state LIKE 'idle in transaction%'",
+                    &format!(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_class r ON r.oid = l.relation \
+                         WHERE r.relname = 'stripe_events' AND l.database = {this} AND l.pid <> pg_backend_pid()"
+                    ),
                     &[],
                 )
                 .await?
@@ -821,8 +830,12 @@ async fn a_payment_applied_while_the_grace_job_waits_for_the_customer_is_not_dow
     holder.execute("SELECT pg_advisory_lock(hashtext('stripe:' || 'cus_gr'))", &[]).await?;
     // ...when the grace job starts and waits for it.
     eventually(Duration::from_secs(30), || async {
-        let waiting: i64 =
-            b.sql_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").await?;
+        let waiting: i64 = b
+            .sql_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .await?;
         Ok(waiting == 1)
     })
     .await?;
@@ -839,4 +852,89 @@ async fn a_payment_applied_while_the_grace_job_waits_for_the_customer_is_not_dow
     .await?;
     assert_eq!(registry_plan().await?, "pro", "the grace job looked again under the lock");
     Ok(())
+}
+
+mod invoices {
+    use super::*;
+
+    fn stripe_invoice(id: &str, customer: &str, status: &str, created: i64) -> Value {
+        let mut inv = invoice(id, customer);
+        inv["status"] = json!(status);
+        inv["number"] = json!(format!("PLN-{id}"));
+        inv["created"] = json!(created);
+        inv["amount_due"] = json!(2000);
+        inv["amount_paid"] = json!(if status == "paid" { 2000 } else { 0 });
+        inv["amount_remaining"] = json!(if status == "paid" { 0 } else { 2000 });
+        inv["currency"] = json!("usd");
+        inv["hosted_invoice_url"] = json!(format!("https://invoice.stripe.test/i/{id}"));
+        inv["invoice_pdf"] = json!(format!("https://pay.stripe.test/invoice/{id}/pdf"));
+        inv
+    }
+
+    async fn list(b: &Billing, slug: &str, query: &str) -> TestResult<reqwest::Response> {
+        Ok(b.app.req(Method::GET, slug, &format!("/v1/billing/invoices{query}")).send().await?)
+    }
+
+    #[tokio::test]
+    async fn invoices_are_listed_from_the_mirror_newest_first_page_by_page_and_per_tenant() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let b = billing_with("7", Some(&stripe)).await?;
+        let acme = b.app.create_tenant("acme").await?;
+        b.app.create_tenant("globex").await?;
+        b.link(&acme, "cus_in", now() - 1000).await?;
+        let t = now() - 500;
+        for (n, id) in ["in_a1", "in_a2", "in_a3"].into_iter().enumerate() {
+            let created = t + n as i64;
+            // Stripe has it paid; the event's copy is older (open).
+            stripe.set_invoice(stripe_invoice(id, "cus_in", "paid", created));
+            let event_id = format!("evt_{id}");
+            b.deliver(&event_id, "invoice.paid", created, stripe_invoice(id, "cus_in", "open", created)).await?;
+            b.processed(&event_id).await?;
+        }
+        let calls = stripe.requests().len();
+        let first: Value = list(&b, "acme", "?limit=2").await?.json().await?;
+        let ids: Vec<&str> = first["data"].as_array().into_iter().flatten().filter_map(|i| i["id"].as_str()).collect();
+        assert_eq!(ids, ["in_a3", "in_a2"], "{first}");
+        assert_eq!(first["data"][0]["status"], "paid", "{first}");
+        assert_eq!(first["data"][0]["amount_paid"], 2000);
+        assert_eq!(first["data"][0]["hosted_url"], "https://invoice.stripe.test/i/in_a3");
+        assert_eq!(first["data"][0]["pdf_url"], "https://pay.stripe.test/invoice/in_a3/pdf");
+        let cursor = first["next_cursor"].as_str().ok_or("a second page")?.to_owned();
+        let second: Value = list(&b, "acme", &format!("?limit=2&cursor={cursor}")).await?.json().await?;
+        assert_eq!((second["data"][0]["id"].as_str(), second["next_cursor"].as_null()), (Some("in_a1"), Some(())));
+        assert_eq!(stripe.requests().len(), calls, "listing reads the mirror, not Stripe");
+        // Another tenant sees none of them, even with acme's cursor.
+        let other: Value = list(&b, "globex", "").await?.json().await?;
+        assert_eq!(other["data"], json!([]));
+        assert_error(list(&b, "globex", &format!("?cursor={cursor}")).await?, 400, "invalid_request").await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_late_event_does_not_reopen_a_paid_invoice_and_sync_fills_the_gaps() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let b = billing("7").await?;
+        let acme = b.app.create_tenant("acme").await?;
+        b.link(&acme, "cus_late", now() - 1000).await?;
+        let t = now() - 500;
+        b.deliver("evt_late_paid", "invoice.paid", t + 10, stripe_invoice("in_late", "cus_late", "paid", t)).await?;
+        b.deliver("evt_late_open", "invoice.finalized", t + 5, stripe_invoice("in_late", "cus_late", "open", t))
+            .await?;
+        b.processed("evt_late_open").await?;
+        let status: String = b.sql_one("SELECT status FROM public.invoices WHERE id = 'in_late'").await?;
+        assert_eq!(status, "paid");
+        // An invoice whose events were missed: the sync brings it.
+        stripe.set_invoice(stripe_invoice("in_missed", "cus_late", "open", t + 20));
+        let env = [
+            ("PLINTH_STRIPE_SECRET_KEY", "sk_test_plinth"),
+            ("PLINTH_STRIPE_API_BASE", stripe.url.as_str()),
+            ("PLINTH_STRIPE_PRICE_PRO", PRO),
+        ];
+        let (ok, out) = cli(&b, &["billing", "sync"], &env).await?;
+        assert!(ok, "{out}");
+        let listed: Value = list(&b, "acme", "").await?.json().await?;
+        let ids: Vec<&str> = listed["data"].as_array().into_iter().flatten().filter_map(|i| i["id"].as_str()).collect();
+        assert_eq!(ids, ["in_missed", "in_late"], "{listed}");
+        Ok(())
+    }
 }

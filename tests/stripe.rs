@@ -270,6 +270,13 @@ fn answer(state: &mut MockState, recorded: &Recorded, query: &str, n: usize) -> 
                 None => (404, failure_body(404, p)),
             }
         }
+        ("GET", "/v1/invoices") => {
+            let customer = param("customer").unwrap_or_default();
+            let mut data: Vec<Value> =
+                state.invoices.values().filter(|i| i["customer"] == customer.as_str()).cloned().collect();
+            data.sort_by_key(|i| std::cmp::Reverse(i["created"].as_i64()));
+            (200, json!({ "object": "list", "data": data, "has_more": false, "url": "/v1/invoices" }))
+        }
         ("GET", p) if p.starts_with("/v1/invoices/") => match state.invoices.get(&p["/v1/invoices/".len()..]) {
             Some(invoice) => (200, invoice.clone()),
             None => (404, failure_body(404, p)),

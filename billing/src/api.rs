@@ -23,11 +23,11 @@ use crate::stripe::ENDED;
 
 requirements! {
     /// Billing is the owners' business, on every plan.
-    ManageBilling = "billing", Manage, feature: none;
+    pub(crate) ManageBilling = "billing", Manage, feature: none;
 }
 
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(checkout).service(portal).service(subscription);
+    cfg.service(checkout).service(portal).service(subscription).service(crate::invoices::list);
 }
 
 pub use crate::stripe::Stripe;

@@ -10,6 +10,7 @@
 //! - [`api`]: the routes: checkout, portal and the subscription view.
 //! - [`object`]: Stripe's objects read by field, in any API version.
 //! - [`customers`]: tenants' Stripe customers.
+//! - [`invoices`]: the local mirror of the tenants' invoices and its route.
 //! - [`schema`]: diesel's declarations of billing's tables.
 //! - [`config`], [`mail`] (the billing notices), [`error`] (billing's own
 //!   error, converted to `ApiError` only by routes).
@@ -21,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod customers;
 pub mod error;
+pub mod invoices;
 pub mod mail;
 pub mod object;
 pub mod process;

@@ -135,6 +135,15 @@ pub struct Invoice {
     pub billing_reason: Option<String>,
     /// `draft`, `open`, `paid`, `uncollectible`, `void`.
     pub status: Option<String>,
+    pub number: Option<String>,
+    pub amount_due: i64,
+    pub amount_paid: i64,
+    pub amount_remaining: i64,
+    pub currency: String,
+    pub period_start: Option<i64>,
+    pub period_end: Option<i64>,
+    pub pdf_url: Option<String>,
+    pub created: Option<i64>,
 }
 
 impl Invoice {
@@ -148,6 +157,15 @@ impl Invoice {
             hosted_url: text(&v["hosted_invoice_url"]),
             billing_reason: text(&v["billing_reason"]),
             status: text(&v["status"]),
+            number: text(&v["number"]),
+            amount_due: v["amount_due"].as_i64().unwrap_or(0),
+            amount_paid: v["amount_paid"].as_i64().unwrap_or(0),
+            amount_remaining: v["amount_remaining"].as_i64().unwrap_or(0),
+            currency: text(&v["currency"]).unwrap_or_default(),
+            period_start: v["period_start"].as_i64(),
+            period_end: v["period_end"].as_i64(),
+            pdf_url: text(&v["invoice_pdf"]),
+            created: v["created"].as_i64(),
         })
     }
 

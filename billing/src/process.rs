@@ -214,6 +214,20 @@ const SUBSCRIPTION_EVENTS: [&str; 7] = [
     "customer.subscription.pending_update_expired",
 ];
 
+/// The invoice events: each keeps the invoice mirror (the failures also
+/// mail the owners).
+const INVOICE_EVENTS: [&str; 9] = [
+    "invoice.created",
+    "invoice.finalized",
+    "invoice.updated",
+    "invoice.paid",
+    "invoice.payment_succeeded",
+    "invoice.voided",
+    "invoice.marked_uncollectible",
+    "invoice.payment_failed",
+    "invoice.payment_action_required",
+];
+
 /// What Stripe had for an event when it was read, before the event's
 /// transaction (none offline).
 #[derive(Default)]
@@ -377,7 +391,7 @@ impl Processor {
                 fetched.subscription = Some((api.subscription(&sub.id).await?, at));
                 Some(sub.customer).filter(|_| sub.tenant.is_none())
             }
-            "invoice.payment_failed" | "invoice.payment_action_required" => {
+            kind if INVOICE_EVENTS.contains(&kind) => {
                 let Ok(invoice) = Invoice::read(object) else { return Ok(fetched) };
                 fetched.invoice = Some(api.invoice(&invoice.id).await?);
                 invoice.customer
@@ -546,7 +560,7 @@ impl Processor {
                 lock_customer(c, customer).await?;
                 self.customer_deleted(c, event_id, customer).await?
             }
-            "invoice.payment_failed" | "invoice.payment_action_required" => {
+            kind if INVOICE_EVENTS.contains(&kind) => {
                 let invoice = Invoice::read(object).map_err(Park::refuse)?;
                 let customer = invoice.customer.clone().ok_or_else(|| Park::refuse("the invoice has no customer"))?;
                 lock_customer(c, &customer).await?;
@@ -554,7 +568,15 @@ impl Processor {
                     Owner::Tenant(tenant) => tenant,
                     Owner::Closed => return self.done(c, event_id, Outcome::Ignored).await,
                 };
-                self.dunning(c, event_id, kind, created, tenant, &invoice, fetched.invoice.as_ref()).await?
+                // The mirror keeps what Stripe had when it was read (or the
+                // event's own copy, offline).
+                crate::invoices::record(c, tenant, &customer, fetched.invoice.as_ref().unwrap_or(&invoice)).await?;
+                match kind {
+                    "invoice.payment_failed" | "invoice.payment_action_required" => {
+                        self.dunning(c, event_id, kind, created, tenant, &invoice, fetched.invoice.as_ref()).await?
+                    }
+                    _ => Outcome::Applied,
+                }
             }
             // The plan follows the subscription's own events; Plinth's
             // features come from its catalog, not Stripe's entitlements.

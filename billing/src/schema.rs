@@ -56,3 +56,24 @@ diesel::table! {
         result -> Jsonb,
     }
 }
+
+diesel::table! {
+    public.invoices (id) {
+        id -> Text,
+        local_id -> Uuid,
+        tenant_id -> Uuid,
+        customer_id -> Text,
+        subscription_id -> Nullable<Text>,
+        number -> Nullable<Text>,
+        status -> Nullable<Text>,
+        amount_due -> BigInt,
+        amount_paid -> BigInt,
+        amount_remaining -> BigInt,
+        currency -> Text,
+        period_start -> Nullable<Timestamptz>,
+        period_end -> Nullable<Timestamptz>,
+        hosted_url -> Nullable<Text>,
+        pdf_url -> Nullable<Text>,
+        created_at -> Timestamptz,
+    }
+}

@@ -191,6 +191,14 @@ impl Stripe {
         data.iter().map(|s| object::Subscription::read(s).map_err(BillingError::Internal)).collect()
     }
 
+    /// A customer's invoices, newest first (up to 100).
+    pub async fn invoices_of(&self, customer: &str) -> Result<Vec<object::Invoice>, BillingError> {
+        let query = [("customer", customer), ("limit", "100")];
+        let list = self.get("/invoices".into(), &query, "listing invoices").await?;
+        let data = list["data"].as_array().cloned().unwrap_or_default();
+        data.iter().map(|i| object::Invoice::read(i).map_err(BillingError::Internal)).collect()
+    }
+
     /// The tenant's current Stripe customer: its link; else a customer
     /// Stripe already has for it (searched by `metadata.tenant_id`, and not
     /// one Plinth detached); else a new one, with the tenant id in its

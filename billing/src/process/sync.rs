@@ -61,7 +61,7 @@ impl Processor {
                 let mut read = Vec::new();
                 for customer in &customers {
                     let at = Utc::now();
-                    read.push((customer, at, api.subscriptions_of(customer).await?));
+                    read.push((customer, at, api.subscriptions_of(customer).await?, api.invoices_of(customer).await?));
                 }
                 self.db
                     .platform(async |c| {
@@ -72,7 +72,10 @@ impl Processor {
                             lock_customer(c, customer).await.map_err(park)?;
                         }
                         let event = format!("sync:{}", Utc::now().timestamp());
-                        for (customer, at, subs) in &read {
+                        for (customer, at, subs, invoices) in &read {
+                            for invoice in invoices {
+                                crate::invoices::record(c, tenant, customer, invoice).await?;
+                            }
                             for sub in subs {
                                 let kind = if sub.status == "canceled" {
                                     "customer.subscription.deleted"
