@@ -482,6 +482,11 @@ mod online {
         .await?;
         b.plan_becomes("globex", "enterprise").await?;
         assert_eq!(b.plan("acme").await?, "free", "acme's customers are not globex's");
+        // An account Stripe does not offer search to: the customer is created.
+        b.app.create_tenant("initech").await?;
+        stripe.fail("GET", "/v1/customers/search", 400, 1);
+        assert_eq!(checkout(&b, "initech", "pro").await?.status(), 200);
+        assert!(stripe.requests().iter().any(|r| r.path == "/v1/customers" && r.method == "POST"));
         Ok(())
     }
 

@@ -382,6 +382,10 @@ impl Processor {
         let Some(body) = payload.and_then(|p| serde_json::from_str::<Value>(&p).ok()) else {
             return Ok(Fetched::default());
         };
+        // Another mode's event is parked for good without asking Stripe.
+        if self.livemode.zip(body["livemode"].as_bool()).is_some_and(|(expected, live)| expected != live) {
+            return Ok(Fetched::default());
+        }
         let object = &body["data"]["object"];
         let mut fetched = Fetched::default();
         let customer = match body["type"].as_str().unwrap_or_default() {

@@ -215,7 +215,13 @@ impl Stripe {
             return Ok(id);
         }
         let query = format!("metadata['tenant_id']:'{}'", tenant.0);
-        let found = self.get("/customers/search".into(), &[("query", &query)], "searching customers").await?;
+        let found = match self.get("/customers/search".into(), &[("query", &query)], "searching customers").await {
+            Ok(found) => found,
+            // Search is not offered to every account (Stripe refuses it in
+            // some countries): create as before.
+            Err(BillingError::StripeRefused { .. }) => Value::Null,
+            Err(other) => return Err(other),
+        };
         let mut candidates = Vec::new();
         for customer in found["data"].as_array().into_iter().flatten() {
             if customer["deleted"].as_bool() == Some(true) {
