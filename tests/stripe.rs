@@ -401,12 +401,12 @@ impl StripeMock {
         self.state().invoices.insert(id, invoice);
     }
 
-    /// A customer Stripe has (made elsewhere: the Dashboard, an earlier
-    /// Plinth), with `metadata.tenant_id`.
-    pub fn add_customer(&self, id: &str, tenant: &str) {
+    /// A customer Stripe has (made elsewhere: the Dashboard, Checkout, an
+    /// earlier Plinth), with `metadata.tenant_id` when `tenant` is given.
+    pub fn add_customer(&self, id: &str, tenant: Option<&str>) {
         let mut customer = object("customer");
         customer["id"] = json!(id);
-        customer["metadata"] = json!({ "tenant_id": tenant });
+        customer["metadata"] = tenant.map_or_else(|| json!({}), |t| json!({ "tenant_id": t }));
         self.state().customers.insert(id.to_owned(), customer);
     }
 
