@@ -36,13 +36,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use diesel::sql_types::Text;
-use diesel::upsert::excluded;
 use diesel::{
     ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use plinth_access::{Catalog, catalog::FREE, change_plan};
-use plinth_identity::members;
+use plinth_access::Catalog;
 
 use crate::config::StripeConfig;
 use crate::customers;
@@ -51,13 +49,13 @@ use crate::object::{self, CheckoutSession, Invoice};
 use crate::schema::{stripe_events, subscriptions};
 use crate::stripe::ENDED;
 use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
-use plinth_mail::{self as mail, EmailAddress, Mail};
-use plinth_tenants::audit::Actor;
-use plinth_tenants::registry::PlanSource;
 use plinth_tenants::{Db, TenantId, registry};
 use serde_json::{Value, json};
 
+mod notices;
+mod plan;
 mod sync;
+use notices::{cancelled_mail, notify_owners};
 pub use sync::Synced;
 
 /// Job kind: process one stored event (payload `{"id": "evt_..."}`).
@@ -647,186 +645,6 @@ impl Processor {
         Err(Park::wait(format!("unknown customer {customer}")))
     }
 
-    /// The best-ranked item whose price the catalog knows: (price, plan).
-    fn best_item(&self, sub: &object::Subscription) -> Option<(String, String)> {
-        sub.items
-            .iter()
-            .filter_map(|item| {
-                self.catalog.plan_for_price(&item.price).map(|plan| (item.price.clone(), plan.name.clone()))
-            })
-            .max_by_key(|(_, plan)| self.rank(plan))
-    }
-
-    /// A plan's place in the catalog (cheapest first).
-    fn rank(&self, plan: &str) -> usize {
-        self.catalog.plans().iter().position(|p| p.name == plan).unwrap_or(0)
-    }
-
-    /// The best plan the tenant's live subscriptions pay for.
-    async fn granted(&self, c: &mut AsyncPgConnection, tenant: TenantId) -> diesel::QueryResult<Option<String>> {
-        let rows: Vec<(String, Option<String>, Option<DateTime<Utc>>)> = subscriptions::table
-            .filter(subscriptions::tenant_id.eq(tenant.0))
-            .filter(subscriptions::deleted.eq(false))
-            .select((subscriptions::status, subscriptions::plan, subscriptions::past_due_since))
-            .load(c)
-            .await?;
-        let now = Utc::now();
-        Ok(rows
-            .into_iter()
-            .filter(|(status, _, since)| match status.as_str() {
-                "active" | "trialing" => true,
-                "past_due" => since.is_none_or(|since| since + self.grace() > now),
-                _ => false,
-            })
-            .filter_map(|(_, plan, _)| plan)
-            .max_by_key(|plan| self.rank(plan)))
-    }
-
-    /// Moves the tenant to the plan its subscriptions grant now, given what
-    /// they granted `before` this change. A plan billing set follows them
-    /// (free when none is left); an operator's plan changes only when
-    /// subscriptions grant a different paid plan, and never in a sync.
-    /// Returns (from, to) when the plan changed.
-    async fn settle(
-        &self,
-        c: &mut AsyncPgConnection,
-        tenant: TenantId,
-        before: Option<String>,
-        mode: Mode,
-        details: Value,
-    ) -> Result<Option<(String, String)>, Park> {
-        let after = self.granted(c, tenant).await?;
-        let Some((plan, source)) = registry::plan_for_update(c, tenant).await? else { return Ok(None) };
-        let target = match (source, mode) {
-            (PlanSource::Billing, _) => after.unwrap_or_else(|| FREE.to_owned()),
-            (PlanSource::Operator, Mode::Event) if after.is_some() && after != before => {
-                after.unwrap_or_else(|| FREE.to_owned())
-            }
-            (PlanSource::Operator, _) => return Ok(None),
-        };
-        if target == plan && source == PlanSource::Billing {
-            return Ok(None);
-        }
-        let changed = change_plan(c, &self.catalog, tenant, &target, PlanSource::Billing, Actor::System, details)
-            .await
-            .map_err(|e| Park::wait(format!("changing the plan: {:#}", anyhow::Error::new(e))))?;
-        match changed {
-            Some((_, true)) => {
-                tracing::info!(tenant.id = %tenant, plan = target, "plan changed by Stripe");
-                Ok(Some((plan, target)))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// Records a subscription's state and, for an event, settles the
-    /// tenant's plan and tells the owners when the last paid one ended.
-    #[allow(clippy::too_many_arguments)]
-    async fn apply_subscription(
-        &self,
-        c: &mut AsyncPgConnection,
-        event_id: &str,
-        kind: &str,
-        created: DateTime<Utc>,
-        tenant: TenantId,
-        customer: &str,
-        sub: &object::Subscription,
-        mode: Mode,
-    ) -> Result<Outcome, Park> {
-        let id = sub.id.as_str();
-        let known: Option<SubscriptionRow> =
-            subscriptions::table.find(id).select(SubscriptionRow::as_select()).first(c).await.optional()?;
-        let deleted = kind == "customer.subscription.deleted";
-        let status = if deleted { "canceled" } else { sub.status.as_str() };
-        let best = self.best_item(sub);
-        let price =
-            best.as_ref().map(|(price, _)| price.clone()).or_else(|| <[_]>::first(&sub.items).map(|i| i.price.clone()));
-        let period_end = sub.period_end_of(price.as_deref()).and_then(|t| DateTime::from_timestamp(t, 0));
-        if let Some(k) = &known {
-            // Newer only; a deletion is final. Within one second, the
-            // later stage of a subscription's life wins, then the later
-            // period, then an update over a creation.
-            let newer = created > k.last_event_at
-                || (created == k.last_event_at && {
-                    let (new, old) = (object::Subscription::stage(status), object::Subscription::stage(&k.status));
-                    new > old
-                        || (new == old && period_end > k.current_period_end)
-                        || (new == old && period_end == k.current_period_end && kind != "customer.subscription.created")
-                });
-            if k.deleted || !newer {
-                return Ok(Outcome::Stale);
-            }
-        }
-        let paid_plan = best.map(|(_, plan)| plan);
-        if paid_plan.is_none() && matches!(status, "active" | "trialing") {
-            let prices: Vec<_> = sub.items.iter().map(|i| i.price.as_str()).collect();
-            tracing::warn!(stripe.subscription = id, "a live subscription is for prices no plan names");
-            return Err(Park::wait(format!("unknown price {}", prices.join(", "))));
-        }
-        let past_due_since = match (status, &known) {
-            ("past_due", Some(SubscriptionRow { past_due_since: Some(since), .. })) => Some(*since),
-            ("past_due", _) => Some(created),
-            _ => None,
-        };
-        let at = |t: Option<i64>| t.and_then(|t| DateTime::from_timestamp(t, 0));
-        let before = self.granted(c, tenant).await?;
-        diesel::insert_into(subscriptions::table)
-            .values((
-                subscriptions::id.eq(id),
-                subscriptions::tenant_id.eq(tenant.0),
-                subscriptions::customer_id.eq(customer),
-                subscriptions::status.eq(status),
-                subscriptions::price_id.eq(price.as_deref()),
-                subscriptions::plan.eq(paid_plan.as_deref()),
-                subscriptions::trial_end.eq(at(sub.trial_end)),
-                subscriptions::current_period_end.eq(period_end),
-                subscriptions::cancel_at_period_end.eq(sub.cancel_at_period_end),
-                subscriptions::cancel_at.eq(at(sub.cancel_at)),
-                subscriptions::pause_collection.eq(sub.pause_collection.as_ref()),
-                subscriptions::past_due_since.eq(past_due_since),
-                subscriptions::deleted.eq(deleted),
-                subscriptions::last_event_at.eq(created),
-            ))
-            .on_conflict(subscriptions::id)
-            .do_update()
-            .set((
-                subscriptions::tenant_id.eq(excluded(subscriptions::tenant_id)),
-                subscriptions::customer_id.eq(excluded(subscriptions::customer_id)),
-                subscriptions::status.eq(excluded(subscriptions::status)),
-                subscriptions::price_id.eq(excluded(subscriptions::price_id)),
-                subscriptions::plan.eq(excluded(subscriptions::plan)),
-                subscriptions::trial_end.eq(excluded(subscriptions::trial_end)),
-                subscriptions::current_period_end.eq(excluded(subscriptions::current_period_end)),
-                subscriptions::cancel_at_period_end.eq(excluded(subscriptions::cancel_at_period_end)),
-                subscriptions::cancel_at.eq(excluded(subscriptions::cancel_at)),
-                subscriptions::pause_collection.eq(excluded(subscriptions::pause_collection)),
-                subscriptions::past_due_since.eq(excluded(subscriptions::past_due_since)),
-                subscriptions::deleted.eq(excluded(subscriptions::deleted)),
-                subscriptions::last_event_at.eq(excluded(subscriptions::last_event_at)),
-                subscriptions::updated_at.eq(diesel::dsl::now),
-            ))
-            .execute(c)
-            .await?;
-        if let Some(since) = past_due_since {
-            let job = NewJob {
-                dedup_key: Some(format!("{id}:{}", since.timestamp())),
-                run_at: Some(since + self.grace()),
-                ..NewJob::new(GRACE, json!({ "subscription": id, "since": since.timestamp() }))
-            };
-            jobs::enqueue(c, job).await?;
-        }
-        if mode == Mode::Sync {
-            return Ok(Outcome::Applied);
-        }
-        let details = json!({ "by": "stripe", "event": event_id, "subscription": id, "status": status });
-        let changed = self.settle(c, tenant, before, mode, details).await?;
-        if deleted || ENDED.contains(&status) {
-            let plan = paid_plan.or_else(|| known.and_then(|k| k.plan));
-            cancelled_mail(c, tenant, event_id, changed, plan).await?;
-        }
-        Ok(Outcome::Applied)
-    }
-
     /// `customer.deleted`: the customer is detached from its tenant (the
     /// next checkout creates a new one), and its subscriptions, which Stripe
     /// cancelled with it, end.
@@ -859,86 +677,6 @@ impl Processor {
         cancelled_mail(c, tenant, event_id, changed, plan).await?;
         Ok(Outcome::Applied)
     }
-
-    /// `invoice.payment_failed` and `invoice.payment_action_required`: the
-    /// owners are told what happened and by when to act, unless the invoice
-    /// was paid (or closed) since.
-    #[allow(clippy::too_many_arguments)]
-    async fn dunning(
-        &self,
-        c: &mut AsyncPgConnection,
-        event_id: &str,
-        kind: &str,
-        created: DateTime<Utc>,
-        tenant: TenantId,
-        invoice: &Invoice,
-        current: Option<&Invoice>,
-    ) -> Result<Outcome, Park> {
-        let sub: Option<SubscriptionRow> = match &invoice.subscription {
-            Some(id) => subscriptions::table.find(id).select(SubscriptionRow::as_select()).first(c).await.optional()?,
-            None => None,
-        };
-        // The current state, not the event's: a replayed or late failure
-        // must not ask for a payment that was made.
-        let settled = match current {
-            Some(current) => current.settled(),
-            None => {
-                invoice.settled()
-                    || sub.as_ref().is_some_and(|s| {
-                        matches!(s.status.as_str(), "active" | "trialing") && s.last_event_at > created
-                    })
-            }
-        };
-        if settled {
-            return Ok(Outcome::Ignored);
-        }
-        let first = invoice.billing_reason.as_deref() == Some("subscription_create")
-            || sub.as_ref().is_some_and(|s| s.status == "incomplete");
-        let url = invoice.hosted_url.clone().unwrap_or_default();
-        // The downgrade runs at past_due_since + grace: the same date in
-        // every mail of one episode.
-        let since = sub.as_ref().and_then(|s| s.past_due_since).unwrap_or(created);
-        let grace_until = (since + self.grace()).format("%Y-%m-%d").to_string();
-        notify_owners(c, tenant, event_id, |to, t, org, key| match (kind, first) {
-            ("invoice.payment_action_required", _) => {
-                crate::mail::payment_action_required(to, t, org, &url, (!first).then_some(grace_until.as_str()), key)
-            }
-            (_, true) => crate::mail::first_payment_failed(to, t, org, &url, key),
-            (_, false) => crate::mail::payment_failed(to, t, org, &grace_until, &url, key),
-        })
-        .await?;
-        Ok(Outcome::Applied)
-    }
-
-    /// Ends a past-due subscription's grace: its plan no longer counts
-    /// (the tenant keeps what its other subscriptions grant), unless it was
-    /// paid (or changed) since. Checked under the customer's lock.
-    async fn end_grace(&self, id: &str, since: DateTime<Utc>) -> Result<(), BillingError> {
-        self.db
-            .platform(async |c| {
-                let customer: Option<String> =
-                    subscriptions::table.find(id).select(subscriptions::customer_id).first(c).await.optional()?;
-                let Some(customer) = customer else { return Ok(()) };
-                lock_customer(c, &customer).await.map_err(|p| BillingError::Unappliable(p.reason))?;
-                let row: Option<(uuid::Uuid, Option<String>)> = subscriptions::table
-                    .find(id)
-                    .filter(subscriptions::status.eq("past_due"))
-                    .filter(subscriptions::deleted.eq(false))
-                    .filter(subscriptions::past_due_since.eq(since))
-                    .select((subscriptions::tenant_id, subscriptions::plan))
-                    .first(c)
-                    .await
-                    .optional()?;
-                let Some((tenant, plan)) = row else { return Ok(()) };
-                let details = json!({ "by": "stripe", "subscription": id, "status": "past_due", "grace": "ended" });
-                self.settle(c, TenantId(tenant), plan, Mode::Event, details)
-                    .await
-                    .map_err(|p| BillingError::Unappliable(p.reason))?;
-                tracing::info!(tenant.id = %tenant, "grace ended for a past-due subscription");
-                Ok::<_, BillingError>(())
-            })
-            .await
-    }
 }
 
 /// A job whose payload lacks `field` can never succeed: it dies at once,
@@ -957,42 +695,5 @@ async fn lock_customer(c: &mut AsyncPgConnection, customer: &str) -> Result<(), 
         .bind::<Text, _>(customer)
         .execute(c)
         .await?;
-    Ok(())
-}
-
-/// Tells the owners their `plan` subscription was cancelled, when ending
-/// it `changed` the tenant's plan to free (not when another subscription
-/// still pays for a plan).
-async fn cancelled_mail(
-    c: &mut AsyncPgConnection,
-    tenant: TenantId,
-    event_id: &str,
-    changed: Option<(String, String)>,
-    plan: Option<String>,
-) -> Result<(), Park> {
-    if changed.is_none_or(|(_, to)| to != FREE) {
-        return Ok(());
-    }
-    let plan = plan.unwrap_or_else(|| "paid".into());
-    notify_owners(c, tenant, event_id, |to, t, org, key| crate::mail::subscription_cancelled(to, t, org, &plan, key))
-        .await
-}
-
-/// Queues `make(to, tenant, organization, key)` to every owner of `tenant`,
-/// once per event and owner.
-async fn notify_owners(
-    c: &mut AsyncPgConnection,
-    tenant: TenantId,
-    event_id: &str,
-    make: impl Fn(EmailAddress, TenantId, &str, String) -> Mail,
-) -> Result<(), Park> {
-    let t = registry::find_by_id(c, tenant).await?.ok_or_else(|| Park::refuse(format!("no tenant {tenant}")))?;
-    for owner in members::owners(c, tenant).await? {
-        let Ok(to) = EmailAddress::parse(&owner.email) else { continue };
-        let key = format!("stripe:{event_id}:{}", owner.user_id);
-        mail::queue(c, make(to, tenant, &t.name, key))
-            .await
-            .map_err(|e| Park::wait(format!("queueing mail: {:#}", anyhow::Error::new(e))))?;
-    }
     Ok(())
 }
