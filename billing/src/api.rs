@@ -146,9 +146,6 @@ struct SubscriptionView {
     /// collection is paused.
     #[schema(value_type = Option<Object>)]
     pause_collection: Option<serde_json::Value>,
-    #[serde(skip)]
-    #[allow(dead_code)]
-    last_event_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Why the tenant's billing may be behind Stripe.

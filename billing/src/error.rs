@@ -31,10 +31,10 @@ pub enum BillingError {
         source: StripeError,
     },
     /// Stripe refused a request's idempotency key: used before with other
-    /// parameters (400 `idempotency_error`), or in use by a concurrent
-    /// request (409).
-    #[error("Stripe refused the idempotency key ({status})")]
-    StripeIdempotency { status: u16 },
+    /// parameters (400 `idempotency_error`). A 409 (the key in use by a
+    /// concurrent request) is retried, then `StripeBusy`.
+    #[error("Stripe refused the idempotency key: it was used with other parameters")]
+    StripeKeyReused,
     /// A checkout for a tenant with a subscription that has not ended.
     #[error("the tenant already has a live subscription")]
     AlreadySubscribed,
@@ -58,7 +58,6 @@ impl BillingError {
     pub fn transient(&self) -> bool {
         match self {
             Self::StripePaused | Self::StripeBusy { .. } | Self::Db(_) | Self::Pool(_) => true,
-            Self::StripeIdempotency { status } => *status == 409,
             Self::StripeFailed { source, .. } => source.class() != crate::client::Class::Permanent,
             _ => false,
         }
@@ -77,8 +76,7 @@ impl From<BillingError> for ApiError {
             BillingError::Db(e) => e.into(),
             BillingError::Pool(e) => e.into(),
             BillingError::Plan(e) => e.into(),
-            BillingError::StripeIdempotency { status: 409 } => ApiError::IdempotencyKeyInUse,
-            BillingError::StripeIdempotency { .. } => ApiError::IdempotencyKeyReused,
+            BillingError::StripeKeyReused => ApiError::IdempotencyKeyReused,
             BillingError::StripeRefused { .. } | BillingError::Unappliable(_) | BillingError::Internal(_) => {
                 ApiError::Internal(e.into())
             }

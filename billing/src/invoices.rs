@@ -15,8 +15,8 @@ use plinth_http::ApiError;
 use plinth_http::openapi::{PageQuery, TenantHeader};
 use plinth_http::request::{Page, PageParams};
 use plinth_tenants::{Db, TenantId};
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::api::ManageBilling;
 use crate::object::Invoice;
@@ -110,23 +110,13 @@ pub struct InvoiceView {
     created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-struct Query {
-    /// See [`PageQuery`].
-    #[param(ignore)]
-    limit: Option<String>,
-    #[param(ignore)]
-    cursor: Option<String>,
-}
-
 /// `GET /v1/billing/invoices`: the tenant's invoices, newest first, from
 /// the mirror.
 #[utoipa::path(
     operation_id = "billing_invoices",
     tag = "billing",
     summary = "The organization's invoices, newest first (owners)",
-    params(TenantHeader, PageQuery, Query),
+    params(TenantHeader, PageQuery),
     security(("session" = []), ("api_key" = [])),
     responses((status = 200, body = Page<InvoiceView>)),
 )]
@@ -134,10 +124,9 @@ struct Query {
 pub(crate) async fn list(
     ctx: Allowed<ManageBilling>,
     db: web::Data<Db>,
-    query: web::Query<Query>,
+    query: web::Query<PageParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let Query { limit, cursor } = query.into_inner();
-    let page = PageParams { limit, cursor }.validate()?;
+    let page = query.validate()?;
     let tenant = ctx.tenant.id;
     let rows: Vec<InvoiceView> = db
         .platform(async |c| {

@@ -136,7 +136,7 @@ impl Stripe {
             StripeError::Api { status: 400, error }
                 if error.type_ == stripe_shared::ApiErrorsType::IdempotencyError =>
             {
-                BillingError::StripeIdempotency { status: 400 }
+                BillingError::StripeKeyReused
             }
             StripeError::Api { status, error } if class == Class::Later => {
                 let message = error.message.unwrap_or_default();
@@ -404,7 +404,7 @@ impl Stripe {
     /// customer it has had that has not ended, and records what was done
     /// per customer. Fails (and nothing is recorded for the customer that
     /// failed) when Stripe cannot be reached: the deletion must wait.
-    pub async fn close_tenant(&self, db: &Db, tenant: TenantId) -> Result<Vec<String>, BillingError> {
+    async fn cancel_everything_of(&self, db: &Db, tenant: TenantId) -> Result<Vec<String>, BillingError> {
         let all = db.platform(async |c| Ok::<_, BillingError>(customers::all(c, tenant).await?)).await?;
         let mut cancelled = Vec::new();
         for customer in all {
@@ -441,7 +441,7 @@ pub async fn close_tenant(db: &Db, api: Option<&Stripe>, tenant: TenantId) -> Re
         return Ok(Vec::new());
     }
     match api {
-        Some(api) => api.close_tenant(db, tenant).await,
+        Some(api) => api.cancel_everything_of(db, tenant).await,
         None if live == 0 => {
             let result = json!({ "cancelled": [], "stripe": "not configured; no live subscription known" });
             db.platform(async |c| {
