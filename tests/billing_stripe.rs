@@ -54,30 +54,30 @@ fn old_version(mut sub: Value) -> Value {
 
 impl Billing {
     /// Delivers a whole event body as Stripe would.
-    async fn deliver_body(&self, body: &Value) -> TestResult {
+    pub(crate) async fn deliver_body(&self, body: &Value) -> TestResult {
         let body = body.to_string();
         let res = post(&self.app, &body, Some(&signature(&body, SECRET, now()))).await?;
         assert_eq!(res.status(), 200);
         Ok(())
     }
 
-    async fn link(&self, tenant: &plinth_tenants::Tenant, customer: &str, t: i64) -> TestResult {
+    pub(crate) async fn link(&self, tenant: &plinth_tenants::Tenant, customer: &str, t: i64) -> TestResult {
         let id = format!("evt_link_{customer}");
         self.deliver(&id, "checkout.session.completed", t, checkout_session(&tenant.id.to_string(), customer, "sub_x"))
             .await?;
         self.processed(&id).await
     }
 
-    async fn parked_with(&self, id: &str) -> TestResult<String> {
+    pub(crate) async fn parked_with(&self, id: &str) -> TestResult<String> {
         eventually(Duration::from_secs(20), || async { Ok(self.event_status(id).await?.0 == "parked") }).await?;
         Ok(self.event_status(id).await?.1.unwrap_or_default())
     }
 
-    async fn view(&self, slug: &str) -> TestResult<Value> {
+    pub(crate) async fn view(&self, slug: &str) -> TestResult<Value> {
         Ok(self.app.req(Method::GET, slug, "/v1/billing/subscription").send().await?.json().await?)
     }
 
-    async fn sql_one<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> TestResult<T> {
+    pub(crate) async fn sql_one<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> TestResult<T> {
         Ok(self.testdb.client().await?.query_one(sql, &[]).await?.get(0))
     }
 }
@@ -322,10 +322,10 @@ mod dunning {
     }
 }
 
-mod online {
+pub(crate) mod online {
     use super::*;
 
-    fn stripe_env(stripe: &StripeMock) -> Vec<(&'static str, String)> {
+    pub(crate) fn stripe_env(stripe: &StripeMock) -> Vec<(&'static str, String)> {
         vec![
             ("PLINTH_STRIPE_SECRET_KEY", "sk_test_plinth".to_owned()),
             ("PLINTH_STRIPE_API_BASE", stripe.url.clone()),
@@ -334,7 +334,7 @@ mod online {
         ]
     }
 
-    async fn checkout(b: &Billing, slug: &str, plan: &str) -> TestResult<reqwest::Response> {
+    pub(crate) async fn checkout(b: &Billing, slug: &str, plan: &str) -> TestResult<reqwest::Response> {
         Ok(b.app.req(Method::POST, slug, "/v1/billing/checkout").json(&json!({ "plan": plan })).send().await?)
     }
 

@@ -8,6 +8,7 @@ mod access;
 mod api_keys;
 mod audit;
 mod billing;
+mod billing_life;
 mod billing_stripe;
 mod contract;
 mod deploy;

@@ -59,6 +59,11 @@ pub fn subscription(id: &str, customer: &str, status: &str, price: &str) -> Valu
     sub["pause_collection"] = Value::Null;
     sub["metadata"] = json!({});
     sub["items"]["data"][0]["price"]["id"] = json!(price);
+    sub["items"]["data"][0]["id"] = json!(format!("si_{id}"));
+    sub["items"]["data"][0]["subscription"] = json!(id);
+    // Not in a trial (the example's is long over, and would be shown).
+    sub["trial_end"] = Value::Null;
+    sub["trial_start"] = Value::Null;
     sub
 }
 
@@ -268,6 +273,22 @@ fn answer(state: &mut MockState, recorded: &Recorded, query: &str, n: usize) -> 
                     (200, sub.clone())
                 }
                 None => (404, failure_body(404, p)),
+            }
+        }
+        ("POST", p) if p.starts_with("/v1/subscription_items/") => {
+            let id = &p["/v1/subscription_items/".len()..];
+            let quantity = recorded.field("quantity").and_then(|q| q.parse::<u64>().ok());
+            let item = state
+                .subscriptions
+                .values_mut()
+                .find_map(|sub| sub["items"]["data"].as_array_mut()?.iter_mut().find(|item| item["id"] == id));
+            match (item, quantity) {
+                (Some(item), Some(quantity)) => {
+                    item["quantity"] = json!(quantity);
+                    (200, item.clone())
+                }
+                (Some(_), None) => (200, json!({ "id": id, "object": "subscription_item" })),
+                (None, _) => (404, failure_body(404, p)),
             }
         }
         ("GET", "/v1/invoices") => {

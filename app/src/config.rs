@@ -201,7 +201,9 @@ impl Settings {
                 secret_key: get("PLINTH_STRIPE_SECRET_KEY").map(Secret::new),
                 webhook_secrets: plinth_billing::config::StripeConfig::secrets(get("PLINTH_STRIPE_WEBHOOK_SECRET")),
                 api_base: get("PLINTH_STRIPE_API_BASE").unwrap_or(plinth_billing::config::STRIPE_API).to_owned(),
-                grace: Duration::from_secs(86_400 * num("PLINTH_BILLING_GRACE_DAYS", 7)?),
+                // Stripe's default Smart Retries try for up to two weeks.
+                grace: Duration::from_secs(86_400 * num("PLINTH_BILLING_GRACE_DAYS", 14)?),
+                seats_debounce: Duration::from_secs(num("PLINTH_BILLING_SEATS_DEBOUNCE_SECS", 10)?),
                 offline: flag("PLINTH_BILLING_OFFLINE", false)?,
                 sync_every: Duration::from_secs(60 * num("PLINTH_BILLING_SYNC_MINUTES", 60)?),
                 breaker_open: Duration::from_secs(num("PLINTH_STRIPE_BREAKER_SECS", 30)?.max(1)),

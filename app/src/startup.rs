@@ -117,6 +117,9 @@ impl Application {
         let stripe_data = web::Data::new(settings.stripe.clone());
         let stripe_api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?.map(web::Data::new);
         let offboard = web::Data::from(Arc::new(CancelSubscriptions(stripe_api.clone())) as Arc<dyn Offboard>);
+        let members_changed =
+            web::Data::from(Arc::new(plinth_billing::process::QueueSeats { debounce: settings.stripe.seats_debounce })
+                as Arc<dyn plinth_identity::members::MembersChanged>);
         let client_ip_data = web::Data::new(ClientIpHeader(identity.client_ip_header.clone()));
         let identity_data = web::Data::new(identity);
         // Each quota is counted by the crate that owns what it counts.
@@ -162,6 +165,7 @@ impl Application {
                 .app_data(limits_data.clone())
                 .app_data(stripe_data.clone())
                 .app_data(offboard.clone())
+                .app_data(members_changed.clone())
                 .app_data(body_limit)
                 .app_data(body_timeout)
                 .app_data(hashing_data.clone())

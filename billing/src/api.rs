@@ -79,6 +79,7 @@ async fn checkout(
     let api = stripe(api)?;
     let digest = body.digest();
     let plan = access.catalog().get(&body.0.plan);
+    let per_seat = plan.is_some_and(|p| p.per_seat);
     let Some(price) = plan.and_then(|p| p.stripe_price.clone()) else {
         let paid: Vec<_> =
             access.catalog().plans().iter().filter(|p| p.stripe_price.is_some()).map(|p| p.name.as_str()).collect();
@@ -93,8 +94,13 @@ async fn checkout(
     // No transaction is held across the call to Stripe: Stripe's own key
     // makes the session once; the answer is then recorded under the
     // caller's key, and a concurrent twin that loses the claim replays it.
+    // A per-seat plan opens with the seats billed now.
+    let quantity = match per_seat {
+        true => db.platform(async |c| Ok::<_, ApiError>(crate::process::billable(c, ctx.tenant.id).await?)).await?,
+        false => 1,
+    };
     idempotency::once(&db, keyed, async || {
-        let url = api.checkout_session(&db, &ctx.tenant, price, keyed).await?;
+        let url = api.checkout_session(&db, &ctx.tenant, price, quantity, keyed).await?;
         let json = db
             .platform(async |c| {
                 idempotency::claim(c, keyed).await?;

@@ -14,8 +14,9 @@ pub struct StripeConfig {
     pub webhook_secrets: Vec<Secret>,
     /// `PLINTH_STRIPE_API_BASE` (default Stripe's own).
     pub api_base: String,
-    /// `PLINTH_BILLING_GRACE_DAYS` (default 7): how long a past-due
-    /// subscription keeps its plan.
+    /// `PLINTH_BILLING_GRACE_DAYS` (default 14, the length of Stripe's
+    /// default retry schedule): how long a past-due subscription keeps its
+    /// plan unrestricted.
     pub grace: std::time::Duration,
     /// `PLINTH_BILLING_OFFLINE` (default false): process events from their
     /// own payloads, in timestamp order, without re-reading subscriptions
@@ -24,6 +25,10 @@ pub struct StripeConfig {
     /// `PLINTH_BILLING_SYNC_MINUTES` (default 60; 0 turns it off): how often
     /// the worker re-reads every subscription from Stripe.
     pub sync_every: std::time::Duration,
+    /// `PLINTH_BILLING_SEATS_DEBOUNCE_SECS` (default 10): how long after a
+    /// membership change a per-seat quantity is updated (later changes
+    /// within it make one update).
+    pub seats_debounce: std::time::Duration,
     /// `PLINTH_STRIPE_BREAKER_SECS` (default 30): how long the circuit
     /// breaker keeps calls from Stripe after 5 failures in a row.
     pub breaker_open: std::time::Duration,

@@ -33,10 +33,14 @@ fn check(v: &Value, expected: &str) -> Result<(), String> {
     }
 }
 
-/// One item of a subscription: its price and (since 2025) its period.
+/// One item of a subscription: its price, quantity and (since 2025) its
+/// period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
+    /// `si_...` (absent in some hand-made payloads).
+    pub id: Option<String>,
     pub price: String,
+    pub quantity: Option<u64>,
     pub period_end: Option<i64>,
 }
 
@@ -71,7 +75,12 @@ impl Subscription {
                     .iter()
                     .filter_map(|item| {
                         let price = id_of(&item["price"]).or_else(|| id_of(&item["plan"]))?;
-                        Some(Item { price, period_end: item["current_period_end"].as_i64() })
+                        Some(Item {
+                            id: text(&item["id"]),
+                            price,
+                            quantity: item["quantity"].as_u64(),
+                            period_end: item["current_period_end"].as_i64(),
+                        })
                     })
                     .collect()
             })

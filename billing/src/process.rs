@@ -54,8 +54,10 @@ use serde_json::{Value, json};
 
 mod notices;
 mod plan;
+mod seats;
 mod sync;
 use notices::{cancelled_mail, notify_owners};
+pub use seats::{QueueSeats, SEATS, billable, seats_job};
 pub use sync::Synced;
 
 /// Job kind: process one stored event (payload `{"id": "evt_..."}`).
@@ -272,6 +274,7 @@ impl Processor {
         let process = Arc::clone(self);
         let grace = Arc::clone(self);
         let sync = Arc::clone(self);
+        let seats = Arc::clone(self);
         vec![
             (
                 PROCESS,
@@ -303,6 +306,26 @@ impl Processor {
                         this.end_grace(id, since)
                             .await
                             .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("ending a grace period")))
+                    })
+                }),
+            ),
+            (
+                SEATS,
+                Arc::new(move |job: ClaimedJob| {
+                    let this = Arc::clone(&seats);
+                    Box::pin(async move {
+                        let tenant = job.payload["tenant"]
+                            .as_str()
+                            .and_then(|t| uuid::Uuid::parse_str(t).ok())
+                            .map(TenantId)
+                            .ok_or_else(|| malformed(&job.payload, "tenant"))?;
+                        match this.update_seats(&job, tenant).await {
+                            Ok(_) => Ok(()),
+                            Err(e) if e.transient() => {
+                                Err(JobError::Retry(anyhow::Error::new(e).context("updating seat quantities")))
+                            }
+                            Err(e) => Err(JobError::Fatal(anyhow::Error::new(e).context("updating seat quantities"))),
+                        }
                     })
                 }),
             ),

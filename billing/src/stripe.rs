@@ -199,6 +199,20 @@ impl Stripe {
         data.iter().map(|i| object::Invoice::read(i).map_err(BillingError::Internal)).collect()
     }
 
+    /// Sets a subscription item's quantity, with Stripe's proration. `key`
+    /// names this one intent (its retries send the same key, and so are
+    /// applied once).
+    pub async fn set_quantity(&self, item: &str, quantity: u64, key: String) -> Result<(), BillingError> {
+        self.admit()?;
+        let key = stripe_client_core::IdempotencyKey::new(key)
+            .map_err(|e| BillingError::Internal(format!("idempotency key: {e}")))?;
+        let form: std::collections::BTreeMap<&str, String> =
+            [("quantity", quantity.to_string()), ("proration_behavior", "create_prorations".into())].into();
+        let req = RequestBuilder::new(StripeMethod::Post, format!("/subscription_items/{item}")).form(&form);
+        let updated = self.client.json(req, RequestStrategy::Idempotent(key)).await;
+        self.record(updated, "updating a seat quantity").map(drop)
+    }
+
     /// The tenant's current Stripe customer: its link; else a customer
     /// Stripe already has for it (searched by `metadata.tenant_id`, and not
     /// one Plinth detached); else a new one, with the tenant id in its
@@ -296,13 +310,14 @@ impl Stripe {
         db: &Db,
         tenant: &Tenant,
         price: String,
+        quantity: u64,
         once: Option<&plinth_http::idempotency::Keyed>,
     ) -> Result<String, BillingError> {
         let customer = self.customer(db, tenant.id, &tenant.name).await?;
         if self.has_live_subscription(db, tenant.id, &customer).await? {
             return Err(BillingError::AlreadySubscribed);
         }
-        let created = self.create_checkout(tenant, &customer, &price, once).await;
+        let created = self.create_checkout(tenant, &customer, &price, quantity, once).await;
         let session = match created {
             // Deleted in Stripe before its `customer.deleted` arrived.
             Err(err) if missing_customer(&err) => {
@@ -311,7 +326,7 @@ impl Stripe {
                 })
                 .await?;
                 let customer = self.customer(db, tenant.id, &tenant.name).await?;
-                self.create_checkout(tenant, &customer, &price, once).await?
+                self.create_checkout(tenant, &customer, &price, quantity, once).await?
             }
             other => other?,
         };
@@ -323,11 +338,15 @@ impl Stripe {
         tenant: &Tenant,
         customer: &str,
         price: &str,
+        quantity: u64,
         once: Option<&plinth_http::idempotency::Keyed>,
     ) -> Result<stripe_shared::CheckoutSession, BillingError> {
         self.admit()?;
-        let item =
-            CreateCheckoutSessionLineItems { price: Some(price.to_owned()), quantity: Some(1), ..Default::default() };
+        let item = CreateCheckoutSessionLineItems {
+            price: Some(price.to_owned()),
+            quantity: Some(quantity),
+            ..Default::default()
+        };
         let strategy = match once {
             // Stripe's keys are per account and 255 characters at most: the
             // caller, their key and the customer, hashed (a new customer

@@ -26,7 +26,7 @@ use utoipa::ToSchema;
 use crate::config::{IdentityConfig, config};
 use crate::error::IdentityError;
 use crate::limits::{RateLimits, count};
-use crate::members::{JoinedMembers, ManageMembers, caller, parse_role};
+use crate::members::{JoinedMembers, ManageMembers, MembersChanged, caller, parse_role};
 use crate::password::{self, Hashing};
 use crate::schema::{invitations, memberships, users};
 use crate::sessions::{self, Authenticated};
@@ -325,6 +325,8 @@ struct ExistingUser {
     ),
 )]
 #[post("/v1/invitations/accept")]
+// One extractor per thing the handler needs.
+#[allow(clippy::too_many_arguments)]
 async fn accept(
     req: HttpRequest,
     db: web::Data<Db>,
@@ -333,6 +335,7 @@ async fn accept(
     hashing: web::Data<Hashing>,
     session: Option<Authenticated>,
     body: Json<AcceptBody>,
+    changed: web::Data<dyn MembersChanged>,
 ) -> Result<HttpResponse, ApiError> {
     let cfg = config(cfg);
     let AcceptBody { token, password } = body.0;
@@ -348,7 +351,13 @@ async fn accept(
     entry.ip = Some(cfg.client_ip(&req));
     let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
     let joined = Joined { invitation: pending.id, email, role, limit, session_ttl: cfg.session_ttl };
-    let (user, token) = db.tenant_rows(tenant.scope(), async |rows| join(rows, joined, &joiner, entry).await).await?;
+    let (user, token) = db
+        .tenant_rows(tenant.scope(), async |rows| {
+            let joined = join(rows, joined, &joiner, entry).await?;
+            changed.changed(rows.conn(), tenant.id).await?;
+            Ok::<_, IdentityError>(joined)
+        })
+        .await?;
     tracing::info!(invitation.id = %pending.id, user.id = %user, "invitation accepted");
     Ok(HttpResponse::Ok().json(InvitationAccepted { tenant_id: tenant.id, user_id: user, role, token }))
 }

@@ -37,6 +37,14 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(list).service(change_role).service(remove);
 }
 
+/// Told, inside the transaction that makes the change, that a tenant's
+/// members changed (someone joined or was removed). The app registers one
+/// as `web::Data<dyn MembersChanged>`: billing's queues the update of a
+/// per-seat subscription's quantity, so identity knows nothing of Stripe.
+pub trait MembersChanged: Send + Sync {
+    fn changed<'a>(&'a self, conn: &'a AsyncPgConnection, tenant: TenantId) -> BoxFuture<'a, diesel::QueryResult<()>>;
+}
+
 /// An owner of a tenant, for mail about the organization.
 #[derive(Debug, Clone, Queryable)]
 pub struct Owner {
@@ -228,7 +236,11 @@ async fn change_role(
     ),
 )]
 #[delete("/v1/members/{user_id}")]
-async fn remove(ctx: Allowed<Leave>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn remove(
+    ctx: Allowed<Leave>,
+    path: web::Path<String>,
+    changed: web::Data<dyn MembersChanged>,
+) -> Result<HttpResponse, ApiError> {
     let user = target(&path)?;
     // Anyone may leave; removing someone else takes an admin.
     if caller(&ctx).map(|u| u.0) != Some(user) {
@@ -248,6 +260,7 @@ async fn remove(ctx: Allowed<Leave>, path: web::Path<String>) -> Result<HttpResp
             return Err(ApiError::Conflict("the last owner cannot be removed".into()));
         }
         diesel::delete(memberships::table.find((tenant, user))).execute(rows.conn()).await?;
+        changed.changed(rows.conn(), TenantId(tenant)).await?;
         audit::record(rows, entry.details(json!({ "role": current }))).await?;
         Ok::<_, ApiError>(())
     })

@@ -72,6 +72,14 @@ impl Processor {
                             lock_customer(c, customer).await.map_err(park)?;
                         }
                         let event = format!("sync:{}", Utc::now().timestamp());
+                        // A per-seat quantity that drifted from the members
+                        // (a change whose job failed for good, an edit in the
+                        // Dashboard) is set again by the seats job.
+                        let seats = super::billable(c, tenant).await?;
+                        if read.iter().any(|(_, _, subs, _)| subs.iter().any(|s| !self.seat_drift(s, seats).is_empty())) {
+                            tracing::warn!(tenant.id = %tenant, seats, "a per-seat quantity drifted; queueing its update");
+                            plinth_jobs::enqueue(c, super::seats_job(tenant, std::time::Duration::ZERO)).await?;
+                        }
                         for (customer, at, subs, invoices) in &read {
                             for invoice in invoices {
                                 crate::invoices::record(c, tenant, customer, invoice).await?;

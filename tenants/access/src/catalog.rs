@@ -53,6 +53,10 @@ struct PlanEntry {
     limits: BTreeMap<Quota, u32>,
     #[serde(default)]
     stripe_price: Option<String>,
+    #[serde(default)]
+    per_seat: bool,
+    #[serde(default)]
+    trial_days: Option<u32>,
 }
 
 /// One plan, with everything it includes resolved.
@@ -69,6 +73,11 @@ pub struct Plan {
     pub limits: BTreeMap<Quota, u32>,
     /// The Stripe price a subscription to this plan is for.
     pub stripe_price: Option<String>,
+    /// Priced per seat: the subscription's quantity follows the tenant's
+    /// members.
+    pub per_seat: bool,
+    /// How long a trial of the plan lasts (none: the plan has no trial).
+    pub trial_days: Option<u32>,
 }
 
 impl Plan {
@@ -116,6 +125,14 @@ impl Catalog {
             }
             features.sort();
             features.dedup();
+            if let Some(days) = entry.trial_days {
+                // Stripe's own bounds for `trial_period_days`.
+                anyhow::ensure!(
+                    (1..=730).contains(&days),
+                    "plan {:?}: trial_days must be 1 to 730 (Stripe's bounds)",
+                    entry.name
+                );
+            }
             index.insert(entry.name.clone(), plans.len());
             plans.push(Plan {
                 name: entry.name,
@@ -124,6 +141,8 @@ impl Catalog {
                 features,
                 limits: entry.limits,
                 stripe_price: entry.stripe_price,
+                per_seat: entry.per_seat,
+                trial_days: entry.trial_days,
             });
         }
         anyhow::ensure!(index.contains_key(FREE), "the plan catalog must have a plan named \"free\"");
@@ -198,6 +217,8 @@ mod tests {
         assert_eq!(c.cheapest_with("audit_log").unwrap().name, "pro");
         assert_eq!(c.cheapest_with("data_export").unwrap().name, "enterprise");
         assert_eq!(c.effective("gold").name, "free");
+        let priced: Vec<_> = c.plans().iter().map(|p| (p.name.as_str(), p.per_seat, p.trial_days)).collect();
+        assert_eq!(priced, [("free", false, None), ("pro", true, Some(14)), ("enterprise", true, None)]);
     }
 
     #[test]
@@ -209,6 +230,7 @@ mod tests {
             ("[[plan]]\nname = \"Free\"", "must be 1-64"),
             ("[[plan]]\nname = \"free\"\nlimits = { seats = 3 }", "unknown variant"),
             ("[[plan]]\nname = \"free\"\nprice = 3", "unknown field"),
+            ("[[plan]]\nname = \"free\"\ntrial_days = 0", "trial_days must be 1 to 730"),
         ] {
             let err = format!("{:#}", Catalog::parse(text).unwrap_err());
             assert!(err.contains(reason), "{err}");

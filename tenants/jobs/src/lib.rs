@@ -24,7 +24,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{BigInt, Double, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
 use diesel::upsert::DecoratableTarget as _;
-use diesel::{ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, QueryableByName};
+use diesel::{
+    BoolExpressionMethods as _, ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, QueryableByName,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::FutureExt as _;
 use tokio::sync::{Notify, watch};
@@ -138,6 +140,22 @@ pub async fn enqueue(conn: &AsyncPgConnection, job: NewJob) -> diesel::QueryResu
         .await
         .optional()?;
     Ok(id.map(JobId))
+}
+
+/// Whether a later job of `job`'s kind for the same tenant waits in the
+/// queue: a trailing debounce, where each change queues a job for some
+/// time later and only the last one does the work (it sees every change).
+pub async fn superseded(conn: &mut AsyncPgConnection, job: &ClaimedJob) -> diesel::QueryResult<bool> {
+    let mine: Option<DateTime<Utc>> = jobs::table.find(job.id).select(jobs::run_at).first(conn).await.optional()?;
+    let Some(mine) = mine else { return Ok(false) };
+    let later = jobs::table
+        .filter(jobs::kind.eq(&job.kind))
+        .filter(jobs::tenant_id.eq(job.tenant_id))
+        .filter(jobs::status.eq("queued"))
+        // Later, or as late and after it in id order: of two queued for
+        // the same moment, exactly one does the work.
+        .filter(jobs::run_at.gt(mine).or(jobs::run_at.eq(mine).and(jobs::id.gt(job.id))));
+    diesel::select(diesel::dsl::exists(later)).get_result(conn).await
 }
 
 /// When an enqueuer last woke the job workers (ms since the epoch), and
