@@ -608,7 +608,7 @@ pub(crate) mod processing {
     }
 
     #[tokio::test]
-    async fn a_past_due_subscription_falls_to_free_when_the_grace_ends() -> TestResult {
+    async fn a_past_due_subscription_restricts_the_tenant_on_its_plan_when_the_grace_ends() -> TestResult {
         let b = billing("0").await?;
         let acme = b.app.create_tenant("acme").await?;
         let t = now() - 100;
@@ -624,7 +624,16 @@ pub(crate) mod processing {
         b.plan_becomes("acme", "pro").await?;
         b.deliver("evt_due", "customer.subscription.updated", t + 2, subscription("sub_g", "cus_g", "past_due", PRO))
             .await?;
-        b.plan_becomes("acme", "free").await?;
+        let write = || b.app.req(Method::POST, "acme", "/v1/projects").json(&serde_json::json!({ "name": "p" })).send();
+        eventually(Duration::from_secs(10), || async { Ok(write().await?.status() == 402) }).await?;
+        assert_eq!(b.plan("acme").await?, "pro", "restricted on its plan, not moved to free");
+        // Offline, a paid invoice of the subscription lifts it.
+        let mut paid = invoice("in_g", "cus_g");
+        paid["status"] = serde_json::json!("paid");
+        paid["parent"] = serde_json::json!({ "type": "subscription_details",
+            "subscription_details": { "metadata": {}, "subscription": "sub_g" } });
+        b.deliver("evt_paid", "invoice.paid", t + 3, paid).await?;
+        eventually(Duration::from_secs(10), || async { Ok(write().await?.status() == 201) }).await?;
         Ok(())
     }
 }

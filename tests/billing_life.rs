@@ -175,3 +175,158 @@ mod seats {
         Ok(())
     }
 }
+
+mod dunning {
+    use super::*;
+    use crate::harness::{AppOptions, TestApp, assert_error};
+    use crate::stripe::invoice;
+
+    fn open_invoice(id: &str, customer: &str, sub: &str, status: &str) -> Value {
+        let mut inv = invoice(id, customer);
+        inv["status"] = json!(status);
+        inv["billing_reason"] = json!("subscription_cycle");
+        inv["hosted_invoice_url"] = json!(format!("https://invoice.stripe.test/i/{id}"));
+        inv["parent"] = json!({ "type": "subscription_details",
+            "subscription_details": { "metadata": {}, "subscription": sub } });
+        inv
+    }
+
+    /// Time passes: the past-due episode of `sub` began `days` earlier, and
+    /// its grace job (which carries its start) is due now.
+    async fn days_pass(b: &Billing, sub: &str, days: i64) -> TestResult {
+        let client = b.testdb.client().await?;
+        let shift = days * 86_400;
+        client
+            .execute(
+                "UPDATE public.subscriptions SET past_due_since = past_due_since - make_interval(secs => $2) \
+                 WHERE id = $1",
+                &[&sub, &(shift as f64)],
+            )
+            .await?;
+        client
+            .execute(
+                "UPDATE public.jobs SET run_at = now(), \
+                 payload = jsonb_set(payload, '{since}', to_jsonb((payload->>'since')::bigint - $2)) \
+                 WHERE kind = 'billing.grace' AND payload->>'subscription' = $1 AND status = 'queued'",
+                &[&sub, &shift],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn write(app: &TestApp, slug: &str, name: &str) -> TestResult<reqwest::Response> {
+        Ok(app.req(Method::POST, slug, "/v1/projects").json(&json!({ "name": name })).send().await?)
+    }
+
+    async fn billing_state(app: &TestApp, slug: &str) -> TestResult<Value> {
+        let body: Value = app.req(Method::GET, slug, "/v1/tenant").send().await?.json().await?;
+        Ok(body["billing"].clone())
+    }
+
+    #[tokio::test]
+    async fn three_failures_then_a_payment_grace_reminder_restriction_and_its_lifting_on_every_instance() -> TestResult
+    {
+        let stripe = StripeMock::start().await?;
+        let b = billing_setting("14", Some(&stripe), vec![]).await?;
+        let other = TestApp::spawn_on(
+            &b.testdb,
+            AppOptions {
+                settings: vec![("PLINTH_STRIPE_PRICE_PRO", PRO), ("PLINTH_STRIPE_PRICE_ENTERPRISE", ENTERPRISE)],
+                ..Default::default()
+            },
+        )
+        .await?
+        .with_tokens_of(&b.app);
+        let acme = b.app.create_tenant("acme").await?;
+        b.app.create_tenant("globex").await?;
+        let t = now() - 100;
+        stripe.add_customer("cus_d", Some(&acme.id.to_string()));
+        b.link(&acme, "cus_d", t).await?;
+        let active = subscription("sub_d", "cus_d", "active", PRO);
+        stripe.set_subscription(active.clone());
+        b.deliver("evt_on", "customer.subscription.created", t + 1, active.clone()).await?;
+        b.plan_becomes("acme", "pro").await?;
+        assert_eq!(billing_state(&b.app, "acme").await?["status"], "active");
+
+        // The renewal fails; Stripe retries the same invoice twice more.
+        let past_due = subscription("sub_d", "cus_d", "past_due", PRO);
+        stripe.set_subscription(past_due.clone());
+        stripe.set_invoice(open_invoice("in_d", "cus_d", "sub_d", "open"));
+        b.deliver("evt_due", "customer.subscription.updated", t + 2, past_due).await?;
+        for n in 1..=3 {
+            let id = format!("evt_failed_{n}");
+            b.deliver(&id, "invoice.payment_failed", t + 2 + n, open_invoice("in_d", "cus_d", "sub_d", "open")).await?;
+            b.processed(&id).await?;
+        }
+        b.processed("evt_due").await?;
+        eventually(Duration::from_secs(10), || async { Ok(b.mails_to("Payment failed for acme") == 1) })
+            .await
+            .map_err(|e| format!("{e}: {:?}", b.smtp.accepted()))?;
+        let state = billing_state(&b.app, "acme").await?;
+        assert_eq!(state["status"], "past_due", "{state}");
+        let grace_ends: chrono::DateTime<chrono::Utc> = serde_json::from_value(state["grace_ends_at"].clone())?;
+        let expected = chrono::Utc::now() + chrono::Duration::days(14);
+        assert!((grace_ends - expected).num_seconds().abs() < 600, "{grace_ends} vs {expected}");
+        // Within the grace the plan holds, writes work.
+        assert_eq!(write(&b.app, "acme", "during the grace").await?.status(), 201);
+
+        // Three days before the grace ends, the owners are reminded once.
+        b.testdb
+            .client()
+            .await?
+            .execute("UPDATE public.jobs SET run_at = now() WHERE kind = 'billing.reminder'", &[])
+            .await?;
+        let date = grace_ends.format("%Y-%m-%d").to_string();
+        eventually(Duration::from_secs(10), || async { Ok(b.mails_to(&format!("becomes read-only on {date}")) == 1) })
+            .await
+            .map_err(|e| format!("{e}: {:?}", b.smtp.accepted()))?;
+
+        // The grace ends: restricted on both instances. Reads work, writes
+        // answer 402 with the way to pay; nothing moved to free, nothing
+        // was deleted.
+        days_pass(&b, "sub_d", 14).await?;
+        for app in [&b.app, &other] {
+            eventually(Duration::from_secs(10), || async {
+                // A probe: written until the restriction reaches this instance.
+                Ok(write(app, "acme", "probe").await?.status() == 402)
+            })
+            .await?;
+            let body = assert_error(write(app, "acme", "refused").await?, 402, "payment_required").await?;
+            assert_eq!(body["error"]["portal"], "/v1/billing/portal");
+            let projects: Value = app.req(Method::GET, "acme", "/v1/projects").send().await?.json().await?;
+            let names: Vec<&str> = projects["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["name"].as_str())
+                .filter(|name| *name != "probe")
+                .collect();
+            assert_eq!(names, ["during the grace"], "reads work, nothing was deleted");
+            assert_eq!(billing_state(app, "acme").await?["status"], "restricted");
+            // Another tenant is untouched.
+            assert_eq!(write(app, "globex", "globex works").await?.status(), 201);
+        }
+        assert_eq!(b.plan("acme").await?, "pro", "the plan holds: nothing is over a limit by surprise");
+        assert_eq!(b.app.req(Method::POST, "acme", "/v1/billing/portal").send().await?.status(), 200, "owners can pay");
+        let audit: Value = b.app.req(Method::GET, "acme", "/v1/audit-log").send().await?.json().await?;
+        assert!(audit.to_string().contains("billing.restricted"), "{audit}");
+
+        // Paid: invoice.paid lifts it on every instance.
+        stripe.set_subscription(active);
+        stripe.set_invoice(open_invoice("in_d", "cus_d", "sub_d", "paid"));
+        b.deliver("evt_paid", "invoice.paid", t + 10, open_invoice("in_d", "cus_d", "sub_d", "paid")).await?;
+        b.processed("evt_paid").await?;
+        for app in [&b.app, &other] {
+            eventually(Duration::from_secs(10), || async { Ok(write(app, "acme", "paid").await?.status() == 201) })
+                .await?;
+            assert_eq!(billing_state(app, "acme").await?["status"], "active");
+        }
+        // A late past-due event does not bring the restriction back.
+        let late = subscription("sub_d", "cus_d", "past_due", PRO);
+        b.deliver("evt_late_due", "customer.subscription.updated", t + 3, late).await?;
+        b.processed("evt_late_due").await?;
+        assert_eq!(write(&b.app, "acme", "still fine").await?.status(), 201);
+        assert_eq!(b.mails_to("Payment failed for acme"), 1, "once per failed invoice");
+        Ok(())
+    }
+}

@@ -494,9 +494,10 @@ fn every_template_renders_with_its_constructor_data() -> TestResult {
         plinth_billing::mail::payment_failed(to()?, tenant, "Acme", "2026-12-01", "", "k4".into()),
         plinth_billing::mail::trial_ending(to()?, tenant, "Acme", "pro", "2026-12-01", "k5".into()),
         plinth_billing::mail::subscription_cancelled(to()?, tenant, "Acme", "pro", "k6".into()),
+        plinth_billing::mail::payment_reminder(to()?, tenant, "Acme", "2026-12-01", "k7".into()),
     ];
     let names: HashSet<&str> = mails.iter().map(|m| m.template).collect();
-    assert_eq!(names.len(), 6);
+    assert_eq!(names.len(), 7);
     for mail in &mails {
         let rendered = templates.render(mail.template, &mail.data)?;
         assert!(!rendered.subject.is_empty() && !rendered.subject.contains('\n'), "{}", mail.template);

@@ -1,9 +1,9 @@
 //! `GET /v1/tenant`: the caller's tenant, its plan, the features the plan
-//! grants and each limit with what is used.
+//! grants, each limit with what is used, and its billing state.
 
 use std::collections::BTreeMap;
 
-use actix_web::{HttpResponse, get};
+use actix_web::{HttpResponse, get, web};
 use plinth_access::quota::Usage;
 use plinth_access::{Allowed, Role, requirements};
 use plinth_http::ApiError;
@@ -21,6 +21,35 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(show);
 }
 
+/// The organization's billing, for a banner in the web app.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TenantBilling {
+    /// `none` (no subscription), `trialing`, `active`, `past_due` (a
+    /// payment failed; the plan holds until `grace_ends_at`), `restricted`
+    /// (the grace ended: reads work, writes answer 402 `payment_required`
+    /// until an owner pays), or another of Stripe's statuses (`incomplete`,
+    /// `unpaid`, `paused`).
+    pub status: String,
+    /// While `past_due`: when the organization becomes restricted.
+    pub grace_ends_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// While `trialing`: when the trial ends.
+    pub trial_ends_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the subscription ends, if it is cancelled at a date or at the
+    /// end of its period.
+    pub cancels_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Where `GET /v1/tenant` finds the organization's billing (billing
+/// registers one as `web::Data<dyn BillingSummary>`; admin knows nothing of
+/// Stripe).
+pub trait BillingSummary: Send + Sync {
+    fn summary<'a>(
+        &'a self,
+        db: &'a plinth_tenants::Db,
+        tenant: plinth_tenants::TenantId,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<TenantBilling, ApiError>> + Send + 'a>>;
+}
+
 /// The caller's tenant as they see it.
 #[derive(Serialize, ToSchema)]
 struct TenantView<'a> {
@@ -33,6 +62,7 @@ struct TenantView<'a> {
     /// Each limit: what is used, and what the plan allows (null: no limit).
     #[schema(value_type = BTreeMap<plinth_access::Quota, Usage>)]
     limits: BTreeMap<&'static str, Usage>,
+    billing: TenantBilling,
 }
 
 #[utoipa::path(
@@ -44,9 +74,14 @@ struct TenantView<'a> {
     responses((status = 200, body = TenantView)),
 )]
 #[get("/v1/tenant")]
-async fn show(ctx: Allowed<ReadTenant>) -> Result<HttpResponse, ApiError> {
+async fn show(
+    ctx: Allowed<ReadTenant>,
+    db: web::Data<plinth_tenants::Db>,
+    billing: web::Data<dyn BillingSummary>,
+) -> Result<HttpResponse, ApiError> {
     let plan = ctx.plan();
     let usage = ctx.tx(async |c| ctx.usage(c.pg()).await).await?;
+    let billing = billing.summary(&db, ctx.tenant.id).await?;
     let limits: BTreeMap<&str, Usage> = usage.into_iter().map(|(q, u)| (q.as_str(), u)).collect();
     Ok(HttpResponse::Ok().json(TenantView {
         tenant: &ctx.tenant,
@@ -54,5 +89,6 @@ async fn show(ctx: Allowed<ReadTenant>) -> Result<HttpResponse, ApiError> {
         plan: &plan.name,
         features: &plan.features,
         limits,
+        billing,
     }))
 }

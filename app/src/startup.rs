@@ -120,6 +120,9 @@ impl Application {
         let members_changed =
             web::Data::from(Arc::new(plinth_billing::process::QueueSeats { debounce: settings.stripe.seats_debounce })
                 as Arc<dyn plinth_identity::members::MembersChanged>);
+        let billing_summary =
+            web::Data::from(Arc::new(plinth_billing::summary::Summary { grace: settings.stripe.grace })
+                as Arc<dyn plinth_admin::tenant::BillingSummary>);
         let client_ip_data = web::Data::new(ClientIpHeader(identity.client_ip_header.clone()));
         let identity_data = web::Data::new(identity);
         // Each quota is counted by the crate that owns what it counts.
@@ -166,6 +169,7 @@ impl Application {
                 .app_data(stripe_data.clone())
                 .app_data(offboard.clone())
                 .app_data(members_changed.clone())
+                .app_data(billing_summary.clone())
                 .app_data(body_limit)
                 .app_data(body_timeout)
                 .app_data(hashing_data.clone())

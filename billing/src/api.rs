@@ -5,7 +5,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, get, post, web};
-use diesel::{ExpressionMethods as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _};
+use diesel::{ExpressionMethods as _, QueryDsl as _};
 use diesel_async::RunQueryDsl;
 use plinth_access::Access;
 use plinth_access::{Allowed, requirements};
@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::customers;
-use crate::schema::{stripe_events, subscriptions};
-use crate::stripe::ENDED;
+use crate::schema::stripe_events;
+use crate::summary::{self, SubscriptionView};
+use plinth_admin::tenant::TenantBilling;
 
 requirements! {
     /// Billing is the owners' business, on every plan.
@@ -133,27 +134,6 @@ async fn portal(
     Ok(HttpResponse::Ok().json(Redirect { url }))
 }
 
-/// One of the tenant's subscriptions as Stripe last reported it.
-#[derive(Queryable, Selectable, Serialize, ToSchema)]
-#[diesel(table_name = subscriptions)]
-struct SubscriptionView {
-    /// Stripe's subscription id.
-    id: String,
-    /// Stripe's status (`active`, `trialing`, `past_due`, ...).
-    status: String,
-    /// The catalog plan it pays for (null for prices no plan names).
-    plan: Option<String>,
-    trial_end: Option<chrono::DateTime<chrono::Utc>>,
-    current_period_end: Option<chrono::DateTime<chrono::Utc>>,
-    cancel_at_period_end: bool,
-    /// When Stripe will cancel it, if it is set to end on a date.
-    cancel_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// Stripe's `pause_collection` ({behavior, resumes_at}) while payment
-    /// collection is paused.
-    #[schema(value_type = Option<Object>)]
-    pause_collection: Option<serde_json::Value>,
-}
-
 /// Why the tenant's billing may be behind Stripe.
 #[derive(Serialize, ToSchema)]
 struct Pending {
@@ -166,9 +146,11 @@ struct Pending {
 #[derive(Serialize, ToSchema)]
 struct Billing {
     plan: String,
-    /// Of the subscription that gives the plan (else the newest live one,
-    /// else the newest): Stripe's status; null without one.
+    /// Of the subscription that gives the plan (else the newest live one):
+    /// Stripe's status; null without one.
     status: Option<String>,
+    /// The organization's billing state, as `GET /v1/tenant` shows it.
+    billing: TenantBilling,
     trial_end: Option<chrono::DateTime<chrono::Utc>>,
     current_period_end: Option<chrono::DateTime<chrono::Utc>>,
     cancel_at_period_end: bool,
@@ -193,17 +175,16 @@ struct Billing {
     responses((status = 200, body = Billing)),
 )]
 #[get("/v1/billing/subscription")]
-async fn subscription(ctx: Allowed<ManageBilling>, db: web::Data<Db>) -> Result<HttpResponse, ApiError> {
+async fn subscription(
+    ctx: Allowed<ManageBilling>,
+    db: web::Data<Db>,
+    config: web::Data<crate::config::StripeConfig>,
+) -> Result<HttpResponse, ApiError> {
     let tenant = ctx.tenant.id;
-    let (rows, waiting) = db
+    let plan = ctx.plan().name.clone();
+    let ((live, main), waiting) = db
         .platform(async |c| {
-            let rows: Vec<SubscriptionView> = subscriptions::table
-                .filter(subscriptions::tenant_id.eq(tenant.0))
-                .filter(subscriptions::deleted.eq(false))
-                .order(subscriptions::last_event_at.desc())
-                .select(SubscriptionView::as_select())
-                .load(c)
-                .await?;
+            let live = summary::live(c, tenant, &plan).await?;
             let all = customers::all(c, tenant).await?;
             let waiting: Vec<(String, Option<String>)> = stripe_events::table
                 .filter(stripe_events::customer_id.eq_any(all))
@@ -213,20 +194,19 @@ async fn subscription(ctx: Allowed<ManageBilling>, db: web::Data<Db>) -> Result<
                 .limit(20)
                 .load(c)
                 .await?;
-            Ok::<_, ApiError>((rows, waiting))
+            Ok::<_, ApiError>((live, waiting))
         })
         .await?;
-    let plan = ctx.plan().name.clone();
-    let live: Vec<SubscriptionView> = rows.into_iter().filter(|s| !ENDED.contains(&s.status.as_str())).collect();
     let pending = match waiting.iter().find_map(|(_, reason)| reason.clone()) {
         Some(reason) => Some(Pending { reason }),
         None if !waiting.is_empty() => Some(Pending { reason: "Stripe's latest events are being applied".into() }),
         None => None,
     };
-    // The subscription that gives the plan, else the newest live one.
-    let main = live.iter().find(|s| s.plan.as_deref() == Some(plan.as_str())).or(<[_]>::first(&live));
+    let main = main.map(|i| &live[i]);
+    let grace = chrono::Duration::from_std(config.grace).unwrap_or_default();
     Ok(HttpResponse::Ok().json(Billing {
         status: main.map(|s| s.status.clone()),
+        billing: summary::state(main, ctx.policy.restricted, grace),
         trial_end: main.and_then(|s| s.trial_end),
         current_period_end: main.and_then(|s| s.current_period_end),
         cancel_at_period_end: main.is_some_and(|s| s.cancel_at_period_end),

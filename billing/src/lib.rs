@@ -11,6 +11,8 @@
 //! - [`object`]: Stripe's objects read by field, in any API version.
 //! - [`customers`]: tenants' Stripe customers.
 //! - [`invoices`]: the local mirror of the tenants' invoices and its route.
+//! - [`summary`]: the organization's billing state, for `GET /v1/tenant`
+//!   and the subscription view.
 //! - [`schema`]: diesel's declarations of billing's tables.
 //! - [`config`], [`mail`] (the billing notices), [`error`] (billing's own
 //!   error, converted to `ApiError` only by routes).
@@ -28,4 +30,5 @@ pub mod object;
 pub mod process;
 pub mod schema;
 pub mod stripe;
+pub mod summary;
 pub mod webhook;

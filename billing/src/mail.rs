@@ -1,7 +1,7 @@
 //! The mail billing sends when a subscription changes state: a failed
 //! payment (a renewal's, or a new subscription's first), a payment that
-//! needs the customer to authenticate, a trial about to end, a cancelled
-//! subscription.
+//! needs the customer to authenticate, a reminder before the grace ends,
+//! a trial about to end, a cancelled subscription.
 
 use plinth_mail::mail_template;
 use plinth_mail::{EmailAddress, Mail, Template};
@@ -13,6 +13,7 @@ pub const TEMPLATES: &[Template] = &[
     mail_template!("payment_failed"),
     mail_template!("first_payment_failed"),
     mail_template!("payment_action_required"),
+    mail_template!("payment_reminder"),
     mail_template!("trial_ending"),
     mail_template!("subscription_cancelled"),
 ];
@@ -67,6 +68,24 @@ pub fn payment_action_required(
         to,
         template: "payment_action_required",
         data: json!({ "organization": organization, "invoice_url": invoice_url, "grace_until": grace_until }),
+        idempotency_key: key,
+        tenant: Some(tenant),
+    }
+}
+
+/// A payment is still overdue; the grace ends on `grace_until` (a date),
+/// and then the organization is restricted (read-only).
+pub fn payment_reminder(
+    to: EmailAddress,
+    tenant: TenantId,
+    organization: &str,
+    grace_until: &str,
+    key: String,
+) -> Mail {
+    Mail {
+        to,
+        template: "payment_reminder",
+        data: json!({ "organization": organization, "grace_until": grace_until }),
         idempotency_key: key,
         tenant: Some(tenant),
     }

@@ -105,6 +105,12 @@ impl Subscription {
         item.and_then(|i| i.period_end).or(self.period_end)
     }
 
+    /// The event kind that would report this state: a read subscription is
+    /// applied as its update (or its deletion, once cancelled).
+    pub fn as_event(&self) -> &'static str {
+        if self.status == "canceled" { "customer.subscription.deleted" } else { "customer.subscription.updated" }
+    }
+
     /// Stripe's statuses in the order a subscription lives through them:
     /// a later stage is newer whatever order its events arrived in.
     pub fn stage(status: &str) -> u8 {

@@ -64,6 +64,9 @@ pub use sync::Synced;
 pub const PROCESS: &str = "billing.event";
 /// Job kind: end a past-due subscription's grace (payload `{"subscription", "since"}`).
 pub const GRACE: &str = "billing.grace";
+/// Job kind: remind the owners of a payment still overdue before the
+/// grace ends (payload `{"subscription", "since"}`).
+pub const REMINDER: &str = "billing.reminder";
 /// Job kind: the periodic `sync` (payload `{"every_secs"}`), queued again
 /// by each run; its dedup key is the period, so instances share one.
 pub const SYNC: &str = "billing.sync";
@@ -228,6 +231,10 @@ const INVOICE_EVENTS: [&str; 9] = [
     "invoice.payment_action_required",
 ];
 
+/// The invoice events that say it was paid: a past-due subscription's
+/// payment lifts its restriction at once.
+const PAID_EVENTS: [&str; 2] = ["invoice.paid", "invoice.payment_succeeded"];
+
 /// What Stripe had for an event when it was read, before the event's
 /// transaction (none offline).
 #[derive(Default)]
@@ -275,6 +282,7 @@ impl Processor {
         let grace = Arc::clone(self);
         let sync = Arc::clone(self);
         let seats = Arc::clone(self);
+        let reminder = Arc::clone(self);
         vec![
             (
                 PROCESS,
@@ -298,14 +306,22 @@ impl Processor {
                 Arc::new(move |job: ClaimedJob| {
                     let this = Arc::clone(&grace);
                     Box::pin(async move {
-                        let id = text_field(&job.payload, "subscription")?;
-                        let since = job.payload["since"]
-                            .as_i64()
-                            .and_then(|t| DateTime::from_timestamp(t, 0))
-                            .ok_or_else(|| malformed(&job.payload, "since"))?;
+                        let (id, since) = episode(&job.payload)?;
                         this.end_grace(id, since)
                             .await
                             .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("ending a grace period")))
+                    })
+                }),
+            ),
+            (
+                REMINDER,
+                Arc::new(move |job: ClaimedJob| {
+                    let this = Arc::clone(&reminder);
+                    Box::pin(async move {
+                        let (id, since) = episode(&job.payload)?;
+                        this.remind(id, since)
+                            .await
+                            .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("reminding of a payment")))
                     })
                 }),
             ),
@@ -419,6 +435,20 @@ impl Processor {
             kind if INVOICE_EVENTS.contains(&kind) => {
                 let Ok(invoice) = Invoice::read(object) else { return Ok(fetched) };
                 fetched.invoice = Some(api.invoice(&invoice.id).await?);
+                // A payment may end a past-due episode: its subscription
+                // as Stripe has it now, applied with the invoice.
+                if PAID_EVENTS.contains(&kind)
+                    && let Some(sub) = &invoice.subscription
+                {
+                    let at = Utc::now();
+                    fetched.subscription = match api.subscription(sub).await {
+                        Ok(current) => Some((current, at)),
+                        // No such subscription: nothing for the payment to
+                        // lift; the invoice is still mirrored.
+                        Err(BillingError::StripeRefused { status: 404, .. }) => None,
+                        Err(other) => return Err(other.into()),
+                    };
+                }
                 invoice.customer
             }
             _ => None,
@@ -546,11 +576,7 @@ impl Processor {
                     // Whatever this event says, apply what Stripe had when
                     // it was read (unless something newer was applied since).
                     Some((current, read_at)) => {
-                        let kind = if current.status == "canceled" {
-                            "customer.subscription.deleted"
-                        } else {
-                            "customer.subscription.updated"
-                        };
+                        let kind = current.as_event();
                         let customer = current.customer.clone();
                         self.apply_subscription(c, event_id, kind, *read_at, tenant, &customer, current, Mode::Event)
                             .await?
@@ -598,7 +624,10 @@ impl Processor {
                 crate::invoices::record(c, tenant, &customer, fetched.invoice.as_ref().unwrap_or(&invoice)).await?;
                 match kind {
                     "invoice.payment_failed" | "invoice.payment_action_required" => {
-                        self.dunning(c, event_id, kind, created, tenant, &invoice, fetched.invoice.as_ref()).await?
+                        self.dunning(c, kind, created, tenant, &invoice, fetched.invoice.as_ref()).await?
+                    }
+                    kind if PAID_EVENTS.contains(&kind) => {
+                        self.paid(c, event_id, created, tenant, &invoice, fetched.subscription.as_ref()).await?
                     }
                     _ => Outcome::Applied,
                 }
@@ -679,7 +708,7 @@ impl Processor {
     ) -> Result<Outcome, Park> {
         let Some(tenant) = customers::tenant_of(c, customer).await? else { return Ok(Outcome::Ignored) };
         customers::detach(c, customer, "deleted in Stripe").await?;
-        let before = self.granted(c, tenant).await?;
+        let before = self.granted_plan(c, tenant).await?;
         let ended: Vec<Option<String>> = diesel::update(
             subscriptions::table
                 .filter(subscriptions::customer_id.eq(customer))
@@ -706,6 +735,16 @@ impl Processor {
 /// with the payload in its error (`plinth jobs list --status dead`).
 fn malformed(payload: &Value, field: &str) -> JobError {
     JobError::Fatal(anyhow::anyhow!("malformed payload: no {field} in {payload}"))
+}
+
+/// A past-due episode's job payload: `{"subscription", "since"}`.
+fn episode(payload: &Value) -> Result<(&str, DateTime<Utc>), JobError> {
+    let id = text_field(payload, "subscription")?;
+    let since = payload["since"]
+        .as_i64()
+        .and_then(|t| DateTime::from_timestamp(t, 0))
+        .ok_or_else(|| malformed(payload, "since"))?;
+    Ok((id, since))
 }
 
 fn text_field<'a>(payload: &'a Value, field: &str) -> Result<&'a str, JobError> {

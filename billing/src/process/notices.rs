@@ -16,12 +16,11 @@ use crate::schema::subscriptions;
 impl Processor {
     /// `invoice.payment_failed` and `invoice.payment_action_required`: the
     /// owners are told what happened and by when to act, unless the invoice
-    /// was paid (or closed) since.
-    #[allow(clippy::too_many_arguments)]
+    /// was paid (or closed) since. Once per invoice: Stripe's retries of
+    /// one invoice do not mail again.
     pub(super) async fn dunning(
         &self,
         c: &mut AsyncPgConnection,
-        event_id: &str,
         kind: &str,
         created: DateTime<Utc>,
         tenant: TenantId,
@@ -53,7 +52,9 @@ impl Processor {
         // every mail of one episode.
         let since = sub.as_ref().and_then(|s| s.past_due_since).unwrap_or(created);
         let grace_until = (since + self.grace()).format("%Y-%m-%d").to_string();
-        notify_owners(c, tenant, event_id, |to, t, org, key| match (kind, first) {
+        // Once per invoice and kind, however often Stripe retries it.
+        let once = format!("invoice:{}:{kind}", invoice.id);
+        notify_owners(c, tenant, &once, |to, t, org, key| match (kind, first) {
             ("invoice.payment_action_required", _) => {
                 crate::mail::payment_action_required(to, t, org, &url, (!first).then_some(grace_until.as_str()), key)
             }
@@ -84,17 +85,17 @@ pub(super) async fn cancelled_mail(
 }
 
 /// Queues `make(to, tenant, organization, key)` to every owner of `tenant`,
-/// once per event and owner.
+/// once per `once` (an event id, or what else the mail is about) and owner.
 pub(super) async fn notify_owners(
     c: &mut AsyncPgConnection,
     tenant: TenantId,
-    event_id: &str,
+    once: &str,
     make: impl Fn(EmailAddress, TenantId, &str, String) -> Mail,
 ) -> Result<(), Park> {
     let t = registry::find_by_id(c, tenant).await?.ok_or_else(|| Park::refuse(format!("no tenant {tenant}")))?;
     for owner in members::owners(c, tenant).await? {
         let Ok(to) = EmailAddress::parse(&owner.email) else { continue };
-        let key = format!("stripe:{event_id}:{}", owner.user_id);
+        let key = format!("stripe:{once}:{}", owner.user_id);
         mail::queue(c, make(to, tenant, &t.name, key))
             .await
             .map_err(|e| Park::wait(format!("queueing mail: {:#}", anyhow::Error::new(e))))?;

@@ -13,8 +13,8 @@ use plinth_tenants::audit::Actor;
 use plinth_tenants::registry::{self, PlanSource};
 use serde_json::{Value, json};
 
-use super::notices::cancelled_mail;
-use super::{GRACE, Mode, Outcome, Park, Processor, SubscriptionRow, lock_customer};
+use super::notices::{cancelled_mail, notify_owners};
+use super::{GRACE, Mode, Outcome, Park, Processor, REMINDER, SubscriptionRow, lock_customer};
 use crate::error::BillingError;
 use crate::object;
 use crate::schema::subscriptions;
@@ -36,12 +36,15 @@ impl Processor {
         self.catalog.plans().iter().position(|p| p.name == plan).unwrap_or(0)
     }
 
-    /// The best plan the tenant's live subscriptions pay for.
+    /// What the tenant's subscriptions grant: the best plan of those in
+    /// good standing (`active`, `trialing`, `past_due` within the grace),
+    /// unrestricted; else the best of those whose payment is overdue past
+    /// the grace (`past_due` after it, `unpaid`), restricted; else nothing.
     pub(super) async fn granted(
         &self,
         c: &mut AsyncPgConnection,
         tenant: TenantId,
-    ) -> diesel::QueryResult<Option<String>> {
+    ) -> diesel::QueryResult<Option<(String, bool)>> {
         let rows: Vec<(String, Option<String>, Option<DateTime<Utc>>)> = subscriptions::table
             .filter(subscriptions::tenant_id.eq(tenant.0))
             .filter(subscriptions::deleted.eq(false))
@@ -49,22 +52,39 @@ impl Processor {
             .load(c)
             .await?;
         let now = Utc::now();
-        Ok(rows
-            .into_iter()
-            .filter(|(status, _, since)| match status.as_str() {
-                "active" | "trialing" => true,
-                "past_due" => since.is_none_or(|since| since + self.grace() > now),
-                _ => false,
-            })
-            .filter_map(|(_, plan, _)| plan)
-            .max_by_key(|plan| self.rank(plan)))
+        let best = |overdue: bool| {
+            rows.iter()
+                .filter(|(status, _, since)| {
+                    let within = since.is_none_or(|since| since + self.grace() > now);
+                    match status.as_str() {
+                        "active" | "trialing" => !overdue,
+                        "past_due" => within != overdue,
+                        "unpaid" => overdue,
+                        _ => false,
+                    }
+                })
+                .filter_map(|(_, plan, _)| plan.clone())
+                .max_by_key(|plan| self.rank(plan))
+        };
+        Ok(best(false).map(|plan| (plan, false)).or_else(|| best(true).map(|plan| (plan, true))))
+    }
+
+    /// The plan the tenant's subscriptions grant now (see [`Self::granted`]).
+    pub(super) async fn granted_plan(
+        &self,
+        c: &mut AsyncPgConnection,
+        tenant: TenantId,
+    ) -> diesel::QueryResult<Option<String>> {
+        Ok(self.granted(c, tenant).await?.map(|(plan, _)| plan))
     }
 
     /// Moves the tenant to the plan its subscriptions grant now, given what
-    /// they granted `before` this change. A plan billing set follows them
-    /// (free when none is left); an operator's plan changes only when
-    /// subscriptions grant a different paid plan, and never in a sync.
-    /// Returns (from, to) when the plan changed.
+    /// they granted `before` this change, and restricts it while that plan
+    /// is only paid for by an overdue subscription (lifted when it is
+    /// paid, or when no subscription is left). A plan billing set follows
+    /// them (free when none is left); an operator's plan changes only when
+    /// subscriptions grant a different paid plan, and never in a sync; it
+    /// is never restricted. Returns (from, to) when the plan changed.
     pub(super) async fn settle(
         &self,
         c: &mut AsyncPgConnection,
@@ -73,7 +93,9 @@ impl Processor {
         mode: Mode,
         details: Value,
     ) -> Result<Option<(String, String)>, Park> {
-        let after = self.granted(c, tenant).await?;
+        let granted = self.granted(c, tenant).await?;
+        let restricted = granted.as_ref().is_some_and(|(_, restricted)| *restricted);
+        let after = granted.map(|(plan, _)| plan);
         let Some((plan, source)) = registry::plan_for_update(c, tenant).await? else { return Ok(None) };
         let target = match (source, mode) {
             (PlanSource::Billing, _) => after.unwrap_or_else(|| FREE.to_owned()),
@@ -82,19 +104,51 @@ impl Processor {
             }
             (PlanSource::Operator, _) => return Ok(None),
         };
-        if target == plan && source == PlanSource::Billing {
-            return Ok(None);
-        }
-        let changed = change_plan(c, &self.catalog, tenant, &target, PlanSource::Billing, Actor::System, details)
-            .await
-            .map_err(|e| Park::wait(format!("changing the plan: {:#}", anyhow::Error::new(e))))?;
-        match changed {
-            Some((_, true)) => {
+        let mut moved = None;
+        if target != plan || source != PlanSource::Billing {
+            let changed =
+                change_plan(c, &self.catalog, tenant, &target, PlanSource::Billing, Actor::System, details.clone())
+                    .await
+                    .map_err(|e| Park::wait(format!("changing the plan: {:#}", anyhow::Error::new(e))))?;
+            if let Some((_, true)) = changed {
                 tracing::info!(tenant.id = %tenant, plan = target, "plan changed by Stripe");
-                Ok(Some((plan, target)))
+                moved = Some((plan, target));
             }
-            _ => Ok(None),
         }
+        self.restrict(c, tenant, restricted, details).await?;
+        Ok(moved)
+    }
+
+    /// Restricts the tenant or lifts its restriction, recording the change
+    /// in its audit log (`billing.restricted`, `billing.restriction_lifted`).
+    async fn restrict(
+        &self,
+        c: &mut AsyncPgConnection,
+        tenant: TenantId,
+        restricted: bool,
+        details: Value,
+    ) -> Result<(), Park> {
+        if !registry::set_restricted(c, tenant, restricted).await? {
+            return Ok(());
+        }
+        let Some(t) = registry::find_by_id(c, tenant).await? else { return Ok(()) };
+        let action = if restricted { "billing.restricted" } else { "billing.restriction_lifted" };
+        let entry = plinth_tenants::audit::Entry {
+            actor: Actor::System,
+            action,
+            target_type: Some("tenant"),
+            target_id: Some(tenant.to_string()),
+            ip: None,
+            request_id: None,
+            details,
+        };
+        plinth_tenants::audit::record_as_system(c, &t.schema, entry).await?;
+        if restricted {
+            tracing::warn!(tenant.id = %tenant, "tenant restricted: a payment is overdue past its grace");
+        } else {
+            tracing::info!(tenant.id = %tenant, "tenant restriction lifted");
+        }
+        Ok(())
     }
 
     /// Records a subscription's state and, for an event, settles the
@@ -143,11 +197,13 @@ impl Processor {
         }
         let past_due_since = match (status, &known) {
             ("past_due", Some(SubscriptionRow { past_due_since: Some(since), .. })) => Some(*since),
-            ("past_due", _) => Some(created),
+            // In whole seconds, as the grace and reminder jobs carry it
+            // (a state read from Stripe is stamped with the read's time).
+            ("past_due", _) => DateTime::from_timestamp(created.timestamp(), 0),
             _ => None,
         };
         let at = |t: Option<i64>| t.and_then(|t| DateTime::from_timestamp(t, 0));
-        let before = self.granted(c, tenant).await?;
+        let before = self.granted_plan(c, tenant).await?;
         diesel::insert_into(subscriptions::table)
             .values((
                 subscriptions::id.eq(id),
@@ -186,12 +242,24 @@ impl Processor {
             .execute(c)
             .await?;
         if let Some(since) = past_due_since {
+            let payload = json!({ "subscription": id, "since": since.timestamp() });
             let job = NewJob {
                 dedup_key: Some(format!("{id}:{}", since.timestamp())),
                 run_at: Some(since + self.grace()),
-                ..NewJob::new(GRACE, json!({ "subscription": id, "since": since.timestamp() }))
+                ..NewJob::new(GRACE, payload.clone())
             };
             jobs::enqueue(c, job).await?;
+            // The reminder: three days before the grace ends (half-way
+            // through a shorter one); none once it has ended.
+            let lead = (self.grace() / 2).min(chrono::Duration::days(3));
+            if since + self.grace() > Utc::now() {
+                let reminder = NewJob {
+                    dedup_key: Some(format!("{id}:{}", since.timestamp())),
+                    run_at: Some(since + self.grace() - lead),
+                    ..NewJob::new(REMINDER, payload)
+                };
+                jobs::enqueue(c, reminder).await?;
+            }
         }
         if mode == Mode::Sync {
             return Ok(Outcome::Applied);
@@ -233,5 +301,88 @@ impl Processor {
                 Ok::<_, BillingError>(())
             })
             .await
+    }
+
+    /// Reminds the owners, before the grace ends, of a payment still
+    /// overdue (once per episode), unless it was paid (or changed) since.
+    pub(super) async fn remind(&self, id: &str, since: DateTime<Utc>) -> Result<(), BillingError> {
+        self.db
+            .platform(async |c| {
+                let customer: Option<String> =
+                    subscriptions::table.find(id).select(subscriptions::customer_id).first(c).await.optional()?;
+                let Some(customer) = customer else { return Ok(()) };
+                lock_customer(c, &customer).await.map_err(|p| BillingError::Unappliable(p.reason))?;
+                let tenant: Option<uuid::Uuid> = subscriptions::table
+                    .find(id)
+                    .filter(subscriptions::status.eq("past_due"))
+                    .filter(subscriptions::deleted.eq(false))
+                    .filter(subscriptions::past_due_since.eq(since))
+                    .select(subscriptions::tenant_id)
+                    .first(c)
+                    .await
+                    .optional()?;
+                let Some(tenant) = tenant else { return Ok(()) };
+                if since + self.grace() <= Utc::now() {
+                    return Ok(());
+                }
+                let grace_until = (since + self.grace()).format("%Y-%m-%d").to_string();
+                let key = format!("reminder:{id}:{}", since.timestamp());
+                notify_owners(c, TenantId(tenant), &key, |to, t, org, key| {
+                    crate::mail::payment_reminder(to, t, org, &grace_until, key)
+                })
+                .await
+                .map_err(|p| BillingError::Unappliable(p.reason))?;
+                Ok::<_, BillingError>(())
+            })
+            .await
+    }
+
+    /// A paid invoice: its subscription as Stripe has it now is applied
+    /// (online), or (offline) a past-due or unpaid subscription the
+    /// invoice belongs to is active again, unless something newer was
+    /// applied to it. Either lifts a restriction at once.
+    pub(super) async fn paid(
+        &self,
+        c: &mut AsyncPgConnection,
+        event_id: &str,
+        created: DateTime<Utc>,
+        tenant: TenantId,
+        invoice: &object::Invoice,
+        current: Option<&(object::Subscription, DateTime<Utc>)>,
+    ) -> Result<Outcome, Park> {
+        if let Some((sub, read_at)) = current {
+            let kind = sub.as_event();
+            let customer = sub.customer.clone();
+            return match self
+                .apply_subscription(c, event_id, kind, *read_at, tenant, &customer, sub, Mode::Event)
+                .await?
+            {
+                Outcome::Stale => Ok(Outcome::Applied),
+                other => Ok(other),
+            };
+        }
+        let Some(id) = &invoice.subscription else { return Ok(Outcome::Applied) };
+        let before = self.granted_plan(c, tenant).await?;
+        let revived = diesel::update(
+            subscriptions::table
+                .find(id)
+                .filter(subscriptions::tenant_id.eq(tenant.0))
+                .filter(subscriptions::deleted.eq(false))
+                .filter(subscriptions::status.eq_any(["past_due", "unpaid"]))
+                .filter(subscriptions::last_event_at.le(created)),
+        )
+        .set((
+            subscriptions::status.eq("active"),
+            subscriptions::past_due_since.eq(None::<DateTime<Utc>>),
+            subscriptions::last_event_at.eq(created),
+            subscriptions::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(c)
+        .await?;
+        if revived == 1 {
+            let details = json!({ "by": "stripe", "event": event_id, "subscription": id, "status": "active" });
+            self.settle(c, tenant, before, Mode::Event, details).await?;
+        }
+        Ok(Outcome::Applied)
     }
 }

@@ -85,11 +85,7 @@ impl Processor {
                                 crate::invoices::record(c, tenant, customer, invoice).await?;
                             }
                             for sub in subs {
-                                let kind = if sub.status == "canceled" {
-                                    "customer.subscription.deleted"
-                                } else {
-                                    "customer.subscription.updated"
-                                };
+                                let kind = sub.as_event();
                                 let applied = self
                                     .apply_subscription(c, &event, kind, *at, tenant, customer, sub, Mode::Sync)
                                     .await;

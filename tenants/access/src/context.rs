@@ -54,7 +54,8 @@ impl Principal {
 /// caller is not a member of (indistinguishable, so nothing confirms the
 /// tenant exists); 403 `tenant_suspended` to members of a suspended tenant;
 /// 403 `forbidden` when the role does not allow the route; 402
-/// `plan_required` when the plan lacks the route's feature.
+/// `plan_required` when the plan lacks the route's feature; 402
+/// `payment_required` to a write while billing restricts the tenant.
 pub struct TenantContext {
     pub tenant: Arc<Tenant>,
     pub principal: Principal,
@@ -68,6 +69,8 @@ pub struct TenantContext {
     pub(crate) db: Db,
     pub(crate) access: Arc<Access>,
     pub(crate) counters: actix_web::web::Data<Counters>,
+    /// A GET or HEAD: allowed while billing restricts the tenant.
+    pub(crate) reads: bool,
 }
 
 impl TenantContext {

@@ -454,8 +454,11 @@ fn tenant_policy(catalog: &Catalog, row: PlanStatus) -> Fact {
     Fact::Tenant {
         tenant: TenantId(row.id),
         // A tenant being deleted is no longer served: no policy at all.
-        policy: (row.status != "deleting")
-            .then(|| TenantPolicy { plan: plan.name.clone(), active: row.status == "active" }),
+        policy: (row.status != "deleting").then(|| TenantPolicy {
+            plan: plan.name.clone(),
+            active: row.status == "active",
+            restricted: row.restricted_at.is_some(),
+        }),
     }
 }
 

@@ -88,6 +88,16 @@ pub(crate) fn outcome(decision: Decision) -> Result<(), ApiError> {
     }
 }
 
+/// A restricted tenant (its payment overdue past the grace period) reads
+/// (GET and HEAD) but does not write; billing stays open so that an owner
+/// can pay.
+fn payment_gate(policy: &crate::TenantPolicy, need: &Need, reads: bool) -> Result<(), ApiError> {
+    if policy.restricted && !reads && need.resource != "billing" {
+        return Err(ApiError::PaymentRequired);
+    }
+    Ok(())
+}
+
 /// A tenant request that passed the gate for `R`.
 pub struct Allowed<R> {
     ctx: TenantContext,
@@ -163,7 +173,8 @@ impl TenantContext {
     pub async fn require<R: Requirement>(&self) -> Result<(), ApiError> {
         let decision = self.access.check(self.subject, Some(self.tenant.id), &R::NEED).await?;
         record(self.subject, &self.tenant.id.to_string(), &R::NEED, &decision);
-        outcome(decision)
+        outcome(decision)?;
+        payment_gate(&self.policy, &R::NEED, self.reads)
     }
 
     /// Authenticates, resolves the tenant and asks the policy about `need`.
@@ -209,6 +220,8 @@ impl TenantContext {
         drop(asked);
         record(subject, &tenant.id.to_string(), need, &decision);
         outcome(decision)?;
+        let reads = matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD);
+        payment_gate(&policy, need, reads)?;
         let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
         let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
         let ip = plinth_http::request::client_ip(req, header.as_deref());
@@ -224,6 +237,7 @@ impl TenantContext {
             db: db.get_ref().clone(),
             access,
             counters,
+            reads,
         })
     }
 }

@@ -91,6 +91,9 @@ pub struct TenantPolicy {
     pub plan: String,
     /// Active tenants have their plan's features; others have none.
     pub active: bool,
+    /// Billing restricted it (a payment overdue past its grace): reads
+    /// only, until it pays.
+    pub restricted: bool,
 }
 
 /// A fact read from PostgreSQL, to be made true in a snapshot.

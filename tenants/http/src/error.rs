@@ -45,6 +45,10 @@ pub enum ApiError {
     PlanRequired { feature: &'static str, plan: Option<String> },
     #[error("the plan allows {limit} {quota}; {used} are in use")]
     QuotaExceeded { quota: &'static str, limit: u32, used: i64 },
+    /// The organization's payment failed and its grace period ended: it
+    /// reads but does not write until an owner pays.
+    #[error("the organization's payment is overdue; an owner can pay in the billing portal (POST /v1/billing/portal)")]
+    PaymentRequired,
     #[error("this organization is suspended")]
     TenantSuspended,
     #[error("{0} not found")]
@@ -100,6 +104,7 @@ impl ApiError {
             Self::Forbidden => "forbidden",
             Self::PlanRequired { .. } => "plan_required",
             Self::QuotaExceeded { .. } => "quota_exceeded",
+            Self::PaymentRequired => "payment_required",
             Self::TenantSuspended => "tenant_suspended",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
@@ -189,7 +194,9 @@ impl ResponseError for ApiError {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthenticated | Self::InvalidCredentials | Self::TotpRequired => StatusCode::UNAUTHORIZED,
-            Self::PlanRequired { .. } | Self::QuotaExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
+            Self::PlanRequired { .. } | Self::QuotaExceeded { .. } | Self::PaymentRequired => {
+                StatusCode::PAYMENT_REQUIRED
+            }
             Self::Forbidden | Self::TenantSuspended => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) | Self::IdempotencyKeyInUse | Self::AlreadySubscribed => StatusCode::CONFLICT,
@@ -221,6 +228,8 @@ impl ResponseError for ApiError {
             Self::QuotaExceeded { quota, limit, used } => {
                 serde_json::json!({ "quota": quota, "limit": limit, "used": used })
             }
+            // Where an owner goes to pay (a POST answering the portal's URL).
+            Self::PaymentRequired => serde_json::json!({ "portal": "/v1/billing/portal" }),
             _ => serde_json::json!({}),
         };
         let extra = match extra {

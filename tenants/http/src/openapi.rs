@@ -35,6 +35,7 @@ pub const ERROR_CODES: &[&str] = &[
     "forbidden",
     "plan_required",
     "quota_exceeded",
+    "payment_required",
     "tenant_suspended",
     "not_found",
     "conflict",
@@ -47,6 +48,7 @@ pub const ERROR_CODES: &[&str] = &[
     "rate_limited",
     "unavailable",
     "billing_not_configured",
+    "already_subscribed",
     "internal",
 ];
 
@@ -83,6 +85,10 @@ pub struct ErrorDetail {
     /// With `quota_exceeded`: how many are in use.
     #[schema(nullable = false, minimum = 0)]
     used: Option<i64>,
+    /// With `payment_required`: the route that opens the billing portal,
+    /// where an owner pays.
+    #[schema(nullable = false)]
+    portal: Option<String>,
 }
 
 fn error_code() -> ObjectBuilder {
@@ -109,7 +115,7 @@ fn codes_of(status: u16) -> &'static str {
     match status {
         400 => "invalid_request",
         401 => "unauthenticated",
-        402 => "plan_required, quota_exceeded",
+        402 => "plan_required, quota_exceeded, payment_required",
         403 => "forbidden, tenant_suspended",
         404 => "not_found",
         408 => "request_timeout",
@@ -147,7 +153,7 @@ error_responses! {
     Conflict: [409];
     /// 429 `rate_limited`, with `Retry-After`.
     RateLimited: [429];
-    /// 402 `plan_required` or `quota_exceeded`.
+    /// 402 `plan_required`, `quota_exceeded` or `payment_required`.
     PlanLimits: [402];
     /// 403 `forbidden`: the caller's role does not allow this.
     Forbidden: [403];

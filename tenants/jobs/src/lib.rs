@@ -143,15 +143,16 @@ pub async fn enqueue(conn: &AsyncPgConnection, job: NewJob) -> diesel::QueryResu
 }
 
 /// Whether a later job of `job`'s kind for the same tenant waits in the
-/// queue: a trailing debounce, where each change queues a job for some
-/// time later and only the last one does the work (it sees every change).
+/// queue or runs: a trailing debounce, where each change queues a job for
+/// some time later and only the last one does the work (it sees every
+/// change: each was committed with its own, earlier, job).
 pub async fn superseded(conn: &mut AsyncPgConnection, job: &ClaimedJob) -> diesel::QueryResult<bool> {
     let mine: Option<DateTime<Utc>> = jobs::table.find(job.id).select(jobs::run_at).first(conn).await.optional()?;
     let Some(mine) = mine else { return Ok(false) };
     let later = jobs::table
         .filter(jobs::kind.eq(&job.kind))
         .filter(jobs::tenant_id.eq(job.tenant_id))
-        .filter(jobs::status.eq("queued"))
+        .filter(jobs::status.eq_any(["queued", "running"]))
         // Later, or as late and after it in id order: of two queued for
         // the same moment, exactly one does the work.
         .filter(jobs::run_at.gt(mine).or(jobs::run_at.eq(mine).and(jobs::id.gt(job.id))));

@@ -246,11 +246,14 @@ pub struct PlanStatus {
     pub id: uuid::Uuid,
     pub plan: String,
     pub status: String,
+    /// Since when its writes wait for a payment (see [`set_restricted`]).
+    pub restricted_at: Option<chrono::DateTime<Utc>>,
 }
 
 /// The plan and status of every tenant (`None`), or of one.
 pub async fn plan_status(conn: &mut PgConn, only: Option<TenantId>) -> Result<Vec<PlanStatus>, DbError> {
-    let query = tenants::table.select((tenants::id, tenants::plan, tenants::status)).into_boxed();
+    let query =
+        tenants::table.select((tenants::id, tenants::plan, tenants::status, tenants::restricted_at)).into_boxed();
     let query = match only {
         Some(id) => query.filter(tenants::id.eq(id.0)),
         None => query,
@@ -313,6 +316,10 @@ pub async fn set_plan(
         .await
         .optional()
         .and_then(into_tenant)?;
+    // An operator's plan is not waiting for a payment.
+    if source == PlanSource::Operator {
+        set_restricted(conn, id, false).await?;
+    }
     Ok(updated.map(|t| (t, before)))
 }
 
@@ -330,6 +337,29 @@ pub async fn plan_for_update(conn: &mut PgConn, id: TenantId) -> Result<Option<(
     Ok(row.map(|(plan, source)| {
         (plan, if source == PlanSource::Billing.as_str() { PlanSource::Billing } else { PlanSource::Operator })
     }))
+}
+
+/// Restricts a tenant (its writes wait for a payment) or lifts the
+/// restriction. Billing sets it when a failed payment's grace ends and
+/// clears it when the payment is made or the subscription ends. Returns
+/// whether it changed.
+pub async fn set_restricted(conn: &mut PgConn, id: TenantId, restricted: bool) -> Result<bool, DbError> {
+    let query = tenants::table.find(id.0).filter(tenants::status.ne(TenantStatus::Deleting.as_str()));
+    let changed = match restricted {
+        true => {
+            diesel::update(query.filter(tenants::restricted_at.is_null()))
+                .set((tenants::restricted_at.eq(Utc::now()), tenants::updated_at.eq(Utc::now())))
+                .execute(conn)
+                .await?
+        }
+        false => {
+            diesel::update(query.filter(tenants::restricted_at.is_not_null()))
+                .set((tenants::restricted_at.eq(None::<chrono::DateTime<Utc>>), tenants::updated_at.eq(Utc::now())))
+                .execute(conn)
+                .await?
+        }
+    };
+    Ok(changed == 1)
 }
 
 /// Records a custom domain for a tenant. `verified` is the operator's word

@@ -12,6 +12,7 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         plan_source -> Text,
+        restricted_at -> Nullable<Timestamptz>,
     }
 }
 
