@@ -330,3 +330,116 @@ mod dunning {
         Ok(())
     }
 }
+
+mod trials {
+    use super::*;
+    use crate::harness::assert_error;
+
+    fn trialing(id: &str, customer: &str, days: i64) -> Value {
+        let mut sub = subscription(id, customer, "trialing", PRO);
+        sub["trial_start"] = json!(now());
+        sub["trial_end"] = json!(now() + days * 86_400);
+        sub
+    }
+
+    async fn checkout_with(b: &Billing, slug: &str, body: Value) -> TestResult<reqwest::Response> {
+        Ok(b.app.req(Method::POST, slug, "/v1/billing/checkout").json(&body).send().await?)
+    }
+
+    fn last_session(stripe: &StripeMock) -> TestResult<crate::stripe::Recorded> {
+        Ok(stripe.requests().into_iter().rev().find(|r| r.path == "/v1/checkout/sessions").ok_or("no session")?)
+    }
+
+    async fn tenant_billing(b: &Billing, slug: &str) -> TestResult<Value> {
+        let body: Value = b.app.req(Method::GET, slug, "/v1/tenant").send().await?.json().await?;
+        Ok(body["billing"].clone())
+    }
+
+    #[tokio::test]
+    async fn a_trial_with_a_card_becomes_paid_and_one_without_lapses_to_free() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let b = billing_setting("14", Some(&stripe), vec![]).await?;
+        let acme = b.app.create_tenant("acme").await?;
+        let globex = b.app.create_tenant("globex").await?;
+        let t = now() - 100;
+        stripe.add_customer("cus_card", Some(&acme.id.to_string()));
+        stripe.add_customer("cus_nocard", Some(&globex.id.to_string()));
+        b.link(&acme, "cus_card", t).await?;
+        b.link(&globex, "cus_nocard", t).await?;
+
+        // Enterprise has no trial; if_required needs one.
+        let res = checkout_with(&b, "acme", json!({ "plan": "enterprise", "trial": true })).await?;
+        let body = assert_error(res, 400, "invalid_request").await?;
+        assert_eq!(body["error"]["details"][0]["field"], "trial", "{body}");
+        let res = checkout_with(&b, "acme", json!({ "plan": "enterprise", "payment_method": "if_required" })).await?;
+        assert_error(res, 400, "invalid_request").await?;
+
+        // With a card (the default): the plan's 14 days, and a card asked for.
+        assert_eq!(checkout_with(&b, "acme", json!({ "plan": "pro" })).await?.status(), 200);
+        let session = last_session(&stripe)?;
+        assert_eq!(session.field("subscription_data[trial_period_days]"), Some("14"));
+        assert_eq!(session.field("payment_method_collection"), None, "Stripe's default: always");
+        let sub = trialing("sub_card", "cus_card", 14);
+        let trial_end = sub["trial_end"].as_i64().unwrap_or_default();
+        stripe.set_subscription(sub.clone());
+        b.deliver("evt_card_trial", "customer.subscription.created", t + 1, sub.clone()).await?;
+        b.plan_becomes("acme", "pro").await?;
+        let state = tenant_billing(&b, "acme").await?;
+        assert_eq!(state["status"], "trialing", "{state}");
+        let ends: chrono::DateTime<chrono::Utc> = serde_json::from_value(state["trial_ends_at"].clone())?;
+        assert_eq!(ends.timestamp(), trial_end);
+        let view = b.view("acme").await?;
+        assert_eq!((view["status"].as_str(), view["billing"]["status"].as_str()), (Some("trialing"), Some("trialing")));
+
+        // Three days before: the owners are told the date, with a link.
+        b.deliver("evt_will_end", "customer.subscription.trial_will_end", t + 2, sub).await?;
+        let date = ends.format("%Y-%m-%d").to_string();
+        eventually(Duration::from_secs(10), || async { Ok(b.mails_to(&format!("trial ends on {date}")) >= 1) })
+            .await
+            .map_err(|e| format!("{e}: {:?}", b.smtp.accepted()))?;
+        assert!(b.smtp.accepted().iter().any(|m| m.contains("/billing")), "a link to pay");
+
+        // The card is charged: paid.
+        let paid = subscription("sub_card", "cus_card", "active", PRO);
+        stripe.set_subscription(paid.clone());
+        b.deliver("evt_card_paid", "customer.subscription.updated", t + 3, paid).await?;
+        eventually(Duration::from_secs(10), || async { Ok(tenant_billing(&b, "acme").await?["status"] == "active") })
+            .await?;
+        assert_eq!(b.plan("acme").await?, "pro");
+
+        // Without a card: Checkout asks for none and cancels at the end.
+        let res = checkout_with(&b, "globex", json!({ "plan": "pro", "payment_method": "if_required" })).await?;
+        assert_eq!(res.status(), 200);
+        let session = last_session(&stripe)?;
+        assert_eq!(session.field("payment_method_collection"), Some("if_required"));
+        assert_eq!(session.field("subscription_data[trial_period_days]"), Some("14"));
+        assert_eq!(
+            session.field("subscription_data[trial_settings][end_behavior][missing_payment_method]"),
+            Some("cancel")
+        );
+        let sub = trialing("sub_nocard", "cus_nocard", 14);
+        stripe.set_subscription(sub.clone());
+        b.deliver("evt_nocard_trial", "customer.subscription.created", t + 1, sub).await?;
+        b.plan_becomes("globex", "pro").await?;
+        // The trial ends with no payment method: Stripe cancels it.
+        let mut ended = subscription("sub_nocard", "cus_nocard", "canceled", PRO);
+        ended["trial_end"] = json!(now());
+        stripe.set_subscription(ended.clone());
+        b.deliver("evt_nocard_end", "customer.subscription.deleted", t + 4, ended).await?;
+        b.plan_becomes("globex", "free").await?;
+        assert_eq!(tenant_billing(&b, "globex").await?["status"], "none");
+        let cancelled = "The globex Inc. subscription was cancelled";
+        eventually(Duration::from_secs(10), || async { Ok(b.mails_to(cancelled) == 1) }).await?;
+
+        // One trial per organization: asked again, it is refused; by default
+        // the next checkout has none.
+        let res = checkout_with(&b, "globex", json!({ "plan": "pro", "trial": true })).await?;
+        let body = assert_error(res, 400, "invalid_request").await?;
+        assert!(body.to_string().contains("has had its trial"), "{body}");
+        assert_eq!(checkout_with(&b, "globex", json!({ "plan": "pro" })).await?.status(), 200);
+        assert_eq!(last_session(&stripe)?.field("subscription_data[trial_period_days]"), None);
+        // acme's trial never showed in globex's answers.
+        assert!(b.view("globex").await?["subscriptions"].as_array().is_some_and(Vec::is_empty));
+        Ok(())
+    }
+}

@@ -31,7 +31,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(checkout).service(portal).service(subscription).service(crate::invoices::list);
 }
 
-pub use crate::stripe::Stripe;
+pub use crate::stripe::{Purchase, Stripe};
 
 fn stripe(data: Option<web::Data<Stripe>>) -> Result<web::Data<Stripe>, ApiError> {
     data.ok_or(ApiError::BillingNotConfigured)
@@ -42,6 +42,24 @@ fn stripe(data: Option<web::Data<Stripe>>) -> Result<web::Data<Stripe>, ApiError
 struct CheckoutBody {
     /// A plan of the catalog that has a Stripe price.
     plan: String,
+    /// Start with the plan's trial (`trial_days` in the catalog). Default:
+    /// yes when the plan has one and the organization has never had a
+    /// trial; `true` otherwise is refused.
+    trial: Option<bool>,
+    /// Whether Checkout asks for a card: `always` (the default), or
+    /// `if_required`, for a trial without one (the subscription ends with
+    /// the trial unless a payment method was added by then).
+    #[serde(default)]
+    payment_method: CardCollection,
+}
+
+/// Whether Checkout asks for a payment method.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum CardCollection {
+    #[default]
+    Always,
+    IfRequired,
 }
 
 /// A Stripe page to send the owner to.
@@ -51,8 +69,9 @@ struct Redirect {
     url: String,
 }
 
-/// `POST /v1/billing/checkout` {plan} → {url}: a Checkout Session in
-/// subscription mode for the plan's price, for the tenant's customer.
+/// `POST /v1/billing/checkout` {plan, trial?, payment_method?} → {url}: a
+/// Checkout Session in subscription mode for the plan's price (per seat:
+/// for the members), for the tenant's customer, with the plan's trial.
 #[utoipa::path(
     operation_id = "billing_checkout",
     tag = "billing",
@@ -62,7 +81,7 @@ struct Redirect {
     request_body = CheckoutBody,
     responses(
         (status = 200, body = Redirect),
-        (status = 400, description = "Error: invalid_request (not a plan with a price).", body = ErrorEnvelope),
+        (status = 400, description = "Error: invalid_request (not a plan with a price; a trial the plan does not have or the organization has had; if_required without a trial).", body = ErrorEnvelope),
         (status = 409, description = "Error: already_subscribed (the organization has a live subscription: change plans in the portal).", body = ErrorEnvelope),
         (status = 503, description = "Error: billing_not_configured (this server has no Stripe key), unavailable (Stripe or the database is failing).", body = ErrorEnvelope),
         KeyReuse,
@@ -79,9 +98,8 @@ async fn checkout(
 ) -> Result<HttpResponse, ApiError> {
     let api = stripe(api)?;
     let digest = body.digest();
-    let plan = access.catalog().get(&body.0.plan);
-    let per_seat = plan.is_some_and(|p| p.per_seat);
-    let Some(price) = plan.and_then(|p| p.stripe_price.clone()) else {
+    let plan = access.catalog().get(&body.0.plan).cloned();
+    let Some(price) = plan.as_ref().and_then(|p| p.stripe_price.clone()) else {
         let paid: Vec<_> =
             access.catalog().plans().iter().filter(|p| p.stripe_price.is_some()).map(|p| p.name.as_str()).collect();
         return Err(ApiError::invalid_fields(vec![FieldError::new(
@@ -95,13 +113,34 @@ async fn checkout(
     // No transaction is held across the call to Stripe: Stripe's own key
     // makes the session once; the answer is then recorded under the
     // caller's key, and a concurrent twin that loses the claim replays it.
+    let (per_seat, trial_days) = plan.as_ref().map_or((false, None), |p| (p.per_seat, p.trial_days));
+    let (seats, had_trial) = db
+        .platform(async |c| {
+            Ok::<_, ApiError>((
+                crate::process::billable(c, ctx.tenant.id).await?,
+                crate::summary::had_trial(c, ctx.tenant.id).await?,
+            ))
+        })
+        .await?;
+    let trial = match (body.0.trial, trial_days) {
+        (Some(true), None) => Err("this plan has no trial"),
+        (Some(true), Some(_)) if had_trial => Err("the organization has had its trial"),
+        (Some(false), _) => Ok(None),
+        (_, days) => Ok(days.filter(|_| !had_trial)),
+    }
+    .map_err(|why| ApiError::invalid_fields(vec![FieldError::new("trial", "unavailable", why)]))?;
+    let card_optional = body.0.payment_method == CardCollection::IfRequired;
+    if card_optional && trial.is_none() {
+        return Err(ApiError::invalid_fields(vec![FieldError::new(
+            "payment_method",
+            "invalid",
+            "if_required is for a trial; a checkout without one takes a payment method",
+        )]));
+    }
     // A per-seat plan opens with the seats billed now.
-    let quantity = match per_seat {
-        true => db.platform(async |c| Ok::<_, ApiError>(crate::process::billable(c, ctx.tenant.id).await?)).await?,
-        false => 1,
-    };
+    let purchase = Purchase { price, quantity: if per_seat { seats } else { 1 }, trial_days: trial, card_optional };
     idempotency::once(&db, keyed, async || {
-        let url = api.checkout_session(&db, &ctx.tenant, price, quantity, keyed).await?;
+        let url = api.checkout_session(&db, &ctx.tenant, &purchase, keyed).await?;
         let json = db
             .platform(async |c| {
                 idempotency::claim(c, keyed).await?;

@@ -23,7 +23,10 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use stripe_billing::billing_portal_session::CreateBillingPortalSession;
 use stripe_checkout::checkout_session::{
-    CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionSubscriptionData,
+    CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionPaymentMethodCollection,
+    CreateCheckoutSessionSubscriptionData, CreateCheckoutSessionSubscriptionDataTrialSettings,
+    CreateCheckoutSessionSubscriptionDataTrialSettingsEndBehavior,
+    CreateCheckoutSessionSubscriptionDataTrialSettingsEndBehaviorMissingPaymentMethod,
 };
 use stripe_client_core::{RequestBuilder, RequestStrategy, StripeMethod, StripeRequest as _};
 use stripe_core::customer::CreateCustomer;
@@ -54,6 +57,20 @@ enum State {
     Probing {
         since: Instant,
     },
+}
+
+/// What a checkout sells: a plan's price, for `quantity` seats, maybe
+/// with a trial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purchase {
+    pub price: String,
+    pub quantity: u64,
+    /// Days of trial before the first payment.
+    pub trial_days: Option<u32>,
+    /// The trial starts without a card (`payment_method_collection=
+    /// if_required`); the subscription is cancelled at its end if none
+    /// was added.
+    pub card_optional: bool,
 }
 
 /// Stripe's API, behind a circuit breaker. Registered as app data when
@@ -309,15 +326,14 @@ impl Stripe {
         &self,
         db: &Db,
         tenant: &Tenant,
-        price: String,
-        quantity: u64,
+        item: &Purchase,
         once: Option<&plinth_http::idempotency::Keyed>,
     ) -> Result<String, BillingError> {
         let customer = self.customer(db, tenant.id, &tenant.name).await?;
         if self.has_live_subscription(db, tenant.id, &customer).await? {
             return Err(BillingError::AlreadySubscribed);
         }
-        let created = self.create_checkout(tenant, &customer, &price, quantity, once).await;
+        let created = self.create_checkout(tenant, &customer, item, once).await;
         let session = match created {
             // Deleted in Stripe before its `customer.deleted` arrived.
             Err(err) if missing_customer(&err) => {
@@ -326,7 +342,7 @@ impl Stripe {
                 })
                 .await?;
                 let customer = self.customer(db, tenant.id, &tenant.name).await?;
-                self.create_checkout(tenant, &customer, &price, quantity, once).await?
+                self.create_checkout(tenant, &customer, item, once).await?
             }
             other => other?,
         };
@@ -337,14 +353,13 @@ impl Stripe {
         &self,
         tenant: &Tenant,
         customer: &str,
-        price: &str,
-        quantity: u64,
+        purchase: &Purchase,
         once: Option<&plinth_http::idempotency::Keyed>,
     ) -> Result<stripe_shared::CheckoutSession, BillingError> {
         self.admit()?;
         let item = CreateCheckoutSessionLineItems {
-            price: Some(price.to_owned()),
-            quantity: Some(quantity),
+            price: Some(purchase.price.clone()),
+            quantity: Some(purchase.quantity),
             ..Default::default()
         };
         let strategy = match once {
@@ -368,7 +383,19 @@ impl Stripe {
         };
         let mut subscription = CreateCheckoutSessionSubscriptionData::new();
         subscription.metadata = Some([("tenant_id".to_owned(), tenant.id.to_string())].into());
-        let session = CreateCheckoutSession::new()
+        subscription.trial_period_days = purchase.trial_days;
+        let mut session = CreateCheckoutSession::new();
+        if purchase.card_optional {
+            // A trial without a card: cancelled at its end unless one was
+            // added, which ends the paid plan.
+            session = session.payment_method_collection(CreateCheckoutSessionPaymentMethodCollection::IfRequired);
+            subscription.trial_settings = Some(CreateCheckoutSessionSubscriptionDataTrialSettings::new(
+                CreateCheckoutSessionSubscriptionDataTrialSettingsEndBehavior::new(
+                    CreateCheckoutSessionSubscriptionDataTrialSettingsEndBehaviorMissingPaymentMethod::Cancel,
+                ),
+            ));
+        }
+        let session = session
             .mode(stripe_shared::CheckoutSessionMode::Subscription)
             .customer(customer)
             .client_reference_id(tenant.id.to_string())

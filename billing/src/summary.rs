@@ -56,6 +56,14 @@ pub async fn live(
     Ok((rows, main))
 }
 
+/// Whether the tenant has had a trial (any subscription of its with one).
+pub async fn had_trial(c: &mut AsyncPgConnection, tenant: TenantId) -> diesel::QueryResult<bool> {
+    let trialled = subscriptions::table
+        .filter(subscriptions::tenant_id.eq(tenant.0))
+        .filter(subscriptions::trial_end.is_not_null());
+    diesel::select(diesel::dsl::exists(trialled)).get_result(c).await
+}
+
 /// The organization's billing state from its main subscription and its
 /// restriction.
 pub fn state(main: Option<&SubscriptionView>, restricted: bool, grace: chrono::Duration) -> TenantBilling {
