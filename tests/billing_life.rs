@@ -443,3 +443,155 @@ mod trials {
         Ok(())
     }
 }
+
+mod changes {
+    use super::*;
+    use crate::harness::{TempDir, assert_error};
+
+    /// The default catalog, with pro limited to 2 projects: a downgrade
+    /// the organization can be over.
+    const PLANS: &str = r#"
+[[plan]]
+name = "free"
+limits = { projects = 3, members = 3 }
+
+[[plan]]
+name = "pro"
+includes = "free"
+features = ["audit_log", "api_keys"]
+limits = { projects = 2, members = 25 }
+per_seat = true
+
+[[plan]]
+name = "enterprise"
+includes = "pro"
+features = ["custom_domains", "data_export"]
+per_seat = true
+"#;
+
+    async fn post(b: &Billing, slug: &str, path: &str, body: Value) -> TestResult<reqwest::Response> {
+        Ok(b.app.req(Method::POST, slug, path).json(&body).send().await?)
+    }
+
+    fn posted<'a>(stripe: &'a [crate::stripe::Recorded], path: &str) -> Vec<&'a crate::stripe::Recorded> {
+        stripe.iter().filter(|r| r.method == "POST" && r.path == path).collect()
+    }
+
+    #[tokio::test]
+    async fn a_preview_an_upgrade_a_downgrade_at_period_end_a_refused_one_and_cancel_and_resume() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        stripe.set_price(PRO, 2000);
+        stripe.set_price(ENTERPRISE, 5000);
+        let dir = TempDir::new("plans")?;
+        let file = dir.path.join("plans.toml");
+        std::fs::write(&file, PLANS)?;
+        let file: &'static str = Box::leak(file.display().to_string().into_boxed_str());
+        let b = billing_setting("14", Some(&stripe), vec![("PLINTH_PLANS_FILE", file)]).await?;
+        let acme = b.app.create_tenant("acme").await?;
+        b.app.create_tenant("globex").await?;
+        b.join(&acme, "second@acme.example.com").await?;
+        let t = now() - 100;
+        stripe.add_customer("cus_c", Some(&acme.id.to_string()));
+        b.link(&acme, "cus_c", t).await?;
+        let period_end = now() + 20 * 86_400;
+        let mut sub = seats("sub_c", "cus_c", "active", PRO, 2);
+        sub["items"]["data"][0]["current_period_start"] = json!(now() - 10 * 86_400);
+        sub["items"]["data"][0]["current_period_end"] = json!(period_end);
+        stripe.set_subscription(sub.clone());
+        b.deliver("evt_c_on", "customer.subscription.created", t + 1, sub).await?;
+        b.plan_becomes("acme", "pro").await?;
+
+        // The preview of an upgrade: the difference now, the new price next.
+        let res = post(&b, "acme", "/v1/billing/preview", json!({ "plan": "enterprise" })).await?;
+        assert_eq!(res.status(), 200);
+        let preview: Value = res.json().await?;
+        assert_eq!(preview["effective"], "now", "{preview}");
+        assert_eq!(
+            (preview["due_now"]["amount"].as_i64(), preview["next_invoice"]["amount"].as_i64()),
+            (Some(6000), Some(10000))
+        );
+        assert_eq!(preview["next_invoice"]["currency"], "usd");
+        let previews = stripe.requests();
+        let previews = posted(&previews, "/v1/invoices/create_preview");
+        assert_eq!(previews.len(), 2);
+        for p in &previews {
+            assert_eq!(p.field("subscription_details[items][0][id]"), Some("si_sub_c"));
+            assert_eq!(p.field("subscription_details[items][0][price]"), Some(ENTERPRISE));
+            assert_eq!(p.field("subscription_details[items][0][quantity]"), Some("2"));
+        }
+        assert!(previews.iter().any(|p| p.field("subscription_details[proration_behavior]") == Some("always_invoice")));
+
+        // The upgrade, at once with its prorations invoiced now.
+        let res = post(&b, "acme", "/v1/billing/change", json!({ "plan": "enterprise" })).await?;
+        let changed: Value = res.json().await?;
+        assert_eq!(changed["effective"], "now", "{changed}");
+        let requests = stripe.requests();
+        let update = posted(&requests, "/v1/subscriptions/sub_c");
+        assert_eq!(update.len(), 1);
+        assert_eq!(update[0].field("items[0][price]"), Some(ENTERPRISE));
+        assert_eq!(update[0].field("proration_behavior"), Some("always_invoice"));
+        let upgraded = stripe.subscription_now("sub_c").ok_or("sub_c")?;
+        b.deliver("evt_c_up", "customer.subscription.updated", t + 2, upgraded).await?;
+        b.plan_becomes("acme", "enterprise").await?;
+
+        // Three projects: pro allows two. The downgrade says so, per limit.
+        for n in 1..=3 {
+            b.app.create_project("acme", &format!("p{n}")).await?;
+        }
+        for path in ["/v1/billing/preview", "/v1/billing/change"] {
+            let body =
+                assert_error(post(&b, "acme", path, json!({ "plan": "pro" })).await?, 409, "over_plan_limits").await?;
+            assert_eq!(body["error"]["limits"], json!([{ "quota": "projects", "limit": 2, "used": 3 }]), "{body}");
+        }
+        assert!(stripe.subscription_now("sub_c").is_some_and(|s| s["schedule"].is_null()), "nothing was scheduled");
+
+        // Down to two projects: the downgrade waits for the period's end.
+        let projects: Value = b.app.req(Method::GET, "acme", "/v1/projects").send().await?.json().await?;
+        let id = projects["data"][0]["id"].as_str().ok_or("a project")?.to_owned();
+        assert_eq!(b.app.req(Method::DELETE, "acme", &format!("/v1/projects/{id}")).send().await?.status(), 204);
+        let preview: Value = post(&b, "acme", "/v1/billing/preview", json!({ "plan": "pro" })).await?.json().await?;
+        assert_eq!(
+            (preview["effective"].as_str(), preview["due_now"]["amount"].as_i64()),
+            (Some("period_end"), Some(0))
+        );
+        assert_eq!(preview["next_invoice"]["amount"].as_i64(), Some(4000));
+        let changed: Value = post(&b, "acme", "/v1/billing/change", json!({ "plan": "pro" })).await?.json().await?;
+        assert_eq!(changed["effective"], "period_end", "{changed}");
+        let at: chrono::DateTime<chrono::Utc> = serde_json::from_value(changed["effective_at"].clone())?;
+        assert_eq!(at.timestamp(), period_end);
+        let schedule_id = stripe.subscription_now("sub_c").and_then(|s| s["schedule"].as_str().map(str::to_owned));
+        let schedule = stripe.schedule_now(&schedule_id.ok_or("a schedule")?).ok_or("the schedule")?;
+        assert_eq!(schedule["end_behavior"], "release");
+        assert_eq!(schedule["phases"][0]["items"][0]["price"], ENTERPRISE);
+        assert_eq!(schedule["phases"][0]["end_date"].as_i64(), Some(period_end));
+        assert_eq!(schedule["phases"][1]["items"][0]["price"], PRO);
+        assert_eq!(schedule["phases"][1]["items"][0]["quantity"].as_i64(), Some(2));
+        assert_eq!(b.plan("acme").await?, "enterprise", "until the period ends");
+        let view = b.view("acme").await?;
+        assert_eq!(view["pending_change"]["plan"], "pro", "{view}");
+        // The period ends; Stripe moves the subscription to pro.
+        let mut renewed = seats("sub_c", "cus_c", "active", PRO, 2);
+        renewed["items"]["data"][0]["current_period_end"] = json!(period_end + 30 * 86_400);
+        stripe.set_subscription(renewed.clone());
+        b.deliver("evt_c_down", "customer.subscription.updated", t + 3, renewed).await?;
+        b.plan_becomes("acme", "pro").await?;
+        assert!(b.view("acme").await?["pending_change"].is_null());
+
+        // Cancel at the period's end, then take it back.
+        let ending: Value = post(&b, "acme", "/v1/billing/cancel", json!({})).await?.json().await?;
+        assert_eq!(ending["cancel_at_period_end"], true, "{ending}");
+        assert_eq!(stripe.subscription_now("sub_c").map(|s| s["cancel_at_period_end"].clone()), Some(json!(true)));
+        assert_eq!(b.view("acme").await?["cancel_at_period_end"], true);
+        let ending: Value = post(&b, "acme", "/v1/billing/resume", json!({})).await?.json().await?;
+        assert_eq!(ending["cancel_at_period_end"], false);
+        assert_eq!(stripe.subscription_now("sub_c").map(|s| s["cancel_at_period_end"].clone()), Some(json!(false)));
+
+        // Another organization has no subscription to change, and sees
+        // none of acme's.
+        let res = post(&b, "globex", "/v1/billing/change", json!({ "plan": "enterprise" })).await?;
+        assert_error(res, 409, "conflict").await?;
+        assert_error(post(&b, "globex", "/v1/billing/cancel", json!({})).await?, 409, "conflict").await?;
+        assert!(b.view("globex").await?["pending_change"].is_null());
+        Ok(())
+    }
+}

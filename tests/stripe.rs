@@ -124,6 +124,9 @@ struct MockState {
     customers: std::collections::HashMap<String, Value>,
     subscriptions: std::collections::HashMap<String, Value>,
     invoices: std::collections::HashMap<String, Value>,
+    schedules: std::collections::HashMap<String, Value>,
+    /// Price id → unit amount in cents (for invoice previews).
+    prices: std::collections::HashMap<String, i64>,
     /// Idempotency key → the first request's form and answer.
     idempotent: std::collections::HashMap<String, FirstAnswer>,
     /// Keys whose first request is still being answered.
@@ -291,6 +294,120 @@ fn answer(state: &mut MockState, recorded: &Recorded, query: &str, n: usize) -> 
                 (None, _) => (404, failure_body(404, p)),
             }
         }
+        ("POST", "/v1/invoices/create_preview") => {
+            let Some(sub) = recorded.field("subscription").and_then(|id| state.subscriptions.get(id)) else {
+                return (404, failure_body(404, "/v1/subscriptions/none"));
+            };
+            let item_id = recorded.field("subscription_details[items][0][id]").unwrap_or_default();
+            let items = sub["items"]["data"].as_array().cloned().unwrap_or_default();
+            let Some(item) = items.iter().find(|i| i["id"] == item_id) else {
+                return (400, stripe_error("invalid_request_error", Some("resource_missing"), "No such item", None));
+            };
+            let unit = |price: &str| state.prices.get(price).copied().unwrap_or(0);
+            let old = unit(item["price"]["id"].as_str().unwrap_or_default()) * item["quantity"].as_i64().unwrap_or(1);
+            let new_price = recorded.field("subscription_details[items][0][price]").unwrap_or_default();
+            let quantity: i64 =
+                recorded.field("subscription_details[items][0][quantity]").and_then(|q| q.parse().ok()).unwrap_or(1);
+            let new = unit(new_price) * quantity;
+            // The whole difference now (this stand-in does not prorate by
+            // time), or the renewal at the new price.
+            let due = match recorded.field("subscription_details[proration_behavior]") {
+                Some("always_invoice") => (new - old).max(0),
+                _ => new,
+            };
+            let mut preview = object("invoice");
+            preview["id"] = json!(format!("upcoming_in_mock_{n}"));
+            preview["status"] = json!("draft");
+            preview["customer"] = sub["customer"].clone();
+            preview["amount_due"] = json!(due);
+            preview["currency"] = json!("usd");
+            preview["period_end"] = item["current_period_end"].clone();
+            preview["next_payment_attempt"] = item["current_period_end"].clone();
+            (200, preview)
+        }
+        ("POST", p) if p.starts_with("/v1/subscriptions/") => {
+            let id = &p["/v1/subscriptions/".len()..];
+            let form = recorded.form.clone();
+            let Some(sub) = state.subscriptions.get_mut(id) else { return (404, failure_body(404, p)) };
+            if let Some(cancel) = recorded.field("cancel_at_period_end") {
+                sub["cancel_at_period_end"] = json!(cancel == "true");
+            }
+            if let Some(item_id) = recorded.field("items[0][id]") {
+                for item in sub["items"]["data"].as_array_mut().into_iter().flatten() {
+                    if item["id"] == item_id {
+                        for (key, value) in &form {
+                            match key.as_str() {
+                                "items[0][price]" => item["price"]["id"] = json!(value),
+                                "items[0][quantity]" => item["quantity"] = json!(value.parse::<u64>().unwrap_or(1)),
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+            (200, sub.clone())
+        }
+        ("POST", "/v1/subscription_schedules") => {
+            let id = recorded.field("from_subscription").unwrap_or_default().to_owned();
+            let Some(sub) = state.subscriptions.get_mut(&id) else { return (404, failure_body(404, path)) };
+            let item = sub["items"]["data"][0].clone();
+            let schedule_id = format!("sub_sched_mock_{n}");
+            sub["schedule"] = json!(schedule_id);
+            let mut schedule = object("subscription_schedule");
+            schedule["id"] = json!(schedule_id);
+            schedule["subscription"] = json!(id);
+            schedule["customer"] = sub["customer"].clone();
+            schedule["status"] = json!("active");
+            schedule["phases"][0]["start_date"] = item["current_period_start"].clone();
+            schedule["phases"][0]["end_date"] = item["current_period_end"].clone();
+            schedule["phases"][0]["items"][0]["price"] = item["price"]["id"].clone();
+            schedule["phases"][0]["items"][0]["quantity"] = item["quantity"].clone();
+            state.schedules.insert(schedule_id, schedule.clone());
+            (200, schedule)
+        }
+        ("GET", p) if p.starts_with("/v1/subscription_schedules/") => {
+            match state.schedules.get(&p["/v1/subscription_schedules/".len()..]) {
+                Some(schedule) => (200, schedule.clone()),
+                None => (404, failure_body(404, p)),
+            }
+        }
+        ("POST", p) if p.starts_with("/v1/subscription_schedules/") => {
+            let rest = &p["/v1/subscription_schedules/".len()..];
+            let (id, release) = match rest.strip_suffix("/release") {
+                Some(id) => (id, true),
+                None => (rest, false),
+            };
+            let Some(schedule) = state.schedules.get_mut(id) else { return (404, failure_body(404, p)) };
+            if release {
+                schedule["status"] = json!("released");
+                let sub = schedule["subscription"].as_str().unwrap_or_default().to_owned();
+                if let Some(sub) = state.subscriptions.get_mut(&sub) {
+                    sub["schedule"] = Value::Null;
+                }
+                return (200, state.schedules.get(id).cloned().unwrap_or_default());
+            }
+            // The phases as sent: `phases[i][field]` and `phases[i][items][0][field]`.
+            let mut phases: Vec<Value> = Vec::new();
+            for (key, value) in &recorded.form {
+                let Some(rest) = key.strip_prefix("phases[") else { continue };
+                let Some((index, field)) = rest.split_once(']') else { continue };
+                let Ok(index) = index.parse::<usize>() else { continue };
+                while phases.len() <= index {
+                    phases.push(json!({ "items": [{}] }));
+                }
+                let value: Value = value.parse::<i64>().map(Value::from).unwrap_or_else(|_| json!(value));
+                match field {
+                    "[start_date]" => phases[index]["start_date"] = value,
+                    "[end_date]" => phases[index]["end_date"] = value,
+                    "[items][0][price]" => phases[index]["items"][0]["price"] = value,
+                    "[items][0][quantity]" => phases[index]["items"][0]["quantity"] = value,
+                    _ => {}
+                }
+            }
+            schedule["phases"] = json!(phases);
+            schedule["end_behavior"] = json!(recorded.field("end_behavior"));
+            (200, schedule.clone())
+        }
         ("GET", "/v1/invoices") => {
             let customer = param("customer").unwrap_or_default();
             let mut data: Vec<Value> =
@@ -420,6 +537,16 @@ impl StripeMock {
     pub fn set_invoice(&self, invoice: Value) {
         let id = invoice["id"].as_str().unwrap_or_default().to_owned();
         self.state().invoices.insert(id, invoice);
+    }
+
+    /// The unit amount (cents) of `price`, for invoice previews.
+    pub fn set_price(&self, price: &str, unit_amount: i64) {
+        self.state().prices.insert(price.to_owned(), unit_amount);
+    }
+
+    /// The subscription schedule as the stand-in has it now.
+    pub fn schedule_now(&self, id: &str) -> Option<Value> {
+        self.state().schedules.get(id).cloned()
     }
 
     /// A customer Stripe has (made elsewhere: the Dashboard, Checkout, an

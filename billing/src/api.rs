@@ -5,7 +5,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, get, post, web};
-use diesel::{ExpressionMethods as _, QueryDsl as _};
+use diesel::{ExpressionMethods as _, OptionalExtension as _, QueryDsl as _};
 use diesel_async::RunQueryDsl;
 use plinth_access::Access;
 use plinth_access::{Allowed, requirements};
@@ -18,17 +18,18 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::customers;
-use crate::schema::stripe_events;
+use crate::schema::{billing_plan_changes, stripe_events};
 use crate::summary::{self, SubscriptionView};
 use plinth_admin::tenant::TenantBilling;
 
 requirements! {
     /// Billing is the owners' business, on every plan.
-    pub(crate) ManageBilling = "billing", Manage, feature: none;
+    pub ManageBilling = "billing", Manage, feature: none;
 }
 
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(checkout).service(portal).service(subscription).service(crate::invoices::list);
+    crate::change::configure(cfg);
 }
 
 pub use crate::stripe::{Purchase, Stripe};
@@ -201,6 +202,16 @@ struct Billing {
     /// Set while Stripe events about this organization wait to be applied:
     /// what is shown may be behind what was paid.
     pending: Option<Pending>,
+    /// A downgrade made with `POST /v1/billing/change`, waiting for the
+    /// end of the period.
+    pending_change: Option<PendingChange>,
+}
+
+/// A plan change waiting for the end of the period.
+#[derive(Serialize, ToSchema, diesel::Queryable)]
+struct PendingChange {
+    plan: String,
+    effective_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// `GET /v1/billing/subscription`: the tenant's plan, its live
@@ -221,9 +232,16 @@ async fn subscription(
 ) -> Result<HttpResponse, ApiError> {
     let tenant = ctx.tenant.id;
     let plan = ctx.plan().name.clone();
-    let ((live, main), waiting) = db
+    let ((live, main), waiting, pending_change) = db
         .platform(async |c| {
             let live = summary::live(c, tenant, &plan).await?;
+            let change: Option<PendingChange> = billing_plan_changes::table
+                .filter(billing_plan_changes::tenant_id.eq(tenant.0))
+                .order(billing_plan_changes::created_at.desc())
+                .select((billing_plan_changes::plan, billing_plan_changes::effective_at))
+                .first(c)
+                .await
+                .optional()?;
             let all = customers::all(c, tenant).await?;
             let waiting: Vec<(String, Option<String>)> = stripe_events::table
                 .filter(stripe_events::customer_id.eq_any(all))
@@ -233,7 +251,7 @@ async fn subscription(
                 .limit(20)
                 .load(c)
                 .await?;
-            Ok::<_, ApiError>((live, waiting))
+            Ok::<_, ApiError>((live, waiting, change))
         })
         .await?;
     let pending = match waiting.iter().find_map(|(_, reason)| reason.clone()) {
@@ -254,5 +272,6 @@ async fn subscription(
         plan,
         subscriptions: live,
         pending,
+        pending_change,
     }))
 }

@@ -8,6 +8,8 @@
 //! - [`stripe`]: Stripe's API behind a circuit breaker, its error classes,
 //!   and each call Plinth makes; [`client`] sends them.
 //! - [`api`]: the routes: checkout, portal and the subscription view.
+//! - [`change`]: plan changes from inside the product: preview, change,
+//!   cancel and resume.
 //! - [`object`]: Stripe's objects read by field, in any API version.
 //! - [`customers`]: tenants' Stripe customers.
 //! - [`invoices`]: the local mirror of the tenants' invoices and its route.
@@ -20,6 +22,7 @@
 //! `docs/billing.md` has the operator's set-up and the state machine.
 
 pub mod api;
+pub mod change;
 pub mod client;
 pub mod config;
 pub mod customers;

@@ -60,6 +60,8 @@ pub struct Subscription {
     pub pause_collection: Option<Value>,
     /// `metadata.tenant_id`, which Plinth sets at checkout.
     pub tenant: Option<String>,
+    /// The subscription schedule that manages it, if any.
+    pub schedule: Option<String>,
 }
 
 impl Subscription {
@@ -96,6 +98,7 @@ impl Subscription {
             cancel_at: v["cancel_at"].as_i64(),
             pause_collection: Some(v["pause_collection"].clone()).filter(|p| p.is_object()),
             tenant: text(&v["metadata"]["tenant_id"]),
+            schedule: id_of(&v["schedule"]),
         })
     }
 

@@ -77,3 +77,14 @@ diesel::table! {
         created_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    public.billing_plan_changes (subscription_id) {
+        subscription_id -> Text,
+        tenant_id -> Uuid,
+        plan -> Text,
+        effective_at -> Nullable<Timestamptz>,
+        schedule_id -> Text,
+        created_at -> Timestamptz,
+    }
+}

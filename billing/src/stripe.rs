@@ -73,6 +73,15 @@ pub struct Purchase {
     pub card_optional: bool,
 }
 
+/// A plan change on one subscription item: its new price and quantity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The item (`si_...`) whose price changes.
+    pub item: String,
+    pub price: String,
+    pub quantity: u64,
+}
+
 /// Stripe's API, behind a circuit breaker. Registered as app data when
 /// Stripe is configured.
 pub struct Stripe {
@@ -220,14 +229,120 @@ impl Stripe {
     /// names this one intent (its retries send the same key, and so are
     /// applied once).
     pub async fn set_quantity(&self, item: &str, quantity: u64, key: String) -> Result<(), BillingError> {
+        let form = [("quantity", quantity.to_string()), ("proration_behavior", "create_prorations".into())]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        self.post(format!("/subscription_items/{item}"), &form, Some(key), "updating a seat quantity").await.map(drop)
+    }
+
+    /// `POST /v1{path}` with `form`, once, or under `key` (retried).
+    async fn post(
+        &self,
+        path: String,
+        form: &std::collections::BTreeMap<String, String>,
+        key: Option<String>,
+        what: &'static str,
+    ) -> Result<Value, BillingError> {
         self.admit()?;
-        let key = stripe_client_core::IdempotencyKey::new(key)
-            .map_err(|e| BillingError::Internal(format!("idempotency key: {e}")))?;
-        let form: std::collections::BTreeMap<&str, String> =
-            [("quantity", quantity.to_string()), ("proration_behavior", "create_prorations".into())].into();
-        let req = RequestBuilder::new(StripeMethod::Post, format!("/subscription_items/{item}")).form(&form);
-        let updated = self.client.json(req, RequestStrategy::Idempotent(key)).await;
-        self.record(updated, "updating a seat quantity").map(drop)
+        let strategy = match key {
+            Some(key) => RequestStrategy::Idempotent(
+                stripe_client_core::IdempotencyKey::new(key)
+                    .map_err(|e| BillingError::Internal(format!("idempotency key: {e}")))?,
+            ),
+            None => RequestStrategy::Once,
+        };
+        let answer = self.client.json(RequestBuilder::new(StripeMethod::Post, path).form(form), strategy).await;
+        self.record(answer, what)
+    }
+
+    /// Stripe's preview of the invoice that putting `change` on `sub` would
+    /// make: with `now`, the one charged at once (its prorations); else the
+    /// next renewal's.
+    pub async fn preview(&self, sub: &object::Subscription, change: &Change, now: bool) -> Result<Value, BillingError> {
+        let form: std::collections::BTreeMap<String, String> = [
+            ("customer", sub.customer.clone()),
+            ("subscription", sub.id.clone()),
+            ("subscription_details[items][0][id]", change.item.clone()),
+            ("subscription_details[items][0][price]", change.price.clone()),
+            ("subscription_details[items][0][quantity]", change.quantity.to_string()),
+            ("subscription_details[proration_behavior]", if now { "always_invoice" } else { "none" }.to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        self.post("/invoices/create_preview".into(), &form, None, "previewing an invoice").await
+    }
+
+    /// Puts `change` on `sub` at once, invoicing the prorations now.
+    pub async fn change_now(&self, sub: &str, change: &Change) -> Result<Value, BillingError> {
+        let form: std::collections::BTreeMap<String, String> = [
+            ("items[0][id]", change.item.clone()),
+            ("items[0][price]", change.price.clone()),
+            ("items[0][quantity]", change.quantity.to_string()),
+            ("proration_behavior", "always_invoice".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        self.post(format!("/subscriptions/{sub}"), &form, None, "changing a subscription").await
+    }
+
+    /// Puts `change` on `sub` at the end of its period, with a subscription
+    /// schedule (made from the subscription, or its own): the current
+    /// phase keeps the price it has until then, the next has the new one,
+    /// and the schedule then releases the subscription. The schedule's id.
+    pub async fn change_at_period_end(
+        &self,
+        sub: &object::Subscription,
+        current_price: &str,
+        change: &Change,
+    ) -> Result<String, BillingError> {
+        let schedule = match &sub.schedule {
+            Some(id) => self.get(format!("/subscription_schedules/{id}"), &[], "reading a schedule").await?,
+            None => {
+                // Keyed by the subscription: made once, however often asked.
+                let form = [("from_subscription".to_owned(), sub.id.clone())].into_iter().collect();
+                let key = Some(format!("plinth-schedule-{}", sub.id));
+                self.post("/subscription_schedules".into(), &form, key, "scheduling a change").await?
+            }
+        };
+        let id = schedule["id"].as_str().ok_or_else(|| BillingError::Internal("a schedule without an id".into()))?;
+        let phase = &schedule["phases"][0];
+        let start = phase["start_date"].as_i64().or(schedule["current_phase"]["start_date"].as_i64());
+        let end = phase["end_date"].as_i64().or(schedule["current_phase"]["end_date"].as_i64());
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err(BillingError::Internal(format!("schedule {id} has no current phase")));
+        };
+        let current_quantity = sub.items.iter().find(|i| i.price == current_price).and_then(|i| i.quantity);
+        let form: std::collections::BTreeMap<String, String> = [
+            ("end_behavior", "release".to_owned()),
+            ("proration_behavior", "none".to_owned()),
+            ("phases[0][start_date]", start.to_string()),
+            ("phases[0][end_date]", end.to_string()),
+            ("phases[0][items][0][price]", current_price.to_owned()),
+            ("phases[0][items][0][quantity]", current_quantity.unwrap_or(change.quantity).to_string()),
+            ("phases[1][items][0][price]", change.price.clone()),
+            ("phases[1][items][0][quantity]", change.quantity.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        self.post(format!("/subscription_schedules/{id}"), &form, None, "scheduling a change").await?;
+        Ok(id.to_owned())
+    }
+
+    /// Releases a schedule: the subscription goes on as it is now, without
+    /// the change the schedule held.
+    pub async fn release_schedule(&self, id: &str) -> Result<(), BillingError> {
+        let form = std::collections::BTreeMap::new();
+        self.post(format!("/subscription_schedules/{id}/release"), &form, None, "releasing a schedule").await.map(drop)
+    }
+
+    /// Sets whether `sub` ends at the end of its period; Stripe's answer.
+    pub async fn cancel_at_period_end(&self, sub: &str, cancel: bool) -> Result<Value, BillingError> {
+        let form = [("cancel_at_period_end".to_owned(), cancel.to_string())].into_iter().collect();
+        self.post(format!("/subscriptions/{sub}"), &form, None, "changing a subscription").await
     }
 
     /// The tenant's current Stripe customer: its link; else a customer

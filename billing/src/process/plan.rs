@@ -17,7 +17,7 @@ use super::notices::{cancelled_mail, notify_owners};
 use super::{GRACE, Mode, Outcome, Park, Processor, REMINDER, SubscriptionRow, lock_customer};
 use crate::error::BillingError;
 use crate::object;
-use crate::schema::subscriptions;
+use crate::schema::{billing_plan_changes, subscriptions};
 use crate::stripe::ENDED;
 
 impl Processor {
@@ -241,6 +241,14 @@ impl Processor {
             ))
             .execute(c)
             .await?;
+        // A change that waited for the period's end has happened (or
+        // will not, the subscription having ended).
+        let pending = billing_plan_changes::table.filter(billing_plan_changes::subscription_id.eq(id));
+        if deleted || ENDED.contains(&status) {
+            diesel::delete(pending).execute(c).await?;
+        } else if let Some(plan) = &paid_plan {
+            diesel::delete(pending.filter(billing_plan_changes::plan.eq(plan))).execute(c).await?;
+        }
         if let Some(since) = past_due_since {
             let payload = json!({ "subscription": id, "since": since.timestamp() });
             let job = NewJob {

@@ -79,6 +79,10 @@ pub enum ApiError {
     NotReady(String),
     #[error("billing is not configured on this server")]
     BillingNotConfigured,
+    /// A downgrade to a plan whose limits the organization is over: each
+    /// (quota, the plan's limit, what is used).
+    #[error("the organization uses more than the plan allows: {}", over.iter().map(|(q, l, u)| format!("{u} {q} of {l}")).collect::<Vec<_>>().join(", "))]
+    OverPlanLimits { over: Vec<(&'static str, u32, i64)> },
     /// A checkout for an organization that has a live subscription.
     #[error("the organization already has a live subscription; change plans in the billing portal")]
     AlreadySubscribed,
@@ -118,6 +122,7 @@ impl ApiError {
             Self::Unavailable(_) | Self::NotReady(_) => "unavailable",
             Self::BillingNotConfigured => "billing_not_configured",
             Self::AlreadySubscribed => "already_subscribed",
+            Self::OverPlanLimits { .. } => "over_plan_limits",
             Self::Internal(_) => "internal",
         }
     }
@@ -199,7 +204,9 @@ impl ResponseError for ApiError {
             }
             Self::Forbidden | Self::TenantSuspended => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) | Self::IdempotencyKeyInUse | Self::AlreadySubscribed => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::IdempotencyKeyInUse | Self::AlreadySubscribed | Self::OverPlanLimits { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -230,6 +237,13 @@ impl ResponseError for ApiError {
             }
             // Where an owner goes to pay (a POST answering the portal's URL).
             Self::PaymentRequired => serde_json::json!({ "portal": "/v1/billing/portal" }),
+            Self::OverPlanLimits { over } => {
+                let limits: Vec<_> = over
+                    .iter()
+                    .map(|(quota, limit, used)| serde_json::json!({ "quota": quota, "limit": limit, "used": used }))
+                    .collect();
+                serde_json::json!({ "limits": limits })
+            }
             _ => serde_json::json!({}),
         };
         let extra = match extra {

@@ -49,6 +49,7 @@ pub const ERROR_CODES: &[&str] = &[
     "unavailable",
     "billing_not_configured",
     "already_subscribed",
+    "over_plan_limits",
     "internal",
 ];
 
@@ -85,6 +86,10 @@ pub struct ErrorDetail {
     /// With `quota_exceeded`: how many are in use.
     #[schema(nullable = false, minimum = 0)]
     used: Option<i64>,
+    /// With `over_plan_limits`: each limit of the plan asked for that the
+    /// organization is over ({quota, limit, used}).
+    #[schema(nullable = false)]
+    limits: Option<Vec<serde_json::Value>>,
     /// With `payment_required`: the route that opens the billing portal,
     /// where an owner pays.
     #[schema(nullable = false)]
