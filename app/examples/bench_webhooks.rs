@@ -85,6 +85,8 @@ async fn main() -> Result {
     tokio::spawn(app.run_until_stopped());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    // reqwest's rustls has no built-in crypto provider: the one the app uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder().pool_max_idle_per_host(CONNECTIONS).build()?;
     let started = Instant::now();
     let results: Vec<Result<(u16, Duration)>> = futures_util::stream::iter(deliveries.iter())
