@@ -133,15 +133,7 @@ impl Processor {
         }
         let Some(t) = registry::find_by_id(c, tenant).await? else { return Ok(()) };
         let action = if restricted { "billing.restricted" } else { "billing.restriction_lifted" };
-        let entry = plinth_tenants::audit::Entry {
-            actor: Actor::System,
-            action,
-            target_type: Some("tenant"),
-            target_id: Some(tenant.to_string()),
-            ip: None,
-            request_id: None,
-            details,
-        };
+        let entry = plinth_tenants::audit::Entry::new(Actor::System, action).target("tenant", tenant).details(details);
         plinth_tenants::audit::record_as_system(c, &t.schema, entry).await?;
         if restricted {
             tracing::warn!(tenant.id = %tenant, "tenant restricted: a payment is overdue past its grace");
@@ -281,28 +273,39 @@ impl Processor {
         Ok(Outcome::Applied)
     }
 
-    /// Ends a past-due subscription's grace: its plan no longer counts
-    /// (the tenant keeps what its other subscriptions grant), unless it was
-    /// paid (or changed) since. Checked under the customer's lock.
+    /// Under its customer's lock: the tenant and plan of subscription `id`,
+    /// if it is still in the past-due episode that began at `since` (not
+    /// paid, changed or ended since).
+    async fn still_past_due(
+        c: &mut AsyncPgConnection,
+        id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Option<(TenantId, Option<String>)>, BillingError> {
+        let customer: Option<String> =
+            subscriptions::table.find(id).select(subscriptions::customer_id).first(c).await.optional()?;
+        let Some(customer) = customer else { return Ok(None) };
+        lock_customer(c, &customer).await.map_err(|p| BillingError::Unappliable(p.reason))?;
+        let row: Option<(uuid::Uuid, Option<String>)> = subscriptions::table
+            .find(id)
+            .filter(subscriptions::status.eq("past_due"))
+            .filter(subscriptions::deleted.eq(false))
+            .filter(subscriptions::past_due_since.eq(since))
+            .select((subscriptions::tenant_id, subscriptions::plan))
+            .first(c)
+            .await
+            .optional()?;
+        Ok(row.map(|(tenant, plan)| (TenantId(tenant), plan)))
+    }
+
+    /// Ends a past-due subscription's grace: the tenant is restricted on
+    /// its plan (unless another subscription in good standing pays for
+    /// one), unless it was paid (or changed) since.
     pub(super) async fn end_grace(&self, id: &str, since: DateTime<Utc>) -> Result<(), BillingError> {
         self.db
             .platform(async |c| {
-                let customer: Option<String> =
-                    subscriptions::table.find(id).select(subscriptions::customer_id).first(c).await.optional()?;
-                let Some(customer) = customer else { return Ok(()) };
-                lock_customer(c, &customer).await.map_err(|p| BillingError::Unappliable(p.reason))?;
-                let row: Option<(uuid::Uuid, Option<String>)> = subscriptions::table
-                    .find(id)
-                    .filter(subscriptions::status.eq("past_due"))
-                    .filter(subscriptions::deleted.eq(false))
-                    .filter(subscriptions::past_due_since.eq(since))
-                    .select((subscriptions::tenant_id, subscriptions::plan))
-                    .first(c)
-                    .await
-                    .optional()?;
-                let Some((tenant, plan)) = row else { return Ok(()) };
+                let Some((tenant, plan)) = Self::still_past_due(c, id, since).await? else { return Ok(()) };
                 let details = json!({ "by": "stripe", "subscription": id, "status": "past_due", "grace": "ended" });
-                self.settle(c, TenantId(tenant), plan, Mode::Event, details)
+                self.settle(c, tenant, plan, Mode::Event, details)
                     .await
                     .map_err(|p| BillingError::Unappliable(p.reason))?;
                 tracing::info!(tenant.id = %tenant, "grace ended for a past-due subscription");
@@ -316,26 +319,13 @@ impl Processor {
     pub(super) async fn remind(&self, id: &str, since: DateTime<Utc>) -> Result<(), BillingError> {
         self.db
             .platform(async |c| {
-                let customer: Option<String> =
-                    subscriptions::table.find(id).select(subscriptions::customer_id).first(c).await.optional()?;
-                let Some(customer) = customer else { return Ok(()) };
-                lock_customer(c, &customer).await.map_err(|p| BillingError::Unappliable(p.reason))?;
-                let tenant: Option<uuid::Uuid> = subscriptions::table
-                    .find(id)
-                    .filter(subscriptions::status.eq("past_due"))
-                    .filter(subscriptions::deleted.eq(false))
-                    .filter(subscriptions::past_due_since.eq(since))
-                    .select(subscriptions::tenant_id)
-                    .first(c)
-                    .await
-                    .optional()?;
-                let Some(tenant) = tenant else { return Ok(()) };
+                let Some((tenant, _)) = Self::still_past_due(c, id, since).await? else { return Ok(()) };
                 if since + self.grace() <= Utc::now() {
                     return Ok(());
                 }
                 let grace_until = (since + self.grace()).format("%Y-%m-%d").to_string();
                 let key = format!("reminder:{id}:{}", since.timestamp());
-                notify_owners(c, TenantId(tenant), &key, |to, t, org, key| {
+                notify_owners(c, tenant, &key, |to, t, org, key| {
                     crate::mail::payment_reminder(to, t, org, &grace_until, key)
                 })
                 .await
