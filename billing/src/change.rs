@@ -42,7 +42,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PlanBody {
+struct PlanChangeBody {
     /// A plan of the catalog that has a Stripe price.
     plan: String,
 }
@@ -178,7 +178,7 @@ fn amount(invoice: &Value) -> Amount {
     summary = "What changing to a plan costs now and at the next invoice, from Stripe's invoice preview (owners)",
     params(TenantHeader),
     security(("session" = []), ("api_key" = [])),
-    request_body = PlanBody,
+    request_body = PlanChangeBody,
     responses(
         (status = 200, body = Preview),
         (status = 400, description = "Error: invalid_request (not a plan with a price, or the current plan).", body = ErrorEnvelope),
@@ -192,7 +192,7 @@ async fn preview(
     db: web::Data<Db>,
     access: web::Data<std::sync::Arc<Access>>,
     api: Option<web::Data<Stripe>>,
-    body: Json<PlanBody>,
+    body: Json<PlanChangeBody>,
 ) -> Result<HttpResponse, ApiError> {
     let api = stripe(api)?;
     let plotted = plot(&ctx, &db, &access, &api, &body.0.plan).await?;
@@ -223,7 +223,7 @@ async fn preview(
     summary = "Changes the plan: an upgrade at once with prorations, a downgrade at the end of the period (owners)",
     params(TenantHeader),
     security(("session" = []), ("api_key" = [])),
-    request_body = PlanBody,
+    request_body = PlanChangeBody,
     responses(
         (status = 200, body = Changed),
         (status = 400, description = "Error: invalid_request (not a plan with a price, or the current plan).", body = ErrorEnvelope),
@@ -237,7 +237,7 @@ async fn change(
     db: web::Data<Db>,
     access: web::Data<std::sync::Arc<Access>>,
     api: Option<web::Data<Stripe>>,
-    body: Json<PlanBody>,
+    body: Json<PlanChangeBody>,
 ) -> Result<HttpResponse, ApiError> {
     let api = stripe(api)?;
     let plotted = plot(&ctx, &db, &access, &api, &body.0.plan).await?;
