@@ -184,6 +184,8 @@ pub(crate) mod processing {
         pub(crate) smtp: SmtpServer,
         _worker: Running,
         pub(crate) testdb: TestDb,
+        /// The worker's settings (to start another worker like it).
+        pub(crate) settings: plinth::config::Settings,
         _dir: TempDir,
     }
 
@@ -233,7 +235,7 @@ pub(crate) mod processing {
         values.insert("PLINTH_DATA_DIR".into(), dir.path.display().to_string());
         let settings = plinth::config::Settings::from_values(&values)?;
         let worker = Running::mail(&testdb, &settings, worker)?;
-        Ok(Billing { app, smtp, _worker: worker, testdb, _dir: dir })
+        Ok(Billing { app, smtp, _worker: worker, testdb, settings, _dir: dir })
     }
 
     impl Billing {

@@ -595,3 +595,151 @@ per_seat = true
         Ok(())
     }
 }
+
+mod meters {
+    use super::*;
+    use crate::harness::{AppOptions, TempDir, TestApp, assert_error};
+    use crate::mail_and_jobs::{Running, fast};
+
+    /// Pro meters tasks with a soft limit, enterprise with a hard one.
+    const PLANS: &str = r#"
+[[plan]]
+name = "free"
+limits = { projects = 3, members = 3 }
+
+[[plan]]
+name = "pro"
+includes = "free"
+features = ["audit_log", "api_keys"]
+limits = { members = 25 }
+meters = { tasks = { event_name = "plinth_tasks", soft_limit = 5 } }
+
+[[plan]]
+name = "enterprise"
+includes = "pro"
+features = ["custom_domains", "data_export"]
+meters = { tasks = { event_name = "plinth_tasks", hard_limit = 3 } }
+"#;
+
+    async fn task(app: &TestApp, slug: &str, project: &str, n: usize) -> TestResult<reqwest::Response> {
+        let path = format!("/v1/projects/{project}/tasks");
+        Ok(app.req(Method::POST, slug, &path).json(&json!({ "title": format!("task {n}") })).send().await?)
+    }
+
+    async fn usage(app: &TestApp, slug: &str) -> TestResult<Value> {
+        let body: Value = app.req(Method::GET, slug, "/v1/usage").send().await?.json().await?;
+        Ok(body["meters"][0].clone())
+    }
+
+    #[tokio::test]
+    async fn units_recorded_with_the_work_reach_stripe_once_each_across_an_outage_and_two_instances() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let dir = TempDir::new("plans")?;
+        let file = dir.path.join("plans.toml");
+        std::fs::write(&file, PLANS)?;
+        let file: &'static str = Box::leak(file.display().to_string().into_boxed_str());
+        let b =
+            billing_setting("14", Some(&stripe), vec![("PLINTH_PLANS_FILE", file), ("PLINTH_BILLING_METER_SECS", "1")])
+                .await?;
+        let other = TestApp::spawn_on(
+            &b.testdb,
+            AppOptions {
+                settings: vec![
+                    ("PLINTH_PLANS_FILE", file),
+                    ("PLINTH_STRIPE_PRICE_PRO", PRO),
+                    ("PLINTH_STRIPE_PRICE_ENTERPRISE", ENTERPRISE),
+                ],
+                ..Default::default()
+            },
+        )
+        .await?
+        .with_tokens_of(&b.app);
+        let acme = b.app.create_tenant("acme").await?;
+        let globex = b.app.create_tenant("globex").await?;
+        let t = now() - 100;
+        for (tenant, customer, sub, price) in
+            [(&acme, "cus_m1", "sub_m1", PRO), (&globex, "cus_m2", "sub_m2", ENTERPRISE)]
+        {
+            stripe.add_customer(customer, Some(&tenant.id.to_string()));
+            b.link(tenant, customer, t).await?;
+            let s = subscription(sub, customer, "active", price);
+            stripe.set_subscription(s.clone());
+            b.deliver(&format!("evt_{sub}"), "customer.subscription.created", t + 1, s).await?;
+        }
+        b.plan_becomes("acme", "pro").await?;
+        b.plan_becomes("globex", "enterprise").await?;
+
+        // Stripe is down while the work is done, on both instances.
+        stripe.set_down(true);
+        let acme_project = b.app.create_project("acme", "metered").await?["id"].as_str().unwrap_or_default().to_owned();
+        let globex_project =
+            b.app.create_project("globex", "metered").await?["id"].as_str().unwrap_or_default().to_owned();
+        for n in 0..7 {
+            let app = if n % 2 == 0 { &b.app } else { &other };
+            assert_eq!(task(app, "acme", &acme_project, n).await?.status(), 201, "soft limit: billed, not refused");
+        }
+        for n in 0..3 {
+            assert_eq!(task(&other, "globex", &globex_project, n).await?.status(), 201);
+        }
+        // The hard limit: the fourth task of the month is refused, and
+        // records nothing.
+        let body = assert_error(task(&b.app, "globex", &globex_project, 3).await?, 402, "quota_exceeded").await?;
+        assert_eq!((body["error"]["quota"].as_str(), body["error"]["limit"].as_u64()), (Some("tasks"), Some(3)));
+
+        // The sender runs every second, on two workers.
+        let _second = Running::mail(&b.testdb, &b.settings, fast())?;
+        b.app
+            .db
+            .platform(async |c| {
+                plinth_jobs::enqueue(c, plinth_billing::process::meters_job(Duration::from_secs(1))).await?;
+                Ok::<_, plinth_http::ApiError>(())
+            })
+            .await?;
+        // Batched while Stripe is down; nothing reaches it.
+        eventually(Duration::from_secs(20), || async {
+            let batched: i64 = b.sql_one("SELECT count(*) FROM public.usage_events WHERE batch_id IS NOT NULL").await?;
+            Ok(batched == 10)
+        })
+        .await?;
+        eventually(Duration::from_secs(20), || async {
+            Ok(stripe.requests().iter().filter(|r| r.path == "/v1/billing/meter_events").count() >= 2)
+        })
+        .await?;
+        assert!(stripe.meter_events().is_empty());
+        let state = usage(&b.app, "acme").await?;
+        assert_eq!((state["used"].as_i64(), state["reported"].as_i64()), (Some(7), Some(0)), "{state}");
+        assert_eq!(state["soft_limit"].as_u64(), Some(5));
+
+        // Stripe is back: every unit is counted once.
+        stripe.set_down(false);
+        eventually(Duration::from_secs(30), || async {
+            let unsent: i64 = b.sql_one("SELECT count(*) FROM public.usage_events WHERE sent_at IS NULL").await?;
+            Ok(unsent == 0)
+        })
+        .await?;
+        let events = stripe.meter_events();
+        let total = |customer: &str| -> i64 {
+            events
+                .iter()
+                .filter(|e| e["payload"]["stripe_customer_id"] == customer)
+                .filter_map(|e| e["payload"]["value"].as_str().and_then(|v| v.parse::<i64>().ok()))
+                .sum()
+        };
+        assert_eq!((total("cus_m1"), total("cus_m2")), (7, 3), "{events:?}");
+        assert!(events.iter().all(|e| e["event_name"] == "plinth_tasks"));
+        // Every resend of a batch carried the same identifier, value and
+        // time (so Stripe's idempotency replays it).
+        let sends: Vec<_> = stripe.requests().into_iter().filter(|r| r.path == "/v1/billing/meter_events").collect();
+        for send in &sends {
+            let id = send.field("identifier").ok_or("an identifier")?;
+            let first = sends.iter().find(|s| s.field("identifier") == Some(id)).ok_or("a first send")?;
+            assert_eq!(send.form, first.form, "a batch is resent as it was first sent");
+            assert_eq!(send.idempotency_key.as_deref(), Some(format!("plinth-meter-{id}").as_str()));
+        }
+        let state = usage(&other, "acme").await?;
+        assert_eq!((state["used"].as_i64(), state["reported"].as_i64()), (Some(7), Some(7)), "{state}");
+        let state = usage(&other, "globex").await?;
+        assert_eq!((state["used"].as_i64(), state["hard_limit"].as_u64()), (Some(3), Some(3)), "{state}");
+        Ok(())
+    }
+}

@@ -125,6 +125,8 @@ struct MockState {
     subscriptions: std::collections::HashMap<String, Value>,
     invoices: std::collections::HashMap<String, Value>,
     schedules: std::collections::HashMap<String, Value>,
+    /// Meter events accepted, the first of each identifier.
+    meter_events: Vec<Value>,
     /// Price id → unit amount in cents (for invoice previews).
     prices: std::collections::HashMap<String, i64>,
     /// Idempotency key → the first request's form and answer.
@@ -293,6 +295,23 @@ fn answer(state: &mut MockState, recorded: &Recorded, query: &str, n: usize) -> 
                 (Some(_), None) => (200, json!({ "id": id, "object": "subscription_item" })),
                 (None, _) => (404, failure_body(404, p)),
             }
+        }
+        ("POST", "/v1/billing/meter_events") => {
+            let identifier = recorded.field("identifier").unwrap_or_default().to_owned();
+            if state.meter_events.iter().any(|e| e["identifier"] == identifier.as_str()) {
+                let message = format!("An event already exists with identifier {identifier}.");
+                return (400, stripe_error("invalid_request_error", Some("resource_already_exists"), &message, None));
+            }
+            let mut event = object("billing.meter_event");
+            event["event_name"] = json!(recorded.field("event_name"));
+            event["identifier"] = json!(identifier);
+            event["payload"] = json!({
+                "stripe_customer_id": recorded.field("payload[stripe_customer_id]"),
+                "value": recorded.field("payload[value]"),
+            });
+            event["timestamp"] = json!(recorded.field("timestamp").and_then(|t| t.parse::<i64>().ok()));
+            state.meter_events.push(event.clone());
+            (200, event)
         }
         ("POST", "/v1/invoices/create_preview") => {
             let Some(sub) = recorded.field("subscription").and_then(|id| state.subscriptions.get(id)) else {
@@ -542,6 +561,11 @@ impl StripeMock {
     /// The unit amount (cents) of `price`, for invoice previews.
     pub fn set_price(&self, price: &str, unit_amount: i64) {
         self.state().prices.insert(price.to_owned(), unit_amount);
+    }
+
+    /// The meter events accepted (one per identifier, as Stripe counts them).
+    pub fn meter_events(&self) -> Vec<Value> {
+        self.state().meter_events.clone()
     }
 
     /// The subscription schedule as the stand-in has it now.

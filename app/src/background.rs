@@ -37,17 +37,26 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
     Ok(Worker::new(db, handlers, config))
 }
 
-/// Queues the periodic billing sync (once across instances) when Stripe
-/// is configured and `PLINTH_BILLING_SYNC_MINUTES` is not 0.
-pub async fn schedule_sync(settings: &Settings, db_config: &DbConfig) -> anyhow::Result<()> {
-    if settings.stripe.secret_key.is_none() || settings.stripe.offline || settings.stripe.sync_every.is_zero() {
+/// Queues billing's periodic jobs (once across instances) when Stripe is
+/// configured (and not offline): the sync, unless
+/// `PLINTH_BILLING_SYNC_MINUTES` is 0, and the metered-usage sender.
+pub async fn schedule_billing(settings: &Settings, db_config: &DbConfig) -> anyhow::Result<()> {
+    if settings.stripe.secret_key.is_none() || settings.stripe.offline {
         return Ok(());
     }
     let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;
-    let job = plinth_billing::process::sync_job(settings.stripe.sync_every);
-    db.platform(async |c| Ok::<_, anyhow::Error>(plinth_jobs::enqueue(c, job).await?))
-        .await
-        .context("queueing the billing sync")?;
+    let sync =
+        (!settings.stripe.sync_every.is_zero()).then(|| plinth_billing::process::sync_job(settings.stripe.sync_every));
+    let meters = plinth_billing::process::meters_job(settings.stripe.meter_every);
+    db.platform(async |c| {
+        if let Some(sync) = sync {
+            plinth_jobs::enqueue(c, sync).await?;
+        }
+        plinth_jobs::enqueue(c, meters).await?;
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .context("queueing billing's periodic jobs")?;
     Ok(())
 }
 

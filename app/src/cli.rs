@@ -260,7 +260,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             let (stop, stopped) = watch::channel(false);
             let worker = if settings.run_worker {
                 let worker = background::worker(settings, &config, background::worker_config(settings))?;
-                background::schedule_sync(settings, &config).await?;
+                background::schedule_billing(settings, &config).await?;
                 listener.on(jobs::CHANNEL, worker.listen_handler());
                 Some(tokio::spawn(worker.run(stopped)))
             } else {
@@ -279,7 +279,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
         Command::Worker => {
             migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             let worker = background::worker(settings, &db_config(settings, url), background::worker_config(settings))?;
-            background::schedule_sync(settings, &db_config(settings, url)).await?;
+            background::schedule_billing(settings, &db_config(settings, url)).await?;
             let mut listener = Listener::new();
             listener.on(jobs::CHANNEL, worker.listen_handler());
             let listening = listener.spawn(listen_url);

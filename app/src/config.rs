@@ -204,6 +204,7 @@ impl Settings {
                 // Stripe's default Smart Retries try for up to two weeks.
                 grace: Duration::from_secs(86_400 * num("PLINTH_BILLING_GRACE_DAYS", 14)?),
                 seats_debounce: Duration::from_secs(num("PLINTH_BILLING_SEATS_DEBOUNCE_SECS", 10)?),
+                meter_every: Duration::from_secs(num("PLINTH_BILLING_METER_SECS", 60)?.max(1)),
                 offline: flag("PLINTH_BILLING_OFFLINE", false)?,
                 sync_every: Duration::from_secs(60 * num("PLINTH_BILLING_SYNC_MINUTES", 60)?),
                 breaker_open: Duration::from_secs(num("PLINTH_STRIPE_BREAKER_SECS", 30)?.max(1)),

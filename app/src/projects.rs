@@ -550,6 +550,7 @@ async fn list_tasks_route(
             ("DeleteTask" = (operation_id = "delete_task", parameters(("id" = "$response.body#/id")))),
         )),
         NotFound,
+        (status = 402, description = "Error: quota_exceeded (the plan's hard limit of tasks this month is reached).", body = plinth_http::openapi::ErrorEnvelope),
         KeyReuse,
     ),
 )]
@@ -571,6 +572,8 @@ async fn create_task_route(
             .tx(async |c| {
                 idempotency::claim(c.pg(), keyed).await?;
                 let task = create_task(c, project, new).await?.ok_or(ApiError::NotFound("project"))?;
+                // A plan that meters tasks counts this one, with the task.
+                plinth_billing::usage::record(c.pg(), ctx.tenant.id, ctx.plan(), "tasks", 1).await?;
                 idempotency::record(c.pg(), keyed, StatusCode::CREATED, &task).await
             })
             .await?;

@@ -30,6 +30,7 @@ requirements! {
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(checkout).service(portal).service(subscription).service(crate::invoices::list);
     crate::change::configure(cfg);
+    crate::usage::configure(cfg);
 }
 
 pub use crate::stripe::{Purchase, Stripe};

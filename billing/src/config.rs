@@ -29,6 +29,9 @@ pub struct StripeConfig {
     /// membership change a per-seat quantity is updated (later changes
     /// within it make one update).
     pub seats_debounce: std::time::Duration,
+    /// `PLINTH_BILLING_METER_SECS` (default 60): how often metered usage is
+    /// sent to Stripe.
+    pub meter_every: std::time::Duration,
     /// `PLINTH_STRIPE_BREAKER_SECS` (default 30): how long the circuit
     /// breaker keeps calls from Stripe after 5 failures in a row.
     pub breaker_open: std::time::Duration,

@@ -13,6 +13,8 @@
 //! - [`object`]: Stripe's objects read by field, in any API version.
 //! - [`customers`]: tenants' Stripe customers.
 //! - [`invoices`]: the local mirror of the tenants' invoices and its route.
+//! - [`usage`]: metered usage: recorded with the work, sent to Stripe's
+//!   meter events API in batches, and `GET /v1/usage`.
 //! - [`summary`]: the organization's billing state, for `GET /v1/tenant`
 //!   and the subscription view.
 //! - [`schema`]: diesel's declarations of billing's tables.
@@ -34,4 +36,5 @@ pub mod process;
 pub mod schema;
 pub mod stripe;
 pub mod summary;
+pub mod usage;
 pub mod webhook;

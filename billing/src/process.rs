@@ -64,6 +64,11 @@ pub use sync::Synced;
 pub const PROCESS: &str = "billing.event";
 /// Job kind: end a past-due subscription's grace (payload `{"subscription", "since"}`).
 pub const GRACE: &str = "billing.grace";
+/// Job kind: send metered usage to Stripe (payload `{"every_secs"}`),
+/// queued again by each run.
+pub const METERS: &str = "billing.meters";
+/// Units gathered into batches per run of the sender, at most.
+const METER_BATCH: i64 = 10_000;
 /// Job kind: remind the owners of a payment still overdue before the
 /// grace ends (payload `{"subscription", "since"}`).
 pub const REMINDER: &str = "billing.reminder";
@@ -73,14 +78,25 @@ pub const SYNC: &str = "billing.sync";
 
 /// The next periodic sync, `every` after the current period began.
 pub fn sync_job(every: Duration) -> NewJob {
-    let secs = every.as_secs().max(60);
+    periodic(SYNC, every.max(Duration::from_secs(60)))
+}
+
+/// The next run of the metered-usage sender.
+pub fn meters_job(every: Duration) -> NewJob {
+    periodic(METERS, every)
+}
+
+/// The next run of a periodic job of `kind`: at the end of the current
+/// period of `every`; its dedup key is that time, so instances queue one.
+fn periodic(kind: &'static str, every: Duration) -> NewJob {
+    let secs = every.as_secs().max(1);
     let now = Utc::now().timestamp();
     let next = (now / secs as i64 + 1) * secs as i64;
     NewJob {
-        dedup_key: Some(format!("sync:{next}")),
+        dedup_key: Some(format!("{kind}:{next}")),
         run_at: DateTime::from_timestamp(next, 0),
         max_attempts: 3,
-        ..NewJob::new(SYNC, json!({ "every_secs": secs }))
+        ..NewJob::new(kind, json!({ "every_secs": secs }))
     }
 }
 
@@ -283,6 +299,7 @@ impl Processor {
         let sync = Arc::clone(self);
         let seats = Arc::clone(self);
         let reminder = Arc::clone(self);
+        let meters = Arc::clone(self);
         vec![
             (
                 PROCESS,
@@ -322,6 +339,44 @@ impl Processor {
                         this.remind(id, since)
                             .await
                             .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("reminding of a payment")))
+                    })
+                }),
+            ),
+            (
+                METERS,
+                Arc::new(move |job: ClaimedJob| {
+                    let this = Arc::clone(&meters);
+                    Box::pin(async move {
+                        let every = job.payload["every_secs"]
+                            .as_u64()
+                            .map(Duration::from_secs)
+                            .ok_or_else(|| malformed(&job.payload, "every_secs"))?;
+                        let result = match &this.api {
+                            Some(api) => crate::usage::send(&this.db, api, &this.catalog, METER_BATCH).await,
+                            None => Ok(crate::usage::Sent::default()),
+                        };
+                        // The next run is queued whatever this one did.
+                        this.db
+                            .platform(async |c| {
+                                jobs::enqueue(c, meters_job(every)).await?;
+                                Ok::<_, BillingError>(())
+                            })
+                            .await
+                            .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("queueing the next send")))?;
+                        match result {
+                            Ok(sent) => {
+                                if sent.batches > 0 || sent.left > 0 {
+                                    tracing::info!(
+                                        batches = sent.batches,
+                                        units = sent.units,
+                                        left = sent.left,
+                                        "metered usage sent"
+                                    );
+                                }
+                                Ok(())
+                            }
+                            Err(e) => Err(JobError::Fatal(anyhow::Error::new(e).context("sending metered usage"))),
+                        }
                     })
                 }),
             ),

@@ -88,3 +88,15 @@ diesel::table! {
         created_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    public.usage_events (id) {
+        id -> Uuid,
+        tenant_id -> Uuid,
+        meter -> Text,
+        quantity -> BigInt,
+        occurred_at -> Timestamptz,
+        batch_id -> Nullable<Uuid>,
+        sent_at -> Nullable<Timestamptz>,
+    }
+}

@@ -339,6 +339,32 @@ impl Stripe {
         self.post(format!("/subscription_schedules/{id}/release"), &form, None, "releasing a schedule").await.map(drop)
     }
 
+    /// Reports `value` units of a meter for `customer` at `timestamp`, once
+    /// per `identifier`: Stripe counts an identifier once, and the request's
+    /// idempotency key (the same identifier) makes a resend of the same
+    /// batch replay Stripe's first answer.
+    pub async fn meter_event(
+        &self,
+        event_name: &str,
+        identifier: &str,
+        customer: &str,
+        value: i64,
+        timestamp: i64,
+    ) -> Result<(), BillingError> {
+        let form = [
+            ("event_name", event_name.to_owned()),
+            ("identifier", identifier.to_owned()),
+            ("payload[stripe_customer_id]", customer.to_owned()),
+            ("payload[value]", value.to_string()),
+            ("timestamp", timestamp.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let key = Some(format!("plinth-meter-{identifier}"));
+        self.post("/billing/meter_events".into(), &form, key, "reporting metered usage").await.map(drop)
+    }
+
     /// Sets whether `sub` ends at the end of its period; Stripe's answer.
     pub async fn cancel_at_period_end(&self, sub: &str, cancel: bool) -> Result<Value, BillingError> {
         let form = [("cancel_at_period_end".to_owned(), cancel.to_string())].into_iter().collect();

@@ -57,7 +57,27 @@ struct PlanEntry {
     per_seat: bool,
     #[serde(default)]
     trial_days: Option<u32>,
+    #[serde(default)]
+    meters: BTreeMap<String, Meter>,
 }
+
+/// A usage a plan meters and bills through a Stripe Meter.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meter {
+    /// The Stripe Meter's `event_name`.
+    pub event_name: String,
+    /// Usage beyond it is billed (Stripe's price does the arithmetic);
+    /// shown beside the use.
+    #[serde(default)]
+    pub soft_limit: Option<u32>,
+    /// Usage stops at it: 402 `quota_exceeded` for the rest of the month.
+    #[serde(default)]
+    pub hard_limit: Option<u32>,
+}
+
+/// The usages Plinth can meter: tasks created.
+pub const METERS: [&str; 1] = ["tasks"];
 
 /// One plan, with everything it includes resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +98,8 @@ pub struct Plan {
     pub per_seat: bool,
     /// How long a trial of the plan lasts (none: the plan has no trial).
     pub trial_days: Option<u32>,
+    /// The usages it meters, by name (not inherited).
+    pub meters: BTreeMap<String, Meter>,
 }
 
 impl Plan {
@@ -125,6 +147,19 @@ impl Catalog {
             }
             features.sort();
             features.dedup();
+            for (name, meter) in &entry.meters {
+                anyhow::ensure!(
+                    METERS.contains(&name.as_str()),
+                    "plan {:?} meters {name:?}; the usages Plinth meters are {}",
+                    entry.name,
+                    METERS.join(", ")
+                );
+                anyhow::ensure!(
+                    !meter.event_name.is_empty(),
+                    "plan {:?}: meter {name:?} needs an event_name",
+                    entry.name
+                );
+            }
             if let Some(days) = entry.trial_days {
                 // Stripe's own bounds for `trial_period_days`.
                 anyhow::ensure!(
@@ -143,6 +178,7 @@ impl Catalog {
                 stripe_price: entry.stripe_price,
                 per_seat: entry.per_seat,
                 trial_days: entry.trial_days,
+                meters: entry.meters,
             });
         }
         anyhow::ensure!(index.contains_key(FREE), "the plan catalog must have a plan named \"free\"");
@@ -231,6 +267,10 @@ mod tests {
             ("[[plan]]\nname = \"free\"\nlimits = { seats = 3 }", "unknown variant"),
             ("[[plan]]\nname = \"free\"\nprice = 3", "unknown field"),
             ("[[plan]]\nname = \"free\"\ntrial_days = 0", "trial_days must be 1 to 730"),
+            (
+                "[[plan]]\nname = \"free\"\nmeters = { calls = { event_name = \"c\" } }",
+                "the usages Plinth meters are tasks",
+            ),
         ] {
             let err = format!("{:#}", Catalog::parse(text).unwrap_err());
             assert!(err.contains(reason), "{err}");

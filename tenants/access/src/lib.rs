@@ -45,7 +45,7 @@ pub mod resolve;
 pub mod roles;
 mod snapshot;
 
-pub use catalog::{Catalog, Plan, Quota};
+pub use catalog::{Catalog, Meter, Plan, Quota};
 pub use context::{Principal, TenantContext};
 pub use engine::{
     API_KEYS_CHANNEL, Access, Asked, Change, MEMBERSHIPS_CHANNEL, MODEL, PLATFORM_ADMINS_CHANNEL, POLICY,
