@@ -94,6 +94,14 @@ async fn main() -> Result {
     let db = Db::connect(&DbConfig { pool_size: CALLERS + 2, ..DbConfig::new(&url) })?;
     let catalog = Catalog::parse(PLANS)?;
     let plan = catalog.get("pro").ok_or("no pro plan")?.clone();
+    db.platform(async |c| {
+        diesel::sql_query("CREATE TABLE public.bench_ceiling (LIKE public.usage_events INCLUDING DEFAULTS)")
+            .execute(c)
+            .await
+            .map_err(plinth_http::ApiError::from)
+    })
+    .await
+    .map_err(|e| format!("{e:?}"))?;
     let mut tenants = Vec::with_capacity(TENANTS);
     for i in 0..TENANTS {
         let tenant =
@@ -101,11 +109,6 @@ async fn main() -> Result {
         let customer = format!("cus_bench_{i}");
         db.platform(async |c| {
             plinth_billing::customers::link(c, tenant.id, &customer, "bench").await?.map_err(|_| "taken")?;
-            diesel::sql_query(format!(
-                "CREATE TABLE IF NOT EXISTS public.bench_ceiling (LIKE public.usage_events INCLUDING DEFAULTS)"
-            ))
-            .execute(c)
-            .await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
         })
         .await?;
