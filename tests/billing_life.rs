@@ -743,3 +743,65 @@ meters = { tasks = { event_name = "plinth_tasks", hard_limit = 3 } }
         Ok(())
     }
 }
+
+mod entitlements {
+    use super::*;
+    use crate::billing::processing::billing;
+    use crate::stripe::entitlement_summary;
+
+    const SUMMARY: &str = "entitlements.active_entitlement_summary.updated";
+
+    async fn audit_log(b: &Billing, slug: &str) -> TestResult<u16> {
+        Ok(b.app.req(Method::GET, slug, "/v1/audit-log").send().await?.status().as_u16())
+    }
+
+    async fn features(b: &Billing, slug: &str) -> TestResult<Value> {
+        let body: Value = b.app.req(Method::GET, slug, "/v1/tenant").send().await?.json().await?;
+        Ok(body["features"].clone())
+    }
+
+    #[tokio::test]
+    async fn with_features_from_stripe_the_entitlements_decide_in_order_and_per_tenant() -> TestResult {
+        let stripe = StripeMock::start().await?;
+        let b = billing_setting("14", Some(&stripe), vec![("PLINTH_BILLING_FEATURES", "stripe")]).await?;
+        let acme = b.app.create_tenant("acme").await?;
+        b.app.create_tenant("globex").await?;
+        let t = now() - 100;
+        stripe.add_customer("cus_ent", Some(&acme.id.to_string()));
+        b.link(&acme, "cus_ent", t).await?;
+        assert_eq!(audit_log(&b, "acme").await?, 402, "free: no audit log");
+
+        // Stripe grants audit_log (and a feature Plinth does not know).
+        stripe.set_entitlements("cus_ent", &["audit_log", "priority_support"]);
+        b.deliver("evt_ent_1", SUMMARY, t + 1, entitlement_summary("cus_ent", &["audit_log", "priority_support"]))
+            .await?;
+        eventually(Duration::from_secs(10), || async { Ok(audit_log(&b, "acme").await? == 200) }).await?;
+        assert_eq!(features(&b, "acme").await?, json!(["audit_log"]));
+        assert_eq!(b.plan("acme").await?, "free", "the plan (and its limits) stay");
+        assert_eq!(audit_log(&b, "globex").await?, 402, "another tenant has its plan's features");
+
+        // Withdrawn; then an older summary arrives late: Stripe's current
+        // list decides.
+        stripe.set_entitlements("cus_ent", &[]);
+        b.deliver("evt_ent_2", SUMMARY, t + 3, entitlement_summary("cus_ent", &[])).await?;
+        eventually(Duration::from_secs(10), || async { Ok(audit_log(&b, "acme").await? == 402) }).await?;
+        b.deliver("evt_ent_late", SUMMARY, t + 2, entitlement_summary("cus_ent", &["audit_log"])).await?;
+        b.processed("evt_ent_late").await?;
+        assert_eq!(audit_log(&b, "acme").await?, 402);
+        assert_eq!(features(&b, "acme").await?, json!([]));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn by_default_the_catalog_decides_and_a_summary_changes_nothing() -> TestResult {
+        let b = billing("14").await?;
+        let acme = b.app.create_tenant("acme").await?;
+        let t = now() - 100;
+        b.link(&acme, "cus_cat", t).await?;
+        b.deliver("evt_cat", SUMMARY, t + 1, entitlement_summary("cus_cat", &["audit_log"])).await?;
+        b.processed("evt_cat").await?;
+        assert_eq!(audit_log(&b, "acme").await?, 402);
+        assert_eq!(features(&b, "acme").await?, json!([]));
+        Ok(())
+    }
+}

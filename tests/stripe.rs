@@ -77,6 +77,27 @@ pub fn checkout_session(tenant: &str, customer: &str, subscription: &str) -> Val
     session
 }
 
+/// Stripe's example entitlement summary: `customer`'s active entitlements
+/// are the features with these lookup keys.
+pub fn entitlement_summary(customer: &str, keys: &[&str]) -> Value {
+    let mut summary = object("entitlements.active_entitlement_summary");
+    summary["customer"] = json!(customer);
+    summary["livemode"] = json!(false);
+    let example = summary["entitlements"]["data"][0].clone();
+    let data: Vec<Value> = keys
+        .iter()
+        .map(|key| {
+            let mut e = example.clone();
+            e["lookup_key"] = json!(key);
+            e["feature"]["lookup_key"] = json!(key);
+            e
+        })
+        .collect();
+    summary["entitlements"]["data"] = json!(data);
+    summary["entitlements"]["has_more"] = json!(false);
+    summary
+}
+
 /// Stripe's example invoice, of `customer`.
 pub fn invoice(id: &str, customer: &str) -> Value {
     let mut invoice = object("invoice");
@@ -125,6 +146,8 @@ struct MockState {
     subscriptions: std::collections::HashMap<String, Value>,
     invoices: std::collections::HashMap<String, Value>,
     schedules: std::collections::HashMap<String, Value>,
+    /// Customer → the lookup keys of its active entitlements.
+    entitlements: std::collections::HashMap<String, Vec<String>>,
     /// Meter events accepted, the first of each identifier.
     meter_events: Vec<Value>,
     /// Price id → unit amount in cents (for invoice previews).
@@ -295,6 +318,26 @@ fn answer(state: &mut MockState, recorded: &Recorded, query: &str, n: usize) -> 
                 (Some(_), None) => (200, json!({ "id": id, "object": "subscription_item" })),
                 (None, _) => (404, failure_body(404, p)),
             }
+        }
+        ("GET", "/v1/entitlements/active_entitlements") => {
+            let customer = param("customer").unwrap_or_default();
+            let data: Vec<Value> = state
+                .entitlements
+                .get(&customer)
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(n, key)| {
+                    json!({ "object": "entitlements.active_entitlement", "id": format!("ent_mock_{n}"),
+                        "livemode": false, "lookup_key": key,
+                        "feature": { "object": "entitlements.feature", "id": format!("feat_mock_{n}"),
+                            "active": true, "livemode": false, "lookup_key": key, "metadata": {}, "name": key } })
+                })
+                .collect();
+            (
+                200,
+                json!({ "object": "list", "data": data, "has_more": false, "url": "/v1/entitlements/active_entitlements" }),
+            )
         }
         ("POST", "/v1/billing/meter_events") => {
             let identifier = recorded.field("identifier").unwrap_or_default().to_owned();
@@ -561,6 +604,11 @@ impl StripeMock {
     /// The unit amount (cents) of `price`, for invoice previews.
     pub fn set_price(&self, price: &str, unit_amount: i64) {
         self.state().prices.insert(price.to_owned(), unit_amount);
+    }
+
+    /// The active entitlements (their lookup keys) of `customer` from now on.
+    pub fn set_entitlements(&self, customer: &str, keys: &[&str]) {
+        self.state().entitlements.insert(customer.to_owned(), keys.iter().map(|k| (*k).to_owned()).collect());
     }
 
     /// The meter events accepted (one per identifier, as Stripe counts them).

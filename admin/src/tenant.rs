@@ -57,7 +57,9 @@ struct TenantView<'a> {
     role: Role,
     /// The plan in effect (an unknown plan name falls back to `free`).
     plan: &'a str,
-    /// The features the plan includes (`api_keys`, `audit_log`, ...).
+    /// The features the organization has (`api_keys`, `audit_log`, ...):
+    /// its plan's, or its Stripe entitlements' where the server takes
+    /// features from Stripe.
     features: &'a [String],
     /// Each limit: what is used, and what the plan allows (null: no limit).
     #[schema(value_type = BTreeMap<plinth_access::Quota, Usage>)]
@@ -87,7 +89,7 @@ async fn show(
         tenant: &ctx.tenant,
         role: ctx.role,
         plan: &plan.name,
-        features: &plan.features,
+        features: ctx.policy.features.as_deref().unwrap_or(&plan.features),
         limits,
         billing,
     }))

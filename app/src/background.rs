@@ -39,12 +39,24 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
 
 /// Queues billing's periodic jobs (once across instances) when Stripe is
 /// configured (and not offline): the sync, unless
-/// `PLINTH_BILLING_SYNC_MINUTES` is 0, and the metered-usage sender.
+/// `PLINTH_BILLING_SYNC_MINUTES` is 0, and the metered-usage sender. With
+/// features from the catalog, clears any taken from Stripe's entitlements.
 pub async fn schedule_billing(settings: &Settings, db_config: &DbConfig) -> anyhow::Result<()> {
+    let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;
+    // Features come from the catalog: entitlements recorded while they came
+    // from Stripe no longer count.
+    if !settings.stripe.features_from_stripe {
+        let cleared = db
+            .platform(async |c| Ok::<_, anyhow::Error>(plinth_tenants::registry::clear_features(c).await?))
+            .await
+            .context("giving tenants their plans' features")?;
+        if cleared > 0 {
+            tracing::info!(tenants = cleared, "features come from the catalog again");
+        }
+    }
     if settings.stripe.secret_key.is_none() || settings.stripe.offline {
         return Ok(());
     }
-    let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;
     let sync =
         (!settings.stripe.sync_every.is_zero()).then(|| plinth_billing::process::sync_job(settings.stripe.sync_every));
     let meters = plinth_billing::process::meters_job(settings.stripe.meter_every);

@@ -205,6 +205,11 @@ impl Settings {
                 grace: Duration::from_secs(86_400 * num("PLINTH_BILLING_GRACE_DAYS", 14)?),
                 seats_debounce: Duration::from_secs(num("PLINTH_BILLING_SEATS_DEBOUNCE_SECS", 10)?),
                 meter_every: Duration::from_secs(num("PLINTH_BILLING_METER_SECS", 60)?.max(1)),
+                features_from_stripe: match get("PLINTH_BILLING_FEATURES") {
+                    None | Some("catalog") => false,
+                    Some("stripe") => true,
+                    Some(other) => bail!("PLINTH_BILLING_FEATURES must be catalog or stripe, not {other:?}"),
+                },
                 offline: flag("PLINTH_BILLING_OFFLINE", false)?,
                 sync_every: Duration::from_secs(60 * num("PLINTH_BILLING_SYNC_MINUTES", 60)?),
                 breaker_open: Duration::from_secs(num("PLINTH_STRIPE_BREAKER_SECS", 30)?.max(1)),

@@ -32,6 +32,11 @@ pub struct StripeConfig {
     /// `PLINTH_BILLING_METER_SECS` (default 60): how often metered usage is
     /// sent to Stripe.
     pub meter_every: std::time::Duration,
+    /// `PLINTH_BILLING_FEATURES=stripe` (default `catalog`): a tenant's
+    /// features come from its Stripe entitlements (each active
+    /// entitlement's lookup key names a Plinth feature) instead of its
+    /// plan.
+    pub features_from_stripe: bool,
     /// `PLINTH_STRIPE_BREAKER_SECS` (default 30): how long the circuit
     /// breaker keeps calls from Stripe after 5 failures in a row.
     pub breaker_open: std::time::Duration,

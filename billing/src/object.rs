@@ -193,6 +193,20 @@ impl Invoice {
     }
 }
 
+/// The lookup keys of a list of active entitlements (an entitlement
+/// summary's `entitlements`, or the list Stripe answers), sorted.
+pub fn lookup_keys(list: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = list["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| text(&e["lookup_key"]).or_else(|| text(&e["feature"]["lookup_key"])))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// The customer an event concerns, read at intake: the object's `customer`,
 /// or the object itself for `customer.*` events about the customer.
 pub fn customer_of(kind: Option<&str>, object: &Value) -> Option<String> {

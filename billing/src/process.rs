@@ -52,6 +52,7 @@ use plinth_jobs::{self as jobs, ClaimedJob, JobError, NewJob};
 use plinth_tenants::{Db, TenantId, registry};
 use serde_json::{Value, json};
 
+mod entitlements;
 mod notices;
 mod plan;
 mod seats;
@@ -143,6 +144,8 @@ pub struct Processor {
     grace: Duration,
     /// The mode events must be in (`None`: not compared).
     livemode: Option<bool>,
+    /// Features come from Stripe's entitlements (`PLINTH_BILLING_FEATURES`).
+    features_from_stripe: bool,
     /// Stripe's API, to re-read subscriptions; `None` applies the events'
     /// own payloads in timestamp order (offline).
     api: Option<Arc<crate::stripe::Stripe>>,
@@ -247,6 +250,9 @@ const INVOICE_EVENTS: [&str; 9] = [
     "invoice.payment_action_required",
 ];
 
+/// The event that reports a customer's active entitlements.
+const ENTITLEMENTS: &str = "entitlements.active_entitlement_summary.updated";
+
 /// The invoice events that say it was paid: a past-due subscription's
 /// payment lifts its restriction at once.
 const PAID_EVENTS: [&str; 2] = ["invoice.paid", "invoice.payment_succeeded"];
@@ -260,6 +266,8 @@ struct Fetched {
     invoice: Option<Invoice>,
     /// The `tenant_id` in the metadata of a customer no tenant is linked to.
     customer_tenant: Option<String>,
+    /// The customer's active entitlements (lookup keys), and when read.
+    entitlements: Option<(Vec<String>, DateTime<Utc>)>,
 }
 
 /// The tenant an event's customer belongs to.
@@ -285,7 +293,14 @@ impl Processor {
         config: &StripeConfig,
         api: Option<Arc<crate::stripe::Stripe>>,
     ) -> Arc<Self> {
-        Arc::new(Self { db, catalog, grace: config.grace, livemode: config.livemode, api })
+        Arc::new(Self {
+            db,
+            catalog,
+            grace: config.grace,
+            livemode: config.livemode,
+            features_from_stripe: config.features_from_stripe,
+            api,
+        })
     }
 
     fn grace(&self) -> chrono::Duration {
@@ -487,6 +502,12 @@ impl Processor {
                 fetched.subscription = Some((api.subscription(&sub.id).await?, at));
                 Some(sub.customer).filter(|_| sub.tenant.is_none())
             }
+            ENTITLEMENTS if self.features_from_stripe => {
+                let Some(customer) = object["customer"].as_str() else { return Ok(fetched) };
+                let at = Utc::now();
+                fetched.entitlements = Some((api.entitlements_of(customer).await?, at));
+                Some(customer.to_owned())
+            }
             kind if INVOICE_EVENTS.contains(&kind) => {
                 let Ok(invoice) = Invoice::read(object) else { return Ok(fetched) };
                 fetched.invoice = Some(api.invoice(&invoice.id).await?);
@@ -687,8 +708,24 @@ impl Processor {
                     _ => Outcome::Applied,
                 }
             }
-            // The plan follows the subscription's own events; Plinth's
-            // features come from its catalog, not Stripe's entitlements.
+            ENTITLEMENTS if self.features_from_stripe => {
+                let customer = object["customer"]
+                    .as_str()
+                    .ok_or_else(|| Park::refuse("the entitlement summary has no customer"))?;
+                lock_customer(c, customer).await?;
+                let tenant = match self.owner(c, customer, fetched.customer_tenant.as_deref()).await? {
+                    Owner::Tenant(tenant) => tenant,
+                    Owner::Closed => return self.done(c, event_id, Outcome::Ignored).await,
+                };
+                // What Stripe had when it was read, else the summary's own.
+                let (keys, at) = fetched
+                    .entitlements
+                    .clone()
+                    .unwrap_or_else(|| (object::lookup_keys(&object["entitlements"]), created));
+                self.entitlements(c, tenant, customer, keys, at).await?
+            }
+            // The plan follows the subscription's own events; features come
+            // from the catalog unless PLINTH_BILLING_FEATURES=stripe.
             _ => Outcome::Ignored,
         };
         self.done(c, event_id, outcome).await

@@ -100,3 +100,12 @@ diesel::table! {
         sent_at -> Nullable<Timestamptz>,
     }
 }
+
+diesel::table! {
+    public.billing_entitlements (customer_id) {
+        customer_id -> Text,
+        tenant_id -> Uuid,
+        lookup_keys -> Array<Text>,
+        reported_at -> Timestamptz,
+    }
+}

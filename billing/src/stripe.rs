@@ -209,6 +209,13 @@ impl Stripe {
         Ok(value["metadata"]["tenant_id"].as_str().map(str::to_owned))
     }
 
+    /// The lookup keys of a customer's active entitlements (up to 100).
+    pub async fn entitlements_of(&self, customer: &str) -> Result<Vec<String>, BillingError> {
+        let query = [("customer", customer), ("limit", "100")];
+        let list = self.get("/entitlements/active_entitlements".into(), &query, "listing entitlements").await?;
+        Ok(crate::object::lookup_keys(&list))
+    }
+
     /// Every subscription of a customer, ended ones included (up to 100).
     pub async fn subscriptions_of(&self, customer: &str) -> Result<Vec<object::Subscription>, BillingError> {
         let query = [("customer", customer), ("status", "all"), ("limit", "100")];

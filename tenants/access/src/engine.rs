@@ -225,6 +225,18 @@ impl Access {
     /// The one check, for a subject [`Access::tenant_subject`] or
     /// [`Access::platform_user`] found holding a role.
     pub(crate) fn decide(&self, asked: &Asked, need: &Need) -> Result<Decision, AccessError> {
+        // Features from Stripe's entitlements: casbin answers for the role,
+        // the tenant's own list for the feature.
+        if let (Some(feature), Some(features)) = (need.feature, asked.policy.as_ref().and_then(|p| p.features.as_ref()))
+        {
+            let role = self.decide(asked, &Need { feature: None, ..*need })?;
+            return Ok(match role {
+                Decision::Allowed { .. } if !features.iter().any(|f| f == feature) => {
+                    Decision::PlanRequired { feature, plan: None }
+                }
+                other => other,
+            });
+        }
         let feature = need.feature.map(feature_node);
         let allowed = asked.snapshot.enforce(&asked.sub, &asked.ten, need, feature.as_deref().unwrap_or("-"));
         if allowed.map_err(AccessError::Policy)? {
@@ -458,6 +470,7 @@ fn tenant_policy(catalog: &Catalog, row: PlanStatus) -> Fact {
             plan: plan.name.clone(),
             active: row.status == "active",
             restricted: row.restricted_at.is_some(),
+            features: row.features,
         }),
     }
 }

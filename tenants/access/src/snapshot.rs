@@ -94,6 +94,9 @@ pub struct TenantPolicy {
     /// Billing restricted it (a payment overdue past its grace): reads
     /// only, until it pays.
     pub restricted: bool,
+    /// The features it has instead of its plan's: Stripe's entitlements,
+    /// with `PLINTH_BILLING_FEATURES=stripe` (`None`: the plan's).
+    pub features: Option<Vec<String>>,
 }
 
 /// A fact read from PostgreSQL, to be made true in a snapshot.

@@ -248,12 +248,15 @@ pub struct PlanStatus {
     pub status: String,
     /// Since when its writes wait for a payment (see [`set_restricted`]).
     pub restricted_at: Option<chrono::DateTime<Utc>>,
+    /// The features it has instead of its plan's (see [`set_features`]).
+    pub features: Option<Vec<String>>,
 }
 
 /// The plan and status of every tenant (`None`), or of one.
 pub async fn plan_status(conn: &mut PgConn, only: Option<TenantId>) -> Result<Vec<PlanStatus>, DbError> {
-    let query =
-        tenants::table.select((tenants::id, tenants::plan, tenants::status, tenants::restricted_at)).into_boxed();
+    let query = tenants::table
+        .select((tenants::id, tenants::plan, tenants::status, tenants::restricted_at, tenants::features))
+        .into_boxed();
     let query = match only {
         Some(id) => query.filter(tenants::id.eq(id.0)),
         None => query,
@@ -360,6 +363,31 @@ pub async fn set_restricted(conn: &mut PgConn, id: TenantId, restricted: bool) -
         }
     };
     Ok(changed == 1)
+}
+
+/// Gives a tenant exactly `features` instead of its plan's (`None`: its
+/// plan's again). Billing sets it from Stripe's entitlements when
+/// `PLINTH_BILLING_FEATURES=stripe`. Returns whether it changed.
+pub async fn set_features(conn: &mut PgConn, id: TenantId, features: Option<&[String]>) -> Result<bool, DbError> {
+    let changed = diesel::update(
+        tenants::table
+            .find(id.0)
+            .filter(tenants::status.ne(TenantStatus::Deleting.as_str()))
+            .filter(tenants::features.is_distinct_from(features)),
+    )
+    .set((tenants::features.eq(features), tenants::updated_at.eq(Utc::now())))
+    .execute(conn)
+    .await?;
+    Ok(changed == 1)
+}
+
+/// Gives every tenant its plan's features again (the catalog decides
+/// features, `PLINTH_BILLING_FEATURES=catalog`). Returns how many changed.
+pub async fn clear_features(conn: &mut PgConn) -> Result<usize, DbError> {
+    diesel::update(tenants::table.filter(tenants::features.is_not_null()))
+        .set((tenants::features.eq(None::<Vec<String>>), tenants::updated_at.eq(Utc::now())))
+        .execute(conn)
+        .await
 }
 
 /// Records a custom domain for a tenant. `verified` is the operator's word

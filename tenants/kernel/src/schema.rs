@@ -13,6 +13,7 @@ diesel::table! {
         updated_at -> Timestamptz,
         plan_source -> Text,
         restricted_at -> Nullable<Timestamptz>,
+        features -> Nullable<Array<Text>>,
     }
 }
 
