@@ -805,3 +805,33 @@ mod entitlements {
         Ok(())
     }
 }
+
+/// Issue 15's fifth defect: an attempt that parks must not turn an event
+/// a concurrent replay applied meanwhile back into a waiting one. The
+/// attempt here parks before it looks at the row (Stripe is down while it
+/// reads), on an event already processed: the state a replay leaves.
+#[tokio::test]
+async fn an_attempt_that_parks_leaves_an_event_processed_meanwhile_processed() -> TestResult {
+    let stripe = StripeMock::start().await?;
+    let b = billing_setting("14", Some(&stripe), vec![]).await?;
+    let acme = b.app.create_tenant("acme").await?;
+    let t = now() - 100;
+    b.link(&acme, "cus_park", t).await?;
+    let sub = subscription("sub_park", "cus_park", "active", PRO);
+    stripe.set_subscription(sub.clone());
+    b.deliver("evt_park", "customer.subscription.created", t + 1, sub).await?;
+    b.processed("evt_park").await?;
+
+    stripe.set_down(true);
+    let api = plinth_billing::stripe::Stripe::new(&b.settings.stripe, "http://localhost")?.ok_or("a Stripe key")?;
+    let processor = plinth_billing::process::Processor::new(
+        b.app.db.clone(),
+        std::sync::Arc::new(b.settings.catalog()?),
+        &b.settings.stripe,
+        Some(std::sync::Arc::new(api)),
+    );
+    let outcome = processor.process("evt_park").await?;
+    assert_eq!(outcome, plinth_billing::process::Outcome::AlreadyProcessed);
+    assert_eq!(b.event_status("evt_park").await?, ("processed".to_owned(), None));
+    Ok(())
+}
