@@ -19,10 +19,18 @@
 //! skipped.
 //!
 //! The tenant's plan comes from all its subscriptions: the best plan any
-//! live one pays for (`trialing`, `active`, or `past_due` within the grace
-//! period), free when none is left. An operator's plan (set by a platform
-//! admin or the CLI) stays until a subscription grants a different paid
-//! plan; the periodic sync changes only plans billing set.
+//! one in good standing pays for (`trialing`, `active`, or `past_due`
+//! within the grace period); else, restricted (reads only), the best an
+//! overdue one pays for (`past_due` past the grace, `unpaid`); free when
+//! none is left. An operator's plan (set by a platform admin or the CLI)
+//! stays until a subscription grants a different paid plan, and is never
+//! restricted; the periodic sync changes only plans billing set.
+//!
+//! Billing's other jobs: `billing.grace` and `billing.reminder` (the end of
+//! a past-due episode's grace, and the reminder before it), `billing.seats`
+//! (per-seat quantities, `process/seats.rs`), `billing.sync` (the periodic
+//! re-read, `process/sync.rs`) and `billing.meters` (metered usage,
+//! [`crate::usage`]).
 //!
 //! An event naming a customer no tenant is linked to (yet), or a price the
 //! catalog does not know on a live subscription, is parked with the reason
@@ -371,13 +379,7 @@ impl Processor {
                             None => Ok(crate::usage::Sent::default()),
                         };
                         // The next run is queued whatever this one did.
-                        this.db
-                            .platform(async |c| {
-                                jobs::enqueue(c, meters_job(every)).await?;
-                                Ok::<_, BillingError>(())
-                            })
-                            .await
-                            .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("queueing the next send")))?;
+                        this.queue_next(meters_job(every)).await?;
                         match result {
                             Ok(sent) => {
                                 if sent.batches > 0 || sent.left > 0 {
@@ -426,13 +428,7 @@ impl Processor {
                             .ok_or_else(|| malformed(&job.payload, "every_secs"))?;
                         let result = this.sync().await;
                         // The next run is queued whatever this one did.
-                        this.db
-                            .platform(async |c| {
-                                jobs::enqueue(c, sync_job(every)).await?;
-                                Ok::<_, BillingError>(())
-                            })
-                            .await
-                            .map_err(|e| JobError::Retry(anyhow::Error::new(e).context("queueing the next sync")))?;
+                        this.queue_next(sync_job(every)).await?;
                         match result {
                             Ok(s) => {
                                 tracing::info!(
@@ -449,6 +445,18 @@ impl Processor {
                 }),
             ),
         ]
+    }
+
+    /// Queues the next run of a periodic job.
+    async fn queue_next(&self, job: NewJob) -> Result<(), JobError> {
+        let kind = job.kind;
+        self.db
+            .platform(async |c| {
+                jobs::enqueue(c, job).await?;
+                Ok::<_, BillingError>(())
+            })
+            .await
+            .map_err(|e| JobError::Retry(anyhow::Error::new(e).context(format!("queueing the next {kind}"))))
     }
 
     /// Processes a stored event again (`plinth billing replay`): a parked
