@@ -236,10 +236,7 @@ impl Stripe {
     /// names this one intent (its retries send the same key, and so are
     /// applied once).
     pub async fn set_quantity(&self, item: &str, quantity: u64, key: String) -> Result<(), BillingError> {
-        let form = [("quantity", quantity.to_string()), ("proration_behavior", "create_prorations".into())]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
+        let form = form([("quantity", quantity.to_string()), ("proration_behavior", "create_prorations".into())]);
         self.post(format!("/subscription_items/{item}"), &form, Some(key), "updating a seat quantity").await.map(drop)
     }
 
@@ -267,31 +264,25 @@ impl Stripe {
     /// make: with `now`, the one charged at once (its prorations); else the
     /// next renewal's.
     pub async fn preview(&self, sub: &object::Subscription, change: &Change, now: bool) -> Result<Value, BillingError> {
-        let form: std::collections::BTreeMap<String, String> = [
+        let form = form([
             ("customer", sub.customer.clone()),
             ("subscription", sub.id.clone()),
             ("subscription_details[items][0][id]", change.item.clone()),
             ("subscription_details[items][0][price]", change.price.clone()),
             ("subscription_details[items][0][quantity]", change.quantity.to_string()),
             ("subscription_details[proration_behavior]", if now { "always_invoice" } else { "none" }.to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        ]);
         self.post("/invoices/create_preview".into(), &form, None, "previewing an invoice").await
     }
 
     /// Puts `change` on `sub` at once, invoicing the prorations now.
     pub async fn change_now(&self, sub: &str, change: &Change) -> Result<Value, BillingError> {
-        let form: std::collections::BTreeMap<String, String> = [
+        let form = form([
             ("items[0][id]", change.item.clone()),
             ("items[0][price]", change.price.clone()),
             ("items[0][quantity]", change.quantity.to_string()),
             ("proration_behavior", "always_invoice".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        ]);
         self.post(format!("/subscriptions/{sub}"), &form, None, "changing a subscription").await
     }
 
@@ -307,11 +298,11 @@ impl Stripe {
     ) -> Result<String, BillingError> {
         let schedule = match &sub.schedule {
             Some(id) => self.get(format!("/subscription_schedules/{id}"), &[], "reading a schedule").await?,
+            // Not keyed: a released schedule's key would replay it. Stripe
+            // refuses a second schedule for one subscription.
             None => {
-                // Keyed by the subscription: made once, however often asked.
-                let form = [("from_subscription".to_owned(), sub.id.clone())].into_iter().collect();
-                let key = Some(format!("plinth-schedule-{}", sub.id));
-                self.post("/subscription_schedules".into(), &form, key, "scheduling a change").await?
+                let form = form([("from_subscription", sub.id.clone())]);
+                self.post("/subscription_schedules".into(), &form, None, "scheduling a change").await?
             }
         };
         let id = schedule["id"].as_str().ok_or_else(|| BillingError::Internal("a schedule without an id".into()))?;
@@ -322,7 +313,7 @@ impl Stripe {
             return Err(BillingError::Internal(format!("schedule {id} has no current phase")));
         };
         let current_quantity = sub.items.iter().find(|i| i.price == current_price).and_then(|i| i.quantity);
-        let form: std::collections::BTreeMap<String, String> = [
+        let form = form([
             ("end_behavior", "release".to_owned()),
             ("proration_behavior", "none".to_owned()),
             ("phases[0][start_date]", start.to_string()),
@@ -331,10 +322,7 @@ impl Stripe {
             ("phases[0][items][0][quantity]", current_quantity.unwrap_or(change.quantity).to_string()),
             ("phases[1][items][0][price]", change.price.clone()),
             ("phases[1][items][0][quantity]", change.quantity.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        ]);
         self.post(format!("/subscription_schedules/{id}"), &form, None, "scheduling a change").await?;
         Ok(id.to_owned())
     }
@@ -342,7 +330,7 @@ impl Stripe {
     /// Releases a schedule: the subscription goes on as it is now, without
     /// the change the schedule held.
     pub async fn release_schedule(&self, id: &str) -> Result<(), BillingError> {
-        let form = std::collections::BTreeMap::new();
+        let form = form([]);
         self.post(format!("/subscription_schedules/{id}/release"), &form, None, "releasing a schedule").await.map(drop)
     }
 
@@ -358,23 +346,20 @@ impl Stripe {
         value: i64,
         timestamp: i64,
     ) -> Result<(), BillingError> {
-        let form = [
+        let form = form([
             ("event_name", event_name.to_owned()),
             ("identifier", identifier.to_owned()),
             ("payload[stripe_customer_id]", customer.to_owned()),
             ("payload[value]", value.to_string()),
             ("timestamp", timestamp.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        ]);
         let key = Some(format!("plinth-meter-{identifier}"));
         self.post("/billing/meter_events".into(), &form, key, "reporting metered usage").await.map(drop)
     }
 
     /// Sets whether `sub` ends at the end of its period; Stripe's answer.
     pub async fn cancel_at_period_end(&self, sub: &str, cancel: bool) -> Result<Value, BillingError> {
-        let form = [("cancel_at_period_end".to_owned(), cancel.to_string())].into_iter().collect();
+        let form = form([("cancel_at_period_end", cancel.to_string())]);
         self.post(format!("/subscriptions/{sub}"), &form, None, "changing a subscription").await
     }
 
@@ -649,6 +634,11 @@ pub async fn close_tenant(db: &Db, api: Option<&Stripe>, tenant: TenantId) -> Re
         }
         None => Err(BillingError::NotConfigured),
     }
+}
+
+/// A form body from its fields.
+fn form<const N: usize>(fields: [(&str, String); N]) -> std::collections::BTreeMap<String, String> {
+    fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 /// Stripe says the customer named in the request does not exist (deleted).
