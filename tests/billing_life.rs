@@ -307,6 +307,19 @@ mod dunning {
             assert_eq!(write(app, "globex", "globex works").await?.status(), 201);
         }
         assert_eq!(b.plan("acme").await?, "pro", "the plan holds: nothing is over a limit by surprise");
+        // A member may still leave (a route that needs no more than reading).
+        let leaver = crate::harness::member(&b.app.db, &acme, plinth_access::Role::Member).await?;
+        let me: Value = b.app.http.get(b.app.url("/v1/me")).bearer_auth(&leaver).send().await?.json().await?;
+        let id = me["user"]["id"].as_str().or(me["id"].as_str()).ok_or("the member's id")?.to_owned();
+        let res = b
+            .app
+            .http
+            .delete(b.app.url(&format!("/v1/members/{id}")))
+            .header("x-tenant", "acme")
+            .bearer_auth(&leaver)
+            .send()
+            .await?;
+        assert_eq!(res.status(), 204, "leaving a restricted organization");
         assert_eq!(b.app.req(Method::POST, "acme", "/v1/billing/portal").send().await?.status(), 200, "owners can pay");
         let audit: Value = b.app.req(Method::GET, "acme", "/v1/audit-log").send().await?.json().await?;
         assert!(audit.to_string().contains("billing.restricted"), "{audit}");

@@ -90,9 +90,11 @@ pub(crate) fn outcome(decision: Decision) -> Result<(), ApiError> {
 
 /// A restricted tenant (its payment overdue past the grace period) reads
 /// (GET and HEAD) but does not write; billing stays open so that an owner
-/// can pay.
+/// can pay, and a route that needs no more than reading (a member leaving)
+/// stays open too.
 fn payment_gate(policy: &crate::TenantPolicy, need: &Need, reads: bool) -> Result<(), ApiError> {
-    if policy.restricted && !reads && need.resource != "billing" {
+    let read_only = reads || matches!(need.action, crate::Action::Read);
+    if policy.restricted && !read_only && need.resource != "billing" {
         return Err(ApiError::PaymentRequired);
     }
     Ok(())
