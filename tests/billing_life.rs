@@ -582,6 +582,20 @@ per_seat = true
         assert_eq!(b.plan("acme").await?, "enterprise", "until the period ends");
         let view = b.view("acme").await?;
         assert_eq!(view["pending_change"]["plan"], "pro", "{view}");
+        // Taken back (the current plan asked for): the schedule is released.
+        let kept: Value = post(&b, "acme", "/v1/billing/change", json!({ "plan": "enterprise" })).await?.json().await?;
+        assert_eq!(kept["effective"], "now", "{kept}");
+        let first = schedule["id"].as_str().ok_or("a schedule id")?.to_owned();
+        assert_eq!(stripe.schedule_now(&first).map(|s| s["status"].clone()), Some(json!("released")));
+        assert!(stripe.subscription_now("sub_c").is_some_and(|s| s["schedule"].is_null()));
+        assert!(b.view("acme").await?["pending_change"].is_null());
+        assert_eq!(posted(&stripe.requests(), "/v1/subscriptions/sub_c").len(), 1, "no price change for that");
+        // And made again: a new schedule.
+        let changed: Value = post(&b, "acme", "/v1/billing/change", json!({ "plan": "pro" })).await?.json().await?;
+        assert_eq!(changed["effective"], "period_end", "{changed}");
+        let second = stripe.subscription_now("sub_c").and_then(|s| s["schedule"].as_str().map(str::to_owned));
+        assert!(second.as_deref().is_some_and(|s| s != first), "{second:?}");
+        assert_eq!(b.view("acme").await?["pending_change"]["plan"], "pro");
         // The period ends; Stripe moves the subscription to pro.
         let mut renewed = seats("sub_c", "cus_c", "active", PRO, 2);
         renewed["items"]["data"][0]["current_period_end"] = json!(period_end + 30 * 86_400);

@@ -9,7 +9,8 @@
 //! subscription view shows it as `pending_change` until then. A downgrade
 //! to a plan whose limits the organization is over answers 409
 //! `over_plan_limits` with each limit and its use: nothing is over a limit
-//! by surprise. Cancelling ends the subscription at the end of its period;
+//! by surprise. Asking for the current plan while a change waits takes
+//! the waiting change back. Cancelling ends the subscription at the end of its period;
 //! resuming takes that back.
 //!
 //! These take no `Idempotency-Key`: each is a state to reach, and asking
@@ -87,7 +88,17 @@ struct Plotted {
     current_price: String,
     change: Change,
     upgrade: bool,
+    /// The current plan asked for while a change waits on a schedule: the
+    /// waiting change is taken back.
+    keep: bool,
     period_end: Option<DateTime<Utc>>,
+}
+
+impl Plotted {
+    /// `now` or `period_end`, as answers say it.
+    fn effective(&self) -> &'static str {
+        if self.upgrade || self.keep { "now" } else { "period_end" }
+    }
 }
 
 fn stripe(data: Option<web::Data<Stripe>>) -> Result<web::Data<Stripe>, ApiError> {
@@ -129,12 +140,13 @@ async fn plot(
         .filter_map(|item| catalog.plan_for_price(&item.price).map(|plan| (item, plan)))
         .max_by_key(|(_, plan)| rank(&plan.name))
         .ok_or_else(|| ApiError::Conflict("the subscription is for no plan of the catalog".into()))?;
-    if current.name == target.name {
+    let keep = current.name == target.name;
+    if keep && sub.schedule.is_none() {
         return Err(invalid(format!("the organization is on {} already", target.name)));
     }
     let item_id = item.id.clone().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("an item without an id")))?;
     let upgrade = rank(&target.name) > rank(&current.name);
-    if !upgrade {
+    if !upgrade && !keep {
         let usage = ctx.tx(async |c| ctx.usage(c.pg()).await).await?;
         let over: Vec<(&'static str, u32, i64)> = usage
             .into_iter()
@@ -159,6 +171,7 @@ async fn plot(
         target,
         sub,
         upgrade,
+        keep,
         period_end,
     })
 }
@@ -201,14 +214,15 @@ async fn preview(
         true => amount(&api.preview(&plotted.sub, &plotted.change, true).await?),
         false => Amount { amount: 0, currency: amount(&next).currency },
     };
+    let effective = plotted.effective();
     let next_at = next["next_payment_attempt"]
         .as_i64()
         .or(next["period_end"].as_i64())
         .and_then(|t| DateTime::from_timestamp(t, 0));
     Ok(HttpResponse::Ok().json(Preview {
         plan: plotted.target.name,
-        effective: if plotted.upgrade { "now" } else { "period_end" },
-        effective_at: if plotted.upgrade { Some(Utc::now()) } else { plotted.period_end },
+        effective,
+        effective_at: if effective == "now" { Some(Utc::now()) } else { plotted.period_end },
         due_now,
         next_invoice: amount(&next),
         next_invoice_at: next_at,
@@ -243,19 +257,17 @@ async fn change(
     let plotted = plot(&ctx, &db, &access, &api, &body.0.plan).await?;
     let tenant = ctx.tenant.id;
     let sub_id = plotted.sub.id.clone();
-    let pending: Option<String> = db
-        .platform(async |c| {
-            Ok::<_, ApiError>(
-                billing_plan_changes::table.find(&sub_id).select(billing_plan_changes::schedule_id).first(c).await.ok(),
-            )
-        })
-        .await?;
-    let effective_at = if plotted.upgrade {
-        // A downgrade waiting for the period's end is replaced by this.
-        if let Some(schedule) = &pending {
+    let effective_at = if plotted.upgrade || plotted.keep {
+        // A schedule on the subscription (a downgrade waiting for the
+        // period's end, made here or in the portal) would undo an upgrade
+        // when its next phase starts: released first. Asking for the
+        // current plan only takes the waiting change back.
+        if let Some(schedule) = &plotted.sub.schedule {
             api.release_schedule(schedule).await?;
         }
-        api.change_now(&sub_id, &plotted.change).await?;
+        if plotted.upgrade {
+            api.change_now(&sub_id, &plotted.change).await?;
+        }
         db.platform(async |c| {
             diesel::delete(billing_plan_changes::table.find(&sub_id)).execute(c).await?;
             Ok::<_, ApiError>(())
@@ -289,12 +301,8 @@ async fn change(
         .await?;
         plotted.period_end
     };
-    tracing::info!(tenant.id = %tenant, plan = plotted.target.name, upgrade = plotted.upgrade, "plan change made in Stripe");
-    Ok(HttpResponse::Ok().json(Changed {
-        plan: plotted.target.name,
-        effective: if plotted.upgrade { "now" } else { "period_end" },
-        effective_at,
-    }))
+    tracing::info!(tenant.id = %tenant, plan = plotted.target.name, effective = plotted.effective(), "plan change made in Stripe");
+    Ok(HttpResponse::Ok().json(Changed { effective: plotted.effective(), plan: plotted.target.name, effective_at }))
 }
 
 /// Whether the subscription ends at the end of its period.
