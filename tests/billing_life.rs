@@ -665,9 +665,11 @@ meters = { tasks = { event_name = "plinth_tasks", hard_limit = 3 } }
         let file = dir.path.join("plans.toml");
         std::fs::write(&file, PLANS)?;
         let file: &'static str = Box::leak(file.display().to_string().into_boxed_str());
-        let b =
-            billing_setting("14", Some(&stripe), vec![("PLINTH_PLANS_FILE", file), ("PLINTH_BILLING_METER_SECS", "1")])
-                .await?;
+        // The breaker, opened by the outage, lets a probe through after a
+        // second rather than 30.
+        let settings =
+            vec![("PLINTH_PLANS_FILE", file), ("PLINTH_BILLING_METER_SECS", "1"), ("PLINTH_STRIPE_BREAKER_SECS", "1")];
+        let b = billing_setting("14", Some(&stripe), settings).await?;
         let other = TestApp::spawn_on(
             &b.testdb,
             AppOptions {
@@ -739,7 +741,7 @@ meters = { tasks = { event_name = "plinth_tasks", hard_limit = 3 } }
 
         // Stripe is back: every unit is counted once.
         stripe.set_down(false);
-        eventually(Duration::from_secs(30), || async {
+        eventually(Duration::from_secs(60), || async {
             let unsent: i64 = b.sql_one("SELECT count(*) FROM public.usage_events WHERE sent_at IS NULL").await?;
             Ok(unsent == 0)
         })
