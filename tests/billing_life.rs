@@ -72,6 +72,15 @@ impl Billing {
     }
 }
 
+/// A plan catalog written to a file of its own, for `PLINTH_PLANS_FILE`
+/// (the folder lives as long as the first value).
+fn plans_file(text: &str) -> TestResult<(crate::harness::TempDir, &'static str)> {
+    let dir = crate::harness::TempDir::new("plans")?;
+    let file = dir.path.join("plans.toml");
+    std::fs::write(&file, text)?;
+    Ok((dir, Box::leak(file.display().to_string().into_boxed_str())))
+}
+
 /// The quantities Stripe was asked to set, in order: (item, quantity).
 fn quantities(stripe: &StripeMock) -> Vec<(String, String)> {
     stripe
@@ -459,7 +468,7 @@ mod trials {
 
 mod changes {
     use super::*;
-    use crate::harness::{TempDir, assert_error};
+    use crate::harness::assert_error;
 
     /// The default catalog, with pro limited to 2 projects: a downgrade
     /// the organization can be over.
@@ -495,10 +504,7 @@ per_seat = true
         let stripe = StripeMock::start().await?;
         stripe.set_price(PRO, 2000);
         stripe.set_price(ENTERPRISE, 5000);
-        let dir = TempDir::new("plans")?;
-        let file = dir.path.join("plans.toml");
-        std::fs::write(&file, PLANS)?;
-        let file: &'static str = Box::leak(file.display().to_string().into_boxed_str());
+        let (_dir, file) = plans_file(PLANS)?;
         let b = billing_setting("14", Some(&stripe), vec![("PLINTH_PLANS_FILE", file)]).await?;
         let acme = b.app.create_tenant("acme").await?;
         b.app.create_tenant("globex").await?;
@@ -625,7 +631,7 @@ per_seat = true
 
 mod meters {
     use super::*;
-    use crate::harness::{AppOptions, TempDir, TestApp, assert_error};
+    use crate::harness::{AppOptions, TestApp, assert_error};
     use crate::mail_and_jobs::{Running, fast};
 
     /// Pro meters tasks with a soft limit, enterprise with a hard one.
@@ -661,10 +667,7 @@ meters = { tasks = { event_name = "plinth_tasks", hard_limit = 3 } }
     #[tokio::test]
     async fn units_recorded_with_the_work_reach_stripe_once_each_across_an_outage_and_two_instances() -> TestResult {
         let stripe = StripeMock::start().await?;
-        let dir = TempDir::new("plans")?;
-        let file = dir.path.join("plans.toml");
-        std::fs::write(&file, PLANS)?;
-        let file: &'static str = Box::leak(file.display().to_string().into_boxed_str());
+        let (_dir, file) = plans_file(PLANS)?;
         // The breaker, opened by the outage, lets a probe through after a
         // second rather than 30.
         let settings =
