@@ -43,10 +43,14 @@ pub struct TenantBilling {
 /// registers one as `web::Data<dyn BillingSummary>`; admin knows nothing of
 /// Stripe).
 pub trait BillingSummary: Send + Sync {
+    /// The billing of `tenant`, on `plan` and `restricted` as the access
+    /// policy has them.
     fn summary<'a>(
         &'a self,
         db: &'a plinth_tenants::Db,
         tenant: plinth_tenants::TenantId,
+        plan: &'a str,
+        restricted: bool,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<TenantBilling, ApiError>> + Send + 'a>>;
 }
 
@@ -83,7 +87,7 @@ async fn show(
 ) -> Result<HttpResponse, ApiError> {
     let plan = ctx.plan();
     let usage = ctx.tx(async |c| ctx.usage(c.pg()).await).await?;
-    let billing = billing.summary(&db, ctx.tenant.id).await?;
+    let billing = billing.summary(&db, ctx.tenant.id, &plan.name, ctx.policy.restricted).await?;
     let limits: BTreeMap<&str, Usage> = usage.into_iter().map(|(q, u)| (q.as_str(), u)).collect();
     Ok(HttpResponse::Ok().json(TenantView {
         tenant: &ctx.tenant,

@@ -6,7 +6,7 @@ use diesel::{ExpressionMethods as _, QueryDsl as _, Queryable, Selectable, Selec
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use plinth_admin::tenant::{BillingSummary, TenantBilling};
 use plinth_http::ApiError;
-use plinth_tenants::{Db, TenantId, registry};
+use plinth_tenants::{Db, TenantId};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -93,16 +93,13 @@ impl BillingSummary for Summary {
         &'a self,
         db: &'a Db,
         tenant: TenantId,
+        plan: &'a str,
+        restricted: bool,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<TenantBilling, ApiError>> + Send + 'a>> {
         Box::pin(async move {
             let grace = chrono::Duration::from_std(self.grace).unwrap_or_default();
-            db.platform(async |c| {
-                let row = registry::plan_status(c, Some(tenant)).await?.into_iter().next();
-                let Some(row) = row else { return Err(ApiError::NotFound("tenant")) };
-                let (subs, main) = live(c, tenant, &row.plan).await?;
-                Ok(state(main.map(|i| &subs[i]), row.restricted_at.is_some(), grace))
-            })
-            .await
+            let (subs, main) = db.platform(async |c| Ok::<_, ApiError>(live(c, tenant, plan).await?)).await?;
+            Ok(state(main.map(|i| &subs[i]), restricted, grace))
         })
     }
 }
