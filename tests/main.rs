@@ -15,6 +15,7 @@ mod deploy;
 mod http_basics;
 mod idempotency;
 mod identity;
+mod impersonation;
 mod isolation;
 mod lifecycle;
 mod load_balancer;

@@ -5,8 +5,10 @@
 //! - [`tenant`]: `GET /v1/tenant`.
 //! - [`audit_log`]: `GET /v1/audit-log`, a tenant's audit log.
 //! - [`platform`]: platform admins (list, show, suspend, reactivate, plan
-//!   override, delete).
+//!   override, delete, impersonate).
+//! - [`operator_log`]: what platform admins did, platform-wide.
 
 pub mod audit_log;
+pub mod operator_log;
 pub mod platform;
 pub mod tenant;

@@ -1,11 +1,13 @@
 //! Platform administration (super-admins only): list and inspect tenants,
-//! suspend and reactivate them, change their plan, delete them.
+//! suspend and reactivate them, change their plan, delete them, impersonate
+//! a member. The actions are functions taking an [`Operator`], shared with
+//! the console; each is recorded in the operator log.
 //!
 //! The grant is a row in `public.platform_admins` (`plinth admin
 //! create-superuser`, kept by `plinth_access::grants`), separate from any
 //! tenant role. A signed-in user without it gets 403 on every route here.
 
-use actix_web::{HttpResponse, delete, get, post, put, web};
+use actix_web::{HttpMessage as _, HttpRequest, HttpResponse, delete, get, post, put, web};
 use chrono::{DateTime, Utc};
 use diesel_async::AsyncPgConnection;
 use plinth_access::Access;
@@ -13,9 +15,11 @@ use plinth_access::{PlatformAllowed, requirements};
 use plinth_http::ApiError;
 use plinth_http::openapi::{ErrorEnvelope, Forbidden, NotFound, PageQuery};
 use plinth_http::request::{Json, Page, PageParams};
-use plinth_identity::members;
+use plinth_identity::{impersonation, members};
 use plinth_tenants::audit::{self, Actor, Entry};
-use plinth_tenants::{Db, Tenant, TenantId, TenantStatus, registry};
+use plinth_tenants::{Db, Tenant, TenantId, TenantStatus, UserId, registry};
+
+use crate::operator_log;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
@@ -35,8 +39,145 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
             .service(delete)
             .service(suspend)
             .service(reactivate)
-            .service(set_plan),
+            .service(set_plan)
+            .service(impersonate),
     );
+}
+
+/// A platform admin acting, through the console or these routes: who, from
+/// where, in which request. Each action is recorded in the operator log
+/// (and, on a tenant, in the tenant's audit log).
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub user: UserId,
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+    /// `console` or `api`: how the action was taken.
+    pub via: &'static str,
+}
+
+impl Operator {
+    /// The platform admin `user` making `req`.
+    pub fn of(user: UserId, req: &HttpRequest, via: &'static str) -> Self {
+        let header = req.app_data::<web::Data<plinth_http::request::ClientIpHeader>>().and_then(|h| h.0.clone());
+        let ip = plinth_http::request::client_ip(req, header.as_deref());
+        let request_id = req.extensions().get::<plinth_http::request::RequestId>().map(|r| r.0.clone());
+        Self { user, ip: Some(ip), request_id, via }
+    }
+
+    /// An operator-log entry for `action` by this operator.
+    pub fn log(&self, action: &'static str) -> operator_log::Action {
+        let mut entry = operator_log::Action::new(self.user, action);
+        entry.ip = self.ip.clone();
+        entry.request_id = self.request_id.clone();
+        entry.details(json!({ "via": self.via }))
+    }
+
+    fn actor(&self) -> Actor {
+        Actor::User(self.user.0)
+    }
+}
+
+/// Suspends or reactivates a tenant as `operator`: recorded in the tenant's
+/// audit log and the operator log.
+pub async fn set_tenant_status(
+    db: &Db,
+    operator: &Operator,
+    id: TenantId,
+    status: TenantStatus,
+) -> Result<Tenant, ApiError> {
+    let tenant = db
+        .platform(async |c| {
+            let Some(tenant) = set_status(c, id, status, operator.actor(), "platform admin").await? else {
+                return Ok(None);
+            };
+            let action = if status == TenantStatus::Suspended { "tenant.suspended" } else { "tenant.reactivated" };
+            operator_log::record(c, operator.log(action).tenant(id).target(&tenant.slug)).await?;
+            Ok::<_, ApiError>(Some(tenant))
+        })
+        .await?
+        .ok_or(ApiError::NotFound("tenant"))?;
+    tracing::info!(tenant.id = %tenant.id, status = tenant.status.as_str(), "tenant status changed by a platform admin");
+    Ok(tenant)
+}
+
+/// Moves a tenant to `plan` by hand as `operator` (billing moves plans by
+/// itself when Stripe says so): recorded in both logs.
+pub async fn set_tenant_plan(
+    db: &Db,
+    access: &Access,
+    operator: &Operator,
+    id: TenantId,
+    plan: &str,
+) -> Result<Tenant, ApiError> {
+    let tenant = db
+        .platform(async |c| {
+            let Some((tenant, _)) = plinth_access::change_plan(
+                c,
+                access.catalog(),
+                id,
+                plan,
+                registry::PlanSource::Operator,
+                operator.actor(),
+                json!({ "by": "platform admin" }),
+            )
+            .await?
+            else {
+                return Ok(None);
+            };
+            let entry = operator.log("tenant.plan_changed").tenant(id).target(&tenant.slug);
+            let details = json!({ "via": operator.via, "plan": plan });
+            operator_log::record(c, entry.details(details)).await?;
+            Ok::<_, ApiError>(Some(tenant))
+        })
+        .await?
+        .ok_or(ApiError::NotFound("tenant"))?;
+    tracing::info!(tenant.id = %tenant.id, plan = tenant.plan, "tenant plan changed by a platform admin");
+    Ok(tenant)
+}
+
+/// Deletes a tenant as `operator`: what is outside Plinth first (billing
+/// cancels its subscriptions; if that fails nothing is deleted), then it
+/// stops being served, then its schema is dropped. The operator log keeps
+/// the record; the tenant's own log goes with it.
+pub async fn delete_tenant(
+    db: &Db,
+    offboard: &dyn Offboard,
+    operator: &Operator,
+    id: TenantId,
+) -> Result<(), ApiError> {
+    let Some(tenant) = db.platform(async |c| Ok::<_, ApiError>(registry::find_by_id(c, id).await?)).await? else {
+        return Err(ApiError::NotFound("tenant"));
+    };
+    offboard.offboard(db, id).await?;
+    let deleted = registry::delete(db, id).await.map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
+    if !deleted {
+        return Err(ApiError::NotFound("tenant"));
+    }
+    let entry = operator.log("tenant.deleted").tenant(id).target(&tenant.slug);
+    db.platform(async |c| Ok::<_, ApiError>(operator_log::record(c, entry).await?)).await?;
+    tracing::info!(tenant.id = %id, "tenant deleted by a platform admin");
+    Ok(())
+}
+
+/// Starts impersonating the member `user` of tenant `id` as `operator`
+/// (see `plinth_identity::impersonation`): recorded in both logs.
+pub async fn impersonate_member(
+    db: &Db,
+    operator: &Operator,
+    id: TenantId,
+    user: UserId,
+    reason: &str,
+) -> Result<impersonation::Started, ApiError> {
+    db.platform(async |c| {
+        let tenant = registry::find_by_id(c, id).await?.ok_or(ApiError::NotFound("tenant"))?;
+        let started = impersonation::start(c, operator.user, &tenant, user, reason).await?;
+        let details = json!({ "via": operator.via, "reason": reason.trim(), "expires_at": started.expires_at });
+        let entry = operator.log("impersonation.started").tenant(id).target(user).details(details);
+        operator_log::record(c, entry).await?;
+        Ok::<_, ApiError>(started)
+    })
+    .await
 }
 
 /// Suspends or reactivates a tenant and records it in the tenant's audit log.
@@ -169,11 +310,12 @@ async fn show(
 )]
 #[post("/tenants/{id}/suspend")]
 async fn suspend(
+    req: HttpRequest,
     admin: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    status_route(admin, db, path, TenantStatus::Suspended).await
+    status_route(req, admin, db, path, TenantStatus::Suspended).await
 }
 
 #[utoipa::path(
@@ -186,27 +328,24 @@ async fn suspend(
 )]
 #[post("/tenants/{id}/reactivate")]
 async fn reactivate(
+    req: HttpRequest,
     admin: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    status_route(admin, db, path, TenantStatus::Active).await
+    status_route(req, admin, db, path, TenantStatus::Active).await
 }
 
 /// `POST /v1/admin/tenants/{id}/suspend|reactivate`.
 async fn status_route(
+    req: HttpRequest,
     admin: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
     path: web::Path<String>,
     status: TenantStatus,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
-    let actor = Actor::User(admin.user_id.0);
-    let tenant = db
-        .platform(async |c| set_status(c, id, status, actor, "platform admin").await)
-        .await?
-        .ok_or(ApiError::NotFound("tenant"))?;
-    tracing::info!(tenant.id = %tenant.id, status = tenant.status.as_str(), "tenant status changed by a platform admin");
+    let tenant = set_tenant_status(&db, &Operator::of(admin.user_id, &req, "api"), id, status).await?;
     Ok(HttpResponse::Ok().json(OneTenant { tenant }))
 }
 
@@ -235,6 +374,7 @@ struct PlanBody {
 )]
 #[put("/tenants/{id}/plan")]
 async fn set_plan(
+    req: HttpRequest,
     admin: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
     access: web::Data<std::sync::Arc<Access>>,
@@ -242,28 +382,52 @@ async fn set_plan(
     body: Json<PlanBody>,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
-    let actor = Actor::User(admin.user_id.0);
-    let plan = body.0.plan;
-    let tenant = db
-        .platform(async |c| {
-            Ok::<_, ApiError>(
-                plinth_access::change_plan(
-                    c,
-                    access.catalog(),
-                    id,
-                    &plan,
-                    registry::PlanSource::Operator,
-                    actor,
-                    json!({ "by": "platform admin" }),
-                )
-                .await?,
-            )
-        })
-        .await?
-        .ok_or(ApiError::NotFound("tenant"))?
-        .0;
-    tracing::info!(tenant.id = %tenant.id, plan = tenant.plan, "tenant plan changed by a platform admin");
+    let operator = Operator::of(admin.user_id, &req, "api");
+    let tenant = set_tenant_plan(&db, &access, &operator, id, &body.0.plan).await?;
     Ok(HttpResponse::Ok().json(OneTenant { tenant }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ImpersonateBody {
+    /// The member to act as.
+    user_id: uuid::Uuid,
+    /// Why (3 to 500 characters): shown to the member's organization in
+    /// its audit log and to the web app in `GET /v1/me`.
+    reason: String,
+}
+
+/// `POST /v1/admin/tenants/{id}/impersonate` {user_id, reason}.
+#[utoipa::path(
+    operation_id = "admin_impersonate",
+    tag = "platform",
+    summary = "Acts as a member of the tenant for 15 minutes, in that tenant only (platform admins)",
+    description = "Answers a session token that acts as the member in this one tenant for 15 minutes and is never \
+                   renewed. Every answer made with it carries `plinth-impersonation: true`, and `GET /v1/me` \
+                   shows `impersonation`. It cannot touch billing, API keys, settings, members' roles or the \
+                   second factor (403). The start, every write and the end are in the tenant's audit log.",
+    params(("id" = uuid::Uuid, Path, description = "The tenant.")),
+    security(("session" = [])),
+    request_body = ImpersonateBody,
+    responses(
+        (status = 200, body = impersonation::Started),
+        (status = 400, description = "Error: invalid_request (no reason, or yourself).", body = ErrorEnvelope),
+        (status = 403, description = "Error: forbidden (not a platform admin, or the organization's owners do not allow impersonation).", body = ErrorEnvelope),
+        NotFound,
+    ),
+)]
+#[post("/tenants/{id}/impersonate")]
+async fn impersonate(
+    req: HttpRequest,
+    admin: PlatformAllowed<ManageTenants>,
+    db: web::Data<Db>,
+    path: web::Path<String>,
+    body: Json<ImpersonateBody>,
+) -> Result<HttpResponse, ApiError> {
+    let id = tenant_id(&path)?;
+    let operator = Operator::of(admin.user_id, &req, "api");
+    let started = impersonate_member(&db, &operator, id, UserId(body.0.user_id), &body.0.reason).await?;
+    Ok(HttpResponse::Ok().json(started))
 }
 
 /// What must happen outside Plinth before a tenant's data goes (billing
@@ -295,22 +459,13 @@ pub trait Offboard: Send + Sync {
 )]
 #[delete("/tenants/{id}")]
 async fn delete(
-    _: PlatformAllowed<ManageTenants>,
+    req: HttpRequest,
+    admin: PlatformAllowed<ManageTenants>,
     db: web::Data<Db>,
     offboard: web::Data<dyn Offboard>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
-    if db.platform(async |c| Ok::<_, ApiError>(registry::find_by_id(c, id).await?)).await?.is_none() {
-        return Err(ApiError::NotFound("tenant"));
-    }
-    // Outside Plinth first (billing cancels the subscriptions): if that
-    // cannot be done, the tenant stays, and the operator is told why.
-    offboard.offboard(&db, id).await?;
-    let deleted = registry::delete(&db, id).await.map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
-    if !deleted {
-        return Err(ApiError::NotFound("tenant"));
-    }
-    tracing::info!(tenant.id = %id, "tenant deleted by a platform admin");
+    delete_tenant(&db, offboard.get_ref(), &Operator::of(admin.user_id, &req, "api"), id).await?;
     Ok(HttpResponse::NoContent().finish())
 }

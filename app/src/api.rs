@@ -24,6 +24,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .configure(plinth_identity::accounts::configure)
         .configure(plinth_identity::login::configure)
         .configure(plinth_admin::tenant::configure)
+        .configure(plinth_identity::impersonation::configure)
         .configure(plinth_admin::platform::configure)
         .configure(plinth_identity::members::configure)
         .configure(plinth_identity::invitations::configure)

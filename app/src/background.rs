@@ -25,6 +25,8 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
     let mailer = Arc::new(Mailer::new(db.clone(), transport, &settings.mail_from, templates(&settings.public_url)?)?);
     let mut handlers = Handlers::new();
     handlers.on(mail::DELIVER, mailer.handler());
+    handlers
+        .on(plinth_identity::impersonation::EXPIRED_JOB, plinth_identity::impersonation::expired_handler(db.clone()));
     // Subscriptions are re-read from Stripe when it is configured.
     let api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?
         .map(Arc::new)

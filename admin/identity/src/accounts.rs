@@ -4,7 +4,7 @@
 //! Users are global (platform schema); what they may do in a tenant comes
 //! from a membership with a role.
 
-use crate::sessions::{self, Authenticated};
+use crate::sessions::{self, AnySession, Authenticated};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use chrono::{DateTime, Utc};
@@ -259,7 +259,8 @@ async fn create_tenant(
     .await
 }
 
-/// `POST /v1/auth/logout`: revokes the caller's session everywhere.
+/// `POST /v1/auth/logout`: revokes the caller's session everywhere (an
+/// impersonation session's end is recorded in its tenant's audit log).
 #[utoipa::path(
     tag = "accounts",
     summary = "Signs out: the session ends on every instance",
@@ -267,8 +268,17 @@ async fn create_tenant(
     responses((status = 204, description = "Signed out.")),
 )]
 #[post("/v1/auth/logout")]
-async fn logout(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
-    db.platform(async |c| Ok::<_, ApiError>(sessions::revoke_session(c, who.0.session_id).await?)).await?;
+async fn logout(db: web::Data<Db>, who: AnySession) -> Result<HttpResponse, ApiError> {
+    let session = who.0;
+    db.platform(async |c| {
+        if session.impersonation.is_some() {
+            crate::impersonation::end(c, session.session_id, "signed_out").await?;
+        } else {
+            sessions::revoke_session(c, session.session_id).await?;
+        }
+        Ok::<_, ApiError>(())
+    })
+    .await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -294,8 +304,13 @@ struct Me {
     user: User,
     /// Whether sign-in asks for a one-time code.
     totp_enabled: bool,
-    /// The organizations the caller belongs to (not those being deleted).
+    /// The organizations the caller belongs to (not those being deleted);
+    /// while impersonating, only the one the session acts in.
     memberships: Vec<Membership>,
+    /// Present when a platform admin is impersonating the user with this
+    /// session (its answers carry `plinth-impersonation: true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    impersonation: Option<crate::impersonation::ImpersonationView>,
 }
 
 /// `GET /v1/me`: the caller and their memberships.
@@ -306,13 +321,22 @@ struct Me {
     responses((status = 200, body = Me)),
 )]
 #[get("/v1/me")]
-async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiError> {
+async fn me(db: web::Data<Db>, who: AnySession) -> Result<HttpResponse, ApiError> {
     let user_id = who.0.user_id.0;
-    let (user, memberships) = db
+    let acting_in = who.0.impersonation.map(|i| i.tenant);
+    let session_id = who.0.session_id;
+    let (user, memberships, impersonation) = db
         .platform(async |c| {
             let user: User = users::table.find(user_id).select(User::as_select()).first(c).await?;
-            let roles: std::collections::HashMap<TenantId, String> =
+            let mut roles: std::collections::HashMap<TenantId, String> =
                 crate::members::of_user(c, UserId(user_id)).await?.into_iter().collect();
+            let impersonation = match acting_in {
+                Some(tenant) => {
+                    roles.retain(|t, _| *t == tenant);
+                    crate::impersonation::describe(c, session_id).await?
+                }
+                None => None,
+            };
             let ids: Vec<TenantId> = roles.keys().copied().collect();
             let tenants = registry::find_live_by_ids(c, &ids).await?;
             let memberships: Vec<_> = tenants
@@ -322,13 +346,13 @@ async fn me(db: web::Data<Db>, who: Authenticated) -> Result<HttpResponse, ApiEr
                     Membership { tenant: MemberOf { id: t.id, slug: t.slug, name: t.name, status: t.status }, role }
                 })
                 .collect();
-            Ok::<_, ApiError>((user, memberships))
+            Ok::<_, ApiError>((user, memberships, impersonation))
         })
         .await?;
     let totp_enabled = db
         .platform(async |c| Ok::<_, ApiError>(crate::totp::state(c, user_id, false).await?.totp_secret.is_some()))
         .await?;
-    Ok(HttpResponse::Ok().json(Me { user, totp_enabled, memberships }))
+    Ok(HttpResponse::Ok().json(Me { user, totp_enabled, memberships, impersonation }))
 }
 
 #[derive(Deserialize, ToSchema)]

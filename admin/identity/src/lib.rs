@@ -7,6 +7,8 @@
 //! - [`config`]: the identity routes' settings ([`config::IdentityConfig`]).
 //! - [`error`]: [`error::IdentityError`], what the domain functions return;
 //!   routes turn it into `ApiError`.
+//! - [`impersonation`]: platform admins acting as a member, and the
+//!   tenant setting that allows it.
 //! - [`login`]: `POST /v1/auth/login` and its failed-login budget.
 //! - [`sessions`]: bearer tokens for sessions and API keys, their cached
 //!   checks, and [`sessions::Authenticator`], the answer to the access
@@ -29,6 +31,7 @@ pub mod accounts;
 pub mod api_keys;
 pub mod config;
 pub mod error;
+pub mod impersonation;
 pub mod invitations;
 pub mod limits;
 pub mod links;

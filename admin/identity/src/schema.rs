@@ -48,6 +48,20 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         revoked_at -> Nullable<Timestamptz>,
+        /// An impersonation session: the platform admin acting as `user_id`.
+        impersonator_id -> Nullable<Uuid>,
+        /// The one tenant an impersonation session acts in.
+        tenant_id -> Nullable<Uuid>,
+        reason -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    public.tenant_identity_settings (tenant_id) {
+        tenant_id -> Uuid,
+        impersonation_allowed -> Bool,
+        updated_by -> Nullable<Uuid>,
+        updated_at -> Timestamptz,
     }
 }
 
@@ -105,6 +119,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     memberships,
     api_keys,
     sessions,
+    tenant_identity_settings,
     invitations,
     totp_recovery_codes,
     user_tokens

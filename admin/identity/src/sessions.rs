@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use actix_web::{FromRequest, HttpMessage as _, HttpRequest, dev::Payload, web};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use diesel::{
@@ -43,6 +43,15 @@ pub struct SessionInfo {
     pub session_id: uuid::Uuid,
     pub user_id: UserId,
     pub expires_at: DateTime<Utc>,
+    /// Set for an impersonation session (`crate::impersonation`).
+    pub impersonation: Option<Impersonation>,
+}
+
+/// A platform admin acting as the session's user, only in one tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Impersonation {
+    pub operator: UserId,
+    pub tenant: TenantId,
 }
 
 /// `N` random bytes from the operating system.
@@ -72,6 +81,20 @@ struct SessionRow {
     id: uuid::Uuid,
     user_id: uuid::Uuid,
     expires_at: DateTime<Utc>,
+    impersonator_id: Option<uuid::Uuid>,
+    tenant_id: Option<uuid::Uuid>,
+}
+
+impl SessionRow {
+    fn info(self) -> SessionInfo {
+        let impersonation = match (self.impersonator_id, self.tenant_id) {
+            (Some(operator), Some(tenant)) => {
+                Some(Impersonation { operator: UserId(operator), tenant: TenantId(tenant) })
+            }
+            _ => None,
+        };
+        SessionInfo { session_id: self.id, user_id: UserId(self.user_id), expires_at: self.expires_at, impersonation }
+    }
 }
 
 /// Starts a session for `user` in the caller's transaction; returns the token
@@ -95,7 +118,35 @@ pub async fn create_session(
         .returning(SessionRow::as_returning())
         .get_result(&mut conn)
         .await?;
-    Ok((token, SessionInfo { session_id: row.id, user_id: UserId(row.user_id), expires_at: row.expires_at }))
+    Ok((token, row.info()))
+}
+
+/// Starts an impersonation session: `operator` acting as `user` in
+/// `tenant` only, until `expires_at` (never renewed), for `reason`.
+pub(crate) async fn create_impersonation_session(
+    conn: &AsyncPgConnection,
+    user: UserId,
+    operator: UserId,
+    tenant: TenantId,
+    reason: &str,
+    expires_at: DateTime<Utc>,
+) -> Result<(String, SessionInfo), IdentityError> {
+    let (token, hash) = new_token()?;
+    let mut conn = conn;
+    let row: SessionRow = diesel::insert_into(sessions::table)
+        .values((
+            sessions::id.eq(uuid::Uuid::now_v7()),
+            sessions::user_id.eq(user.0),
+            sessions::token_hash.eq(&hash[..]),
+            sessions::expires_at.eq(expires_at),
+            sessions::impersonator_id.eq(operator.0),
+            sessions::tenant_id.eq(tenant.0),
+            sessions::reason.eq(reason),
+        ))
+        .returning(SessionRow::as_returning())
+        .get_result(&mut conn)
+        .await?;
+    Ok((token, row.info()))
 }
 
 /// Revokes one session (logout).
@@ -226,8 +277,7 @@ impl Sessions {
                     )
                 });
                 let row: Option<SessionRow> = self.unknown.lookup(client, query).await?;
-                let found =
-                    row.map(|r| SessionInfo { session_id: r.id, user_id: UserId(r.user_id), expires_at: r.expires_at });
+                let found = row.map(SessionRow::info);
                 self.cache.insert(ticket, hash, found.clone());
                 found
             }
@@ -356,9 +406,11 @@ impl ApiKeys {
     }
 }
 
-/// The caller's session, from `Authorization: Bearer <token>`. Extracting it
-/// answers 401 `unauthenticated` when the token is missing, unknown, expired
-/// or revoked.
+/// The caller's own session, from `Authorization: Bearer <token>`.
+/// Extracting it answers 401 `unauthenticated` when the token is missing,
+/// unknown, expired or revoked, and 403 `forbidden` to an impersonation
+/// session: what takes this (the second factor, new organizations) is the
+/// user's own. Routes an impersonation session may use take [`AnySession`].
 #[derive(Debug, Clone)]
 pub struct Authenticated(pub SessionInfo);
 
@@ -366,15 +418,41 @@ impl FromRequest for Authenticated {
     type Error = ApiError;
     type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, ApiError>>>>;
 
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let any = AnySession::from_request(req, payload);
+        Box::pin(async move {
+            let AnySession(session) = any.await?;
+            if session.impersonation.is_some() {
+                return Err(ApiError::NotWhileImpersonating);
+            }
+            Ok(Self(session))
+        })
+    }
+}
+
+/// The caller's session, an impersonation session included (whose answers
+/// then carry `plinth-impersonation: true`): for `GET /v1/me` and signing
+/// out.
+#[derive(Debug, Clone)]
+pub struct AnySession(pub SessionInfo);
+
+impl FromRequest for AnySession {
+    type Error = ApiError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, ApiError>>>>;
+
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let token = bearer(req);
         let client = Client::of(req);
         let sessions = req.app_data::<web::Data<Arc<Sessions>>>().cloned();
+        let req = req.clone();
         Box::pin(async move {
             let sessions = sessions.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("Sessions is not registered")))?;
             let token = token.ok_or(ApiError::Unauthenticated)?;
             let session = sessions.verify(&token, &client).await?.ok_or(ApiError::Unauthenticated)?;
             tracing::Span::current().record("user.id", session.user_id.to_string());
+            if session.impersonation.is_some() {
+                req.extensions_mut().insert(plinth_http::request::Impersonating);
+            }
             Ok(Self(session))
         })
     }
@@ -399,7 +477,15 @@ impl Authenticate for Authenticator {
                 Ok(key.map(|k| Credential::ApiKey { key_id: k.key_id, tenant_id: k.tenant_id }))
             } else {
                 let session = self.sessions.verify(token, client).await?;
-                Ok(session.map(|s| Credential::Session { user_id: s.user_id, session_id: s.session_id }))
+                Ok(session.map(|s| match s.impersonation {
+                    None => Credential::Session { user_id: s.user_id, session_id: s.session_id },
+                    Some(i) => Credential::Impersonation {
+                        user_id: s.user_id,
+                        session_id: s.session_id,
+                        operator: i.operator,
+                        tenant_id: i.tenant,
+                    },
+                }))
             }
         })
     }

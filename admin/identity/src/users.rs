@@ -62,3 +62,36 @@ pub async fn insert_user(
 fn unique_violation(err: &DbError, constraint: &str) -> bool {
     matches!(err, DbError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) if info.constraint_name() == Some(constraint))
 }
+
+/// The addresses of `ids` (those that still have an account).
+pub async fn emails(
+    conn: &mut AsyncPgConnection,
+    ids: &[uuid::Uuid],
+) -> diesel::QueryResult<std::collections::HashMap<uuid::Uuid, String>> {
+    let rows: Vec<(uuid::Uuid, String)> =
+        users::table.filter(users::id.eq_any(ids)).select((users::id, users::email)).load(conn).await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// A user as the operator console lists them: address, when they joined,
+/// whether sign-in asks for a second factor.
+#[derive(Debug, Clone, Serialize)]
+pub struct Account {
+    pub id: uuid::Uuid,
+    pub email: String,
+    pub created_at: DateTime<Utc>,
+    pub second_factor: bool,
+}
+
+/// The accounts `ids`, in no particular order.
+pub async fn accounts(conn: &mut AsyncPgConnection, ids: &[uuid::Uuid]) -> diesel::QueryResult<Vec<Account>> {
+    let rows: Vec<(uuid::Uuid, String, DateTime<Utc>, bool)> = users::table
+        .filter(users::id.eq_any(ids))
+        .select((users::id, users::email, users::created_at, users::totp_secret.is_not_null()))
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, email, created_at, second_factor)| Account { id, email, created_at, second_factor })
+        .collect())
+}

@@ -16,6 +16,9 @@ pub enum Credential {
     Session { user_id: UserId, session_id: uuid::Uuid },
     /// An API key, which acts only in its one tenant.
     ApiKey { key_id: uuid::Uuid, tenant_id: TenantId },
+    /// A platform admin (`operator`) acting as the member `user_id`, only
+    /// in `tenant_id`, for a short while. Anywhere else it is nobody.
+    Impersonation { user_id: UserId, session_id: uuid::Uuid, operator: UserId, tenant_id: TenantId },
 }
 
 /// Answers whose a bearer token is: `Ok(None)` for a token that is unknown,

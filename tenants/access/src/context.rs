@@ -23,8 +23,9 @@ pub use crate::Action;
 /// Who is making the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// A user signed in with a session.
-    User { user_id: UserId, session_id: uuid::Uuid },
+    /// A user signed in with a session; `impersonator` is the platform
+    /// admin acting as them (an impersonation session), if any.
+    User { user_id: UserId, session_id: uuid::Uuid, impersonator: Option<UserId> },
     /// A tenant API key.
     ApiKey { key_id: uuid::Uuid },
 }
@@ -34,6 +35,15 @@ impl Principal {
     pub fn user_id(&self) -> Option<UserId> {
         match self {
             Self::User { user_id, .. } => Some(*user_id),
+            Self::ApiKey { .. } => None,
+        }
+    }
+
+    /// The platform admin acting as the member, when this is an
+    /// impersonation session.
+    pub fn impersonator(&self) -> Option<UserId> {
+        match self {
+            Self::User { impersonator, .. } => *impersonator,
             Self::ApiKey { .. } => None,
         }
     }
@@ -121,7 +131,8 @@ impl TenantContext {
     }
 
     /// An audit entry for `action` by this request's caller, with its
-    /// address and request id.
+    /// address and request id; made while impersonating, it names the
+    /// platform admin too (`details.impersonated_by`).
     pub fn audit_entry(&self, action: &'static str) -> plinth_tenants::audit::Entry {
         use plinth_tenants::audit::{Actor, Entry};
         let actor = match &self.principal {
@@ -130,6 +141,9 @@ impl TenantContext {
         };
         let mut entry = self.request_id.stamp(Entry::new(actor, action));
         entry.ip = Some(self.ip.clone());
+        if let Some(operator) = self.principal.impersonator() {
+            entry = entry.details(serde_json::json!({ "impersonated_by": operator.0 }));
+        }
         entry
     }
 }

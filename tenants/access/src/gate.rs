@@ -100,6 +100,26 @@ fn payment_gate(policy: &crate::TenantPolicy, need: &Need, reads: bool) -> Resul
     Ok(())
 }
 
+/// What an operator impersonating a member may not touch, whatever the
+/// member's role: billing, API keys and the tenant's settings (among them
+/// whether impersonation is allowed), not even to read them; and members
+/// only to read the list (no roles, invitations, removals, leaving).
+/// Identity refuses the member's own second factor the same way.
+fn impersonation_gate(principal: &Principal, need: &Need, reads: bool) -> Result<(), ApiError> {
+    if principal.impersonator().is_none() {
+        return Ok(());
+    }
+    let closed = match need.resource {
+        "billing" | "api_keys" | "settings" => true,
+        "members" => !reads,
+        _ => false,
+    };
+    if closed {
+        return Err(ApiError::NotWhileImpersonating);
+    }
+    Ok(())
+}
+
 /// A tenant request that passed the gate for `R`.
 pub struct Allowed<R> {
     ctx: TenantContext,
@@ -162,6 +182,28 @@ impl<R: Requirement> FromRequest for PlatformAllowed<R> {
     }
 }
 
+/// Records a write made while impersonating in the tenant's audit log
+/// (`impersonation.write`: the member as actor, the operator, the method
+/// and path) before the handler runs, so no write made that way goes
+/// unrecorded: if the entry cannot be written, neither is anything else.
+async fn record_impersonated_write(
+    db: &Db,
+    tenant: &plinth_tenants::registry::Tenant,
+    principal: &Principal,
+    operator: UserId,
+    req: &HttpRequest,
+    request_id: &RequestId,
+    ip: &str,
+) -> Result<(), ApiError> {
+    use plinth_tenants::audit::{self, Actor, Entry};
+    let Some(user) = principal.user_id() else { return Ok(()) };
+    let mut entry = request_id.stamp(Entry::new(Actor::User(user.0), "impersonation.write")).details(
+        serde_json::json!({ "impersonated_by": operator.0, "method": req.method().as_str(), "path": req.path() }),
+    );
+    entry.ip = Some(ip.to_owned());
+    db.tenant_rows(tenant.scope(), async |rows| Ok::<_, ApiError>(audit::record(rows, entry).await?)).await
+}
+
 pub(crate) fn registered<T: ?Sized + 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
     req.app_data::<web::Data<T>>()
         .cloned()
@@ -176,6 +218,7 @@ impl TenantContext {
         let decision = self.access.check(self.subject, Some(self.tenant.id), &R::NEED).await?;
         record(self.subject, &self.tenant.id.to_string(), &R::NEED, &decision);
         outcome(decision)?;
+        impersonation_gate(&self.principal, &R::NEED, self.reads)?;
         payment_gate(&self.policy, &R::NEED, self.reads)
     }
 
@@ -203,7 +246,18 @@ impl TenantContext {
                 tracing::Span::current().record("user.id", user_id.to_string());
                 let tenant = resolver.resolve(req).await?;
                 let subject = Subject::Member(tenant.id, user_id);
-                (Principal::User { user_id, session_id }, tenant, subject)
+                (Principal::User { user_id, session_id, impersonator: None }, tenant, subject)
+            }
+            Credential::Impersonation { user_id, session_id, operator, tenant_id } => {
+                tracing::Span::current().record("user.id", user_id.to_string());
+                req.extensions_mut().insert(plinth_http::request::Impersonating);
+                let tenant = resolver.resolve(req).await?;
+                // Bound to its one tenant, like an API key.
+                if tenant_id != tenant.id {
+                    return Err(ApiError::NotFound("tenant"));
+                }
+                let subject = Subject::Member(tenant.id, user_id);
+                (Principal::User { user_id, session_id, impersonator: Some(operator) }, tenant, subject)
             }
         };
         let asked = access.tenant_subject_on(&db, subject, tenant.id).await?;
@@ -223,11 +277,15 @@ impl TenantContext {
         record(subject, &tenant.id.to_string(), need, &decision);
         outcome(decision)?;
         let reads = matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD);
+        impersonation_gate(&principal, need, reads)?;
         payment_gate(&policy, need, reads)?;
         let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
         let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
         let ip = plinth_http::request::client_ip(req, header.as_deref());
         let counters = registered::<Counters>(req)?;
+        if let (Some(operator), false) = (principal.impersonator(), reads) {
+            record_impersonated_write(&db, &tenant, &principal, operator, req, &request_id, &ip).await?;
+        }
         Ok(Self {
             tenant,
             principal,

@@ -17,8 +17,12 @@ const ALLOWED_HEADERS: [header::HeaderName; 4] = [
 ];
 
 /// The answer headers a browser lets the web app read.
-const EXPOSED_HEADERS: [header::HeaderName; 3] =
-    [header::HeaderName::from_static("x-request-id"), header::RETRY_AFTER, header::ALLOW];
+const EXPOSED_HEADERS: [header::HeaderName; 4] = [
+    header::HeaderName::from_static("x-request-id"),
+    header::RETRY_AFTER,
+    header::ALLOW,
+    crate::request::IMPERSONATION_HEADER,
+];
 
 /// Parses `PLINTH_CORS_ORIGINS`: origins (`https://app.example.com`,
 /// `http://localhost:3000`) separated by commas or spaces, each a scheme

@@ -51,6 +51,15 @@ pub enum ApiError {
     PaymentRequired,
     #[error("this organization is suspended")]
     TenantSuspended,
+    /// A platform admin impersonating a member asked for what
+    /// impersonation never reaches.
+    #[error(
+        "not while impersonating: billing, API keys, settings, managing members and the second factor stay with the member"
+    )]
+    NotWhileImpersonating,
+    /// The organization's owners do not allow impersonation.
+    #[error("the organization's owners do not allow impersonation")]
+    ImpersonationRefused,
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("{0}")]
@@ -105,7 +114,7 @@ impl ApiError {
             Self::Unauthenticated => "unauthenticated",
             Self::InvalidCredentials => "invalid_credentials",
             Self::TotpRequired => "totp_required",
-            Self::Forbidden => "forbidden",
+            Self::Forbidden | Self::NotWhileImpersonating | Self::ImpersonationRefused => "forbidden",
             Self::PlanRequired { .. } => "plan_required",
             Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::PaymentRequired => "payment_required",
@@ -202,7 +211,9 @@ impl ResponseError for ApiError {
             Self::PlanRequired { .. } | Self::QuotaExceeded { .. } | Self::PaymentRequired => {
                 StatusCode::PAYMENT_REQUIRED
             }
-            Self::Forbidden | Self::TenantSuspended => StatusCode::FORBIDDEN,
+            Self::Forbidden | Self::TenantSuspended | Self::NotWhileImpersonating | Self::ImpersonationRefused => {
+                StatusCode::FORBIDDEN
+            }
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) | Self::IdempotencyKeyInUse | Self::AlreadySubscribed | Self::OverPlanLimits { .. } => {
                 StatusCode::CONFLICT

@@ -99,6 +99,17 @@ fn secure(headers: &mut HeaderMap, hsts: bool) {
     }
 }
 
+/// The header every answer made with an impersonation session carries
+/// (`true`), so that the web app can show a banner.
+pub const IMPERSONATION_HEADER: actix_web::http::header::HeaderName =
+    actix_web::http::header::HeaderName::from_static("plinth-impersonation");
+
+/// A request extension: this request was made with an impersonation
+/// session (set by whoever authenticated it), so its answer carries
+/// [`IMPERSONATION_HEADER`].
+#[derive(Debug, Clone, Copy)]
+pub struct Impersonating;
+
 /// Middleware: gives every request an id and one tracing span carrying the
 /// id, method, path, tenant slug (filled in when resolved), the access
 /// decision (filled in by the gate, see `access`) and status, and answers
@@ -174,6 +185,9 @@ pub async fn request_span(
             let (req, res) = res.into_parts();
             let mut res = enveloped(res.map_into_boxed_body(), limit);
             stamp(&mut res, req.match_pattern().as_deref());
+            if req.extensions().get::<Impersonating>().is_some() {
+                res.headers_mut().insert(IMPERSONATION_HEADER, HeaderValue::from_static("true"));
+            }
             Ok(ServiceResponse::new(req, res))
         }
         // An error that escaped the handlers (a middleware's): answered as
