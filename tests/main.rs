@@ -10,6 +10,7 @@ mod audit;
 mod billing;
 mod billing_life;
 mod billing_stripe;
+mod console;
 mod contract;
 mod deploy;
 mod http_basics;

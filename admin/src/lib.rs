@@ -9,6 +9,7 @@
 //! - [`operator_log`]: what platform admins did, platform-wide.
 
 pub mod audit_log;
+pub mod console;
 pub mod operator_log;
 pub mod platform;
 pub mod tenant;

@@ -622,15 +622,9 @@ async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyho
             println!("deleted tenant {slug}");
         }
         TenantsCommand::AddDomain { slug, domain } => {
-            let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
-            let valid = (3..=253).contains(&domain.len())
-                && domain.contains('.')
-                && domain.split('.').all(|l| {
-                    !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                });
-            if !valid {
+            let Some(domain) = registry::parse_domain(&domain) else {
                 bail!("{domain:?} is not a domain name");
-            }
+            };
             let tenant = find(db, &slug).await?;
             db.tenant_rows(tenant.scope(), async |rows| {
                 Ok::<_, anyhow::Error>(registry::add_domain(rows, &domain, true).await?)

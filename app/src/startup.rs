@@ -123,6 +123,14 @@ impl Application {
         let billing_summary =
             web::Data::from(Arc::new(plinth_billing::summary::Summary { grace: settings.stripe.grace })
                 as Arc<dyn plinth_admin::tenant::BillingSummary>);
+        let console_billing = {
+            let api = stripe_api.as_ref().map(|d| d.clone().into_inner()).filter(|_| !settings.stripe.offline);
+            let catalog = Arc::new(settings.catalog()?);
+            let processor =
+                plinth_billing::process::Processor::new(resolver_db.clone(), catalog, &settings.stripe, api);
+            web::Data::from(Arc::new(plinth_billing::console::Console { processor })
+                as Arc<dyn plinth_admin::console::ConsoleBilling>)
+        };
         let client_ip_data = web::Data::new(ClientIpHeader(identity.client_ip_header.clone()));
         let identity_data = web::Data::new(identity);
         // Each quota is counted by the crate that owns what it counts.
@@ -170,6 +178,7 @@ impl Application {
                 .app_data(offboard.clone())
                 .app_data(members_changed.clone())
                 .app_data(billing_summary.clone())
+                .app_data(console_billing.clone())
                 .app_data(body_limit)
                 .app_data(body_timeout)
                 .app_data(hashing_data.clone())
@@ -182,6 +191,7 @@ impl Application {
                 .into_utoipa_app()
                 .configure(crate::api::routes)
                 .into_app()
+                .configure(plinth_admin::console::configure)
                 .default_service(web::to(crate::routes::not_found))
         })
         .workers(workers)

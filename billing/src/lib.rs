@@ -27,6 +27,7 @@ pub mod api;
 pub mod change;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod customers;
 pub mod error;
 pub mod invoices;

@@ -488,3 +488,25 @@ async fn join(
     audit::record(rows, entry).await?;
     Ok((user, session))
 }
+
+/// An invitation not accepted yet, as the operator console lists it.
+#[derive(Debug, Clone, Serialize, Queryable)]
+pub struct Pending {
+    pub email: String,
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The tenant's invitations not accepted yet (expired ones included, with
+/// their expiry), newest first.
+pub async fn pending(rows: &mut TenantRows<'_>) -> diesel::QueryResult<Vec<Pending>> {
+    let tenant = rows.tenant_id().0;
+    invitations::table
+        .filter(invitations::tenant_id.eq(tenant))
+        .filter(invitations::accepted_at.is_null())
+        .order(invitations::created_at.desc())
+        .select((invitations::email, invitations::role, invitations::created_at, invitations::expires_at))
+        .load(rows.conn())
+        .await
+}

@@ -18,6 +18,7 @@ use diesel::{
     ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable, Selectable, SelectableHelper as _,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use plinth_access::grants;
 use plinth_http::ApiError;
 use plinth_http::openapi::{ErrorEnvelope, RateLimited};
 use plinth_http::ratelimit::{self, Refused};
@@ -83,36 +84,64 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     ),
 )]
 #[post("/v1/auth/login")]
-async fn login(
-    req: HttpRequest,
-    db: web::Data<Db>,
-    ring: web::Data<Keyring>,
-    cfg: Option<web::Data<IdentityConfig>>,
-    limits: web::Data<RateLimits>,
-    hashing: web::Data<Hashing>,
-    body: Json<LoginBody>,
-) -> Result<HttpResponse, ApiError> {
-    let cfg = config(cfg);
+async fn login(req: HttpRequest, body: Json<LoginBody>) -> Result<HttpResponse, ApiError> {
     let LoginBody { email, password, totp_code } = body.0;
-    let address = cfg.client_ip(&req);
+    let (token, session, user) = sign_in(&req, &email, &password, totp_code.as_deref(), Audience::Everyone).await?;
+    Ok(HttpResponse::Ok().json(LoggedIn { token, expires_at: session.expires_at, user }))
+}
+
+/// Who may sign in through a door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Any account (`POST /v1/auth/login`).
+    Everyone,
+    /// Platform admins only (the operator console): anyone else is refused
+    /// exactly like a wrong password, and counted as a failure.
+    PlatformAdmins,
+}
+
+/// Signs in with an address, a password and (when the account has one) a
+/// second factor, under the failed-login limits: the session's token, the
+/// session and the user. What the request needs (the pool, the keyring,
+/// the limits, the hashing slots) is the app's registered data.
+pub async fn sign_in(
+    req: &HttpRequest,
+    email: &str,
+    password: &str,
+    totp_code: Option<&str>,
+    audience: Audience,
+) -> Result<(String, SessionInfo, User), ApiError> {
+    let db = registered::<Db>(req)?;
+    let ring = registered::<Keyring>(req)?;
+    let limits = registered::<RateLimits>(req)?;
+    let hashing = registered::<Hashing>(req)?;
+    let cfg = config(req.app_data::<web::Data<IdentityConfig>>().cloned());
+    let address = cfg.client_ip(req);
     let request_id = req.extensions().get::<RequestId>().cloned();
-    let email = EmailAddress::parse(&email).ok();
+    let email = EmailAddress::parse(email).ok();
     let budget = FailureBudget::reserve(&limits, email.as_ref(), &address).await?;
     let found = budget.keep(credentials(&db, email.as_ref()).await).await?;
     let stored = found.as_ref().map(|f| f.password_hash.clone());
     let failure = Failure { db: &db, ip: &address, request_id: request_id.as_ref() };
-    if !budget.keep(hashing.verify(&password, stored).await).await? {
+    let mut right = budget.keep(hashing.verify(password, stored).await).await?;
+    if let (true, Audience::PlatformAdmins, Some(user)) = (right, audience, &found) {
+        let id = UserId(user.id);
+        right =
+            budget.keep(db.platform(async |c| Ok::<_, IdentityError>(grants::is_admin(c, id).await?)).await).await?;
+    }
+    if !right {
         tracing::info!("login failed");
         return Err(budget.spent(failure, found.map(|f| f.id)).await);
     }
     let user = found.ok_or(ApiError::InvalidCredentials)?;
-    let entry = Entry::new(Actor::User(user.id), "auth.login").target("user", user.id);
+    let action = if audience == Audience::PlatformAdmins { "auth.console_login" } else { "auth.login" };
+    let entry = Entry::new(Actor::User(user.id), action).target("user", user.id);
     let mut entry = match &request_id {
         Some(id) => id.stamp(entry),
         None => entry,
     };
     entry.ip = Some(address.clone());
-    let session = match open_session(&db, &ring, user.id, totp_code.as_deref(), cfg.session_ttl, entry).await {
+    let session = match open_session(&db, &ring, user.id, totp_code, cfg.session_ttl, entry).await {
         // The password was right: not a failure, but no session yet.
         Err(IdentityError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired).await),
         other => budget.keep(other).await?,
@@ -123,11 +152,13 @@ async fn login(
     };
     budget.give_back(()).await;
     tracing::info!(user.id = %user.id, "logged in");
-    Ok(HttpResponse::Ok().json(LoggedIn {
-        token,
-        expires_at: session.expires_at,
-        user: User { id: user.id, email: user.email, email_verified_at: user.email_verified_at },
-    }))
+    Ok((token, session, User { id: user.id, email: user.email, email_verified_at: user.email_verified_at }))
+}
+
+fn registered<T: 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
+    req.app_data::<web::Data<T>>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("{} is not registered", std::any::type_name::<T>())))
 }
 
 /// The failed-login limits one attempt has reserved: per client address,

@@ -100,13 +100,13 @@ pub(crate) fn parse_role(field: &str, role: &str) -> Result<Role, ApiError> {
 
 #[derive(Serialize, Queryable, ToSchema)]
 #[schema(as = Member)]
-struct MemberRow {
-    user_id: uuid::Uuid,
+pub struct MemberRow {
+    pub user_id: uuid::Uuid,
     #[schema(schema_with = crate::openapi::email)]
-    email: String,
+    pub email: String,
     #[schema(value_type = Role)]
-    role: String,
-    joined_at: DateTime<Utc>,
+    pub role: String,
+    pub joined_at: DateTime<Utc>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -131,7 +131,7 @@ async fn list(ctx: Allowed<ManageMembers>) -> Result<HttpResponse, ApiError> {
 }
 
 /// The tenant's members, in the order they joined.
-async fn members_of(rows: &mut TenantRows<'_>) -> diesel::QueryResult<Vec<MemberRow>> {
+pub async fn members_of(rows: &mut TenantRows<'_>) -> diesel::QueryResult<Vec<MemberRow>> {
     let tenant = rows.tenant_id().0;
     memberships::table
         .inner_join(users::table)

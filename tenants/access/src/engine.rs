@@ -204,6 +204,12 @@ impl Access {
         })
     }
 
+    /// Whether `user` holds the platform admin grant (the operator
+    /// console asks; routes ask through `PlatformAllowed`).
+    pub async fn is_platform_admin(&self, user: UserId) -> Result<bool, AccessError> {
+        Ok(self.platform_user(user).await?.0)
+    }
+
     /// Whether `user` holds the platform admin grant (read directly while
     /// the engine may be behind, like [`Access::tenant_subject`]).
     pub(crate) async fn platform_user(&self, user: UserId) -> Result<(bool, Asked), AccessError> {

@@ -273,11 +273,13 @@ fn has_nul(uri: &actix_web::http::Uri) -> bool {
 
 /// An error answer made outside Plinth's handlers (plain text or empty, by
 /// actix itself), rewritten as the JSON envelope with the code its status
-/// stands for; any other answer as it is.
+/// stands for; any other answer (JSON, or a page of the operator console)
+/// as it is.
 fn enveloped(res: HttpResponse, body_limit: usize) -> HttpResponse {
     let status = res.status();
-    let is_json = res.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
+    let kind = res.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ours = kind.contains("json") || kind.starts_with("text/html");
+    if ours || !(status.is_client_error() || status.is_server_error()) {
         return res;
     }
     let err = match status.as_u16() {

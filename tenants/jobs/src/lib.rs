@@ -39,7 +39,7 @@ use plinth_tenants::text::redact_addresses;
 use plinth_tenants::trace;
 
 mod stats;
-pub use stats::{JobCounts, JobSummary, QueueStats, counts, list, queue_stats};
+pub use stats::{JobCounts, JobSummary, QueueStats, counts, latest_of_kind, list, queue_stats};
 
 plinth_tenants::uuid_id!(
     /// Identifies a background job.

@@ -129,3 +129,18 @@ pub async fn list(db: &Db, status: Option<&str>, limit: i64) -> Result<Vec<JobSu
     })
     .await
 }
+
+/// The newest job of `kind`, if any (the console's migrate-all run).
+pub async fn latest_of_kind(
+    conn: &mut diesel_async::AsyncPgConnection,
+    kind: &str,
+) -> diesel::QueryResult<Option<JobSummary>> {
+    use diesel::OptionalExtension as _;
+    jobs::table
+        .filter(jobs::kind.eq(kind))
+        .order(jobs::created_at.desc())
+        .select(JobSummary::as_select())
+        .first(conn)
+        .await
+        .optional()
+}

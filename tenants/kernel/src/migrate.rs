@@ -368,3 +368,77 @@ async fn migrate_one(
     })
     .await
 }
+
+/// One tenant's place in the tenant migrations, as the console shows it.
+#[derive(Debug, Clone, QueryableByName, serde::Serialize)]
+pub struct TenantVersion {
+    #[diesel(sql_type = SqlUuid)]
+    pub tenant_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    pub slug: String,
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    /// How many of the migrations it has.
+    #[diesel(sql_type = BigInt)]
+    pub applied: i64,
+    /// The newest version it has, if any.
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    pub newest: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct Counts {
+    #[diesel(sql_type = BigInt)]
+    total: i64,
+    #[diesel(sql_type = BigInt)]
+    behind: i64,
+}
+
+/// Up to `limit` tenants (not being deleted) and how far each is through
+/// `migrations`, those furthest behind first, then by slug; and how many
+/// tenants there are in all and how many are behind.
+pub async fn versions(
+    conn: &mut AsyncPgConnection,
+    migrations: &[TenantMigration],
+    limit: i64,
+) -> Result<(Vec<TenantVersion>, i64, i64), diesel::result::Error> {
+    let versions: Vec<&str> = migrations.iter().map(|m| m.version).collect();
+    let wanted = i64::try_from(versions.len()).unwrap_or(i64::MAX);
+    // Raw SQL: a filtered aggregate over a left join.
+    let rows: Vec<TenantVersion> = diesel::sql_query(
+        "SELECT t.id AS tenant_id, t.slug, t.status, \
+                count(m.version) FILTER (WHERE m.version = ANY($1)) AS applied, max(m.version) AS newest \
+         FROM public.tenants t LEFT JOIN public.tenant_migrations m ON m.tenant_id = t.id \
+         WHERE t.status <> 'deleting' GROUP BY t.id ORDER BY applied ASC, t.slug ASC LIMIT $2",
+    )
+    .bind::<Array<Text>, _>(&versions)
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await?;
+    let counts: Counts = diesel::sql_query(
+        "SELECT count(*) AS total, count(*) FILTER (WHERE (SELECT count(*) FROM public.tenant_migrations m \
+           WHERE m.tenant_id = t.id AND m.version = ANY($1)) < $2) AS behind \
+         FROM public.tenants t WHERE t.status <> 'deleting'",
+    )
+    .bind::<Array<Text>, _>(&versions)
+    .bind::<BigInt, _>(wanted)
+    .get_result(conn)
+    .await?;
+    Ok((rows, counts.total, counts.behind))
+}
+
+/// How many of `migrations` `tenant` has, and the newest version it has.
+pub async fn applied(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    migrations: &[TenantMigration],
+) -> Result<(i64, Option<String>), diesel::result::Error> {
+    let versions: Vec<&str> = migrations.iter().map(|m| m.version).collect();
+    let applied: Vec<String> = tenant_migrations::table
+        .filter(tenant_migrations::tenant_id.eq(tenant.0))
+        .select(tenant_migrations::version)
+        .load(conn)
+        .await?;
+    let count = applied.iter().filter(|v| versions.contains(&v.as_str())).count();
+    Ok((i64::try_from(count).unwrap_or(i64::MAX), applied.into_iter().max()))
+}

@@ -390,6 +390,90 @@ pub async fn clear_features(conn: &mut PgConn) -> Result<usize, DbError> {
         .await
 }
 
+/// A custom domain as typed (trimmed, lowercased, without a final dot),
+/// if it is a domain name.
+pub fn parse_domain(input: &str) -> Option<String> {
+    let domain = input.trim().trim_end_matches('.').to_ascii_lowercase();
+    let valid = (3..=253).contains(&domain.len())
+        && domain.contains('.')
+        && domain
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    valid.then_some(domain)
+}
+
+/// Whether `err` is the refusal of a domain some tenant has already.
+pub fn domain_taken(err: &DbError) -> bool {
+    matches!(err, DbError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) if info.table_name() == Some("tenant_domains"))
+}
+
+/// A tenant's custom domains: (domain, verified), by name.
+pub async fn domains(conn: &mut PgConn, tenant: TenantId) -> Result<Vec<(String, bool)>, DbError> {
+    let rows: Vec<(String, Option<DateTime<Utc>>)> = tenant_domains::table
+        .filter(tenant_domains::tenant_id.eq(tenant.0))
+        .order(tenant_domains::domain.asc())
+        .select((tenant_domains::domain, tenant_domains::verified_at))
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(|(d, v)| (d, v.is_some())).collect())
+}
+
+/// What the console's tenant list asks for: a text found in the slug or
+/// the name, a status, a plan, and a page.
+#[derive(Debug, Clone, Default)]
+pub struct Search {
+    pub text: Option<String>,
+    pub status: Option<TenantStatus>,
+    pub plan: Option<String>,
+    pub offset: i64,
+    pub limit: i64,
+}
+
+/// The tenants matching `search`, newest first, and how many match in all.
+pub async fn search(conn: &mut PgConn, search: &Search) -> Result<(Vec<Tenant>, i64), DbError> {
+    let filtered = || {
+        let mut query = tenants::table.into_boxed();
+        if let Some(text) = search.text.as_deref().filter(|t| !t.is_empty()) {
+            // LIKE's own wildcards in the text are taken literally.
+            let escaped = text.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+            let pattern = format!("%{escaped}%");
+            query = query.filter(tenants::slug.ilike(pattern.clone()).or(tenants::name.ilike(pattern)));
+        }
+        if let Some(status) = search.status {
+            query = query.filter(tenants::status.eq(status.as_str()));
+        }
+        if let Some(plan) = &search.plan {
+            query = query.filter(tenants::plan.eq(plan.clone()));
+        }
+        query
+    };
+    let total: i64 = filtered().count().get_result(conn).await?;
+    let rows = filtered()
+        .order((tenants::created_at.desc(), tenants::id.desc()))
+        .offset(search.offset)
+        .limit(search.limit)
+        .select(TenantRow::as_select())
+        .load(conn)
+        .await?;
+    Ok((rows.into_iter().map(Tenant::try_from).collect::<Result<_, _>>()?, total))
+}
+
+/// When each of `ids` was restricted for an unpaid bill (absent: not
+/// restricted).
+pub async fn restricted_since(
+    conn: &mut PgConn,
+    ids: &[TenantId],
+) -> Result<std::collections::HashMap<TenantId, DateTime<Utc>>, DbError> {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|t| t.0).collect();
+    let rows: Vec<(uuid::Uuid, Option<DateTime<Utc>>)> = tenants::table
+        .filter(tenants::id.eq_any(ids))
+        .filter(tenants::restricted_at.is_not_null())
+        .select((tenants::id, tenants::restricted_at))
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().filter_map(|(id, at)| Some((TenantId(id), at?))).collect())
+}
+
 /// Records a custom domain for a tenant. `verified` is the operator's word
 /// that the domain points at Plinth; only verified domains route requests.
 pub async fn add_domain(rows: &mut TenantRows<'_>, domain: &str, verified: bool) -> Result<(), DbError> {

@@ -491,3 +491,53 @@ mod tests {
         Ok(())
     }
 }
+
+/// One message of the outbox, as the operator console lists it.
+#[derive(Debug, Clone, serde::Serialize, diesel::Queryable)]
+pub struct Delivery {
+    pub id: uuid::Uuid,
+    pub tenant_id: Option<uuid::Uuid>,
+    pub recipient: String,
+    pub template: String,
+    /// `queued`, `sent` or `failed` (the server refused it for good).
+    pub status: String,
+    /// What the mail server answered.
+    pub smtp_response: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub sent_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The newest `limit` messages, only those in `status` if given; and the
+/// count of every message by status.
+pub async fn recent(
+    conn: &mut AsyncPgConnection,
+    status: Option<&str>,
+    limit: i64,
+) -> diesel::QueryResult<(Vec<Delivery>, Vec<(String, i64)>)> {
+    use diesel::QueryDsl as _;
+    let mut query = mail_outbox::table
+        .order(mail_outbox::id.desc())
+        .limit(limit)
+        .select((
+            mail_outbox::id,
+            mail_outbox::tenant_id,
+            mail_outbox::recipient,
+            mail_outbox::template,
+            mail_outbox::status,
+            mail_outbox::smtp_response,
+            mail_outbox::created_at,
+            mail_outbox::sent_at,
+        ))
+        .into_boxed();
+    if let Some(status) = status {
+        query = query.filter(mail_outbox::status.eq(status.to_owned()));
+    }
+    let rows = query.load(conn).await?;
+    let counts = mail_outbox::table
+        .group_by(mail_outbox::status)
+        .select((mail_outbox::status, diesel::dsl::count_star()))
+        .order(mail_outbox::status.asc())
+        .load(conn)
+        .await?;
+    Ok((rows, counts))
+}
