@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs Plinth's whole test suite on a fresh machine: installs what the tests
-# need (PostgreSQL's server binaries, PgBouncer, HAProxy, Chromium, promtool,
-# a Python environment with schemathesis), makes sure PostgreSQL is running,
-# then runs cargo test.
+# need (PostgreSQL's server binaries, PgBouncer, HAProxy, Chromium with
+# playwright-core, promtool, a Python environment with schemathesis), makes
+# sure PostgreSQL is running, then runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,9 +38,23 @@ if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
 fi
 
 if ! command -v chromium >/dev/null; then
-    echo "installing chromium (the API reference page is tested in a browser)"
+    echo "installing chromium (the API reference page and the operator console are tested in a browser)"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
+fi
+
+# playwright-core drives that chromium through the operator console
+# (tests/browser); from the npm registry, exactly as locked, installed again
+# when the lock changes. It downloads no browser of its own.
+if ! command -v npm >/dev/null; then
+    echo "installing Node.js and npm (the console's browser tests run on them)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nodejs npm >/dev/null
+fi
+if ! cmp -s tests/browser/package-lock.json tests/browser/node_modules/.plinth-lock 2>/dev/null; then
+    echo "installing playwright-core (the console's browser tests need it)"
+    (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+    cp tests/browser/package-lock.json tests/browser/node_modules/.plinth-lock
 fi
 
 # promtool checks and tests the alert rules (deploy/prometheus). Only the

@@ -11,6 +11,7 @@ mod billing;
 mod billing_life;
 mod billing_stripe;
 mod console;
+mod console_browser;
 mod contract;
 mod deploy;
 mod http_basics;

@@ -27,6 +27,10 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
     handlers.on(mail::DELIVER, mailer.handler());
     handlers
         .on(plinth_identity::impersonation::EXPIRED_JOB, plinth_identity::impersonation::expired_handler(db.clone()));
+    handlers.on(
+        plinth_admin::console::operations::MIGRATE_ALL_JOB,
+        plinth_admin::console::operations::migrate_all_handler(db.clone()),
+    );
     // Subscriptions are re-read from Stripe when it is configured.
     let api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?
         .map(Arc::new)
