@@ -289,6 +289,10 @@ async fn signing_in_takes_the_second_factor_and_every_form_its_csrf_token() -> T
     for attribute in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/console"] {
         assert!(header.split(';').any(|a| a.trim() == attribute), "{attribute} in {header}");
     }
+    // A working day, not the API's two weeks.
+    let max_age: i64 =
+        header.split(';').find_map(|a| a.trim().strip_prefix("Max-Age=")).ok_or("no Max-Age")?.parse()?;
+    assert!((12 * 3600 - 120..=12 * 3600).contains(&max_age), "{header}");
 
     // Pages: a CSP without inline script, and no inline script in them.
     for path in [

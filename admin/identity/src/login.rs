@@ -96,9 +96,14 @@ pub enum Audience {
     /// Any account (`POST /v1/auth/login`).
     Everyone,
     /// Platform admins only (the operator console): anyone else is refused
-    /// exactly like a wrong password, and counted as a failure.
+    /// exactly like a wrong password, and counted as a failure. The session
+    /// lasts at most [`CONSOLE_SESSION_TTL`].
     PlatformAdmins,
 }
+
+/// How long a console session lasts at most: a working day, not the API's
+/// two weeks.
+pub const CONSOLE_SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
 /// Signs in with an address, a password and (when the account has one) a
 /// second factor, under the failed-login limits: the session's token, the
@@ -141,7 +146,11 @@ pub async fn sign_in(
         None => entry,
     };
     entry.ip = Some(address.clone());
-    let session = match open_session(&db, &ring, user.id, totp_code, cfg.session_ttl, entry).await {
+    let ttl = match audience {
+        Audience::Everyone => cfg.session_ttl,
+        Audience::PlatformAdmins => cfg.session_ttl.min(CONSOLE_SESSION_TTL),
+    };
+    let session = match open_session(&db, &ring, user.id, totp_code, ttl, entry).await {
         // The password was right: not a failure, but no session yet.
         Err(IdentityError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired).await),
         other => budget.keep(other).await?,
