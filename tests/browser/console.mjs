@@ -69,19 +69,24 @@ async function shot(page, name) {
   console.log(`screenshot: ${file}`);
 }
 
-// Presses Tab until `locator` has the focus (at most 80 times), then Enter:
-// the action is reachable and usable from the keyboard alone.
-async function byKeyboard(page, locator, what) {
+// Presses Tab until `locator` has the focus (at most 80 times): the control
+// is reachable from the keyboard alone.
+async function tabTo(page, locator, what) {
   const target = await locator.elementHandle();
   for (let i = 0; i < 80; i++) {
     await page.keyboard.press("Tab");
     if (await target.evaluate((el) => el === document.activeElement)) {
-      await page.keyboard.press("Enter");
       console.log(`ok: ${what} reached with ${i + 1} Tab presses`);
       return;
     }
   }
   throw new Error(`expected: ${what} reachable by keyboard`);
+}
+
+// Tabs to a button and presses Enter: the action is usable without a mouse.
+async function byKeyboard(page, locator, what) {
+  await tabTo(page, locator, what);
+  await page.keyboard.press("Enter");
 }
 
 const browser = await chromium.launch({
@@ -132,7 +137,8 @@ try {
   await page.getByRole("heading", { name: /Actions/ }).waitFor();
   await shot(page, "03-tenant");
 
-  // Suspend (with the mouse), reactivate (with the keyboard alone).
+  // Suspend (with the mouse), reactivate (with the keyboard alone; the
+  // focus starts from the top of the page).
   await page.getByRole("button", { name: "Suspend" }).click();
   await page.getByText("The tenant is suspended.").waitFor();
   expect(dialogs.at(-1).startsWith(`Suspend ${slug}?`), "suspending asked for confirmation");
@@ -140,9 +146,14 @@ try {
   await page.getByText("The tenant is served again.").waitFor();
   expect(dialogs.at(-1).startsWith(`Serve ${slug} again?`), "reactivating asked for confirmation");
 
-  // Change the plan.
-  await page.getByLabel("Plan", { exact: true }).selectOption("enterprise");
-  await page.getByRole("button", { name: "Change plan" }).click();
+  // Change the plan, with the keyboard too: Tab to the list, type the
+  // plan's first letter, Tab on to the button, Enter.
+  const plan = page.getByLabel("Plan", { exact: true });
+  await page.locator("body").focus();
+  await tabTo(page, plan, "the plan list");
+  await page.keyboard.type("e");
+  expect((await plan.inputValue()) === "enterprise", "the keyboard chose enterprise");
+  await byKeyboard(page, page.getByRole("button", { name: "Change plan" }), "Change plan");
   await page.getByText("The plan is changed.").waitFor();
   expect((await page.locator(".facts").textContent()).includes("enterprise"), "the page shows the new plan");
 
