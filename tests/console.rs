@@ -237,6 +237,11 @@ async fn every_console_url_is_a_404_to_anyone_but_a_signed_in_platform_admin() -
             assert_eq!(body["error"]["code"], unknown["error"]["code"], "{who}: {method} {path}");
         }
     }
+    // Nor does another method on a console path say that the path exists.
+    for path in ["/console/", "/console/login", "/console/stripe"] {
+        let res = http.put(app.url(path)).send().await?;
+        assert_eq!(res.status(), 404, "PUT {path}");
+    }
     assert_eq!(status_of(&app, &acme).await?, "active", "nothing was done");
     // A member who is no platform admin cannot sign in, even with the right
     // password: the same answer as a wrong one, and no session cookie.

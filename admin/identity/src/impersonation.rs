@@ -233,8 +233,9 @@ pub struct Settings {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SettingsChange {
-    #[schema(nullable = false)]
-    impersonation_allowed: Option<bool>,
+    /// Whether platform admins may impersonate members; false ends any
+    /// impersonation under way.
+    impersonation_allowed: bool,
 }
 
 /// `GET /v1/tenant/settings`.
@@ -272,36 +273,31 @@ async fn show_settings(ctx: Allowed<ReadSettings>) -> Result<HttpResponse, ApiEr
 async fn change_settings(ctx: Allowed<ManageSettings>, body: Json<SettingsChange>) -> Result<HttpResponse, ApiError> {
     let tenant = ctx.tenant.id;
     let by = ctx.principal.user_id().map(|u| u.0);
-    let change = body.0;
-    let mut entry = ctx.audit_entry("settings.changed");
-    entry = entry.details(json!({ "impersonation_allowed": change.impersonation_allowed }));
-    let now = ctx
-        .rows(async |rows| {
-            let c = rows.conn();
-            if let Some(value) = change.impersonation_allowed {
-                diesel::insert_into(settings::table)
-                    .values((
-                        settings::tenant_id.eq(tenant.0),
-                        settings::impersonation_allowed.eq(value),
-                        settings::updated_by.eq(by),
-                    ))
-                    .on_conflict(settings::tenant_id)
-                    .do_update()
-                    .set((
-                        settings::impersonation_allowed.eq(value),
-                        settings::updated_by.eq(by),
-                        settings::updated_at.eq(diesel::dsl::now),
-                    ))
-                    .execute(c)
-                    .await?;
-                if !value {
-                    end_all(c, tenant, "forbidden_by_owners").await?;
-                }
-            }
-            let now = allowed(rows.conn(), tenant).await?;
-            audit::record(rows, entry).await?;
-            Ok::<_, ApiError>(now)
-        })
-        .await?;
-    Ok(HttpResponse::Ok().json(Settings { impersonation_allowed: now }))
+    let value = body.0.impersonation_allowed;
+    let entry = ctx.audit_entry("settings.changed").details(json!({ "impersonation_allowed": value }));
+    ctx.rows(async |rows| {
+        let c = rows.conn();
+        diesel::insert_into(settings::table)
+            .values((
+                settings::tenant_id.eq(tenant.0),
+                settings::impersonation_allowed.eq(value),
+                settings::updated_by.eq(by),
+            ))
+            .on_conflict(settings::tenant_id)
+            .do_update()
+            .set((
+                settings::impersonation_allowed.eq(value),
+                settings::updated_by.eq(by),
+                settings::updated_at.eq(diesel::dsl::now),
+            ))
+            .execute(c)
+            .await?;
+        if !value {
+            end_all(c, tenant, "forbidden_by_owners").await?;
+        }
+        audit::record(rows, entry).await?;
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(Settings { impersonation_allowed: value }))
 }

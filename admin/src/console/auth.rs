@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use actix_web::cookie::{Cookie, SameSite};
 use actix_web::dev::Payload;
-use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError as _, web};
 use base64::Engine as _;
 use plinth_access::Access;
 use plinth_access::authn::Client;
@@ -157,6 +157,21 @@ pub struct Empty {}
 /// Anything under `/console` that is no page: 404 like any unknown URL.
 pub(super) async fn hidden() -> Result<HttpResponse, ConsoleError> {
     Err(ConsoleError::Hidden)
+}
+
+/// Middleware on the console's scope: a console path asked with a method it
+/// does not take answers the same 404 as everything else, not a 405 that
+/// would tell the path exists.
+pub(super) async fn no_other_methods(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let res = next.call(req).await?;
+    if res.status() == actix_web::http::StatusCode::METHOD_NOT_ALLOWED {
+        let (req, _) = res.into_parts();
+        return Ok(actix_web::dev::ServiceResponse::new(req, ConsoleError::Hidden.error_response()));
+    }
+    Ok(res.map_into_boxed_body())
 }
 
 fn secure(req: &HttpRequest) -> bool {

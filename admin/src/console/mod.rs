@@ -71,7 +71,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/admins/grant", post().to(people::grant))
             .route("/admins/{user}/revoke", post().to(people::revoke))
             .route("/log", get().to(people::log))
-            .default_service(web::to(auth::hidden)),
+            .default_service(web::to(auth::hidden))
+            .wrap(actix_web::middleware::from_fn(auth::no_other_methods)),
     );
 }
 
