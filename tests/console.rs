@@ -382,3 +382,114 @@ async fn signing_in_takes_the_second_factor_and_every_form_its_csrf_token() -> T
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_admins_and_impersonation_through_the_console_and_one_tenants_page_shows_only_its_own() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let acme = app.create_tenant("acme").await?;
+    let globex = app.create_tenant("globex").await?;
+    app.create_project("acme", "acme-project").await?;
+    let globex_member = member(&app.db, &globex, Role::Member).await?;
+    let globex_email: Value = app.http.get(app.url("/v1/me")).bearer_auth(&globex_member).send().await?.json().await?;
+    let globex_email = globex_email["user"]["email"].as_str().ok_or("email")?.to_owned();
+    let ops = operator(&app, "ops@example.com", "ops").await?;
+    let mut console = Console::new(&app)?;
+    assert_eq!(console.sign_in(&ops.email, PASSWORD, Some(&code_after(&ops.secret)?)).await?.status(), 303);
+    let page = format!("/console/tenants/{}", acme.id);
+
+    // A tenant's page names its own members, not another tenant's.
+    let html = console.page(&page).await?;
+    assert!(html.contains("@acme.example.com") && !html.contains(&globex_email), "acme's page");
+
+    // A domain: refused when it is no domain name, served at once when it is,
+    // refused for another tenant once taken.
+    let domains = format!("/console/tenants/{}/domains", acme.id);
+    let res = console.post(&page, &domains, &[("domain", "not a domain")]).await?;
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await?.contains("is not a domain name"));
+    assert_eq!(console.post(&page, &domains, &[("domain", "App.Acme.Example.")]).await?.status(), 303);
+    let acme_token = app.token("acme").ok_or("no token")?;
+    let res = app
+        .http
+        .get(app.url("/v1/projects"))
+        .header("host", "app.acme.example")
+        .bearer_auth(&acme_token)
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200, "served on the new domain");
+    let globex_page = format!("/console/tenants/{}", globex.id);
+    let res = console
+        .post(&globex_page, &format!("/console/tenants/{}/domains", globex.id), &[("domain", "app.acme.example")])
+        .await?;
+    assert_eq!(res.status(), 409);
+    assert!(console.page(&page).await?.contains("app.acme.example"));
+
+    // Impersonation from the console: a reason is needed, and a member of
+    // another tenant cannot be picked.
+    let globex_id: Value = app.http.get(app.url("/v1/me")).bearer_auth(&globex_member).send().await?.json().await?;
+    let globex_id = globex_id["user"]["id"].as_str().ok_or("id")?.to_owned();
+    let impersonate = format!("/console/tenants/{}/impersonate", acme.id);
+    let res = console.post(&page, &impersonate, &[("user_id", &globex_id), ("reason", "looking around")]).await?;
+    assert_eq!(res.status(), 404, "globex's member is no member of acme");
+    let owner: Value = app.http.get(app.url("/v1/me")).bearer_auth(&acme_token).send().await?.json().await?;
+    let owner_id = owner["user"]["id"].as_str().ok_or("id")?.to_owned();
+    let res = console.post(&page, &impersonate, &[("user_id", &owner_id), ("reason", "")]).await?;
+    assert_eq!(res.status(), 400);
+    let res = console.post(&page, &impersonate, &[("user_id", &owner_id), ("reason", "ticket 9")]).await?;
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await?.contains("pls_"), "the token is shown once");
+
+    // Platform admins: granted to an existing account, taken away; never
+    // your own; an unknown address is refused.
+    let res = app
+        .http
+        .post(app.url("/v1/signup"))
+        .json(&json!({ "email": "ada@example.com", "password": PASSWORD, "organization": "Ada", "slug": "ada-co" }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201);
+    let ada: uuid::Uuid = res.json::<Value>().await?["user"]["id"].as_str().ok_or("id")?.parse()?;
+    let db = &app.db;
+    let is_admin = |user: uuid::Uuid| async move {
+        db.platform(async |c| {
+            Ok::<_, plinth_http::ApiError>(plinth_access::grants::is_admin(c, plinth_tenants::UserId(user)).await?)
+        })
+        .await
+    };
+    let res = console.post("/console/admins", "/console/admins/grant", &[("email", "nobody@example.com")]).await?;
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await?.contains("no account has this address"));
+    let res = console.post("/console/admins", "/console/admins/grant", &[("email", "ada@example.com")]).await?;
+    assert_eq!(res.status(), 303);
+    assert!(is_admin(ada).await?);
+    let admins = console.page("/console/admins").await?;
+    assert!(admins.contains("ada@example.com") && admins.contains("ops@example.com"));
+    let me = ops.token.clone();
+    let me: Value = app.http.get(app.url("/v1/me")).bearer_auth(&me).send().await?.json().await?;
+    let me = me["user"]["id"].as_str().ok_or("id")?.to_owned();
+    let res = console.post("/console/admins", &format!("/console/admins/{me}/revoke"), &[]).await?;
+    assert_eq!(res.status(), 409);
+    let res = console.post("/console/admins", &format!("/console/admins/{ada}/revoke"), &[]).await?;
+    assert_eq!(res.status(), 303);
+    assert!(!is_admin(ada).await?);
+
+    // The operator log has all of it, with the operator.
+    let log = console.page("/console/log").await?;
+    for action in ["console.signed_in", "domain.added", "impersonation.started", "admin.granted", "admin.revoked"] {
+        assert!(log.contains(action), "{action} in the operator log");
+    }
+    let audit: Vec<String> = app
+        .db
+        .tenant(acme.scope(), async |c| {
+            let entries =
+                plinth_tenants::audit::read(c, plinth_tenants::audit::Filter { limit: 20, ..Default::default() })
+                    .await?;
+            Ok::<_, plinth_http::ApiError>(entries.into_iter().map(|e| e.action).collect())
+        })
+        .await?;
+    assert!(
+        audit.iter().any(|a| a == "domain.added") && audit.iter().any(|a| a == "impersonation.started"),
+        "{audit:?}"
+    );
+    Ok(())
+}

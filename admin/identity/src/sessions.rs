@@ -104,21 +104,9 @@ pub async fn create_session(
     user: UserId,
     ttl: Duration,
 ) -> Result<(String, SessionInfo), IdentityError> {
-    let (token, hash) = new_token()?;
     let ttl = chrono::Duration::from_std(ttl)
         .map_err(|e| IdentityError::Internal(anyhow::Error::new(e).context("the session lifetime is out of range")))?;
-    let mut conn = conn;
-    let row: SessionRow = diesel::insert_into(sessions::table)
-        .values((
-            sessions::id.eq(uuid::Uuid::now_v7()),
-            sessions::user_id.eq(user.0),
-            sessions::token_hash.eq(&hash[..]),
-            sessions::expires_at.eq(Utc::now() + ttl),
-        ))
-        .returning(SessionRow::as_returning())
-        .get_result(&mut conn)
-        .await?;
-    Ok((token, row.info()))
+    insert_session(conn, user, Utc::now() + ttl, None).await
 }
 
 /// Starts an impersonation session: `operator` acting as `user` in
@@ -131,6 +119,15 @@ pub(crate) async fn create_impersonation_session(
     reason: &str,
     expires_at: DateTime<Utc>,
 ) -> Result<(String, SessionInfo), IdentityError> {
+    insert_session(conn, user, expires_at, Some((Impersonation { operator, tenant }, reason))).await
+}
+
+async fn insert_session(
+    conn: &AsyncPgConnection,
+    user: UserId,
+    expires_at: DateTime<Utc>,
+    impersonation: Option<(Impersonation, &str)>,
+) -> Result<(String, SessionInfo), IdentityError> {
     let (token, hash) = new_token()?;
     let mut conn = conn;
     let row: SessionRow = diesel::insert_into(sessions::table)
@@ -139,9 +136,9 @@ pub(crate) async fn create_impersonation_session(
             sessions::user_id.eq(user.0),
             sessions::token_hash.eq(&hash[..]),
             sessions::expires_at.eq(expires_at),
-            sessions::impersonator_id.eq(operator.0),
-            sessions::tenant_id.eq(tenant.0),
-            sessions::reason.eq(reason),
+            sessions::impersonator_id.eq(impersonation.map(|(i, _)| i.operator.0)),
+            sessions::tenant_id.eq(impersonation.map(|(i, _)| i.tenant.0)),
+            sessions::reason.eq(impersonation.map(|(_, reason)| reason)),
         ))
         .returning(SessionRow::as_returning())
         .get_result(&mut conn)
