@@ -397,8 +397,19 @@ async fn domains_admins_and_impersonation_through_the_console_and_one_tenants_pa
     assert_eq!(console.sign_in(&ops.email, PASSWORD, Some(&code_after(&ops.secret)?)).await?.status(), 303);
     let page = format!("/console/tenants/{}", acme.id);
 
+    // An entry by Plinth itself (no user) in the log the page shows.
+    app.db
+        .platform(async |c| {
+            let active = plinth_tenants::TenantStatus::Active;
+            let system = plinth_tenants::audit::Actor::System;
+            Ok::<_, plinth_http::ApiError>(
+                plinth_admin::platform::set_status(c, acme.id, active, system, "test").await?,
+            )
+        })
+        .await?;
     // A tenant's page names its own members, not another tenant's.
     let html = console.page(&page).await?;
+    assert!(html.contains("tenant.reactivated"), "the system's entry is listed");
     assert!(html.contains("@acme.example.com") && !html.contains(&globex_email), "acme's page");
 
     // A domain: refused when it is no domain name, served at once when it is,
