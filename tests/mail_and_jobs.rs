@@ -645,3 +645,30 @@ async fn a_cli_failure_keeps_its_cause() -> TestResult {
     assert!(err.contains("changing the plan") && err.contains("audit_log\" does not exist"), "{err}");
     Ok(())
 }
+
+/// A worker whose heartbeat is late (a loaded machine) is alive: its own
+/// job with an expired lease is not taken over by itself, which would run
+/// the job twice at once; another worker does take it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_never_takes_over_its_own_job() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let id = enqueue(&db, NewJob::new("test.sleep", serde_json::json!({ "ms": 0 }))).await?;
+    // A lease of nothing: expired as soon as it is taken.
+    let claimed = jobs::claim(&db, "busy", 10, Duration::ZERO).await?;
+    assert_eq!(claimed.len(), 1);
+    let client = testdb.client().await?;
+    eventually(Duration::from_secs(5), || async {
+        let row = client.query_one("SELECT locked_until < now() FROM public.jobs WHERE id = $1", &[&id.0]).await?;
+        Ok(row.get::<_, bool>(0))
+    })
+    .await?;
+    assert!(jobs::claim(&db, "busy", 10, Duration::from_secs(30)).await?.is_empty(), "not its own job");
+    let taken = jobs::claim(&db, "rescuer", 10, Duration::from_secs(30)).await?;
+    assert_eq!(
+        taken.iter().map(|j| (j.id, j.attempts)).collect::<Vec<_>>(),
+        [(id.0, 2)],
+        "another worker takes it over"
+    );
+    Ok(())
+}

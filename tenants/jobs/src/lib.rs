@@ -224,6 +224,10 @@ pub struct ClaimedJob {
 
 /// Claims up to `limit` ready jobs (queued and due, or running with an
 /// expired lease) for `worker`, holding them for `lease`.
+///
+/// A worker never takes over a job it holds itself: it is alive (it is
+/// claiming) and still running it, only its heartbeat was late (a loaded
+/// machine). Taking it over would run the job twice at once.
 pub async fn claim(db: &Db, worker: &str, limit: i64, lease: Duration) -> Result<Vec<ClaimedJob>, ClaimError> {
     db.platform(async |conn| {
         // A job whose lease expired on its last attempt (its worker died, maybe
@@ -232,6 +236,7 @@ pub async fn claim(db: &Db, worker: &str, limit: i64, lease: Duration) -> Result
             jobs::table
                 .filter(jobs::status.eq("running"))
                 .filter(jobs::locked_until.lt(diesel::dsl::now))
+                .filter(jobs::locked_by.ne(worker))
                 .filter(jobs::attempts.ge(jobs::max_attempts)),
         )
         .set((
@@ -250,7 +255,8 @@ pub async fn claim(db: &Db, worker: &str, limit: i64, lease: Duration) -> Result
             "UPDATE public.jobs j SET status = 'running', attempts = j.attempts + 1, locked_by = $1, \
                locked_until = now() + make_interval(secs => $2), updated_at = now() \
              FROM (SELECT id FROM public.jobs \
-                   WHERE (status = 'queued' AND run_at <= now()) OR (status = 'running' AND locked_until < now()) \
+                   WHERE (status = 'queued' AND run_at <= now()) \
+                      OR (status = 'running' AND locked_until < now() AND locked_by <> $1) \
                    ORDER BY run_at LIMIT $3 FOR UPDATE SKIP LOCKED) picked \
              WHERE j.id = picked.id \
              RETURNING j.id, j.kind, j.payload, j.tenant_id, j.attempts, j.max_attempts, j.traceparent",
