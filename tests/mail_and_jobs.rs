@@ -250,8 +250,10 @@ async fn a_killed_worker_job_is_taken_over_after_its_lease_and_completes_once() 
     let lease = WorkerConfig { lease: Duration::from_secs(2), ..fast() };
     let doomed = Running::mail(&testdb, &settings, lease.clone())?;
     let client = testdb.client().await?;
-    eventually(Duration::from_secs(10), || async { Ok(job_states(&client).await?[0].0 == "running") }).await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Killed only once the server holds its whole message, unanswered: a
+    // fixed wait here let a loaded machine kill it mid-message, and the
+    // server, reading the rest after the switch to Accept, took it.
+    eventually(Duration::from_secs(10), || async { Ok(smtp.stalled() == 1) }).await?;
     doomed.kill().await;
 
     smtp.set_mode(Mode::Accept);

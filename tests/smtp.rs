@@ -23,6 +23,8 @@ pub enum Mode {
 struct State {
     mode: Option<Mode>,
     accepted: Vec<String>,
+    /// Messages read whole and then never answered (`Mode::Stall`).
+    stalled: usize,
 }
 
 pub struct SmtpServer {
@@ -39,7 +41,7 @@ impl SmtpServer {
     pub async fn start_on(port: u16) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let port = listener.local_addr()?.port();
-        let state = Arc::new(Mutex::new(State { mode: Some(Mode::Accept), accepted: Vec::new() }));
+        let state = Arc::new(Mutex::new(State { mode: Some(Mode::Accept), accepted: Vec::new(), stalled: 0 }));
         let mut server = Self { port, state, tasks: JoinSet::new() };
         server.serve(listener);
         Ok(server)
@@ -64,6 +66,11 @@ impl SmtpServer {
 
     pub fn set_mode(&self, mode: Mode) {
         self.lock().mode = Some(mode);
+    }
+
+    /// How many messages were read whole and left unanswered (`Mode::Stall`).
+    pub fn stalled(&self) -> usize {
+        self.lock().stalled
     }
 
     /// Raw messages accepted so far (250 after DATA).
@@ -114,6 +121,7 @@ async fn session(stream: tokio::net::TcpStream, state: Arc<Mutex<State>>) -> std
                     message.push_str(line.strip_prefix('.').filter(|_| line.starts_with("..")).unwrap_or(&line));
                 }
                 if mode() == Mode::Stall {
+                    state.lock().unwrap_or_else(|p| p.into_inner()).stalled += 1;
                     std::future::pending::<()>().await;
                 }
                 state.lock().unwrap_or_else(|p| p.into_inner()).accepted.push(message);
