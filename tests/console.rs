@@ -23,14 +23,7 @@ pub struct Operator {
 /// Signs up `email` (with an organization `slug`), turns on two-factor
 /// sign-in, and grants the platform admin role.
 pub async fn operator(app: &TestApp, email: &str, slug: &str) -> TestResult<Operator> {
-    let res = app
-        .http
-        .post(app.url("/v1/signup"))
-        .json(&json!({ "email": email, "password": PASSWORD, "organization": "Operations", "slug": slug }))
-        .send()
-        .await?;
-    assert_eq!(res.status(), 201, "signing up the operator");
-    let signed_up: Value = res.json().await?;
+    let signed_up = sign_up(app, email, slug).await?;
     let token = signed_up["token"].as_str().ok_or("no token")?.to_owned();
     let user: uuid::Uuid = signed_up["user"]["id"].as_str().ok_or("no user")?.parse()?;
     let call = |path: &str, body: Value| app.http.post(app.url(path)).bearer_auth(&token).json(&body).send();
@@ -40,6 +33,18 @@ pub async fn operator(app: &TestApp, email: &str, slug: &str) -> TestResult<Oper
     assert_eq!(res.status(), 200, "confirming the second factor");
     app.db.platform(async |c| Ok::<_, plinth_http::ApiError>(plinth_access::grants::grant(c, user).await?)).await?;
     Ok(Operator { email: email.to_owned(), secret, token })
+}
+
+/// Signs up `email` with a new organization `slug`; the signup's answer.
+async fn sign_up(app: &TestApp, email: &str, slug: &str) -> TestResult<Value> {
+    let res = app
+        .http
+        .post(app.url("/v1/signup"))
+        .json(&json!({ "email": email, "password": PASSWORD, "organization": "Operations", "slug": slug }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201, "signing up {slug}");
+    Ok(res.json().await?)
 }
 
 /// The current one-time code.
@@ -245,13 +250,7 @@ async fn every_console_url_is_a_404_to_anyone_but_a_signed_in_platform_admin() -
     assert_eq!(status_of(&app, &acme).await?, "active", "nothing was done");
     // A member who is no platform admin cannot sign in, even with the right
     // password: the same answer as a wrong one, and no session cookie.
-    let res = app
-        .http
-        .post(app.url("/v1/signup"))
-        .json(&json!({ "email": "ada@example.com", "password": PASSWORD, "organization": "Ada", "slug": "ada-co" }))
-        .send()
-        .await?;
-    assert_eq!(res.status(), 201);
+    sign_up(&app, "ada@example.com", "ada-co").await?;
     let mut console = Console::new(&app)?;
     let res = console.sign_in("ada@example.com", PASSWORD, None).await?;
     assert_eq!(res.status(), 401);
@@ -451,14 +450,8 @@ async fn domains_admins_and_impersonation_through_the_console_and_one_tenants_pa
 
     // Platform admins: granted to an existing account, taken away; never
     // your own; an unknown address is refused.
-    let res = app
-        .http
-        .post(app.url("/v1/signup"))
-        .json(&json!({ "email": "ada@example.com", "password": PASSWORD, "organization": "Ada", "slug": "ada-co" }))
-        .send()
-        .await?;
-    assert_eq!(res.status(), 201);
-    let ada: uuid::Uuid = res.json::<Value>().await?["user"]["id"].as_str().ok_or("id")?.parse()?;
+    let ada: uuid::Uuid =
+        sign_up(&app, "ada@example.com", "ada-co").await?["user"]["id"].as_str().ok_or("id")?.parse()?;
     let db = &app.db;
     let is_admin = |user: uuid::Uuid| async move {
         db.platform(async |c| {

@@ -270,7 +270,8 @@ async fn list(
     Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |t| t.id)))
 }
 
-fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
+/// A tenant id from a path: anything but an id is no tenant (404).
+pub(crate) fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
     uuid::Uuid::parse_str(raw).map(TenantId).map_err(|_| ApiError::NotFound("tenant"))
 }
 

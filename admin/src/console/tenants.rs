@@ -108,7 +108,7 @@ pub(super) async fn list(
 }
 
 fn tenant_id(raw: &str) -> Result<TenantId, ConsoleError> {
-    uuid::Uuid::parse_str(raw).map(TenantId).map_err(|_| ApiError::NotFound("tenant").into())
+    Ok(platform::tenant_id(raw)?)
 }
 
 async fn find(db: &Db, id: TenantId) -> Result<Tenant, ConsoleError> {
