@@ -2,7 +2,8 @@
 # HTTP load benchmark: GET /v1/projects/{id} at 32 connections with wrk,
 # beside PostgreSQL's own pgbench -S (select-only) at the same concurrency as
 # the ceiling, on this machine, in alternating rounds. Prints each round's
-# ratio and the median.
+# ratio and the median. The ceiling is `pgbench -S -M prepared`: Plinth's
+# statements are prepared too. The simple-protocol figure is printed beside it.
 #
 #   scripts/bench.sh                      # 3 rounds of 10 s measurements
 #   ROUNDS=5 DURATION=15 scripts/bench.sh
@@ -76,14 +77,16 @@ for R in $(seq "$ROUNDS"); do
         wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'X-Tenant: bench' -H "$AUTH" "$URL" >"$OUT/wrk-$W-$R.txt"
         stop_server
     done
-    pgbench -S -c"$CONNS" -j2 -T"$DURATION" "$BASE_URL/plinth_bench_pgbench" >"$OUT/pgbench-$R.txt" 2>/dev/null
+    pgbench -S -M prepared -c"$CONNS" -j2 -T"$DURATION" "$BASE_URL/plinth_bench_pgbench" >"$OUT/pgbench-$R.txt" 2>/dev/null
+    pgbench -S -c"$CONNS" -j2 -T"$DURATION" "$BASE_URL/plinth_bench_pgbench" >"$OUT/pgbench-simple-$R.txt" 2>/dev/null
     TPS=$(awk '/^tps/ {print $3; exit}' "$OUT/pgbench-$R.txt")
-    echo "round $R: pgbench -S ceiling ${TPS} tps ($CONNS clients, ${DURATION}s)"
+    SIMPLE=$(awk '/^tps/ {print $3; exit}' "$OUT/pgbench-simple-$R.txt")
+    echo "round $R: pgbench -S -M prepared ceiling ${TPS} tps; simple protocol ${SIMPLE} tps ($CONNS clients, ${DURATION}s)"
     for W in $WORKERS; do
         F="$OUT/wrk-$W-$R.txt"
-        awk -v w="$W" -v t="$TPS" '
+        awk -v w="$W" -v t="$TPS" -v s="$SIMPLE" '
             /^Requests\/sec/ {r = $2} $1 == "50%" {p50 = $2} $1 == "99%" {p99 = $2} /Non-2xx/ {e = $5}
-            END { printf "  plinth, %s worker(s): %.0f req/s = %.1f%% of the ceiling, p50 %s, p99 %s, non-2xx %d\n", w, r, 100 * r / t, p50, p99, e }' "$F" \
+            END { printf "  plinth, %s worker(s): %.0f req/s = %.1f%% of the ceiling (%.1f%% of simple), p50 %s, p99 %s, non-2xx %d\n", w, r, 100 * r / t, 100 * r / s, p50, p99, e }' "$F" \
             | tee -a "$OUT/summary-$W.txt"
     done
 done

@@ -301,3 +301,61 @@ async fn another_tenants_members_and_keys_are_out_of_reach_from_ones_own() -> Te
     assert!(actions.iter().all(|a| *a == "api_key.created"), "{actions:?}");
     Ok(())
 }
+
+diesel::define_sql_function!(fn current_schema() -> diesel::sql_types::Text);
+
+/// The one-round-trip read (`Db::tenant_read`) writes `BEGIN; SET LOCAL
+/// search_path`, the statement and `COMMIT` without waiting between them.
+/// Over one pooled connection, alternating tenants, every statement must run
+/// inside its own tenant's transaction: had `COMMIT` overtaken it, it would
+/// see the session's schema, and a tenant table would not be found.
+#[tokio::test]
+async fn a_read_in_one_round_trip_stays_inside_its_tenants_transaction() -> TestResult {
+    use diesel::query_builder::QueryId;
+    use plinth_http::ApiError;
+
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(1)?; // one connection, warm after the first read of each statement
+    let slug = |s: &str| plinth_tenants::Slug::parse(s);
+    let a = plinth_tenants::registry::create(&db, &slug("alpha")?, "Alpha").await?;
+    let b = plinth_tenants::registry::create(&db, &slug("bravo")?, "Bravo").await?;
+    let client = testdb.client().await?;
+    let mut projects = Vec::new();
+    for t in [&a, &b] {
+        let id = uuid::Uuid::now_v7();
+        let sql = format!("INSERT INTO {}.projects (id, name) VALUES ($1, $2)", t.schema.quoted());
+        client.execute(&sql, &[&id, &t.slug]).await?;
+        projects.push(plinth::projects::ProjectId(id));
+    }
+
+    let which_schema = || diesel::select(current_schema());
+    assert!(
+        <diesel::dsl::select<current_schema> as QueryId>::query_id().is_some(),
+        "the statement is cached by its type, so the one-round-trip path is taken"
+    );
+    for i in 0..200 {
+        let (own, other) = if i % 2 == 0 { ((&a, 0), (&b, 1)) } else { ((&b, 1), (&a, 0)) };
+        let schema: Vec<String> = db.tenant_read::<_, _, ApiError>(own.0.scope(), which_schema()).await?;
+        assert_eq!(schema, [own.0.schema.as_str()], "read {i} ran outside its tenant's transaction");
+        let found: Vec<plinth::projects::Project> =
+            db.tenant_read::<_, _, ApiError>(own.0.scope(), plinth::projects::project_by_id(projects[own.1])).await?;
+        assert_eq!(found.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), [own.0.slug.as_str()]);
+        let foreign: Vec<plinth::projects::Project> =
+            db.tenant_read::<_, _, ApiError>(own.0.scope(), plinth::projects::project_by_id(projects[other.1])).await?;
+        assert!(foreign.is_empty(), "{} read {}'s project", own.0.slug, other.0.slug);
+    }
+    // The connection ends each read outside any transaction, with no tenant
+    // search_path left on it.
+    let path: Vec<String> = db
+        .platform(async |c| {
+            use diesel_async::RunQueryDsl;
+            Ok::<_, ApiError>(
+                diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('search_path')"))
+                    .load(c)
+                    .await?,
+            )
+        })
+        .await?;
+    assert!(!path.concat().contains("t_"), "a tenant search_path survived: {path:?}");
+    Ok(())
+}

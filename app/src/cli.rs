@@ -232,6 +232,8 @@ pub fn db_config(settings: &Settings, url: &str) -> DbConfig {
         wait_timeout: settings.db_wait_timeout,
         connect_timeout: settings.db_connect_timeout,
         statement_cache: settings.db_statement_cache,
+        max_tenants_per_connection: settings.db_max_tenants_per_connection,
+        max_connection_age: settings.db_max_connection_age,
     }
 }
 

@@ -49,6 +49,13 @@ pub struct Settings {
     /// `PLINTH_DB_STATEMENT_CACHE` (default true): set false behind PgBouncer
     /// in transaction mode.
     pub db_statement_cache: bool,
+    /// `PLINTH_DB_MAX_TENANTS_PER_CONNECTION` (default 1000): a pooled
+    /// connection scoped to more tenants than this is closed when it comes
+    /// back to the pool, which bounds PostgreSQL's memory per backend.
+    pub db_max_tenants_per_connection: usize,
+    /// `PLINTH_DB_MAX_CONNECTION_AGE_SECS` (default 1800): a pooled
+    /// connection older than this is closed when it comes back to the pool.
+    pub db_max_connection_age: Duration,
     /// `PLINTH_MAX_BODY_BYTES` (default 65536): larger JSON bodies get 413.
     pub max_body_bytes: usize,
     /// `PLINTH_BODY_TIMEOUT_SECS` (default 10): a request body still
@@ -180,6 +187,8 @@ impl Settings {
             db_wait_timeout: Duration::from_millis(num("PLINTH_DB_WAIT_TIMEOUT_MS", 5000)?),
             db_connect_timeout: Duration::from_millis(num("PLINTH_DB_CONNECT_TIMEOUT_MS", 5000)?),
             db_statement_cache: flag("PLINTH_DB_STATEMENT_CACHE", true)?,
+            db_max_tenants_per_connection: usize::try_from(num("PLINTH_DB_MAX_TENANTS_PER_CONNECTION", 1000)?)?.max(1),
+            db_max_connection_age: Duration::from_secs(num("PLINTH_DB_MAX_CONNECTION_AGE_SECS", 1800)?.max(1)),
             max_body_bytes: usize::try_from(num("PLINTH_MAX_BODY_BYTES", 64 * 1024)?)?,
             body_timeout: Duration::from_secs(num("PLINTH_BODY_TIMEOUT_SECS", 10)?.max(1)),
             max_connections: usize::try_from(num("PLINTH_MAX_CONNECTIONS", 10_000)?)?.max(1),

@@ -7,6 +7,8 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, delete, get, patch, post, web};
 use chrono::{DateTime, Utc};
+use diesel::dsl::{AsSelect, Find, Limit, Select};
+use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use plinth_access::Quota;
@@ -241,7 +243,14 @@ pub async fn create_project(conn: &mut TenantConn<'_>, new: NewProject) -> Query
 }
 
 pub async fn get_project(conn: &mut TenantConn<'_>, id: ProjectId) -> QueryResult<Option<Project>> {
-    projects::table.find(id).select(Project::as_select()).first(conn.pg()).await.optional()
+    project_by_id(id).get_result(conn.pg()).await.optional()
+}
+
+/// The statement that reads one project.
+pub type ProjectById = Limit<Select<Find<projects::table, ProjectId>, AsSelect<Project, Pg>>>;
+
+pub fn project_by_id(id: ProjectId) -> ProjectById {
+    projects::table.find(id).select(Project::as_select()).limit(1)
 }
 
 pub async fn update_project(
@@ -476,7 +485,7 @@ async fn create_project_route(
 #[get("/v1/projects/{id}")]
 async fn get_project_route(ctx: Allowed<ReadProjects>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "project")?;
-    let project = ctx.tx(async |c| Ok::<_, ApiError>(get_project(c, id).await?)).await?;
+    let project = ctx.read::<_, Project, ApiError>(project_by_id(id)).await?.pop();
     Ok(HttpResponse::Ok().json(project.ok_or(ApiError::NotFound("project"))?))
 }
 

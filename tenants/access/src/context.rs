@@ -12,7 +12,10 @@ use crate::model::Subject;
 use crate::quota::{self, Counters};
 use crate::roles::Role;
 use crate::snapshot::TenantPolicy;
+use diesel::pg::Pg;
+use diesel::query_builder::{Query, QueryFragment, QueryId};
 use diesel_async::AsyncPgConnection;
+use diesel_async::methods::LoadQuery;
 use plinth_http::request::RequestId;
 use plinth_tenants::db::{Db, PoolError, TenantConn, TenantRows, TxFn};
 use plinth_tenants::ids::UserId;
@@ -92,6 +95,19 @@ impl TenantContext {
         R: Send,
     {
         self.db.tenant(self.tenant.scope(), f).await
+    }
+
+    /// Runs one read statement in a transaction scoped to this request's
+    /// tenant, in one round trip once the connection has prepared it (see
+    /// [`Db::tenant_read`](plinth_tenants::db::Db::tenant_read)).
+    pub async fn read<Q, U, E>(&self, query: Q) -> Result<Vec<U>, E>
+    where
+        Q: Query + QueryFragment<Pg> + QueryId + Send + 'static,
+        Q: for<'a> LoadQuery<'static, &'a AsyncPgConnection, U>,
+        U: Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+    {
+        self.db.tenant_read(self.tenant.scope(), query).await
     }
 
     /// Runs `f` in a platform transaction bound to this request's tenant:

@@ -8,21 +8,19 @@
 //! cache off, see [`DbConfig::statement_cache`]) prepared statements never
 //! outlive the transaction that prepared them.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use diesel::connection::{CacheSize, TransactionDepthChange};
-use diesel_async::pooled_connection::deadpool::{Object, Pool};
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
-use diesel_async::{
-    AnsiTransactionManager, AsyncConnection, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
-};
-use futures_util::FutureExt as _;
+use deadpool::managed::{Object, Pool};
+use diesel::connection::TransactionDepthChange;
+use diesel::pg::Pg;
+use diesel::query_builder::{Query, QueryFragment, QueryId};
+use diesel_async::methods::LoadQuery;
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager};
 use tracing::Instrument as _;
 
 use crate::ids::{SchemaName, TenantId};
-use crate::postgres::Target;
+use crate::pool::Manager;
 
 pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
 pub type PgConn = AsyncPgConnection;
@@ -55,6 +53,11 @@ pub struct DbConfig {
     /// Keep prepared statements across transactions. Turn off behind PgBouncer
     /// in transaction pooling mode (before 1.21, which cannot track them).
     pub statement_cache: bool,
+    /// A connection that has been scoped to more tenants than this is
+    /// closed when it comes back to the pool (see [`crate::pool`]).
+    pub max_tenants_per_connection: usize,
+    /// A connection older than this is closed when it comes back to the pool.
+    pub max_connection_age: Duration,
 }
 
 impl DbConfig {
@@ -65,72 +68,21 @@ impl DbConfig {
             wait_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             statement_cache: true,
+            max_tenants_per_connection: 1000,
+            max_connection_age: Duration::from_secs(30 * 60),
         }
     }
-}
-
-/// Opens one connection. diesel-async runs two `SET` statements with the
-/// extended protocol while setting a connection up; behind PgBouncer in
-/// transaction mode their Parse and Bind could reach different server
-/// connections. Opening a transaction first pins one server connection for
-/// the setup.
-async fn establish(target: &Target, statement_cache: bool) -> diesel::ConnectionResult<AsyncPgConnection> {
-    use diesel::ConnectionError;
-    let (client, connection) = target.connect().await.map_err(|e| ConnectionError::BadConnection(format!("{e:#}")))?;
-    let begin = client.batch_execute("BEGIN");
-    // The connection must be driven for BEGIN to complete; diesel-async takes
-    // it over (and drives it) only afterwards, so poll both here.
-    let mut connection = Box::pin(connection);
-    let mut begin = Box::pin(begin);
-    let outcome = futures_util::future::poll_fn(|cx| {
-        use std::task::Poll;
-        if let Poll::Ready(done) = begin.as_mut().poll(cx) {
-            return Poll::Ready(Ok(done));
-        }
-        match connection.as_mut().poll(cx) {
-            Poll::Ready(ended) => Poll::Ready(Err(ended)),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await;
-    drop(begin);
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(ConnectionError::BadConnection(e.to_string())),
-        Err(ended) => {
-            let why = ended.err().map_or_else(|| "connection closed".to_owned(), |e| e.to_string());
-            return Err(ConnectionError::BadConnection(why));
-        }
-    }
-    let connection = std::pin::Pin::into_inner(connection);
-    let mut conn = AsyncPgConnection::try_from_client_and_connection(client, *connection).await?;
-    conn.batch_execute("COMMIT").await.map_err(ConnectionError::CouldntSetupConfiguration)?;
-    if !statement_cache {
-        conn.set_prepared_statement_cache_size(CacheSize::Disabled);
-    }
-    Ok(conn)
 }
 
 /// A handle to the database: a pool of connections. Cheap to clone.
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool<AsyncPgConnection>,
+    pool: Pool<Manager>,
 }
 
 impl Db {
     pub fn connect(config: &DbConfig) -> anyhow::Result<Self> {
-        let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
-        // The pool already refuses connections left inside a transaction; a
-        // test query on every checkout would cost a round trip per request.
-        manager_config.recycling_method = RecyclingMethod::Fast;
-        let cache = config.statement_cache;
-        let target = Arc::new(Target::parse(&config.url)?);
-        manager_config.custom_setup = Box::new(move |_url| {
-            let target = target.clone();
-            async move { establish(&target, cache).await }.boxed()
-        });
-        let manager = AsyncDieselConnectionManager::new_with_config(config.url.clone(), manager_config);
-        let pool = Pool::builder(manager)
+        let pool = Pool::builder(Manager::new(config)?)
             .max_size(config.pool_size)
             .wait_timeout(Some(config.wait_timeout))
             .create_timeout(Some(config.connect_timeout))
@@ -146,7 +98,7 @@ impl Db {
         self.pool.status()
     }
 
-    async fn conn(&self) -> Result<Object<AsyncPgConnection>, PoolError> {
+    async fn conn(&self) -> Result<Object<Manager>, PoolError> {
         self.pool.get().await
     }
 
@@ -159,7 +111,7 @@ impl Db {
         R: Send,
     {
         let mut conn = self.conn().await?;
-        AnsiTransactionManager::begin_transaction(&mut *conn).await?;
+        AnsiTransactionManager::begin_transaction(&mut **conn).await?;
         let result = f(&mut conn).await;
         finish(&mut conn, result).await
     }
@@ -190,7 +142,8 @@ impl Db {
     {
         async {
             let mut conn = self.conn().await?;
-            AnsiTransactionManager::begin_transaction(&mut *conn).await?;
+            conn.serve(tenant.id);
+            AnsiTransactionManager::begin_transaction(&mut **conn).await?;
             let result = {
                 let mut rows = TenantRows { conn: &mut conn, tenant_id: tenant.id, schema: tenant.schema };
                 f(&mut rows).await
@@ -217,14 +170,7 @@ impl Db {
     {
         async {
             let mut obj = self.conn().await?;
-            // Count the transaction as open before anything is sent. If this
-            // future is dropped from here on, the pool sees an open transaction
-            // and discards the connection instead of handing it (mid-transaction,
-            // with this tenant's search_path) to another request.
-            AnsiTransactionManager::transaction_manager_status_mut(&mut *obj)
-                .transaction_state()?
-                .change_transaction_depth(TransactionDepthChange::IncreaseDepth)?;
-            let begin_sql = format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted());
+            let begin_sql = open_scoped(&mut obj, tenant)?;
             let result = {
                 let shared: &AsyncPgConnection = &obj;
                 let mut scoped = TenantConn { conn: shared, tenant_id: tenant.id };
@@ -249,6 +195,91 @@ impl Db {
         .instrument(tx_span("schema", tenant.id))
         .await
     }
+    /// Runs one read statement in a transaction scoped to one tenant's
+    /// schema, as [`Db::tenant`] would, in one round trip to PostgreSQL once
+    /// the connection has prepared the statement.
+    ///
+    /// `BEGIN; SET LOCAL search_path`, the statement's Bind and Execute, and
+    /// `COMMIT` are written one after the other without waiting, and
+    /// PostgreSQL runs them in that order. The order is what keeps the
+    /// statement inside the tenant's transaction, and it holds because each
+    /// of the three is queued on the connection the first time it is polled:
+    /// true of a statement that is already in the connection's statement
+    /// cache, which [`crate::pool::Pooled`] tracks. A statement not yet
+    /// prepared there (its first run on this connection, or any run with the
+    /// statement cache off, as behind PgBouncer before 1.21) is prepared in
+    /// a round trip of its own, and `COMMIT` waits for its answer.
+    ///
+    /// Were the order ever broken, the statement would run after `COMMIT`
+    /// with the session's `search_path`, where no tenant table exists
+    /// (`public` holds none of their names, a test checks): it would fail,
+    /// never read another tenant's rows.
+    pub async fn tenant_read<Q, U, E>(&self, tenant: TenantScope<'_>, query: Q) -> Result<Vec<U>, E>
+    where
+        Q: Query + QueryFragment<Pg> + QueryId + Send + 'static,
+        Q: for<'a> LoadQuery<'static, &'a AsyncPgConnection, U>,
+        U: Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+    {
+        // Only a statement diesel-async caches by its type can be known to be
+        // prepared.
+        let kind = Q::query_id().filter(|_| matches!(query.is_safe_to_cache_prepared(&Pg), Ok(true)));
+        let read = async {
+            let mut obj = self.conn().await?;
+            let begin_sql = open_scoped(&mut obj, tenant)?;
+            let prepared = kind.is_some_and(|kind| obj.is_prepared(kind));
+            let (begun, rows, ended) = {
+                let shared: &AsyncPgConnection = &obj;
+                let begin = async {
+                    let mut conn = shared;
+                    conn.batch_execute(&begin_sql).await
+                };
+                let read = async {
+                    let mut conn = shared;
+                    diesel_async::RunQueryDsl::load::<U>(query, &mut conn).await
+                };
+                // An aborted transaction ends at COMMIT too (PostgreSQL rolls
+                // it back); nothing here writes.
+                let end = async {
+                    let mut conn = shared;
+                    conn.batch_execute("COMMIT").await
+                };
+                if prepared {
+                    futures_util::future::join3(begin, read, end).await
+                } else {
+                    let (begun, rows) = futures_util::future::join(begin, read).await;
+                    (begun, rows, end.await)
+                }
+            };
+            // A failed COMMIT leaves the transaction counted as open, and the
+            // pool discards the connection.
+            ended?;
+            AnsiTransactionManager::transaction_manager_status_mut(&mut **obj)
+                .transaction_state()?
+                .change_transaction_depth(TransactionDepthChange::DecreaseDepth)?;
+            let rows = begun.and(rows)?;
+            if let Some(kind) = kind {
+                obj.mark_prepared(kind);
+            }
+            Ok(rows)
+        };
+        async { counted("schema", read.await) }.instrument(tx_span("schema", tenant.id)).await
+    }
+}
+
+/// Starts a tenant-scoped transaction on `obj`: counts it as open before
+/// anything is sent, so that if the caller's future is dropped from here on,
+/// the pool sees an open transaction and discards the connection instead of
+/// handing it (mid-transaction, with this tenant's `search_path`) to another
+/// request. Returns the message that opens it on the server, `BEGIN` and
+/// `SET LOCAL search_path` in one simple-protocol message.
+fn open_scoped(obj: &mut Object<Manager>, tenant: TenantScope<'_>) -> Result<String, diesel::result::Error> {
+    obj.serve(tenant.id);
+    let conn: &mut AsyncPgConnection = obj;
+    AnsiTransactionManager::transaction_manager_status_mut(conn)
+        .transaction_state()?
+        .change_transaction_depth(TransactionDepthChange::IncreaseDepth)?;
+    Ok(format!("BEGIN; SET LOCAL search_path TO {}", tenant.schema.quoted()))
 }
 
 /// The span of one tenant transaction, for traces. DEBUG, so that logs at

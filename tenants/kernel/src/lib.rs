@@ -27,6 +27,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod migrate;
 pub mod notify;
+pub mod pool;
 pub mod postgres;
 pub mod registry;
 pub mod schema;

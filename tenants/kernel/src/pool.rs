@@ -1,0 +1,171 @@
+//! The connection pool's manager: how a pooled connection is opened, what it
+//! remembers, and when it is retired.
+//!
+//! A [`Pooled`] connection remembers two things beside the diesel-async
+//! connection:
+//!
+//! - which statements it has already prepared (by query type), which is what
+//!   lets [`crate::db::Db::tenant_read`] send a read in one round trip;
+//! - how many distinct tenants it has been scoped to. Each PostgreSQL backend
+//!   caches the catalog entries of every relation it touches and never lets
+//!   them go; with thousands of tenant schemas a long-lived connection that
+//!   serves them all would grow without bound. A connection that has served
+//!   [`DbConfig::max_tenants_per_connection`] tenants, or has lived
+//!   [`DbConfig::max_connection_age`], is closed when it comes back to the
+//!   pool, and a fresh backend takes its place.
+//!
+//! Hand-written rather than diesel-async's own manager, which keeps no state
+//! beside the connection.
+
+use std::any::TypeId;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::connection::CacheSize;
+use diesel_async::pooled_connection::{PoolError as ManagerError, PoolableConnection as _};
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection as _};
+
+use crate::db::DbConfig;
+use crate::ids::TenantId;
+use crate::postgres::Target;
+
+/// A pooled connection and what it remembers (see the module docs).
+pub struct Pooled {
+    conn: AsyncPgConnection,
+    /// Query types prepared on this connection. Only filled while the
+    /// statement cache is on (it is never emptied: the cache is unbounded).
+    prepared: HashSet<TypeId>,
+    /// Whether the statement cache is on.
+    statement_cache: bool,
+    /// Tenants this connection has been scoped to.
+    tenants: HashSet<TenantId>,
+}
+
+impl Pooled {
+    /// Whether a statement of this query type is in the connection's
+    /// statement cache, so that running it sends Bind and Execute at once,
+    /// without a Parse round trip first.
+    pub(crate) fn is_prepared(&self, query: TypeId) -> bool {
+        self.prepared.contains(&query)
+    }
+
+    /// Records that a statement of this query type was run (and so prepared
+    /// and cached) on this connection.
+    pub(crate) fn mark_prepared(&mut self, query: TypeId) {
+        if self.statement_cache {
+            self.prepared.insert(query);
+        }
+    }
+
+    /// Records that the connection is being scoped to `tenant`.
+    pub(crate) fn serve(&mut self, tenant: TenantId) {
+        self.tenants.insert(tenant);
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = AsyncPgConnection;
+
+    fn deref(&self) -> &AsyncPgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
+        &mut self.conn
+    }
+}
+
+/// Opens and recycles [`Pooled`] connections.
+pub struct Manager {
+    target: Arc<Target>,
+    statement_cache: bool,
+    max_tenants: usize,
+    max_age: Duration,
+}
+
+impl Manager {
+    pub fn new(config: &DbConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            target: Arc::new(Target::parse(&config.url)?),
+            statement_cache: config.statement_cache,
+            max_tenants: config.max_tenants_per_connection,
+            max_age: config.max_connection_age,
+        })
+    }
+}
+
+impl deadpool::managed::Manager for Manager {
+    type Type = Pooled;
+    type Error = ManagerError;
+
+    async fn create(&self) -> Result<Pooled, ManagerError> {
+        let conn = establish(&self.target, self.statement_cache).await.map_err(ManagerError::ConnectionError)?;
+        Ok(Pooled { conn, prepared: HashSet::new(), statement_cache: self.statement_cache, tenants: HashSet::new() })
+    }
+
+    async fn recycle(
+        &self,
+        obj: &mut Pooled,
+        metrics: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<ManagerError> {
+        // A connection left inside a transaction (a future dropped half-way)
+        // or broken is never handed out again.
+        if std::thread::panicking() || obj.conn.is_broken() {
+            return Err(deadpool::managed::RecycleError::message("broken, or left inside a transaction"));
+        }
+        if obj.tenants.len() > self.max_tenants {
+            crate::counters::increment("plinth_db_connections_retired_total", &[("reason", "tenants")]);
+            return Err(deadpool::managed::RecycleError::message("served its share of tenants"));
+        }
+        if metrics.age() > self.max_age {
+            crate::counters::increment("plinth_db_connections_retired_total", &[("reason", "age")]);
+            return Err(deadpool::managed::RecycleError::message("reached its age"));
+        }
+        Ok(())
+    }
+}
+
+/// Opens one connection. diesel-async runs two `SET` statements with the
+/// extended protocol while setting a connection up; behind PgBouncer in
+/// transaction mode their Parse and Bind could reach different server
+/// connections. Opening a transaction first pins one server connection for
+/// the setup.
+async fn establish(target: &Target, statement_cache: bool) -> diesel::ConnectionResult<AsyncPgConnection> {
+    use diesel::ConnectionError;
+    let (client, connection) = target.connect().await.map_err(|e| ConnectionError::BadConnection(format!("{e:#}")))?;
+    let begin = client.batch_execute("BEGIN");
+    // The connection must be driven for BEGIN to complete; diesel-async takes
+    // it over (and drives it) only afterwards, so poll both here.
+    let mut connection = Box::pin(connection);
+    let mut begin = Box::pin(begin);
+    let outcome = futures_util::future::poll_fn(|cx| {
+        use std::task::Poll;
+        if let Poll::Ready(done) = begin.as_mut().poll(cx) {
+            return Poll::Ready(Ok(done));
+        }
+        match connection.as_mut().poll(cx) {
+            Poll::Ready(ended) => Poll::Ready(Err(ended)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    drop(begin);
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ConnectionError::BadConnection(e.to_string())),
+        Err(ended) => {
+            let why = ended.err().map_or_else(|| "connection closed".to_owned(), |e| e.to_string());
+            return Err(ConnectionError::BadConnection(why));
+        }
+    }
+    let connection = std::pin::Pin::into_inner(connection);
+    let mut conn = AsyncPgConnection::try_from_client_and_connection(client, *connection).await?;
+    conn.batch_execute("COMMIT").await.map_err(ConnectionError::CouldntSetupConfiguration)?;
+    if !statement_cache {
+        diesel_async::AsyncConnection::set_prepared_statement_cache_size(&mut conn, CacheSize::Disabled);
+    }
+    Ok(conn)
+}
