@@ -449,6 +449,20 @@ impl Drop for TempDir {
     }
 }
 
+/// Runs the real `plinth` binary against a test database; whether it
+/// succeeded, and what it printed (standard output, then error).
+pub async fn plinth_cli(testdb: &TestDb, args: &[&str]) -> TestResult<(bool, String)> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(args)
+        .env("DATABASE_URL", &testdb.url)
+        .env("RUST_LOG", "warn")
+        .env_remove("PLINTH_CONFIG")
+        .output()
+        .await?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
 pub async fn set_status(db: &Db, id: TenantId, status: TenantStatus) -> TestResult {
     db.platform(async |c| Ok::<_, ApiError>(registry::set_status(c, id, status).await?)).await?;
     Ok(())

@@ -7,6 +7,7 @@ mod processes;
 mod access;
 mod api_keys;
 mod audit;
+mod backup;
 mod billing;
 mod billing_life;
 mod billing_stripe;

@@ -5,20 +5,7 @@ use diesel_migrations::MigrationHarness;
 use plinth_tenants::migrate::{PLATFORM_MIGRATIONS, TENANT_MIGRATIONS};
 use plinth_tenants::{Slug, Tenant, registry};
 
-use crate::harness::{TestDb, TestResult};
-
-/// Runs the real `plinth` binary against a test database.
-async fn plinth(testdb: &TestDb, args: &[&str]) -> TestResult<(bool, String)> {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_plinth"))
-        .args(args)
-        .env("DATABASE_URL", &testdb.url)
-        .env("RUST_LOG", "warn")
-        .env_remove("PLINTH_CONFIG")
-        .output()
-        .await?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.success(), text))
-}
+use crate::harness::{TestDb, TestResult, plinth_cli};
 
 /// Makes a tenant look as if it had never been migrated: ledger emptied, and
 /// (unless `keep_tables`) its tables dropped. Keeping the tables makes the
@@ -62,7 +49,7 @@ async fn migrate_all_reports_a_broken_tenant_and_resumes() -> TestResult {
     rewind(&client, &tenants[1], true).await?; // broken
     rewind(&client, &tenants[2], false).await?;
 
-    let (ok, out) = plinth(&testdb, &["migrate", "--concurrency", "2"]).await?;
+    let (ok, out) = plinth_cli(&testdb, &["migrate", "--concurrency", "2"]).await?;
     assert!(!ok, "a failed tenant makes the run fail:\n{out}");
     assert!(out.contains("4 total, 1 already current, 2 migrated, 1 failed"), "{out}");
     assert!(out.contains("FAILED bravo") && out.contains("already exists"), "{out}");
@@ -73,12 +60,12 @@ async fn migrate_all_reports_a_broken_tenant_and_resumes() -> TestResult {
 
     // Repair the broken tenant; the re-run only touches it.
     drop_tables(&client, &tenants[1]).await?;
-    let (ok, out) = plinth(&testdb, &["tenants", "migrate"]).await?;
+    let (ok, out) = plinth_cli(&testdb, &["tenants", "migrate"]).await?;
     assert!(ok, "{out}");
     assert!(out.contains("4 total, 3 already current, 1 migrated, 0 failed"), "{out}");
 
     // A no-op run changes nothing.
-    let (ok, out) = plinth(&testdb, &["migrate"]).await?;
+    let (ok, out) = plinth_cli(&testdb, &["migrate"]).await?;
     assert!(ok && out.contains("4 total, 4 already current, 0 migrated, 0 failed"), "{out}");
     Ok(())
 }
@@ -100,14 +87,14 @@ async fn a_locked_tenant_times_out_without_blocking_the_others() -> TestResult {
     tx.execute("SELECT 1 FROM public.tenants WHERE id = $1 FOR UPDATE", &[&a.id.0]).await?;
 
     let started = std::time::Instant::now();
-    let (ok, out) = plinth(&testdb, &["migrate", "--lock-timeout-ms", "300"]).await?;
+    let (ok, out) = plinth_cli(&testdb, &["migrate", "--lock-timeout-ms", "300"]).await?;
     assert!(!ok, "{out}");
     assert!(out.contains("FAILED locked") && out.contains("lock timeout"), "{out}");
     assert!(out.contains("1 migrated, 1 failed"), "{out}");
     assert!(started.elapsed() < Duration::from_secs(20));
     tx.rollback().await?;
 
-    let (ok, out) = plinth(&testdb, &["migrate"]).await?;
+    let (ok, out) = plinth_cli(&testdb, &["migrate"]).await?;
     assert!(ok && out.contains("1 migrated, 0 failed"), "{out}");
     Ok(())
 }
@@ -162,5 +149,36 @@ async fn every_tenant_down_migration_reverses_its_up() -> TestResult {
         assert_eq!(before, snapshot(&client, "t_check").await?, "{} down.sql does not reverse up.sql", migration.name);
         client.batch_execute(&format!("BEGIN; SET LOCAL search_path TO t_check; {}; COMMIT", migration.up)).await?;
     }
+    Ok(())
+}
+
+/// No relation on the default `search_path` (`public`) has the name of a
+/// tenant table: a tenant statement that ever ran outside its tenant's
+/// transaction (see `Db::tenant_read`) fails instead of reading platform rows.
+#[tokio::test]
+async fn public_holds_no_relation_named_like_a_tenant_table() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(1)?;
+    let tenant = plinth_tenants::registry::create(&db, &plinth_tenants::Slug::parse("alpha")?, "Alpha").await?;
+    let client = testdb.client().await?;
+    let rows = client
+        .query(
+            "SELECT t.relname FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname = $1 AND t.relname IN (
+                 SELECT p.relname FROM pg_class p JOIN pg_namespace pn ON pn.oid = p.relnamespace
+                 WHERE pn.nspname = 'public')",
+            &[&tenant.schema.as_str()],
+        )
+        .await?;
+    let shared: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert!(shared.is_empty(), "public has relations named like tenant ones: {shared:?}");
+    let tenant_tables: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = $1",
+            &[&tenant.schema.as_str()],
+        )
+        .await?
+        .get(0);
+    assert!(tenant_tables >= 3, "the tenant schema has its tables");
     Ok(())
 }

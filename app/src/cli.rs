@@ -151,6 +151,23 @@ pub enum TenantsCommand {
     },
     /// Route a custom domain to a tenant. You vouch that its DNS points at Plinth.
     AddDomain { slug: String, domain: String },
+    /// Write one tenant's archive: its schema (pg_dump), its platform rows (registry, memberships,
+    /// domains, subscription links) and a manifest with versions and checksums, in one snapshot.
+    Backup {
+        slug: String,
+        /// Where to write it (default: <slug>-<UTC time>.tar in the current directory).
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Bring a tenant back from its archive: as itself (after it was deleted), or with --as as a
+    /// copy beside the original (new id and schema, same members; no domains, no subscriptions).
+    /// An archive from a newer Plinth is refused; one from an older Plinth is migrated.
+    Restore {
+        file: std::path::PathBuf,
+        /// Restore a copy under this new slug.
+        #[arg(long = "as", value_name = "SLUG")]
+        copy_as: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -307,7 +324,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
         Command::Tenants(command) => {
             migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             let db = Db::connect(&db_config(settings, url))?;
-            tenants(command, &db, settings).await
+            tenants(command, &db, settings, url).await
         }
         Command::Billing(command) => {
             migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
@@ -551,7 +568,7 @@ async fn admin_command(command: AdminCommand, db: &Db, settings: &Settings) -> a
     Ok(ExitCode::SUCCESS)
 }
 
-async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyhow::Result<ExitCode> {
+async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings, url: &str) -> anyhow::Result<ExitCode> {
     match command {
         TenantsCommand::Create { slug, name } => {
             let slug = Slug::parse(&slug).map_err(|e| anyhow::anyhow!("slug {e}"))?;
@@ -633,6 +650,53 @@ async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings) -> anyho
             })
             .await?;
             println!("tenant {slug} is now served on {domain}");
+        }
+        TenantsCommand::Backup { slug, out } => {
+            let tenant = find(db, &slug).await?;
+            let out =
+                out.unwrap_or_else(|| format!("{slug}-{}.tar", chrono::Utc::now().format("%Y%m%dT%H%M%SZ")).into());
+            let mut archive = crate::backup::backup(db, url, tenant.id).await?;
+            // Written beside its final name, then renamed: a failed backup
+            // never leaves a partial archive under the name asked for.
+            let partial = out.with_extension("partial");
+            let file = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
+            let mut writer = std::io::BufWriter::new(file);
+            archive.write(&mut writer).context("writing the archive")?;
+            writer.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&partial, &out).with_context(|| format!("renaming to {}", out.display()))?;
+            let dump = archive.manifest.files.get("schema.dump").map_or(0, |f| f.bytes);
+            println!(
+                "wrote {} (tenant {slug}, {} tenant migrations, schema dump {dump} bytes)",
+                out.display(),
+                archive.manifest.tenant_migrations.len()
+            );
+        }
+        TenantsCommand::Restore { file, copy_as } => {
+            let copy_as =
+                copy_as.map(|s| Slug::parse(&s).map_err(|e| anyhow::anyhow!("--as {s:?}: {e}"))).transpose()?;
+            let input = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            let archive = plinth_tenants::backup::Archive::read(std::io::BufReader::new(input))
+                .with_context(|| format!("reading {}", file.display()))?;
+            let restored = crate::backup::restore(db, url, &archive, copy_as).await?;
+            let what = if restored.id.0 == archive.manifest.tenant.id { "restored" } else { "restored a copy as" };
+            println!("{what} tenant {} ({})", restored.slug, restored.id);
+            println!(
+                "  members: {} restored, {} skipped (no account any more)",
+                restored.members.restored, restored.members.skipped
+            );
+            println!(
+                "  domains: {} restored, {} skipped (held by another tenant, or the original's)",
+                restored.registry.domains, restored.registry.domains_skipped
+            );
+            if restored.subscriptions > 0 {
+                println!(
+                    "  subscriptions: {} restored; run `plinth billing sync` to bring them up to date with Stripe",
+                    restored.subscriptions
+                );
+            }
+            if !restored.registry.migrated.is_empty() {
+                println!("  migrated: {}", restored.registry.migrated.join(", "));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod background;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod health;

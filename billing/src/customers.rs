@@ -126,3 +126,43 @@ pub async fn record_closure(
         .await?;
     Ok(())
 }
+
+/// The tenant's links to Stripe (its customer and subscriptions), for its
+/// archive (`plinth_tenants::backup`).
+pub async fn archive(conn: &mut AsyncPgConnection, tenant: TenantId) -> diesel::QueryResult<serde_json::Value> {
+    use plinth_tenants::backup::rows_of;
+    Ok(serde_json::json!({
+        "customers": rows_of(conn, "billing_customers", tenant).await?,
+        "subscriptions": rows_of(conn, "subscriptions", tenant).await?,
+    }))
+}
+
+/// Restores an archive's links to Stripe for `tenant` (restored as itself:
+/// a copy has no subscription of its own), in the caller's transaction.
+/// Stripe stays the source of truth: the next sync (`plinth billing sync`)
+/// brings each subscription up to date. A subscription row another tenant
+/// holds now is left to it. Returns how many subscriptions were restored.
+pub async fn restore_archive(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    part: &serde_json::Value,
+) -> diesel::QueryResult<usize> {
+    use plinth_tenants::backup::restore_rows;
+    let rows_at = |key: &str| part.get(key).and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
+    restore_rows(
+        conn,
+        "billing_customers",
+        &rows_at("customers"),
+        tenant,
+        Some("NOT EXISTS (SELECT 1 FROM public.billing_customers c WHERE c.customer_id = r.customer_id)"),
+    )
+    .await?;
+    restore_rows(
+        conn,
+        "subscriptions",
+        &rows_at("subscriptions"),
+        tenant,
+        Some("NOT EXISTS (SELECT 1 FROM public.subscriptions s WHERE s.id = r.id)"),
+    )
+    .await
+}

@@ -304,3 +304,44 @@ impl Counter for JoinedMembers {
         })
     }
 }
+
+/// The tenant's memberships and identity settings, for its archive
+/// (`plinth_tenants::backup`).
+pub async fn archive(conn: &mut AsyncPgConnection, tenant: TenantId) -> diesel::QueryResult<serde_json::Value> {
+    use plinth_tenants::backup::rows_of;
+    Ok(json!({
+        "memberships": rows_of(conn, "memberships", tenant).await?,
+        "settings": rows_of(conn, "tenant_identity_settings", tenant).await?,
+    }))
+}
+
+/// What restoring an archive's memberships did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoredMembers {
+    pub restored: usize,
+    /// Members whose account no longer exists.
+    pub skipped: usize,
+}
+
+/// Restores an archive's memberships (of accounts that still exist; the
+/// others are counted as skipped) and identity settings for `tenant`, in the
+/// caller's transaction.
+pub async fn restore_archive(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+    part: &serde_json::Value,
+) -> diesel::QueryResult<RestoredMembers> {
+    use plinth_tenants::backup::restore_rows;
+    let rows_at = |key: &str| part.get(key).and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
+    let memberships = rows_at("memberships");
+    let restored = restore_rows(
+        conn,
+        "memberships",
+        &memberships,
+        tenant,
+        Some("EXISTS (SELECT 1 FROM public.users u WHERE u.id = r.user_id)"),
+    )
+    .await?;
+    restore_rows(conn, "tenant_identity_settings", &rows_at("settings"), tenant, None).await?;
+    Ok(RestoredMembers { restored, skipped: memberships.len().saturating_sub(restored) })
+}

@@ -19,6 +19,7 @@
 //!   `Idempotency-Key`.
 
 pub mod audit;
+pub mod backup;
 pub mod cache;
 pub mod counters;
 pub mod crypto;

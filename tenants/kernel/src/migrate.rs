@@ -138,7 +138,7 @@ impl std::fmt::Display for SchemaState {
 }
 
 /// The versions of the platform migrations built into this binary.
-fn platform_versions() -> Vec<String> {
+pub fn platform_versions() -> Vec<String> {
     diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&PLATFORM_MIGRATIONS)
         .map(|ms| ms.iter().map(|m| m.name().version().to_string()).collect())
         .unwrap_or_default()
@@ -148,6 +148,29 @@ fn platform_versions() -> Vec<String> {
 struct AppliedVersion {
     #[diesel(sql_type = Text)]
     version: String,
+}
+
+/// The newest platform migration applied to the database.
+pub async fn newest_platform_version(conn: &mut AsyncPgConnection) -> Result<Option<String>, diesel::result::Error> {
+    // Raw SQL: the table is diesel's own.
+    let newest: Vec<AppliedVersion> =
+        diesel::sql_query("SELECT max(version) AS version FROM public.__diesel_schema_migrations HAVING count(*) > 0")
+            .load(conn)
+            .await?;
+    Ok(newest.into_iter().next().map(|v| v.version))
+}
+
+/// The tenant migrations recorded for `tenant`, oldest first.
+pub async fn applied_versions(
+    conn: &mut AsyncPgConnection,
+    tenant: TenantId,
+) -> Result<Vec<String>, diesel::result::Error> {
+    tenant_migrations::table
+        .filter(tenant_migrations::tenant_id.eq(tenant.0))
+        .select(tenant_migrations::version)
+        .order(tenant_migrations::version.asc())
+        .load(conn)
+        .await
 }
 
 /// Compares the applied platform migrations with this binary's (two cheap
@@ -193,7 +216,7 @@ pub(crate) async fn apply_to_schema(
     apply(conn, tenant, schema, &pending).await
 }
 
-async fn apply(
+pub(crate) async fn apply(
     conn: &mut PgConn,
     tenant: TenantId,
     schema: &SchemaName,
@@ -211,8 +234,17 @@ async fn apply(
     }
     sql.push_str("SET LOCAL search_path TO DEFAULT;");
     crate::db::batch(conn, &sql).await?;
-    let rows: Vec<_> = pending
-        .iter()
+    record(conn, tenant, pending.iter().copied()).await
+}
+
+/// Records `migrations` in `tenant`'s ledger.
+pub(crate) async fn record<'m>(
+    conn: &mut PgConn,
+    tenant: TenantId,
+    migrations: impl IntoIterator<Item = &'m TenantMigration>,
+) -> Result<(), diesel::result::Error> {
+    let rows: Vec<_> = migrations
+        .into_iter()
         .map(|m| (tenant_migrations::tenant_id.eq(tenant.0), tenant_migrations::version.eq(m.version)))
         .collect();
     diesel::insert_into(tenant_migrations::table).values(rows).execute(conn).await?;

@@ -164,6 +164,41 @@ struct SslOptions {
     root_cert: Option<String>,
 }
 
+/// The libpq environment (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
+/// `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`) that reaches the server of
+/// `url`, for PostgreSQL's own tools (`pg_dump`, `psql`). Given through the
+/// environment rather than the command line, where any local user could
+/// read the password.
+pub fn libpq_env(url: &str) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let (rest, ssl) = take_ssl_options(url);
+    let config: tokio_postgres::Config =
+        rest.parse().map_err(|e: tokio_postgres::Error| anyhow::anyhow!("DATABASE_URL is not valid: {e}"))?;
+    let mut env = Vec::new();
+    match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => env.push(("PGHOST", h.clone())),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => env.push(("PGHOST", p.display().to_string())),
+        None => {}
+    }
+    if let Some(port) = config.get_ports().first() {
+        env.push(("PGPORT", port.to_string()));
+    }
+    if let Some(user) = config.get_user() {
+        env.push(("PGUSER", user.to_owned()));
+    }
+    if let Some(password) = config.get_password() {
+        env.push(("PGPASSWORD", String::from_utf8_lossy(password).into_owned()));
+    }
+    if let Some(dbname) = config.get_dbname() {
+        env.push(("PGDATABASE", dbname.to_owned()));
+    }
+    env.push(("PGSSLMODE", ssl.mode.unwrap_or_else(|| "prefer".to_owned())));
+    if let Some(root) = ssl.root_cert {
+        env.push(("PGSSLROOTCERT", root));
+    }
+    Ok(env)
+}
+
 /// Takes `sslmode` and `sslrootcert` out of a URL's query string or a
 /// key/value string, and returns the rest for tokio-postgres.
 fn take_ssl_options(url: &str) -> (String, SslOptions) {

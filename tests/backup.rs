@@ -1,0 +1,241 @@
+//! One tenant's backup and restore (`plinth tenants backup|restore`), run as
+//! the real binary: back as itself after the tenant was deleted, as a copy
+//! beside the original, and archives that must be refused.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{TempDir, TestApp, TestResult, add_domain, assert_error, plinth_cli};
+use plinth_tenants::backup::Archive;
+use plinth_tenants::registry;
+
+const PASSWORD: &str = "backup passphrase 1";
+
+/// Signs up `email` with organization `slug`; the owner's session token.
+async fn sign_up(app: &TestApp, email: &str, slug: &str) -> TestResult<String> {
+    let res = app
+        .http
+        .post(app.url("/v1/signup"))
+        .json(&json!({ "email": email, "password": PASSWORD, "organization": "Acme Rockets", "slug": slug }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201, "signing up {slug}");
+    let body: Value = res.json().await?;
+    Ok(body["token"].as_str().ok_or("no token")?.to_owned())
+}
+
+/// Signs in with the password: a new session token.
+async fn sign_in(app: &TestApp, email: &str) -> TestResult<String> {
+    let res =
+        app.http.post(app.url("/v1/auth/login")).json(&json!({ "email": email, "password": PASSWORD })).send().await?;
+    assert_eq!(res.status(), 200, "signing in {email}");
+    let body: Value = res.json().await?;
+    Ok(body["token"].as_str().ok_or("no token")?.to_owned())
+}
+
+fn get(app: &TestApp, token: &str, tenant: &str, path: &str) -> reqwest::RequestBuilder {
+    app.http.request(Method::GET, app.url(path)).bearer_auth(token).header("x-tenant", tenant)
+}
+
+/// The names of a tenant's projects, as its member sees them.
+async fn project_names(app: &TestApp, token: &str, tenant: &str) -> TestResult<Vec<String>> {
+    let res = get(app, token, tenant, "/v1/projects?limit=100").send().await?;
+    assert_eq!(res.status(), 200, "listing {tenant}'s projects");
+    let body: Value = res.json().await?;
+    Ok(body["data"].as_array().ok_or("no data")?.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect())
+}
+
+async fn create_project(app: &TestApp, token: &str, tenant: &str, name: &str) -> TestResult<String> {
+    let res = app
+        .http
+        .post(app.url("/v1/projects"))
+        .bearer_auth(token)
+        .header("x-tenant", tenant)
+        .json(&json!({ "name": name }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201, "creating {name} in {tenant}");
+    let body: Value = res.json().await?;
+    Ok(body["id"].as_str().ok_or("no id")?.to_owned())
+}
+
+#[tokio::test]
+async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let testdb = app.testdb.as_ref().ok_or("no test database")?;
+    let owner = sign_up(&app, "owner@acme.example.com", "acme").await?;
+    let intruder = sign_up(&app, "owner@globex.example.com", "globex").await?;
+    let acme = app
+        .db
+        .platform(async |c| Ok::<_, plinth_http::ApiError>(registry::find_by_slug(c, "acme").await?))
+        .await?
+        .ok_or("no acme")?;
+    let first = create_project(&app, &owner, "acme", "Moon rocket").await?;
+    create_project(&app, &owner, "acme", "Mars rocket").await?;
+    let res = app
+        .http
+        .post(app.url(&format!("/v1/projects/{first}/tasks")))
+        .bearer_auth(&owner)
+        .header("x-tenant", "acme")
+        .json(&json!({ "title": "Fuel it" }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201);
+    add_domain(&app.db, &acme, "rockets.example.com", true).await?;
+
+    let dir = TempDir::new("backup")?;
+    let file = dir.path.join("acme.tar");
+    let file = file.to_str().ok_or("path")?;
+    let (ok, out) = plinth_cli(testdb, &["tenants", "backup", "acme", "--out", file]).await?;
+    assert!(ok, "backup failed: {out}");
+    let archive = Archive::read(std::fs::File::open(file)?)?;
+    assert_eq!(archive.manifest.tenant.id, acme.id.0);
+    assert_eq!(archive.manifest.tenant.slug, "acme");
+    assert!(!archive.manifest.tenant_migrations.is_empty());
+    assert!(archive.manifest.files.contains_key("schema.dump"));
+
+    // A copy beside the original: new id and schema, the same data and
+    // members, no domain.
+    let (ok, out) = plinth_cli(testdb, &["tenants", "restore", file, "--as", "acme-copy"]).await?;
+    assert!(ok, "restoring a copy failed: {out}");
+    let copy = app
+        .db
+        .platform(async |c| Ok::<_, plinth_http::ApiError>(registry::find_by_slug(c, "acme-copy").await?))
+        .await?
+        .ok_or("no copy")?;
+    assert_ne!(copy.id, acme.id);
+    assert_ne!(copy.schema, acme.schema);
+    assert_eq!(copy.name, acme.name);
+    let client = testdb.client().await?;
+    let ledger: i64 = client
+        .query_one("SELECT count(*) FROM public.tenant_migrations WHERE tenant_id = $1", &[&copy.id.0])
+        .await?
+        .get(0);
+    assert_eq!(usize::try_from(ledger)?, archive.manifest.tenant_migrations.len());
+    let domains: i64 = client
+        .query_one("SELECT count(*) FROM public.tenant_domains WHERE tenant_id = $1", &[&copy.id.0])
+        .await?
+        .get(0);
+    assert_eq!(domains, 0, "a domain serves one tenant: the original keeps it");
+
+    // The owner signs in with the password and finds the copy's data.
+    let session = sign_in(&app, "owner@acme.example.com").await?;
+    let mut names = project_names(&app, &session, "acme-copy").await?;
+    names.sort();
+    assert_eq!(names, ["Mars rocket", "Moon rocket"]);
+    let tasks: Value =
+        get(&app, &session, "acme-copy", &format!("/v1/projects/{first}/tasks")).send().await?.json().await?;
+    assert_eq!(tasks["data"][0]["title"], "Fuel it");
+    let me: Value = app.http.get(app.url("/v1/me")).bearer_auth(&session).send().await?.json().await?;
+    let slugs: Vec<&str> = me["memberships"]
+        .as_array()
+        .ok_or("no memberships")?
+        .iter()
+        .filter_map(|m| m["tenant"]["slug"].as_str())
+        .collect();
+    assert!(slugs.contains(&"acme-copy"), "the copy is among the owner's organizations: {me}");
+
+    // The two are apart: writing to the copy leaves the original alone.
+    create_project(&app, &session, "acme-copy", "Copy only").await?;
+    let res = app
+        .http
+        .delete(app.url(&format!("/v1/projects/{first}")))
+        .bearer_auth(&session)
+        .header("x-tenant", "acme-copy")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 204);
+    let mut names = project_names(&app, &owner, "acme").await?;
+    names.sort();
+    assert_eq!(names, ["Mars rocket", "Moon rocket"], "the original is untouched");
+    // Another tenant's owner reaches neither.
+    for tenant in ["acme", "acme-copy"] {
+        let res = get(&app, &intruder, tenant, "/v1/projects").send().await?;
+        assert_error(res, 404, "not_found").await?;
+    }
+    let res = get(&app, &intruder, "globex", &format!("/v1/projects/{first}")).send().await?;
+    assert_error(res, 404, "not_found").await?;
+
+    // A second copy under the same slug, or the original while it exists,
+    // is refused before anything is loaded.
+    let (ok, out) = plinth_cli(testdb, &["tenants", "restore", file, "--as", "acme-copy"]).await?;
+    assert!(!ok && out.contains("slug acme-copy is taken"), "{out}");
+    let (ok, out) = plinth_cli(testdb, &["tenants", "restore", file]).await?;
+    assert!(!ok && out.contains("exists"), "{out}");
+    let schemas: i64 =
+        client.query_one("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 't\\_%'", &[]).await?.get(0);
+    assert_eq!(schemas, 3, "acme, globex and the copy: nothing half-restored");
+
+    // After a disaster: the tenant is deleted, then restored as itself.
+    let (ok, out) = plinth_cli(testdb, &["tenants", "delete", "acme", "--yes"]).await?;
+    assert!(ok, "deleting failed: {out}");
+    let res = get(&app, &session, "acme", "/v1/projects").send().await?;
+    assert_error(res, 404, "not_found").await?;
+    let (ok, out) = plinth_cli(testdb, &["tenants", "restore", file]).await?;
+    assert!(ok, "restoring failed: {out}");
+    assert!(out.contains("domains: 1 restored"), "{out}");
+    let back = app
+        .db
+        .platform(async |c| Ok::<_, plinth_http::ApiError>(registry::find_by_slug(c, "acme").await?))
+        .await?
+        .ok_or("acme is not back")?;
+    assert_eq!((back.id, &back.schema), (acme.id, &acme.schema));
+    // Served again on every route (the registry's NOTIFY clears the caches).
+    crate::harness::eventually(std::time::Duration::from_secs(5), || async {
+        Ok(get(&app, &session, "acme", "/v1/projects").send().await?.status() == 200)
+    })
+    .await?;
+    let mut names = project_names(&app, &session, "acme").await?;
+    names.sort();
+    assert_eq!(names, ["Mars rocket", "Moon rocket"]);
+    let res = app
+        .http
+        .get(app.url(&format!("/v1/projects/{first}")))
+        .bearer_auth(&session)
+        .header("host", "rockets.example.com")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200, "served on its domain again");
+    // The copy lives on, apart.
+    let mut names = project_names(&app, &session, "acme-copy").await?;
+    names.sort();
+    assert_eq!(names, ["Copy only", "Mars rocket"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn archives_from_a_newer_plinth_or_damaged_are_refused() -> TestResult {
+    let app = TestApp::spawn().await?;
+    let testdb = app.testdb.as_ref().ok_or("no test database")?;
+    sign_up(&app, "owner@acme.example.com", "acme").await?;
+    let dir = TempDir::new("backup")?;
+    let file = dir.path.join("acme.tar");
+    let (ok, out) = plinth_cli(testdb, &["tenants", "backup", "acme", "--out", file.to_str().ok_or("path")?]).await?;
+    assert!(ok, "backup failed: {out}");
+
+    // A tenant migration this binary does not know.
+    let mut newer = Archive::read(std::fs::File::open(&file)?)?;
+    newer.manifest.tenant_migrations.push("2099-01-01-000001_from_the_future".to_owned());
+    let newer_file = dir.path.join("newer.tar");
+    newer.write(std::fs::File::create(&newer_file)?)?;
+    let (ok, out) =
+        plinth_cli(testdb, &["tenants", "restore", newer_file.to_str().ok_or("path")?, "--as", "acme-newer"]).await?;
+    assert!(!ok, "a newer archive was restored: {out}");
+    assert!(out.contains("comes from a newer Plinth") && out.contains("2099-01-01-000001_from_the_future"), "{out}");
+
+    // One byte of the schema dump changed.
+    let mut bytes = std::fs::read(&file)?;
+    let at = bytes.windows(5).position(|w| w == b"PGDMP").ok_or("no dump in the archive")? + 40;
+    bytes[at] ^= 0x55;
+    let damaged_file = dir.path.join("damaged.tar");
+    std::fs::write(&damaged_file, bytes)?;
+    let (ok, out) =
+        plinth_cli(testdb, &["tenants", "restore", damaged_file.to_str().ok_or("path")?, "--as", "acme-damaged"])
+            .await?;
+    assert!(!ok && out.contains("damaged"), "{out}");
+
+    let client = testdb.client().await?;
+    let tenants: i64 = client.query_one("SELECT count(*) FROM public.tenants", &[]).await?.get(0);
+    assert_eq!(tenants, 1, "nothing was restored");
+    Ok(())
+}
