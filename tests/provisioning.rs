@@ -120,3 +120,120 @@ async fn delete_stops_serving_then_drops_the_schema() -> TestResult {
     registry::create(&db, &Slug::parse("gone")?, "Gone again").await?;
     Ok(())
 }
+
+async fn spare_schemas(client: &tokio_postgres::Client) -> TestResult<i64> {
+    Ok(client.query_one("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 's\\_%'", &[]).await?.get(0))
+}
+
+/// The warm pool: provisioning takes a spare schema (renamed to the
+/// tenant's) instead of running the migrations; a spare is never shared, a
+/// failed provisioning gives it back, one made by another version of Plinth
+/// is never taken, and fillers racing never overshoot. Through the HTTP
+/// routes, tenants born from spares stay apart.
+#[tokio::test]
+async fn provisioning_takes_spares_from_the_warm_pool_and_isolation_holds() -> TestResult {
+    use plinth_tenants::spares;
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(4)?;
+    let client = testdb.client().await?;
+
+    // A spare left by an older Plinth: not taken, and dropped by the filler.
+    client.batch_execute("CREATE SCHEMA s_00000000000000000000000000000000").await?;
+    client
+        .execute(
+            "INSERT INTO public.tenant_spares (schema_name, versions) VALUES ('s_00000000000000000000000000000000', '{old}')",
+            &[],
+        )
+        .await?;
+    // Two fillers at once bring the pool to its size, never beyond.
+    let (a, b) = tokio::join!(spares::fill(&db, 3, TENANT_MIGRATIONS), spares::fill(&db, 3, TENANT_MIGRATIONS));
+    assert_eq!(a? + b?, 3);
+    assert_eq!(spare_schemas(&client).await?, 3, "the stale spare is gone, three current ones wait");
+    assert_eq!(spares::fill(&db, 3, TENANT_MIGRATIONS).await?, 0, "a full pool is left alone");
+
+    // Two tenants provisioned at once take one spare each.
+    let (a, b) = (Slug::parse("alpha")?, Slug::parse("bravo")?);
+    let (alpha, bravo) = tokio::join!(registry::create(&db, &a, "Alpha"), registry::create(&db, &b, "Bravo"));
+    let (alpha, bravo) = (alpha?, bravo?);
+    assert_eq!(spare_schemas(&client).await?, 1);
+    for t in [&alpha, &bravo] {
+        assert_eq!(schema_tables(&client, t.schema.as_str()).await?, ["audit_log", "projects", "tasks"]);
+        let ledger: i64 = client
+            .query_one("SELECT count(*) FROM public.tenant_migrations WHERE tenant_id = $1", &[&t.id.0])
+            .await?
+            .get(0);
+        assert_eq!(usize::try_from(ledger)?, TENANT_MIGRATIONS.len());
+        let rows: i64 =
+            client.query_one(&format!("SELECT count(*) FROM {}.projects", t.schema.quoted()), &[]).await?.get(0);
+        assert_eq!(rows, 0, "a spare starts empty");
+    }
+    let taken: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_user_tables WHERE schemaname IN ($1, $2)",
+            &[&alpha.schema.as_str(), &bravo.schema.as_str()],
+        )
+        .await?
+        .get(0);
+    assert_eq!(taken, 6, "two distinct schemas of three tables each");
+
+    // A provisioning that fails gives its spare back.
+    let err = registry::create(&db, &Slug::parse("alpha")?, "Alpha again").await;
+    assert!(matches!(err, Err(CreateError::SlugTaken)));
+    assert_eq!(spare_schemas(&client).await?, 1);
+    let ready = db.platform(async |c| Ok::<_, ApiError>(spares::ready(c, TENANT_MIGRATIONS).await?)).await?;
+    assert_eq!(ready, 1);
+    // The last spare, then the migrations when the pool is empty.
+    let charlie = registry::create(&db, &Slug::parse("charlie")?, "Charlie").await?;
+    let delta = registry::create(&db, &Slug::parse("delta")?, "Delta").await?;
+    assert_eq!(spare_schemas(&client).await?, 0);
+    assert_eq!(schema_tables(&client, delta.schema.as_str()).await?, ["audit_log", "projects", "tasks"]);
+
+    // Tenants born from spares are as apart as any.
+    let app = crate::harness::TestApp::spawn_on(&testdb, crate::harness::AppOptions::default()).await?;
+    let mut owners = Vec::new();
+    for t in [&alpha, &bravo, &charlie, &delta] {
+        owners.push(crate::harness::member(&app.db, t, plinth_access::Role::Owner).await?);
+    }
+    let res = app
+        .http
+        .post(app.url("/v1/projects"))
+        .bearer_auth(&owners[0])
+        .header("x-tenant", "alpha")
+        .json(&serde_json::json!({ "name": "Alpha's secret" }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201);
+    let project: serde_json::Value = res.json().await?;
+    let id = project["id"].as_str().ok_or("no id")?;
+    for (i, slug) in ["bravo", "charlie", "delta"].iter().enumerate() {
+        let owner = &owners[i + 1];
+        let res = app
+            .http
+            .get(app.url(&format!("/v1/projects/{id}")))
+            .bearer_auth(owner)
+            .header("x-tenant", *slug)
+            .send()
+            .await?;
+        assert_eq!(res.status(), 404, "{slug} reached alpha's project");
+        let list: serde_json::Value = app
+            .http
+            .get(app.url("/v1/projects"))
+            .bearer_auth(owner)
+            .header("x-tenant", *slug)
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(list["data"], serde_json::json!([]), "{slug} sees rows it never wrote");
+        // Nor can its owner name alpha through the header.
+        let res = app
+            .http
+            .get(app.url(&format!("/v1/projects/{id}")))
+            .bearer_auth(owner)
+            .header("x-tenant", "alpha")
+            .send()
+            .await?;
+        assert_eq!(res.status(), 404);
+    }
+    Ok(())
+}

@@ -78,6 +78,34 @@ pub async fn schedule_billing(settings: &Settings, db_config: &DbConfig) -> anyh
     Ok(())
 }
 
+/// Keeps the warm pool at `PLINTH_SPARE_SCHEMAS` spare tenant schemas
+/// (`plinth_tenants::spares`), looking every second, until `stopped`; `None`
+/// when the pool is off (0).
+pub fn spare_filler(
+    settings: &Settings,
+    db_config: &DbConfig,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let size = settings.spare_schemas;
+    if size == 0 {
+        return Ok(None);
+    }
+    let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;
+    Ok(Some(tokio::spawn(async move {
+        loop {
+            match plinth_tenants::spares::fill(&db, size, plinth_tenants::migrate::TENANT_MIGRATIONS).await {
+                Ok(0) => {}
+                Ok(made) => tracing::debug!(made, "spare tenant schemas made"),
+                Err(err) => tracing::warn!(error = %format!("{err:#}"), "filling the warm pool failed; trying again"),
+            }
+            tokio::select! {
+                _ = stopped.changed() => return,
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    })))
+}
+
 /// The worker settings from the configuration.
 pub fn worker_config(settings: &Settings) -> WorkerConfig {
     WorkerConfig {

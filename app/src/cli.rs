@@ -277,13 +277,14 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             }
             let mut listener = Listener::new();
             let (stop, stopped) = watch::channel(false);
-            let worker = if settings.run_worker {
+            let (worker, filler) = if settings.run_worker {
                 let worker = background::worker(settings, &config, background::worker_config(settings))?;
                 background::schedule_billing(settings, &config).await?;
                 listener.on(jobs::CHANNEL, worker.listen_handler());
-                Some(tokio::spawn(worker.run(stopped)))
+                let filler = background::spare_filler(settings, &config, stopped.clone())?;
+                (Some(tokio::spawn(worker.run(stopped))), filler)
             } else {
-                None
+                (None, None)
             };
             let app = Application::build(settings, &config, listen_url, listener).await?;
             let served = app.run_until_stopped().await.context("running the server");
@@ -291,6 +292,9 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             let _ = stop.send(true);
             if let Some(worker) = worker {
                 worker.await.context("the job worker")?;
+            }
+            if let Some(filler) = filler {
+                filler.await.context("the warm pool's filler")?;
             }
             served?;
             Ok(ExitCode::SUCCESS)
@@ -303,10 +307,14 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             listener.on(jobs::CHANNEL, worker.listen_handler());
             let listening = listener.spawn(listen_url);
             let (stop, stopped) = watch::channel(false);
+            let filler = background::spare_filler(settings, &db_config(settings, url), stopped.clone())?;
             let running = tokio::spawn(worker.run(stopped));
             shutdown_signal().await;
             let _ = stop.send(true);
             running.await.context("the job worker")?;
+            if let Some(filler) = filler {
+                filler.await.context("the warm pool's filler")?;
+            }
             listening.abort();
             Ok(ExitCode::SUCCESS)
         }

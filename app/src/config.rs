@@ -56,6 +56,10 @@ pub struct Settings {
     /// `PLINTH_DB_MAX_CONNECTION_AGE_SECS` (default 1800): a pooled
     /// connection older than this is closed when it comes back to the pool.
     pub db_max_connection_age: Duration,
+    /// `PLINTH_SPARE_SCHEMAS` (default 0, off): spare tenant schemas kept
+    /// ready by the job worker, so provisioning renames one instead of
+    /// running the migrations (the warm pool).
+    pub spare_schemas: usize,
     /// `PLINTH_MAX_BODY_BYTES` (default 65536): larger JSON bodies get 413.
     pub max_body_bytes: usize,
     /// `PLINTH_BODY_TIMEOUT_SECS` (default 10): a request body still
@@ -189,6 +193,7 @@ impl Settings {
             db_statement_cache: flag("PLINTH_DB_STATEMENT_CACHE", true)?,
             db_max_tenants_per_connection: usize::try_from(num("PLINTH_DB_MAX_TENANTS_PER_CONNECTION", 1000)?)?.max(1),
             db_max_connection_age: Duration::from_secs(num("PLINTH_DB_MAX_CONNECTION_AGE_SECS", 1800)?.max(1)),
+            spare_schemas: usize::try_from(num("PLINTH_SPARE_SCHEMAS", 0)?)?,
             max_body_bytes: usize::try_from(num("PLINTH_MAX_BODY_BYTES", 64 * 1024)?)?,
             body_timeout: Duration::from_secs(num("PLINTH_BODY_TIMEOUT_SECS", 10)?.max(1)),
             max_connections: usize::try_from(num("PLINTH_MAX_CONNECTIONS", 10_000)?)?.max(1),

@@ -32,6 +32,7 @@ pub mod pool;
 pub mod postgres;
 pub mod registry;
 pub mod schema;
+pub mod spares;
 pub mod text;
 pub mod trace;
 

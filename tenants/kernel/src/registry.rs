@@ -144,6 +144,8 @@ pub async fn create(db: &Db, slug: &Slug, name: &str) -> Result<Tenant, CreateEr
 /// Inserts the tenant row, creates its schema, applies every tenant migration
 /// and records them in the ledger, all inside the caller's transaction: if
 /// anything fails, nothing is left behind (PostgreSQL DDL is transactional).
+/// With a spare schema in the warm pool ([`crate::spares`]), takes it
+/// instead of running the migrations.
 pub async fn provision(conn: &mut PgConn, slug: &Slug, name: &str) -> Result<Tenant, CreateError> {
     let name = validate_name(name).map_err(CreateError::InvalidName)?;
     let id = TenantId::new();
@@ -171,9 +173,12 @@ pub async fn provision(conn: &mut PgConn, slug: &Slug, name: &str) -> Result<Ten
             other => CreateError::from(other),
         })?;
     let tenant = Tenant::try_from(inserted)?;
-    let ddl = format!("CREATE SCHEMA {}", tenant.schema.quoted());
-    crate::db::batch(conn, &ddl).await?;
-    migrate::apply_to_schema(conn, tenant.id, &tenant.schema, TENANT_MIGRATIONS).await?;
+    // A spare from the warm pool, if one waits; else the DDL now.
+    if !crate::spares::take(conn, tenant.id, &tenant.schema, TENANT_MIGRATIONS).await? {
+        let ddl = format!("CREATE SCHEMA {}", tenant.schema.quoted());
+        crate::db::batch(conn, &ddl).await?;
+        migrate::apply_to_schema(conn, tenant.id, &tenant.schema, TENANT_MIGRATIONS).await?;
+    }
     Ok(tenant)
 }
 
