@@ -239,3 +239,111 @@ async fn archives_from_a_newer_plinth_or_damaged_are_refused() -> TestResult {
     assert_eq!(tenants, 1, "nothing was restored");
     Ok(())
 }
+
+/// An admin's own export: a job writes the archive and mails a link that
+/// serves it until it expires; the plan, the role and the organization
+/// bound who may ask and what the link reaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_gets_the_organizations_archive_by_a_mailed_link_that_expires() -> TestResult {
+    use crate::mail_and_jobs::{Running, fast, settings};
+    use crate::smtp::SmtpServer;
+    use plinth_access::Role;
+    use std::time::Duration;
+
+    let app = TestApp::spawn().await?;
+    let testdb = app.testdb.as_ref().ok_or("no test database")?;
+    let acme = app.create_tenant_on("acme", "enterprise").await?;
+    app.create_tenant_on("globex", "enterprise").await?;
+    app.create_tenant("initech").await?; // free: no data_export
+    app.create_project("acme", "Moon rocket").await?;
+    app.create_project("globex", "Globex secret").await?;
+
+    let post = |tenant: &'static str| app.req(Method::POST, tenant, "/v1/tenant/exports").send();
+    assert_error(post("initech").await?, 402, "plan_required").await?;
+    let viewer = crate::harness::member(&app.db, &acme, Role::Viewer).await?;
+    let res =
+        app.http.post(app.url("/v1/tenant/exports")).bearer_auth(&viewer).header("x-tenant", "acme").send().await?;
+    assert_error(res, 403, "forbidden").await?;
+
+    let res = post("acme").await?;
+    assert_eq!(res.status(), 202);
+    let export: Value = res.json().await?;
+    assert_eq!(export["status"], "queued");
+    let id = export["id"].as_str().ok_or("no id")?.to_owned();
+    assert_error(post("acme").await?, 409, "conflict").await?;
+    // Another organization's admin cannot see it.
+    let res = app.req(Method::GET, "globex", &format!("/v1/tenant/exports/{id}")).send().await?;
+    assert_error(res, 404, "not_found").await?;
+
+    let smtp = SmtpServer::start().await?;
+    let dir = TempDir::new("export-mail")?;
+    let worker = Running::mail(testdb, &settings(Some(smtp.url()), &dir.path)?, fast())?;
+    crate::harness::eventually(Duration::from_secs(60), || async { Ok(smtp.accepted().len() == 1) }).await?;
+    let raw = smtp.accepted().remove(0);
+    let message = mail_parser::MessageParser::default().parse(raw.as_bytes()).ok_or("unparsable message")?;
+    let owner_email: String = testdb
+        .client()
+        .await?
+        .query_one(
+            "SELECT u.email FROM public.users u JOIN public.memberships m ON m.user_id = u.id \
+             WHERE m.tenant_id = $1 AND m.role = 'owner'",
+            &[&acme.id.0],
+        )
+        .await?
+        .get(0);
+    assert_eq!(message.to().and_then(|a| a.first()).and_then(|a| a.address()), Some(owner_email.as_str()));
+    let text = message.body_text(0).ok_or("no text body")?;
+    let start = text.find("/v1/exports/").ok_or("no link in the mail")?;
+    let link: String = text[start..].chars().take_while(|c| !c.is_whitespace()).collect();
+    assert!(link.starts_with(&format!("/v1/exports/{id}/archive?token=")), "{link}");
+
+    let status: Value = app.req(Method::GET, "acme", &format!("/v1/tenant/exports/{id}")).send().await?.json().await?;
+    assert_eq!(status["status"], "ready");
+    // The link alone downloads the archive: no session, no tenant header.
+    let res = app.http.get(app.url(&link)).send().await?;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/x-tar");
+    let bytes = res.bytes().await?;
+    assert_eq!(Some(bytes.len() as i64), status["bytes"].as_i64());
+    let archive = Archive::read(&bytes[..])?;
+    assert_eq!(archive.manifest.tenant.slug, "acme");
+    assert_eq!(archive.manifest.tenant.id, acme.id.0);
+    // Restored as a copy, it holds acme's data and nothing of globex's.
+    let file = dir.path.join("export.tar");
+    std::fs::write(&file, &bytes)?;
+    let (ok, out) =
+        plinth_cli(testdb, &["tenants", "restore", file.to_str().ok_or("path")?, "--as", "acme-export"]).await?;
+    assert!(ok, "{out}");
+    let copy = app
+        .db
+        .platform(async |c| Ok::<_, plinth_http::ApiError>(registry::find_by_slug(c, "acme-export").await?))
+        .await?
+        .ok_or("no copy")?;
+    let names: Vec<String> = testdb
+        .client()
+        .await?
+        .query(&format!("SELECT name FROM {}.projects", copy.schema.quoted()), &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["Moon rocket"]);
+
+    // A wrong token, or the token on another export's id, finds nothing.
+    let wrong = link.replace("token=", "token=x");
+    assert_error(app.http.get(app.url(&wrong)).send().await?, 404, "not_found").await?;
+    let other = link.replace(&id, &uuid::Uuid::now_v7().to_string());
+    assert_error(app.http.get(app.url(&other)).send().await?, 404, "not_found").await?;
+
+    // When the link's time is up, the expiry job drops the archive.
+    let client = testdb.client().await?;
+    client.execute("UPDATE public.jobs SET run_at = now() WHERE kind = 'tenants.export_expired'", &[]).await?;
+    crate::harness::eventually(Duration::from_secs(30), || async {
+        let row = client.query_one("SELECT status, archive IS NULL FROM public.tenant_exports", &[]).await?;
+        Ok(row.get::<_, String>(0) == "expired" && row.get::<_, bool>(1))
+    })
+    .await?;
+    assert_error(app.http.get(app.url(&link)).send().await?, 410, "link_expired").await?;
+    worker.stop().await?;
+    Ok(())
+}

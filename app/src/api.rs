@@ -32,6 +32,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .configure(plinth_admin::audit_log::configure)
         .configure(plinth_identity::totp::configure)
         .configure(crate::projects::configure)
+        .configure(crate::exports::configure)
         .configure(plinth_billing::webhook::configure)
         .configure(plinth_billing::api::configure);
 }

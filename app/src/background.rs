@@ -12,7 +12,10 @@ use crate::config::Settings;
 
 /// Every mail template Plinth knows, rendered with links on `public_url`.
 pub fn templates(public_url: &str) -> anyhow::Result<Templates> {
-    Templates::new(public_url, &[plinth_identity::mail::TEMPLATES, plinth_billing::mail::TEMPLATES])
+    Templates::new(
+        public_url,
+        &[plinth_identity::mail::TEMPLATES, plinth_billing::mail::TEMPLATES, crate::exports::TEMPLATES],
+    )
 }
 
 /// A worker with every job kind registered, on a pool of its own.
@@ -27,6 +30,13 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
     handlers.on(mail::DELIVER, mailer.handler());
     handlers
         .on(plinth_identity::impersonation::EXPIRED_JOB, plinth_identity::impersonation::expired_handler(db.clone()));
+    // pg_dump reaches the server directly, not through a pooler.
+    let direct = settings
+        .listen_database_url
+        .as_ref()
+        .map_or_else(|| db_config.url.clone(), |u| plinth_tenants::crypto::Secret::expose(u).to_owned());
+    handlers.on(crate::exports::EXPORT_JOB, crate::exports::export_handler(db.clone(), direct));
+    handlers.on(crate::exports::EXPIRE_JOB, crate::exports::expire_handler(db.clone()));
     handlers.on(
         plinth_admin::console::operations::MIGRATE_ALL_JOB,
         plinth_admin::console::operations::migrate_all_handler(db.clone()),

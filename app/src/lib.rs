@@ -7,6 +7,7 @@ pub mod background;
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod exports;
 pub mod health;
 pub mod metrics;
 pub mod pg;

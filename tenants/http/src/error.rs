@@ -62,6 +62,9 @@ pub enum ApiError {
     ImpersonationRefused,
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// A link that worked once (a download) and has expired.
+    #[error("this link has expired")]
+    LinkExpired,
     #[error("{0}")]
     Conflict(String),
     /// A request with an `Idempotency-Key` that another request with the
@@ -120,6 +123,7 @@ impl ApiError {
             Self::PaymentRequired => "payment_required",
             Self::TenantSuspended => "tenant_suspended",
             Self::NotFound(_) => "not_found",
+            Self::LinkExpired => "link_expired",
             Self::Conflict(_) => "conflict",
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
@@ -215,6 +219,7 @@ impl ResponseError for ApiError {
                 StatusCode::FORBIDDEN
             }
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::LinkExpired => StatusCode::GONE,
             Self::Conflict(_) | Self::IdempotencyKeyInUse | Self::AlreadySubscribed | Self::OverPlanLimits { .. } => {
                 StatusCode::CONFLICT
             }

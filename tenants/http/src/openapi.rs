@@ -49,6 +49,7 @@ pub const ERROR_CODES: &[&str] = &[
     "unavailable",
     "billing_not_configured",
     "already_subscribed",
+    "link_expired",
     "over_plan_limits",
     "internal",
 ];
