@@ -237,3 +237,72 @@ async fn provisioning_takes_spares_from_the_warm_pool_and_isolation_holds() -> T
     }
     Ok(())
 }
+
+/// A template tenant's rows (not its audit log) are copied into every new
+/// tenant, through the migrations and through a spare alike; each copy is
+/// the new tenant's own; a template behind the migrations is skipped.
+#[tokio::test]
+async fn new_tenants_start_with_a_copy_of_the_templates_rows() -> TestResult {
+    use crate::harness::plinth_cli;
+    use plinth_tenants::spares;
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let client = testdb.client().await?;
+    let starter = registry::create(&db, &Slug::parse("starter")?, "Starter").await?;
+    let s = starter.schema.quoted();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {s}.projects (id, name) VALUES ('018f0000-0000-7000-8000-000000000001', 'Welcome'), \
+                 ('018f0000-0000-7000-8000-000000000002', 'Examples');
+             INSERT INTO {s}.tasks (id, project_id, title) VALUES \
+                 ('018f0000-0000-7000-8000-000000000003', '018f0000-0000-7000-8000-000000000001', 'Read the guide');
+             INSERT INTO {s}.audit_log (id, actor_type, action) VALUES (gen_random_uuid(), 'system', 'seeded');"
+        ))
+        .await?;
+    let (ok, out) = plinth_cli(&testdb, &["tenants", "template", "starter"]).await?;
+    assert!(ok, "{out}");
+    let (ok, out) = plinth_cli(&testdb, &["tenants", "template"]).await?;
+    assert!(ok && out.contains("template: starter"), "{out}");
+
+    let rows = async |t: &plinth_tenants::Tenant| -> TestResult<(Vec<String>, Vec<String>, i64)> {
+        let q = t.schema.quoted();
+        let projects = client.query(&format!("SELECT name FROM {q}.projects ORDER BY name"), &[]).await?;
+        let tasks = client.query(&format!("SELECT title FROM {q}.tasks"), &[]).await?;
+        let audit: i64 = client.query_one(&format!("SELECT count(*) FROM {q}.audit_log"), &[]).await?.get(0);
+        Ok((projects.iter().map(|r| r.get(0)).collect(), tasks.iter().map(|r| r.get(0)).collect(), audit))
+    };
+    let seeded = (vec!["Examples".to_owned(), "Welcome".to_owned()], vec!["Read the guide".to_owned()], 0);
+    // Through the migrations…
+    let alpha = registry::create(&db, &Slug::parse("alpha")?, "Alpha").await?;
+    assert_eq!(rows(&alpha).await?, seeded, "alpha has the template's rows and no audit entry of its");
+    // …and through a spare.
+    assert_eq!(spares::fill(&db, 1, TENANT_MIGRATIONS).await?, 1);
+    let bravo = registry::create(&db, &Slug::parse("bravo")?, "Bravo").await?;
+    assert_eq!(spares::fill(&db, 1, TENANT_MIGRATIONS).await?, 1, "bravo took the spare");
+    assert_eq!(rows(&bravo).await?, seeded);
+
+    // Each copy is its own: a change in one reaches neither the template
+    // nor the other copy.
+    client
+        .batch_execute(&format!(
+            "DELETE FROM {a}.projects WHERE name = 'Welcome'; UPDATE {b}.projects SET name = 'Mine' WHERE name = 'Examples'",
+            a = alpha.schema.quoted(),
+            b = bravo.schema.quoted()
+        ))
+        .await?;
+    let template_rows = rows(&starter).await?;
+    assert_eq!((template_rows.0, template_rows.1), (seeded.0.clone(), seeded.1.clone()));
+    assert_eq!(rows(&alpha).await?.0, ["Examples"]);
+    assert_eq!(rows(&bravo).await?.0, ["Mine", "Welcome"]);
+
+    // A template behind the migrations is skipped: the tenant starts empty.
+    client.execute("DELETE FROM public.tenant_migrations WHERE tenant_id = $1 AND version = (SELECT max(version) FROM public.tenant_migrations WHERE tenant_id = $1)", &[&starter.id.0]).await?;
+    let charlie = registry::create(&db, &Slug::parse("charlie")?, "Charlie").await?;
+    assert_eq!(rows(&charlie).await?, (vec![], vec![], 0));
+    // No template any more: empty too.
+    let (ok, out) = plinth_cli(&testdb, &["tenants", "template", "--clear"]).await?;
+    assert!(ok, "{out}");
+    let delta = registry::create(&db, &Slug::parse("delta")?, "Delta").await?;
+    assert_eq!(rows(&delta).await?, (vec![], vec![], 0));
+    Ok(())
+}

@@ -8,13 +8,16 @@
 //! - provisioning 200 tenants through Plinth (p50/p95 per tenant) beside the
 //!   ceiling: the same SQL (CREATE SCHEMA + the tenant migrations + ledger
 //!   rows) sent raw in one transaction per tenant on one connection;
-//! - a no-op `migrate` over 1,000 tenants beside the ceiling: the one
+//! - provisioning 200 tenants from spares of the warm pool, 200 with a
+//!   template's rows through the migrations and 200 through spares, beside
+//!   the same ceiling;
+//! - a no-op `migrate` over 1,801 tenants beside the ceiling: the one
 //!   "who is behind" query it runs, sent raw.
 
 use std::time::{Duration, Instant};
 
 use plinth_tenants::migrate::{self, MigrateOptions, TENANT_MIGRATIONS};
-use plinth_tenants::{Db, DbConfig, Slug, registry};
+use plinth_tenants::{Db, DbConfig, Slug, registry, spares, template};
 
 mod common;
 
@@ -75,6 +78,66 @@ async fn main() -> Result {
         percentile(&times, 0.5).as_secs_f64() / percentile(&ceiling, 0.5).as_secs_f64()
     );
 
+    // The warm pool: 200 spares made first (not timed: the filler makes
+    // them in the background), then 200 tenants provisioned from them.
+    let made = spares::fill(&db, 200, TENANT_MIGRATIONS).await?;
+    assert_eq!(made, 200);
+    let mut from_spares = Vec::new();
+    for i in 0..200 {
+        let slug = Slug::parse(&format!("spare-{i:04}"))?;
+        let started = Instant::now();
+        registry::create(&db, &slug, "Bench").await?;
+        from_spares.push(started.elapsed());
+    }
+    from_spares.sort();
+    let left = db.platform(async |c| Ok::<_, anyhow::Error>(spares::ready(c, TENANT_MIGRATIONS).await?)).await?;
+    assert_eq!(left, 0, "every tenant took a spare");
+
+    // A template with a few seed rows (3 projects with 5 tasks each),
+    // through the migrations and through spares.
+    let template = registry::create(&db, &Slug::parse("template")?, "Template").await?;
+    let t = template.schema.quoted();
+    for p in 0..3 {
+        raw.batch_execute(&format!(
+            "INSERT INTO {t}.projects (id, name) VALUES ('018f0000-0000-7000-8000-00000000000{p}', 'Sample {p}');
+             INSERT INTO {t}.tasks (id, project_id, title) SELECT gen_random_uuid(), \
+                 '018f0000-0000-7000-8000-00000000000{p}', 'Step ' || n FROM generate_series(1, 5) n;"
+        ))
+        .await?;
+    }
+    db.platform(async |c| Ok::<_, anyhow::Error>(template::set(c, Some(template.id)).await?)).await?;
+    let mut templated = Vec::new();
+    for i in 0..200 {
+        let slug = Slug::parse(&format!("seeded-{i:04}"))?;
+        let started = Instant::now();
+        registry::create(&db, &slug, "Bench").await?;
+        templated.push(started.elapsed());
+    }
+    templated.sort();
+    spares::fill(&db, 200, TENANT_MIGRATIONS).await?;
+    let mut templated_spares = Vec::new();
+    for i in 0..200 {
+        let slug = Slug::parse(&format!("seeded-spare-{i:04}"))?;
+        let started = Instant::now();
+        registry::create(&db, &slug, "Bench").await?;
+        templated_spares.push(started.elapsed());
+    }
+    templated_spares.sort();
+    db.platform(async |c| Ok::<_, anyhow::Error>(template::set(c, None).await?)).await?;
+    let line = |what: &str, times: &[Duration]| {
+        println!(
+            "  {what:<32} p50 {:6.2} ms   p95 {:6.2} ms   -> {:.2}x the raw SQL's p50",
+            ms(percentile(times, 0.5)),
+            ms(percentile(times, 0.95)),
+            percentile(times, 0.5).as_secs_f64() / percentile(&ceiling, 0.5).as_secs_f64()
+        );
+    };
+    println!("provisioning 200 tenants each way (one transaction each)");
+    line("migrations (as above)", &times);
+    line("a spare from the warm pool", &from_spares);
+    line("migrations + template rows", &templated);
+    line("a spare + template rows", &templated_spares);
+
     for i in 200..1000 {
         registry::create(&db, &Slug::parse(&format!("bench-{i:04}"))?, "Bench").await?;
     }
@@ -84,7 +147,7 @@ async fn main() -> Result {
         let started = Instant::now();
         let report = migrate::migrate_tenants(&db, TENANT_MIGRATIONS, &options, &|_| {}).await?;
         runs.push(started.elapsed());
-        assert_eq!((report.total, report.up_to_date), (1000, 1000), "everything is current");
+        assert_eq!((report.total, report.up_to_date), (1801, 1801), "everything is current");
     }
     runs.sort();
     let versions: Vec<&str> = TENANT_MIGRATIONS.iter().map(|m| m.version).collect();
@@ -100,7 +163,7 @@ async fn main() -> Result {
         raw_runs.push(started.elapsed());
     }
     raw_runs.sort();
-    println!("no-op migrate over 1000 tenants (median of 5)");
+    println!("no-op migrate over 1801 tenants (median of 5)");
     println!("  plinth:            {:7.2} ms", ms(runs[2]));
     println!("  ceiling (raw SQL): {:7.2} ms (the one query that finds tenants behind)", ms(raw_runs[2]));
 

@@ -151,6 +151,13 @@ pub enum TenantsCommand {
     },
     /// Route a custom domain to a tenant. You vouch that its DNS points at Plinth.
     AddDomain { slug: String, domain: String },
+    /// Show the template tenant, or make <SLUG> the template: every new tenant starts with a
+    /// copy of its rows (not its audit log). --clear: new tenants start empty.
+    Template {
+        slug: Option<String>,
+        #[arg(long, conflicts_with = "slug")]
+        clear: bool,
+    },
     /// Write one tenant's archive: its schema (pg_dump), its platform rows (registry, memberships,
     /// domains, subscription links) and a manifest with versions and checksums, in one snapshot.
     Backup {
@@ -658,6 +665,22 @@ async fn tenants(command: TenantsCommand, db: &Db, settings: &Settings, url: &st
             })
             .await?;
             println!("tenant {slug} is now served on {domain}");
+        }
+        TenantsCommand::Template { slug, clear } => {
+            use plinth_tenants::template;
+            if clear {
+                db.platform(async |c| Ok::<_, anyhow::Error>(template::set(c, None).await?)).await?;
+                println!("no template: new tenants start empty");
+            } else if let Some(slug) = slug {
+                let tenant = find(db, &slug).await?;
+                db.platform(async |c| Ok::<_, anyhow::Error>(template::set(c, Some(tenant.id)).await?)).await?;
+                println!("new tenants start with a copy of {slug}'s rows");
+            } else {
+                match db.platform(async |c| Ok::<_, anyhow::Error>(template::current(c).await?)).await? {
+                    Some(t) => println!("template: {} ({})", t.slug, t.id),
+                    None => println!("no template: new tenants start empty"),
+                }
+            }
         }
         TenantsCommand::Backup { slug, out } => {
             let tenant = find(db, &slug).await?;

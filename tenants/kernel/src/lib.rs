@@ -33,6 +33,7 @@ pub mod postgres;
 pub mod registry;
 pub mod schema;
 pub mod spares;
+pub mod template;
 pub mod text;
 pub mod trace;
 

@@ -145,7 +145,8 @@ pub async fn create(db: &Db, slug: &Slug, name: &str) -> Result<Tenant, CreateEr
 /// and records them in the ledger, all inside the caller's transaction: if
 /// anything fails, nothing is left behind (PostgreSQL DDL is transactional).
 /// With a spare schema in the warm pool ([`crate::spares`]), takes it
-/// instead of running the migrations.
+/// instead of running the migrations. With a template tenant
+/// ([`crate::template`]), copies its rows in.
 pub async fn provision(conn: &mut PgConn, slug: &Slug, name: &str) -> Result<Tenant, CreateError> {
     let name = validate_name(name).map_err(CreateError::InvalidName)?;
     let id = TenantId::new();
@@ -179,6 +180,7 @@ pub async fn provision(conn: &mut PgConn, slug: &Slug, name: &str) -> Result<Ten
         crate::db::batch(conn, &ddl).await?;
         migrate::apply_to_schema(conn, tenant.id, &tenant.schema, TENANT_MIGRATIONS).await?;
     }
+    crate::template::copy_rows(conn, &tenant.schema, TENANT_MIGRATIONS).await?;
     Ok(tenant)
 }
 

@@ -42,6 +42,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    public.tenant_template (one) {
+        one -> Bool,
+        tenant_id -> Uuid,
+        set_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(tenant_domains -> tenants (tenant_id));
 diesel::joinable!(tenant_migrations -> tenants (tenant_id));
 diesel::allow_tables_to_appear_in_same_query!(tenants, tenant_domains, tenant_migrations);
