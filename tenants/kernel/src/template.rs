@@ -100,6 +100,41 @@ async fn tables_in_order(conn: &mut PgConn, schema: &SchemaName) -> Result<Vec<S
     Ok(ordered)
 }
 
+/// The template's tables (in foreign-key order) and sequences. Reading them
+/// scans `pg_class` (it has no index by schema), which grows with every
+/// tenant; they are kept per process for the template tenant they were read
+/// from. Its structure is its migrations', and it is used only while it has
+/// exactly this binary's, so it cannot change under the kept copy.
+async fn shape(
+    conn: &mut PgConn,
+    template: &Tenant,
+) -> Result<std::sync::Arc<(Vec<String>, Vec<String>)>, diesel::result::Error> {
+    type Kept = Option<(TenantId, std::sync::Arc<(Vec<String>, Vec<String>)>)>;
+    static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(None);
+    if let Some((id, shape)) = KEPT.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+        && *id == template.id
+    {
+        return Ok(shape.clone());
+    }
+    #[derive(QueryableByName)]
+    struct Sequence {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let tables = tables_in_order(conn, &template.schema).await?;
+    // Raw SQL: the catalog.
+    let sequences: Vec<Sequence> = diesel::sql_query(
+        "SELECT c.relname::text AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relkind = 'S'",
+    )
+    .bind::<Text, _>(template.schema.as_str())
+    .load(conn)
+    .await?;
+    let shape = std::sync::Arc::new((tables, sequences.into_iter().map(|s| s.name).collect()));
+    *KEPT.lock().unwrap_or_else(|p| p.into_inner()) = Some((template.id, shape.clone()));
+    Ok(shape)
+}
+
 /// Copies the template's rows into `to` (a tenant schema just made with
 /// `migrations`), in the caller's transaction. Returns how many rows were
 /// copied, or `None` when there is no template or it is behind `migrations`.
@@ -127,8 +162,10 @@ pub async fn copy_rows(
         tracing::warn!(template = %template.slug, "the template tenant is behind the migrations; new tenants start empty until it is migrated");
         return Ok(None);
     }
+    let shape = shape(conn, &template).await?;
+    let (tables, sequences) = &*shape;
     let mut copied = 0;
-    for table in tables_in_order(conn, &template.schema).await? {
+    for table in tables.iter() {
         if NOT_COPIED.contains(&table.as_str()) {
             continue;
         }
@@ -144,21 +181,8 @@ pub async fn copy_rows(
     }
     // Sequences (of serial or identity columns) continue where the
     // template's are, so that new rows do not collide with copied ones.
-    #[derive(QueryableByName)]
-    struct Sequence {
-        #[diesel(sql_type = Text)]
-        name: String,
-    }
-    // Raw SQL: the catalog.
-    let sequences: Vec<Sequence> = diesel::sql_query(
-        "SELECT c.relname::text AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = $1 AND c.relkind = 'S'",
-    )
-    .bind::<Text, _>(template.schema.as_str())
-    .load(conn)
-    .await?;
-    for seq in sequences {
-        let quoted = format!("\"{}\"", seq.name.replace('"', "\"\""));
+    for seq in sequences.iter() {
+        let quoted = format!("\"{}\"", seq.replace('"', "\"\""));
         let target = format!("{}.{quoted}", to.quoted()).replace('\'', "''");
         // Raw SQL: setval of a sequence named from the catalog and quoted.
         diesel::sql_query(format!(

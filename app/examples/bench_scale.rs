@@ -1,0 +1,280 @@
+//! Ten thousand tenants on one node (not a test).
+//!
+//! `cargo build --release -p plinth --bins --example bench_scale && target/release/examples/bench_scale`
+//!
+//! `TENANTS` (default 10,000), `ROUNDS` (3), `DURATION` (10 s), `CONNS` (32).
+//! Uses database `plinth_bench_scale` on the zero-configuration server (or
+//! `DATABASE_URL`'s), recreated on every run, and needs `wrk`.
+//!
+//! 1. Provisions `TENANTS` tenants, each with an owner (a session) and one
+//!    project, and records the catalog's size and how long `pg_dump` of one
+//!    tenant's schema takes.
+//! 2. Starts `plinth serve` (the release binary beside this one) with 2
+//!    workers, and in alternating rounds runs `wrk` with a Lua script that
+//!    picks a random (tenant, token, project) for every request:
+//!    `GET /v1/projects/{id}` over the first 20 tenants, then over all of
+//!    them. Prints each round's throughput and p99, and the medians' ratios.
+//! 3. After each run, reads the private memory (`Private_Clean +
+//!    Private_Dirty` of `/proc/<pid>/smaps_rollup`) of every PostgreSQL
+//!    backend serving the benchmark database: what the catalog caches of
+//!    the schemas a backend has touched cost.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use plinth_tenants::{Db, DbConfig, Slug, registry};
+
+mod common;
+
+use common::Result;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+const LUA: &str = r#"
+local rows = {}
+for line in io.lines(os.getenv("PLINTH_SCALE_ROWS")) do
+  local slug, token, id = line:match("(%S+) (%S+) (%S+)")
+  rows[#rows + 1] = { slug, token, id }
+end
+local limit = tonumber(os.getenv("PLINTH_SCALE_LIMIT")) or #rows
+math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+request = function()
+  local r = rows[math.random(limit)]
+  return wrk.format("GET", "/v1/projects/" .. r[3], { ["X-Tenant"] = r[1], ["Authorization"] = "Bearer " .. r[2] })
+end
+"#;
+
+/// (requests per second, p99 in ms) of one wrk run.
+fn wrk(port: u16, lua: &str, rows: &str, limit: usize, seconds: u64, conns: u64) -> Result<(f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{conns}"), &format!("-d{seconds}s"), "--latency", "-s", lua])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .env("PLINTH_SCALE_ROWS", rows)
+        .env("PLINTH_SCALE_LIMIT", limit.to_string())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx") {
+        return Err(format!("wrk saw errors:\n{text}").into());
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| format!("no throughput in wrk's output:\n{text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(str::trim)
+        .and_then(|v| {
+            if let Some(ms) = v.strip_suffix("ms") {
+                ms.parse::<f64>().ok()
+            } else if let Some(us) = v.strip_suffix("us") {
+                us.parse::<f64>().ok().map(|u| u / 1000.0)
+            } else {
+                v.strip_suffix('s').and_then(|s| s.parse::<f64>().ok()).map(|s| s * 1000.0)
+            }
+        })
+        .ok_or_else(|| format!("no p99 in wrk's output:\n{text}"))?;
+    Ok((rps, p99))
+}
+
+/// Private memory (MiB) of each backend connected to `database`.
+async fn backend_memory(client: &tokio_postgres::Client, database: &str) -> Result<Vec<f64>> {
+    let pids = client
+        .query("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'", &[&database])
+        .await?;
+    let mut sizes = Vec::new();
+    for row in pids {
+        let pid: i32 = row.get(0);
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else { continue };
+        let kib: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+            .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            .sum();
+        sizes.push(kib as f64 / 1024.0);
+    }
+    sizes.sort_by(f64::total_cmp);
+    Ok(sizes)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> Result {
+    let tenants = usize::try_from(env_num("TENANTS", 10_000))?;
+    let rounds = env_num("ROUNDS", 3);
+    let seconds = env_num("DURATION", 10);
+    let conns = env_num("CONNS", 32);
+    let name = "plinth_bench_scale";
+    let (url, client, admin) = common::fresh_database(name).await?;
+    let db = Db::connect(&DbConfig { pool_size: 4, ..DbConfig::new(&url) })?;
+
+    let started = Instant::now();
+    let dir = std::env::temp_dir().join(format!("plinth-scale-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let rows_path = dir.join("rows.txt");
+    let mut rows = std::io::BufWriter::new(std::fs::File::create(&rows_path)?);
+    let (raw, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let mut made = 0;
+    while made < tenants {
+        let batch: Vec<usize> = (made..tenants.min(made + 4)).collect();
+        let created = futures_util::future::try_join_all(batch.iter().map(|i| {
+            let db = db.clone();
+            async move {
+                let slug = Slug::parse(&format!("scale-{i:05}"))?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(registry::create(&db, &slug, "Scale").await?)
+            }
+        }))
+        .await?;
+        for tenant in created {
+            let user = uuid::Uuid::now_v7();
+            let project = uuid::Uuid::now_v7();
+            raw.execute(
+                "INSERT INTO public.users (id, email, password_hash) VALUES ($1, $2, 'none')",
+                &[&user, &format!("owner-{}@scale.example.com", tenant.slug)],
+            )
+            .await?;
+            raw.execute(
+                "INSERT INTO public.memberships (tenant_id, user_id, role) VALUES ($1, $2, 'owner')",
+                &[&tenant.id.0, &user],
+            )
+            .await?;
+            raw.execute(
+                &format!("INSERT INTO {}.projects (id, name) VALUES ($1, 'Scale')", tenant.schema.quoted()),
+                &[&project],
+            )
+            .await?;
+            let (token, _) = db
+                .platform(async |c| {
+                    plinth_identity::sessions::create_session(
+                        c,
+                        plinth_tenants::UserId(user),
+                        Duration::from_secs(24 * 3600),
+                    )
+                    .await
+                    .map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(format!("{e:#}")))
+                })
+                .await?;
+            writeln!(rows, "{} {token} {project}", tenant.slug)?;
+        }
+        made += batch.len();
+        if made % 1000 == 0 {
+            eprintln!("{made} tenants ({:.0} s)", started.elapsed().as_secs_f64());
+        }
+    }
+    rows.flush()?;
+    drop(rows);
+    println!("provisioned {tenants} tenants with an owner and a project in {:.0} s", started.elapsed().as_secs_f64());
+
+    let catalog: i64 = raw
+        .query_one(
+            "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c \
+             WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind = 'r'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let relations: i64 = raw.query_one("SELECT count(*) FROM pg_class", &[]).await?.get(0);
+    println!(
+        "catalog: {relations} relations, {:.0} MiB (pg_catalog's tables with their indexes)",
+        catalog as f64 / 1048576.0
+    );
+    let schema: String =
+        raw.query_one("SELECT schema_name FROM public.tenants ORDER BY slug LIMIT 1", &[]).await?.get(0);
+    let mut dumps = Vec::new();
+    for _ in 0..3 {
+        let began = Instant::now();
+        let status = Command::new("pg_dump")
+            .args(["--format=custom", &format!("--schema={schema}"), "--file=/dev/null"])
+            .envs(plinth_tenants::postgres::libpq_env(&url).map_err(|e| format!("{e:#}"))?)
+            .status()?;
+        if !status.success() {
+            return Err("pg_dump failed".into());
+        }
+        dumps.push(began.elapsed().as_secs_f64());
+    }
+    println!("pg_dump --schema of one tenant among {tenants}: {:.2} s (median of 3)", median(dumps));
+
+    let lua = dir.join("rotate.lua");
+    std::fs::write(&lua, LUA)?;
+    let port = 18_090;
+    let binary = std::env::current_exe()?
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|release| release.join("plinth"))
+        .ok_or("no plinth binary beside this one")?;
+    let mut server = Command::new(&binary)
+        .arg("serve")
+        .env("DATABASE_URL", &url)
+        .env("PLINTH_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PLINTH_WORKERS", "2")
+        .env("RUST_LOG", "warn")
+        .env_remove("PLINTH_CONFIG")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let http = reqwest::Client::new();
+    let ready = async {
+        for _ in 0..300 {
+            if http.get(format!("http://127.0.0.1:{port}/health/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    if !ready.await {
+        let _ = server.kill();
+        return Err("the server did not start".into());
+    }
+    let (lua, rows_path) = (lua.display().to_string(), rows_path.display().to_string());
+    // Warm-up over all tenants, so that both sides start from a server that
+    // has seen them.
+    wrk(port, &lua, &rows_path, tenants, 5, conns)?;
+    let (mut few, mut all) = (Vec::new(), Vec::new());
+    let (mut mem_few, mut mem_all) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let f = wrk(port, &lua, &rows_path, 20, seconds, conns)?;
+        mem_few = backend_memory(&client, name).await?;
+        let a = wrk(port, &lua, &rows_path, tenants, seconds, conns)?;
+        mem_all = backend_memory(&client, name).await?;
+        println!(
+            "round {round}: 20 tenants {:.0} req/s, p99 {:.2} ms; {tenants} tenants {:.0} req/s, p99 {:.2} ms",
+            f.0, f.1, a.0, a.1
+        );
+        few.push(f);
+        all.push(a);
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let (few_rps, few_p99) = (median(few.iter().map(|r| r.0).collect()), median(few.iter().map(|r| r.1).collect()));
+    let (all_rps, all_p99) = (median(all.iter().map(|r| r.0).collect()), median(all.iter().map(|r| r.1).collect()));
+    println!("median over {rounds} rounds:");
+    println!("  20 tenants:      {few_rps:.0} req/s, p99 {few_p99:.2} ms");
+    println!(
+        "  {tenants} tenants: {all_rps:.0} req/s ({:.2}x), p99 {all_p99:.2} ms ({:.2}x)",
+        all_rps / few_rps,
+        all_p99 / few_p99
+    );
+    let show = |m: &[f64]| {
+        m.last().map_or_else(
+            || "none".to_owned(),
+            |max| format!("{} backends, max {max:.1} MiB, median {:.1} MiB", m.len(), median(m.to_vec())),
+        )
+    };
+    println!("PostgreSQL private memory per backend after the 20-tenant run: {}", show(&mem_few));
+    println!("PostgreSQL private memory per backend after the {tenants}-tenant run: {}", show(&mem_all));
+
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+    admin.shutdown();
+    Ok(())
+}
