@@ -220,10 +220,13 @@ async fn main() -> Result {
         .env_remove("PLINTH_CONFIG")
         .stdout(Stdio::null())
         .spawn()?;
-    let http = reqwest::Client::new();
     let ready = async {
         for _ in 0..300 {
-            if http.get(format!("http://127.0.0.1:{port}/health/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+            let up = Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", &format!("http://127.0.0.1:{port}/health/ready")])
+                .status()
+                .is_ok_and(|s| s.success());
+            if up {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
