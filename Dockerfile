@@ -16,10 +16,12 @@ RUN rm rust-toolchain.toml \
 
 FROM debian:bookworm-slim
 # ca-certificates follows Debian's security updates; pinning its version
-# would hold them back.
+# would hold them back. postgresql-client gives pg_dump, pg_restore and psql
+# for tenant backups and exports (docs/operations.md); it must be of the
+# server's major version or newer (bookworm's is 15).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates postgresql-client \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --home-dir /var/lib/plinth --create-home plinth
 COPY --from=build /usr/local/bin/plinth /usr/local/bin/plinth
