@@ -83,6 +83,10 @@ async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestR
     assert_eq!(res.status(), 201);
     add_domain(&app.db, &acme, "rockets.example.com", true).await?;
 
+    // Billing restricts acme (an unpaid invoice): a copy does not inherit it.
+    let client = testdb.client().await?;
+    client.execute("UPDATE public.tenants SET restricted_at = now() WHERE id = $1", &[&acme.id.0]).await?;
+
     let dir = TempDir::new("backup")?;
     let file = dir.path.join("acme.tar");
     let file = file.to_str().ok_or("path")?;
@@ -106,7 +110,9 @@ async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestR
     assert_ne!(copy.id, acme.id);
     assert_ne!(copy.schema, acme.schema);
     assert_eq!(copy.name, acme.name);
-    let client = testdb.client().await?;
+    let restricted: Option<chrono::DateTime<chrono::Utc>> =
+        client.query_one("SELECT restricted_at FROM public.tenants WHERE id = $1", &[&copy.id.0]).await?.get(0);
+    assert_eq!(restricted, None, "the copy has none of the original's billing state");
     let ledger: i64 = client
         .query_one("SELECT count(*) FROM public.tenant_migrations WHERE tenant_id = $1", &[&copy.id.0])
         .await?

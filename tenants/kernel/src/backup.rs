@@ -604,8 +604,12 @@ pub async fn restore_registry(
         object.insert("status".into(), "active".into());
         object.insert("updated_at".into(), Utc::now().to_rfc3339().into());
         if target.copy {
-            // A copy has no subscription: its plan is the operator's doing.
+            // A copy has no subscription: its plan is the operator's doing,
+            // and nothing of the original's billing (features taken from
+            // Stripe, a restriction for an unpaid invoice) comes with it.
             object.insert("plan_source".into(), "operator".into());
+            object.insert("features".into(), serde_json::Value::Null);
+            object.insert("restricted_at".into(), serde_json::Value::Null);
         }
     }
     insert_json(conn, "tenants", vec![row], None).await.map_err(|e| match e {
