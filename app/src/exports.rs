@@ -299,7 +299,7 @@ pub fn export_handler(db: Db, url: String) -> plinth_jobs::Handler {
             let (token, hash) = plinth_identity::sessions::new_token().map_err(|e| JobError::Retry(e.into()))?;
             let digest = {
                 use sha2::Digest as _;
-                sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>()
+                plinth_tenants::backup::hex(&sha2::Sha256::digest(&bytes))
             };
             let now = Utc::now();
             let expires_at = now + chrono::Duration::hours(LINK_HOURS);

@@ -128,7 +128,8 @@ pub enum ArchiveError {
     Io(#[from] std::io::Error),
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as lowercase hex (checksums in manifests and export records).
+pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
         let _ = write!(s, "{b:02x}");
