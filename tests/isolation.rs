@@ -302,20 +302,20 @@ async fn another_tenants_members_and_keys_are_out_of_reach_from_ones_own() -> Te
     Ok(())
 }
 
-diesel::define_sql_function!(fn current_schema() -> diesel::sql_types::Text);
-
-/// The one-round-trip read (`Db::tenant_read`) writes `BEGIN; SET LOCAL
-/// search_path`, the statement and `COMMIT` without waiting between them.
-/// Over one pooled connection, alternating tenants, every statement must run
-/// inside its own tenant's transaction: had `COMMIT` overtaken it, it would
-/// see the session's schema, and a tenant table would not be found.
+/// The one-round-trip read (`Db::tenant_read`) names the tenant's schema in
+/// its SQL and is prepared once per connection: over one pooled connection,
+/// alternating tenants, each tenant's read must be its own prepared
+/// statement. Had the cache keyed it by anything but its text (one
+/// statement for every tenant), a tenant would read the other's project.
 #[tokio::test]
-async fn a_read_in_one_round_trip_stays_inside_its_tenants_transaction() -> TestResult {
-    use diesel::query_builder::QueryId;
+async fn a_read_in_one_round_trip_is_prepared_for_each_tenant_apart() -> TestResult {
+    use diesel::sql_types::{BigInt, Uuid};
+    use plinth::projects::{PROJECT_BY_ID, Project};
     use plinth_http::ApiError;
+    use plinth_tenants::db::TenantSql;
 
     let testdb = TestDb::migrated().await?;
-    let db = testdb.db(1)?; // one connection, warm after the first read of each statement
+    let db = testdb.db(1)?; // one connection, its statements prepared after the first read
     let slug = |s: &str| plinth_tenants::Slug::parse(s);
     let a = plinth_tenants::registry::create(&db, &slug("alpha")?, "Alpha").await?;
     let b = plinth_tenants::registry::create(&db, &slug("bravo")?, "Bravo").await?;
@@ -325,37 +325,42 @@ async fn a_read_in_one_round_trip_stays_inside_its_tenants_transaction() -> Test
         let id = uuid::Uuid::now_v7();
         let sql = format!("INSERT INTO {}.projects (id, name) VALUES ($1, $2)", t.schema.quoted());
         client.execute(&sql, &[&id, &t.slug]).await?;
-        projects.push(plinth::projects::ProjectId(id));
+        projects.push(id);
     }
 
-    let which_schema = || diesel::select(current_schema());
-    assert!(
-        <diesel::dsl::select<current_schema> as QueryId>::query_id().is_some(),
-        "the statement is cached by its type, so the one-round-trip path is taken"
-    );
     for i in 0..200 {
         let (own, other) = if i % 2 == 0 { ((&a, 0), (&b, 1)) } else { ((&b, 1), (&a, 0)) };
-        let schema: Vec<String> = db.tenant_read::<_, _, ApiError>(own.0.scope(), which_schema()).await?;
-        assert_eq!(schema, [own.0.schema.as_str()], "read {i} ran outside its tenant's transaction");
-        let found: Vec<plinth::projects::Project> =
-            db.tenant_read::<_, _, ApiError>(own.0.scope(), plinth::projects::project_by_id(projects[own.1])).await?;
-        assert_eq!(found.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), [own.0.slug.as_str()]);
-        let foreign: Vec<plinth::projects::Project> =
-            db.tenant_read::<_, _, ApiError>(own.0.scope(), plinth::projects::project_by_id(projects[other.1])).await?;
-        assert!(foreign.is_empty(), "{} read {}'s project", own.0.slug, other.0.slug);
+        let found: Vec<Project> = db
+            .tenant_read::<_, _, ApiError>(own.0.scope(), PROJECT_BY_ID, |q| q.bind::<Uuid, _>(projects[own.1]))
+            .await?;
+        assert_eq!(found.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), [own.0.slug.as_str()], "read {i}");
+        let foreign: Vec<Project> = db
+            .tenant_read::<_, _, ApiError>(own.0.scope(), PROJECT_BY_ID, |q| q.bind::<Uuid, _>(projects[other.1]))
+            .await?;
+        assert!(foreign.is_empty(), "{} read {}'s project (read {i})", own.0.slug, other.0.slug);
     }
-    // The connection ends each read outside any transaction, with no tenant
-    // search_path left on it.
-    let path: Vec<String> = db
-        .platform(async |c| {
+
+    // Prepared once for each tenant on the connection, and kept: the reads
+    // after the first two sent only Bind and Execute.
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let prepared: Count = db
+        .statement(async |c| {
             use diesel_async::RunQueryDsl;
-            Ok::<_, ApiError>(
-                diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('search_path')"))
-                    .load(c)
-                    .await?,
-            )
+            let sql = "SELECT count(*) AS n FROM pg_prepared_statements WHERE statement LIKE 'SELECT id, name, % WHERE id = $1'";
+            Ok::<_, ApiError>(diesel::sql_query(sql).get_result(c).await?)
         })
         .await?;
-    assert!(!path.concat().contains("t_"), "a tenant search_path survived: {path:?}");
+    assert_eq!(prepared.n, 2, "one prepared read per tenant");
+
+    // A table left unqualified resolves through the session's search_path,
+    // where no tenant table exists: the read fails instead of reading rows.
+    let unqualified = TenantSql("SELECT id, name, description, created_at, updated_at FROM projects WHERE id = $1");
+    let refused =
+        db.tenant_read::<_, Project, ApiError>(a.scope(), unqualified, |q| q.bind::<Uuid, _>(projects[0])).await;
+    assert!(refused.is_err(), "an unqualified tenant table was found: {refused:?}");
     Ok(())
 }

@@ -154,7 +154,8 @@ async fn every_tenant_down_migration_reverses_its_up() -> TestResult {
 
 /// No relation on the default `search_path` (`public`) has the name of a
 /// tenant table: a tenant statement that ever ran outside its tenant's
-/// transaction (see `Db::tenant_read`) fails instead of reading platform rows.
+/// transaction, or a one-round-trip read (`Db::tenant_read`) that names a
+/// table without its schema, fails instead of reading platform rows.
 #[tokio::test]
 async fn public_holds_no_relation_named_like_a_tenant_table() -> TestResult {
     let testdb = TestDb::migrated().await?;

@@ -12,12 +12,13 @@ use crate::model::Subject;
 use crate::quota::{self, Counters};
 use crate::roles::Role;
 use crate::snapshot::TenantPolicy;
+use diesel::QueryableByName;
 use diesel::pg::Pg;
-use diesel::query_builder::{Query, QueryFragment, QueryId};
+use diesel::query_builder::{Query, QueryFragment, SqlQuery};
+use diesel::sql_types::Untyped;
 use diesel_async::AsyncPgConnection;
-use diesel_async::methods::LoadQuery;
 use plinth_http::request::RequestId;
-use plinth_tenants::db::{Db, PoolError, TenantConn, TenantRows, TxFn};
+use plinth_tenants::db::{Db, PoolError, TenantConn, TenantRows, TenantSql, TxFn};
 use plinth_tenants::ids::UserId;
 use plinth_tenants::registry::Tenant;
 
@@ -97,17 +98,16 @@ impl TenantContext {
         self.db.tenant(self.tenant.scope(), f).await
     }
 
-    /// Runs one read statement in a transaction scoped to this request's
-    /// tenant, in one round trip once the connection has prepared it (see
+    /// Runs one read statement of this request's tenant's tables in one
+    /// round trip (see
     /// [`Db::tenant_read`](plinth_tenants::db::Db::tenant_read)).
-    pub async fn read<Q, U, E>(&self, query: Q) -> Result<Vec<U>, E>
+    pub async fn read<Q, U, E>(&self, sql: TenantSql, bind: impl FnOnce(SqlQuery) -> Q) -> Result<Vec<U>, E>
     where
-        Q: Query + QueryFragment<Pg> + QueryId + Send + 'static,
-        Q: for<'a> LoadQuery<'static, &'a AsyncPgConnection, U>,
-        U: Send,
+        Q: QueryFragment<Pg> + Query<SqlType = Untyped> + Send + 'static,
+        U: QueryableByName<Pg> + Send + 'static,
         E: From<diesel::result::Error> + From<PoolError> + Send,
     {
-        self.db.tenant_read(self.tenant.scope(), query).await
+        self.db.tenant_read(self.tenant.scope(), sql, bind).await
     }
 
     /// Runs `f` in a platform transaction bound to this request's tenant:

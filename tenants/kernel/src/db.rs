@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use deadpool::managed::{Object, Pool};
+use diesel::QueryableByName;
 use diesel::connection::TransactionDepthChange;
 use diesel::pg::Pg;
 use diesel::query_builder::{Query, QueryFragment, QueryId};
-use diesel_async::methods::LoadQuery;
+use diesel::sql_types::Untyped;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager};
 use tracing::Instrument as _;
 
@@ -78,6 +79,8 @@ impl DbConfig {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool<Manager>,
+    /// [`DbConfig::statement_cache`].
+    statement_cache: bool,
 }
 
 impl Db {
@@ -90,7 +93,7 @@ impl Db {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .context("building the database pool")?;
-        Ok(Self { pool })
+        Ok(Self { pool, statement_cache: config.statement_cache })
     }
 
     /// Counts of the pool, for health and metrics.
@@ -195,76 +198,95 @@ impl Db {
         .instrument(tx_span("schema", tenant.id))
         .await
     }
-    /// Runs one read statement in a transaction scoped to one tenant's
-    /// schema, as [`Db::tenant`] would, in one round trip to PostgreSQL once
-    /// the connection has prepared the statement.
+    /// Runs one read statement of a tenant's tables, in one round trip to
+    /// PostgreSQL: the statement names the tenant's schema itself (see
+    /// [`TenantSql`]) and runs alone, outside any transaction, as one
+    /// Bind/Execute/Sync once the connection has prepared it. No
+    /// `search_path` is set, so there is nothing to leak onto the pooled
+    /// connection or another client behind PgBouncer, and PostgreSQL plans
+    /// it once per connection and tenant. (With the statement cache off,
+    /// the read runs inside a transaction of its own instead, see below.)
     ///
-    /// `BEGIN; SET LOCAL search_path`, the statement's Bind and Execute, and
-    /// `COMMIT` are written one after the other without waiting, and
-    /// PostgreSQL runs them in that order. The order is what keeps the
-    /// statement inside the tenant's transaction, and it holds because each
-    /// of the three is queued on the connection the first time it is polled:
-    /// true of a statement that is already in the connection's statement
-    /// cache, which [`crate::pool::Pooled`] tracks. A statement not yet
-    /// prepared there (its first run on this connection, or any run with the
-    /// statement cache off, as behind PgBouncer before 1.21) is prepared in
-    /// a round trip of its own, and `COMMIT` waits for its answer.
+    /// `bind` adds the statement's parameters to the query it is given.
+    /// Rows are read by column name ([`diesel::QueryableByName`]).
     ///
-    /// Were the order ever broken, the statement would run after `COMMIT`
-    /// with the session's `search_path`, where no tenant table exists
-    /// (`public` holds none of their names, a test checks): it would fail,
-    /// never read another tenant's rows.
-    pub async fn tenant_read<Q, U, E>(&self, tenant: TenantScope<'_>, query: Q) -> Result<Vec<U>, E>
+    /// The prepared statement is cached under its SQL text, which holds the
+    /// schema's name: each tenant's read is its own statement (never one
+    /// tenant's statement run for another, a test checks). A connection
+    /// keeps one per tenant it has read for, which
+    /// [`DbConfig::max_tenants_per_connection`] bounds. A table left
+    /// unqualified by mistake resolves through the session's `search_path`,
+    /// where no tenant table exists (`public` holds none of their names, a
+    /// test checks): the read fails, never reads another tenant's rows.
+    pub async fn tenant_read<Q, U, E>(
+        &self,
+        tenant: TenantScope<'_>,
+        sql: TenantSql,
+        bind: impl FnOnce(diesel::query_builder::SqlQuery) -> Q,
+    ) -> Result<Vec<U>, E>
     where
-        Q: Query + QueryFragment<Pg> + QueryId + Send + 'static,
-        Q: for<'a> LoadQuery<'static, &'a AsyncPgConnection, U>,
-        U: Send,
+        Q: QueryFragment<Pg> + Query<SqlType = Untyped> + Send + 'static,
+        U: QueryableByName<Pg> + Send + 'static,
         E: From<diesel::result::Error> + From<PoolError> + Send,
     {
-        // Only a statement diesel-async caches by its type can be known to be
-        // prepared.
-        let kind = Q::query_id().filter(|_| matches!(query.is_safe_to_cache_prepared(&Pg), Ok(true)));
+        let query = BySql(bind(diesel::sql_query(sql.in_schema(tenant.schema))));
         let read = async {
             let mut obj = self.conn().await?;
-            let begin_sql = open_scoped(&mut obj, tenant)?;
-            let prepared = kind.is_some_and(|kind| obj.is_prepared(kind));
-            let (begun, rows, ended) = {
-                let shared: &AsyncPgConnection = &obj;
-                let begin = async {
-                    let mut conn = shared;
-                    conn.batch_execute(&begin_sql).await
-                };
-                let read = async {
-                    let mut conn = shared;
-                    diesel_async::RunQueryDsl::load::<U>(query, &mut conn).await
-                };
-                // An aborted transaction ends at COMMIT too (PostgreSQL rolls
-                // it back); nothing here writes.
-                let end = async {
-                    let mut conn = shared;
-                    conn.batch_execute("COMMIT").await
-                };
-                if prepared {
-                    futures_util::future::join3(begin, read, end).await
-                } else {
-                    let (begun, rows) = futures_util::future::join(begin, read).await;
-                    (begun, rows, end.await)
-                }
-            };
-            // A failed COMMIT leaves the transaction counted as open, and the
-            // pool discards the connection.
-            ended?;
-            AnsiTransactionManager::transaction_manager_status_mut(&mut **obj)
-                .transaction_state()?
-                .change_transaction_depth(TransactionDepthChange::DecreaseDepth)?;
-            let rows = begun.and(rows)?;
-            if let Some(kind) = kind {
-                obj.mark_prepared(kind);
+            obj.serve(tenant.id);
+            let conn: &mut AsyncPgConnection = &mut obj;
+            if self.statement_cache {
+                return Ok(diesel_async::RunQueryDsl::load::<U>(query, conn).await?);
             }
-            Ok(rows)
+            // Without the statement cache the statement is prepared in an
+            // exchange of its own before it runs; behind PgBouncer in
+            // transaction mode (the reason to turn the cache off) the two
+            // could reach different server connections unless a transaction
+            // holds them on one.
+            AnsiTransactionManager::begin_transaction(conn).await?;
+            let rows = diesel_async::RunQueryDsl::load::<U>(query, &mut *conn).await.map_err(E::from);
+            finish(conn, rows).await
         };
         async { counted("schema", read.await) }.instrument(tx_span("schema", tenant.id)).await
     }
+}
+
+/// One read statement of a tenant's tables for [`Db::tenant_read`], with
+/// `{schema}` where the tenant's schema goes:
+/// `SELECT id, name FROM {schema}.projects WHERE id = $1`.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantSql(pub &'static str);
+
+impl TenantSql {
+    /// The statement with every `{schema}` replaced by the quoted schema
+    /// name.
+    pub fn in_schema(self, schema: &SchemaName) -> String {
+        self.0.replace("{schema}", &schema.quoted())
+    }
+}
+
+/// A statement that diesel-async prepares once per connection and caches
+/// under its SQL text: the text names the tenant's schema, so the cache key
+/// does too. (`SqlQuery` on its own is never cached; a static query id
+/// would cache one statement for every tenant, which is why this has none.)
+struct BySql<Q>(Q);
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for BySql<Q> {
+    fn walk_ast<'b>(&'b self, pass: diesel::query_builder::AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
+        self.0.walk_ast(pass)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _: &Pg) -> diesel::QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+impl<Q> QueryId for BySql<Q> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: Query> Query for BySql<Q> {
+    type SqlType = Q::SqlType;
 }
 
 /// Starts a tenant-scoped transaction on `obj`: counts it as open before

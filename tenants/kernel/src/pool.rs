@@ -1,15 +1,13 @@
 //! The connection pool's manager: how a pooled connection is opened, what it
 //! remembers, and when it is retired.
 //!
-//! A [`Pooled`] connection remembers two things beside the diesel-async
-//! connection:
-//!
-//! - which statements it has already prepared (by query type), which is what
-//!   lets [`crate::db::Db::tenant_read`] send a read in one round trip;
-//! - how many distinct tenants it has been scoped to. Each PostgreSQL backend
-//!   caches the catalog entries of every relation it touches and never lets
-//!   them go; with thousands of tenant schemas a long-lived connection that
-//!   serves them all would grow without bound. A connection that has served
+//! A [`Pooled`] connection remembers, beside the diesel-async connection,
+//! how many distinct tenants it has served. Each PostgreSQL backend caches
+//! the catalog entries of every relation it touches and never lets them go,
+//! and keeps one prepared read per tenant (see
+//! [`crate::db::Db::tenant_read`]); with thousands of tenant schemas a
+//! long-lived connection that serves them all would grow without bound. A
+//! connection that has served
 //!   [`DbConfig::max_tenants_per_connection`] tenants, or has lived
 //!   [`DbConfig::max_connection_age`], is closed when it comes back to the
 //!   pool, and a fresh backend takes its place.
@@ -17,7 +15,6 @@
 //! Hand-written rather than diesel-async's own manager, which keeps no state
 //! beside the connection.
 
-use std::any::TypeId;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,31 +30,11 @@ use crate::postgres::Target;
 /// A pooled connection and what it remembers (see the module docs).
 pub struct Pooled {
     conn: AsyncPgConnection,
-    /// Query types prepared on this connection. Only filled while the
-    /// statement cache is on (it is never emptied: the cache is unbounded).
-    prepared: HashSet<TypeId>,
-    /// Whether the statement cache is on.
-    statement_cache: bool,
-    /// Tenants this connection has been scoped to.
+    /// Tenants this connection has served.
     tenants: HashSet<TenantId>,
 }
 
 impl Pooled {
-    /// Whether a statement of this query type is in the connection's
-    /// statement cache, so that running it sends Bind and Execute at once,
-    /// without a Parse round trip first.
-    pub(crate) fn is_prepared(&self, query: TypeId) -> bool {
-        self.prepared.contains(&query)
-    }
-
-    /// Records that a statement of this query type was run (and so prepared
-    /// and cached) on this connection.
-    pub(crate) fn mark_prepared(&mut self, query: TypeId) {
-        if self.statement_cache {
-            self.prepared.insert(query);
-        }
-    }
-
     /// Records that the connection is being scoped to `tenant`.
     pub(crate) fn serve(&mut self, tenant: TenantId) {
         self.tenants.insert(tenant);
@@ -103,7 +80,7 @@ impl deadpool::managed::Manager for Manager {
 
     async fn create(&self) -> Result<Pooled, ManagerError> {
         let conn = establish(&self.target, self.statement_cache).await.map_err(ManagerError::ConnectionError)?;
-        Ok(Pooled { conn, prepared: HashSet::new(), statement_cache: self.statement_cache, tenants: HashSet::new() })
+        Ok(Pooled { conn, tenants: HashSet::new() })
     }
 
     async fn recycle(
