@@ -8,6 +8,7 @@
 #   scripts/bench.sh                      # 3 rounds of 10 s measurements
 #   ROUNDS=5 DURATION=15 scripts/bench.sh
 #   WORKERS=1 scripts/bench.sh           # only the 1-worker configuration
+#   BUILD=0 scripts/bench.sh             # the release binary as it is, not rebuilt
 #
 # Uses the PostgreSQL server of DATABASE_URL (default 127.0.0.1:5432) and
 # recreates databases plinth_bench_http and plinth_bench_pgbench on it.
@@ -30,7 +31,7 @@ OUT=$(mktemp -d)
 if ! command -v wrk >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 fi
-cargo build --release -q -p plinth
+if [ "${BUILD:-1}" = 1 ]; then cargo build --release -q -p plinth; fi
 
 psql -q "$ADMIN_URL" -c 'DROP DATABASE IF EXISTS plinth_bench_http WITH (FORCE)' -c 'CREATE DATABASE plinth_bench_http' \
     -c 'DROP DATABASE IF EXISTS plinth_bench_pgbench WITH (FORCE)' -c 'CREATE DATABASE plinth_bench_pgbench' 2>/dev/null
