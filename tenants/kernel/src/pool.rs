@@ -7,10 +7,9 @@
 //! and keeps one prepared read per tenant (see
 //! [`crate::db::Db::tenant_read`]); with thousands of tenant schemas a
 //! long-lived connection that serves them all would grow without bound. A
-//! connection that has served
-//!   [`DbConfig::max_tenants_per_connection`] tenants, or has lived
-//!   [`DbConfig::max_connection_age`], is closed when it comes back to the
-//!   pool, and a fresh backend takes its place.
+//! connection that has served [`DbConfig::max_tenants_per_connection`]
+//! tenants, or has lived [`DbConfig::max_connection_age`], is closed when it
+//! comes back to the pool, and a fresh backend takes its place.
 //!
 //! Hand-written rather than diesel-async's own manager, which keeps no state
 //! beside the connection.
