@@ -306,3 +306,37 @@ async fn new_tenants_start_with_a_copy_of_the_templates_rows() -> TestResult {
     assert_eq!(rows(&delta).await?, (vec![], vec![], 0));
     Ok(())
 }
+
+/// A connection that creates schemas counts each toward
+/// `max_tenants_per_connection`, as serving a tenant does: creating one
+/// fills the backend's caches with its relations, and a connection that
+/// provisions thousands of tenants would otherwise only be retired by age.
+#[tokio::test]
+async fn a_connection_that_provisions_many_tenants_is_retired() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let mut config = plinth_tenants::DbConfig::new(&testdb.url);
+    config.pool_size = 1;
+    config.max_tenants_per_connection = 2;
+    let db = plinth_tenants::Db::connect(&config)?;
+    let backend = async || {
+        db.statement(async |c| {
+            #[derive(diesel::QueryableByName)]
+            struct Pid {
+                #[diesel(sql_type = diesel::sql_types::Integer)]
+                pid: i32,
+            }
+            let row: Pid =
+                diesel_async::RunQueryDsl::get_result(diesel::sql_query("SELECT pg_backend_pid() AS pid"), c).await?;
+            Ok::<_, plinth_http::ApiError>(row.pid)
+        })
+        .await
+    };
+    let first = backend().await?;
+    for (i, slug) in ["alpha", "bravo"].into_iter().enumerate() {
+        plinth_tenants::registry::create(&db, &plinth_tenants::Slug::parse(slug)?, "T").await?;
+        assert_eq!(backend().await?, first, "retired after {} schemas, below the limit", i + 1);
+    }
+    plinth_tenants::registry::create(&db, &plinth_tenants::Slug::parse("charlie")?, "T").await?;
+    assert_ne!(backend().await?, first, "a connection that created 3 schemas (limit 2) was kept");
+    Ok(())
+}

@@ -140,7 +140,7 @@ async fn signup(
     idempotency::once(&db, keyed, async || {
         let hash = hashing.hash(password).await?;
         let (json, tenant, user) = db
-            .platform(async |c| {
+            .provisioning(async |c| {
                 idempotency::claim(c, keyed).await?;
                 let user = insert_user(c, &email, &hash).await?;
                 let tenant = provision(c, &slug, &organization).await?;
@@ -231,7 +231,7 @@ async fn create_tenant(
     idempotency::once(&db, keyed, async || {
         count(&limits.organizations_per_user, &user.to_string()).await?;
         let json = db
-            .platform(async |c| {
+            .provisioning(async |c| {
                 idempotency::claim(c, keyed).await?;
                 // Serializes this user's creations, so the cap holds under
                 // concurrency. Raw SQL: a function diesel has no declaration for.

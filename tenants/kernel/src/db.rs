@@ -119,6 +119,23 @@ impl Db {
         finish(&mut conn, result).await
     }
 
+    /// Runs `f` in a platform transaction that creates a tenant's schema
+    /// (provisioning, a spare): as [`Db::platform`], and the connection
+    /// counts it toward [`DbConfig::max_tenants_per_connection`], since
+    /// creating a schema fills the backend's caches as serving a tenant does.
+    pub async fn provisioning<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        let mut conn = self.conn().await?;
+        conn.provision();
+        AnsiTransactionManager::begin_transaction(&mut **conn).await?;
+        let result = f(&mut conn).await;
+        finish(&mut conn, result).await
+    }
+
     /// Runs `f` on a platform connection without opening a transaction:
     /// for one statement, which is atomic on its own, at one round trip
     /// instead of three.

@@ -31,12 +31,21 @@ pub struct Pooled {
     conn: AsyncPgConnection,
     /// Tenants this connection has served.
     tenants: HashSet<TenantId>,
+    /// Schemas this connection has created (tenants provisioned, spares
+    /// filled): each loads a whole schema's relations into the backend's
+    /// caches, as serving a tenant does.
+    provisioned: usize,
 }
 
 impl Pooled {
     /// Records that the connection is being scoped to `tenant`.
     pub(crate) fn serve(&mut self, tenant: TenantId) {
         self.tenants.insert(tenant);
+    }
+
+    /// Records that the connection is creating a schema.
+    pub(crate) fn provision(&mut self) {
+        self.provisioned += 1;
     }
 }
 
@@ -79,7 +88,7 @@ impl deadpool::managed::Manager for Manager {
 
     async fn create(&self) -> Result<Pooled, ManagerError> {
         let conn = establish(&self.target, self.statement_cache).await.map_err(ManagerError::ConnectionError)?;
-        Ok(Pooled { conn, tenants: HashSet::new() })
+        Ok(Pooled { conn, tenants: HashSet::new(), provisioned: 0 })
     }
 
     async fn recycle(
@@ -92,7 +101,7 @@ impl deadpool::managed::Manager for Manager {
         if std::thread::panicking() || obj.conn.is_broken() {
             return Err(deadpool::managed::RecycleError::message("broken, or left inside a transaction"));
         }
-        if obj.tenants.len() > self.max_tenants {
+        if obj.tenants.len() + obj.provisioned > self.max_tenants {
             crate::counters::increment("plinth_db_connections_retired_total", &[("reason", "tenants")]);
             return Err(deadpool::managed::RecycleError::message("served its share of tenants"));
         }

@@ -138,7 +138,7 @@ pub fn validate_name(name: &str) -> Result<&str, &'static str> {
 /// Creates a tenant in its own transaction. See [`provision`].
 #[tracing::instrument(skip_all, fields(tenant.slug = %slug))]
 pub async fn create(db: &Db, slug: &Slug, name: &str) -> Result<Tenant, CreateError> {
-    db.platform(async |conn| provision(conn, slug, name).await).await
+    db.provisioning(async |conn| provision(conn, slug, name).await).await
 }
 
 /// Inserts the tenant row, creates its schema, applies every tenant migration

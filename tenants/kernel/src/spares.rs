@@ -110,8 +110,13 @@ pub async fn fill(db: &Db, size: usize, migrations: &'static [TenantMigration]) 
     let size = i64::try_from(size).unwrap_or(i64::MAX);
     let mut made = 0;
     loop {
+        // Checked first outside the provisioning transaction, so that a
+        // filler with nothing to do counts no schema against its connection.
+        if db.platform(async |c| Ok::<_, anyhow::Error>(ready(c, migrations).await? >= size)).await? {
+            return Ok(made);
+        }
         let added = db
-            .platform(async |c| {
+            .provisioning(async |c| {
                 #[derive(QueryableByName)]
                 struct Locked {
                     #[diesel(sql_type = diesel::sql_types::Bool)]
