@@ -113,10 +113,7 @@ impl Db {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
-        let mut conn = self.conn().await?;
-        AnsiTransactionManager::begin_transaction(&mut **conn).await?;
-        let result = f(&mut conn).await;
-        finish(&mut conn, result).await
+        self.platform_tx(false, f).await
     }
 
     /// Runs `f` in a platform transaction that creates a tenant's schema
@@ -129,8 +126,19 @@ impl Db {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
+        self.platform_tx(true, f).await
+    }
+
+    async fn platform_tx<R, E, F>(&self, creates_schema: bool, f: F) -> Result<R, E>
+    where
+        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
         let mut conn = self.conn().await?;
-        conn.provision();
+        if creates_schema {
+            conn.provision();
+        }
         AnsiTransactionManager::begin_transaction(&mut **conn).await?;
         let result = f(&mut conn).await;
         finish(&mut conn, result).await
