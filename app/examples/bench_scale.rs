@@ -17,7 +17,9 @@
 //! 3. After each run, reads the private memory (`Private_Clean +
 //!    Private_Dirty` of `/proc/<pid>/smaps_rollup`) of every PostgreSQL
 //!    backend serving the benchmark database: what the catalog caches of
-//!    the schemas a backend has touched cost.
+//!    the schemas a backend has touched cost, and how the requests found
+//!    their connection (`plinth_db_lane_checkouts_total`: a tenant's own
+//!    lane, or one that had not served it).
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -100,6 +102,35 @@ async fn backend_memory(client: &tokio_postgres::Client, database: &str) -> Resu
     sizes.sort_by(f64::total_cmp);
     Ok(sizes)
 }
+
+/// `plinth_db_lane_checkouts_total` by lane, from the server's `/metrics`.
+fn lane_checkouts(port: u16) -> Result<std::collections::BTreeMap<String, f64>> {
+    let out = Command::new("curl")
+        .args(["-sf", "-H", &format!("Authorization: Bearer {METRICS_TOKEN}")])
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("plinth_db_lane_checkouts_total{lane=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .filter_map(|(lane, n)| Some((lane.to_owned(), n.trim().parse().ok()?)))
+        .collect())
+}
+
+/// How the requests between two readings of [`lane_checkouts`] found their
+/// connection, as shares.
+fn lane_shares(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> String {
+    let delta: Vec<(&String, f64)> =
+        after.iter().map(|(lane, n)| (lane, n - before.get(lane).copied().unwrap_or(0.0))).collect();
+    let total: f64 = delta.iter().map(|(_, n)| n).sum();
+    delta.iter().map(|(lane, n)| format!("{lane} {:.1} %", 100.0 * n / total.max(1.0))).collect::<Vec<_>>().join(", ")
+}
+
+const METRICS_TOKEN: &str = "bench-scale-metrics";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -216,6 +247,7 @@ async fn main() -> Result {
         .env("DATABASE_URL", &url)
         .env("PLINTH_LISTEN", format!("127.0.0.1:{port}"))
         .env("PLINTH_WORKERS", "2")
+        .env("PLINTH_METRICS_TOKEN", METRICS_TOKEN)
         .env("RUST_LOG", "warn")
         .env_remove("PLINTH_CONFIG")
         .stdout(Stdio::null())
@@ -244,13 +276,21 @@ async fn main() -> Result {
     let (mut few, mut all) = (Vec::new(), Vec::new());
     let (mut mem_few, mut mem_all) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
+        let lanes_before = lane_checkouts(port)?;
         let f = wrk(port, &lua, &rows_path, 20, seconds, conns)?;
+        let lanes_few = lane_checkouts(port)?;
         mem_few = backend_memory(&client, name).await?;
         let a = wrk(port, &lua, &rows_path, tenants, seconds, conns)?;
+        let lanes_all = lane_checkouts(port)?;
         mem_all = backend_memory(&client, name).await?;
         println!(
             "round {round}: 20 tenants {:.0} req/s, p99 {:.2} ms; {tenants} tenants {:.0} req/s, p99 {:.2} ms",
             f.0, f.1, a.0, a.1
+        );
+        println!(
+            "  connections found: 20 tenants {}; {tenants} tenants {}",
+            lane_shares(&lanes_before, &lanes_few),
+            lane_shares(&lanes_few, &lanes_all)
         );
         few.push(f);
         all.push(a);

@@ -49,7 +49,7 @@ pub struct Settings {
     /// `PLINTH_DB_STATEMENT_CACHE` (default true): set false behind PgBouncer
     /// in transaction mode.
     pub db_statement_cache: bool,
-    /// `PLINTH_DB_MAX_TENANTS_PER_CONNECTION` (default 1000): a pooled
+    /// `PLINTH_DB_MAX_TENANTS_PER_CONNECTION` (default 2000): a pooled
     /// connection scoped to more tenants than this is closed when it comes
     /// back to the pool, which bounds PostgreSQL's memory per backend.
     pub db_max_tenants_per_connection: usize,
@@ -191,7 +191,7 @@ impl Settings {
             db_wait_timeout: Duration::from_millis(num("PLINTH_DB_WAIT_TIMEOUT_MS", 5000)?),
             db_connect_timeout: Duration::from_millis(num("PLINTH_DB_CONNECT_TIMEOUT_MS", 5000)?),
             db_statement_cache: flag("PLINTH_DB_STATEMENT_CACHE", true)?,
-            db_max_tenants_per_connection: usize::try_from(num("PLINTH_DB_MAX_TENANTS_PER_CONNECTION", 1000)?)?.max(1),
+            db_max_tenants_per_connection: usize::try_from(num("PLINTH_DB_MAX_TENANTS_PER_CONNECTION", 2000)?)?.max(1),
             db_max_connection_age: Duration::from_secs(num("PLINTH_DB_MAX_CONNECTION_AGE_SECS", 1800)?.max(1)),
             spare_schemas: usize::try_from(num("PLINTH_SPARE_SCHEMAS", 0)?)?,
             max_body_bytes: usize::try_from(num("PLINTH_MAX_BODY_BYTES", 64 * 1024)?)?,

@@ -8,10 +8,11 @@
 //! cache off, see [`DbConfig::statement_cache`]) prepared statements never
 //! outlive the transaction that prepared them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use deadpool::managed::{Object, Pool};
+use deadpool::managed::Pool;
 use diesel::QueryableByName;
 use diesel::connection::TransactionDepthChange;
 use diesel::pg::Pg;
@@ -21,7 +22,8 @@ use diesel_async::{AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnect
 use tracing::Instrument as _;
 
 use crate::ids::{SchemaName, TenantId};
-use crate::pool::Manager;
+use crate::lanes::{Checkout, Lanes};
+use crate::pool::{Manager, Pooled};
 
 pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
 pub type PgConn = AsyncPgConnection;
@@ -69,16 +71,17 @@ impl DbConfig {
             wait_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             statement_cache: true,
-            max_tenants_per_connection: 1000,
+            max_tenants_per_connection: 2000,
             max_connection_age: Duration::from_secs(30 * 60),
         }
     }
 }
 
-/// A handle to the database: a pool of connections. Cheap to clone.
+/// A handle to the database: a pool of connections, in lanes by tenant
+/// (see [`crate::lanes`]). Cheap to clone.
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool<Manager>,
+    lanes: Arc<Lanes>,
     /// [`DbConfig::statement_cache`].
     statement_cache: bool,
 }
@@ -93,16 +96,22 @@ impl Db {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .context("building the database pool")?;
-        Ok(Self { pool, statement_cache: config.statement_cache })
+        Ok(Self { lanes: Arc::new(Lanes::new(pool, config.wait_timeout)), statement_cache: config.statement_cache })
     }
 
     /// Counts of the pool, for health and metrics.
     pub fn status(&self) -> deadpool::Status {
-        self.pool.status()
+        self.lanes.status()
     }
 
-    async fn conn(&self) -> Result<Object<Manager>, PoolError> {
-        self.pool.get().await
+    async fn conn(&self) -> Result<Checkout, PoolError> {
+        self.lanes.platform().await
+    }
+
+    async fn tenant_conn(&self, tenant: TenantId) -> Result<Checkout, PoolError> {
+        let mut conn = self.lanes.tenant(tenant).await?;
+        conn.serve(tenant);
+        Ok(conn)
     }
 
     /// Runs `f` in a transaction on a platform connection. Platform tables are
@@ -169,8 +178,7 @@ impl Db {
         R: Send,
     {
         async {
-            let mut conn = self.conn().await?;
-            conn.serve(tenant.id);
+            let mut conn = self.tenant_conn(tenant.id).await?;
             AnsiTransactionManager::begin_transaction(&mut **conn).await?;
             let result = {
                 let mut rows = TenantRows { conn: &mut conn, tenant_id: tenant.id, schema: tenant.schema };
@@ -197,7 +205,7 @@ impl Db {
         R: Send,
     {
         async {
-            let mut obj = self.conn().await?;
+            let mut obj = self.tenant_conn(tenant.id).await?;
             let begin_sql = open_scoped(&mut obj, tenant)?;
             let result = {
                 let shared: &AsyncPgConnection = &obj;
@@ -256,8 +264,7 @@ impl Db {
     {
         let query = BySql(bind(diesel::sql_query(sql.in_schema(tenant.schema))));
         let read = async {
-            let mut obj = self.conn().await?;
-            obj.serve(tenant.id);
+            let mut obj = self.tenant_conn(tenant.id).await?;
             let conn: &mut AsyncPgConnection = &mut obj;
             if self.statement_cache {
                 return Ok(diesel_async::RunQueryDsl::load::<U>(query, conn).await?);
@@ -322,8 +329,7 @@ impl<Q: Query> Query for BySql<Q> {
 /// handing it (mid-transaction, with this tenant's `search_path`) to another
 /// request. Returns the message that opens it on the server, `BEGIN` and
 /// `SET LOCAL search_path` in one simple-protocol message.
-fn open_scoped(obj: &mut Object<Manager>, tenant: TenantScope<'_>) -> Result<String, diesel::result::Error> {
-    obj.serve(tenant.id);
+fn open_scoped(obj: &mut Pooled, tenant: TenantScope<'_>) -> Result<String, diesel::result::Error> {
     let conn: &mut AsyncPgConnection = obj;
     AnsiTransactionManager::transaction_manager_status_mut(conn)
         .transaction_state()?

@@ -26,6 +26,7 @@ pub mod crypto;
 pub mod db;
 pub mod idempotency;
 pub mod ids;
+pub mod lanes;
 pub mod migrate;
 pub mod notify;
 pub mod pool;

@@ -47,6 +47,23 @@ impl Pooled {
     pub(crate) fn provision(&mut self) {
         self.provisioned += 1;
     }
+
+    /// Whether the connection has served `tenant` (its backend has that
+    /// tenant's relations in its caches).
+    pub(crate) fn has_served(&self, tenant: TenantId) -> bool {
+        self.tenants.contains(&tenant)
+    }
+}
+
+/// Why a connection is not handed out again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retire {
+    /// Broken, or left inside a transaction (a future dropped half-way).
+    Broken,
+    /// Served [`DbConfig::max_tenants_per_connection`] tenants.
+    Tenants,
+    /// Older than [`DbConfig::max_connection_age`].
+    Age,
 }
 
 impl std::ops::Deref for Pooled {
@@ -96,20 +113,40 @@ impl deadpool::managed::Manager for Manager {
         obj: &mut Pooled,
         metrics: &deadpool::managed::Metrics,
     ) -> deadpool::managed::RecycleResult<ManagerError> {
-        // A connection left inside a transaction (a future dropped half-way)
-        // or broken is never handed out again.
-        if std::thread::panicking() || obj.conn.is_broken() {
+        if std::thread::panicking() {
             return Err(deadpool::managed::RecycleError::message("broken, or left inside a transaction"));
         }
-        if obj.tenants.len() + obj.provisioned > self.max_tenants {
-            crate::counters::increment("plinth_db_connections_retired_total", &[("reason", "tenants")]);
-            return Err(deadpool::managed::RecycleError::message("served its share of tenants"));
+        match self.keeps(obj, metrics.age()) {
+            Ok(()) => Ok(()),
+            Err(Retire::Broken) => {
+                Err(deadpool::managed::RecycleError::message("broken, or left inside a transaction"))
+            }
+            Err(Retire::Tenants) => {
+                crate::counters::increment("plinth_db_connections_retired_total", &[("reason", "tenants")]);
+                Err(deadpool::managed::RecycleError::message("served its share of tenants"))
+            }
+            Err(Retire::Age) => {
+                crate::counters::increment("plinth_db_connections_retired_total", &[("reason", "age")]);
+                Err(deadpool::managed::RecycleError::message("reached its age"))
+            }
         }
-        if metrics.age() > self.max_age {
-            crate::counters::increment("plinth_db_connections_retired_total", &[("reason", "age")]);
-            return Err(deadpool::managed::RecycleError::message("reached its age"));
+    }
+}
+
+impl Manager {
+    /// Whether `obj`, `age` old, may be handed out again (see the module
+    /// docs). A connection left inside a transaction (a future dropped
+    /// half-way) or broken never is.
+    pub(crate) fn keeps(&self, obj: &mut Pooled, age: Duration) -> Result<(), Retire> {
+        if obj.conn.is_broken() {
+            Err(Retire::Broken)
+        } else if obj.tenants.len() + obj.provisioned > self.max_tenants {
+            Err(Retire::Tenants)
+        } else if age > self.max_age {
+            Err(Retire::Age)
+        } else {
+            Ok(())
         }
-        Ok(())
     }
 }
 
