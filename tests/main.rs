@@ -20,6 +20,7 @@ mod idempotency;
 mod identity;
 mod impersonation;
 mod isolation;
+mod lanes;
 mod lifecycle;
 mod load_balancer;
 mod mail_and_jobs;

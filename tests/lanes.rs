@@ -1,0 +1,192 @@
+//! Tenant affinity in the pool (`tenants/kernel/src/lanes.rs`): a tenant's
+//! work keeps to one connection while that connection is free, a busy
+//! tenant spills over to idle ones, platform work borrows idle lanes, and a
+//! pool of N never opens more than N connections.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use diesel::sql_types::Integer;
+use diesel_async::RunQueryDsl as _;
+use plinth_http::ApiError;
+use plinth_tenants::registry::{self, Tenant};
+use plinth_tenants::{Db, Slug};
+
+use crate::harness::{TestDb, TestResult};
+
+#[derive(diesel::QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = Integer)]
+    pid: i32,
+}
+
+const PID: &str = "SELECT pg_backend_pid() AS pid";
+
+/// The backend that served one tenant transaction of `tenant`.
+async fn tenant_backend(db: &Db, tenant: &Tenant) -> TestResult<i32> {
+    let row: Pid = db
+        .tenant(tenant.scope(), async |c| Ok::<_, ApiError>(diesel::sql_query(PID).get_result(c.pg()).await?))
+        .await?;
+    Ok(row.pid)
+}
+
+async fn platform_backend(db: &Db) -> TestResult<i32> {
+    let row: Pid = db.platform(async |c| Ok::<_, ApiError>(diesel::sql_query(PID).get_result(c).await?)).await?;
+    Ok(row.pid)
+}
+
+/// Backends connected to the test's database, other than `client`'s own.
+async fn backends(client: &tokio_postgres::Client) -> TestResult<i64> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+async fn tenants(db: &Db, n: usize) -> TestResult<Vec<Tenant>> {
+    let mut made = Vec::new();
+    for i in 0..n {
+        made.push(registry::create(db, &Slug::parse(&format!("lane-{i}"))?, "T").await?);
+    }
+    Ok(made)
+}
+
+/// Taken one at a time, each tenant's transactions always reach the same
+/// backend, and the tenants are spread over the pool's connections: a
+/// backend meets a share of the tenants, not all of them. Platform work in
+/// between borrows a lane's connection and leaves it where it was.
+#[tokio::test]
+async fn each_tenant_keeps_to_one_connection_and_tenants_are_spread_over_the_pool() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(4)?;
+    let tenants = tenants(&db, 16).await?;
+    let mut seen: HashMap<usize, HashSet<i32>> = HashMap::new();
+    for _ in 0..5 {
+        for (i, tenant) in tenants.iter().enumerate() {
+            seen.entry(i).or_default().insert(tenant_backend(&db, tenant).await?);
+            platform_backend(&db).await?;
+        }
+    }
+    for (i, backends) in &seen {
+        assert_eq!(backends.len(), 1, "tenant {i} reached {} backends: {backends:?}", backends.len());
+    }
+    let used: HashSet<i32> = seen.values().flatten().copied().collect();
+    // 16 tenants hashed over 4 lanes all land in one with probability 4⁻¹⁵.
+    assert!(used.len() >= 2, "every tenant went to one backend: {used:?}");
+    assert!(used.len() <= 4, "a pool of 4 used {} backends", used.len());
+    assert!(backends(&testdb.client().await?).await? <= 4, "a pool of 4 opened more connections");
+    Ok(())
+}
+
+/// Work on one tenant that needs several connections at once (concurrent
+/// requests, or work nested in its own transaction) spills over to idle
+/// lanes instead of queueing behind itself: three transactions of one
+/// tenant that each wait for the other two all get in, on three backends.
+#[tokio::test]
+async fn a_busy_tenant_spills_over_to_idle_connections() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(3)?;
+    let tenant = tenants(&db, 1).await?.remove(0);
+    let all_in = Arc::new(tokio::sync::Barrier::new(3));
+    let one = async || {
+        let all_in = Arc::clone(&all_in);
+        let row: Pid = db
+            .tenant(tenant.scope(), async |c| {
+                let row: Pid = diesel::sql_query(PID).get_result(c.pg()).await?;
+                all_in.wait().await;
+                Ok::<_, ApiError>(row)
+            })
+            .await?;
+        TestResult::Ok(row.pid)
+    };
+    // Waits for a condition (all three inside); the timeout only turns a
+    // hang into a failure.
+    let (a, b, c) =
+        tokio::time::timeout(std::time::Duration::from_secs(60), async { tokio::try_join!(one(), one(), one()) })
+            .await
+            .map_err(|_| "the tenant's transactions queued behind each other")??;
+    assert_eq!(HashSet::from([a, b, c]).len(), 3, "three transactions at once on {a}, {b}, {c}");
+
+    // The lanes it spilled to have now served it, so it takes them at
+    // once while its home lane is busy: the same three backends again.
+    let (d, e, f) =
+        tokio::time::timeout(std::time::Duration::from_secs(60), async { tokio::try_join!(one(), one(), one()) })
+            .await
+            .map_err(|_| "the tenant's transactions queued behind each other")??;
+    assert_eq!(HashSet::from([d, e, f]), HashSet::from([a, b, c]));
+    Ok(())
+}
+
+/// Platform work never waits on lanes that sit idle, and waits (rather
+/// than fails or opens a connection past the pool's size) while every lane
+/// is busy, until one comes free.
+#[tokio::test]
+async fn platform_work_borrows_idle_lanes_and_waits_for_busy_ones() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let tenant = tenants(&db, 1).await?.remove(0);
+    let client = testdb.client().await?;
+
+    // Two transactions of one tenant at once put both connections in lanes.
+    let both_in = Arc::new(tokio::sync::Barrier::new(2));
+    let hold = async |release: Arc<tokio::sync::Barrier>| {
+        let pid: Pid = db
+            .tenant(tenant.scope(), async |c| {
+                let row: Pid = diesel::sql_query(PID).get_result(c.pg()).await?;
+                release.wait().await;
+                Ok::<_, ApiError>(row)
+            })
+            .await?;
+        TestResult::Ok(pid.pid)
+    };
+    let (a, b) = tokio::try_join!(hold(Arc::clone(&both_in)), hold(Arc::clone(&both_in)))?;
+    assert_ne!(a, b);
+
+    // Both lanes rest with their connections; the pool has none left, and
+    // platform work borrows one of them.
+    for _ in 0..5 {
+        let pid = platform_backend(&db).await?;
+        assert!(pid == a || pid == b, "platform work went to backend {pid}, not a lane's ({a}, {b})");
+    }
+    assert_eq!(backends(&client).await?, 2);
+
+    // Both lanes busy: platform work waits, and gets in once they end.
+    let inside = Arc::new(tokio::sync::Barrier::new(3));
+    let end = Arc::new(tokio::sync::Barrier::new(3));
+    let busy = async || {
+        let (inside, end) = (Arc::clone(&inside), Arc::clone(&end));
+        db.tenant(tenant.scope(), async |_| {
+            inside.wait().await;
+            end.wait().await;
+            Ok::<_, ApiError>(())
+        })
+        .await
+    };
+    let platform = async {
+        inside.wait().await; // both lanes are held from here on
+        let waiting = tokio::spawn({
+            let db = db.clone();
+            async move { platform_backend(&db).await.map_err(|e| e.to_string()) }
+        });
+        // The platform call is waiting for a connection: the pool reports it
+        // (deadpool counts it among its waiters) before the lanes end.
+        while db.status().waiting == 0 {
+            tokio::task::yield_now().await;
+        }
+        end.wait().await;
+        waiting.await
+    };
+    let (first, second, waited) =
+        tokio::time::timeout(std::time::Duration::from_secs(60), async { tokio::join!(busy(), busy(), platform) })
+            .await
+            .map_err(|_| "platform work never got a connection")?;
+    first?;
+    second?;
+    let pid = waited??;
+    assert!(pid == a || pid == b, "platform work went to backend {pid}, not a lane's ({a}, {b})");
+    assert_eq!(backends(&client).await?, 2, "a pool of 2 opened more connections");
+    Ok(())
+}
