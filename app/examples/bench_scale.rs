@@ -2,7 +2,9 @@
 //!
 //! `cargo build --release -p plinth --bins --example bench_scale && target/release/examples/bench_scale`
 //!
-//! `TENANTS` (default 10,000), `ROUNDS` (3), `DURATION` (10 s), `CONNS` (32).
+//! `TENANTS` (default 10,000), `ROUNDS` (3), `DURATION` (10 s), `CONNS` (32);
+//! `SERVER_ENV` compares server settings over the same tenants, one server
+//! after the other: `SERVER_ENV="PLINTH_DB_SPILL_AFTER_MS=2;PLINTH_DB_SPILL_AFTER_MS=50"`.
 //! Uses database `plinth_bench_scale` on the zero-configuration server (or
 //! `DATABASE_URL`'s), recreated on every run, and needs `wrk`.
 //!
@@ -137,6 +139,114 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Guards a `plinth serve` process: killed however the run ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One server's measurement over the provisioned tenants.
+struct Run<'a> {
+    url: &'a str,
+    lua: &'a str,
+    rows: &'a str,
+    tenants: usize,
+    rounds: u64,
+    seconds: u64,
+    conns: u64,
+    name: &'a str,
+}
+
+impl Run<'_> {
+    /// Starts `plinth serve` with `settings` on top of the defaults, warms it
+    /// over all tenants, then runs the alternating rounds and prints them.
+    async fn measure(&self, settings: &[(&str, &str)], client: &tokio_postgres::Client) -> Result {
+        let Self { url, lua, rows, tenants, rounds, seconds, conns, name } = *self;
+        let port = 18_090;
+        let binary = std::env::current_exe()?
+            .parent()
+            .and_then(|examples| examples.parent())
+            .map(|release| release.join("plinth"))
+            .ok_or("no plinth binary beside this one")?;
+        let _server = Server(
+            Command::new(&binary)
+                .arg("serve")
+                .env("DATABASE_URL", url)
+                .env("PLINTH_LISTEN", format!("127.0.0.1:{port}"))
+                .env("PLINTH_WORKERS", "2")
+                .env("PLINTH_METRICS_TOKEN", METRICS_TOKEN)
+                .env("RUST_LOG", "warn")
+                .env_remove("PLINTH_CONFIG")
+                .envs(settings.iter().copied())
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+        let ready = async {
+            for _ in 0..300 {
+                let up = Command::new("curl")
+                    .args(["-sf", "-o", "/dev/null", &format!("http://127.0.0.1:{port}/health/ready")])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if up {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        };
+        if !ready.await {
+            return Err("the server did not start".into());
+        }
+        // Warm-up over all tenants, so that both sides start from a server
+        // that has seen them.
+        wrk(port, lua, rows, tenants, 5, conns)?;
+        let (mut few, mut all) = (Vec::new(), Vec::new());
+        let (mut mem_few, mut mem_all) = (Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            let lanes_before = lane_checkouts(port)?;
+            let f = wrk(port, lua, rows, 20, seconds, conns)?;
+            let lanes_few = lane_checkouts(port)?;
+            mem_few = backend_memory(client, name).await?;
+            let a = wrk(port, lua, rows, tenants, seconds, conns)?;
+            let lanes_all = lane_checkouts(port)?;
+            mem_all = backend_memory(client, name).await?;
+            println!(
+                "round {round}: 20 tenants {:.0} req/s, p99 {:.2} ms; {tenants} tenants {:.0} req/s, p99 {:.2} ms",
+                f.0, f.1, a.0, a.1
+            );
+            println!(
+                "  connections found: 20 tenants {}; {tenants} tenants {}",
+                lane_shares(&lanes_before, &lanes_few),
+                lane_shares(&lanes_few, &lanes_all)
+            );
+            few.push(f);
+            all.push(a);
+        }
+        let (few_rps, few_p99) = (median(few.iter().map(|r| r.0).collect()), median(few.iter().map(|r| r.1).collect()));
+        let (all_rps, all_p99) = (median(all.iter().map(|r| r.0).collect()), median(all.iter().map(|r| r.1).collect()));
+        println!("median over {rounds} rounds:");
+        println!("  20 tenants:      {few_rps:.0} req/s, p99 {few_p99:.2} ms");
+        println!(
+            "  {tenants} tenants: {all_rps:.0} req/s ({:.2}x), p99 {all_p99:.2} ms ({:.2}x)",
+            all_rps / few_rps,
+            all_p99 / few_p99
+        );
+        let show = |m: &[f64]| {
+            m.last().map_or_else(
+                || "none".to_owned(),
+                |max| format!("{} backends, max {max:.1} MiB, median {:.1} MiB", m.len(), median(m.to_vec())),
+            )
+        };
+        println!("PostgreSQL private memory per backend after the 20-tenant run: {}", show(&mem_few));
+        println!("PostgreSQL private memory per backend after the {tenants}-tenant run: {}", show(&mem_all));
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result {
     let tenants = usize::try_from(env_num("TENANTS", 10_000))?;
@@ -236,84 +346,18 @@ async fn main() -> Result {
 
     let lua = dir.join("rotate.lua");
     std::fs::write(&lua, LUA)?;
-    let port = 18_090;
-    let binary = std::env::current_exe()?
-        .parent()
-        .and_then(|examples| examples.parent())
-        .map(|release| release.join("plinth"))
-        .ok_or("no plinth binary beside this one")?;
-    let mut server = Command::new(&binary)
-        .arg("serve")
-        .env("DATABASE_URL", &url)
-        .env("PLINTH_LISTEN", format!("127.0.0.1:{port}"))
-        .env("PLINTH_WORKERS", "2")
-        .env("PLINTH_METRICS_TOKEN", METRICS_TOKEN)
-        .env("RUST_LOG", "warn")
-        .env_remove("PLINTH_CONFIG")
-        .stdout(Stdio::null())
-        .spawn()?;
-    let ready = async {
-        for _ in 0..300 {
-            let up = Command::new("curl")
-                .args(["-sf", "-o", "/dev/null", &format!("http://127.0.0.1:{port}/health/ready")])
-                .status()
-                .is_ok_and(|s| s.success());
-            if up {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    };
-    if !ready.await {
-        let _ = server.kill();
-        return Err("the server did not start".into());
-    }
     let (lua, rows_path) = (lua.display().to_string(), rows_path.display().to_string());
-    // Warm-up over all tenants, so that both sides start from a server that
-    // has seen them.
-    wrk(port, &lua, &rows_path, tenants, 5, conns)?;
-    let (mut few, mut all) = (Vec::new(), Vec::new());
-    let (mut mem_few, mut mem_all) = (Vec::new(), Vec::new());
-    for round in 1..=rounds {
-        let lanes_before = lane_checkouts(port)?;
-        let f = wrk(port, &lua, &rows_path, 20, seconds, conns)?;
-        let lanes_few = lane_checkouts(port)?;
-        mem_few = backend_memory(&client, name).await?;
-        let a = wrk(port, &lua, &rows_path, tenants, seconds, conns)?;
-        let lanes_all = lane_checkouts(port)?;
-        mem_all = backend_memory(&client, name).await?;
-        println!(
-            "round {round}: 20 tenants {:.0} req/s, p99 {:.2} ms; {tenants} tenants {:.0} req/s, p99 {:.2} ms",
-            f.0, f.1, a.0, a.1
-        );
-        println!(
-            "  connections found: 20 tenants {}; {tenants} tenants {}",
-            lane_shares(&lanes_before, &lanes_few),
-            lane_shares(&lanes_few, &lanes_all)
-        );
-        few.push(f);
-        all.push(a);
+    // SERVER_ENV: settings to compare, one server per `;`-separated set of
+    // `NAME=value` pairs (the defaults alone if unset).
+    let variants = std::env::var("SERVER_ENV").unwrap_or_default();
+    for variant in variants.split(';') {
+        let settings: Vec<(&str, &str)> = variant.split_whitespace().filter_map(|kv| kv.split_once('=')).collect();
+        if !variant.trim().is_empty() {
+            println!("server settings: {}", variant.trim());
+        }
+        let run = Run { url: &url, lua: &lua, rows: &rows_path, tenants, rounds, seconds, conns, name };
+        run.measure(&settings, &client).await?;
     }
-    let _ = server.kill();
-    let _ = server.wait();
-    let (few_rps, few_p99) = (median(few.iter().map(|r| r.0).collect()), median(few.iter().map(|r| r.1).collect()));
-    let (all_rps, all_p99) = (median(all.iter().map(|r| r.0).collect()), median(all.iter().map(|r| r.1).collect()));
-    println!("median over {rounds} rounds:");
-    println!("  20 tenants:      {few_rps:.0} req/s, p99 {few_p99:.2} ms");
-    println!(
-        "  {tenants} tenants: {all_rps:.0} req/s ({:.2}x), p99 {all_p99:.2} ms ({:.2}x)",
-        all_rps / few_rps,
-        all_p99 / few_p99
-    );
-    let show = |m: &[f64]| {
-        m.last().map_or_else(
-            || "none".to_owned(),
-            |max| format!("{} backends, max {max:.1} MiB, median {:.1} MiB", m.len(), median(m.to_vec())),
-        )
-    };
-    println!("PostgreSQL private memory per backend after the 20-tenant run: {}", show(&mem_few));
-    println!("PostgreSQL private memory per backend after the {tenants}-tenant run: {}", show(&mem_all));
 
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);

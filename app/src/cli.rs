@@ -258,6 +258,7 @@ pub fn db_config(settings: &Settings, url: &str) -> DbConfig {
         statement_cache: settings.db_statement_cache,
         max_tenants_per_connection: settings.db_max_tenants_per_connection,
         max_connection_age: settings.db_max_connection_age,
+        spill_after: settings.db_spill_after,
     }
 }
 

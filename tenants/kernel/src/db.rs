@@ -61,6 +61,9 @@ pub struct DbConfig {
     pub max_tenants_per_connection: usize,
     /// A connection older than this is closed when it comes back to the pool.
     pub max_connection_age: Duration,
+    /// How long tenant work waits for its own lane before it takes any free
+    /// one (see [`crate::lanes`]).
+    pub spill_after: Duration,
 }
 
 impl DbConfig {
@@ -73,6 +76,7 @@ impl DbConfig {
             statement_cache: true,
             max_tenants_per_connection: 2000,
             max_connection_age: Duration::from_secs(30 * 60),
+            spill_after: Duration::from_millis(2),
         }
     }
 }
@@ -96,7 +100,10 @@ impl Db {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .context("building the database pool")?;
-        Ok(Self { lanes: Arc::new(Lanes::new(pool, config.wait_timeout)), statement_cache: config.statement_cache })
+        Ok(Self {
+            lanes: Arc::new(Lanes::new(pool, config.wait_timeout, config.spill_after)),
+            statement_cache: config.statement_cache,
+        })
     }
 
     /// Counts of the pool, for health and metrics.

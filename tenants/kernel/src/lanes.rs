@@ -14,7 +14,8 @@
 //!
 //! 1. its home lane, when free;
 //! 2. a free lane whose connection has already served this tenant;
-//! 3. its home lane, waiting for it in turn, for at most [`SPILL_AFTER`];
+//! 3. its home lane, waiting for it in turn, for at most
+//!    [`crate::db::DbConfig::spill_after`] (`PLINTH_DB_SPILL_AFTER_MS`);
 //! 4. then the first lane to come free, whichever it is: work spills over
 //!    rather than queue behind a long transaction (or its own caller, when
 //!    work on a tenant nests) while other connections stand idle.
@@ -59,12 +60,6 @@ enum Free {
 /// Waited the pool's wait timeout in vain.
 const WAITED: PoolError = PoolError::Timeout(TimeoutType::Wait);
 
-/// How long tenant work waits for its home lane before it takes any lane
-/// that comes free. A read holds a lane for a fraction of a millisecond; a
-/// backend that has to meet the tenant first costs several times that in
-/// CPU, which on a busy server is better spent waiting a little.
-pub const SPILL_AFTER: Duration = Duration::from_millis(2);
-
 /// The pool and its lanes, one lane per connection the pool may open.
 pub(crate) struct Lanes {
     pool: Pool<Manager>,
@@ -72,16 +67,19 @@ pub(crate) struct Lanes {
     /// Told whenever a lane is released, for work waiting for any lane.
     released: Notify,
     wait_timeout: Duration,
+    /// [`crate::db::DbConfig::spill_after`].
+    spill_after: Duration,
 }
 
 impl Lanes {
-    pub(crate) fn new(pool: Pool<Manager>, wait_timeout: Duration) -> Self {
+    pub(crate) fn new(pool: Pool<Manager>, wait_timeout: Duration, spill_after: Duration) -> Self {
         let lanes = pool.status().max_size.max(1);
         Self {
             pool,
             slots: (0..lanes).map(|_| Arc::new(Mutex::new(None))).collect(),
             released: Notify::new(),
             wait_timeout,
+            spill_after,
         }
     }
 
@@ -105,7 +103,7 @@ impl Lanes {
             (guard, "warm")
         } else {
             let waited = Arc::clone(&self.slots[home]).lock_owned();
-            match tokio::time::timeout(SPILL_AFTER.min(self.wait_timeout), waited).await {
+            match tokio::time::timeout(self.spill_after.min(self.wait_timeout), waited).await {
                 Ok(guard) => (guard, "wait"),
                 Err(_) => match self.first_free(deadline, |_| true, false).await? {
                     Free::Lane(guard) => (guard, "spill"),
