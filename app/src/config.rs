@@ -56,7 +56,7 @@ pub struct Settings {
     /// `PLINTH_DB_MAX_CONNECTION_AGE_SECS` (default 1800): a pooled
     /// connection older than this is closed when it comes back to the pool.
     pub db_max_connection_age: Duration,
-    /// `PLINTH_DB_SPILL_AFTER_MS` (default 2): how long tenant work waits
+    /// `PLINTH_DB_SPILL_AFTER_MS` (default 20): how long tenant work waits
     /// for its own connection before it takes any free one (see
     /// `plinth_tenants::lanes`).
     pub db_spill_after: Duration,
@@ -197,7 +197,7 @@ impl Settings {
             db_statement_cache: flag("PLINTH_DB_STATEMENT_CACHE", true)?,
             db_max_tenants_per_connection: usize::try_from(num("PLINTH_DB_MAX_TENANTS_PER_CONNECTION", 2000)?)?.max(1),
             db_max_connection_age: Duration::from_secs(num("PLINTH_DB_MAX_CONNECTION_AGE_SECS", 1800)?.max(1)),
-            db_spill_after: Duration::from_millis(num("PLINTH_DB_SPILL_AFTER_MS", 2)?),
+            db_spill_after: Duration::from_millis(num("PLINTH_DB_SPILL_AFTER_MS", 20)?),
             spare_schemas: usize::try_from(num("PLINTH_SPARE_SCHEMAS", 0)?)?,
             max_body_bytes: usize::try_from(num("PLINTH_MAX_BODY_BYTES", 64 * 1024)?)?,
             body_timeout: Duration::from_secs(num("PLINTH_BODY_TIMEOUT_SECS", 10)?.max(1)),

@@ -62,7 +62,12 @@ pub struct DbConfig {
     /// A connection older than this is closed when it comes back to the pool.
     pub max_connection_age: Duration,
     /// How long tenant work waits for its own lane before it takes any free
-    /// one (see [`crate::lanes`]).
+    /// one (see [`crate::lanes`]). A read holds a lane for well under a
+    /// millisecond, and a backend that meets a tenant for the first time
+    /// spends several times that: on a busy server, waiting is cheaper. At
+    /// 2 ms a fifth to a third of the reads over 10,000 tenants spilled to
+    /// cold backends (0.29x of the 20-tenant throughput); at 20 ms, 0.2 %
+    /// (`docs/benchmarks.md`).
     pub spill_after: Duration,
 }
 
@@ -76,7 +81,7 @@ impl DbConfig {
             statement_cache: true,
             max_tenants_per_connection: 2000,
             max_connection_age: Duration::from_secs(30 * 60),
-            spill_after: Duration::from_millis(2),
+            spill_after: Duration::from_millis(20),
         }
     }
 }

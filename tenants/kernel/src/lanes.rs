@@ -14,7 +14,8 @@
 //!
 //! 1. its home lane, when free;
 //! 2. a free lane whose connection has already served this tenant;
-//! 3. its home lane, waiting for it in turn, for at most
+//! 3. its home lane, waiting for it in turn, or any lane that has served
+//!    the tenant, whichever comes free first, for at most
 //!    [`crate::db::DbConfig::spill_after`] (`PLINTH_DB_SPILL_AFTER_MS`);
 //! 4. then the first lane to come free, whichever it is: work spills over
 //!    rather than queue behind a long transaction (or its own caller, when
@@ -101,18 +102,39 @@ impl Lanes {
             (guard, "home")
         } else if let Some(guard) = self.free_lane(|slot| slot.as_deref().is_some_and(|c| c.has_served(tenant))) {
             (guard, "warm")
+        } else if let Some(guard) = self.home_or_warm(home, tenant).await {
+            (guard, "wait")
         } else {
-            let waited = Arc::clone(&self.slots[home]).lock_owned();
-            match tokio::time::timeout(self.spill_after.min(self.wait_timeout), waited).await {
-                Ok(guard) => (guard, "wait"),
-                Err(_) => match self.first_free(deadline, |_| true, false).await? {
-                    Free::Lane(guard) => (guard, "spill"),
-                    Free::Pool(object) => return Ok(Checkout { held: Held::Pool(object) }),
-                },
+            match self.first_free(deadline, |_| true, false).await? {
+                Free::Lane(guard) => (guard, "spill"),
+                Free::Pool(object) => return Ok(Checkout { held: Held::Pool(object) }),
             }
         };
         crate::counters::increment("plinth_db_lane_checkouts_total", &[("lane", how)]);
         self.filled(guard).await
+    }
+
+    /// Waits, up to [`crate::db::DbConfig::spill_after`], for `tenant`'s home
+    /// lane (in turn) or any lane that has served it, whichever comes free
+    /// first.
+    async fn home_or_warm(&self, home: usize, tenant: TenantId) -> Option<OwnedMutexGuard<Slot>> {
+        let until = Instant::now() + self.spill_after.min(self.wait_timeout);
+        let home = Arc::clone(&self.slots[home]).lock_owned();
+        let released = self.released.notified();
+        tokio::pin!(home, released);
+        loop {
+            // Registered before looking, so a lane released from here on
+            // wakes this caller.
+            released.as_mut().enable();
+            if let Some(guard) = self.free_lane(|slot| slot.as_deref().is_some_and(|c| c.has_served(tenant))) {
+                return Some(guard);
+            }
+            tokio::select! {
+                guard = &mut home => return Some(guard),
+                () = released.as_mut() => released.set(self.released.notified()),
+                () = tokio::time::sleep_until(until) => return None,
+            }
+        }
     }
 
     /// A connection for platform work: from the pool, or borrowed from a
