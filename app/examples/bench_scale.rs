@@ -2,7 +2,8 @@
 //!
 //! `cargo build --release -p plinth --bins --example bench_scale && target/release/examples/bench_scale`
 //!
-//! `TENANTS` (default 10,000), `ROUNDS` (3), `DURATION` (10 s), `CONNS` (32);
+//! `TENANTS` (default 10,000), `ROUNDS` (3), `DURATION` (10 s), `CONNS` (32),
+//! `WARMUP` (20 s, over all tenants, before the rounds);
 //! `SERVER_ENV` compares server settings over the same tenants, one server
 //! after the other: `SERVER_ENV="PLINTH_DB_SPILL_AFTER_MS=2;PLINTH_DB_SPILL_AFTER_MS=50"`.
 //! Uses database `plinth_bench_scale` on the zero-configuration server (or
@@ -158,6 +159,7 @@ struct Run<'a> {
     rounds: u64,
     seconds: u64,
     conns: u64,
+    warmup: u64,
     name: &'a str,
 }
 
@@ -165,7 +167,7 @@ impl Run<'_> {
     /// Starts `plinth serve` with `settings` on top of the defaults, warms it
     /// over all tenants, then runs the alternating rounds and prints them.
     async fn measure(&self, settings: &[(&str, &str)], client: &tokio_postgres::Client) -> Result {
-        let Self { url, lua, rows, tenants, rounds, seconds, conns, name } = *self;
+        let Self { url, lua, rows, tenants, rounds, seconds, conns, name, .. } = *self;
         let port = 18_090;
         let binary = std::env::current_exe()?
             .parent()
@@ -202,8 +204,9 @@ impl Run<'_> {
             return Err("the server did not start".into());
         }
         // Warm-up over all tenants, so that both sides start from a server
-        // that has seen them.
-        wrk(port, lua, rows, tenants, 5, conns)?;
+        // that has seen them: long enough for each worker's connections to
+        // meet each tenant once.
+        wrk(port, lua, rows, tenants, self.warmup, conns)?;
         let (mut few, mut all) = (Vec::new(), Vec::new());
         let (mut mem_few, mut mem_all) = (Vec::new(), Vec::new());
         for round in 1..=rounds {
@@ -253,6 +256,7 @@ async fn main() -> Result {
     let rounds = env_num("ROUNDS", 3);
     let seconds = env_num("DURATION", 10);
     let conns = env_num("CONNS", 32);
+    let warmup = env_num("WARMUP", 20);
     let name = "plinth_bench_scale";
     let (url, client, admin) = common::fresh_database(name).await?;
     let db = Db::connect(&DbConfig { pool_size: 4, ..DbConfig::new(&url) })?;
@@ -355,7 +359,7 @@ async fn main() -> Result {
         if !variant.trim().is_empty() {
             println!("server settings: {}", variant.trim());
         }
-        let run = Run { url: &url, lua: &lua, rows: &rows_path, tenants, rounds, seconds, conns, name };
+        let run = Run { url: &url, lua: &lua, rows: &rows_path, tenants, rounds, seconds, conns, warmup, name };
         run.measure(&settings, &client).await?;
     }
 
