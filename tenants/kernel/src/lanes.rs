@@ -90,6 +90,9 @@ impl Lanes {
         let mut status = self.pool.status();
         let resting =
             self.slots.iter().filter(|slot| slot.try_lock().is_ok_and(|connection| connection.is_some())).count();
+        // Looking held each lane for a moment: whoever found one busy
+        // because of it and now waits for a release must look again.
+        self.released.notify_waiters();
         status.available += resting;
         status
     }
