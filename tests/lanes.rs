@@ -30,6 +30,19 @@ async fn tenant_backend(db: &Db, tenant: &Tenant) -> TestResult<i32> {
     Ok(row.pid)
 }
 
+/// The backend of a tenant transaction of `tenant` that, once inside,
+/// waits at `all_in` for the others before it ends.
+async fn tenant_backend_when_all_in(db: &Db, tenant: &Tenant, all_in: &tokio::sync::Barrier) -> TestResult<i32> {
+    let row: Pid = db
+        .tenant(tenant.scope(), async |c| {
+            let row: Pid = diesel::sql_query(PID).get_result(c.pg()).await?;
+            all_in.wait().await;
+            Ok::<_, ApiError>(row)
+        })
+        .await?;
+    Ok(row.pid)
+}
+
 async fn platform_backend(db: &Db) -> TestResult<i32> {
     let row: Pid = db.platform(async |c| Ok::<_, ApiError>(diesel::sql_query(PID).get_result(c).await?)).await?;
     Ok(row.pid)
@@ -90,18 +103,8 @@ async fn a_busy_tenant_spills_over_to_idle_connections() -> TestResult {
     let testdb = TestDb::migrated().await?;
     let db = testdb.db(3)?;
     let tenant = tenants(&db, 1).await?.remove(0);
-    let all_in = Arc::new(tokio::sync::Barrier::new(3));
-    let one = async || {
-        let all_in = Arc::clone(&all_in);
-        let row: Pid = db
-            .tenant(tenant.scope(), async |c| {
-                let row: Pid = diesel::sql_query(PID).get_result(c.pg()).await?;
-                all_in.wait().await;
-                Ok::<_, ApiError>(row)
-            })
-            .await?;
-        TestResult::Ok(row.pid)
-    };
+    let all_in = tokio::sync::Barrier::new(3);
+    let one = || tenant_backend_when_all_in(&db, &tenant, &all_in);
     // Waits for a condition (all three inside); the timeout only turns a
     // hang into a failure.
     let three_at_once = async || {
@@ -130,18 +133,11 @@ async fn platform_work_borrows_idle_lanes_and_waits_for_busy_ones() -> TestResul
     let client = testdb.client().await?;
 
     // Two transactions of one tenant at once put both connections in lanes.
-    let both_in = Arc::new(tokio::sync::Barrier::new(2));
-    let hold = async |release: Arc<tokio::sync::Barrier>| {
-        let pid: Pid = db
-            .tenant(tenant.scope(), async |c| {
-                let row: Pid = diesel::sql_query(PID).get_result(c.pg()).await?;
-                release.wait().await;
-                Ok::<_, ApiError>(row)
-            })
-            .await?;
-        TestResult::Ok(pid.pid)
-    };
-    let (a, b) = tokio::try_join!(hold(Arc::clone(&both_in)), hold(Arc::clone(&both_in)))?;
+    let both_in = tokio::sync::Barrier::new(2);
+    let (a, b) = tokio::try_join!(
+        tenant_backend_when_all_in(&db, &tenant, &both_in),
+        tenant_backend_when_all_in(&db, &tenant, &both_in)
+    )?;
     assert_ne!(a, b);
 
     // Both lanes rest with their connections; the pool has none left, and
