@@ -9,6 +9,7 @@
 #   ROUNDS=5 DURATION=15 scripts/bench.sh
 #   WORKERS=1 scripts/bench.sh           # only the 1-worker configuration
 #   BUILD=0 scripts/bench.sh             # the release binary as it is, not rebuilt
+#   BUILD=0 PLINTH=/path/to/plinth scripts/bench.sh   # another build (say, an older commit's)
 #
 # Uses the PostgreSQL server of DATABASE_URL (default 127.0.0.1:5432) and
 # recreates databases plinth_bench_http and plinth_bench_pgbench on it.
@@ -24,6 +25,7 @@ ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-32}
 PORT=${PORT:-18080}
 WORKERS=${WORKERS:-1 2}
+PLINTH=${PLINTH:-./target/release/plinth}
 ADMIN_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 BASE_URL=${ADMIN_URL%/*}
 OUT=$(mktemp -d)
@@ -48,7 +50,7 @@ cleanup() {
 trap cleanup EXIT
 
 start_server() {
-    PLINTH_WORKERS=$1 ./target/release/plinth serve >"$OUT/serve.log" 2>&1 &
+    PLINTH_WORKERS=$1 "$PLINTH" serve >"$OUT/serve.log" 2>&1 &
     SERVER=$!
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health/ready" >/dev/null && return; sleep 0.1; done
     echo "server did not start"; cat "$OUT/serve.log"; exit 1
