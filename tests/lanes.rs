@@ -185,3 +185,58 @@ async fn platform_work_borrows_idle_lanes_and_waits_for_busy_ones() -> TestResul
     assert_eq!(backends(&client).await?, 2, "a pool of 2 opened more connections");
     Ok(())
 }
+
+/// Work that waits for a lane queues; a released lane goes to the first in
+/// the queue, and one handed to work that then gives up (its request
+/// dropped before it ran again) passes on to the next: it is neither lost
+/// nor left taken.
+#[tokio::test]
+async fn a_lane_handed_to_work_that_gave_up_passes_to_the_next_in_line() -> TestResult {
+    use std::future::Future as _;
+    use std::task::{Context, Waker};
+
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(1)?;
+    let tenant = tenants(&db, 1).await?.remove(0);
+    let first = tenant_backend(&db, &tenant).await?;
+
+    // One transaction holds the only lane.
+    let (inside, end) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let holder = tokio::spawn({
+        let (db, tenant, inside, end) = (db.clone(), tenant.clone(), Arc::clone(&inside), Arc::clone(&end));
+        async move {
+            db.tenant(tenant.scope(), async |_| {
+                inside.notify_one();
+                end.notified().await;
+                Ok::<_, ApiError>(())
+            })
+            .await
+            .map_err(|e| e.to_string())
+        }
+    });
+    inside.notified().await;
+
+    // Two more queue behind it, each polled once (into the queue) and then
+    // left alone: neither runs again until the test says so.
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut gives_up = Box::pin(tenant_backend(&db, &tenant));
+    let mut next = Box::pin(tenant_backend(&db, &tenant));
+    assert!(gives_up.as_mut().poll(&mut cx).is_pending());
+    assert!(next.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(db.status().waiting, 2, "both queue for the lane");
+
+    // The lane is released to the first in line, which gives up without
+    // running again.
+    end.notify_one();
+    holder.await??;
+    assert_eq!(db.status().waiting, 1, "the lane went to the first in line");
+    drop(gives_up);
+
+    // The next in line gets it, on the same connection.
+    let pid = tokio::time::timeout(std::time::Duration::from_secs(60), next)
+        .await
+        .map_err(|_| "the lane was lost with the request that gave up")??;
+    assert_eq!(pid, first);
+    assert_eq!(db.status().waiting, 0);
+    Ok(())
+}

@@ -14,12 +14,13 @@
 //!
 //! 1. its home lane, when free;
 //! 2. a free lane whose connection has already served this tenant;
-//! 3. its home lane, waiting for it in turn, or any lane that has served
-//!    the tenant, whichever comes free first, for at most
+//! 3. its home lane or any lane that has served the tenant, whichever is
+//!    handed to it first, waiting for at most
 //!    [`crate::db::DbConfig::spill_after`] (`PLINTH_DB_SPILL_AFTER_MS`);
-//! 4. then the first lane to come free, whichever it is: work spills over
-//!    rather than queue behind a long transaction (or its own caller, when
-//!    work on a tenant nests) while other connections stand idle.
+//! 4. then any lane: a free one at once, else the first to be released to
+//!    it. Work spills over rather than queue behind a long transaction (or
+//!    its own caller, when work on a tenant nests) while other connections
+//!    stand idle.
 //!
 //! A backend so meets about (tenants ÷ lanes) tenants and stays warm for
 //! them. A busy tenant spills over after a short wait, and then finds the
@@ -27,6 +28,12 @@
 //! Platform work (the public schema, the same for every tenant) takes a
 //! connection from the pool when one is free, else borrows a free lane's,
 //! else waits for either.
+//!
+//! Waiting work queues, first come first served. A released lane goes
+//! straight to the first waiter that takes it (steps 3 and 4; platform work
+//! takes a lane with a connection in it), and is free only when none does:
+//! one release wakes one waiter, and work that arrives later does not
+//! overtake work that waits.
 //!
 //! A lane keeps its connection between uses. One that comes back broken,
 //! inside a transaction, or worn out ([`crate::pool::Manager::keeps`]) goes
@@ -36,27 +43,25 @@
 //! the Rust ones (deadpool, bb8, mobc) lets the caller ask for a particular
 //! one.
 
+use std::collections::VecDeque;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash as _, Hasher as _};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use deadpool::managed::{Object, Pool, TimeoutType};
-use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::db::PoolError;
 use crate::ids::TenantId;
 use crate::pool::{Manager, Pooled};
 
+/// What a lane holds: its connection, once it has one.
 type Slot = Option<Object<Manager>>;
 
-/// What [`Lanes::first_free`] found.
-#[allow(clippy::large_enum_variant, reason = "short-lived, one per checkout; boxing would allocate on every one")]
-enum Free {
-    Lane(OwnedMutexGuard<Slot>),
-    Pool(Object<Manager>),
-}
+/// A lane and what it held, as taken or handed over.
+type Taken = (usize, Slot);
 
 /// Waited the pool's wait timeout in vain.
 const WAITED: PoolError = PoolError::Timeout(TimeoutType::Wait);
@@ -64,12 +69,74 @@ const WAITED: PoolError = PoolError::Timeout(TimeoutType::Wait);
 /// The pool and its lanes, one lane per connection the pool may open.
 pub(crate) struct Lanes {
     pool: Pool<Manager>,
-    slots: Box<[Arc<Mutex<Slot>>]>,
-    /// Told whenever a lane is released, for work waiting for any lane.
-    released: Notify,
+    state: Mutex<State>,
+    /// How many lanes.
+    count: usize,
     wait_timeout: Duration,
     /// [`crate::db::DbConfig::spill_after`].
     spill_after: Duration,
+}
+
+/// The lanes and the work waiting for one, behind one lock: a lane is
+/// released and a waiter queued under it, so none is missed.
+struct State {
+    /// Each lane's connection while the lane is free; `None` while taken.
+    free: Box<[Option<Slot>]>,
+    waiters: VecDeque<Waiter>,
+    /// Numbers waiters, and spreads where platform work starts looking.
+    counter: u64,
+}
+
+struct Waiter {
+    id: u64,
+    want: Want,
+    hand: oneshot::Sender<Taken>,
+}
+
+/// Which lanes a caller takes.
+#[derive(Clone, Copy)]
+enum Want {
+    /// Tenant work: its home lane or one that has served it, or, once it
+    /// has waited [`Lanes::spill_after`], `any` lane.
+    Tenant { tenant: TenantId, home: usize, any: bool },
+    /// Platform work: a lane with a connection in it.
+    Platform,
+}
+
+impl Want {
+    fn takes(self, lane: usize, slot: &Slot) -> bool {
+        match self {
+            Self::Tenant { any: true, .. } => true,
+            Self::Tenant { tenant, home, any: false } => {
+                lane == home || slot.as_deref().is_some_and(|c| c.has_served(tenant))
+            }
+            Self::Platform => slot.is_some(),
+        }
+    }
+}
+
+impl State {
+    /// Takes `lane` if it is free.
+    fn take(&mut self, lane: usize) -> Option<Taken> {
+        self.free[lane].take().map(|slot| (lane, slot))
+    }
+
+    /// Takes the first free lane from `start` on (wrapping round) that
+    /// `want` takes.
+    fn take_wanted(&mut self, want: Want, start: usize) -> Option<Taken> {
+        let lanes = self.free.len();
+        let lane = (start..start + lanes)
+            .map(|i| i % lanes)
+            .find(|&lane| self.free[lane].as_ref().is_some_and(|slot| want.takes(lane, slot)))?;
+        self.take(lane)
+    }
+
+    fn queue(&mut self, want: Want) -> (u64, oneshot::Receiver<Taken>) {
+        let (hand, handed) = oneshot::channel();
+        self.counter += 1;
+        self.waiters.push_back(Waiter { id: self.counter, want, hand });
+        (self.counter, handed)
+    }
 }
 
 impl Lanes {
@@ -77,23 +144,32 @@ impl Lanes {
         let lanes = pool.status().max_size.max(1);
         Self {
             pool,
-            slots: (0..lanes).map(|_| Arc::new(Mutex::new(None))).collect(),
-            released: Notify::new(),
+            state: Mutex::new(State {
+                free: (0..lanes).map(|_| Some(None)).collect(),
+                waiters: VecDeque::new(),
+                counter: 0,
+            }),
+            count: lanes,
             wait_timeout,
             spill_after,
         }
     }
 
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding it; were it poisoned, the state is
+        // still whole (each change under it is one assignment).
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The pool's counts, with connections resting in a free lane counted
-    /// as idle (the pool itself counts them as in use).
+    /// as idle (the pool itself counts them as in use), and tenant work
+    /// waiting for a lane counted as waiting (platform work waits on the
+    /// pool too, which counts it).
     pub(crate) fn status(&self) -> deadpool::Status {
         let mut status = self.pool.status();
-        let resting =
-            self.slots.iter().filter(|slot| slot.try_lock().is_ok_and(|connection| connection.is_some())).count();
-        // Looking held each lane for a moment: whoever found one busy
-        // because of it and now waits for a release must look again.
-        self.released.notify_waiters();
-        status.available += resting;
+        let state = self.state();
+        status.available += state.free.iter().filter(|slot| matches!(slot, Some(Some(_)))).count();
+        status.waiting += state.waiters.iter().filter(|w| matches!(w.want, Want::Tenant { .. })).count();
         status
     }
 
@@ -101,118 +177,155 @@ impl Lanes {
     pub(crate) async fn tenant(self: &Arc<Self>, tenant: TenantId) -> Result<Checkout, PoolError> {
         let deadline = Instant::now() + self.wait_timeout;
         let home = self.home(tenant);
-        let (guard, how) = if let Some(guard) = self.try_lane(home) {
-            (guard, "home")
-        } else if let Some(guard) = self.free_lane(|slot| slot.as_deref().is_some_and(|c| c.has_served(tenant))) {
-            (guard, "warm")
-        } else if let Some(guard) = self.home_or_warm(home, tenant).await {
-            (guard, "wait")
-        } else {
-            match self.first_free(deadline, |_| true, false).await? {
-                Free::Lane(guard) => (guard, "spill"),
-                Free::Pool(object) => return Ok(Checkout { held: Held::Pool(object) }),
+        let want = Want::Tenant { tenant, home, any: false };
+        let queued = {
+            let mut state = self.state();
+            if let Some(taken) = state.take(home) {
+                Ok((taken, "home"))
+            } else if let Some(taken) = state.take_wanted(want, home) {
+                Ok((taken, "warm"))
+            } else {
+                Err(state.queue(want))
+            }
+        };
+        let (taken, how) = match queued {
+            Ok(taken) => taken,
+            Err((id, handed)) => {
+                let mut waiting = Waiting { lanes: self, id, handed };
+                let spill_at = (Instant::now() + self.spill_after).min(deadline);
+                tokio::select! {
+                    taken = &mut waiting.handed => (taken.map_err(|_| WAITED)?, "wait"),
+                    () = tokio::time::sleep_until(spill_at) => match waiting.spill(home) {
+                        Some(taken) => (taken, "spill"),
+                        None => (waiting.until(deadline).await?, "spill"),
+                    },
+                }
             }
         };
         crate::counters::increment("plinth_db_lane_checkouts_total", &[("lane", how)]);
-        self.filled(guard).await
-    }
-
-    /// Waits, up to [`crate::db::DbConfig::spill_after`], for `tenant`'s home
-    /// lane (in turn) or any lane that has served it, whichever comes free
-    /// first.
-    async fn home_or_warm(&self, home: usize, tenant: TenantId) -> Option<OwnedMutexGuard<Slot>> {
-        let until = Instant::now() + self.spill_after.min(self.wait_timeout);
-        let home = Arc::clone(&self.slots[home]).lock_owned();
-        let released = self.released.notified();
-        tokio::pin!(home, released);
-        loop {
-            // Registered before looking, so a lane released from here on
-            // wakes this caller.
-            released.as_mut().enable();
-            if let Some(guard) = self.free_lane(|slot| slot.as_deref().is_some_and(|c| c.has_served(tenant))) {
-                return Some(guard);
-            }
-            tokio::select! {
-                guard = &mut home => return Some(guard),
-                () = released.as_mut() => released.set(self.released.notified()),
-                () = tokio::time::sleep_until(until) => return None,
-            }
-        }
+        self.filled(taken).await
     }
 
     /// A connection for platform work: from the pool, or borrowed from a
     /// free lane, whichever comes first.
     pub(crate) async fn platform(self: &Arc<Self>) -> Result<Checkout, PoolError> {
         let deadline = Instant::now() + self.wait_timeout;
-        match self.first_free(deadline, Option::is_some, true).await? {
-            Free::Lane(guard) => self.filled(guard).await,
-            Free::Pool(object) => Ok(Checkout { held: Held::Pool(object) }),
-        }
-    }
-
-    /// Waits until `deadline` for the first free lane whose slot passes
-    /// `wanted` or, with `from_pool`, a connection from the pool.
-    async fn first_free(
-        &self,
-        deadline: Instant,
-        wanted: fn(&Slot) -> bool,
-        from_pool: bool,
-    ) -> Result<Free, PoolError> {
         let mut at_once = self.pool.timeouts();
         at_once.wait = Some(Duration::ZERO);
-        let released = self.released.notified();
-        tokio::pin!(released);
-        loop {
-            // Registered before looking, so a lane released from here on
-            // wakes this caller.
-            released.as_mut().enable();
-            if from_pool {
-                match self.pool.timeout_get(&at_once).await {
-                    Ok(object) => return Ok(Free::Pool(object)),
-                    Err(PoolError::Timeout(TimeoutType::Wait)) => {}
-                    Err(err) => return Err(err),
+        match self.pool.timeout_get(&at_once).await {
+            Ok(object) => return Ok(Checkout { held: Held::Pool(object) }),
+            Err(PoolError::Timeout(TimeoutType::Wait)) => {}
+            Err(err) => return Err(err),
+        }
+        let queued = {
+            let mut state = self.state();
+            // Looking from a different lane each time spreads the borrowing.
+            let start = (state.counter % state.free.len() as u64) as usize;
+            state.counter += 1;
+            state.take_wanted(Want::Platform, start).ok_or_else(|| state.queue(Want::Platform))
+        };
+        let taken = match queued {
+            Ok(taken) => taken,
+            Err((id, handed)) => {
+                let mut waiting = Waiting { lanes: self, id, handed };
+                tokio::select! {
+                    object = self.pool.get() => return Ok(Checkout { held: Held::Pool(object?) }),
+                    taken = waiting.until(deadline) => taken?,
                 }
             }
-            if let Some(guard) = self.free_lane(wanted) {
-                return Ok(Free::Lane(guard));
-            }
-            let pooled = async { if from_pool { self.pool.get().await } else { std::future::pending().await } };
-            tokio::select! {
-                object = pooled => return Ok(Free::Pool(object?)),
-                () = released.as_mut() => released.set(self.released.notified()),
-                () = tokio::time::sleep_until(deadline) => return Err(WAITED),
-            }
-        }
+        };
+        self.filled(taken).await
     }
 
     fn home(&self, tenant: TenantId) -> usize {
         // SipHash with fixed keys: the same lane in every worker and process.
         let mut hasher = DefaultHasher::new();
         tenant.hash(&mut hasher);
-        (hasher.finish() % self.slots.len() as u64) as usize
-    }
-
-    fn try_lane(&self, lane: usize) -> Option<OwnedMutexGuard<Slot>> {
-        Arc::clone(&self.slots[lane]).try_lock_owned().ok()
-    }
-
-    /// The first free lane whose slot passes `wanted`.
-    fn free_lane(&self, wanted: impl Fn(&Slot) -> bool) -> Option<OwnedMutexGuard<Slot>> {
-        (0..self.slots.len()).find_map(|lane| self.try_lane(lane).filter(|guard| wanted(guard)))
+        (hasher.finish() % self.count as u64) as usize
     }
 
     /// Hands out the lane, after taking a connection from the pool for it if
     /// it has none.
-    async fn filled(self: &Arc<Self>, guard: OwnedMutexGuard<Slot>) -> Result<Checkout, PoolError> {
+    async fn filled(self: &Arc<Self>, (lane, slot): Taken) -> Result<Checkout, PoolError> {
         // The checkout exists before the wait, so that the lane is released
-        // (and platform work told) however this ends.
-        let mut checkout = Checkout { held: Held::Lane { slot: Some(guard), lanes: Arc::clone(self) } };
-        if let Held::Lane { slot: Some(slot), .. } = &mut checkout.held
-            && slot.is_none()
-        {
-            **slot = Some(self.pool.get().await?);
+        // however this ends.
+        let mut checkout = Checkout { held: Held::Lane { lane, slot, lanes: Arc::clone(self) } };
+        if let Held::Lane { slot: slot @ None, .. } = &mut checkout.held {
+            *slot = Some(self.pool.get().await?);
         }
         Ok(checkout)
+    }
+
+    /// Gives `lane` back: to the first waiter that takes it, else free.
+    fn release(&self, lane: usize, mut slot: Slot) {
+        if let Some(object) = slot.as_mut() {
+            let age = Object::metrics(object).age();
+            if std::thread::panicking() || self.pool.manager().keeps(object, age).is_err() {
+                // Back to the pool, whose recycling retires it (and counts
+                // why); outside the lock.
+                slot = None;
+            }
+        }
+        let mut state = self.state();
+        let mut taken = (lane, slot);
+        while let Some(i) = state.waiters.iter().position(|w| w.want.takes(lane, &taken.1)) {
+            let Some(waiter) = state.waiters.remove(i) else { break };
+            match waiter.hand.send(taken) {
+                Ok(()) => return,
+                // It gave up waiting a moment ago.
+                Err(back) => taken = back,
+            }
+        }
+        state.free[lane] = Some(taken.1);
+    }
+}
+
+/// A place in the queue of [`Lanes`]. Dropped, it leaves the queue, and
+/// passes on a lane it was handed but did not take.
+struct Waiting<'a> {
+    lanes: &'a Lanes,
+    id: u64,
+    handed: oneshot::Receiver<Taken>,
+}
+
+impl Waiting<'_> {
+    /// Tenant work that has waited long enough for its own lanes: takes
+    /// any free lane now, or from here on waits for any.
+    fn spill(&mut self, from: usize) -> Option<Taken> {
+        let mut state = self.lanes.state();
+        // Out of the queue: it was handed a lane a moment ago, which
+        // `until` receives at once.
+        let i = state.waiters.iter().position(|w| w.id == self.id)?;
+        let want = &mut state.waiters[i].want;
+        if let Want::Tenant { any, .. } = want {
+            *any = true;
+        }
+        let want = *want;
+        let taken = state.take_wanted(want, from)?;
+        state.waiters.remove(i);
+        Some(taken)
+    }
+
+    /// The lane handed to this waiter, if one is by `deadline`.
+    async fn until(&mut self, deadline: Instant) -> Result<Taken, PoolError> {
+        tokio::select! {
+            taken = &mut self.handed => taken.map_err(|_| WAITED),
+            () = tokio::time::sleep_until(deadline) => Err(WAITED),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut state = self.lanes.state();
+        if let Some(i) = state.waiters.iter().position(|w| w.id == self.id) {
+            state.waiters.remove(i);
+            return;
+        }
+        drop(state);
+        if let Ok((lane, slot)) = self.handed.try_recv() {
+            self.lanes.release(lane, slot);
+        }
     }
 }
 
@@ -228,10 +341,11 @@ pub struct Checkout {
 )]
 enum Held {
     Pool(Object<Manager>),
-    /// The lane's lock (an `Option` only so that dropping can release it
-    /// before telling waiters), with a connection in it.
+    /// A lane, with its connection in `slot` (an `Option` only so that
+    /// dropping can hand it back).
     Lane {
-        slot: Option<OwnedMutexGuard<Slot>>,
+        lane: usize,
+        slot: Slot,
         lanes: Arc<Lanes>,
     },
 }
@@ -242,10 +356,8 @@ impl std::ops::Deref for Checkout {
     fn deref(&self) -> &Pooled {
         match &self.held {
             Held::Pool(object) => object,
-            Held::Lane { slot, .. } => match slot.as_deref() {
-                Some(Some(object)) => object,
-                _ => unreachable!("a lane is handed out with a connection in it"),
-            },
+            Held::Lane { slot: Some(object), .. } => object,
+            Held::Lane { slot: None, .. } => unreachable!("a lane is handed out with a connection in it"),
         }
     }
 }
@@ -254,30 +366,16 @@ impl std::ops::DerefMut for Checkout {
     fn deref_mut(&mut self) -> &mut Pooled {
         match &mut self.held {
             Held::Pool(object) => object,
-            Held::Lane { slot, .. } => match slot.as_deref_mut() {
-                Some(Some(object)) => object,
-                _ => unreachable!("a lane is handed out with a connection in it"),
-            },
+            Held::Lane { slot: Some(object), .. } => object,
+            Held::Lane { slot: None, .. } => unreachable!("a lane is handed out with a connection in it"),
         }
     }
 }
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        let Held::Lane { slot, lanes } = &mut self.held else { return };
-        let Some(mut guard) = slot.take() else { return };
-        let keep = match guard.as_mut() {
-            Some(object) => {
-                let age = Object::metrics(object).age();
-                !std::thread::panicking() && lanes.pool.manager().keeps(object, age).is_ok()
-            }
-            None => true,
-        };
-        if !keep {
-            // Back to the pool, whose recycling retires it (and counts why).
-            guard.take();
+        if let Held::Lane { lane, slot, lanes } = &mut self.held {
+            lanes.release(*lane, slot.take());
         }
-        drop(guard);
-        lanes.released.notify_waiters();
     }
 }
