@@ -78,6 +78,10 @@ for R in $(seq "$ROUNDS"); do
         start_server "$W"
         wrk -t2 -c"$CONNS" -d2s -H 'X-Tenant: bench' -H "$AUTH" "$URL" >/dev/null
         wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'X-Tenant: bench' -H "$AUTH" "$URL" >"$OUT/wrk-$W-$R.txt"
+        if grep -q Non-2xx "$OUT/wrk-$W-$R.txt"; then
+            echo "round $R, $W worker(s): answers other than 2xx; what the server logged:"
+            grep -E 'WARN|ERROR' "$OUT/serve.log" | grep -v PLINTH_ENCRYPTION_KEY | tail -5
+        fi
         stop_server
     done
     pgbench -S -M prepared -c"$CONNS" -j2 -T"$DURATION" "$BASE_URL/plinth_bench_pgbench" >"$OUT/pgbench-$R.txt" 2>/dev/null
