@@ -193,7 +193,9 @@ impl Lanes {
             Err((id, handed)) => {
                 let mut waiting = Waiting { lanes: self, id, handed };
                 let spill_at = (Instant::now() + self.spill_after).min(deadline);
+                // A lane handed over is taken, even at the moment of spilling.
                 tokio::select! {
+                    biased;
                     taken = &mut waiting.handed => (taken.map_err(|_| WAITED)?, "wait"),
                     () = tokio::time::sleep_until(spill_at) => match waiting.spill(home) {
                         Some(taken) => (taken, "spill"),
@@ -308,7 +310,9 @@ impl Waiting<'_> {
 
     /// The lane handed to this waiter, if one is by `deadline`.
     async fn until(&mut self, deadline: Instant) -> Result<Taken, PoolError> {
+        // A lane handed over is taken, even at the deadline.
         tokio::select! {
+            biased;
             taken = &mut self.handed => taken.map_err(|_| WAITED),
             () = tokio::time::sleep_until(deadline) => Err(WAITED),
         }
