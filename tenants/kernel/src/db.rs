@@ -156,13 +156,17 @@ impl Db {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
-        let mut conn = self.conn().await?;
-        if creates_schema {
-            conn.provision();
-        }
-        AnsiTransactionManager::begin_transaction(&mut **conn).await?;
-        let result = f(&mut conn).await;
-        finish(&mut conn, result).await
+        // Boxed, as every transaction below: see [`Db::tenant_read`].
+        Box::pin(async {
+            let mut conn = self.conn().await?;
+            if creates_schema {
+                conn.provision();
+            }
+            AnsiTransactionManager::begin_transaction(&mut **conn).await?;
+            let result = f(&mut conn).await;
+            finish(&mut conn, result).await
+        })
+        .await
     }
 
     /// Runs `f` on a platform connection without opening a transaction:
@@ -174,8 +178,11 @@ impl Db {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
-        let mut conn = self.conn().await?;
-        f(&mut conn).await
+        Box::pin(async {
+            let mut conn = self.conn().await?;
+            f(&mut conn).await
+        })
+        .await
     }
 
     /// Runs `f` in a platform transaction bound to one tenant: the platform
@@ -189,16 +196,18 @@ impl Db {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
-        async {
-            let mut conn = self.tenant_conn(tenant.id).await?;
-            AnsiTransactionManager::begin_transaction(&mut **conn).await?;
-            let result = {
-                let mut rows = TenantRows { conn: &mut conn, tenant_id: tenant.id, schema: tenant.schema };
-                f(&mut rows).await
-            };
-            counted("rows", finish(&mut conn, result).await)
-        }
-        .instrument(tx_span("rows", tenant.id))
+        Box::pin(
+            async {
+                let mut conn = self.tenant_conn(tenant.id).await?;
+                AnsiTransactionManager::begin_transaction(&mut **conn).await?;
+                let result = {
+                    let mut rows = TenantRows { conn: &mut conn, tenant_id: tenant.id, schema: tenant.schema };
+                    f(&mut rows).await
+                };
+                counted("rows", finish(&mut conn, result).await)
+            }
+            .instrument(tx_span("rows", tenant.id)),
+        )
         .await
     }
 
@@ -216,31 +225,33 @@ impl Db {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
-        async {
-            let mut obj = self.tenant_conn(tenant.id).await?;
-            let begin_sql = open_scoped(&mut obj, tenant)?;
-            let result = {
-                let shared: &AsyncPgConnection = &obj;
-                let mut scoped = TenantConn { conn: shared, tenant_id: tenant.id };
-                // `join` polls `begin` first, which queues BEGIN on the connection
-                // before `f` can queue anything; the connection keeps that order.
-                let begin = async {
-                    let mut conn = shared;
-                    conn.batch_execute(&begin_sql).await
+        Box::pin(
+            async {
+                let mut obj = self.tenant_conn(tenant.id).await?;
+                let begin_sql = open_scoped(&mut obj, tenant)?;
+                let result = {
+                    let shared: &AsyncPgConnection = &obj;
+                    let mut scoped = TenantConn { conn: shared, tenant_id: tenant.id };
+                    // `join` polls `begin` first, which queues BEGIN on the connection
+                    // before `f` can queue anything; the connection keeps that order.
+                    let begin = async {
+                        let mut conn = shared;
+                        conn.batch_execute(&begin_sql).await
+                    };
+                    let body = async {
+                        #[cfg(debug_assertions)]
+                        scoped.assert_schema::<E>(tenant.schema).await?;
+                        f(&mut scoped).await
+                    };
+                    match futures_util::future::join(begin, body).await {
+                        (Ok(()), result) => result,
+                        (Err(begin_failed), _) => Err(begin_failed.into()),
+                    }
                 };
-                let body = async {
-                    #[cfg(debug_assertions)]
-                    scoped.assert_schema::<E>(tenant.schema).await?;
-                    f(&mut scoped).await
-                };
-                match futures_util::future::join(begin, body).await {
-                    (Ok(()), result) => result,
-                    (Err(begin_failed), _) => Err(begin_failed.into()),
-                }
-            };
-            counted("schema", finish(&mut obj, result).await)
-        }
-        .instrument(tx_span("schema", tenant.id))
+                counted("schema", finish(&mut obj, result).await)
+            }
+            .instrument(tx_span("schema", tenant.id)),
+        )
         .await
     }
     /// Runs one read statement of a tenant's tables, in one round trip to
@@ -290,7 +301,13 @@ impl Db {
             let rows = diesel_async::RunQueryDsl::load::<U>(query, &mut *conn).await.map_err(E::from);
             finish(conn, rows).await
         };
-        async { counted("schema", read.await) }.instrument(tx_span("schema", tenant.id)).await
+        // Boxed: the checkout and the query make a future of tens of
+        // kilobytes, which every enclosing future (the handler's, actix's
+        // boxes, tracing's wrappers) would otherwise hold inline and copy
+        // each time it is moved; copying it was over half of the
+        // instructions of this read (`docs/benchmarks.md`). One allocation
+        // costs less.
+        Box::pin(async { counted("schema", read.await) }.instrument(tx_span("schema", tenant.id))).await
     }
 }
 
@@ -475,4 +492,51 @@ impl<'c> TenantRows<'c> {
 /// Runs a batch of SQL without parameters on a connection (DDL, migrations).
 pub async fn batch(conn: &mut PgConn, sql: &str) -> Result<(), diesel::result::Error> {
     conn.batch_execute(sql).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, diesel::QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        _name: String,
+    }
+
+    /// The error type the calls are sized with; never built here.
+    struct Failed;
+    impl From<diesel::result::Error> for Failed {
+        fn from(_: diesel::result::Error) -> Self {
+            Self
+        }
+    }
+    impl From<PoolError> for Failed {
+        fn from(_: PoolError) -> Self {
+            Self
+        }
+    }
+
+    /// Every request's future holds the database call's, and actix, tracing
+    /// and the handler move it several times: a checkout that carried the
+    /// connect future inline (16 KiB) made copying over half of a read's
+    /// instructions. The pool is lazy, so nothing here connects.
+    #[test]
+    fn database_calls_are_small_futures() -> anyhow::Result<()> {
+        let db = Db::connect(&DbConfig::new("postgres://plinth@127.0.0.1:1/none"))?;
+        let tenant = TenantId(uuid::Uuid::nil());
+        let schema = SchemaName::for_tenant(tenant);
+        let scope = TenantScope { id: tenant, schema: &schema };
+        let checkout = std::mem::size_of_val(&db.tenant_conn(tenant));
+        assert!(checkout <= 2048, "a tenant checkout's future is {checkout} bytes");
+        let platform = std::mem::size_of_val(&db.conn());
+        assert!(platform <= 2048, "a platform checkout's future is {platform} bytes");
+        let read = std::mem::size_of_val(&db.tenant_read::<_, Name, Failed>(scope, TenantSql("SELECT 1"), |q| q));
+        assert!(read <= 256, "a tenant read's future is {read} bytes");
+        let tx = std::mem::size_of_val(&db.platform(async |c| {
+            diesel_async::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), c).await.map_err(Failed::from)
+        }));
+        assert!(tx <= 256, "a platform transaction's future is {tx} bytes");
+        Ok(())
+    }
 }

@@ -190,22 +190,32 @@ impl Lanes {
         };
         let (taken, how) = match queued {
             Ok(taken) => taken,
-            Err((id, handed)) => {
-                let mut waiting = Waiting { lanes: self, id, handed };
-                let spill_at = (Instant::now() + self.spill_after).min(deadline);
-                // A lane handed over is taken, even at the moment of spilling.
-                tokio::select! {
-                    biased;
-                    taken = &mut waiting.handed => (taken.map_err(|_| WAITED)?, "wait"),
-                    () = tokio::time::sleep_until(spill_at) => match waiting.spill(home) {
-                        Some(taken) => (taken, "spill"),
-                        None => (waiting.until(deadline).await?, "spill"),
-                    },
-                }
-            }
+            // Boxed: the timers make this wait most of the checkout's
+            // future, which stays small when a lane is free at once.
+            Err((id, handed)) => Box::pin(self.queued(Waiting { lanes: self, id, handed }, home, deadline)).await?,
         };
         crate::counters::increment("plinth_db_lane_checkouts_total", &[("lane", how)]);
         self.filled(taken).await
+    }
+
+    /// Tenant work's wait in the queue: for its own lanes until it has
+    /// waited [`Lanes::spill_after`], then for any.
+    async fn queued(
+        &self,
+        mut waiting: Waiting<'_>,
+        home: usize,
+        deadline: Instant,
+    ) -> Result<(Taken, &'static str), PoolError> {
+        let spill_at = (Instant::now() + self.spill_after).min(deadline);
+        // A lane handed over is taken, even at the moment of spilling.
+        Ok(tokio::select! {
+            biased;
+            taken = &mut waiting.handed => (taken.map_err(|_| WAITED)?, "wait"),
+            () = tokio::time::sleep_until(spill_at) => match waiting.spill(home) {
+                Some(taken) => (taken, "spill"),
+                None => (waiting.until(deadline).await?, "spill"),
+            },
+        })
     }
 
     /// A connection for platform work: from the pool, or borrowed from a
@@ -214,7 +224,7 @@ impl Lanes {
         let deadline = Instant::now() + self.wait_timeout;
         let mut at_once = self.pool.timeouts();
         at_once.wait = Some(Duration::ZERO);
-        match self.pool.timeout_get(&at_once).await {
+        match Box::pin(self.pool.timeout_get(&at_once)).await {
             Ok(object) => return Ok(Checkout { held: Held::Pool(object) }),
             Err(PoolError::Timeout(TimeoutType::Wait)) => {}
             Err(err) => return Err(err),
@@ -231,7 +241,7 @@ impl Lanes {
             Err((id, handed)) => {
                 let mut waiting = Waiting { lanes: self, id, handed };
                 tokio::select! {
-                    object = self.pool.get() => return Ok(Checkout { held: Held::Pool(object?) }),
+                    object = Box::pin(self.pool.get()) => return Ok(Checkout { held: Held::Pool(object?) }),
                     taken = waiting.until(deadline) => taken?,
                 }
             }
@@ -253,7 +263,10 @@ impl Lanes {
         // however this ends.
         let mut checkout = Checkout { held: Held::Lane { lane, slot, lanes: Arc::clone(self) } };
         if let Held::Lane { slot: slot @ None, .. } = &mut checkout.held {
-            *slot = Some(self.pool.get().await?);
+            // Boxed, as is every wait on the pool here: the pool's future is
+            // about 2 KiB, and inline it would make every checkout's future
+            // that much larger to move, though a lane rarely needs it.
+            *slot = Some(Box::pin(self.pool.get()).await?);
         }
         Ok(checkout)
     }

@@ -104,7 +104,12 @@ impl deadpool::managed::Manager for Manager {
     type Error = ManagerError;
 
     async fn create(&self) -> Result<Pooled, ManagerError> {
-        let conn = establish(&self.target, self.statement_cache).await.map_err(ManagerError::ConnectionError)?;
+        // Boxed: connecting (TLS included) is a future of about 16 KiB,
+        // which every future that may wait on the pool would otherwise
+        // carry inline and copy when moved, on every checkout, though it
+        // connects rarely (`docs/benchmarks.md`, instructions per request).
+        let conn =
+            Box::pin(establish(&self.target, self.statement_cache)).await.map_err(ManagerError::ConnectionError)?;
         Ok(Pooled { conn, tenants: HashSet::new(), provisioned: 0 })
     }
 
