@@ -240,3 +240,63 @@ async fn a_lane_handed_to_work_that_gave_up_passes_to_the_next_in_line() -> Test
     assert_eq!(db.status().waiting, 0);
     Ok(())
 }
+
+/// A busy tenant spreads over the pool at once rather than queue for the
+/// one backend that knows it. With the spill time out of reach, one
+/// transaction holds the tenant's only warm lane and a second read queues
+/// for it; a third, finding the tenant's own work already waiting, takes
+/// another lane and finishes while the first still holds its own. (Before,
+/// one tenant's reads all queued for one backend while the others stood
+/// idle, since a queue of short reads never waits the spill time.)
+#[tokio::test]
+async fn work_on_a_tenant_whose_work_already_waits_takes_another_lane() -> TestResult {
+    use std::future::Future as _;
+    use std::task::{Context, Waker};
+    use std::time::Duration;
+
+    let testdb = TestDb::migrated().await?;
+    let mut config = plinth_tenants::DbConfig::new(&testdb.url);
+    config.pool_size = 3;
+    config.spill_after = Duration::from_secs(3600);
+    config.wait_timeout = Duration::from_secs(3600);
+    let db = Db::connect(&config)?;
+    let tenant = tenants(&db, 1).await?.remove(0);
+    let home = tenant_backend(&db, &tenant).await?;
+
+    let (inside, end) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let holder = tokio::spawn({
+        let (db, tenant, inside, end) = (db.clone(), tenant.clone(), Arc::clone(&inside), Arc::clone(&end));
+        async move {
+            db.tenant(tenant.scope(), async |_| {
+                inside.notify_one();
+                end.notified().await;
+                Ok::<_, ApiError>(())
+            })
+            .await
+            .map_err(|e| e.to_string())
+        }
+    });
+    inside.notified().await;
+
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut queued = Box::pin(tenant_backend(&db, &tenant));
+    assert!(queued.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(db.status().waiting, 1, "the second read queues for the tenant's lane");
+
+    // Waits for the read itself; the timeout only turns a hang into a failure.
+    let spread = tokio::time::timeout(Duration::from_secs(60), tenant_backend(&db, &tenant))
+        .await
+        .map_err(|_| "the third read queued behind the tenant's own work")??;
+    assert_ne!(spread, home, "the third read went to another backend");
+
+    // The lane it spread to now knows the tenant: the queued read takes it
+    // as soon as it comes free, with the first transaction still open.
+    let second = tokio::time::timeout(Duration::from_secs(60), queued)
+        .await
+        .map_err(|_| "the queued read waited for the busy lane")??;
+    assert_eq!(second, spread);
+    assert!(!holder.is_finished(), "the first transaction still holds its lane");
+    end.notify_one();
+    holder.await??;
+    Ok(())
+}

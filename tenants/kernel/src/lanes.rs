@@ -22,9 +22,18 @@
 //!    its own caller, when work on a tenant nests) while other connections
 //!    stand idle.
 //!
+//! Except that work finding the same tenant's work already queued (step 3)
+//! takes any lane at once (step 4, counted as `spread`): the lanes that know
+//! the tenant are too few for it. Without this, one busy tenant's reads all
+//! queued for the one backend of its home lane, however many stood idle,
+//! since a queue of sub-millisecond reads never waits the spill time. A
+//! backend that serves it once is warm for it from then on (step 2), so a
+//! busy tenant spreads over as many lanes as its load needs; over many
+//! quiet tenants a tenant rarely has two reads at once, and reads keep to
+//! their home lanes.
+//!
 //! A backend so meets about (tenants ÷ lanes) tenants and stays warm for
-//! them. A busy tenant spills over after a short wait, and then finds the
-//! lanes it spilled to warm (step 2).
+//! them.
 //! Platform work (the public schema, the same for every tenant) takes a
 //! connection from the pool when one is free, else borrows a free lane's,
 //! else waits for either.
@@ -131,6 +140,11 @@ impl State {
         self.take(lane)
     }
 
+    /// Whether work on `tenant` is already waiting.
+    fn waiting_for(&self, tenant: TenantId) -> bool {
+        self.waiters.iter().any(|w| matches!(w.want, Want::Tenant { tenant: t, .. } if t == tenant))
+    }
+
     fn queue(&mut self, want: Want) -> (u64, oneshot::Receiver<Taken>) {
         let (hand, handed) = oneshot::channel();
         self.counter += 1;
@@ -184,15 +198,29 @@ impl Lanes {
                 Ok((taken, "home"))
             } else if let Some(taken) = state.take_wanted(want, home) {
                 Ok((taken, "warm"))
+            } else if state.waiting_for(tenant) {
+                // Its own work already queues: the lanes that know it are
+                // too few for it. Any lane, at once if one is free.
+                let want = Want::Tenant { tenant, home, any: true };
+                match state.take_wanted(want, home) {
+                    Some(taken) => Ok((taken, "spread")),
+                    None => Err((state.queue(want), true)),
+                }
             } else {
-                Err(state.queue(want))
+                Err((state.queue(want), false))
             }
         };
         let (taken, how) = match queued {
             Ok(taken) => taken,
-            // Boxed: the timers make this wait most of the checkout's
-            // future, which stays small when a lane is free at once.
-            Err((id, handed)) => Box::pin(self.queued(Waiting { lanes: self, id, handed }, home, deadline)).await?,
+            // Boxed, both waits: their timers would make most of the
+            // checkout's future, which stays small when a lane is free.
+            Err(((id, handed), true)) => {
+                let wait = async move { Waiting { lanes: self, id, handed }.until(deadline).await };
+                (Box::pin(wait).await?, "spread")
+            }
+            Err(((id, handed), false)) => {
+                Box::pin(self.queued(Waiting { lanes: self, id, handed }, home, deadline)).await?
+            }
         };
         crate::counters::increment("plinth_db_lane_checkouts_total", &[("lane", how)]);
         self.filled(taken).await
