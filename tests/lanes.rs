@@ -43,6 +43,29 @@ async fn tenant_backend_when_all_in(db: &Db, tenant: &Tenant, all_in: &tokio::sy
     Ok(row.pid)
 }
 
+/// A transaction of `tenant` that has started and holds its connection
+/// until the returned `Notify` is notified; the handle ends with it.
+async fn hold_a_lane(
+    db: &Db,
+    tenant: &Tenant,
+) -> (tokio::task::JoinHandle<Result<(), String>>, Arc<tokio::sync::Notify>) {
+    let (inside, end) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let holder = tokio::spawn({
+        let (db, tenant, inside, end) = (db.clone(), tenant.clone(), Arc::clone(&inside), Arc::clone(&end));
+        async move {
+            db.tenant(tenant.scope(), async |_| {
+                inside.notify_one();
+                end.notified().await;
+                Ok::<_, ApiError>(())
+            })
+            .await
+            .map_err(|e| e.to_string())
+        }
+    });
+    inside.notified().await;
+    (holder, end)
+}
+
 async fn platform_backend(db: &Db) -> TestResult<i32> {
     let row: Pid = db.platform(async |c| Ok::<_, ApiError>(diesel::sql_query(PID).get_result(c).await?)).await?;
     Ok(row.pid)
@@ -201,20 +224,7 @@ async fn a_lane_handed_to_work_that_gave_up_passes_to_the_next_in_line() -> Test
     let first = tenant_backend(&db, &tenant).await?;
 
     // One transaction holds the only lane.
-    let (inside, end) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
-    let holder = tokio::spawn({
-        let (db, tenant, inside, end) = (db.clone(), tenant.clone(), Arc::clone(&inside), Arc::clone(&end));
-        async move {
-            db.tenant(tenant.scope(), async |_| {
-                inside.notify_one();
-                end.notified().await;
-                Ok::<_, ApiError>(())
-            })
-            .await
-            .map_err(|e| e.to_string())
-        }
-    });
-    inside.notified().await;
+    let (holder, end) = hold_a_lane(&db, &tenant).await;
 
     // Two more queue behind it, each polled once (into the queue) and then
     // left alone: neither runs again until the test says so.
@@ -263,20 +273,7 @@ async fn work_on_a_tenant_whose_work_already_waits_takes_another_lane() -> TestR
     let tenant = tenants(&db, 1).await?.remove(0);
     let home = tenant_backend(&db, &tenant).await?;
 
-    let (inside, end) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
-    let holder = tokio::spawn({
-        let (db, tenant, inside, end) = (db.clone(), tenant.clone(), Arc::clone(&inside), Arc::clone(&end));
-        async move {
-            db.tenant(tenant.scope(), async |_| {
-                inside.notify_one();
-                end.notified().await;
-                Ok::<_, ApiError>(())
-            })
-            .await
-            .map_err(|e| e.to_string())
-        }
-    });
-    inside.notified().await;
+    let (holder, end) = hold_a_lane(&db, &tenant).await;
 
     let mut cx = Context::from_waker(Waker::noop());
     let mut queued = Box::pin(tenant_backend(&db, &tenant));
