@@ -297,3 +297,26 @@ async fn work_on_a_tenant_whose_work_already_waits_takes_another_lane() -> TestR
     holder.await??;
     Ok(())
 }
+
+/// A connection that died while its lane rested (the server ended its
+/// backend, or restarted) is not handed out: the next work on the lane
+/// gets a new connection and succeeds, rather than failing with a 503.
+#[tokio::test]
+async fn a_connection_that_died_while_its_lane_rested_is_replaced() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(2)?;
+    let tenant = tenants(&db, 1).await?.remove(0);
+    let before = tenant_backend(&db, &tenant).await?;
+    let client = testdb.client().await?;
+    client.query_one("SELECT pg_terminate_backend($1)", &[&before]).await?;
+    // Waits for the backend to be gone, then for one more round trip, so
+    // that the pool's side of the connection has read the server's goodbye.
+    let gone = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1";
+    while client.query_one(gone, &[&before]).await?.get::<_, i64>(0) > 0 {
+        tokio::task::yield_now().await;
+    }
+    client.batch_execute("SELECT 1").await?;
+    let after = tenant_backend(&db, &tenant).await?;
+    assert_ne!(after, before, "a new backend serves the tenant");
+    Ok(())
+}

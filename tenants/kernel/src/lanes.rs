@@ -290,6 +290,13 @@ impl Lanes {
         // The checkout exists before the wait, so that the lane is released
         // however this ends.
         let mut checkout = Checkout { held: Held::Lane { lane, slot, lanes: Arc::clone(self) } };
+        if let Held::Lane { slot, .. } = &mut checkout.held
+            && slot.as_deref_mut().is_some_and(Manager::broken)
+        {
+            // It died while its lane rested (the server restarted, or ended
+            // the backend): back to the pool, which retires it.
+            *slot = None;
+        }
         if let Held::Lane { slot: slot @ None, .. } = &mut checkout.held {
             // Boxed, as is every wait on the pool here: the pool's future is
             // about 2 KiB, and inline it would make every checkout's future

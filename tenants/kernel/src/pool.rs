@@ -142,8 +142,14 @@ impl Manager {
     /// Whether `obj`, `age` old, may be handed out again (see the module
     /// docs). A connection left inside a transaction (a future dropped
     /// half-way) or broken never is.
+    /// Whether `obj` can no longer be used: closed by the server, or left
+    /// inside a transaction.
+    pub(crate) fn broken(obj: &mut Pooled) -> bool {
+        obj.conn.is_broken()
+    }
+
     pub(crate) fn keeps(&self, obj: &mut Pooled, age: Duration) -> Result<(), Retire> {
-        if obj.conn.is_broken() {
+        if Self::broken(obj) {
             Err(Retire::Broken)
         } else if obj.tenants.len() + obj.provisioned > self.max_tenants {
             Err(Retire::Tenants)
