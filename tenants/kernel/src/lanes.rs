@@ -192,33 +192,33 @@ impl Lanes {
         let deadline = Instant::now() + self.wait_timeout;
         let home = self.home(tenant);
         let want = Want::Tenant { tenant, home, any: false };
-        let queued = {
+        let found = {
             let mut state = self.state();
             if let Some(taken) = state.take(home) {
-                Ok((taken, "home"))
+                Found::Free(taken, "home")
             } else if let Some(taken) = state.take_wanted(want, home) {
-                Ok((taken, "warm"))
+                Found::Free(taken, "warm")
             } else if state.waiting_for(tenant) {
                 // Its own work already queues: the lanes that know it are
                 // too few for it. Any lane, at once if one is free.
                 let want = Want::Tenant { tenant, home, any: true };
                 match state.take_wanted(want, home) {
-                    Some(taken) => Ok((taken, "spread")),
-                    None => Err((state.queue(want), true)),
+                    Some(taken) => Found::Free(taken, "spread"),
+                    None => Found::QueuedForAny(state.queue(want)),
                 }
             } else {
-                Err((state.queue(want), false))
+                Found::QueuedForOwn(state.queue(want))
             }
         };
-        let (taken, how) = match queued {
-            Ok(taken) => taken,
+        let (taken, how) = match found {
+            Found::Free(taken, how) => (taken, how),
             // Boxed, both waits: their timers would make most of the
             // checkout's future, which stays small when a lane is free.
-            Err(((id, handed), true)) => {
+            Found::QueuedForAny((id, handed)) => {
                 let wait = async move { Waiting { lanes: self, id, handed }.until(deadline).await };
                 (Box::pin(wait).await?, "spread")
             }
-            Err(((id, handed), false)) => {
+            Found::QueuedForOwn((id, handed)) => {
                 Box::pin(self.queued(Waiting { lanes: self, id, handed }, home, deadline)).await?
             }
         };
@@ -290,18 +290,19 @@ impl Lanes {
         // The checkout exists before the wait, so that the lane is released
         // however this ends.
         let mut checkout = Checkout { held: Held::Lane { lane, slot, lanes: Arc::clone(self) } };
-        if let Held::Lane { slot, .. } = &mut checkout.held
-            && slot.as_deref_mut().is_some_and(Manager::broken)
-        {
-            // It died while its lane rested (the server restarted, or ended
-            // the backend): back to the pool, which retires it.
-            *slot = None;
-        }
-        if let Held::Lane { slot: slot @ None, .. } = &mut checkout.held {
-            // Boxed, as is every wait on the pool here: the pool's future is
-            // about 2 KiB, and inline it would make every checkout's future
-            // that much larger to move, though a lane rarely needs it.
-            *slot = Some(Box::pin(self.pool.get()).await?);
+        if let Held::Lane { slot, .. } = &mut checkout.held {
+            if slot.as_deref_mut().is_some_and(Manager::broken) {
+                // It died while its lane rested (the server restarted, or
+                // ended the backend): back to the pool, which retires it.
+                *slot = None;
+            }
+            if slot.is_none() {
+                // Boxed, as is every wait on the pool here: the pool's
+                // future is about 2 KiB, and inline it would make every
+                // checkout's future that much larger to move, though a lane
+                // rarely needs it.
+                *slot = Some(Box::pin(self.pool.get()).await?);
+            }
         }
         Ok(checkout)
     }
@@ -328,6 +329,18 @@ impl Lanes {
         }
         state.free[lane] = Some(taken.1);
     }
+}
+
+/// How tenant work found a lane: free at once (and how), or a place in the
+/// queue ([`State::queue`]) for its own lanes or for any.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "made and taken apart at once in `Lanes::tenant`; boxing would allocate on every checkout"
+)]
+enum Found {
+    Free(Taken, &'static str),
+    QueuedForOwn((u64, oneshot::Receiver<Taken>)),
+    QueuedForAny((u64, oneshot::Receiver<Taken>)),
 }
 
 /// A place in the queue of [`Lanes`]. Dropped, it leaves the queue, and
