@@ -5,24 +5,31 @@
 //! `TENANTS` (default 10,000), `ROUNDS` (3), `DURATION` (10 s), `CONNS` (32),
 //! `WARMUP` (20 s, over all tenants, before the rounds);
 //! `SERVER_ENV` compares server settings over the same tenants, one server
-//! after the other: `SERVER_ENV="PLINTH_DB_SPILL_AFTER_MS=2;PLINTH_DB_SPILL_AFTER_MS=50"`.
+//! after the other: `SERVER_ENV="PLINTH_DB_SPILL_AFTER_MS=2;PLINTH_DB_SPILL_AFTER_MS=50"`;
+//! `BINARIES` compares builds the same way (space-separated paths of
+//! `plinth` binaries; the release binary beside this one if unset).
 //! Uses database `plinth_bench_scale` on the zero-configuration server (or
 //! `DATABASE_URL`'s), recreated on every run, and needs `wrk`.
 //!
 //! 1. Provisions `TENANTS` tenants, each with an owner (a session) and one
 //!    project, and records the catalog's size and how long `pg_dump` of one
-//!    tenant's schema takes.
+//!    tenant's schema takes. Then settles the database (`VACUUM ANALYZE`
+//!    of the catalog and platform tables, and a `CHECKPOINT`), so that
+//!    catching up on the mass provisioning does not fall into the rounds.
 //! 2. Starts `plinth serve` (the release binary beside this one) with 2
 //!    workers, and in alternating rounds runs `wrk` with a Lua script that
 //!    picks a random (tenant, token, project) for every request:
 //!    `GET /v1/projects/{id}` over the first 20 tenants, then over all of
-//!    them. Prints each round's throughput and p99, and the medians' ratios.
+//!    them. Prints each round's throughput and p99, where the CPU went
+//!    (the server's and PostgreSQL's CPU time per request, and the share
+//!    of the machine's left idle), and the medians' ratios.
 //! 3. After each run, reads the private memory (`Private_Clean +
 //!    Private_Dirty` of `/proc/<pid>/smaps_rollup`) of every PostgreSQL
 //!    backend serving the benchmark database: what the catalog caches of
 //!    the schemas a backend has touched cost, and how the requests found
 //!    their connection (`plinth_db_lane_checkouts_total`: a tenant's own
-//!    lane, or one that had not served it).
+//!    lane, or one that had not served it), with the server's cache misses
+//!    and retired connections in each phase.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -86,6 +93,76 @@ fn wrk(port: u16, lua: &str, rows: &str, limit: usize, seconds: u64, conns: u64)
     Ok((rps, p99))
 }
 
+/// The machine's CPU time so far, in ticks: (idle, all), from `/proc/stat`.
+fn cpu_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .ok_or("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already in user and nice).
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Ok((idle, ticks.iter().take(8).sum()))
+}
+
+/// CPU time (ticks) used so far by process `server` and by every process
+/// named `postgres` (a backend that exits meanwhile takes its share with
+/// it), from `/proc/<pid>/stat`.
+fn process_ticks(server: u32) -> Result<(u64, u64)> {
+    let ticks = |stat: &str| -> Option<(String, u64)> {
+        // comm is in parentheses and may hold spaces; utime and stime are
+        // the 12th and 13th fields after it.
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_owned();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        Some((comm, fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?))
+    };
+    let (mut own, mut postgres) = (0, 0);
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        match ticks(&stat) {
+            Some((_, t)) if pid == server => own += t,
+            Some((comm, t)) if comm == "postgres" => postgres += t,
+            _ => {}
+        }
+    }
+    Ok((own, postgres))
+}
+
+/// One wrk run and where the machine's CPU went meanwhile.
+struct Phase {
+    rps: f64,
+    p99: f64,
+    /// Share of the machine's CPU time left idle.
+    idle: f64,
+    /// CPU time per request, in µs, of the server and of PostgreSQL.
+    server_us: f64,
+    postgres_us: f64,
+}
+
+fn phase(server: u32, port: u16, lua: &str, rows: &str, limit: usize, seconds: u64, conns: u64) -> Result<Phase> {
+    let (cpu, procs) = (cpu_ticks()?, process_ticks(server)?);
+    let (rps, p99) = wrk(port, lua, rows, limit, seconds, conns)?;
+    let (cpu_after, procs_after) = (cpu_ticks()?, process_ticks(server)?);
+    let idle = (cpu_after.0 - cpu.0) as f64 / (cpu_after.1 - cpu.1).max(1) as f64;
+    // Ticks are 10 ms (USER_HZ 100 on Linux).
+    let per_request = |ticks: u64| ticks as f64 * 10_000.0 / (rps * seconds as f64).max(1.0);
+    Ok(Phase {
+        rps,
+        p99,
+        idle,
+        server_us: per_request(procs_after.0.saturating_sub(procs.0)),
+        postgres_us: per_request(procs_after.1.saturating_sub(procs.1)),
+    })
+}
+
 /// Private memory (MiB) of each backend connected to `database`.
 async fn backend_memory(client: &tokio_postgres::Client, database: &str) -> Result<Vec<f64>> {
     let pids = client
@@ -106,8 +183,17 @@ async fn backend_memory(client: &tokio_postgres::Client, database: &str) -> Resu
     Ok(sizes)
 }
 
-/// `plinth_db_lane_checkouts_total` by lane, from the server's `/metrics`.
-fn lane_checkouts(port: u16) -> Result<std::collections::BTreeMap<String, f64>> {
+/// Counters from the server's `/metrics`, by the prefix of their series:
+/// how tenant work found its connection
+/// (`plinth_db_lane_checkouts_total{lane="home"}` as `lane="home"`), cache
+/// misses (`cache="sessions",result="miss"`) and retired connections
+/// (`reason="tenants"`).
+type Counters = std::collections::BTreeMap<String, f64>;
+
+const COUNTERS: [&str; 3] =
+    ["plinth_db_lane_checkouts_total{", "plinth_cache_requests_total{", "plinth_db_connections_retired_total{"];
+
+fn counters(port: u16) -> Result<Counters> {
     let out = Command::new("curl")
         .args(["-sf", "-H", &format!("Authorization: Bearer {METRICS_TOKEN}")])
         .arg(format!("http://127.0.0.1:{port}/metrics"))
@@ -115,22 +201,38 @@ fn lane_checkouts(port: u16) -> Result<std::collections::BTreeMap<String, f64>> 
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text
         .lines()
-        .filter_map(|l| l.strip_prefix("plinth_db_lane_checkouts_total{lane=\""))
-        .filter_map(|l| l.split_once("\"} "))
-        .filter_map(|(lane, n)| Some((lane.to_owned(), n.trim().parse().ok()?)))
+        .filter_map(|l| COUNTERS.iter().find_map(|prefix| l.strip_prefix(prefix)))
+        .filter_map(|l| l.split_once("} "))
+        .filter_map(|(labels, n)| Some((labels.to_owned(), n.trim().parse().ok()?)))
         .collect())
 }
 
-/// How the requests between two readings of [`lane_checkouts`] found their
-/// connection, as shares.
-fn lane_shares(
-    before: &std::collections::BTreeMap<String, f64>,
-    after: &std::collections::BTreeMap<String, f64>,
-) -> String {
-    let delta: Vec<(&String, f64)> =
-        after.iter().map(|(lane, n)| (lane, n - before.get(lane).copied().unwrap_or(0.0))).collect();
-    let total: f64 = delta.iter().map(|(_, n)| n).sum();
-    delta.iter().map(|(lane, n)| format!("{lane} {:.1} %", 100.0 * n / total.max(1.0))).collect::<Vec<_>>().join(", ")
+/// The change of the counters whose labels start with `prefix`, between
+/// two readings.
+fn changes<'a>(before: &Counters, after: &'a Counters, prefix: &str) -> Vec<(&'a str, f64)> {
+    after
+        .iter()
+        .filter(|(labels, _)| labels.starts_with(prefix))
+        .map(|(labels, n)| (labels.as_str(), n - before.get(labels).copied().unwrap_or(0.0)))
+        .collect()
+}
+
+/// How the requests between two readings found their connection, as
+/// shares, then the cache misses and retired connections in between.
+fn found(before: &Counters, after: &Counters) -> String {
+    let lanes = changes(before, after, "lane=");
+    let total: f64 = lanes.iter().map(|(_, n)| n).sum();
+    let shares = lanes.iter().map(|(lane, n)| {
+        format!("{} {:.1} %", lane.trim_start_matches("lane=").trim_matches('"'), 100.0 * n / total.max(1.0))
+    });
+    let misses = changes(before, after, "cache=")
+        .into_iter()
+        .filter(|(labels, _)| labels.ends_with("result=\"miss\""))
+        .map(|(labels, n)| format!("{n:.0} {} misses", labels.split('"').nth(1).unwrap_or(labels)));
+    let retired = changes(before, after, "reason=")
+        .into_iter()
+        .map(|(labels, n)| format!("{n:.0} retired ({})", labels.split('"').nth(1).unwrap_or(labels)));
+    shares.chain(misses).chain(retired).collect::<Vec<_>>().join(", ")
 }
 
 const METRICS_TOKEN: &str = "bench-scale-metrics";
@@ -161,21 +263,17 @@ struct Run<'a> {
     conns: u64,
     warmup: u64,
     name: &'a str,
+    binary: &'a std::path::Path,
 }
 
 impl Run<'_> {
     /// Starts `plinth serve` with `settings` on top of the defaults, warms it
     /// over all tenants, then runs the alternating rounds and prints them.
     async fn measure(&self, settings: &[(&str, &str)], client: &tokio_postgres::Client) -> Result {
-        let Self { url, lua, rows, tenants, rounds, seconds, conns, name, .. } = *self;
+        let Self { url, lua, rows, tenants, rounds, seconds, conns, name, binary, .. } = *self;
         let port = 18_090;
-        let binary = std::env::current_exe()?
-            .parent()
-            .and_then(|examples| examples.parent())
-            .map(|release| release.join("plinth"))
-            .ok_or("no plinth binary beside this one")?;
-        let _server = Server(
-            Command::new(&binary)
+        let server = Server(
+            Command::new(binary)
                 .arg("serve")
                 .env("DATABASE_URL", url)
                 .env("PLINTH_LISTEN", format!("127.0.0.1:{port}"))
@@ -210,24 +308,34 @@ impl Run<'_> {
         let (mut few, mut all) = (Vec::new(), Vec::new());
         let (mut mem_few, mut mem_all) = (Vec::new(), Vec::new());
         for round in 1..=rounds {
-            let lanes_before = lane_checkouts(port)?;
-            let f = wrk(port, lua, rows, 20, seconds, conns)?;
-            let lanes_few = lane_checkouts(port)?;
+            let lanes_before = counters(port)?;
+            let pid = server.0.id();
+            let f = phase(pid, port, lua, rows, 20, seconds, conns)?;
+            let lanes_few = counters(port)?;
             mem_few = backend_memory(client, name).await?;
-            let a = wrk(port, lua, rows, tenants, seconds, conns)?;
-            let lanes_all = lane_checkouts(port)?;
+            let a = phase(pid, port, lua, rows, tenants, seconds, conns)?;
+            let lanes_all = counters(port)?;
             mem_all = backend_memory(client, name).await?;
             println!(
                 "round {round}: 20 tenants {:.0} req/s, p99 {:.2} ms; {tenants} tenants {:.0} req/s, p99 {:.2} ms",
-                f.0, f.1, a.0, a.1
+                f.rps, f.p99, a.rps, a.p99
             );
+            let cpu = |p: &Phase| {
+                format!(
+                    "server {:.0} µs, PostgreSQL {:.0} µs per request, {:.0} % idle",
+                    p.server_us,
+                    p.postgres_us,
+                    100.0 * p.idle
+                )
+            };
+            println!("  CPU: 20 tenants {}; {tenants} tenants {}", cpu(&f), cpu(&a));
             println!(
                 "  connections found: 20 tenants {}; {tenants} tenants {}",
-                lane_shares(&lanes_before, &lanes_few),
-                lane_shares(&lanes_few, &lanes_all)
+                found(&lanes_before, &lanes_few),
+                found(&lanes_few, &lanes_all)
             );
-            few.push(f);
-            all.push(a);
+            few.push((f.rps, f.p99));
+            all.push((a.rps, a.p99));
         }
         let (few_rps, few_p99) = (median(few.iter().map(|r| r.0).collect()), median(few.iter().map(|r| r.1).collect()));
         let (all_rps, all_p99) = (median(all.iter().map(|r| r.0).collect()), median(all.iter().map(|r| r.1).collect()));
@@ -348,19 +456,59 @@ async fn main() -> Result {
     }
     println!("pg_dump --schema of one tenant among {tenants}: {:.2} s (median of 3)", median(dumps));
 
+    // Settles the database before measuring: provisioning thousands of
+    // schemas in minutes leaves autovacuum (the catalogs' dead rows) and
+    // the checkpointer (hundreds of MiB of dirty pages) minutes of catching
+    // up, which would fall into the rounds. Tenants that arrive over months
+    // leave no such backlog.
+    let began = Instant::now();
+    let tables: Vec<String> = raw
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND n.nspname IN ('pg_catalog', 'public')",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    // Two messages: VACUUM refuses to run in a string of several.
+    raw.batch_execute(&format!("VACUUM (ANALYZE) {}", tables.join(", "))).await?;
+    raw.batch_execute("CHECKPOINT").await?;
+    println!(
+        "settled: catalog and platform tables vacuumed and analyzed, then a checkpoint, in {:.0} s",
+        began.elapsed().as_secs_f64()
+    );
+
     let lua = dir.join("rotate.lua");
     std::fs::write(&lua, LUA)?;
     let (lua, rows_path) = (lua.display().to_string(), rows_path.display().to_string());
     // SERVER_ENV: settings to compare, one server per `;`-separated set of
     // `NAME=value` pairs (the defaults alone if unset).
     let variants = std::env::var("SERVER_ENV").unwrap_or_default();
-    for variant in variants.split(';') {
-        let settings: Vec<(&str, &str)> = variant.split_whitespace().filter_map(|kv| kv.split_once('=')).collect();
-        if !variant.trim().is_empty() {
-            println!("server settings: {}", variant.trim());
+    let beside = std::env::current_exe()?
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|release| release.join("plinth"))
+        .ok_or("no plinth binary beside this one")?;
+    let binaries: Vec<std::path::PathBuf> = match std::env::var("BINARIES") {
+        Ok(list) if !list.trim().is_empty() => list.split_whitespace().map(Into::into).collect(),
+        _ => vec![beside],
+    };
+    for binary in &binaries {
+        if binaries.len() > 1 {
+            println!("server: {}", binary.display());
         }
-        let run = Run { url: &url, lua: &lua, rows: &rows_path, tenants, rounds, seconds, conns, warmup, name };
-        run.measure(&settings, &client).await?;
+        for variant in variants.split(';') {
+            let settings: Vec<(&str, &str)> = variant.split_whitespace().filter_map(|kv| kv.split_once('=')).collect();
+            if !variant.trim().is_empty() {
+                println!("server settings: {}", variant.trim());
+            }
+            let run =
+                Run { url: &url, lua: &lua, rows: &rows_path, tenants, rounds, seconds, conns, warmup, name, binary };
+            run.measure(&settings, &client).await?;
+        }
     }
 
     drop(db);
