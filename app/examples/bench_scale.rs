@@ -308,13 +308,13 @@ impl Run<'_> {
         let (mut few, mut all) = (Vec::new(), Vec::new());
         let (mut mem_few, mut mem_all) = (Vec::new(), Vec::new());
         for round in 1..=rounds {
-            let lanes_before = counters(port)?;
+            let before = counters(port)?;
             let pid = server.0.id();
             let f = phase(pid, port, lua, rows, 20, seconds, conns)?;
-            let lanes_few = counters(port)?;
+            let after_few = counters(port)?;
             mem_few = backend_memory(client, name).await?;
             let a = phase(pid, port, lua, rows, tenants, seconds, conns)?;
-            let lanes_all = counters(port)?;
+            let after_all = counters(port)?;
             mem_all = backend_memory(client, name).await?;
             println!(
                 "round {round}: 20 tenants {:.0} req/s, p99 {:.2} ms; {tenants} tenants {:.0} req/s, p99 {:.2} ms",
@@ -331,8 +331,8 @@ impl Run<'_> {
             println!("  CPU: 20 tenants {}; {tenants} tenants {}", cpu(&f), cpu(&a));
             println!(
                 "  connections found: 20 tenants {}; {tenants} tenants {}",
-                found(&lanes_before, &lanes_few),
-                found(&lanes_few, &lanes_all)
+                found(&before, &after_few),
+                found(&after_few, &after_all)
             );
             few.push((f.rps, f.p99));
             all.push((a.rps, a.p99));
