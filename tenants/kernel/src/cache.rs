@@ -11,10 +11,9 @@
 //!   so a flood of new keys (random bearer tokens) cannot grow it, and
 //!   entries in use (live sessions) stay while the flood's one-off keys go.
 //! - Each entry lives from half the TTL to the whole of it, by its key's
-//!   hash:
-//!   entries cached together (every live session, after a restart or a
-//!   reconnect of the listener) would otherwise all expire together, every
-//!   TTL, and send their lookups to the database in one burst. At ten
+//!   hash. Entries cached together (every live session, after a restart or
+//!   a reconnect of the listener) would otherwise all expire together,
+//!   every TTL, and send their lookups to the database in one burst: at ten
 //!   thousand tenants such a burst of 9,661 session lookups fell into one
 //!   round of `bench_scale` (`docs/benchmarks.md`).
 
