@@ -139,15 +139,15 @@ impl deadpool::managed::Manager for Manager {
 }
 
 impl Manager {
-    /// Whether `obj`, `age` old, may be handed out again (see the module
-    /// docs). A connection left inside a transaction (a future dropped
-    /// half-way) or broken never is.
     /// Whether `obj` can no longer be used: closed by the server, or left
     /// inside a transaction.
     pub(crate) fn broken(obj: &mut Pooled) -> bool {
         obj.conn.is_broken()
     }
 
+    /// Whether `obj`, `age` old, may be handed out again (see the module
+    /// docs). A connection left inside a transaction (a future dropped
+    /// half-way) or broken never is.
     pub(crate) fn keeps(&self, obj: &mut Pooled, age: Duration) -> Result<(), Retire> {
         if Self::broken(obj) {
             Err(Retire::Broken)
