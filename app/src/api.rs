@@ -17,9 +17,18 @@ use utoipa_actix_web::AppExt as _;
 use utoipa_actix_web::service_config::ServiceConfig;
 
 /// Registers every route (the handlers' crates each add their own).
+///
+/// actix tries the routes in this order, and a pattern with a `{param}` is a
+/// regular expression run against the path, so the routes a tenant's app
+/// calls all day (its data: projects, tasks, exports) come before sign-in,
+/// administration and billing. Found first, the project read skips some
+/// thirty patterns (`docs/benchmarks.md`). No two modules' patterns match
+/// the same path, so the order decides nothing else.
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.configure(crate::health::configure)
         .configure(crate::metrics::configure)
+        .configure(crate::projects::configure)
+        .configure(crate::exports::configure)
         .configure(configure)
         .configure(plinth_identity::accounts::configure)
         .configure(plinth_identity::login::configure)
@@ -31,8 +40,6 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .configure(plinth_identity::api_keys::configure)
         .configure(plinth_admin::audit_log::configure)
         .configure(plinth_identity::totp::configure)
-        .configure(crate::projects::configure)
-        .configure(crate::exports::configure)
         .configure(plinth_billing::webhook::configure)
         .configure(plinth_billing::api::configure);
 }
