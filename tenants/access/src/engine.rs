@@ -1,6 +1,7 @@
 //! The engine: two casbin copies kept current from PostgreSQL, and the
 //! decision for one subject, tenant and need.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -51,6 +52,16 @@ pub struct Asked {
     snapshot: Arc<Snapshot>,
 }
 
+impl Asked {
+    fn plan_key(&self) -> PlanKey {
+        match &self.policy {
+            Some(policy) if policy.active => PlanKey::Plan(policy.plan.clone()),
+            Some(_) => PlanKey::Inactive,
+            None => PlanKey::Platform,
+        }
+    }
+}
+
 /// A change the writer must re-read from PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Change {
@@ -67,9 +78,27 @@ enum Msg {
     Reload(Option<oneshot::Sender<()>>, Option<u64>),
 }
 
+/// Decisions casbin has made, by what decides them: the role node, the
+/// plan the tenant is treated as (see [`Asked::plan_key`]) and the need.
+type Decisions = HashMap<(String, PlanKey, Need), Decision>;
+
+/// More than roles × plans × needs ever make; past it nothing more is kept.
+const MAX_DECISIONS: usize = 10_000;
+
+/// The plan side of a decision: the plan of an active tenant, a tenant
+/// with no plan (not active), or a platform route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PlanKey {
+    Plan(String),
+    Inactive,
+    Platform,
+}
+
 /// The access engine of one process, shared by every worker.
 pub struct Access {
     current: Arc<RwLock<Arc<Snapshot>>>,
+    /// What casbin answered, remembered: see [`Access::decide`].
+    decisions: parking_lot::RwLock<Decisions>,
     rules: Arc<Rules>,
     catalog: Arc<Catalog>,
     writer: mpsc::UnboundedSender<Msg>,
@@ -109,7 +138,17 @@ impl Access {
             epoch: Arc::clone(&epoch),
         };
         tokio::spawn(writer.run());
-        Ok(Arc::new(Self { current, rules, catalog, writer: tx, db, roles, trusted, epoch }))
+        Ok(Arc::new(Self {
+            current,
+            decisions: parking_lot::RwLock::default(),
+            rules,
+            catalog,
+            writer: tx,
+            db,
+            roles,
+            trusted,
+            epoch,
+        }))
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -230,6 +269,17 @@ impl Access {
 
     /// The one check, for a subject [`Access::tenant_subject`] or
     /// [`Access::platform_user`] found holding a role.
+    ///
+    /// casbin's answer depends on the subject only through its role, and on
+    /// the tenant only through its plan while active (the links of the
+    /// snapshot say no more than that; the check that reads the database
+    /// asks casbin about the role and plan nodes themselves). The role
+    /// templates, role inheritance and plan catalog are fixed for the life
+    /// of the process. So an answer is remembered by role, plan and need,
+    /// and every check after the first of its kind is a map lookup (casbin
+    /// evaluating its matcher was a tenth of the read path's instructions,
+    /// `docs/benchmarks.md`). The role and plan themselves are read afresh
+    /// for every check, so a role or plan change counts at once.
     pub(crate) fn decide(&self, asked: &Asked, need: &Need) -> Result<Decision, AccessError> {
         // Features from Stripe's entitlements: casbin answers for the role,
         // the tenant's own list for the feature.
@@ -243,6 +293,20 @@ impl Access {
                 other => other,
             });
         }
+        let key = (asked.role_node.clone(), asked.plan_key(), *need);
+        if let Some(decision) = self.decisions.read().get(&key) {
+            return Ok(decision.clone());
+        }
+        let decision = self.enforce(asked, need)?;
+        let mut decisions = self.decisions.write();
+        if decisions.len() < MAX_DECISIONS {
+            decisions.insert(key, decision.clone());
+        }
+        Ok(decision)
+    }
+
+    /// Asks casbin (see [`Access::decide`]).
+    fn enforce(&self, asked: &Asked, need: &Need) -> Result<Decision, AccessError> {
         let feature = need.feature.map(feature_node);
         let allowed = asked.snapshot.enforce(&asked.sub, &asked.ten, need, feature.as_deref().unwrap_or("-"));
         if allowed.map_err(AccessError::Policy)? {

@@ -27,7 +27,7 @@ impl fmt::Display for Subject {
 }
 
 /// What a route is about to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
     Read,
     Write,
@@ -48,7 +48,7 @@ impl Action {
 }
 
 /// What a route needs: an action on a resource, and a plan feature or none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Need {
     pub resource: &'static str,
     pub action: Action,
