@@ -13,7 +13,8 @@
 # own database of DATABASE_URL's server (default 127.0.0.1:5432; databases
 # plinth_bench_cg_N are recreated), then restarted under callgrind with one
 # worker and no job worker; after 20 requests to warm the caches, N
-# requests (default 500) are counted.
+# requests (default 500) on one kept-alive connection are counted.
+# KEEP=dir keeps the profiles (dir/callgrind.N.out) for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-500}
@@ -65,14 +66,30 @@ for i in "${!BINS[@]}"; do
         "${BINS[$i]}" serve >"$OUT/cg-$i.log" 2>&1 &
     SERVER=$!
     ready
-    get() { curl -sf -o /dev/null -H 'X-Tenant: bench' -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/v1/projects/$ID"; }
-    for _ in $(seq 20); do get; done
-    callgrind_control -i on "$SERVER" >/dev/null
-    for _ in $(seq "$N"); do get; done
-    callgrind_control -i off "$SERVER" >/dev/null
+    # One kept-alive connection, as wrk and real clients use: the
+    # connection's own setup is not in the count.
+    python3 - "$PORT" "$TOKEN" "$ID" "$N" "$SERVER" <<'PY'
+import http.client, subprocess, sys
+port, token, project, n, server = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+conn = http.client.HTTPConnection("127.0.0.1", int(port))
+headers = {"X-Tenant": "bench", "Authorization": "Bearer " + token}
+def get():
+    conn.request("GET", "/v1/projects/" + project, headers=headers)
+    answer = conn.getresponse()
+    answer.read()
+    if answer.status != 200:
+        sys.exit(f"answered {answer.status}")
+for _ in range(20):
+    get()
+subprocess.run(["callgrind_control", "-i", "on", server], check=True, capture_output=True)
+for _ in range(n):
+    get()
+subprocess.run(["callgrind_control", "-i", "off", server], check=True, capture_output=True)
+PY
     callgrind_control -d "$SERVER" >/dev/null
     kill "$SERVER"; wait "$SERVER" 2>/dev/null || true
     SERVER=
+    if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cat "$OUT"/cg-"$i".out* >"$KEEP/callgrind.$i.out"; fi
     TOTAL=$(cat "$OUT"/cg-"$i".out* | awk '/^totals:|^summary:/ { if ($2 > max) max = $2 } END { print max }')
     printf '%-40s %10d instructions per request (%d requests)\n' "${BINS[$i]}" $((TOTAL / N)) "$N"
 done
