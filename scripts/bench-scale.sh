@@ -19,8 +19,12 @@ SHARED_BUFFERS=${SHARED_BUFFERS:-2GB}
 MAX_FILES=${MAX_FILES:-8000}
 
 BIN=$(find /usr/lib/postgresql -maxdepth 3 -name initdb -path '*/bin/*' 2>/dev/null | sort -V | tail -1 | xargs -r dirname)
-if [ -z "$BIN" ]; then
+if [ -z "$BIN" ] && command -v initdb >/dev/null; then
     BIN=$(dirname "$(command -v initdb)")
+fi
+if [ -z "$BIN" ]; then
+    echo "no PostgreSQL server binaries (initdb, pg_ctl) found; install PostgreSQL" >&2
+    exit 1
 fi
 if [ -z "${BENCH:-}" ]; then
     cargo build --release -p plinth --bins --example bench_scale
