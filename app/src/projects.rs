@@ -7,8 +7,6 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, delete, get, patch, post, web};
 use chrono::{DateTime, Utc};
-use diesel::dsl::{AsSelect, Find, Limit, Select};
-use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use plinth_access::Quota;
@@ -243,14 +241,6 @@ pub async fn create_project(conn: &mut TenantConn<'_>, new: NewProject) -> Query
     diesel::insert_into(projects::table).values(&project).returning(Project::as_returning()).get_result(conn.pg()).await
 }
 
-pub async fn get_project(conn: &mut TenantConn<'_>, id: ProjectId) -> QueryResult<Option<Project>> {
-    project_by_id(id).get_result(conn.pg()).await.optional()
-}
-
-fn project_by_id(id: ProjectId) -> Limit<Select<Find<projects::table, ProjectId>, AsSelect<Project, Pg>>> {
-    projects::table.find(id).select(Project::as_select()).limit(1)
-}
-
 /// The read of one project, the read path every benchmark measures: one
 /// statement in one round trip ([`plinth_tenants::Db::tenant_read`]).
 pub const PROJECT_BY_ID: TenantSql =
@@ -279,7 +269,8 @@ pub async fn list_tasks(
     project: ProjectId,
     page: PageRequest,
 ) -> QueryResult<Option<Vec<Task>>> {
-    if get_project(conn, project).await?.is_none() {
+    let exists: bool = diesel::select(diesel::dsl::exists(projects::table.find(project))).get_result(conn.pg()).await?;
+    if !exists {
         return Ok(None);
     }
     let mut query = tasks::table
