@@ -82,6 +82,39 @@ async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestR
         .await?;
     assert_eq!(res.status(), 201);
     add_domain(&app.db, &acme, "rockets.example.com", true).await?;
+    // An API key (on a plan that has them) and a pending invitation.
+    app.db
+        .platform(async |c| {
+            Ok::<_, plinth_http::ApiError>(registry::set_plan(c, acme.id, "pro", registry::PlanSource::Operator).await?)
+        })
+        .await?;
+    crate::harness::eventually(std::time::Duration::from_secs(2), || async {
+        let tenant: Value = get(&app, &owner, "acme", "/v1/tenant").send().await?.json().await?;
+        Ok(tenant["plan"] == "pro")
+    })
+    .await?;
+    let res = app
+        .http
+        .post(app.url("/v1/api-keys"))
+        .bearer_auth(&owner)
+        .header("x-tenant", "acme")
+        .json(&json!({ "name": "deploys", "role": "viewer" }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201, "creating an API key");
+    let created: Value = res.json().await?;
+    let key = created["key"].as_str().ok_or("no key")?.to_owned();
+    let (invitation, invitation_hash) = plinth_identity::sessions::new_token()?;
+    testdb
+        .client()
+        .await?
+        .execute(
+            "INSERT INTO public.invitations (id, tenant_id, email, role, token_hash, invited_by, expires_at) \
+             SELECT $1, $2, 'new@acme.example.com', 'member', $3, user_id, now() + interval '1 day' \
+             FROM public.memberships WHERE tenant_id = $2",
+            &[&uuid::Uuid::now_v7(), &acme.id.0, &&invitation_hash[..]],
+        )
+        .await?;
 
     // Billing restricts acme (an unpaid invoice): a copy does not inherit it.
     let client = testdb.client().await?;
@@ -123,6 +156,18 @@ async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestR
         .await?
         .get(0);
     assert_eq!(domains, 0, "a domain serves one tenant: the original keeps it");
+    // Nor keys and invitations: one secret does not open two tenants.
+    let secrets: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM public.api_keys WHERE tenant_id = $1) \
+                  + (SELECT count(*) FROM public.invitations WHERE tenant_id = $1)",
+            &[&copy.id.0],
+        )
+        .await?
+        .get(0);
+    assert_eq!(secrets, 0, "the copy has the original's keys or invitations");
+    assert_error(get(&app, &key, "acme-copy", "/v1/projects").send().await?, 404, "not_found").await?;
+    assert_eq!(get(&app, &key, "acme", "/v1/projects").send().await?.status(), 200, "the key still opens acme");
 
     // The owner signs in with the password and finds the copy's data.
     let session = sign_in(&app, "owner@acme.example.com").await?;
@@ -177,9 +222,12 @@ async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestR
     assert!(ok, "deleting failed: {out}");
     let res = get(&app, &session, "acme", "/v1/projects").send().await?;
     assert_error(res, 404, "not_found").await?;
+    // The deleted key is unknown now (and this instance remembers so).
+    assert_error(get(&app, &key, "globex", "/v1/projects").send().await?, 401, "unauthenticated").await?;
     let (ok, out) = plinth_cli(testdb, &["tenants", "restore", file]).await?;
     assert!(ok, "restoring failed: {out}");
     assert!(out.contains("domains: 1 restored"), "{out}");
+    assert!(out.contains("API keys: 1, invitations: 1 restored"), "{out}");
     let back = app
         .db
         .platform(async |c| Ok::<_, plinth_http::ApiError>(registry::find_by_slug(c, "acme").await?))
@@ -202,6 +250,25 @@ async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestR
         .send()
         .await?;
     assert_eq!(res.status(), 200, "served on its domain again");
+    // Its key works again, within a second (a trigger announces the key to
+    // every instance), with its role, and only in acme.
+    crate::harness::eventually(std::time::Duration::from_secs(2), || async {
+        Ok(get(&app, &key, "acme", "/v1/projects").send().await?.status() == 200)
+    })
+    .await?;
+    assert_error(get(&app, &key, "acme", "/v1/api-keys").send().await?, 403, "forbidden").await?;
+    assert_error(get(&app, &key, "acme-copy", "/v1/projects").send().await?, 404, "not_found").await?;
+    // Its invitation link works again.
+    let res = app
+        .http
+        .post(app.url("/v1/invitations/accept"))
+        .json(&json!({ "token": invitation, "password": PASSWORD }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200, "accepting the restored invitation");
+    let newcomer = sign_in(&app, "new@acme.example.com").await?;
+    assert_eq!(project_names(&app, &newcomer, "acme").await?.len(), 2);
+    assert_error(get(&app, &newcomer, "acme-copy", "/v1/projects").send().await?, 404, "not_found").await?;
     // The copy lives on, apart.
     let mut names = project_names(&app, &session, "acme-copy").await?;
     names.sort();

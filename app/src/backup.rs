@@ -53,7 +53,8 @@ pub struct Restored {
 /// Restores an archive into the database of `url`: as the tenant itself
 /// (same id, slug and schema; refused while that tenant exists), or with
 /// `copy_as` as a copy beside it (a new id and schema, that slug, the same
-/// members; no domains and no subscriptions, which stay the original's).
+/// members; no domains, subscriptions, API keys or invitations, which stay
+/// the original's).
 /// An archive from a newer Plinth is refused; one from an older Plinth is
 /// migrated. The schema is loaded first, in one transaction; the platform
 /// rows then go in, in another; if that fails, the schema is dropped again.
@@ -99,7 +100,7 @@ pub async fn restore(db: &Db, url: &str, archive: &Archive, copy_as: Option<Slug
         .platform(async |conn| {
             let registry = backup::restore_registry(conn, archive, &target, &pending).await?;
             let identity = archive.parts.get("identity").unwrap_or(&empty);
-            let members = plinth_identity::members::restore_archive(conn, target.id, identity).await?;
+            let members = plinth_identity::members::restore_archive(conn, target.id, identity, target.copy).await?;
             let subscriptions = match (target.copy, archive.parts.get("billing")) {
                 (false, Some(billing)) => plinth_billing::customers::restore_archive(conn, target.id, billing).await?,
                 _ => 0,

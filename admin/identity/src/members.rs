@@ -305,31 +305,40 @@ impl Counter for JoinedMembers {
     }
 }
 
-/// The tenant's memberships and identity settings, for its archive
-/// (`plinth_tenants::backup`).
+/// The tenant's memberships, identity settings, API keys (their hashes)
+/// and invitations, for its archive (`plinth_tenants::backup`).
 pub async fn archive(conn: &mut AsyncPgConnection, tenant: TenantId) -> diesel::QueryResult<serde_json::Value> {
     use plinth_tenants::backup::rows_of;
     Ok(json!({
         "memberships": rows_of(conn, "memberships", tenant).await?,
         "settings": rows_of(conn, "tenant_identity_settings", tenant).await?,
+        "api_keys": rows_of(conn, "api_keys", tenant).await?,
+        "invitations": rows_of(conn, "invitations", tenant).await?,
     }))
 }
 
-/// What restoring an archive's memberships did.
+/// What restoring an archive's identity part did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestoredMembers {
     pub restored: usize,
     /// Members whose account no longer exists.
     pub skipped: usize,
+    pub api_keys: usize,
+    pub invitations: usize,
 }
 
 /// Restores an archive's memberships (of accounts that still exist; the
 /// others are counted as skipped) and identity settings for `tenant`, in the
-/// caller's transaction.
+/// caller's transaction. Restored as itself (`copy` false), its API keys
+/// and invitations come back too, with their secrets' hashes: the same
+/// keys and invitation links work again. A copy gets neither: one secret
+/// must not open two tenants. A key or invitation whose creator's account
+/// is gone comes back without its creator.
 pub async fn restore_archive(
     conn: &mut AsyncPgConnection,
     tenant: TenantId,
     part: &serde_json::Value,
+    copy: bool,
 ) -> diesel::QueryResult<RestoredMembers> {
     use plinth_tenants::backup::restore_rows;
     let rows_at = |key: &str| part.get(key).and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
@@ -343,5 +352,31 @@ pub async fn restore_archive(
     )
     .await?;
     restore_rows(conn, "tenant_identity_settings", &rows_at("settings"), tenant, None).await?;
-    Ok(RestoredMembers { restored, skipped: memberships.len().saturating_sub(restored) })
+    let (mut api_keys, mut invitations) = (0, 0);
+    if !copy {
+        let keys = without_missing_users(conn, rows_at("api_keys"), "created_by").await?;
+        api_keys = restore_rows(conn, "api_keys", &keys, tenant, None).await?;
+        let invited = without_missing_users(conn, rows_at("invitations"), "invited_by").await?;
+        invitations = restore_rows(conn, "invitations", &invited, tenant, None).await?;
+    }
+    Ok(RestoredMembers { restored, skipped: memberships.len().saturating_sub(restored), api_keys, invitations })
+}
+
+/// `rows` with `column` (a user id) emptied where that account no longer
+/// exists, as its foreign key (`ON DELETE SET NULL`) would have done.
+async fn without_missing_users(
+    conn: &mut AsyncPgConnection,
+    mut rows: Vec<serde_json::Value>,
+    column: &str,
+) -> diesel::QueryResult<Vec<serde_json::Value>> {
+    let named: Vec<uuid::Uuid> = rows.iter().filter_map(|r| r.get(column)?.as_str()?.parse().ok()).collect();
+    let existing: std::collections::HashSet<uuid::Uuid> =
+        users::table.filter(users::id.eq_any(&named)).select(users::id).load(conn).await?.into_iter().collect();
+    for row in &mut rows {
+        let known = row.get(column).and_then(|v| v.as_str()?.parse().ok()).is_some_and(|id| existing.contains(&id));
+        if let Some(object) = row.as_object_mut().filter(|_| !known) {
+            object.insert(column.to_owned(), serde_json::Value::Null);
+        }
+    }
+    Ok(rows)
 }

@@ -327,8 +327,12 @@ impl ApiKeys {
     pub fn listen_handler(self: &Arc<Self>) -> Handler {
         let this = Arc::clone(self);
         Arc::new(move |event| match event {
+            // A key revoked, deleted, or added: an added one (created, or
+            // restored with its tenant) may have been cached as "no such
+            // key", under a hash this instance cannot tell from the id, so
+            // every such answer goes.
             ListenEvent::Notified(key_id) => {
-                this.cache.remove_where(|_, cached| cached.as_ref().is_some_and(|k| k.key_id.to_string() == key_id))
+                this.cache.remove_where(|_, cached| cached.as_ref().is_none_or(|k| k.key_id.to_string() == key_id))
             }
             ListenEvent::Connected => this.cache.set_trusted(true),
             ListenEvent::Disconnected => this.cache.set_trusted(false),

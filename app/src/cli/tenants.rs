@@ -211,6 +211,10 @@ pub async fn run(command: TenantsCommand, db: &Db, settings: &Settings, url: &st
                 restored.members.restored, restored.members.skipped
             );
             println!(
+                "  API keys: {}, invitations: {} restored (a copy has none of the original's)",
+                restored.members.api_keys, restored.members.invitations
+            );
+            println!(
                 "  domains: {} restored, {} skipped (held by another tenant, or the original's)",
                 restored.registry.domains, restored.registry.domains_skipped
             );
