@@ -183,3 +183,73 @@ async fn public_holds_no_relation_named_like_a_tenant_table() -> TestResult {
     assert!(tenant_tables >= 3, "the tenant schema has its tables");
     Ok(())
 }
+
+/// What lets a tenant's schema live on another server than the platform
+/// tables (shards, moves by logical replication) and the whole database
+/// move to Citus's schema-based sharding (`docs/scaling.md`): no foreign
+/// key, trigger function or column default crosses from one schema to
+/// another; every table has a primary key (logical replication of updates
+/// and deletes, Citus's reference tables); every sequence is `bigint`
+/// (Citus hands each node a range of it).
+#[tokio::test]
+async fn schemas_stay_portable_to_other_servers_and_citus() -> TestResult {
+    let testdb = TestDb::migrated().await?;
+    let db = testdb.db(1)?;
+    let tenant = plinth_tenants::registry::create(&db, &plinth_tenants::Slug::parse("alpha")?, "Alpha").await?;
+    let client = testdb.client().await?;
+    let schemas = ["public", tenant.schema.as_str()];
+    let names = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>();
+
+    let crossing = client
+        .query(
+            "SELECT c.conname::text FROM pg_constraint c
+             JOIN pg_class a ON a.oid = c.conrelid JOIN pg_class b ON b.oid = c.confrelid
+             WHERE c.contype = 'f' AND a.relnamespace <> b.relnamespace",
+            &[],
+        )
+        .await?;
+    assert_eq!(names(crossing), Vec::<String>::new(), "foreign keys from one schema into another");
+
+    let triggers = client
+        .query(
+            "SELECT t.tgname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+             JOIN pg_proc p ON p.oid = t.tgfoid
+             WHERE NOT t.tgisinternal AND c.relnamespace <> p.pronamespace
+               AND p.pronamespace <> 'pg_catalog'::regnamespace",
+            &[],
+        )
+        .await?;
+    assert_eq!(names(triggers), Vec::<String>::new(), "triggers calling another schema's function");
+
+    let defaults = client
+        .query(
+            "SELECT c.relname || '.' || a.attname FROM pg_attrdef d
+             JOIN pg_class c ON c.oid = d.adrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+             WHERE n.nspname = $1 AND pg_get_expr(d.adbin, d.adrelid) LIKE '%public.%'",
+            &[&tenant.schema.as_str()],
+        )
+        .await?;
+    assert_eq!(names(defaults), Vec::<String>::new(), "tenant column defaults naming platform objects");
+
+    let keyless = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'p')",
+            &[&&schemas[..]],
+        )
+        .await?;
+    assert_eq!(names(keyless), Vec::<String>::new(), "tables without a primary key");
+
+    let narrow = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = ANY($1) AND s.seqtypid <> 'int8'::regtype",
+            &[&&schemas[..]],
+        )
+        .await?;
+    assert_eq!(names(narrow), Vec::<String>::new(), "sequences narrower than bigint");
+    Ok(())
+}
