@@ -35,6 +35,7 @@ mod provisioning;
 mod routing;
 mod secrets;
 mod security;
+mod shards;
 mod shared_limits;
 mod smtp;
 mod stripe;

@@ -73,7 +73,7 @@ async fn a_failure_after_provisioning_rolls_back_the_schema_too() -> TestResult 
     let slug = Slug::parse("doomed")?;
     let result: Result<(), ApiError> = db
         .platform(async |c| {
-            registry::provision(c, &slug, "Doomed").await.map_err(|e| ApiError::Internal(e.into()))?;
+            registry::provision(c, &db, &slug, "Doomed").await.map_err(|e| ApiError::Internal(e.into()))?;
             // A later step of the same flow (say, creating the owner) fails.
             Err(ApiError::Conflict("later step failed".into()))
         })

@@ -191,7 +191,7 @@ pub async fn set_status(
     let updated = registry::set_status(conn, id, status).await?;
     if let Some(t) = &updated {
         let action = if status == TenantStatus::Suspended { "tenant.suspended" } else { "tenant.reactivated" };
-        audit::record_as_system(conn, &t.schema, system_entry(actor, action, t.id, json!({ "by": by }))).await?;
+        audit::record_as_system(conn, t.scope(), system_entry(actor, action, t.id, json!({ "by": by }))).await?;
     }
     Ok(updated)
 }

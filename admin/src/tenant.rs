@@ -86,7 +86,7 @@ async fn show(
     billing: web::Data<dyn BillingSummary>,
 ) -> Result<HttpResponse, ApiError> {
     let plan = ctx.plan();
-    let usage = ctx.tx(async |c| ctx.usage(c.pg()).await).await?;
+    let usage = ctx.usage().await?;
     let billing = billing.summary(&db, ctx.tenant.id, &plan.name, ctx.policy.restricted).await?;
     let limits: BTreeMap<&str, Usage> = usage.into_iter().map(|(q, u)| (q.as_str(), u)).collect();
     Ok(HttpResponse::Ok().json(TenantView {

@@ -94,26 +94,67 @@ pub async fn schedule_billing(settings: &Settings, db_config: &DbConfig) -> anyh
 pub fn spare_filler(
     settings: &Settings,
     db_config: &DbConfig,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let size = settings.spare_schemas;
     if size == 0 {
         return Ok(None);
     }
     let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;
-    Ok(Some(tokio::spawn(async move {
-        loop {
+    Ok(Some(every_second(stopped, move || {
+        let db = db.clone();
+        async move {
             match plinth_tenants::spares::fill(&db, size, plinth_tenants::migrate::TENANT_MIGRATIONS).await {
                 Ok(0) => {}
                 Ok(made) => tracing::debug!(made, "spare tenant schemas made"),
                 Err(err) => tracing::warn!(error = %format!("{err:#}"), "filling the warm pool failed; trying again"),
             }
+        }
+    })))
+}
+
+/// Moves the audit entries of tenants on other shards from the outbox to
+/// their logs (`plinth_tenants::audit::deliver`), every second, until
+/// `stopped`. Every instance that runs the worker runs one; they take
+/// different entries.
+pub fn audit_deliverer(
+    db_config: &DbConfig,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let db = Db::connect(&DbConfig { pool_size: 1, ..db_config.clone() })?;
+    Ok(every_second(stopped, move || {
+        let db = db.clone();
+        // Until the outbox is empty, without waiting between batches.
+        async move {
+            loop {
+                match plinth_tenants::audit::deliver(&db).await {
+                    Ok(0) => return,
+                    Ok(moved) => tracing::debug!(moved, "audit entries delivered to their shards"),
+                    Err(err) => {
+                        tracing::warn!(error = %format!("{err:#}"), "delivering audit entries failed; trying again");
+                        return;
+                    }
+                }
+            }
+        }
+    }))
+}
+
+/// Runs `tick` now and then a second after each run ends, until `stopped`.
+fn every_second<F, Fut>(mut stopped: tokio::sync::watch::Receiver<bool>, mut tick: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            tick().await;
             tokio::select! {
                 _ = stopped.changed() => return,
                 () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             }
         }
-    })))
+    })
 }
 
 /// The worker settings from the configuration.

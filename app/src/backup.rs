@@ -18,6 +18,12 @@ pub async fn backup(db: &Db, url: &str, tenant: TenantId) -> anyhow::Result<Arch
         let snapshot = export_snapshot(conn).await?;
         let found = registry::find_by_id(conn, tenant).await?.context("no such tenant")?;
         anyhow::ensure!(found.status != TenantStatus::Deleting, "tenant {} is being deleted", found.slug);
+        anyhow::ensure!(
+            found.shard.is_primary(),
+            "tenant {} lives on shard {}: backups of tenants on other shards are not supported yet",
+            found.slug,
+            found.shard
+        );
         let archived = ArchivedTenant {
             id: found.id.0,
             slug: found.slug.clone(),

@@ -19,6 +19,7 @@ use crate::startup::Application;
 use crate::{background, pg, telemetry};
 use plinth_tenants::crypto::{Keyring, Secret};
 
+mod shards;
 mod tenants;
 
 pub use tenants::{MigrateArgs, TenantsCommand, migrate_tenants};
@@ -46,6 +47,9 @@ pub enum Command {
     /// Create, list, migrate, suspend and delete tenants.
     #[command(subcommand)]
     Tenants(TenantsCommand),
+    /// Declare, list and drain the PostgreSQL servers that hold tenant schemas.
+    #[command(subcommand)]
+    Shards(shards::ShardsCommand),
     /// Run only the background job worker (mail delivery and other jobs).
     Worker,
     /// Inspect the job queue and retry dead jobs.
@@ -221,14 +225,15 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             }
             let mut listener = Listener::new();
             let (stop, stopped) = watch::channel(false);
-            let (worker, filler) = if settings.run_worker {
+            let (worker, filler, deliverer) = if settings.run_worker {
                 let worker = background::worker(settings, &config, background::worker_config(settings))?;
                 background::schedule_billing(settings, &config).await?;
                 listener.on(jobs::CHANNEL, worker.listen_handler());
                 let filler = background::spare_filler(settings, &config, stopped.clone())?;
-                (Some(tokio::spawn(worker.run(stopped))), filler)
+                let deliverer = background::audit_deliverer(&config, stopped.clone())?;
+                (Some(tokio::spawn(worker.run(stopped))), filler, Some(deliverer))
             } else {
-                (None, None)
+                (None, None, None)
             };
             let app = Application::build(settings, &config, listen_url, listener).await?;
             let served = app.run_until_stopped().await.context("running the server");
@@ -239,6 +244,9 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             }
             if let Some(filler) = filler {
                 filler.await.context("the warm pool's filler")?;
+            }
+            if let Some(deliverer) = deliverer {
+                deliverer.await.context("the audit deliverer")?;
             }
             served?;
             Ok(ExitCode::SUCCESS)
@@ -252,6 +260,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             let listening = listener.spawn(listen_url);
             let (stop, stopped) = watch::channel(false);
             let filler = background::spare_filler(settings, &db_config(settings, url), stopped.clone())?;
+            let deliverer = background::audit_deliverer(&db_config(settings, url), stopped.clone())?;
             let running = tokio::spawn(worker.run(stopped));
             shutdown_signal().await;
             let _ = stop.send(true);
@@ -259,6 +268,7 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             if let Some(filler) = filler {
                 filler.await.context("the warm pool's filler")?;
             }
+            deliverer.await.context("the audit deliverer")?;
             listening.abort();
             Ok(ExitCode::SUCCESS)
         }
@@ -277,6 +287,11 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
             migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
             let db = Db::connect(&db_config(settings, url))?;
             tenants::run(command, &db, settings, url).await
+        }
+        Command::Shards(command) => {
+            migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
+            let db = Db::connect(&DbConfig { pool_size: 2, ..db_config(settings, url) })?;
+            shards::run(command, &db).await
         }
         Command::Billing(command) => {
             migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
@@ -512,6 +527,15 @@ async fn admin_command(command: AdminCommand, db: &Db, settings: &Settings) -> a
                     Ok::<_, anyhow::Error>((accounts, answers))
                 })
                 .await?;
+            // Answers to writes of tenants on other shards are kept there.
+            let mut answers = answers;
+            let all = db.platform(async |c| Ok::<_, anyhow::Error>(plinth_tenants::shards::list(c).await?)).await?;
+            for shard in all.iter().filter(|s| !s.name.is_primary()) {
+                answers += db
+                    .on_shard(&shard.name, async |c| plinth_tenants::idempotency::reseal(c, &ring).await)
+                    .await
+                    .with_context(|| format!("on shard {}", shard.name))?;
+            }
             println!(
                 "sealed under the first key: the two-factor secrets of {accounts} accounts, {answers} stored answers"
             );

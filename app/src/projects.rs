@@ -454,7 +454,7 @@ async fn create_project_route(
     let new = body.0.validate()?;
     let keyed = key.keyed(ctx.principal.idempotency_caller(), digest)?;
     let keyed = keyed.as_ref();
-    idempotency::once(&db, keyed, async || {
+    idempotency::once_on(&db, &ctx.tenant.shard, keyed, async || {
         let json = ctx
             .tx(async |c| {
                 idempotency::claim(c.pg(), keyed).await?;
@@ -571,7 +571,7 @@ async fn create_task_route(
     let new = body.0.validate()?;
     let keyed = key.keyed(ctx.principal.idempotency_caller(), digest)?;
     let keyed = keyed.as_ref();
-    idempotency::once(&db, keyed, async || {
+    idempotency::once_on(&db, &ctx.tenant.shard, keyed, async || {
         let json = ctx
             .tx(async |c| {
                 idempotency::claim(c.pg(), keyed).await?;

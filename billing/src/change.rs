@@ -147,7 +147,7 @@ async fn plot(
     let item_id = item.id.clone().ok_or_else(|| ApiError::Internal(anyhow::anyhow!("an item without an id")))?;
     let upgrade = rank(&target.name) > rank(&current.name);
     if !upgrade && !keep {
-        let usage = ctx.tx(async |c| ctx.usage(c.pg()).await).await?;
+        let usage = ctx.usage().await?;
         let over: Vec<(&'static str, u32, i64)> = usage
             .into_iter()
             .filter_map(|(quota, usage)| {

@@ -56,8 +56,13 @@ async fn add_member(
 }
 
 /// A new organization (its schema provisioned) in the caller's transaction.
-async fn provision(conn: &mut AsyncPgConnection, slug: &Slug, organization: &str) -> Result<Tenant, IdentityError> {
-    Ok(registry::provision(conn, slug, organization).await?)
+async fn provision(
+    conn: &mut AsyncPgConnection,
+    db: &Db,
+    slug: &Slug,
+    organization: &str,
+) -> Result<Tenant, IdentityError> {
+    Ok(registry::provision(conn, db, slug, organization).await?)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -143,7 +148,7 @@ async fn signup(
             .provisioning(async |c| {
                 idempotency::claim(c, keyed).await?;
                 let user = insert_user(c, &email, &hash).await?;
-                let tenant = provision(c, &slug, &organization).await?;
+                let tenant = provision(c, &db, &slug, &organization).await?;
                 add_member(c, &tenant, user.id, "owner").await?;
                 let (token, session) = sessions::create_session(c, UserId(user.id), cfg.session_ttl).await?;
                 let (token_id, verify) = issue_token(c, user.id, "verify_email", cfg.verify_email_ttl).await?;
@@ -249,7 +254,7 @@ async fn create_tenant(
                     tracing::info!(user.id = %user, owned, "organization cap reached");
                     return Err(ApiError::Forbidden);
                 }
-                let tenant = provision(c, &slug, &body.0.organization).await?;
+                let tenant = provision(c, &db, &slug, &body.0.organization).await?;
                 add_member(c, &tenant, user, "owner").await?;
                 idempotency::record(c, keyed, StatusCode::CREATED, &CreatedTenant { tenant, role: "owner" }).await
             })

@@ -77,6 +77,9 @@ impl From<IdentityError> for ApiError {
             IdentityError::RateLimited(wait) => ratelimit::limited(wait),
             IdentityError::Limits(err) => err,
             IdentityError::HashingBusy => Self::Unavailable(err.into()),
+            IdentityError::Organization(CreateError::NoOpenShard | CreateError::ShardNotOpen(_)) => {
+                Self::Unavailable(err.into())
+            }
             IdentityError::Organization(CreateError::SlugTaken) => Self::Conflict("the slug is already taken".into()),
             IdentityError::Organization(CreateError::InvalidName(why)) => {
                 Self::invalid_fields(vec![FieldError::new("organization", "invalid", why)])

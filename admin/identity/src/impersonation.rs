@@ -117,7 +117,7 @@ pub async fn start(
         "session_id": session.session_id,
         "expires_at": expires_at,
     }));
-    audit::record_as_system(conn, &tenant.schema, entry).await?;
+    audit::record_as_system(conn, tenant.scope(), entry).await?;
     let job = NewJob {
         tenant: Some(tenant.id),
         dedup_key: Some(session.session_id.to_string()),
@@ -149,7 +149,7 @@ pub async fn end(conn: &mut AsyncPgConnection, session: uuid::Uuid, why: &str) -
         let entry = Entry::new(Actor::User(user), "impersonation.ended")
             .target("user", user)
             .details(json!({ "impersonated_by": operator, "session_id": session, "why": why }));
-        audit::record_as_system(conn, &tenant.schema, entry).await?;
+        audit::record_as_system(conn, tenant.scope(), entry).await?;
     }
     Ok(true)
 }

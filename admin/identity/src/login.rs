@@ -321,7 +321,7 @@ async fn record_in_every_tenant_of(
 ) -> diesel::QueryResult<()> {
     let tenants: Vec<TenantId> = crate::members::of_user(conn, UserId(user)).await?.into_iter().map(|m| m.0).collect();
     for tenant in registry::find_live_by_ids(conn, &tenants).await? {
-        audit::record_as_system(conn, &tenant.schema, entry.clone()).await?;
+        audit::record_as_system(conn, tenant.scope(), entry.clone()).await?;
     }
     Ok(())
 }

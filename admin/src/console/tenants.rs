@@ -143,24 +143,34 @@ pub(super) async fn show_page(
 ) -> Result<HttpResponse, ConsoleError> {
     let tenant = find(&db, tenant_id(&path)?).await?;
     let plan = access.catalog().effective(&tenant.plan);
-    let (limits, entries) = db
+    // Quotas are counted where their rows are: projects in the tenant's
+    // schema, members and keys in the platform tables (another server when
+    // the tenant is on another shard).
+    let count = async |conn: &diesel_async::AsyncPgConnection, in_schema: bool| {
+        let mut limits = Vec::new();
+        for q in plinth_access::Quota::ALL.into_iter().filter(|q| q.in_tenant_schema() == in_schema) {
+            let usage = quota::usage(conn, tenant.id, counters.get(q)?, plan.limit(q)).await?;
+            limits.push((q, Limit { name: q.as_str(), used: usage.used, max: usage.max }));
+        }
+        Ok::<_, ApiError>(limits)
+    };
+    let (mut limits, entries) = db
         .tenant(tenant.scope(), async |c| {
-            let mut limits = Vec::new();
-            for q in plinth_access::Quota::ALL {
-                let usage = quota::usage(c.pg(), tenant.id, counters.get(q)?, plan.limit(q)).await?;
-                limits.push(Limit { name: q.as_str(), used: usage.used, max: usage.max });
-            }
+            let limits = count(c.pg(), true).await?;
             let entries = audit::read(c, audit::Filter { limit: 15, ..Default::default() }).await?;
             Ok::<_, ApiError>((limits, entries))
         })
         .await?;
     let (members, pending) = db
         .tenant_rows(tenant.scope(), async |rows| {
+            limits.extend(count(rows.conn(), false).await?);
             let members = members::members_of(rows).await?;
             let pending = invitations::pending(rows).await?;
             Ok::<_, ApiError>((members, pending))
         })
         .await?;
+    limits.sort_by_key(|(q, _)| plinth_access::Quota::ALL.iter().position(|a| a == q));
+    let limits: Vec<Limit> = limits.into_iter().map(|(_, l)| l).collect();
     let (domains, version, restricted, allowed, operator_entries) = db
         .platform(async |c| {
             let domains = registry::domains(c, tenant.id).await?;

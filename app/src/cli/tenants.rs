@@ -21,6 +21,9 @@ pub enum TenantsCommand {
         /// The organization's display name.
         #[arg(long)]
         name: String,
+        /// The shard to place it on (an open one); default: the open shard with the fewest tenants.
+        #[arg(long)]
+        shard: Option<String>,
     },
     /// List tenants with their status and plan.
     List,
@@ -80,10 +83,16 @@ pub struct MigrateArgs {
 
 pub async fn run(command: TenantsCommand, db: &Db, settings: &Settings, url: &str) -> anyhow::Result<ExitCode> {
     match command {
-        TenantsCommand::Create { slug, name } => {
+        TenantsCommand::Create { slug, name, shard } => {
             let slug = Slug::parse(&slug).map_err(|e| anyhow::anyhow!("slug {e}"))?;
-            let tenant = registry::create(db, &slug, &name).await?;
-            println!("created tenant {} ({}) in schema {}", tenant.slug, tenant.id, tenant.schema);
+            let shard = shard
+                .map(|s| plinth_tenants::ShardName::parse(&s).map_err(|e| anyhow::anyhow!("--shard {s:?}: {e}")))
+                .transpose()?;
+            let tenant = registry::create_on(db, &slug, &name, shard.as_ref()).await?;
+            println!(
+                "created tenant {} ({}) in schema {} on shard {}",
+                tenant.slug, tenant.id, tenant.schema, tenant.shard
+            );
         }
         TenantsCommand::List => {
             let tenants = db.platform(async |c| Ok::<_, anyhow::Error>(registry::list(c).await?)).await?;
@@ -168,6 +177,11 @@ pub async fn run(command: TenantsCommand, db: &Db, settings: &Settings, url: &st
                 println!("no template: new tenants start empty");
             } else if let Some(slug) = slug {
                 let tenant = find(db, &slug).await?;
+                anyhow::ensure!(
+                    tenant.shard.is_primary(),
+                    "{slug} lives on shard {}: the template must live on the primary",
+                    tenant.shard
+                );
                 db.platform(async |c| Ok::<_, anyhow::Error>(template::set(c, Some(tenant.id)).await?)).await?;
                 println!("new tenants start with a copy of {slug}'s rows");
             } else {

@@ -134,7 +134,7 @@ impl Processor {
         let Some(t) = registry::find_by_id(c, tenant).await? else { return Ok(()) };
         let action = if restricted { "billing.restricted" } else { "billing.restriction_lifted" };
         let entry = plinth_tenants::audit::Entry::new(Actor::System, action).target("tenant", tenant).details(details);
-        plinth_tenants::audit::record_as_system(c, &t.schema, entry).await?;
+        plinth_tenants::audit::record_as_system(c, t.scope(), entry).await?;
         if restricted {
             tracing::warn!(tenant.id = %tenant, "tenant restricted: a payment is overdue past its grace");
         } else {

@@ -26,6 +26,13 @@ pub enum Quota {
 impl Quota {
     pub const ALL: [Quota; 3] = [Quota::Projects, Quota::Members, Quota::ApiKeys];
 
+    /// Whether what it counts lives in the tenant's schema (projects),
+    /// rather than in the platform tables (members, API keys): the two may
+    /// be on different servers (`plinth_tenants::shards`).
+    pub fn in_tenant_schema(self) -> bool {
+        matches!(self, Self::Projects)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Projects => "projects",

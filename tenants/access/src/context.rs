@@ -137,12 +137,21 @@ impl TenantContext {
         quota::reserve(conn, self.tenant.id, quota, self.plan().limit(quota), counter).await
     }
 
-    /// What the tenant uses of each quota its plan names, and the limit.
-    pub async fn usage(&self, conn: &AsyncPgConnection) -> Result<Vec<(Quota, quota::Usage)>, AccessError> {
-        let mut usage = Vec::with_capacity(Quota::ALL.len());
-        for q in Quota::ALL {
-            usage.push((q, quota::usage(conn, self.tenant.id, self.counters.get(q)?, self.plan().limit(q)).await?));
-        }
+    /// What the tenant uses of each quota its plan names, and the limit:
+    /// what its schema holds counted in a tenant transaction, what the
+    /// platform tables hold in a platform one (they may be on different
+    /// servers).
+    pub async fn usage(&self) -> Result<Vec<(Quota, quota::Usage)>, AccessError> {
+        let count = async |conn: &AsyncPgConnection, in_schema: bool| {
+            let mut usage = Vec::with_capacity(Quota::ALL.len());
+            for q in Quota::ALL.into_iter().filter(|q| q.in_tenant_schema() == in_schema) {
+                usage.push((q, quota::usage(conn, self.tenant.id, self.counters.get(q)?, self.plan().limit(q)).await?));
+            }
+            Ok::<_, AccessError>(usage)
+        };
+        let mut usage = self.tx(async |c| count(c.pg(), true).await).await?;
+        usage.extend(self.rows(async |r| count(r.conn(), false).await).await?);
+        usage.sort_by_key(|(q, _)| Quota::ALL.iter().position(|a| a == q));
         Ok(usage)
     }
 

@@ -65,7 +65,7 @@ pub async fn change_plan(
             request_id: None,
             details: all,
         };
-        plinth_tenants::audit::record_as_system(conn, &tenant.schema, entry).await?;
+        plinth_tenants::audit::record_as_system(conn, tenant.scope(), entry).await?;
     }
     Ok(Some((tenant, changed)))
 }

@@ -16,9 +16,9 @@ use actix_web::dev::Payload;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{CONTENT_TYPE, HOST, HeaderName};
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
-use plinth_tenants::Db;
 use plinth_tenants::crypto::Keyring;
 use plinth_tenants::idempotency::{self, Earlier};
+use plinth_tenants::{Db, ShardName};
 use sha2::{Digest as _, Sha256};
 
 use crate::ApiError;
@@ -105,8 +105,8 @@ impl FromRequest for IdempotencyKey {
 
 /// The answer an earlier request with this key left, replayed; 422 when the
 /// key was used for another request.
-async fn replay(db: &Db, keyed: &Keyed) -> Result<Option<HttpResponse>, ApiError> {
-    let earlier = db.platform(async |c| Ok::<_, ApiError>(idempotency::earlier(c, &keyed.inner).await?)).await?;
+async fn replay(db: &Db, on: &ShardName, keyed: &Keyed) -> Result<Option<HttpResponse>, ApiError> {
+    let earlier = db.on_shard(on, async |c| Ok::<_, ApiError>(idempotency::earlier(c, &keyed.inner).await?)).await?;
     match earlier {
         None => Ok(None),
         Some(Earlier::OtherRequest) => Err(ApiError::IdempotencyKeyReused),
@@ -138,12 +138,28 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<HttpResponse, ApiError>>,
 {
+    once_on(db, &ShardName::primary(), keyed, work).await
+}
+
+/// [`once`] for work in a tenant's own tables, which claims and records
+/// the key in its tenant transaction: the answer is kept on the tenant's
+/// shard, so it is replayed from there.
+pub async fn once_on<F, Fut>(
+    db: &Db,
+    shard: &ShardName,
+    keyed: Option<&Keyed>,
+    work: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<HttpResponse, ApiError>>,
+{
     let Some(keyed) = keyed else { return work().await };
-    if let Some(answer) = replay(db, keyed).await? {
+    if let Some(answer) = replay(db, shard, keyed).await? {
         return Ok(answer);
     }
     match work().await {
-        Err(ApiError::IdempotencyKeyInUse) => replay(db, keyed).await?.ok_or(ApiError::IdempotencyKeyInUse),
+        Err(ApiError::IdempotencyKeyInUse) => replay(db, shard, keyed).await?.ok_or(ApiError::IdempotencyKeyInUse),
         other => other,
     }
 }

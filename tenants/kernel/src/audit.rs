@@ -4,13 +4,19 @@
 //! log it is, inside the transaction of the action it records, so an action
 //! and its audit entry commit or roll back together. Flows that are not one
 //! tenant's request (the CLI, Stripe, platform admins, a login) use
-//! [`record_as_system`], which names the schema.
+//! [`record_as_system`], which names the tenant.
+//!
+//! A tenant whose schema is on another server than the platform tables
+//! (`crate::shards`) cannot share a transaction with them: its entries go
+//! to `public.audit_outbox` in the action's transaction instead, and
+//! [`deliver`] moves them to its log, under the same id, so an entry
+//! delivered twice is kept once.
 
 use diesel::sql_types::{Jsonb, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use crate::db::{TenantConn, TenantRows};
-use crate::ids::SchemaName;
+use crate::db::{Db, PgConn, TenantConn, TenantRows, TenantScope};
+use crate::ids::{SchemaName, ShardName, TenantId};
 
 /// Who did it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,28 +96,40 @@ impl Entry {
 /// the transaction of the change it records. Request paths write the log
 /// this way only.
 pub async fn record(rows: &mut TenantRows<'_>, entry: Entry) -> diesel::QueryResult<()> {
-    let schema = rows.schema().clone();
-    insert(rows.conn(), &schema, entry).await
+    let scope = rows.scope();
+    insert(rows.conn(), scope, entry).await
 }
 
-/// Appends `entry` to the audit log of the tenant whose schema is `schema`,
-/// for flows that are not one tenant's request: the CLI, Stripe's events,
-/// platform admins, and a login (recorded in every tenant of the user).
-pub async fn record_as_system(conn: &AsyncPgConnection, schema: &SchemaName, entry: Entry) -> diesel::QueryResult<()> {
-    insert(conn, schema, entry).await
+/// Appends `entry` to the audit log of `tenant` from a platform
+/// transaction, for flows that are not one tenant's request: the CLI,
+/// Stripe's events, platform admins, and a login (recorded in every tenant
+/// of the user).
+pub async fn record_as_system(
+    conn: &AsyncPgConnection,
+    tenant: TenantScope<'_>,
+    entry: Entry,
+) -> diesel::QueryResult<()> {
+    insert(conn, tenant, entry).await
 }
 
 /// Raw SQL: the table is named with its schema, which diesel's `table!`
-/// cannot take at run time.
-async fn insert(conn: &AsyncPgConnection, schema: &SchemaName, entry: Entry) -> diesel::QueryResult<()> {
+/// cannot take at run time. On the primary, straight into the tenant's log;
+/// for a tenant on another shard, into the outbox.
+async fn insert(conn: &AsyncPgConnection, tenant: TenantScope<'_>, entry: Entry) -> diesel::QueryResult<()> {
     let (actor_type, actor_id) = entry.actor.parts();
-    let sql = format!(
-        "INSERT INTO {}.audit_log (id, actor_type, actor_id, action, target_type, target_id, ip, request_id, details) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        schema.quoted()
-    );
+    let columns = "id, actor_type, actor_id, action, target_type, target_id, ip, request_id, details";
+    let sql = if tenant.shard.is_primary() {
+        format!(
+            "INSERT INTO {}.audit_log ({columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            tenant.schema.quoted()
+        )
+    } else {
+        format!(
+            "INSERT INTO public.audit_outbox (tenant_id, {columns}) VALUES ($10, $1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        )
+    };
     let mut conn = conn;
-    diesel::sql_query(sql)
+    let query = diesel::sql_query(sql)
         .bind::<SqlUuid, _>(uuid::Uuid::now_v7())
         .bind::<Text, _>(actor_type)
         .bind::<Nullable<SqlUuid>, _>(actor_id)
@@ -120,9 +138,88 @@ async fn insert(conn: &AsyncPgConnection, schema: &SchemaName, entry: Entry) -> 
         .bind::<Nullable<Text>, _>(entry.target_id)
         .bind::<Nullable<Text>, _>(entry.ip)
         .bind::<Nullable<Text>, _>(entry.request_id)
-        .bind::<Jsonb, _>(&entry.details)
-        .execute(&mut conn)
+        .bind::<Jsonb, _>(&entry.details);
+    if tenant.shard.is_primary() {
+        query.execute(&mut conn).await?;
+    } else {
+        query.bind::<SqlUuid, _>(tenant.id.0).execute(&mut conn).await?;
+    }
+    Ok(())
+}
+
+#[derive(diesel::QueryableByName)]
+struct Waiting {
+    #[diesel(sql_type = SqlUuid)]
+    tenant_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    schema_name: String,
+    #[diesel(sql_type = Text)]
+    shard: String,
+    #[diesel(sql_type = Jsonb)]
+    entries: serde_json::Value,
+    #[diesel(sql_type = diesel::sql_types::Array<SqlUuid>)]
+    ids: Vec<uuid::Uuid>,
+}
+
+/// Moves waiting entries of the outbox (up to a thousand at a time) to
+/// their tenants' logs on their shards; returns how many. Entries are taken
+/// with `FOR UPDATE SKIP LOCKED`, so instances deliver side by side; each
+/// tenant's batch is committed on its shard before it leaves the outbox, and
+/// one delivered again (a crash in between) is the same row, kept once.
+/// A tenant whose batch fails stays in the outbox for the next round.
+pub async fn deliver(db: &Db) -> anyhow::Result<usize> {
+    db.platform(async |conn: &mut PgConn| {
+        // Raw SQL: the batch, grouped by tenant, as JSON rows of the log.
+        let waiting: Vec<Waiting> = diesel::sql_query(
+            "WITH batch AS (SELECT * FROM public.audit_outbox ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED) \
+             SELECT b.tenant_id, t.schema_name, t.shard, \
+                    jsonb_agg(to_jsonb(b) - 'tenant_id' ORDER BY b.id) AS entries, array_agg(b.id) AS ids \
+             FROM batch b JOIN public.tenants t ON t.id = b.tenant_id \
+             GROUP BY b.tenant_id, t.schema_name, t.shard",
+        )
+        .load(conn)
         .await?;
+        let mut delivered = 0;
+        for tenant in waiting {
+            let (Ok(schema), Ok(shard)) =
+                (SchemaName::from_stored(tenant.schema_name), ShardName::parse(&tenant.shard))
+            else {
+                continue;
+            };
+            if shard.is_primary() {
+                // Moved back to the primary meanwhile: its log is here.
+                copy_into(conn, &schema, &tenant.entries).await?;
+            } else {
+                let copied = db
+                    .on_shard(&shard, async |c: &mut PgConn| Ok::<_, anyhow::Error>(copy_into(c, &schema, &tenant.entries).await?))
+                    .await;
+                if let Err(err) = copied {
+                    let tenant = TenantId(tenant.tenant_id);
+                    tracing::warn!(tenant.id = %tenant, error = %format!("{err:#}"), "delivering audit entries failed; trying again");
+                    continue;
+                }
+            }
+            diesel::sql_query("DELETE FROM public.audit_outbox WHERE id = ANY($1)")
+                .bind::<diesel::sql_types::Array<SqlUuid>, _>(&tenant.ids)
+                .execute(conn)
+                .await?;
+            delivered += tenant.ids.len();
+        }
+        Ok::<_, anyhow::Error>(delivered)
+    })
+    .await
+}
+
+/// Raw SQL: entries as JSON into a schema's log, those already there kept.
+async fn copy_into(conn: &mut PgConn, schema: &SchemaName, entries: &serde_json::Value) -> diesel::QueryResult<()> {
+    diesel::sql_query(format!(
+        "INSERT INTO {s}.audit_log SELECT * FROM jsonb_populate_recordset(NULL::{s}.audit_log, $1) \
+         ON CONFLICT (id) DO NOTHING",
+        s = schema.quoted()
+    ))
+    .bind::<Jsonb, _>(entries)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

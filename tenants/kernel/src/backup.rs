@@ -604,6 +604,9 @@ pub async fn restore_registry(
         object.insert("schema_name".into(), target.schema.as_str().into());
         object.insert("status".into(), "active".into());
         object.insert("updated_at".into(), Utc::now().to_rfc3339().into());
+        // Restored into the platform database: the primary shard, wherever
+        // it was taken.
+        object.insert("shard".into(), crate::ids::ShardName::PRIMARY.into());
         if target.copy {
             // A copy has no subscription: its plan is the operator's doing,
             // and nothing of the original's billing (features taken from

@@ -21,7 +21,7 @@ use diesel::sql_types::Untyped;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager};
 use tracing::Instrument as _;
 
-use crate::ids::{SchemaName, TenantId};
+use crate::ids::{SchemaName, ShardName, TenantId};
 use crate::lanes::{Checkout, Lanes};
 use crate::pool::{Manager, Pooled};
 
@@ -87,28 +87,117 @@ impl DbConfig {
 }
 
 /// A handle to the database: a pool of connections, in lanes by tenant
-/// (see [`crate::lanes`]). Cheap to clone.
+/// (see [`crate::lanes`]), to the platform database, and one more to each
+/// other server (shard, [`crate::shards`]) that holds tenant schemas, made
+/// when a tenant there is first served. Cheap to clone.
 #[derive(Clone)]
 pub struct Db {
     lanes: Arc<Lanes>,
     /// [`DbConfig::statement_cache`].
     statement_cache: bool,
+    shards: Arc<ShardPools>,
+}
+
+/// The pools of the other shards, by name. A shard's URL never changes
+/// once declared, so a pool made is kept.
+struct ShardPools {
+    config: DbConfig,
+    pools: std::sync::RwLock<std::collections::HashMap<ShardName, Arc<Lanes>>>,
+}
+
+fn lanes(config: &DbConfig) -> anyhow::Result<Arc<Lanes>> {
+    let pool = Pool::builder(Manager::new(config)?)
+        .max_size(config.pool_size)
+        .wait_timeout(Some(config.wait_timeout))
+        .create_timeout(Some(config.connect_timeout))
+        .recycle_timeout(Some(config.connect_timeout))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .context("building the database pool")?;
+    Ok(Arc::new(Lanes::new(pool, config.wait_timeout, config.spill_after)))
 }
 
 impl Db {
     pub fn connect(config: &DbConfig) -> anyhow::Result<Self> {
-        let pool = Pool::builder(Manager::new(config)?)
-            .max_size(config.pool_size)
-            .wait_timeout(Some(config.wait_timeout))
-            .create_timeout(Some(config.connect_timeout))
-            .recycle_timeout(Some(config.connect_timeout))
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .context("building the database pool")?;
         Ok(Self {
-            lanes: Arc::new(Lanes::new(pool, config.wait_timeout, config.spill_after)),
+            lanes: lanes(config)?,
             statement_cache: config.statement_cache,
+            shards: Arc::new(ShardPools { config: config.clone(), pools: Default::default() }),
         })
+    }
+
+    /// The pool of `shard`'s server; the platform database's for the
+    /// primary. Another shard's pool is made on first use, from the URL
+    /// the registry holds for it.
+    async fn shard_lanes(&self, shard: &ShardName) -> Result<Arc<Lanes>, PoolError> {
+        if shard.is_primary() {
+            return Ok(Arc::clone(&self.lanes));
+        }
+        if let Some(lanes) = self.shards.pools.read().unwrap_or_else(|p| p.into_inner()).get(shard) {
+            return Ok(Arc::clone(lanes));
+        }
+        let query_failed = |e| PoolError::Backend(diesel_async::pooled_connection::PoolError::QueryError(e));
+        let url: Option<String> = {
+            use diesel::QueryDsl as _;
+            use diesel_async::RunQueryDsl as _;
+            let mut conn = self.conn().await?;
+            crate::schema::shards::table
+                .find(shard.as_str())
+                .select(crate::schema::shards::url)
+                .first::<Option<String>>(&mut **conn)
+                .await
+                .map_err(query_failed)?
+        };
+        let url = url.ok_or_else(|| {
+            query_failed(diesel::result::Error::QueryBuilderError(format!("shard {shard} has no URL").into()))
+        })?;
+        let config = DbConfig { url, ..self.shards.config.clone() };
+        let made = lanes(&config)
+            .map_err(|e| query_failed(diesel::result::Error::QueryBuilderError(format!("{e:#}").into())))?;
+        let mut pools = self.shards.pools.write().unwrap_or_else(|p| p.into_inner());
+        Ok(Arc::clone(pools.entry(shard.clone()).or_insert(made)))
+    }
+
+    /// Runs `f` in a transaction on a connection to `shard`'s server,
+    /// outside any tenant's scope: provisioning and migrating schemas
+    /// there, its bookkeeping (`crate::shards`).
+    pub async fn on_shard<R, E, F>(&self, shard: &ShardName, f: F) -> Result<R, E>
+    where
+        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        self.shard_tx(shard, false, f).await
+    }
+
+    /// [`Db::on_shard`] for a transaction that creates a tenant's schema
+    /// there, counted as [`Db::provisioning`] counts it.
+    pub async fn provisioning_on<R, E, F>(&self, shard: &ShardName, f: F) -> Result<R, E>
+    where
+        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        self.shard_tx(shard, true, f).await
+    }
+
+    async fn shard_tx<R, E, F>(&self, shard: &ShardName, creates_schema: bool, f: F) -> Result<R, E>
+    where
+        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        Box::pin(async {
+            let lanes = self.shard_lanes(shard).await?;
+            let mut conn = lanes.platform().await?;
+            if creates_schema {
+                conn.provision();
+            }
+            AnsiTransactionManager::begin_transaction(&mut **conn).await?;
+            let result = f(&mut conn).await;
+            finish(&mut conn, result).await
+        })
+        .await
     }
 
     /// Counts of the pool, for health and metrics.
@@ -120,9 +209,13 @@ impl Db {
         self.lanes.platform().await
     }
 
-    async fn tenant_conn(&self, tenant: TenantId) -> Result<Checkout, PoolError> {
-        let mut conn = self.lanes.tenant(tenant).await?;
-        conn.serve(tenant);
+    async fn tenant_conn(&self, tenant: TenantScope<'_>) -> Result<Checkout, PoolError> {
+        let mut conn = if tenant.shard.is_primary() {
+            self.lanes.tenant(tenant.id).await?
+        } else {
+            self.shard_lanes(tenant.shard).await?.tenant(tenant.id).await?
+        };
+        conn.serve(tenant.id);
         Ok(conn)
     }
 
@@ -198,10 +291,12 @@ impl Db {
     {
         Box::pin(
             async {
-                let mut conn = self.tenant_conn(tenant.id).await?;
+                // Platform rows live on the primary, wherever the schema is.
+                let mut conn = self.lanes.tenant(tenant.id).await?;
+                conn.serve(tenant.id);
                 AnsiTransactionManager::begin_transaction(&mut **conn).await?;
                 let result = {
-                    let mut rows = TenantRows { conn: &mut conn, tenant_id: tenant.id, schema: tenant.schema };
+                    let mut rows = TenantRows { conn: &mut conn, scope: tenant };
                     f(&mut rows).await
                 };
                 counted("rows", finish(&mut conn, result).await)
@@ -227,7 +322,7 @@ impl Db {
     {
         Box::pin(
             async {
-                let mut obj = self.tenant_conn(tenant.id).await?;
+                let mut obj = self.tenant_conn(tenant).await?;
                 let begin_sql = open_scoped(&mut obj, tenant)?;
                 let result = {
                     let shared: &AsyncPgConnection = &obj;
@@ -287,7 +382,7 @@ impl Db {
     {
         let query = BySql(bind(diesel::sql_query(sql.in_schema(tenant.schema))));
         let read = async {
-            let mut obj = self.tenant_conn(tenant.id).await?;
+            let mut obj = self.tenant_conn(tenant).await?;
             let conn: &mut AsyncPgConnection = &mut obj;
             if self.statement_cache {
                 return Ok(diesel_async::RunQueryDsl::load::<U>(query, conn).await?);
@@ -416,6 +511,8 @@ where
 pub struct TenantScope<'a> {
     pub id: TenantId,
     pub schema: &'a SchemaName,
+    /// The server the schema lives on.
+    pub shard: &'a ShardName,
 }
 
 /// A connection inside a transaction whose `search_path` is one tenant's
@@ -467,19 +564,18 @@ impl<'c> TenantConn<'c> {
 /// forgetting a condition.
 pub struct TenantRows<'c> {
     conn: &'c mut PgConn,
-    tenant_id: TenantId,
-    schema: &'c SchemaName,
+    scope: TenantScope<'c>,
 }
 
 impl<'c> TenantRows<'c> {
     /// The tenant these rows belong to.
     pub fn tenant_id(&self) -> TenantId {
-        self.tenant_id
+        self.scope.id
     }
 
-    /// The tenant's schema (for its audit log).
-    pub fn schema(&self) -> &SchemaName {
-        self.schema
+    /// The tenant's schema and server (for its audit log).
+    pub fn scope(&self) -> TenantScope<'c> {
+        self.scope
     }
 
     /// The platform connection, for the owner's store functions; every
@@ -526,8 +622,9 @@ mod tests {
         let db = Db::connect(&DbConfig::new("postgres://plinth@127.0.0.1:1/none"))?;
         let tenant = TenantId(uuid::Uuid::nil());
         let schema = SchemaName::for_tenant(tenant);
-        let scope = TenantScope { id: tenant, schema: &schema };
-        let checkout = std::mem::size_of_val(&db.tenant_conn(tenant));
+        let shard = ShardName::primary();
+        let scope = TenantScope { id: tenant, schema: &schema, shard: &shard };
+        let checkout = std::mem::size_of_val(&db.tenant_conn(scope));
         assert!(checkout <= 2048, "a tenant checkout's future is {checkout} bytes");
         let platform = std::mem::size_of_val(&db.conn());
         assert!(platform <= 2048, "a platform checkout's future is {platform} bytes");

@@ -243,9 +243,60 @@ impl fmt::Display for SchemaName {
     }
 }
 
+/// A PostgreSQL server that holds tenant schemas (`public.shards`):
+/// `[a-z][a-z0-9_-]*`, at most 40 characters. [`ShardName::primary`] is the
+/// platform database itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardName(String);
+
+impl ShardName {
+    pub const PRIMARY: &'static str = "primary";
+
+    pub fn primary() -> Self {
+        Self(Self::PRIMARY.to_owned())
+    }
+
+    pub fn parse(input: &str) -> Result<Self, &'static str> {
+        let bytes = input.as_bytes();
+        let ok = (1..=40).contains(&bytes.len())
+            && bytes[0].is_ascii_lowercase()
+            && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'_');
+        if ok {
+            Ok(Self(input.to_owned()))
+        } else {
+            Err("a shard's name is 1 to 40 characters of a-z, 0-9, '-' and '_', starting with a letter")
+        }
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.0 == Self::PRIMARY
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ShardName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_names() {
+        for ok in ["primary", "eu-2", "b", "shard_3"] {
+            assert!(ShardName::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "2eu", "Eu", "a b", "a'b", &"a".repeat(41)] {
+            assert!(ShardName::parse(bad).is_err(), "{bad}");
+        }
+        assert!(ShardName::primary().is_primary());
+    }
 
     #[test]
     fn slugs() {

@@ -8,6 +8,7 @@
 //!   [`TenantRows`].
 //! - [`schema`]: diesel's `table!` declarations of the kernel's tables.
 //! - [`registry`]: the tenant registry in the public schema and provisioning.
+//! - [`shards`]: the servers that hold tenant schemas, and placement.
 //! - [`migrate`]: platform migrations and the tenant migration orchestrator.
 //! - [`postgres`]: opening connections, with TLS as `sslmode` asks.
 //! - [`notify`]: one LISTEN connection shared by every cache, with reconnects.
@@ -33,11 +34,12 @@ pub mod pool;
 pub mod postgres;
 pub mod registry;
 pub mod schema;
+pub mod shards;
 pub mod spares;
 pub mod template;
 pub mod text;
 pub mod trace;
 
 pub use db::{Db, DbConfig, PgConn, TenantConn, TenantRows};
-pub use ids::{SchemaName, Slug, TenantId, UserId};
+pub use ids::{SchemaName, ShardName, Slug, TenantId, UserId};
 pub use registry::{Tenant, TenantStatus};

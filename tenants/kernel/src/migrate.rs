@@ -18,7 +18,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::StreamExt as _;
 
 use crate::db::{Db, PgConn};
-use crate::ids::{SchemaName, TenantId};
+use crate::ids::{SchemaName, ShardName, TenantId};
 use crate::schema::{tenant_migrations, tenants};
 
 /// One tenant migration, embedded at build time.
@@ -303,6 +303,8 @@ struct Behind {
     slug: String,
     #[diesel(sql_type = Text)]
     schema_name: String,
+    #[diesel(sql_type = Text)]
+    shard: String,
 }
 
 /// Brings every tenant schema up to `migrations`: finds the tenants behind in
@@ -322,7 +324,7 @@ pub async fn migrate_tenants(
             let total: i64 = tenants::table.filter(tenants::status.ne("deleting")).count().get_result(conn).await?;
             // Raw SQL: a correlated count against an array of versions.
             let behind: Vec<Behind> = diesel::sql_query(
-                "SELECT t.id, t.slug, t.schema_name FROM public.tenants t \
+                "SELECT t.id, t.slug, t.schema_name, t.shard FROM public.tenants t \
                  WHERE t.status <> 'deleting' AND (SELECT count(*) FROM public.tenant_migrations m \
                    WHERE m.tenant_id = t.id AND m.version = ANY($1)) < $2 \
                  ORDER BY t.created_at",
@@ -372,6 +374,7 @@ async fn migrate_one(
     let schema =
         SchemaName::from_stored(t.schema_name.clone()).map_err(|s| anyhow::anyhow!("malformed schema name {s:?}"))?;
     let tenant = TenantId(t.id);
+    let shard = ShardName::parse(&t.shard).map_err(|e| anyhow::anyhow!("shard {:?}: {e}", t.shard))?;
     db.platform(async |conn| {
         crate::db::batch(conn, &format!("SET LOCAL lock_timeout = '{}ms'", lock_timeout.as_millis())).await?;
         let status: Option<String> = crate::schema::tenants::table
@@ -391,6 +394,9 @@ async fn migrate_one(
             .await?
             .into_iter()
             .collect();
+        if !shard.is_primary() {
+            return migrate_on_shard(db, conn, tenant, &schema, &shard, &applied, migrations, lock_timeout).await;
+        }
         let pending: Vec<&TenantMigration> = migrations.iter().filter(|m| !applied.contains(m.version)).collect();
         if pending.is_empty() {
             return Ok(None);
@@ -399,6 +405,53 @@ async fn migrate_one(
         Ok::<_, anyhow::Error>(Some(pending.iter().map(|m| m.version).collect()))
     })
     .await
+}
+
+/// Migrates a tenant whose schema is on another shard, inside the caller's
+/// platform transaction (which holds the tenant's row): the DDL and that
+/// server's ledger commit together there, then the primary's ledger
+/// (`conn`, `applied`) is brought level with the shard's. If the run stops
+/// between the two, the next one finds nothing pending on the shard and
+/// only records what it has.
+#[allow(clippy::too_many_arguments, reason = "the pieces of one tenant's migration, from migrate_one")]
+async fn migrate_on_shard(
+    db: &Db,
+    conn: &mut PgConn,
+    tenant: TenantId,
+    schema: &SchemaName,
+    shard: &ShardName,
+    applied: &HashSet<String>,
+    migrations: &'static [TenantMigration],
+    lock_timeout: Duration,
+) -> anyhow::Result<Option<Vec<&'static str>>> {
+    let has: HashSet<String> = db
+        .on_shard(shard, async |c| {
+            crate::db::batch(c, &format!("SET LOCAL lock_timeout = '{}ms'", lock_timeout.as_millis())).await?;
+            let mut has: HashSet<String> = tenant_migrations::table
+                .filter(tenant_migrations::tenant_id.eq(tenant.0))
+                .select(tenant_migrations::version)
+                .load::<String>(c)
+                .await?
+                .into_iter()
+                .collect();
+            let pending: Vec<&TenantMigration> = migrations.iter().filter(|m| !has.contains(m.version)).collect();
+            apply(c, tenant, schema, &pending).await?;
+            has.extend(pending.iter().map(|m| m.version.to_owned()));
+            Ok::<_, anyhow::Error>(has)
+        })
+        .await
+        .with_context(|| format!("on shard {shard}"))?;
+    let missing: Vec<&'static str> =
+        migrations.iter().map(|m| m.version).filter(|v| has.contains(*v) && !applied.contains(*v)).collect();
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    let rows: Vec<_> = missing
+        .iter()
+        .map(|v| (tenant_migrations::tenant_id.eq(tenant.0), tenant_migrations::version.eq(*v)))
+        .collect();
+    diesel::insert_into(tenant_migrations::table).values(rows).on_conflict_do_nothing().execute(conn).await?;
+    Ok(Some(missing))
 }
 
 /// One tenant's place in the tenant migrations, as the console shows it.

@@ -9,7 +9,7 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
 use crate::db::{Db, PgConn, PoolError, TenantRows, TenantScope};
-use crate::ids::{SchemaName, Slug, TenantId};
+use crate::ids::{SchemaName, ShardName, Slug, TenantId};
 use crate::migrate::{self, TENANT_MIGRATIONS};
 use crate::schema::{tenant_domains, tenants};
 
@@ -55,6 +55,10 @@ pub struct Tenant {
     #[serde(skip)]
     #[schema(ignore)]
     pub schema: SchemaName,
+    /// The server its schema lives on (`crate::shards`).
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub shard: ShardName,
     pub status: TenantStatus,
     pub plan: String,
     pub created_at: DateTime<Utc>,
@@ -63,7 +67,7 @@ pub struct Tenant {
 impl Tenant {
     /// What a tenant-scoped transaction needs.
     pub fn scope(&self) -> TenantScope<'_> {
-        TenantScope { id: self.id, schema: &self.schema }
+        TenantScope { id: self.id, schema: &self.schema, shard: &self.shard }
     }
 }
 
@@ -77,6 +81,7 @@ struct TenantRow {
     status: String,
     plan: String,
     created_at: DateTime<Utc>,
+    shard: String,
 }
 
 impl TryFrom<TenantRow> for Tenant {
@@ -90,6 +95,8 @@ impl TryFrom<TenantRow> for Tenant {
                 .map_err(|s| corrupt(format!("tenant {} has a malformed schema name {s:?}", row.id)))?,
             status: TenantStatus::parse(&row.status)
                 .ok_or_else(|| corrupt(format!("tenant {} has unknown status {:?}", row.id, row.status)))?,
+            shard: ShardName::parse(&row.shard)
+                .map_err(|_| corrupt(format!("tenant {} has a malformed shard name {:?}", row.id, row.shard)))?,
             slug: row.slug,
             name: row.name,
             plan: row.plan,
@@ -110,6 +117,10 @@ pub enum CreateError {
     SlugTaken,
     #[error("the name {0}")]
     InvalidName(&'static str),
+    #[error("no shard takes new tenants (every one is draining or closed)")]
+    NoOpenShard,
+    #[error("there is no open shard named {0}")]
+    ShardNotOpen(ShardName),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -138,17 +149,50 @@ pub fn validate_name(name: &str) -> Result<&str, &'static str> {
 /// Creates a tenant in its own transaction. See [`provision`].
 #[tracing::instrument(skip_all, fields(tenant.slug = %slug))]
 pub async fn create(db: &Db, slug: &Slug, name: &str) -> Result<Tenant, CreateError> {
-    db.provisioning(async |conn| provision(conn, slug, name).await).await
+    create_on(db, slug, name, None).await
+}
+
+/// Creates a tenant in its own transaction, on `shard` if given (it must be
+/// open), else where [`crate::shards::place`] puts it.
+pub async fn create_on(db: &Db, slug: &Slug, name: &str, shard: Option<&ShardName>) -> Result<Tenant, CreateError> {
+    db.provisioning(async |conn| provision_on(conn, db, slug, name, shard).await).await
 }
 
 /// Inserts the tenant row, creates its schema, applies every tenant migration
-/// and records them in the ledger, all inside the caller's transaction: if
-/// anything fails, nothing is left behind (PostgreSQL DDL is transactional).
-/// With a spare schema in the warm pool ([`crate::spares`]), takes it
-/// instead of running the migrations. With a template tenant
-/// ([`crate::template`]), copies its rows in.
-pub async fn provision(conn: &mut PgConn, slug: &Slug, name: &str) -> Result<Tenant, CreateError> {
+/// and records them in the ledger, inside the caller's transaction on the
+/// platform database, on the shard [`crate::shards::place`] chooses.
+///
+/// On the primary, all in that one transaction: if anything fails, nothing
+/// is left behind (PostgreSQL DDL is transactional). With a spare schema in
+/// the warm pool ([`crate::spares`]), takes it instead of running the
+/// migrations. With a template tenant ([`crate::template`]), copies its
+/// rows in.
+///
+/// On another shard, the schema, its migrations (in that server's ledger)
+/// and the template's rows are made in a transaction there that commits
+/// first; the tenant row is visible only when the caller's transaction
+/// commits, after it. If the caller's transaction rolls back, the schema
+/// stays on the shard, unserved, with no tenant row naming it (a random
+/// `t_<id>` no one can reach). Spares are made on the primary only.
+pub async fn provision(conn: &mut PgConn, db: &Db, slug: &Slug, name: &str) -> Result<Tenant, CreateError> {
+    provision_on(conn, db, slug, name, None).await
+}
+
+/// [`provision`] on `shard` if given (it must be open).
+pub async fn provision_on(
+    conn: &mut PgConn,
+    db: &Db,
+    slug: &Slug,
+    name: &str,
+    shard: Option<&ShardName>,
+) -> Result<Tenant, CreateError> {
     let name = validate_name(name).map_err(CreateError::InvalidName)?;
+    let shard = match shard {
+        Some(named) => {
+            crate::shards::open(conn, named).await?.ok_or_else(|| CreateError::ShardNotOpen(named.clone()))?
+        }
+        None => crate::shards::place(conn).await?.ok_or(CreateError::NoOpenShard)?,
+    };
     let id = TenantId::new();
     let schema = SchemaName::for_tenant(id);
     let row = TenantRow {
@@ -159,6 +203,7 @@ pub async fn provision(conn: &mut PgConn, slug: &Slug, name: &str) -> Result<Ten
         status: TenantStatus::Active.as_str().to_owned(),
         plan: "free".to_owned(),
         created_at: Utc::now(),
+        shard: shard.as_str().to_owned(),
     };
     let inserted: TenantRow = diesel::insert_into(tenants::table)
         .values(&row)
@@ -174,6 +219,20 @@ pub async fn provision(conn: &mut PgConn, slug: &Slug, name: &str) -> Result<Ten
             other => CreateError::from(other),
         })?;
     let tenant = Tenant::try_from(inserted)?;
+    if !shard.is_primary() {
+        let copied = crate::template::rows_to_copy(conn, TENANT_MIGRATIONS).await?;
+        db.provisioning_on(&shard, async |c| {
+            crate::db::batch(c, &format!("CREATE SCHEMA {}", tenant.schema.quoted())).await?;
+            migrate::apply_to_schema(c, tenant.id, &tenant.schema, TENANT_MIGRATIONS).await?;
+            if let Some(copied) = &copied {
+                crate::template::insert_rows(c, &tenant.schema, copied).await?;
+            }
+            Ok::<_, CreateError>(())
+        })
+        .await?;
+        migrate::record(conn, tenant.id, TENANT_MIGRATIONS).await?;
+        return Ok(tenant);
+    }
     // A spare from the warm pool, if one waits; else the DDL now.
     if !crate::spares::take(conn, tenant.id, &tenant.schema, TENANT_MIGRATIONS).await? {
         let ddl = format!("CREATE SCHEMA {}", tenant.schema.quoted());
@@ -516,9 +575,24 @@ pub async fn delete(db: &Db, id: TenantId) -> Result<bool, CreateError> {
         .await?;
     let Some(row) = marked else { return Ok(false) };
     let tenant = Tenant::try_from(row)?;
+    let ddl = format!("SET LOCAL lock_timeout = '30s'; DROP SCHEMA IF EXISTS {} CASCADE", tenant.schema.quoted());
+    if !tenant.shard.is_primary() {
+        // Its schema and that server's ledger first; the row (and with it the
+        // tenant) goes only once they are gone.
+        db.on_shard(&tenant.shard, async |c| {
+            crate::db::batch(c, &ddl).await?;
+            diesel::delete(crate::schema::tenant_migrations::table)
+                .filter(crate::schema::tenant_migrations::tenant_id.eq(id.0))
+                .execute(c)
+                .await?;
+            Ok::<_, CreateError>(())
+        })
+        .await?;
+    }
     db.platform(async |conn| {
-        let ddl = format!("SET LOCAL lock_timeout = '30s'; DROP SCHEMA IF EXISTS {} CASCADE", tenant.schema.quoted());
-        crate::db::batch(conn, &ddl).await?;
+        if tenant.shard.is_primary() {
+            crate::db::batch(conn, &ddl).await?;
+        }
         diesel::delete(tenants::table.find(id.0)).execute(conn).await?;
         Ok::<_, CreateError>(())
     })

@@ -14,6 +14,16 @@ diesel::table! {
         plan_source -> Text,
         restricted_at -> Nullable<Timestamptz>,
         features -> Nullable<Array<Text>>,
+        shard -> Text,
+    }
+}
+
+diesel::table! {
+    public.shards (name) {
+        name -> Text,
+        url -> Nullable<Text>,
+        state -> Text,
+        created_at -> Timestamptz,
     }
 }
 

@@ -135,14 +135,91 @@ async fn shape(
     Ok(shape)
 }
 
-/// Copies the template's rows into `to` (a tenant schema just made with
-/// `migrations`), in the caller's transaction. Returns how many rows were
-/// copied, or `None` when there is no template or it is behind `migrations`.
-pub async fn copy_rows(
+/// The template's rows, read to be copied to a tenant on another server
+/// ([`insert_rows`]): each table's rows as one JSON array, in foreign-key
+/// order, and each sequence's position. `None` when there is no template or
+/// it is behind `migrations`, as for [`copy_rows`].
+pub async fn rows_to_copy(
     conn: &mut PgConn,
-    to: &SchemaName,
     migrations: &[TenantMigration],
-) -> Result<Option<usize>, diesel::result::Error> {
+) -> Result<Option<Copied>, diesel::result::Error> {
+    let Some(template) = usable(conn, migrations).await? else { return Ok(None) };
+    let shape = shape(conn, &template).await?;
+    let (tables, sequences) = &*shape;
+    #[derive(QueryableByName)]
+    struct Rows {
+        #[diesel(sql_type = diesel::sql_types::Jsonb)]
+        rows: serde_json::Value,
+    }
+    #[derive(QueryableByName)]
+    struct Position {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        last_value: i64,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        is_called: bool,
+    }
+    let mut copied = Copied::default();
+    for table in tables.iter().filter(|t| !NOT_COPIED.contains(&t.as_str())) {
+        let quoted = format!("\"{}\"", table.replace('"', "\"\""));
+        // Raw SQL: a table of the schema, named from the catalog and quoted.
+        let rows: Rows = diesel::sql_query(format!(
+            "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') AS rows FROM {}.{quoted} t",
+            template.schema.quoted()
+        ))
+        .get_result(conn)
+        .await?;
+        copied.tables.push((quoted, rows.rows));
+    }
+    for seq in sequences.iter() {
+        let quoted = format!("\"{}\"", seq.replace('"', "\"\""));
+        // Raw SQL: a sequence named from the catalog and quoted.
+        let at: Position =
+            diesel::sql_query(format!("SELECT last_value, is_called FROM {}.{quoted}", template.schema.quoted()))
+                .get_result(conn)
+                .await?;
+        copied.sequences.push((quoted, at.last_value, at.is_called));
+    }
+    Ok(Some(copied))
+}
+
+/// A template's rows on their way to another server.
+#[derive(Debug, Default)]
+pub struct Copied {
+    /// Quoted table names with their rows, in foreign-key order.
+    tables: Vec<(String, serde_json::Value)>,
+    /// Quoted sequence names with their positions.
+    sequences: Vec<(String, i64, bool)>,
+}
+
+/// Writes rows read by [`rows_to_copy`] into `to` (a schema just made with
+/// the same migrations) in the caller's transaction, on the new tenant's
+/// server. Returns how many rows.
+pub async fn insert_rows(conn: &mut PgConn, to: &SchemaName, copied: &Copied) -> Result<usize, diesel::result::Error> {
+    let mut n = 0;
+    for (table, rows) in &copied.tables {
+        // Raw SQL: a table named from the catalog and quoted, filled from JSON.
+        n += diesel::sql_query(format!(
+            "INSERT INTO {to}.{table} SELECT * FROM jsonb_populate_recordset(NULL::{to}.{table}, $1)",
+            to = to.quoted()
+        ))
+        .bind::<diesel::sql_types::Jsonb, _>(rows)
+        .execute(conn)
+        .await?;
+    }
+    for (seq, last_value, is_called) in &copied.sequences {
+        let target = format!("{}.{seq}", to.quoted()).replace('\'', "''");
+        // Raw SQL: setval of a sequence named from the catalog and quoted.
+        diesel::sql_query(format!("SELECT setval('{target}', $1, $2)"))
+            .bind::<diesel::sql_types::BigInt, _>(last_value)
+            .bind::<diesel::sql_types::Bool, _>(is_called)
+            .execute(conn)
+            .await?;
+    }
+    Ok(n)
+}
+
+/// The template, if there is one and it has every one of `migrations`.
+async fn usable(conn: &mut PgConn, migrations: &[TenantMigration]) -> Result<Option<Tenant>, diesel::result::Error> {
     let Some(template) = current(conn).await? else { return Ok(None) };
     #[derive(QueryableByName)]
     struct Count {
@@ -162,6 +239,18 @@ pub async fn copy_rows(
         tracing::warn!(template = %template.slug, "the template tenant is behind the migrations; new tenants start empty until it is migrated");
         return Ok(None);
     }
+    Ok(Some(template))
+}
+
+/// Copies the template's rows into `to` (a tenant schema just made with
+/// `migrations`), in the caller's transaction. Returns how many rows were
+/// copied, or `None` when there is no template or it is behind `migrations`.
+pub async fn copy_rows(
+    conn: &mut PgConn,
+    to: &SchemaName,
+    migrations: &[TenantMigration],
+) -> Result<Option<usize>, diesel::result::Error> {
+    let Some(template) = usable(conn, migrations).await? else { return Ok(None) };
     let shape = shape(conn, &template).await?;
     let (tables, sequences) = &*shape;
     let mut copied = 0;
