@@ -7,6 +7,7 @@
 #   scripts/bench-scale.sh                                   # builds, then runs
 #   BENCH=/path/to/examples/bench_scale ROUNDS=5 scripts/bench-scale.sh
 #   SHARED_BUFFERS=128MB MAX_FILES=1000 scripts/bench-scale.sh   # PostgreSQL's defaults
+#   EXAMPLE=bench_shards WAL_LEVEL=logical scripts/bench-scale.sh # shards: no-op migrate, moves
 #
 # The cluster is initdb'd in a temporary directory from the newest installed
 # PostgreSQL server binaries, listens on 127.0.0.1:$PG_PORT (default 5433),
@@ -17,6 +18,8 @@ cd "$(dirname "$0")/.."
 PG_PORT=${PG_PORT:-5433}
 SHARED_BUFFERS=${SHARED_BUFFERS:-2GB}
 MAX_FILES=${MAX_FILES:-8000}
+EXAMPLE=${EXAMPLE:-bench_scale}
+WAL_LEVEL=${WAL_LEVEL:-replica}
 
 BIN=$(find /usr/lib/postgresql -maxdepth 3 -name initdb -path '*/bin/*' 2>/dev/null | sort -V | tail -1 | xargs -r dirname)
 if [ -z "$BIN" ] && command -v initdb >/dev/null; then
@@ -27,8 +30,8 @@ if [ -z "$BIN" ]; then
     exit 1
 fi
 if [ -z "${BENCH:-}" ]; then
-    cargo build --release -p plinth --bins --example bench_scale
-    BENCH=target/release/examples/bench_scale
+    cargo build --release -p plinth --bins --example "$EXAMPLE"
+    BENCH=target/release/examples/$EXAMPLE
 fi
 BENCH=$(realpath "$BENCH")
 
@@ -50,11 +53,12 @@ listen_addresses = '127.0.0.1'
 unix_socket_directories = '$DIR'
 shared_buffers = $SHARED_BUFFERS
 max_files_per_process = $MAX_FILES
+wal_level = $WAL_LEVEL
 EOF
 # PostgreSQL opens no more files than the process may.
 ulimit -n $((MAX_FILES * 2 + 1000)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 as_postgres "$BIN/pg_ctl" -w -t 60 -D "$DIR/data" -l "$DIR/server.log" start >/dev/null
-echo "PostgreSQL: shared_buffers = $SHARED_BUFFERS, max_files_per_process = $MAX_FILES, 127.0.0.1:$PG_PORT"
+echo "PostgreSQL: shared_buffers = $SHARED_BUFFERS, max_files_per_process = $MAX_FILES, wal_level = $WAL_LEVEL, 127.0.0.1:$PG_PORT"
 
 cd "$DIR"
 DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres" "$BENCH"

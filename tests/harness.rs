@@ -313,8 +313,10 @@ impl TestApp {
             .json(&serde_json::json!({ "name": name }))
             .send()
             .await?;
-        assert_eq!(res.status(), 201, "creating a project");
-        Ok(res.json().await?)
+        let status = res.status();
+        let body: serde_json::Value = res.json().await?;
+        assert_eq!(status, 201, "creating a project: {body}");
+        Ok(body)
     }
 }
 

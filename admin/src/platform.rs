@@ -150,7 +150,10 @@ pub async fn delete_tenant(
         return Err(ApiError::NotFound("tenant"));
     };
     offboard.offboard(db, id).await?;
-    let deleted = registry::delete(db, id).await.map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
+    let deleted = registry::delete(db, id).await.map_err(|e| match e {
+        registry::CreateError::Moving => ApiError::Conflict(e.to_string()),
+        other => ApiError::Internal(anyhow::Error::new(other)),
+    })?;
     if !deleted {
         return Err(ApiError::NotFound("tenant"));
     }

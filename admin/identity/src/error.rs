@@ -81,6 +81,7 @@ impl From<IdentityError> for ApiError {
                 Self::Unavailable(err.into())
             }
             IdentityError::Organization(CreateError::SlugTaken) => Self::Conflict("the slug is already taken".into()),
+            IdentityError::Organization(CreateError::Moving) => Self::Conflict(err.to_string()),
             IdentityError::Organization(CreateError::InvalidName(why)) => {
                 Self::invalid_fields(vec![FieldError::new("organization", "invalid", why)])
             }

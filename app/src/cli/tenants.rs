@@ -1,5 +1,5 @@
 //! `plinth tenants …`: create, list, migrate, suspend, delete, route domains
-//! to, template, back up and restore tenants.
+//! to, template, back up, restore and move tenants.
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -43,6 +43,25 @@ pub enum TenantsCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Move a tenant to another shard while it is served: its rows are copied with logical
+    /// replication, its writes held for a moment (at most --max-pause-ms) while the last changes
+    /// arrive and the registry flips; then every instance serves it from there. The source's
+    /// server needs wal_level = logical.
+    Move {
+        slug: String,
+        /// The shard to move it to (an open one).
+        #[arg(long)]
+        to: String,
+        /// Keep the old copy on the source (renamed, refusing writes) instead of dropping it.
+        #[arg(long)]
+        keep: bool,
+        /// The longest the tenant's writes may be held; past it the move gives up, nothing changed.
+        #[arg(long, default_value_t = 2000, value_name = "MS")]
+        max_pause_ms: u64,
+        /// How long the copy may take to catch up before the move gives up.
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
+        catch_up_secs: u64,
+    },
     /// Route a custom domain to a tenant. You vouch that its DNS points at Plinth.
     AddDomain { slug: String, domain: String },
     /// Show the template tenant, or make <SLUG> the template: every new tenant starts with a
@@ -73,7 +92,7 @@ pub enum TenantsCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
-    /// Tenants migrated at the same time.
+    /// Tenants migrated at the same time on each shard.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
     /// How long one tenant may wait for a lock before it fails and the run moves on.
@@ -148,6 +167,7 @@ pub async fn run(command: TenantsCommand, db: &Db, settings: &Settings, url: &st
             let tenant = find(db, &slug).await?;
             // Stripe first: a tenant whose subscriptions could not be
             // cancelled is not deleted.
+            anyhow::ensure!(!tenant.moving, "{slug} is being moved to another shard: delete it when the move is done");
             let api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?;
             let cancelled = plinth_billing::stripe::close_tenant(db, api.as_ref(), tenant.id).await.context(
                 "cancelling the tenant's Stripe subscriptions (nothing was deleted; set PLINTH_STRIPE_SECRET_KEY \
@@ -158,6 +178,27 @@ pub async fn run(command: TenantsCommand, db: &Db, settings: &Settings, url: &st
             }
             registry::delete(db, tenant.id).await?;
             println!("deleted tenant {slug}");
+        }
+        TenantsCommand::Move { slug, to, keep, max_pause_ms, catch_up_secs } => {
+            let to = plinth_tenants::ShardName::parse(&to).map_err(|e| anyhow::anyhow!("--to {to:?}: {e}"))?;
+            let options = plinth_tenants::moves::MoveOptions {
+                keep,
+                catch_up: std::time::Duration::from_secs(catch_up_secs),
+                max_pause: std::time::Duration::from_millis(max_pause_ms),
+            };
+            let report = plinth_tenants::moves::move_tenant(db, &slug, &to, &options, &|step| eprintln!("{step}"))
+                .await
+                .with_context(|| format!("moving {slug} to shard {to}"))?;
+            println!(
+                "moved {slug} from shard {} to {}: {} rows, writes held for {} ms",
+                report.from,
+                report.to,
+                report.rows,
+                report.pause.as_millis()
+            );
+            if let Some(kept) = report.kept {
+                println!("the old copy is kept on shard {} as schema {kept}", report.from);
+            }
         }
         TenantsCommand::AddDomain { slug, domain } => {
             let Some(domain) = registry::parse_domain(&domain) else {

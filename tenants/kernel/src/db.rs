@@ -136,26 +136,60 @@ impl Db {
         if let Some(lanes) = self.shards.pools.read().unwrap_or_else(|p| p.into_inner()).get(shard) {
             return Ok(Arc::clone(lanes));
         }
-        let query_failed = |e| PoolError::Backend(diesel_async::pooled_connection::PoolError::QueryError(e));
-        let url: Option<String> = {
-            use diesel::QueryDsl as _;
-            use diesel_async::RunQueryDsl as _;
-            let mut conn = self.conn().await?;
-            crate::schema::shards::table
-                .find(shard.as_str())
-                .select(crate::schema::shards::url)
-                .first::<Option<String>>(&mut **conn)
-                .await
-                .map_err(query_failed)?
-        };
-        let url = url.ok_or_else(|| {
-            query_failed(diesel::result::Error::QueryBuilderError(format!("shard {shard} has no URL").into()))
-        })?;
+        let url = self.shard_url(shard).await?;
         let config = DbConfig { url, ..self.shards.config.clone() };
-        let made = lanes(&config)
-            .map_err(|e| query_failed(diesel::result::Error::QueryBuilderError(format!("{e:#}").into())))?;
+        let made = lanes(&config).map_err(|e| query_failed(format!("{e:#}")))?;
         let mut pools = self.shards.pools.write().unwrap_or_else(|p| p.into_inner());
         Ok(Arc::clone(pools.entry(shard.clone()).or_insert(made)))
+    }
+
+    /// The URL of `shard`'s server: `DATABASE_URL` for the primary, the
+    /// registry's for another.
+    pub async fn shard_url(&self, shard: &ShardName) -> Result<String, PoolError> {
+        if shard.is_primary() {
+            return Ok(self.shards.config.url.clone());
+        }
+        use diesel::{OptionalExtension as _, QueryDsl as _};
+        use diesel_async::RunQueryDsl as _;
+        let mut conn = self.conn().await?;
+        let url: Option<Option<String>> = crate::schema::shards::table
+            .find(shard.as_str())
+            .select(crate::schema::shards::url)
+            .first::<Option<String>>(&mut **conn)
+            .await
+            .optional()
+            .map_err(|e| PoolError::Backend(diesel_async::pooled_connection::PoolError::QueryError(e)))?;
+        url.flatten().ok_or_else(|| query_failed(format!("there is no shard named {shard} with a URL")))
+    }
+
+    /// After a failed transaction of a tenant that is being moved: the
+    /// error to answer with if the tenant now lives on another shard than
+    /// `tenant.shard` (the move flipped while this request was on its way,
+    /// and its old copy is gone; see [`crate::moves`]). Reading the
+    /// registry row `FOR SHARE` waits out a flip in progress. Costs
+    /// nothing outside a move.
+    async fn moved_away(&self, tenant: TenantScope<'_>) -> Option<PoolError> {
+        use diesel::QueryDsl as _;
+        use diesel_async::RunQueryDsl as _;
+        if !tenant.moving {
+            return None;
+        }
+        let now: anyhow::Result<String> = self
+            .platform(async |c| {
+                Ok(crate::schema::tenants::table
+                    .find(tenant.id.0)
+                    .select(crate::schema::tenants::shard)
+                    .for_share()
+                    .first::<String>(c)
+                    .await?)
+            })
+            .await;
+        match now {
+            Ok(now) if now != tenant.shard.as_str() => {
+                Some(query_failed(format!("tenant {} moved from shard {} to {now}", tenant.id, tenant.shard)))
+            }
+            _ => None,
+        }
     }
 
     /// Runs `f` in a transaction on a connection to `shard`'s server,
@@ -198,6 +232,14 @@ impl Db {
             finish(&mut conn, result).await
         })
         .await
+    }
+
+    /// `result`, or [`Db::moved_away`]'s error in place of a failure.
+    async fn unless_moved<R, E: From<PoolError>>(&self, tenant: TenantScope<'_>, result: Result<R, E>) -> Result<R, E> {
+        match result {
+            Err(err) if tenant.moving => Err(self.moved_away(tenant).await.map_or(err, E::from)),
+            other => other,
+        }
     }
 
     /// Counts of the pool, for health and metrics.
@@ -299,7 +341,9 @@ impl Db {
                     let mut rows = TenantRows { conn: &mut conn, scope: tenant };
                     f(&mut rows).await
                 };
-                counted("rows", finish(&mut conn, result).await)
+                let result = finish(&mut conn, result).await;
+                drop(conn);
+                counted("rows", self.unless_moved(tenant, result).await)
             }
             .instrument(tx_span("rows", tenant.id)),
         )
@@ -343,7 +387,9 @@ impl Db {
                         (Err(begin_failed), _) => Err(begin_failed.into()),
                     }
                 };
-                counted("schema", finish(&mut obj, result).await)
+                let result = finish(&mut obj, result).await;
+                drop(obj);
+                counted("schema", self.unless_moved(tenant, result).await)
             }
             .instrument(tx_span("schema", tenant.id)),
         )
@@ -402,7 +448,11 @@ impl Db {
         // each time it is moved; copying it was over half of the
         // instructions of this read (`docs/benchmarks.md`). One allocation
         // costs less.
-        Box::pin(async { counted("schema", read.await) }.instrument(tx_span("schema", tenant.id))).await
+        Box::pin(
+            async { counted("schema", self.unless_moved(tenant, read.await).await) }
+                .instrument(tx_span("schema", tenant.id)),
+        )
+        .await
     }
 }
 
@@ -513,6 +563,8 @@ pub struct TenantScope<'a> {
     pub schema: &'a SchemaName,
     /// The server the schema lives on.
     pub shard: &'a ShardName,
+    /// Being moved to another shard ([`crate::moves`]).
+    pub moving: bool,
 }
 
 /// A connection inside a transaction whose `search_path` is one tenant's
@@ -585,6 +637,13 @@ impl<'c> TenantRows<'c> {
     }
 }
 
+/// A pool error carrying a failed query's message.
+fn query_failed(message: String) -> PoolError {
+    PoolError::Backend(diesel_async::pooled_connection::PoolError::QueryError(
+        diesel::result::Error::QueryBuilderError(message.into()),
+    ))
+}
+
 /// Runs a batch of SQL without parameters on a connection (DDL, migrations).
 pub async fn batch(conn: &mut PgConn, sql: &str) -> Result<(), diesel::result::Error> {
     conn.batch_execute(sql).await
@@ -623,7 +682,7 @@ mod tests {
         let tenant = TenantId(uuid::Uuid::nil());
         let schema = SchemaName::for_tenant(tenant);
         let shard = ShardName::primary();
-        let scope = TenantScope { id: tenant, schema: &schema, shard: &shard };
+        let scope = TenantScope { id: tenant, schema: &schema, shard: &shard, moving: false };
         let checkout = std::mem::size_of_val(&db.tenant_conn(scope));
         assert!(checkout <= 2048, "a tenant checkout's future is {checkout} bytes");
         let platform = std::mem::size_of_val(&db.conn());

@@ -66,7 +66,8 @@ where
     }))
 }
 
-/// Claims the key in the transaction that does the request's work: false
+/// Claims the key in the transaction that does the request's work (and
+/// notes its schema: a tenant's, for a write to its tables): false
 /// when another request holds it (committed, or committing while this one
 /// waited). A key older than [`TTL`] is taken over. Also deletes up to 100
 /// expired keys, so the table holds about a day of keyed writes.
@@ -78,9 +79,11 @@ where
     // Raw SQL: diesel has no WHERE on ON CONFLICT DO UPDATE. The update takes
     // over an expired key only; a live one leaves the row as it is (0 rows).
     let claimed = diesel::sql_query(
-        "INSERT INTO public.idempotency_keys (caller, key, request_hash, status, body) VALUES ($1, $2, $3, 0, '') \
+        "INSERT INTO public.idempotency_keys (caller, key, request_hash, status, body, schema_name) \
+         VALUES ($1, $2, $3, 0, '', current_schema()) \
          ON CONFLICT (caller, key) DO UPDATE \
-         SET request_hash = EXCLUDED.request_hash, status = 0, body = '', created_at = now() \
+         SET request_hash = EXCLUDED.request_hash, status = 0, body = '', created_at = now(), \
+             schema_name = EXCLUDED.schema_name \
          WHERE idempotency_keys.created_at <= now() - interval '24 hours'",
     )
     .bind::<Text, _>(&keyed.caller)

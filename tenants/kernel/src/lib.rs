@@ -10,6 +10,7 @@
 //! - [`registry`]: the tenant registry in the public schema and provisioning.
 //! - [`shards`]: the servers that hold tenant schemas, and placement.
 //! - [`migrate`]: platform migrations and the tenant migration orchestrator.
+//! - [`moves`]: moving a tenant to another shard while it is served.
 //! - [`postgres`]: opening connections, with TLS as `sslmode` asks.
 //! - [`notify`]: one LISTEN connection shared by every cache, with reconnects.
 //! - [`cache`]: [`cache::NotifiedCache`], a cache trusted only while NOTIFY is
@@ -29,6 +30,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod lanes;
 pub mod migrate;
+pub mod moves;
 pub mod notify;
 pub mod pool;
 pub mod postgres;

@@ -225,16 +225,20 @@ pub(crate) async fn apply(
     if pending.is_empty() {
         return Ok(());
     }
-    // One round trip for all the DDL: switch to the schema, run every pending
-    // migration, switch back.
+    crate::db::batch(conn, &ddl(schema, pending)).await?;
+    record(conn, tenant, pending.iter().copied()).await
+}
+
+/// The DDL of `pending` for `schema`, to run in a transaction: one round
+/// trip that switches to the schema, runs every migration, switches back.
+pub(crate) fn ddl(schema: &SchemaName, pending: &[&TenantMigration]) -> String {
     let mut sql = format!("SET LOCAL search_path TO {};\n", schema.quoted());
     for m in pending {
         sql.push_str(m.up);
         sql.push_str(";\n");
     }
     sql.push_str("SET LOCAL search_path TO DEFAULT;");
-    crate::db::batch(conn, &sql).await?;
-    record(conn, tenant, pending.iter().copied()).await
+    sql
 }
 
 /// Records `migrations` in `tenant`'s ledger.
@@ -254,7 +258,7 @@ pub(crate) async fn record<'m>(
 /// Settings of a migrate-all run.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
-    /// Tenants migrated at the same time.
+    /// Tenants migrated at the same time on each shard.
     pub concurrency: usize,
     /// How long one tenant's migration may wait for a lock before it fails
     /// (and is reported) instead of blocking traffic.
@@ -307,10 +311,13 @@ struct Behind {
     shard: String,
 }
 
-/// Brings every tenant schema up to `migrations`: finds the tenants behind in
-/// one query, migrates them `concurrency` at a time, each in its own
-/// transaction (so an interrupted run loses nothing and the next one resumes),
-/// and reports failures at the end without stopping the others.
+/// Brings every tenant schema up to `migrations`: brings each other
+/// shard's own tables level ([`crate::shards::upgrade`]), finds the tenants
+/// behind in one query, migrates them `concurrency` at a time on each
+/// shard (the shards side by side), each in its own transaction (so an
+/// interrupted run loses nothing and the next one resumes), and reports
+/// failures at the end without stopping the others. A shard that cannot be
+/// reached is reported as `shard <name>`, with its tenants.
 pub async fn migrate_tenants(
     db: &Db,
     migrations: &'static [TenantMigration],
@@ -319,6 +326,20 @@ pub async fn migrate_tenants(
 ) -> anyhow::Result<MigrateReport> {
     let versions: Vec<&str> = migrations.iter().map(|m| m.version).collect();
     let wanted = i64::try_from(versions.len()).context("too many migrations")?;
+    let shards = db
+        .platform(async |conn| Ok::<_, anyhow::Error>(crate::shards::list(conn).await?))
+        .await
+        .context("listing the shards")?;
+    let upgraded = futures_util::future::join_all(shards.iter().filter(|s| !s.name.is_primary()).map(|s| async move {
+        (s, db.on_shard(&s.name, async |c| Ok::<_, anyhow::Error>(crate::shards::upgrade(c).await?)).await)
+    }))
+    .await;
+    let mut unreachable = Vec::new();
+    for (shard, result) in upgraded {
+        if let Err(err) = result {
+            unreachable.push((format!("shard {}", shard.name), format!("{err:#}")));
+        }
+    }
     let (total, behind) = db
         .platform(async |conn| {
             let total: i64 = tenants::table.filter(tenants::status.ne("deleting")).count().get_result(conn).await?;
@@ -340,17 +361,30 @@ pub async fn migrate_tenants(
     let total = usize::try_from(total).unwrap_or_default();
     on_event(MigrateEvent::Started { behind: behind.len(), total });
 
-    let mut report = MigrateReport { total, up_to_date: total.saturating_sub(behind.len()), ..Default::default() };
-    let mut results = futures_util::stream::iter(behind)
-        .map(|t| async move {
-            let outcome = match migrate_one(db, &t, migrations, options.lock_timeout).await {
-                Ok(Some(versions)) => TenantOutcome::Migrated { versions },
-                Ok(None) => TenantOutcome::Skipped,
-                Err(err) => TenantOutcome::Failed { error: format!("{err:#}") },
-            };
-            (t.slug, outcome)
-        })
-        .buffer_unordered(options.concurrency.max(1));
+    let mut report = MigrateReport {
+        total,
+        up_to_date: total.saturating_sub(behind.len()),
+        failed: unreachable,
+        ..Default::default()
+    };
+    let mut by_shard: std::collections::BTreeMap<String, Vec<Behind>> = Default::default();
+    for t in behind {
+        by_shard.entry(t.shard.clone()).or_default().push(t);
+    }
+    let mut results = futures_util::stream::select_all(by_shard.into_values().map(|tenants| {
+        Box::pin(
+            futures_util::stream::iter(tenants)
+                .map(|t| async move {
+                    let outcome = match migrate_one(db, &t, migrations, options.lock_timeout).await {
+                        Ok(Some(versions)) => TenantOutcome::Migrated { versions },
+                        Ok(None) => TenantOutcome::Skipped,
+                        Err(err) => TenantOutcome::Failed { error: format!("{err:#}") },
+                    };
+                    (t.slug, outcome)
+                })
+                .buffer_unordered(options.concurrency.max(1)),
+        )
+    }));
     while let Some((slug, outcome)) = results.next().await {
         on_event(MigrateEvent::TenantDone { slug: &slug, outcome: &outcome });
         match outcome {
@@ -377,15 +411,18 @@ async fn migrate_one(
     let shard = ShardName::parse(&t.shard).map_err(|e| anyhow::anyhow!("shard {:?}: {e}", t.shard))?;
     db.platform(async |conn| {
         crate::db::batch(conn, &format!("SET LOCAL lock_timeout = '{}ms'", lock_timeout.as_millis())).await?;
-        let status: Option<String> = crate::schema::tenants::table
+        let row: Option<(String, Option<String>)> = crate::schema::tenants::table
             .find(tenant.0)
-            .select(crate::schema::tenants::status)
+            .select((crate::schema::tenants::status, crate::schema::tenants::moving_to))
             .for_update()
             .first(conn)
             .await
             .optional()?;
-        if status.as_deref().is_none_or(|s| s == "deleting") {
+        let Some((_, moving_to)) = row.filter(|(status, _)| status != "deleting") else {
             return Ok(None);
+        };
+        if let Some(to) = moving_to {
+            anyhow::bail!("{} is being moved to shard {to}: run plinth migrate again when the move is done", t.slug);
         }
         let applied: HashSet<String> = tenant_migrations::table
             .filter(tenant_migrations::tenant_id.eq(tenant.0))

@@ -59,6 +59,10 @@ pub struct Tenant {
     #[serde(skip)]
     #[schema(ignore)]
     pub shard: ShardName,
+    /// Being moved to another shard (`crate::moves`).
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub moving: bool,
     pub status: TenantStatus,
     pub plan: String,
     pub created_at: DateTime<Utc>,
@@ -67,7 +71,7 @@ pub struct Tenant {
 impl Tenant {
     /// What a tenant-scoped transaction needs.
     pub fn scope(&self) -> TenantScope<'_> {
-        TenantScope { id: self.id, schema: &self.schema, shard: &self.shard }
+        TenantScope { id: self.id, schema: &self.schema, shard: &self.shard, moving: self.moving }
     }
 }
 
@@ -82,6 +86,7 @@ struct TenantRow {
     plan: String,
     created_at: DateTime<Utc>,
     shard: String,
+    moving_to: Option<String>,
 }
 
 impl TryFrom<TenantRow> for Tenant {
@@ -97,6 +102,7 @@ impl TryFrom<TenantRow> for Tenant {
                 .ok_or_else(|| corrupt(format!("tenant {} has unknown status {:?}", row.id, row.status)))?,
             shard: ShardName::parse(&row.shard)
                 .map_err(|_| corrupt(format!("tenant {} has a malformed shard name {:?}", row.id, row.shard)))?,
+            moving: row.moving_to.is_some(),
             slug: row.slug,
             name: row.name,
             plan: row.plan,
@@ -121,6 +127,8 @@ pub enum CreateError {
     NoOpenShard,
     #[error("there is no open shard named {0}")]
     ShardNotOpen(ShardName),
+    #[error("the tenant is being moved to another shard: try again when the move is done")]
+    Moving,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -204,6 +212,7 @@ pub async fn provision_on(
         plan: "free".to_owned(),
         created_at: Utc::now(),
         shard: shard.as_str().to_owned(),
+        moving_to: None,
     };
     let inserted: TenantRow = diesel::insert_into(tenants::table)
         .values(&row)
@@ -564,6 +573,11 @@ pub async fn add_domain(rows: &mut TenantRows<'_>, domain: &str, verified: bool)
 pub async fn delete(db: &Db, id: TenantId) -> Result<bool, CreateError> {
     let marked = db
         .platform(async |conn| {
+            let moving: Option<Option<String>> =
+                tenants::table.find(id.0).select(tenants::moving_to).for_update().first(conn).await.optional()?;
+            if moving.is_some_and(|to| to.is_some()) {
+                return Err(CreateError::Moving);
+            }
             diesel::update(tenants::table.find(id.0))
                 .set((tenants::status.eq(TenantStatus::Deleting.as_str()), tenants::updated_at.eq(Utc::now())))
                 .returning(TenantRow::as_returning())

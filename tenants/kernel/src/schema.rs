@@ -15,6 +15,7 @@ diesel::table! {
         restricted_at -> Nullable<Timestamptz>,
         features -> Nullable<Array<Text>>,
         shard -> Text,
+        moving_to -> Nullable<Text>,
     }
 }
 
@@ -72,5 +73,6 @@ diesel::table! {
         status -> Int2,
         body -> Bytea,
         created_at -> Timestamptz,
+        schema_name -> Text,
     }
 }

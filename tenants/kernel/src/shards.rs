@@ -12,7 +12,8 @@
 //! applies them; the primary's ledger follows it, see
 //! [`crate::migrate::migrate_tenants`]) and `idempotency_keys` (the stored
 //! answers of keyed writes to its tenants' tables, claimed and recorded in
-//! the same transaction as the write, as on the primary).
+//! the same transaction as the write, as on the primary; brought level with
+//! the platform's by [`upgrade`]).
 //!
 //! New tenants go to the open shard with the fewest tenants ([`place`]); a
 //! draining or closed shard takes none, and keeps serving the ones it has.
@@ -211,6 +212,7 @@ pub async fn add(db: &crate::Db, name: &ShardName, url: &str) -> Result<(), AddE
         .await
         .map_err(anyhow::Error::from)?;
     let idempotency = if answers.present { "" } else { IDEMPOTENCY_KEYS };
+    let upgrades = IDEMPOTENCY_KEYS_CHANGES.concat();
     // The name is checked ([`ShardName::parse`]: letters, digits, '-', '_'),
     // so it can sit in the statement.
     conn.batch_execute(&format!(
@@ -224,6 +226,7 @@ pub async fn add(db: &crate::Db, name: &ShardName, url: &str) -> Result<(), AddE
              PRIMARY KEY (tenant_id, version)
          );
          {idempotency}
+         {upgrades}
          COMMIT;"
     ))
     .await
@@ -248,6 +251,23 @@ pub async fn add(db: &crate::Db, name: &ShardName, url: &str) -> Result<(), AddE
 /// new shard too.
 const IDEMPOTENCY_KEYS: &str = include_str!("../../../migrations/platform/2026-12-02-000008_idempotency_keys/up.sql");
 
+/// The platform migrations that change `public.idempotency_keys` after
+/// [`IDEMPOTENCY_KEYS`], in order. Each is idempotent, so [`upgrade`]
+/// runs them all on every shard.
+const IDEMPOTENCY_KEYS_CHANGES: [&str; 1] =
+    [include_str!("../../../migrations/platform/2026-12-05-000024_schema_of_idempotency_keys/up.sql")];
+
+/// Brings a shard's own tables level with the platform's (run by
+/// `plinth migrate` on every shard; see [`IDEMPOTENCY_KEYS_CHANGES`]).
+pub async fn upgrade(conn: &mut PgConn) -> Result<(), diesel::result::Error> {
+    conn.batch_execute(&upgrade_sql()).await
+}
+
+/// What [`upgrade`] runs.
+pub(crate) fn upgrade_sql() -> String {
+    IDEMPOTENCY_KEYS_CHANGES.concat()
+}
+
 /// Sets a shard's state; `false` if there is no such shard.
 pub async fn set_state(conn: &mut PgConn, name: &ShardName, state: ShardState) -> Result<bool, diesel::result::Error> {
     let n =
@@ -264,18 +284,20 @@ pub fn server(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     /// A shard's copies of `idempotency_keys` and `tenant_migrations` are
-    /// made by `add` and have no migrations of their own: a platform
-    /// migration that changes either table must change the shards' too
-    /// (and this test with it).
+    /// made by `add`; `idempotency_keys` changes on the shards only through
+    /// [`super::IDEMPOTENCY_KEYS_CHANGES`], and `tenant_migrations` not at
+    /// all: a platform migration that changes either table must be listed
+    /// there (or change this test).
     #[test]
-    fn the_shards_tables_change_only_with_their_platform_migration() -> std::io::Result<()> {
+    fn the_shards_tables_change_only_with_their_platform_migrations() -> std::io::Result<()> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations/platform");
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let up = std::fs::read_to_string(entry.path().join("up.sql"))?;
-            if up.contains("idempotency_keys") {
-                assert!(name.ends_with("_idempotency_keys"), "{name} changes idempotency_keys");
+            if up.contains("idempotency_keys") && up != super::IDEMPOTENCY_KEYS {
+                assert!(super::IDEMPOTENCY_KEYS_CHANGES.contains(&up.as_str()), "{name} changes idempotency_keys");
+                assert!(up.contains("IF NOT EXISTS"), "{name} must be idempotent: shards run it on every migrate");
             }
             if up.contains("tenant_migrations") {
                 assert!(name.ends_with("_tenant_registry"), "{name} changes tenant_migrations");

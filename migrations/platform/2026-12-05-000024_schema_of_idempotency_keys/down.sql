@@ -1,0 +1,1 @@
+ALTER TABLE public.idempotency_keys DROP COLUMN schema_name;
