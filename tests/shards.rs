@@ -192,7 +192,10 @@ async fn tenants_live_on_shards_and_stay_apart() -> TestResult {
 
     // Migrate-all reaches schemas on every shard. A tenant behind on b is
     // brought up to date there; one whose primary ledger lost rows the
-    // shard has (a run stopped between the two) is only recorded again.
+    // shard has (a run stopped between the two) is only recorded again;
+    // one whose migration fails on b (its ledgers lost a row its schema
+    // has) is reported, without stopping the others, and a run after the
+    // fix finishes it.
     let last = plinth_tenants::migrate::TENANT_MIGRATIONS.last().ok_or("no migrations")?;
     let s = alpha.schema.quoted();
     on_b.batch_execute(&format!(
@@ -203,12 +206,23 @@ async fn tenants_live_on_shards_and_stay_apart() -> TestResult {
     primary
         .execute(
             "DELETE FROM public.tenant_migrations WHERE tenant_id = ANY($1) AND version = $2",
-            &[&vec![alpha.id.0, bravo.id.0], &last.version],
+            &[&vec![alpha.id.0, bravo.id.0, delta.id.0], &last.version],
         )
         .await?;
+    on_b.execute(
+        "DELETE FROM public.tenant_migrations WHERE tenant_id = $1 AND version = $2",
+        &[&delta.id.0, &last.version],
+    )
+    .await?;
     let (ok, out) = plinth_cli(testdb, &["migrate"]).await?;
-    assert!(ok, "{out}");
-    for (t, server) in [(&alpha, &on_b), (&bravo, &on_c)] {
+    assert!(!ok && out.contains("1 failed") && out.contains("FAILED delta"), "{out}");
+    assert_eq!(ledger(&on_b, &delta).await?, ledger(&primary, &delta).await?);
+    assert!(usize::try_from(ledger(&primary, &delta).await?)? < plinth_tenants::migrate::TENANT_MIGRATIONS.len());
+    on_b.batch_execute(&format!("SET search_path TO {}; {}; RESET search_path", delta.schema.quoted(), last.down))
+        .await?;
+    let (ok, out) = plinth_cli(testdb, &["migrate"]).await?;
+    assert!(ok && out.contains("1 migrated"), "{out}");
+    for (t, server) in [(&alpha, &on_b), (&bravo, &on_c), (&delta, &on_b)] {
         assert_eq!(ledger(server, t).await?, ledger(&primary, t).await?, "{}: ledgers level", t.slug);
         assert_eq!(usize::try_from(ledger(&primary, t).await?)?, plinth_tenants::migrate::TENANT_MIGRATIONS.len());
     }
