@@ -229,13 +229,35 @@ async fn tenants_live_on_shards_and_stay_apart() -> TestResult {
     let res = app.req(Method::GET, "alpha", &format!("/v1/projects/{id}")).send().await?;
     assert_eq!(res.status(), 200, "served after its migration on b");
 
-    // A backup of a tenant on another shard is refused, saying why, and so
-    // is its organization's own export.
+    // A backup taken on b, restored as a copy on c: the copy's schema and
+    // ledger are there only, with alpha's rows, and its members reach it.
+    // The organization's own export is taken as well.
+    let dir = crate::harness::TempDir::new("shard-backup")?;
+    let file = dir.path.join("alpha.tar");
+    let file = file.to_str().ok_or("path")?;
+    let (ok, out) = plinth_cli(testdb, &["tenants", "backup", "alpha", "--out", file]).await?;
+    assert!(ok, "{out}");
+    let (ok, out) =
+        plinth_cli(testdb, &["tenants", "restore", file, "--as", "alpha-copy", "--shard", "nowhere"]).await?;
+    assert!(!ok && out.contains("no open shard named nowhere"), "{out}");
+    let (ok, out) = plinth_cli(testdb, &["tenants", "restore", file, "--as", "alpha-copy", "--shard", "c"]).await?;
+    assert!(ok, "{out}");
+    let copy = tenant(&app, "alpha-copy").await?;
+    assert_eq!(copy.shard.as_str(), "c");
+    assert!(has_schema(&on_c, copy.schema.as_str()).await?);
+    assert!(!has_schema(&on_b, copy.schema.as_str()).await? && !has_schema(&primary, copy.schema.as_str()).await?);
+    assert_eq!(ledger(&on_c, &copy).await?, ledger(&primary, &alpha).await?);
+    assert_eq!(ledger(&primary, &copy).await?, ledger(&primary, &alpha).await?);
+    let res = app
+        .http
+        .get(app.url(&format!("/v1/projects/{id}")))
+        .bearer_auth(app.token("alpha").ok_or("no token")?)
+        .header("x-tenant", "alpha-copy")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200, "the copy on c has alpha's project, for alpha's members");
     let res = app.req(Method::POST, "alpha", "/v1/tenant/exports").send().await?;
-    let refused = assert_error(res, 409, "conflict").await?;
-    assert!(refused.to_string().contains("not supported yet"), "{refused}");
-    let (ok, out) = plinth_cli(testdb, &["tenants", "backup", "alpha", "--out", "/dev/null"]).await?;
-    assert!(!ok && out.contains("lives on shard b"), "{out}");
+    assert_eq!(res.status(), 202);
 
     // Deleted: its schema and ledger go from b, its row from the primary.
     let (ok, out) = plinth_cli(testdb, &["tenants", "delete", "alpha", "--yes"]).await?;

@@ -87,6 +87,9 @@ pub enum TenantsCommand {
         /// Restore a copy under this new slug.
         #[arg(long = "as", value_name = "SLUG")]
         copy_as: Option<String>,
+        /// The shard to load its schema on (an open one; default: the primary).
+        #[arg(long)]
+        shard: Option<String>,
     },
 }
 
@@ -252,13 +255,16 @@ pub async fn run(command: TenantsCommand, db: &Db, settings: &Settings, url: &st
                 archive.manifest.tenant_migrations.len()
             );
         }
-        TenantsCommand::Restore { file, copy_as } => {
+        TenantsCommand::Restore { file, copy_as, shard } => {
             let copy_as =
                 copy_as.map(|s| Slug::parse(&s).map_err(|e| anyhow::anyhow!("--as {s:?}: {e}"))).transpose()?;
+            let shard = shard
+                .map(|s| plinth_tenants::ShardName::parse(&s).map_err(|e| anyhow::anyhow!("--shard {s:?}: {e}")))
+                .transpose()?;
             let input = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
             let archive = plinth_tenants::backup::Archive::read(std::io::BufReader::new(input))
                 .with_context(|| format!("reading {}", file.display()))?;
-            let restored = crate::backup::restore(db, url, &archive, copy_as).await?;
+            let restored = crate::backup::restore(db, url, &archive, copy_as, shard).await?;
             let what = if restored.id.0 == archive.manifest.tenant.id { "restored" } else { "restored a copy as" };
             println!("{what} tenant {} ({})", restored.slug, restored.id);
             println!(

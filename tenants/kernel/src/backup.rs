@@ -557,6 +557,8 @@ pub struct RestoreTarget {
     /// Whether it is a copy beside the original rather than the original
     /// itself.
     pub copy: bool,
+    /// The shard its schema is loaded on.
+    pub shard: crate::ids::ShardName,
 }
 
 /// What restoring the registry's part did.
@@ -604,9 +606,9 @@ pub async fn restore_registry(
         object.insert("schema_name".into(), target.schema.as_str().into());
         object.insert("status".into(), "active".into());
         object.insert("updated_at".into(), Utc::now().to_rfc3339().into());
-        // Restored into the platform database: the primary shard, wherever
-        // it was taken.
-        object.insert("shard".into(), crate::ids::ShardName::PRIMARY.into());
+        // Where it is restored, wherever it was taken.
+        object.insert("shard".into(), target.shard.as_str().into());
+        object.insert("moving_to".into(), serde_json::Value::Null);
         if target.copy {
             // A copy has no subscription: its plan is the operator's doing,
             // and nothing of the original's billing (features taken from
@@ -623,14 +625,13 @@ pub async fn restore_registry(
         },
         other => RestoreError::Db(other),
     })?;
-    let ledger: Vec<serde_json::Value> = archive
-        .manifest
-        .tenant_migrations
-        .iter()
-        .map(|v| serde_json::json!({ "tenant_id": target.id.0, "version": v }))
-        .collect();
-    insert_json(conn, "tenant_migrations", ledger, None).await?;
-    crate::migrate::apply(conn, target.id, &target.schema, pending).await?;
+    insert_json(conn, "tenant_migrations", archived_ledger(archive, target), None).await?;
+    if target.shard.is_primary() {
+        crate::migrate::apply(conn, target.id, &target.schema, pending).await?;
+    } else {
+        // Applied on the shard already ([`restore_on_shard`]).
+        crate::migrate::record(conn, target.id, pending.iter().copied()).await?;
+    }
     let mut report = RestoredRegistry { migrated: pending.iter().map(|m| m.version).collect(), ..Default::default() };
     let domains = part.get("domains").and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
     if target.copy {
@@ -647,6 +648,26 @@ pub async fn restore_registry(
         report.domains_skipped = domains.len() - report.domains;
     }
     Ok(report)
+}
+
+/// For a restore onto a shard other than the primary, in a transaction
+/// there, before [`restore_registry`]: records the archive's tenant
+/// migrations in that server's ledger and applies `pending` ones to the
+/// loaded schema.
+pub async fn restore_on_shard(
+    conn: &mut PgConn,
+    archive: &Archive,
+    target: &RestoreTarget,
+    pending: &[&'static TenantMigration],
+) -> Result<(), diesel::result::Error> {
+    insert_json(conn, "tenant_migrations", archived_ledger(archive, target), None).await?;
+    crate::migrate::apply(conn, target.id, &target.schema, pending).await
+}
+
+/// The ledger rows of the archive's tenant migrations, for the target.
+fn archived_ledger(archive: &Archive, target: &RestoreTarget) -> Vec<serde_json::Value> {
+    let versions = archive.manifest.tenant_migrations.iter();
+    versions.map(|v| serde_json::json!({ "tenant_id": target.id.0, "version": v })).collect()
 }
 
 /// Drops a schema that a failed restore created (its registry row was never

@@ -255,6 +255,13 @@ pub(crate) async fn record<'m>(
     Ok(())
 }
 
+/// Removes `tenant`'s rows from the ledger of the server `conn` is on (a
+/// shard's, when its schema there is dropped).
+pub async fn forget(conn: &mut PgConn, tenant: TenantId) -> Result<(), diesel::result::Error> {
+    diesel::delete(tenant_migrations::table).filter(tenant_migrations::tenant_id.eq(tenant.0)).execute(conn).await?;
+    Ok(())
+}
+
 /// Settings of a migrate-all run.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {

@@ -595,10 +595,7 @@ pub async fn delete(db: &Db, id: TenantId) -> Result<bool, CreateError> {
         // tenant) goes only once they are gone.
         db.on_shard(&tenant.shard, async |c| {
             crate::db::batch(c, &ddl).await?;
-            diesel::delete(crate::schema::tenant_migrations::table)
-                .filter(crate::schema::tenant_migrations::tenant_id.eq(id.0))
-                .execute(c)
-                .await?;
+            migrate::forget(c, id).await?;
             Ok::<_, CreateError>(())
         })
         .await?;
