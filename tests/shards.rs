@@ -525,6 +525,16 @@ async fn a_tenant_moves_to_another_server_under_load() -> TestResult {
         .await?
         .get(0);
     assert_eq!(leftover, 0, "the interrupted move's leftover was dropped");
+
+    // A move that stopped between closing the old copy and recording the
+    // flip (the registry still names b): the next move opens b's copy
+    // again and goes on from it, losing nothing.
+    on_b.batch_execute(&format!("ALTER SCHEMA \"{schema}\" RENAME TO \"{schema}_moved_1\"")).await?;
+    primary.execute("UPDATE public.tenants SET moving_to = 'c' WHERE slug = 'mover'", &[]).await?;
+    let (ok, out) = plinth_cli(testdb, &["tenants", "move", "mover", "--to", "c"]).await?;
+    assert!(ok && out.contains("reopening") && out.contains("moved mover from shard b to c"), "{out}");
+    assert_eq!(project_ids(&on_c, &schema).await?, ids, "c has every row");
+    assert!(!has_schema(&on_b, &format!("{schema}_moved_1")).await?);
     let last = seen.acked.last().ok_or("no write")?;
     for instance in [&app, &other] {
         crate::harness::eventually(std::time::Duration::from_secs(2), || async {

@@ -142,7 +142,9 @@ pub async fn move_tenant(
     target.batch_execute(&crate::shards::upgrade_sql()).await?;
     let tag = format!("plinth_move_{}", tenant.id.0.simple());
 
-    // What an interrupted move left, on its target and this one.
+    // What an interrupted move left, on its target and this one; first, a
+    // source closed by a move that stopped before the registry followed.
+    reopen_interrupted(&source, &tenant, progress).await?;
     if let Some(earlier) = tenant.moving_to.as_ref().filter(|earlier| *earlier != to && **earlier != tenant.shard) {
         progress(&format!("cleaning up an interrupted move to shard {earlier}"));
         let earlier_target = open(&shard_url(db, earlier).await?).await?;
@@ -418,10 +420,7 @@ async fn flip(
     if let Err(err) = registry.commit().await {
         // The old copy refuses everything and the registry still points at
         // it: open it again.
-        let reopen: String =
-            tables.iter().map(|t| format!("DROP TRIGGER plinth_moved ON {}.{};", quote(&renamed), quote(t))).collect();
-        let reopened =
-            source.batch_execute(&format!("{reopen} ALTER SCHEMA {} RENAME TO {schema}", quote(&renamed))).await;
+        let reopened = reopen(source, &renamed, &tenant.schema).await;
         return Err(MoveError::Failed(anyhow::Error::new(err).context(match reopened {
             Ok(()) => "recording the move in the registry failed; the tenant stays on its shard".to_owned(),
             Err(e) => format!(
@@ -432,6 +431,42 @@ async fn flip(
         })));
     }
     Ok((rows, paused.elapsed(), renamed))
+}
+
+/// Opens the source's copy again if a move stopped between closing it and
+/// recording the flip (the registry still names the source, so nothing was
+/// written anywhere else since): renames the newest `<schema>_moved_…` back
+/// and drops its triggers.
+async fn reopen_interrupted(source: &Client, tenant: &Moving, progress: &(dyn Fn(&str) + Sync)) -> anyhow::Result<()> {
+    let schema = tenant.schema.as_str();
+    let present: i64 =
+        source.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = $1", &[&schema]).await?.get(0);
+    if present == 1 {
+        return Ok(());
+    }
+    let closed: Option<String> = source
+        .query_one(
+            "SELECT max(nspname::text) FROM pg_namespace WHERE starts_with(nspname::text, $1)",
+            &[&format!("{schema}_moved_")],
+        )
+        .await?
+        .get(0);
+    let closed = closed.ok_or_else(|| anyhow::anyhow!("the source has no schema {schema}"))?;
+    progress(&format!("reopening {closed}, closed by a move that stopped before its flip was recorded"));
+    reopen(source, &closed, &tenant.schema).await
+}
+
+/// Renames the closed copy `closed` back to `schema` and drops the
+/// triggers that refuse its writes, in one transaction.
+async fn reopen(source: &Client, closed: &str, schema: &SchemaName) -> anyhow::Result<()> {
+    let triggers: String = source
+        .query("SELECT tablename::text FROM pg_tables WHERE schemaname = $1", &[&closed])
+        .await?
+        .iter()
+        .map(|r| format!("DROP TRIGGER IF EXISTS plinth_moved ON {}.{};", quote(closed), quote(&r.get::<_, String>(0))))
+        .collect();
+    let sql = format!("BEGIN; {triggers} ALTER SCHEMA {} RENAME TO {}; COMMIT", quote(closed), schema.quoted());
+    Ok(source.batch_execute(&sql).await?)
 }
 
 /// Copies the stored answers of the tenant's keyed writes (made in its
