@@ -107,9 +107,8 @@ async fn main() -> Result {
     let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b).to_owned();
     for n in 1..=shards {
         let name = format!("plinth_bench_shards_{n}");
-        admin_client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"))
-            .await?;
+        admin_client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+        admin_client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
         plinth(&url, &["shards", "add", &format!("s{n}"), "--url", &format!("{base}/{name}")])?;
     }
     plinth(&url, &["shards", "drain", "primary"])?;

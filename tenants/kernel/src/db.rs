@@ -162,18 +162,14 @@ impl Db {
         url.flatten().ok_or_else(|| query_failed(format!("there is no shard named {shard} with a URL")))
     }
 
-    /// After a failed transaction of a tenant that is being moved: the
-    /// error to answer with if the tenant now lives on another shard than
-    /// `tenant.shard` (the move flipped while this request was on its way,
-    /// and its old copy is gone; see [`crate::moves`]). Reading the
-    /// registry row `FOR SHARE` waits out a flip in progress. Costs
-    /// nothing outside a move.
+    /// After a failed transaction of a tenant: the error to answer with if
+    /// the tenant now lives on another shard than `tenant.shard` (a move
+    /// flipped while this request was on its way, and its old copy is gone;
+    /// see [`crate::moves`]). Reading the registry row `FOR SHARE` waits out
+    /// a flip in progress.
     async fn moved_away(&self, tenant: TenantScope<'_>) -> Option<PoolError> {
         use diesel::QueryDsl as _;
         use diesel_async::RunQueryDsl as _;
-        if !tenant.moving {
-            return None;
-        }
         let now: anyhow::Result<String> = self
             .platform(async |c| {
                 Ok(crate::schema::tenants::table
@@ -234,11 +230,28 @@ impl Db {
         .await
     }
 
-    /// `result`, or [`Db::moved_away`]'s error in place of a failure.
+    /// `result`, or [`Db::moved_away`]'s error in place of a failure of a
+    /// tenant being moved (only then: a failed transaction is often the
+    /// route's own answer, a 404, which should cost no registry read).
     async fn unless_moved<R, E: From<PoolError>>(&self, tenant: TenantScope<'_>, result: Result<R, E>) -> Result<R, E> {
         match result {
             Err(err) if tenant.moving => Err(self.moved_away(tenant).await.map_or(err, E::from)),
             other => other,
+        }
+    }
+
+    /// [`Db::unless_moved`] for a single read, whose failures are the
+    /// database's only (no rows is not one): checked whether the tenant is
+    /// known to be moving or not, so an instance that has not yet heard of
+    /// a move still answers 503 rather than 500 at its flip.
+    async fn read_unless_moved<R, E: From<PoolError>>(
+        &self,
+        tenant: TenantScope<'_>,
+        result: Result<R, E>,
+    ) -> Result<R, E> {
+        match result {
+            Err(err) => Err(self.moved_away(tenant).await.map_or(err, E::from)),
+            ok => ok,
         }
     }
 
@@ -449,7 +462,7 @@ impl Db {
         // instructions of this read (`docs/benchmarks.md`). One allocation
         // costs less.
         Box::pin(
-            async { counted("schema", self.unless_moved(tenant, read.await).await) }
+            async { counted("schema", self.read_unless_moved(tenant, read.await).await) }
                 .instrument(tx_span("schema", tenant.id)),
         )
         .await
