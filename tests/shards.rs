@@ -500,11 +500,13 @@ async fn a_tenant_moves_to_another_server_under_load() -> TestResult {
     assert_eq!(project_ids(&on_b, &schema).await?, ids, "b has every row back");
     // An instance that still routes the tenant to c (it has not heard of
     // the flip) neither reads the old copy nor writes to it: it answers
-    // 503 `unavailable`.
+    // 503 `unavailable`; a single read does so even if it had not heard of
+    // the move at all.
     let stale = ShardName::parse("c")?;
     let late = TenantScope { id: moved.id, schema: &moved.schema, shard: &stale, moving: true };
+    let unaware = TenantScope { moving: false, ..late };
     let read: Result<Vec<Name>, plinth_http::ApiError> =
-        app.db.tenant_read(late, TenantSql("SELECT name FROM {schema}.projects"), |q| q).await;
+        app.db.tenant_read(unaware, TenantSql("SELECT name FROM {schema}.projects"), |q| q).await;
     assert!(
         matches!(read, Err(plinth_http::ApiError::Unavailable(_))),
         "read the old copy: {:?}",
