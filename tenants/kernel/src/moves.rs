@@ -92,6 +92,19 @@ impl From<tokio_postgres::Error> for MoveError {
 /// The advisory lock class one tenant's moves run under (on the primary).
 const MOVE_LOCK: i32 = 72_170_002;
 
+/// What the steps of one move share.
+struct Move<'a> {
+    source: &'a Client,
+    source_url: &'a str,
+    target: &'a Client,
+    to: &'a ShardName,
+    tenant: &'a Moving,
+    /// The name of the move's publication, slot, subscription and marker table.
+    tag: &'a str,
+    options: &'a MoveOptions,
+    progress: &'a (dyn Fn(&str) + Sync),
+}
+
 /// The tenant as the move reads it from the registry.
 struct Moving {
     id: TenantId,
@@ -161,11 +174,18 @@ pub async fn move_tenant(
         return Err(MoveError::Refused(format!("{slug} is being deleted")));
     }
 
-    let copied = copy(&primary, &source, &source_url, &target, to, &tenant, &tag, options, progress).await;
-    let outcome = match copied {
-        Ok(tables) => {
-            flip(&mut primary, &source, &source_url, &target, to, &tenant, &tag, &tables, options, progress).await
-        }
+    let m = Move {
+        source: &source,
+        source_url: &source_url,
+        target: &target,
+        to,
+        tenant: &tenant,
+        tag: &tag,
+        options,
+        progress,
+    };
+    let outcome = match copy(&primary, &m).await {
+        Ok(tables) => flip(&mut primary, &m, &tables).await,
         Err(err) => Err(err),
     };
     let (rows, pause, renamed) = match outcome {
@@ -230,18 +250,8 @@ pub async fn move_tenant(
 
 /// Makes the schema on the target and streams the source's rows into it
 /// until it has caught up. Returns the schema's tables.
-#[allow(clippy::too_many_arguments, reason = "the pieces of one move, from move_tenant")]
-async fn copy(
-    primary: &Client,
-    source: &Client,
-    source_url: &str,
-    target: &Client,
-    to: &ShardName,
-    tenant: &Moving,
-    tag: &str,
-    options: &MoveOptions,
-    progress: &(dyn Fn(&str) + Sync),
-) -> Result<Vec<String>, MoveError> {
+async fn copy(primary: &Client, m: &Move<'_>) -> Result<Vec<String>, MoveError> {
+    let Move { source, source_url, target, to, tenant, tag, options, progress } = *m;
     let applied: Vec<String> = primary
         .query("SELECT version FROM public.tenant_migrations WHERE tenant_id = $1 ORDER BY version", &[&tenant.id.0])
         .await?
@@ -326,19 +336,8 @@ async fn copy(
 
 /// The pause and the flip. Returns the rows compared, the pause, and the
 /// old copy's new name on the source.
-#[allow(clippy::too_many_arguments, reason = "the pieces of one move, from move_tenant")]
-async fn flip(
-    primary: &mut Client,
-    source: &Client,
-    source_url: &str,
-    target: &Client,
-    to: &ShardName,
-    tenant: &Moving,
-    tag: &str,
-    tables: &[String],
-    options: &MoveOptions,
-    progress: &(dyn Fn(&str) + Sync),
-) -> Result<(i64, Duration, String), MoveError> {
+async fn flip(primary: &mut Client, m: &Move<'_>, tables: &[String]) -> Result<(i64, Duration, String), MoveError> {
+    let Move { source, source_url, target, to, tenant, tag, options, progress } = *m;
     let schema = tenant.schema.quoted();
     let qualified: Vec<String> = tables.iter().map(|t| format!("{schema}.{}", quote(t))).collect();
     // Before the pause, so that the pause holds as little as it can.
