@@ -259,6 +259,16 @@ async fn tenants_live_on_shards_and_stay_apart() -> TestResult {
     let res = app.req(Method::POST, "alpha", "/v1/tenant/exports").send().await?;
     assert_eq!(res.status(), 202);
 
+    // An instance whose only platform connection is held by the signup
+    // still makes its first pool to the shard the signup lands on.
+    let lone = testdb.db(1)?;
+    let placed = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        registry::create(&lone, &plinth_tenants::Slug::parse("foxtrot")?, "Foxtrot"),
+    )
+    .await??;
+    assert!(!placed.shard.is_primary());
+
     // Deleted: its schema and ledger go from b, its row from the primary.
     let (ok, out) = plinth_cli(testdb, &["tenants", "delete", "alpha", "--yes"]).await?;
     assert!(ok, "{out}");

@@ -145,17 +145,26 @@ impl Db {
 
     /// The URL of `shard`'s server: `DATABASE_URL` for the primary, the
     /// registry's for another.
+    /// Read on a connection of its own, not the pool's: a shard's pool is
+    /// made while a platform transaction (provisioning) may hold the last
+    /// pooled connection.
     pub async fn shard_url(&self, shard: &ShardName) -> Result<String, PoolError> {
         if shard.is_primary() {
             return Ok(self.shards.config.url.clone());
         }
         use diesel::{OptionalExtension as _, QueryDsl as _};
         use diesel_async::RunQueryDsl as _;
-        let mut conn = self.conn().await?;
+        let connect = async {
+            let target = crate::postgres::Target::parse(&self.shards.config.url)?;
+            tokio::time::timeout(self.shards.config.connect_timeout, target.connect_diesel())
+                .await
+                .map_err(|_| anyhow::anyhow!("connecting to the primary timed out"))?
+        };
+        let mut conn = connect.await.map_err(|e| query_failed(format!("reading shard {shard}'s URL: {e:#}")))?;
         let url: Option<Option<String>> = crate::schema::shards::table
             .find(shard.as_str())
             .select(crate::schema::shards::url)
-            .first::<Option<String>>(&mut **conn)
+            .first::<Option<String>>(&mut conn)
             .await
             .optional()
             .map_err(|e| PoolError::Backend(diesel_async::pooled_connection::PoolError::QueryError(e)))?;
