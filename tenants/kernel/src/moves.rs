@@ -244,7 +244,15 @@ pub async fn move_tenant(
             .await?;
         Ok::<_, anyhow::Error>(())
     };
-    tidy.await.context("the tenant moved, but tidying up after it failed (run the move again to finish)")?;
+    tidy.await.with_context(|| {
+        format!(
+            "{slug} moved to shard {to}, but tidying up after it failed: what is left of subscription {tag} on \
+             shard {to}, publication, slot and table {tag} on shard {} and schema {renamed} there{} can be dropped \
+             by hand",
+            tenant.shard,
+            if options.keep { " (kept)" } else { "" }
+        )
+    })?;
     Ok(MoveReport { from: tenant.shard, to: to.clone(), rows, pause, kept: options.keep.then_some(renamed) })
 }
 
