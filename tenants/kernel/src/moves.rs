@@ -247,10 +247,9 @@ pub async fn move_tenant(
     tidy.await.with_context(|| {
         format!(
             "{slug} moved to shard {to}, but tidying up after it failed: what is left of subscription {tag} on \
-             shard {to}, publication, slot and table {tag} on shard {} and schema {renamed} there{} can be dropped \
-             by hand",
-            tenant.shard,
-            if options.keep { " (kept)" } else { "" }
+             shard {to}, and of publication, slot and table {tag}{} on shard {}, can be dropped by hand",
+            if options.keep { String::new() } else { format!(" and schema {renamed}") },
+            tenant.shard
         )
     })?;
     Ok(MoveReport { from: tenant.shard, to: to.clone(), rows, pause, kept: options.keep.then_some(renamed) })
