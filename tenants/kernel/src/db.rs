@@ -136,7 +136,9 @@ impl Db {
         if let Some(lanes) = self.shards.pools.read().unwrap_or_else(|p| p.into_inner()).get(shard) {
             return Ok(Arc::clone(lanes));
         }
-        let url = self.shard_url(shard).await?;
+        // Boxed: made once per shard, and a connect future inline would make
+        // every tenant checkout's future several times larger.
+        let url = Box::pin(self.shard_url(shard)).await?;
         let config = DbConfig { url, ..self.shards.config.clone() };
         let made = lanes(&config).map_err(|e| query_failed(format!("{e:#}")))?;
         let mut pools = self.shards.pools.write().unwrap_or_else(|p| p.into_inner());
