@@ -452,19 +452,24 @@ impl Db {
     {
         let query = BySql(bind(diesel::sql_query(sql.in_schema(tenant.schema))));
         let read = async {
+            // A failed checkout is answered as it is: no connection is no
+            // sign of a move, and checking would wait for one again.
             let mut obj = self.tenant_conn(tenant).await?;
             let conn: &mut AsyncPgConnection = &mut obj;
-            if self.statement_cache {
-                return Ok(diesel_async::RunQueryDsl::load::<U>(query, conn).await?);
-            }
-            // Without the statement cache the statement is prepared in an
-            // exchange of its own before it runs; behind PgBouncer in
-            // transaction mode (the reason to turn the cache off) the two
-            // could reach different server connections unless a transaction
-            // holds them on one.
-            AnsiTransactionManager::begin_transaction(conn).await?;
-            let rows = diesel_async::RunQueryDsl::load::<U>(query, &mut *conn).await.map_err(E::from);
-            finish(conn, rows).await
+            let rows = if self.statement_cache {
+                diesel_async::RunQueryDsl::load::<U>(query, conn).await.map_err(E::from)
+            } else {
+                // Without the statement cache the statement is prepared in
+                // an exchange of its own before it runs; behind PgBouncer in
+                // transaction mode (the reason to turn the cache off) the two
+                // could reach different server connections unless a
+                // transaction holds them on one.
+                AnsiTransactionManager::begin_transaction(conn).await?;
+                let rows = diesel_async::RunQueryDsl::load::<U>(query, &mut *conn).await.map_err(E::from);
+                finish(conn, rows).await
+            };
+            drop(obj);
+            self.read_unless_moved(tenant, rows).await
         };
         // Boxed: the checkout and the query make a future of tens of
         // kilobytes, which every enclosing future (the handler's, actix's
@@ -472,11 +477,7 @@ impl Db {
         // each time it is moved; copying it was over half of the
         // instructions of this read (`docs/benchmarks.md`). One allocation
         // costs less.
-        Box::pin(
-            async { counted("schema", self.read_unless_moved(tenant, read.await).await) }
-                .instrument(tx_span("schema", tenant.id)),
-        )
-        .await
+        Box::pin(async { counted("schema", read.await) }.instrument(tx_span("schema", tenant.id))).await
     }
 }
 
