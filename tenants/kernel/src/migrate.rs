@@ -378,10 +378,16 @@ pub async fn migrate_tenants(
     for t in behind {
         by_shard.entry(t.shard.clone()).or_default().push(t);
     }
+    // Each tenant's migration holds a platform connection (its row) for its
+    // whole length: never more at once than the pool has, however many
+    // shards run side by side, or the rest would time out waiting.
+    let platform = tokio::sync::Semaphore::new(db.status().max_size.max(1));
+    let platform = &platform;
     let mut results = futures_util::stream::select_all(by_shard.into_values().map(|tenants| {
         Box::pin(
             futures_util::stream::iter(tenants)
                 .map(|t| async move {
+                    let _held = platform.acquire().await;
                     let outcome = match migrate_one(db, &t, migrations, options.lock_timeout).await {
                         Ok(Some(versions)) => TenantOutcome::Migrated { versions },
                         Ok(None) => TenantOutcome::Skipped,
