@@ -334,17 +334,17 @@ pub async fn migrate_tenants(
     let versions: Vec<&str> = migrations.iter().map(|m| m.version).collect();
     let wanted = i64::try_from(versions.len()).context("too many migrations")?;
     let shards = db
-        .platform(async |conn| Ok::<_, anyhow::Error>(crate::shards::list(conn).await?))
+        .platform(async |conn| Ok::<_, anyhow::Error>(crate::shards::others(conn).await?))
         .await
         .context("listing the shards")?;
-    let upgraded = futures_util::future::join_all(shards.iter().filter(|s| !s.name.is_primary()).map(|s| async move {
-        (s, db.on_shard(&s.name, async |c| Ok::<_, anyhow::Error>(crate::shards::upgrade(c).await?)).await)
+    let upgraded = futures_util::future::join_all(shards.iter().map(|s| async move {
+        (s, db.on_shard(s, async |c| Ok::<_, anyhow::Error>(crate::shards::upgrade(c).await?)).await)
     }))
     .await;
     let mut unreachable = Vec::new();
     for (shard, result) in upgraded {
         if let Err(err) = result {
-            unreachable.push((format!("shard {}", shard.name), format!("{err:#}")));
+            unreachable.push((format!("shard {shard}"), format!("{err:#}")));
         }
     }
     let (total, behind) = db

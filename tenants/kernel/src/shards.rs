@@ -77,6 +77,19 @@ pub async fn list(conn: &mut PgConn) -> Result<Vec<Shard>, diesel::result::Error
         .collect()
 }
 
+/// The names of every shard but the primary (no counting, unlike [`list`]).
+pub async fn others(conn: &mut PgConn) -> Result<Vec<ShardName>, diesel::result::Error> {
+    let names: Vec<String> =
+        shards::table.filter(shards::url.is_not_null()).select(shards::name).order(shards::name).load(conn).await?;
+    names
+        .into_iter()
+        .map(|name| {
+            ShardName::parse(&name)
+                .map_err(|e| diesel::result::Error::DeserializationError(format!("shard {name:?}: {e}").into()))
+        })
+        .collect()
+}
+
 /// Where a new tenant goes: the open shard with the fewest tenants, ties
 /// by name (the primary when it is the only open one, without counting).
 /// `None` when every shard is draining or closed. Tenants created at the
@@ -212,7 +225,7 @@ pub async fn add(db: &crate::Db, name: &ShardName, url: &str) -> Result<(), AddE
         .await
         .map_err(anyhow::Error::from)?;
     let idempotency = if answers.present { "" } else { IDEMPOTENCY_KEYS };
-    let upgrades = IDEMPOTENCY_KEYS_CHANGES.concat();
+    let upgrades = upgrade_sql();
     // The name is checked ([`ShardName::parse`]: letters, digits, '-', '_'),
     // so it can sit in the statement.
     conn.batch_execute(&format!(
