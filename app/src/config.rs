@@ -60,6 +60,12 @@ pub struct Settings {
     /// for its own connection before it takes any free one (see
     /// `plinth_tenants::lanes`).
     pub db_spill_after: Duration,
+    /// `PLINTH_REPLICA_CHECK_MS` (default 500): how often each instance
+    /// checks the shards' replicas (`plinth_tenants::replicas`).
+    pub replica_check: Duration,
+    /// `PLINTH_REPLICA_MAX_LAG_MS` (default 5000): a replica further behind
+    /// its primary than this, in time, is out of rotation.
+    pub replica_max_lag: Duration,
     /// `PLINTH_SPARE_SCHEMAS` (default 0, off): spare tenant schemas kept
     /// ready by the job worker, so provisioning renames one instead of
     /// running the migrations (the warm pool).
@@ -198,6 +204,8 @@ impl Settings {
             db_max_tenants_per_connection: usize::try_from(num("PLINTH_DB_MAX_TENANTS_PER_CONNECTION", 2000)?)?.max(1),
             db_max_connection_age: Duration::from_secs(num("PLINTH_DB_MAX_CONNECTION_AGE_SECS", 1800)?.max(1)),
             db_spill_after: Duration::from_millis(num("PLINTH_DB_SPILL_AFTER_MS", 20)?),
+            replica_check: Duration::from_millis(num("PLINTH_REPLICA_CHECK_MS", 500)?.max(10)),
+            replica_max_lag: Duration::from_millis(num("PLINTH_REPLICA_MAX_LAG_MS", 5000)?),
             spare_schemas: usize::try_from(num("PLINTH_SPARE_SCHEMAS", 0)?)?,
             max_body_bytes: usize::try_from(num("PLINTH_MAX_BODY_BYTES", 64 * 1024)?)?,
             body_timeout: Duration::from_secs(num("PLINTH_BODY_TIMEOUT_SECS", 10)?.max(1)),

@@ -72,6 +72,9 @@ pub struct Metrics {
     /// The job (kind, state) pairs reported last time, set to 0 when they
     /// have no jobs any more.
     reported: Mutex<HashSet<(String, String)>>,
+    /// The (shard, replica) pairs reported last time, likewise: a removed
+    /// replica reads out of rotation.
+    replicas: Mutex<HashSet<(String, String)>>,
 }
 
 impl Metrics {
@@ -89,11 +92,31 @@ impl Metrics {
             pools,
             listener,
             reported: Mutex::new(HashSet::new()),
+            replicas: Mutex::new(HashSet::new()),
         }))
     }
 
-    /// The scrape-time gauges: readiness, pools, the listener, the job
-    /// queue, parked Stripe events.
+    /// Each replica's gauges; a replica removed since the last scrape reads
+    /// out of rotation.
+    fn report_replicas(&self, db: &Db) {
+        let replicas = db.replicas().status();
+        let now: HashSet<(String, String)> = replicas.iter().map(|r| (r.shard.to_string(), r.id.to_string())).collect();
+        let mut reported = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        for (shard, id) in reported.difference(&now) {
+            metrics::gauge!("plinth_replica_in_rotation", "shard" => shard.clone(), "replica" => id.clone()).set(0.0);
+        }
+        for replica in replicas {
+            let (shard, id) = (replica.shard.to_string(), replica.id.to_string());
+            metrics::gauge!("plinth_replica_in_rotation", "shard" => shard.clone(), "replica" => id.clone())
+                .set(if replica.in_rotation { 1.0 } else { 0.0 });
+            metrics::gauge!("plinth_replica_lag_bytes", "shard" => shard, "replica" => id)
+                .set(replica.behind_bytes as f64);
+        }
+        *reported = now;
+    }
+
+    /// The scrape-time gauges: readiness, pools, the listener, replicas,
+    /// the job queue, parked Stripe events.
     async fn refresh(&self, db: &Db) {
         let ready = crate::health::readiness(db, &self.listener).await.is_ok();
         metrics::gauge!("plinth_ready").set(if ready { 1.0 } else { 0.0 });
@@ -110,6 +133,7 @@ impl Metrics {
         let down = self.listener.down_for();
         metrics::gauge!("plinth_notify_listener_up").set(if down.is_none() { 1.0 } else { 0.0 });
         metrics::gauge!("plinth_notify_listener_down_seconds").set(down.map_or(0.0, |d| d.as_secs_f64()));
+        self.report_replicas(db);
         match plinth_jobs::queue_stats(db).await {
             Ok(stats) => {
                 let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());

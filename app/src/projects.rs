@@ -389,7 +389,7 @@ struct TenantExport {
 #[get("/v1/export")]
 async fn export_route(ctx: Allowed<Export>) -> Result<HttpResponse, ApiError> {
     let (projects, tasks) = ctx
-        .tx(async |c| {
+        .view(async |c| {
             let projects = projects::table.select(Project::as_select()).order(projects::id.asc()).load(c.pg()).await?;
             let tasks = tasks::table.select(Task::as_select()).order(tasks::id.asc()).load(c.pg()).await?;
             Ok::<_, ApiError>((projects, tasks))
@@ -420,7 +420,7 @@ async fn list_projects_route(
     query: web::Query<PageParams>,
 ) -> Result<HttpResponse, ApiError> {
     let page = query.validate()?;
-    let rows = ctx.tx(async |c| Ok::<_, ApiError>(list_projects(c, page).await?)).await?;
+    let rows = ctx.view(async |c| Ok::<_, ApiError>(list_projects(c, page).await?)).await?;
     Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |p| p.id.0)))
 }
 
@@ -536,7 +536,7 @@ async fn list_tasks_route(
 ) -> Result<HttpResponse, ApiError> {
     let project = parse_id(&path, "project")?;
     let page = query.validate()?;
-    let rows = ctx.tx(async |c| Ok::<_, ApiError>(list_tasks(c, project, page).await?)).await?;
+    let rows = ctx.view(async |c| Ok::<_, ApiError>(list_tasks(c, project, page).await?)).await?;
     let rows = rows.ok_or(ApiError::NotFound("project"))?;
     Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |t| t.id.0)))
 }

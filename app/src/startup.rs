@@ -32,6 +32,7 @@ pub struct Application {
     server: Server,
     listener_task: tokio::task::JoinHandle<()>,
     sweeper: tokio::task::JoinHandle<()>,
+    replica_watch: tokio::task::JoinHandle<()>,
     draining: crate::health::Draining,
     drain: std::time::Duration,
 }
@@ -55,12 +56,16 @@ impl Application {
         crate::metrics::install()?;
         let workers = settings.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let per_worker = DbConfig { pool_size: db_config.pool_size.div_ceil(workers).max(1), ..db_config.clone() };
-        let pools: Arc<Vec<Db>> =
-            (0..workers).map(|_| Db::connect(&per_worker)).collect::<anyhow::Result<Vec<_>>>()?.into();
+        // One view of the replicas, kept by one watcher, for every pool.
+        let replicas = Arc::new(plinth_tenants::replicas::Replicas::default());
+        let pools: Arc<Vec<Db>> = (0..workers)
+            .map(|_| Ok(Db::connect(&per_worker)?.with_replicas(replicas.clone())))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .into();
         // Tenant, session and key lookups miss their caches rarely, and the
         // rate limits of the sensitive routes count in a shared table: a
         // small pool of their own.
-        let resolver_db = Db::connect(&DbConfig { pool_size: 4, ..db_config.clone() })?;
+        let resolver_db = Db::connect(&DbConfig { pool_size: 4, ..db_config.clone() })?.with_replicas(replicas);
         let every_pool = pools.iter().cloned().chain([resolver_db.clone()]).collect();
         let resolver = TenantResolver::new(resolver_db.clone(), &settings.base_domain);
         listener.on(resolve::CHANNEL, resolver.listen_handler());
@@ -114,6 +119,10 @@ impl Application {
         let body_timeout = BodyTimeout(settings.body_timeout);
         let limits_data = web::Data::new(RateLimits::new(&identity.limits, &resolver_db));
         let sweeper = tokio::spawn(sweep_rate_limits(resolver_db.clone()));
+        let replica_watch = tokio::spawn(plinth_tenants::replicas::watch(
+            resolver_db.clone(),
+            plinth_tenants::replicas::Watch { every: settings.replica_check, max_lag: settings.replica_max_lag },
+        ));
         let stripe_data = web::Data::new(settings.stripe.clone());
         let stripe_api = plinth_billing::api::Stripe::new(&settings.stripe, &settings.public_url)?.map(web::Data::new);
         let offboard = web::Data::from(Arc::new(CancelSubscriptions(stripe_api.clone())) as Arc<dyn Offboard>);
@@ -204,7 +213,7 @@ impl Application {
         .listen(tcp)?;
         tracing::info!(port, workers, "listening");
         let drain = settings.shutdown_drain;
-        Ok(Self { port, server: server.run(), listener_task, sweeper, draining, drain })
+        Ok(Self { port, server: server.run(), listener_task, sweeper, replica_watch, draining, drain })
     }
 
     pub fn port(&self) -> u16 {
@@ -232,6 +241,7 @@ impl Application {
         signals.abort();
         self.listener_task.abort();
         self.sweeper.abort();
+        self.replica_watch.abort();
         result
     }
 

@@ -1,9 +1,11 @@
 //! `plinth shards …`: declare the PostgreSQL servers that hold tenant
-//! schemas, list them, and stop placing new tenants on one.
+//! schemas and their streaming replicas, list them, and stop placing new
+//! tenants on one.
 
 use std::process::ExitCode;
 
 use clap::Subcommand;
+use plinth_tenants::replicas;
 use plinth_tenants::shards::{self, AddError, ShardState};
 use plinth_tenants::{Db, ShardName};
 
@@ -18,10 +20,21 @@ pub enum ShardsCommand {
         #[arg(long)]
         url: String,
     },
-    /// List the shards (the platform database is `primary`), their state and tenants.
+    /// List the shards (the platform database is `primary`), their state and tenants, and their replicas.
     List,
     /// Place no more new tenants on a shard; its tenants stay and are served.
     Drain { name: String },
+    /// Declare a streaming replica of a shard's server (`primary` included): GET routes' reads may go there
+    /// while it keeps up. It must be in recovery, a copy of that server, and the URL must name the same database.
+    AddReplica {
+        /// The shard it replicates.
+        shard: String,
+        /// How every Plinth instance reaches it (a libpq URL; kept in the platform database).
+        #[arg(long)]
+        url: String,
+    },
+    /// Stop reading from a replica (by the id `plinth shards list` shows).
+    RemoveReplica { shard: String, id: i64 },
 }
 
 fn shard_name(name: &str) -> anyhow::Result<ShardName> {
@@ -39,12 +52,34 @@ pub async fn run(command: ShardsCommand, db: &Db) -> anyhow::Result<ExitCode> {
             }
         }
         ShardsCommand::List => {
-            let all = db.platform(async |c| Ok::<_, anyhow::Error>(shards::list(c).await?)).await?;
+            let (all, replicas) = db
+                .platform(async |c| Ok::<_, anyhow::Error>((shards::list(c).await?, replicas::list(c).await?)))
+                .await?;
             println!("{:<20} {:<10} {:>8}  server", "name", "state", "tenants");
             for shard in all {
                 let server = shard.url.as_deref().map_or_else(|| "DATABASE_URL".to_owned(), shards::server);
                 println!("{:<20} {:<10} {:>8}  {server}", shard.name.as_str(), shard.state, shard.tenants);
+                for replica in replicas.iter().filter(|r| r.shard == shard.name) {
+                    println!("  replica {:<10} {:>10}  {}", replica.id, "", shards::server(&replica.url));
+                }
             }
+        }
+        ShardsCommand::AddReplica { shard, url } => {
+            let shard = shard_name(&shard)?;
+            let id = replicas::add(db, &shard, &url).await.map_err(|e| match e {
+                replicas::AddError::Other(e) => e.context(format!("adding a replica of shard {shard}")),
+                refused => anyhow::Error::new(refused),
+            })?;
+            println!(
+                "replica {id} of shard {shard} added at {}: instances read from it once it keeps up",
+                shards::server(&url)
+            );
+        }
+        ShardsCommand::RemoveReplica { shard, id } => {
+            let shard = shard_name(&shard)?;
+            let found = db.platform(async |c| Ok::<_, anyhow::Error>(replicas::remove(c, &shard, id).await?)).await?;
+            anyhow::ensure!(found, "shard {shard} has no replica {id}");
+            println!("replica {id} of shard {shard} removed: instances stop reading from it at their next check");
         }
         ShardsCommand::Drain { name } => {
             let name = shard_name(&name)?;

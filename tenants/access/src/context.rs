@@ -18,9 +18,10 @@ use diesel::query_builder::{Query, QueryFragment, SqlQuery};
 use diesel::sql_types::Untyped;
 use diesel_async::AsyncPgConnection;
 use plinth_http::request::RequestId;
-use plinth_tenants::db::{Db, PoolError, TenantConn, TenantRows, TenantSql, TxFn};
+use plinth_tenants::db::{Db, PoolError, TenantConn, TenantRows, TenantScope, TenantSql, TxFn, ViewFn};
 use plinth_tenants::ids::UserId;
 use plinth_tenants::registry::Tenant;
+use plinth_tenants::replicas::Consistency;
 
 pub use crate::Action;
 
@@ -85,6 +86,11 @@ pub struct TenantContext {
     pub(crate) counters: actix_web::web::Data<Counters>,
     /// A GET or HEAD: allowed while billing restricts the tenant.
     pub(crate) reads: bool,
+    /// Whether this request's reads may come from a replica, and the
+    /// position of its commits (the `plinth-wal-position` header both
+    /// ways; `plinth_tenants::replicas`). Shared with the request's
+    /// extensions, where the answer's header is read from.
+    pub(crate) consistency: Arc<Consistency>,
 }
 
 impl TenantContext {
@@ -95,19 +101,39 @@ impl TenantContext {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
-        self.db.tenant(self.tenant.scope(), f).await
+        self.db.tenant(self.scope(), f).await
+    }
+
+    /// Runs `f`, which only reads, in a transaction scoped to this
+    /// request's tenant: in a GET, on a replica caught up with the caller's
+    /// writes when there is one (see
+    /// [`Db::tenant_view`](plinth_tenants::db::Db::tenant_view); `f` may
+    /// run twice).
+    pub async fn view<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        for<'r, 'c> F: ViewFn<&'r mut TenantConn<'c>, Result<R, E>, Fut: Send> + Send + Sync,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        self.db.tenant_view(self.scope(), f).await
     }
 
     /// Runs one read statement of this request's tenant's tables in one
     /// round trip (see
-    /// [`Db::tenant_read`](plinth_tenants::db::Db::tenant_read)).
-    pub async fn read<Q, U, E>(&self, sql: TenantSql, bind: impl FnOnce(SqlQuery) -> Q) -> Result<Vec<U>, E>
+    /// [`Db::tenant_read`](plinth_tenants::db::Db::tenant_read)); in a GET,
+    /// on a replica as [`Self::view`] does.
+    pub async fn read<Q, U, E>(&self, sql: TenantSql, bind: impl Fn(SqlQuery) -> Q) -> Result<Vec<U>, E>
     where
         Q: QueryFragment<Pg> + Query<SqlType = Untyped> + Send + 'static,
         U: QueryableByName<Pg> + Send + 'static,
         E: From<diesel::result::Error> + From<PoolError> + Send,
     {
-        self.db.tenant_read(self.tenant.scope(), sql, bind).await
+        self.db.tenant_read(self.scope(), sql, bind).await
+    }
+
+    /// The tenant's scope for this request.
+    fn scope(&self) -> TenantScope<'_> {
+        TenantScope { consistency: Some(&self.consistency), ..self.tenant.scope() }
     }
 
     /// Runs `f` in a platform transaction bound to this request's tenant:
@@ -119,7 +145,7 @@ impl TenantContext {
         E: From<diesel::result::Error> + From<PoolError> + Send,
         R: Send,
     {
-        self.db.tenant_rows(self.tenant.scope(), f).await
+        self.db.tenant_rows(self.scope(), f).await
     }
 
     /// The tenant's plan in the catalog.

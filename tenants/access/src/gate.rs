@@ -29,6 +29,7 @@ use plinth_http::request::{ClientIpHeader, RequestId};
 use plinth_tenants::db::Db;
 use plinth_tenants::ids::UserId;
 use plinth_tenants::registry::TenantStatus;
+use plinth_tenants::replicas::{Consistency, WAL_POSITION_HEADER};
 
 use crate::authn::{Authenticate, Client, Credential, bearer};
 use crate::context::{Principal, TenantContext};
@@ -286,6 +287,9 @@ impl TenantContext {
         if let (Some(operator), false) = (principal.impersonator(), reads) {
             record_impersonated_write(&db, &tenant, &principal, operator, req, &request_id, &ip).await?;
         }
+        let after = req.headers().get(WAL_POSITION_HEADER).map(|v| v.to_str().unwrap_or("(not text)"));
+        let consistency = Arc::new(Consistency::new(reads, after));
+        req.extensions_mut().insert(Arc::clone(&consistency));
         Ok(Self {
             tenant,
             principal,
@@ -298,6 +302,7 @@ impl TenantContext {
             access,
             counters,
             reads,
+            consistency,
         })
     }
 }

@@ -9,19 +9,21 @@ use actix_cors::Cors;
 use actix_web::http::{Method, Uri, header};
 
 /// The headers a browser may send cross-origin.
-const ALLOWED_HEADERS: [header::HeaderName; 4] = [
+const ALLOWED_HEADERS: [header::HeaderName; 5] = [
     header::AUTHORIZATION,
     header::CONTENT_TYPE,
     header::HeaderName::from_static("x-tenant"),
     header::HeaderName::from_static("x-request-id"),
+    header::HeaderName::from_static(plinth_tenants::replicas::WAL_POSITION_HEADER),
 ];
 
 /// The answer headers a browser lets the web app read.
-const EXPOSED_HEADERS: [header::HeaderName; 4] = [
+const EXPOSED_HEADERS: [header::HeaderName; 5] = [
     header::HeaderName::from_static("x-request-id"),
     header::RETRY_AFTER,
     header::ALLOW,
     crate::request::IMPERSONATION_HEADER,
+    header::HeaderName::from_static(plinth_tenants::replicas::WAL_POSITION_HEADER),
 ];
 
 /// Parses `PLINTH_CORS_ORIGINS`: origins (`https://app.example.com`,

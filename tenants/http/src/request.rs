@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument as _;
 
+use plinth_tenants::replicas::{Consistency, WAL_POSITION_HEADER};
 use plinth_tenants::text::is_invisible;
 
 use crate::error::{ApiError, FieldError};
@@ -187,6 +188,12 @@ pub async fn request_span(
             stamp(&mut res, req.match_pattern().as_deref());
             if req.extensions().get::<Impersonating>().is_some() {
                 res.headers_mut().insert(IMPERSONATION_HEADER, HeaderValue::from_static("true"));
+            }
+            // Where the request's last commit ended in its shard's log, for
+            // the client to send back with its reads (`plinth_tenants::replicas`).
+            let written = req.extensions().get::<std::sync::Arc<Consistency>>().and_then(|c| c.written());
+            if let Some(value) = written.and_then(|w| HeaderValue::from_str(&w.to_string()).ok()) {
+                res.headers_mut().insert(HeaderName::from_static(WAL_POSITION_HEADER), value);
             }
             Ok(ServiceResponse::new(req, res))
         }

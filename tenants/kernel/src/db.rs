@@ -24,6 +24,7 @@ use tracing::Instrument as _;
 use crate::ids::{SchemaName, ShardName, TenantId};
 use crate::lanes::{Checkout, Lanes};
 use crate::pool::{Manager, Pooled};
+use crate::replicas::{Consistency, Lsn, Replica, Replicas, WalPosition};
 
 pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
 pub type PgConn = AsyncPgConnection;
@@ -38,6 +39,20 @@ pub trait TxFn<T, R>: AsyncFnOnce(T) -> R + FnOnce(T) -> <Self as TxFn<T, R>>::F
 impl<F, T, Fut, R> TxFn<T, R> for F
 where
     F: AsyncFnOnce(T) -> R + FnOnce(T) -> Fut,
+    Fut: Future<Output = R>,
+{
+    type Fut = Fut;
+}
+
+/// [`TxFn`] for a closure that may be called more than once: a read that
+/// a replica failed runs again on the primary ([`Db::tenant_view`]).
+pub trait ViewFn<T, R>: AsyncFn(T) -> R + Fn(T) -> <Self as ViewFn<T, R>>::Fut {
+    type Fut: Future<Output = R>;
+}
+
+impl<F, T, Fut, R> ViewFn<T, R> for F
+where
+    F: AsyncFn(T) -> R + Fn(T) -> Fut,
     Fut: Future<Output = R>,
 {
     type Fut = Fut;
@@ -88,21 +103,27 @@ impl DbConfig {
 
 /// A handle to the database: a pool of connections, in lanes by tenant
 /// (see [`crate::lanes`]), to the platform database, and one more to each
-/// other server (shard, [`crate::shards`]) that holds tenant schemas, made
-/// when a tenant there is first served. Cheap to clone.
+/// other server (shard, [`crate::shards`]) that holds tenant schemas, and
+/// to each replica ([`crate::replicas`]), made when first used. Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct Db {
     lanes: Arc<Lanes>,
     /// [`DbConfig::statement_cache`].
     statement_cache: bool,
     shards: Arc<ShardPools>,
+    /// The replicas and their state, shared by every pool of the process
+    /// ([`Db::with_replicas`]).
+    replicas: Arc<Replicas>,
 }
 
-/// The pools of the other shards, by name. A shard's URL never changes
-/// once declared, so a pool made is kept.
+/// The pools of the other shards, by name, and of the replicas, by id. A
+/// shard's or replica's URL never changes once declared, so a pool made
+/// is kept.
 struct ShardPools {
     config: DbConfig,
     pools: std::sync::RwLock<std::collections::HashMap<ShardName, Arc<Lanes>>>,
+    replicas: std::sync::RwLock<std::collections::HashMap<i64, Arc<Lanes>>>,
 }
 
 fn lanes(config: &DbConfig) -> anyhow::Result<Arc<Lanes>> {
@@ -122,8 +143,116 @@ impl Db {
         Ok(Self {
             lanes: lanes(config)?,
             statement_cache: config.statement_cache,
-            shards: Arc::new(ShardPools { config: config.clone(), pools: Default::default() }),
+            shards: Arc::new(ShardPools {
+                config: config.clone(),
+                pools: Default::default(),
+                replicas: Default::default(),
+            }),
+            replicas: Arc::default(),
         })
+    }
+
+    /// This handle, reading from the replicas `replicas` knows (one set
+    /// per process, kept by [`crate::replicas::watch`]).
+    pub fn with_replicas(self, replicas: Arc<Replicas>) -> Self {
+        Self { replicas, ..self }
+    }
+
+    /// The replicas this handle reads from.
+    pub fn replicas(&self) -> &Arc<Replicas> {
+        &self.replicas
+    }
+
+    /// The pool of `replica`, made on first use.
+    async fn replica_lanes(&self, replica: &Replica) -> Result<Arc<Lanes>, PoolError> {
+        if let Some(lanes) = self.shards.replicas.read().unwrap_or_else(|p| p.into_inner()).get(&replica.id) {
+            return Ok(Arc::clone(lanes));
+        }
+        let config = DbConfig { url: replica.url.clone(), ..self.shards.config.clone() };
+        let made = lanes(&config).map_err(|e| query_failed(format!("{e:#}")))?;
+        let mut pools = self.shards.replicas.write().unwrap_or_else(|p| p.into_inner());
+        Ok(Arc::clone(pools.entry(replica.id).or_insert(made)))
+    }
+
+    /// Where `shard`'s server has written its log up to.
+    pub(crate) async fn wal_position(&self, shard: &ShardName) -> Result<Lsn, PoolError> {
+        let mut conn = self.shard_lanes(shard).await?.platform().await?;
+        position(&mut conn, "pg_current_wal_lsn()")
+            .await
+            .map_err(failed)?
+            .ok_or_else(|| query_failed("no WAL position".into()))
+    }
+
+    /// Where `replica` has replayed its primary's log up to; `None` once
+    /// it is no longer in recovery (promoted).
+    pub(crate) async fn replay_position(&self, replica: &Replica) -> Result<Option<Lsn>, PoolError> {
+        let mut conn = self.replica_lanes(replica).await?.platform().await?;
+        position(&mut conn, "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END").await.map_err(failed)
+    }
+
+    /// The replica to read `tenant` from for this request, if any (see
+    /// [`crate::replicas`]).
+    fn replica_for(&self, tenant: TenantScope<'_>) -> Option<Arc<Replica>> {
+        let consistency = tenant.consistency.filter(|c| c.reads_from_replicas())?;
+        if tenant.moving {
+            return None;
+        }
+        self.replicas.pick(tenant.shard, consistency.after())
+    }
+
+    /// Runs `attempt` on a connection of `replica` for `tenant`: its value,
+    /// or `None` when it failed there and the primary is to answer. A
+    /// replica that cannot be reached, or whose connection the attempt
+    /// leaves broken, is taken out of rotation.
+    async fn on_replica<T, E>(
+        &self,
+        replica: &Replica,
+        tenant: TenantScope<'_>,
+        attempt: impl AsyncFnOnce(&mut Checkout) -> Result<T, E>,
+    ) -> Option<T> {
+        let served = async {
+            let lanes = self.replica_lanes(replica).await.map_err(|_| true)?;
+            let mut obj = match lanes.tenant(tenant.id).await {
+                Ok(obj) => obj,
+                // Every lane busy: a well replica, only a busy one.
+                Err(PoolError::Timeout(deadpool::managed::TimeoutType::Wait)) => return Err(false),
+                Err(_) => return Err(true),
+            };
+            obj.serve(tenant.id);
+            let result = attempt(&mut obj).await;
+            result.map_err(|_| Manager::broken(&mut obj))
+        };
+        match served.await {
+            Ok(value) => {
+                crate::counters::increment("plinth_replica_reads_total", &[("outcome", "served")]);
+                Some(value)
+            }
+            Err(broken) => {
+                if broken {
+                    replica.take_out();
+                }
+                crate::counters::increment("plinth_replica_reads_total", &[("outcome", "primary")]);
+                None
+            }
+        }
+    }
+
+    /// After a committed tenant transaction of a request that writes, on a
+    /// shard with replicas: records where the commit ended in the log, for
+    /// the answer's header ([`crate::replicas`]). Read on the same
+    /// connection after the commit, so it is at or past the commit.
+    async fn note_written(&self, conn: &mut PgConn, tenant: TenantScope<'_>) {
+        let Some(consistency) = tenant.consistency.filter(|c| c.records()) else { return };
+        if !self.replicas.any(tenant.shard) {
+            return;
+        }
+        match position(conn, "pg_current_wal_insert_lsn()").await {
+            Ok(Some(lsn)) => consistency.wrote(WalPosition { lsn, shard: tenant.shard.clone() }),
+            Ok(None) => {}
+            // The answer goes without the header: the client's next read
+            // may come from a replica that has not replayed this write yet.
+            Err(err) => tracing::warn!(error = %err, "reading the WAL position of a commit failed"),
+        }
     }
 
     /// The pool of `shard`'s server; the platform database's for the
@@ -169,7 +298,7 @@ impl Db {
             .first::<Option<String>>(&mut conn)
             .await
             .optional()
-            .map_err(|e| PoolError::Backend(diesel_async::pooled_connection::PoolError::QueryError(e)))?;
+            .map_err(failed)?;
         url.flatten().ok_or_else(|| query_failed(format!("there is no shard named {shard} with a URL")))
     }
 
@@ -391,33 +520,41 @@ impl Db {
         Box::pin(
             async {
                 let mut obj = self.tenant_conn(tenant).await?;
-                let begin_sql = open_scoped(&mut obj, tenant)?;
-                let result = {
-                    let shared: &AsyncPgConnection = &obj;
-                    let mut scoped = TenantConn { conn: shared, tenant_id: tenant.id };
-                    // `join` polls `begin` first, which queues BEGIN on the connection
-                    // before `f` can queue anything; the connection keeps that order.
-                    let begin = async {
-                        let mut conn = shared;
-                        conn.batch_execute(&begin_sql).await
-                    };
-                    let body = async {
-                        #[cfg(debug_assertions)]
-                        scoped.assert_schema::<E>(tenant.schema).await?;
-                        f(&mut scoped).await
-                    };
-                    match futures_util::future::join(begin, body).await {
-                        (Ok(()), result) => result,
-                        (Err(begin_failed), _) => Err(begin_failed.into()),
-                    }
-                };
+                let result = scoped(&mut obj, tenant, f).await;
                 let result = finish(&mut obj, result).await;
+                if result.is_ok() {
+                    self.note_written(&mut obj, tenant).await;
+                }
                 drop(obj);
                 counted("schema", self.unless_moved(tenant, result).await)
             }
             .instrument(tx_span("schema", tenant.id)),
         )
         .await
+    }
+
+    /// [`Db::tenant`] for the reads of a GET route: on a replica of the
+    /// tenant's shard when the request allows it and one is caught up
+    /// ([`crate::replicas`]), else on the primary. Any failure on the
+    /// replica (its connection lost, a row it lacks, anything) is answered
+    /// by running `f` again on the primary, so `f` is called by reference,
+    /// may run twice, and must only read.
+    pub async fn tenant_view<R, E, F>(&self, tenant: TenantScope<'_>, f: F) -> Result<R, E>
+    where
+        for<'r, 'c> F: ViewFn<&'r mut TenantConn<'c>, Result<R, E>, Fut: Send> + Send + Sync,
+        E: From<diesel::result::Error> + From<PoolError> + Send,
+        R: Send,
+    {
+        if let Some(replica) = self.replica_for(tenant) {
+            let served = self.on_replica(&replica, tenant, async |obj| {
+                let result = scoped(obj, tenant, async |c| f(c).await).await;
+                finish(obj, result).await
+            });
+            if let Some(value) = Box::pin(served.instrument(tx_span("replica", tenant.id))).await {
+                return Ok(value);
+            }
+        }
+        self.tenant(tenant, async |c| f(c).await).await
     }
     /// Runs one read statement of a tenant's tables, in one round trip to
     /// PostgreSQL: the statement names the tenant's schema itself (see
@@ -439,35 +576,36 @@ impl Db {
     /// unqualified by mistake resolves through the session's `search_path`,
     /// where no tenant table exists (`public` holds none of their names, a
     /// test checks): the read fails, never reads another tenant's rows.
+    ///
+    /// In a GET request the read goes to a replica as [`Db::tenant_view`]'s
+    /// do, and a failure there makes it again on the primary: `bind` may be
+    /// called twice.
     pub async fn tenant_read<Q, U, E>(
         &self,
         tenant: TenantScope<'_>,
         sql: TenantSql,
-        bind: impl FnOnce(diesel::query_builder::SqlQuery) -> Q,
+        bind: impl Fn(diesel::query_builder::SqlQuery) -> Q,
     ) -> Result<Vec<U>, E>
     where
         Q: QueryFragment<Pg> + Query<SqlType = Untyped> + Send + 'static,
         U: QueryableByName<Pg> + Send + 'static,
         E: From<diesel::result::Error> + From<PoolError> + Send,
     {
-        let query = BySql(bind(diesel::sql_query(sql.in_schema(tenant.schema))));
+        let sql = sql.in_schema(tenant.schema);
         let read = async {
+            if let Some(replica) = self.replica_for(tenant) {
+                let query = BySql(bind(diesel::sql_query(sql.clone())));
+                let cache = self.statement_cache;
+                let served = self.on_replica(&replica, tenant, async |obj| load::<_, U, E>(obj, query, cache).await);
+                if let Some(rows) = served.await {
+                    return Ok(rows);
+                }
+            }
+            let query = BySql(bind(diesel::sql_query(sql)));
             // A failed checkout is answered as it is: no connection is no
             // sign of a move, and checking would wait for one again.
             let mut obj = self.tenant_conn(tenant).await?;
-            let conn: &mut AsyncPgConnection = &mut obj;
-            let rows = if self.statement_cache {
-                diesel_async::RunQueryDsl::load::<U>(query, conn).await.map_err(E::from)
-            } else {
-                // Without the statement cache the statement is prepared in
-                // an exchange of its own before it runs; behind PgBouncer in
-                // transaction mode (the reason to turn the cache off) the two
-                // could reach different server connections unless a
-                // transaction holds them on one.
-                AnsiTransactionManager::begin_transaction(conn).await?;
-                let rows = diesel_async::RunQueryDsl::load::<U>(query, &mut *conn).await.map_err(E::from);
-                finish(conn, rows).await
-            };
+            let rows = load(&mut obj, query, self.statement_cache).await;
             drop(obj);
             self.read_unless_moved(tenant, rows).await
         };
@@ -479,6 +617,76 @@ impl Db {
         // costs less.
         Box::pin(async { counted("schema", read.await) }.instrument(tx_span("schema", tenant.id))).await
     }
+}
+
+/// Runs `query` for [`Db::tenant_read`], alone with the statement cache,
+/// else in a transaction of its own: without the cache the statement is
+/// prepared in an exchange of its own before it runs, and behind PgBouncer
+/// in transaction mode (the reason to turn the cache off) the two could
+/// reach different server connections unless a transaction holds them on
+/// one.
+async fn load<Q, U, E>(conn: &mut PgConn, query: BySql<Q>, statement_cache: bool) -> Result<Vec<U>, E>
+where
+    Q: QueryFragment<Pg> + Query<SqlType = Untyped> + Send + 'static,
+    U: QueryableByName<Pg> + Send + 'static,
+    E: From<diesel::result::Error> + From<PoolError> + Send,
+{
+    if statement_cache {
+        diesel_async::RunQueryDsl::load::<U>(query, conn).await.map_err(E::from)
+    } else {
+        AnsiTransactionManager::begin_transaction(conn).await?;
+        let rows = diesel_async::RunQueryDsl::load::<U>(query, &mut *conn).await.map_err(E::from);
+        finish(conn, rows).await
+    }
+}
+
+/// Runs `f` in a transaction scoped to `tenant` on `obj`, left for the
+/// caller to [`finish`].
+///
+/// `BEGIN` and `SET LOCAL search_path` travel in one simple-protocol
+/// message, pipelined with the first statement of `f` (see
+/// [`Db::tenant`]).
+async fn scoped<R, E, F>(obj: &mut Pooled, tenant: TenantScope<'_>, f: F) -> Result<R, E>
+where
+    for<'r, 'c> F: TxFn<&'r mut TenantConn<'c>, Result<R, E>, Fut: Send> + Send,
+    E: From<diesel::result::Error> + From<PoolError> + Send,
+{
+    let begin_sql = open_scoped(obj, tenant)?;
+    let shared: &AsyncPgConnection = obj;
+    let mut scoped = TenantConn { conn: shared, tenant_id: tenant.id };
+    // `join` polls `begin` first, which queues BEGIN on the connection
+    // before `f` can queue anything; the connection keeps that order.
+    let begin = async {
+        let mut conn = shared;
+        conn.batch_execute(&begin_sql).await
+    };
+    let body = async {
+        #[cfg(debug_assertions)]
+        scoped.assert_schema::<E>(tenant.schema).await?;
+        f(&mut scoped).await
+    };
+    match futures_util::future::join(begin, body).await {
+        (Ok(()), result) => result,
+        (Err(begin_failed), _) => Err(begin_failed.into()),
+    }
+}
+
+/// A WAL position the server computes with `expression` (a `pg_lsn`, or
+/// NULL).
+async fn position(conn: &mut PgConn, expression: &'static str) -> Result<Option<Lsn>, diesel::result::Error> {
+    #[derive(QueryableByName)]
+    struct Position {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        lsn: Option<String>,
+    }
+    // Raw SQL: server functions.
+    let found: Position =
+        diesel_async::RunQueryDsl::get_result(diesel::sql_query(format!("SELECT ({expression})::text AS lsn")), conn)
+            .await?;
+    found
+        .lsn
+        .map(|lsn| lsn.parse().map_err(|e: String| diesel::result::Error::DeserializationError(e.into())))
+        .transpose()
 }
 
 /// One read statement of a tenant's tables for [`Db::tenant_read`], with
@@ -590,6 +798,9 @@ pub struct TenantScope<'a> {
     pub shard: &'a ShardName,
     /// Being moved to another shard ([`crate::moves`]).
     pub moving: bool,
+    /// What the request asks of replicas and learns of its commits
+    /// ([`crate::replicas`]); `None` outside a request: the primary only.
+    pub consistency: Option<&'a Consistency>,
 }
 
 /// A connection inside a transaction whose `search_path` is one tenant's
@@ -662,6 +873,11 @@ impl<'c> TenantRows<'c> {
     }
 }
 
+/// A pool error carrying a failed query's error.
+fn failed(e: diesel::result::Error) -> PoolError {
+    PoolError::Backend(diesel_async::pooled_connection::PoolError::QueryError(e))
+}
+
 /// A pool error carrying a failed query's message.
 fn query_failed(message: String) -> PoolError {
     PoolError::Backend(diesel_async::pooled_connection::PoolError::QueryError(
@@ -707,7 +923,7 @@ mod tests {
         let tenant = TenantId(uuid::Uuid::nil());
         let schema = SchemaName::for_tenant(tenant);
         let shard = ShardName::primary();
-        let scope = TenantScope { id: tenant, schema: &schema, shard: &shard, moving: false };
+        let scope = TenantScope { id: tenant, schema: &schema, shard: &shard, moving: false, consistency: None };
         let checkout = std::mem::size_of_val(&db.tenant_conn(scope));
         assert!(checkout <= 2048, "a tenant checkout's future is {checkout} bytes");
         let platform = std::mem::size_of_val(&db.conn());

@@ -11,6 +11,7 @@
 //! - [`shards`]: the servers that hold tenant schemas, and placement.
 //! - [`migrate`]: platform migrations and the tenant migration orchestrator.
 //! - [`moves`]: moving a tenant to another shard while it is served.
+//! - [`replicas`]: reads from streaming replicas, read-your-writes.
 //! - [`postgres`]: opening connections, with TLS as `sslmode` asks.
 //! - [`notify`]: one LISTEN connection shared by every cache, with reconnects.
 //! - [`cache`]: [`cache::NotifiedCache`], a cache trusted only while NOTIFY is
@@ -35,6 +36,7 @@ pub mod notify;
 pub mod pool;
 pub mod postgres;
 pub mod registry;
+pub mod replicas;
 pub mod schema;
 pub mod shards;
 pub mod spares;

@@ -71,7 +71,7 @@ pub struct Tenant {
 impl Tenant {
     /// What a tenant-scoped transaction needs.
     pub fn scope(&self) -> TenantScope<'_> {
-        TenantScope { id: self.id, schema: &self.schema, shard: &self.shard, moving: self.moving }
+        TenantScope { id: self.id, schema: &self.schema, shard: &self.shard, moving: self.moving, consistency: None }
     }
 }
 

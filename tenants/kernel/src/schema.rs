@@ -20,6 +20,15 @@ diesel::table! {
 }
 
 diesel::table! {
+    public.shard_replicas (id) {
+        id -> Int8,
+        shard -> Text,
+        url -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     public.shards (name) {
         name -> Text,
         url -> Nullable<Text>,
