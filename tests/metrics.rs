@@ -14,11 +14,11 @@ const TOKEN: &str = "metrics-token-for-the-test";
 const SECRET: &str = "whsec_plinth_metrics_secret";
 
 /// One sample: its name and labels.
-type Sample = (String, BTreeMap<String, String>);
+pub(crate) type Sample = (String, BTreeMap<String, String>);
 
 /// Parses Prometheus text: `name{k="v",...} value` lines (a label value may
 /// hold braces, as route patterns do).
-fn parse(text: &str) -> TestResult<Vec<(Sample, f64)>> {
+pub(crate) fn parse(text: &str) -> TestResult<Vec<(Sample, f64)>> {
     let mut samples = Vec::new();
     for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let (series, value) = line.rsplit_once(' ').ok_or_else(|| format!("no value: {line}"))?;
@@ -40,7 +40,7 @@ fn parse(text: &str) -> TestResult<Vec<(Sample, f64)>> {
 
 /// The value of the sample named `name` whose labels include `labels` (0
 /// when there is none yet).
-fn value(samples: &[(Sample, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(samples: &[(Sample, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|((n, l), _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))

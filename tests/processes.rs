@@ -47,6 +47,37 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A streaming replica of `primary` (running), copied with
+    /// `pg_basebackup` and set up to follow it (`-R`); not started.
+    pub fn replica_of(primary: &Cluster) -> TestResult<Self> {
+        let dir = TempDir::new("replica")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let cluster = Self { bin: primary.bin.clone(), dir, port, as_postgres: is_root() };
+        cluster.chown()?;
+        let mut backup = Command::new(cluster.bin.join("pg_basebackup"));
+        backup
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"])
+            .args(["-X", "stream", "-R", "-c", "fast", "-D"])
+            .arg(cluster.data());
+        cluster.run(backup)?;
+        // The copied settings name the primary's port and socket directory.
+        let conf =
+            format!("port = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n", cluster.dir.path.display());
+        let mut file = std::fs::OpenOptions::new().append(true).open(cluster.data().join("postgresql.conf"))?;
+        std::io::Write::write_all(&mut file, conf.as_bytes())?;
+        Ok(cluster)
+    }
+
+    /// Appends `name = value` to `postgresql.conf` (the last one counts)
+    /// and has the running server read it again.
+    pub fn set(&self, name: &str, value: &str) -> TestResult {
+        let mut file = std::fs::OpenOptions::new().append(true).open(self.data().join("postgresql.conf"))?;
+        std::io::Write::write_all(&mut file, format!("{name} = {value}\n").as_bytes())?;
+        let mut pg_ctl = Command::new(self.bin.join("pg_ctl"));
+        pg_ctl.arg("-D").arg(self.data()).arg("reload");
+        self.run(pg_ctl)
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.path.join("data")
     }

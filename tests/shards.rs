@@ -6,7 +6,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{TestApp, TestResult, assert_error, plinth_cli};
+use crate::harness::{TestApp, TestResult, assert_error, eventually, plinth_cli};
 use crate::processes::Cluster;
 use plinth_http::idempotency::REPLAYED;
 use plinth_tenants::db::{TenantScope, TenantSql};
@@ -154,12 +154,14 @@ async fn tenants_live_on_shards_and_stay_apart() -> TestResult {
     let res = app.req(Method::GET, "bravo", &format!("/v1/projects/{id}")).send().await?;
     assert_error(res, 404, "not_found").await?;
     let elsewhere = ShardName::parse("c")?;
-    let forged = TenantScope { id: alpha.id, schema: &alpha.schema, shard: &elsewhere, moving: false };
+    let forged =
+        TenantScope { id: alpha.id, schema: &alpha.schema, shard: &elsewhere, moving: false, consistency: None };
     let read: Result<Vec<Name>, plinth_http::ApiError> =
         app.db.tenant_read(forged, TenantSql("SELECT name FROM {schema}.projects"), |q| q).await;
     assert!(read.is_err(), "shard c's connection read alpha's projects: {:?}", read.map(|r| r.len()));
     let forged_primary = ShardName::primary();
-    let forged = TenantScope { id: alpha.id, schema: &alpha.schema, shard: &forged_primary, moving: false };
+    let forged =
+        TenantScope { id: alpha.id, schema: &alpha.schema, shard: &forged_primary, moving: false, consistency: None };
     let read: Result<Vec<Name>, plinth_http::ApiError> =
         app.db.tenant_read(forged, TenantSql("SELECT name FROM {schema}.projects"), |q| q).await;
     assert!(read.is_err(), "the primary's connection read alpha's projects");
@@ -481,7 +483,7 @@ async fn a_tenant_moves_to_another_server_under_load() -> TestResult {
 
     // Apart: b's connection no longer reaches the tenant's rows.
     let old = ShardName::parse("b")?;
-    let forged = TenantScope { id: moved.id, schema: &moved.schema, shard: &old, moving: false };
+    let forged = TenantScope { id: moved.id, schema: &moved.schema, shard: &old, moving: false, consistency: None };
     let read: Result<Vec<Name>, plinth_http::ApiError> =
         app.db.tenant_read(forged, TenantSql("SELECT name FROM {schema}.projects"), |q| q).await;
     assert!(read.is_err(), "shard b's connection still reads the moved tenant");
@@ -513,7 +515,7 @@ async fn a_tenant_moves_to_another_server_under_load() -> TestResult {
     // 503 `unavailable`; a single read does so even if it had not heard of
     // the move at all.
     let stale = ShardName::parse("c")?;
-    let late = TenantScope { id: moved.id, schema: &moved.schema, shard: &stale, moving: true };
+    let late = TenantScope { id: moved.id, schema: &moved.schema, shard: &stale, moving: true, consistency: None };
     let unaware = TenantScope { moving: false, ..late };
     let read: Result<Vec<Name>, plinth_http::ApiError> =
         app.db.tenant_read(unaware, TenantSql("SELECT name FROM {schema}.projects"), |q| q).await;
@@ -555,5 +557,252 @@ async fn a_tenant_moves_to_another_server_under_load() -> TestResult {
         })
         .await?;
     }
+    Ok(())
+}
+
+/// The replica test's metrics token.
+const METRICS_TOKEN: &str = "replica-test-metrics-token";
+
+/// The sum of the samples of `name` with `labels` on `app`'s `/metrics`.
+async fn metric(app: &TestApp, name: &str, labels: &[(&str, &str)]) -> TestResult<f64> {
+    let res = app.http.get(app.url("/metrics")).bearer_auth(METRICS_TOKEN).send().await?;
+    assert_eq!(res.status(), 200);
+    Ok(crate::metrics::value(&crate::metrics::parse(&res.text().await?)?, name, labels))
+}
+
+/// A write's `plinth-wal-position`, checked to be `<lsn>@<shard>`.
+fn position(res: &reqwest::Response, shard: &str) -> TestResult<String> {
+    let value = res.headers().get("plinth-wal-position").ok_or("no plinth-wal-position")?.to_str()?.to_owned();
+    let (lsn, on) = value.split_once('@').ok_or("no @")?;
+    let (high, low) = lsn.split_once('/').ok_or("no /")?;
+    assert!(u32::from_str_radix(high, 16).is_ok() && u32::from_str_radix(low, 16).is_ok(), "{value}");
+    assert_eq!(on, shard, "{value}");
+    Ok(value)
+}
+
+/// What the load of the replica test saw: requests made, and every answer
+/// that was not the one expected.
+#[derive(Default)]
+struct Answers {
+    requests: std::sync::atomic::AtomicUsize,
+    wrong: std::sync::Mutex<Vec<String>>,
+}
+
+impl Answers {
+    fn check(&self, what: &str, ok: bool) {
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !ok {
+            self.wrong.lock().unwrap_or_else(|p| p.into_inner()).push(what.to_owned());
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// One writer's round: a project made, then read back at once through both
+/// read paths (the single statement and the view), sending the write's
+/// position: the answer must hold the write, wherever it was served.
+async fn write_then_read(app: &TestApp, slug: &str, name: &str, seen: &Answers) -> TestResult {
+    let res = app.req(Method::POST, slug, "/v1/projects").json(&json!({ "name": name })).send().await?;
+    if res.status() != 201 {
+        seen.check(&format!("POST {name}: {}", res.status()), false);
+        return Ok(());
+    }
+    let at = position(&res, "b")?;
+    let id = res.json::<Value>().await?["id"].as_str().ok_or("no id")?.to_owned();
+    let read =
+        app.req(Method::GET, slug, &format!("/v1/projects/{id}")).header("plinth-wal-position", &at).send().await?;
+    let status = read.status();
+    let body: Value = read.json().await?;
+    seen.check(&format!("GET {name}: {status} {body}"), status == 200 && body["name"] == name);
+    let tasks = app
+        .req(Method::GET, slug, &format!("/v1/projects/{id}/tasks"))
+        .header("plinth-wal-position", &at)
+        .send()
+        .await?;
+    seen.check(&format!("GET {name}/tasks: {}", tasks.status()), tasks.status() == 200);
+    Ok(())
+}
+
+/// Reads of GET routes from a streaming replica of shard b, made by
+/// `pg_basebackup`: declared by the CLI (what is not a replica of the
+/// shard refused), taken into rotation, read-your-writes under a bounded
+/// read/write load, the replica stopped mid-run and started again without
+/// one failed request, taken out while its replay is paused and put back
+/// when it resumes; and another tenant's rows still out of reach.
+#[tokio::test]
+async fn reads_go_to_a_replica_that_keeps_up() -> TestResult {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let testdb = &crate::harness::TestDb::migrated().await?;
+    let settings = vec![
+        ("PLINTH_METRICS_TOKEN", METRICS_TOKEN),
+        ("PLINTH_REPLICA_CHECK_MS", "100"),
+        ("PLINTH_REPLICA_MAX_LAG_MS", "1000"),
+    ];
+    let app = Arc::new(TestApp::spawn_on(testdb, crate::harness::AppOptions { settings, ..Default::default() }).await?);
+    let b = Cluster::init(&[])?;
+    b.start()?;
+    let b_url = b.url("127.0.0.1", "postgres");
+    let (ok, out) = plinth_cli(testdb, &["shards", "add", "b", "--url", &b_url]).await?;
+    assert!(ok, "{out}");
+    let (ok, out) = plinth_cli(testdb, &["shards", "drain", "primary"]).await?;
+    assert!(ok, "{out}");
+    for slug in ["reader", "other"] {
+        app.create_tenant(slug).await?;
+        app.set_plan(slug, "enterprise").await?;
+        assert_eq!(tenant(&app, slug).await?.shard.as_str(), "b");
+    }
+    let theirs = app.create_project("other", "Not yours").await?;
+    let theirs = theirs["id"].as_str().ok_or("no id")?.to_owned();
+
+    // Without replicas, a write answers with no position.
+    let res = app.req(Method::POST, "reader", "/v1/projects").json(&json!({ "name": "Early" })).send().await?;
+    assert_eq!(res.status(), 201);
+    assert!(!res.headers().contains_key("plinth-wal-position"));
+    let early: Value = res.json().await?;
+
+    let replica = Arc::new(Cluster::replica_of(&b)?);
+    replica.start()?;
+    let r_url = replica.url("127.0.0.1", "postgres");
+
+    // What is not a streaming replica of the shard's server is refused.
+    let other_database = replica.url("127.0.0.1", "template1");
+    let refusals: [(&[&str], &str); 4] = [
+        (&["shards", "add-replica", "b", "--url", &b_url], "not in recovery"),
+        (&["shards", "add-replica", "primary", "--url", &r_url], "not a replica of shard primary"),
+        (&["shards", "add-replica", "nope", "--url", &r_url], "no shard named nope"),
+        (&["shards", "add-replica", "b", "--url", &other_database], "names database \"template1\""),
+    ];
+    for (args, says) in refusals {
+        let (ok, out) = plinth_cli(testdb, args).await?;
+        assert!(!ok && out.contains(says), "{args:?}: {out}");
+    }
+    let (ok, out) = plinth_cli(testdb, &["shards", "add-replica", "b", "--url", &r_url]).await?;
+    assert!(ok && out.contains("of shard b added"), "{out}");
+    let id: String = out.split_whitespace().nth(1).ok_or("no id")?.to_owned();
+    let (ok, out) = plinth_cli(testdb, &["shards", "add-replica", "b", "--url", &r_url]).await?;
+    assert!(!ok && out.contains("declared already"), "{out}");
+    let (ok, out) = plinth_cli(testdb, &["shards", "list"]).await?;
+    assert!(ok && out.contains(&format!("replica {id}")), "{out}");
+    let labels = [("shard", "b"), ("replica", id.as_str())];
+    let in_rotation = |want: f64| {
+        let app = Arc::clone(&app);
+        async move { Ok(metric(&app, "plinth_replica_in_rotation", &labels).await? == want) }
+    };
+    eventually(std::time::Duration::from_secs(60), || in_rotation(1.0)).await?;
+    let served = || metric(&app, "plinth_replica_reads_total", &[("outcome", "served")]);
+
+    // Another tenant's project is out of reach through the replica too.
+    let res = app.req(Method::GET, "reader", &format!("/v1/projects/{theirs}")).send().await?;
+    assert_error(res, 404, "not_found").await?;
+    let before = served().await?;
+    let list: Value = app.req(Method::GET, "reader", "/v1/projects").send().await?.json().await?;
+    assert!(served().await? > before, "the list was read on the replica");
+    assert!(list["data"].as_array().is_some_and(|p| p.iter().all(|p| p["name"] != "Not yours")), "{list}");
+    // A position that cannot be read is served by the primary.
+    let res = app.req(Method::GET, "reader", "/v1/projects").header("plinth-wal-position", "yesterday").send().await?;
+    assert_eq!(res.status(), 200);
+
+    // A read that fails on the replica (here: the replica alone refuses
+    // serializable transactions, as hot standbys do) is answered by the
+    // primary, on both read paths: the view of a list, the single statement.
+    let early = early["id"].as_str().ok_or("no id")?.to_owned();
+    let fell_back = || metric(&app, "plinth_replica_reads_total", &[("outcome", "primary")]);
+    for path in ["/v1/projects".to_owned(), format!("/v1/projects/{early}")] {
+        let warm = served().await?;
+        assert_eq!(app.req(Method::GET, "reader", &path).send().await?.status(), 200);
+        assert!(served().await? > warm, "{path} was read on the replica");
+        replica.set("default_transaction_isolation", "'serializable'")?;
+        let before = fell_back().await?;
+        // The replica's backends take the setting when they next wait for a query.
+        eventually(std::time::Duration::from_secs(60), || async {
+            let res = app.req(Method::GET, "reader", &path).send().await?;
+            assert_eq!(res.status(), 200, "{path}");
+            Ok(fell_back().await? > before)
+        })
+        .await
+        .map_err(|e| format!("{path} answered by the primary after failing on the replica: {e}"))?;
+        replica.set("default_transaction_isolation", "'read committed'")?;
+        let after = served().await?;
+        eventually(std::time::Duration::from_secs(60), || async {
+            assert_eq!(app.req(Method::GET, "reader", &path).send().await?.status(), 200);
+            Ok(served().await? > after)
+        })
+        .await
+        .map_err(|e| format!("{path} read on the replica again: {e}"))?;
+    }
+
+    // Load: writers reading their writes back, readers listing without a
+    // position. The replica is stopped mid-run and started again.
+    let seen = Arc::new(Answers::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..2 {
+        let (app, seen, stop) = (Arc::clone(&app), Arc::clone(&seen), Arc::clone(&stop));
+        load.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                write_then_read(&app, "reader", &format!("w{w}-{n}"), &seen).await?;
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        }));
+    }
+    for _ in 0..2 {
+        let (app, seen, stop, early) = (Arc::clone(&app), Arc::clone(&seen), Arc::clone(&stop), early.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                // Both read paths: a view and a single statement.
+                let res = app.req(Method::GET, "reader", "/v1/projects?limit=5").send().await?;
+                seen.check(&format!("GET /v1/projects: {}", res.status()), res.status() == 200);
+                let res = app.req(Method::GET, "reader", &format!("/v1/projects/{early}")).send().await?;
+                seen.check(&format!("GET /v1/projects/{early}: {}", res.status()), res.status() == 200);
+            }
+            Ok(())
+        }));
+    }
+    let at_least = served().await? + 20.0;
+    eventually(std::time::Duration::from_secs(60), || async { Ok(served().await? >= at_least) }).await?;
+    let stopping = Arc::clone(&replica);
+    tokio::task::spawn_blocking(move || stopping.stop().map_err(|e| e.to_string())).await??;
+    eventually(std::time::Duration::from_secs(60), || in_rotation(0.0)).await?;
+    let later = seen.count() + 40;
+    eventually(std::time::Duration::from_secs(60), || async { Ok(seen.count() >= later) }).await?;
+    let starting = Arc::clone(&replica);
+    tokio::task::spawn_blocking(move || starting.start().map_err(|e| e.to_string())).await??;
+    eventually(std::time::Duration::from_secs(60), || in_rotation(1.0)).await?;
+    let at_least = served().await? + 20.0;
+    eventually(std::time::Duration::from_secs(60), || async { Ok(served().await? >= at_least) }).await?;
+
+    // Replay paused: the replica falls behind, writes are still read back
+    // (from the primary), and it is taken out; resumed, it comes back.
+    let on_replica = client(&r_url).await?;
+    on_replica.execute("SELECT pg_wal_replay_pause()", &[]).await?;
+    eventually(std::time::Duration::from_secs(60), || in_rotation(0.0)).await?;
+    on_replica.execute("SELECT pg_wal_replay_resume()", &[]).await?;
+    eventually(std::time::Duration::from_secs(60), || in_rotation(1.0)).await?;
+    let later = seen.count() + 20;
+    eventually(std::time::Duration::from_secs(60), || async { Ok(seen.count() >= later) }).await?;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await?.map_err(|e| e.to_string())?;
+    }
+    let wrong = seen.wrong.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(wrong.is_empty(), "{} of {} answers were wrong: {wrong:?}", wrong.len(), seen.count());
+
+    // Removed, it takes no more reads.
+    let (ok, out) = plinth_cli(testdb, &["shards", "remove-replica", "b", &id]).await?;
+    assert!(ok, "{out}");
+    let (ok, out) = plinth_cli(testdb, &["shards", "remove-replica", "b", &id]).await?;
+    assert!(!ok && out.contains(&format!("shard b has no replica {id}")), "{out}");
+    eventually(std::time::Duration::from_secs(60), || in_rotation(0.0)).await?;
+    let before = served().await?;
+    for _ in 0..5 {
+        assert_eq!(app.req(Method::GET, "reader", "/v1/projects").send().await?.status(), 200);
+    }
+    assert_eq!(served().await?, before, "no read went to the removed replica");
     Ok(())
 }
