@@ -806,3 +806,128 @@ async fn reads_go_to_a_replica_that_keeps_up() -> TestResult {
     assert_eq!(served().await?, before, "no read went to the removed replica");
     Ok(())
 }
+
+/// Client connections to the server behind `client`, other than its own
+/// (on the primary: to `client`'s database only).
+async fn connections(client: &tokio_postgres::Client) -> TestResult<i64> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND pid <> pg_backend_pid() AND datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// One bound on the connections a process holds to every server together
+/// (`PLINTH_DB_MAX_CONNECTIONS`, `pool::Budget`): with all of them held on
+/// the primary, a read on a shard waits; when one comes to rest it is
+/// closed for the shard's; under reads on three servers at once every read
+/// succeeds, and the servers never see more than the bound.
+#[tokio::test]
+async fn connections_stay_within_one_bound_across_servers() -> TestResult {
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+    let testdb = crate::harness::TestDb::migrated().await?;
+    let (b, c) = (Cluster::init(&[])?, Cluster::init(&[])?);
+    b.start()?;
+    c.start()?;
+    let mut tenants = Vec::new();
+    {
+        let setup = testdb.db(2)?;
+        for (name, cluster) in [("b", &b), ("c", &c)] {
+            let url = cluster.url("127.0.0.1", "postgres");
+            let (ok, out) = plinth_cli(&testdb, &["shards", "add", name, "--url", &url]).await?;
+            assert!(ok, "{out}");
+        }
+        for (slug, shard) in [("one", "primary"), ("two", "b"), ("three", "c")] {
+            let shard = ShardName::parse(shard)?;
+            let slug = plinth_tenants::Slug::parse(slug)?;
+            tenants.push(registry::create_on(&setup, &slug, "Bound", Some(&shard)).await?);
+        }
+    }
+    let servers = [
+        testdb.client().await?,
+        client(&b.url("127.0.0.1", "postgres")).await?,
+        client(&c.url("127.0.0.1", "postgres")).await?,
+    ];
+    let total = || async {
+        let mut sum = 0;
+        for server in &servers {
+            sum += connections(server).await?;
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sum)
+    };
+    eventually(std::time::Duration::from_secs(30), || async { Ok(total().await? == 0) }).await?;
+
+    let budget = plinth_tenants::pool::Budget::new(3);
+    let config = plinth_tenants::DbConfig {
+        pool_size: 3,
+        wait_timeout: std::time::Duration::from_secs(20),
+        budget: Some(Arc::clone(&budget)),
+        ..plinth_tenants::DbConfig::new(testdb.url.clone())
+    };
+    let db = plinth_tenants::Db::connect(&config)?;
+    let read = |db: plinth_tenants::Db, tenant: Tenant| async move {
+        db.tenant_read::<_, Name, plinth_http::ApiError>(
+            tenant.scope(),
+            TenantSql("SELECT name FROM {schema}.projects"),
+            |q| q,
+        )
+        .await
+        .map(|rows| rows.len())
+    };
+
+    // Three transactions hold every connection there may be, on the primary.
+    let gate = Arc::new(Semaphore::new(0));
+    let holders: Vec<_> = (0..3)
+        .map(|_| {
+            let (db, gate) = (db.clone(), Arc::clone(&gate));
+            tokio::spawn(async move {
+                db.platform(async |c| {
+                    diesel_async::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), c).await?;
+                    let _released = gate.acquire().await.map_err(|e| plinth_http::ApiError::Internal(e.into()))?;
+                    Ok::<_, plinth_http::ApiError>(())
+                })
+                .await
+            })
+        })
+        .collect();
+    eventually(std::time::Duration::from_secs(30), || async { Ok(connections(&servers[0]).await? == 3) }).await?;
+    assert_eq!(budget.open(), 3);
+    // A read on shard b needs a fourth: it waits...
+    let waiting = tokio::spawn(read(db.clone(), tenants[1].clone()));
+    tokio::task::yield_now().await;
+    assert_eq!(connections(&servers[1]).await?, 0, "no fourth connection");
+    // ...until one comes to rest on the primary, which is closed for b's.
+    gate.add_permits(1);
+    assert_eq!(waiting.await??, 0);
+    eventually(std::time::Duration::from_secs(30), || async {
+        Ok(connections(&servers[0]).await? == 2 && connections(&servers[1]).await? == 1)
+    })
+    .await?;
+    gate.add_permits(2);
+    for holder in holders {
+        holder.await??;
+    }
+
+    // Reads on the three servers at once: every one answered, within the bound.
+    let load: Vec<_> = (0..9)
+        .map(|i| {
+            let (db, tenant) = (db.clone(), tenants[i % 3].clone());
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    read(db.clone(), tenant.clone()).await?;
+                }
+                Ok::<_, plinth_http::ApiError>(())
+            })
+        })
+        .collect();
+    for task in load {
+        task.await??;
+    }
+    assert!(budget.open() <= 3);
+    eventually(std::time::Duration::from_secs(30), || async { Ok(total().await? <= 3) }).await?;
+    Ok(())
+}

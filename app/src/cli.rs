@@ -199,6 +199,11 @@ pub fn db_config(settings: &Settings, url: &str) -> DbConfig {
         max_tenants_per_connection: settings.db_max_tenants_per_connection,
         max_connection_age: settings.db_max_connection_age,
         spill_after: settings.db_spill_after,
+        // One per process: every pool made from this configuration (and
+        // its clones) shares it.
+        budget: Some(plinth_tenants::pool::Budget::new(
+            settings.db_max_connections.unwrap_or(4 * settings.db_pool_size),
+        )),
     }
 }
 

@@ -60,6 +60,11 @@ pub struct Settings {
     /// for its own connection before it takes any free one (see
     /// `plinth_tenants::lanes`).
     pub db_spill_after: Duration,
+    /// `PLINTH_DB_MAX_CONNECTIONS` (default four times
+    /// `PLINTH_DB_POOL_SIZE`): the connections one instance holds open at
+    /// once to every server together, the platform database, shards and
+    /// replicas (`plinth_tenants::pool::Budget`).
+    pub db_max_connections: Option<usize>,
     /// `PLINTH_REPLICA_CHECK_MS` (default 500): how often each instance
     /// checks the shards' replicas (`plinth_tenants::replicas`).
     pub replica_check: Duration,
@@ -204,6 +209,9 @@ impl Settings {
             db_max_tenants_per_connection: usize::try_from(num("PLINTH_DB_MAX_TENANTS_PER_CONNECTION", 2000)?)?.max(1),
             db_max_connection_age: Duration::from_secs(num("PLINTH_DB_MAX_CONNECTION_AGE_SECS", 1800)?.max(1)),
             db_spill_after: Duration::from_millis(num("PLINTH_DB_SPILL_AFTER_MS", 20)?),
+            db_max_connections: get("PLINTH_DB_MAX_CONNECTIONS")
+                .map(|_| num("PLINTH_DB_MAX_CONNECTIONS", 0).and_then(|n| Ok(usize::try_from(n)?.max(1))))
+                .transpose()?,
             replica_check: Duration::from_millis(num("PLINTH_REPLICA_CHECK_MS", 500)?.max(10)),
             replica_max_lag: Duration::from_millis(num("PLINTH_REPLICA_MAX_LAG_MS", 5000)?),
             spare_schemas: usize::try_from(num("PLINTH_SPARE_SCHEMAS", 0)?)?,

@@ -130,6 +130,10 @@ impl Metrics {
         metrics::gauge!("plinth_db_pool_connections", "state" => "in_use").set(open.saturating_sub(idle) as f64);
         metrics::gauge!("plinth_db_pool_connections", "state" => "idle").set(idle as f64);
         metrics::gauge!("plinth_db_pool_waiting").set(waiting as f64);
+        if let Some(budget) = db.budget() {
+            metrics::gauge!("plinth_db_connections_open").set(budget.open() as f64);
+            metrics::gauge!("plinth_db_connections_max").set(budget.total() as f64);
+        }
         let down = self.listener.down_for();
         metrics::gauge!("plinth_notify_listener_up").set(if down.is_none() { 1.0 } else { 0.0 });
         metrics::gauge!("plinth_notify_listener_down_seconds").set(down.map_or(0.0, |d| d.as_secs_f64()));

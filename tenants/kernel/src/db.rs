@@ -84,6 +84,9 @@ pub struct DbConfig {
     /// cold backends (0.29x of the 20-tenant throughput); at 20 ms, 0.2 %
     /// (`docs/benchmarks.md`).
     pub spill_after: Duration,
+    /// One bound on the connections of every pool that shares it (see
+    /// [`crate::pool::Budget`]); `None`: each pool's own only.
+    pub budget: Option<Arc<crate::pool::Budget>>,
 }
 
 impl DbConfig {
@@ -97,6 +100,7 @@ impl DbConfig {
             max_tenants_per_connection: 2000,
             max_connection_age: Duration::from_secs(30 * 60),
             spill_after: Duration::from_millis(20),
+            budget: None,
         }
     }
 }
@@ -135,7 +139,11 @@ fn lanes(config: &DbConfig) -> anyhow::Result<Arc<Lanes>> {
         .runtime(deadpool::Runtime::Tokio1)
         .build()
         .context("building the database pool")?;
-    Ok(Arc::new(Lanes::new(pool, config.wait_timeout, config.spill_after)))
+    let lanes = Arc::new(Lanes::new(pool, config.wait_timeout, config.spill_after));
+    if let Some(budget) = &config.budget {
+        budget.register(&lanes);
+    }
+    Ok(lanes)
 }
 
 impl Db {
@@ -393,6 +401,11 @@ impl Db {
             Err(err) => Err(self.moved_away(tenant).await.map_or(err, E::from)),
             ok => ok,
         }
+    }
+
+    /// The bound on connections this handle shares, if any.
+    pub fn budget(&self) -> Option<&Arc<crate::pool::Budget>> {
+        self.shards.config.budget.as_ref()
     }
 
     /// Counts of the pool, for health and metrics.

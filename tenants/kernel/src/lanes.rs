@@ -187,6 +187,21 @@ impl Lanes {
         status
     }
 
+    /// Closes one connection that rests idle here, in the pool or in a
+    /// free lane, to make room in the [`crate::pool::Budget`]; `false` if
+    /// none does.
+    pub(crate) fn close_idle(&self) -> bool {
+        let mut first = true;
+        if !self.pool.retain(|_, _| !std::mem::take(&mut first)).removed.is_empty() {
+            return true;
+        }
+        let resting = self.state().free.iter_mut().find_map(|slot| match slot {
+            Some(held @ Some(_)) => held.take(),
+            _ => None,
+        });
+        resting.map(|object| drop(Object::take(object))).is_some()
+    }
+
     /// A connection for work on `tenant`'s data (see the module docs).
     pub(crate) async fn tenant(self: &Arc<Self>, tenant: TenantId) -> Result<Checkout, PoolError> {
         let deadline = Instant::now() + self.wait_timeout;

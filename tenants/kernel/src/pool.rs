@@ -15,8 +15,11 @@
 //! beside the connection.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use diesel::connection::CacheSize;
 use diesel_async::pooled_connection::{PoolError as ManagerError, PoolableConnection as _};
@@ -24,6 +27,7 @@ use diesel_async::{AsyncPgConnection, SimpleAsyncConnection as _};
 
 use crate::db::DbConfig;
 use crate::ids::TenantId;
+use crate::lanes::Lanes;
 use crate::postgres::Target;
 
 /// A pooled connection and what it remembers (see the module docs).
@@ -35,6 +39,8 @@ pub struct Pooled {
     /// filled): each loads a whole schema's relations into the backend's
     /// caches, as serving a tenant does.
     provisioned: usize,
+    /// Its place in the [`Budget`], given back when it closes.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Pooled {
@@ -86,6 +92,9 @@ pub struct Manager {
     statement_cache: bool,
     max_tenants: usize,
     max_age: Duration,
+    budget: Option<Arc<Budget>>,
+    /// How long a new connection waits for a place in the budget.
+    wait: Duration,
 }
 
 impl Manager {
@@ -95,7 +104,101 @@ impl Manager {
             statement_cache: config.statement_cache,
             max_tenants: config.max_tenants_per_connection,
             max_age: config.max_connection_age,
+            budget: config.budget.clone(),
+            wait: config.wait_timeout,
         })
+    }
+}
+
+/// One bound on the connections a process holds open at once, across
+/// every pool that shares it: the platform database's, each shard's and
+/// each replica's (`PLINTH_DB_MAX_CONNECTIONS`). Each pool is bounded on
+/// its own too (`PLINTH_DB_POOL_SIZE`); this bounds their sum, however many
+/// servers there are.
+///
+/// A connection holds a permit from its opening to its closing. A pool
+/// that needs a new connection when none is left closes one resting idle
+/// in another pool (or its own) and takes its permit; when every
+/// connection is in use, it waits, up to `PLINTH_DB_WAIT_TIMEOUT_MS`, for
+/// one to close or to come to rest. A connection comes to rest in its pool
+/// without closing, which signals nothing, so the wait looks again every
+/// few milliseconds: this happens only at the bound.
+pub struct Budget {
+    permits: Arc<Semaphore>,
+    total: usize,
+    pools: Mutex<Vec<Weak<Lanes>>>,
+    /// The pool where the next search for an idle connection starts, so
+    /// none is always the one to give.
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Budget({} of {} open)", self.open(), self.total)
+    }
+}
+
+impl Budget {
+    pub fn new(total: usize) -> Arc<Self> {
+        let total = total.max(1);
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(total)),
+            total,
+            pools: Mutex::new(Vec::new()),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Connections open now, and the bound.
+    pub fn open(&self) -> usize {
+        self.total - self.permits.available_permits()
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Adds a pool whose idle connections may be closed to make room.
+    pub(crate) fn register(&self, pool: &Arc<Lanes>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.retain(|p| p.strong_count() > 0);
+        pools.push(Arc::downgrade(pool));
+    }
+
+    /// A place for one more connection (see the type's docs).
+    async fn admit(&self, wait: Duration) -> Result<OwnedSemaphorePermit, String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+                return Ok(permit);
+            }
+            if self.close_idle() {
+                continue;
+            }
+            let look_again = (tokio::time::Instant::now() + Duration::from_millis(5)).min(deadline);
+            match tokio::time::timeout_at(look_again, Arc::clone(&self.permits).acquire_owned()).await {
+                Ok(Ok(permit)) => return Ok(permit),
+                Ok(Err(closed)) => return Err(closed.to_string()),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!(
+                        "all {} connections this process may hold (PLINTH_DB_MAX_CONNECTIONS) are in use",
+                        self.total
+                    ));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Closes one idle connection of any pool; `false` if none is idle.
+    fn close_idle(&self) -> bool {
+        let pools: Vec<Arc<Lanes>> =
+            self.pools.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        if pools.is_empty() {
+            return false;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..pools.len()).any(|i| pools[(start + i) % pools.len()].close_idle())
     }
 }
 
@@ -108,9 +211,17 @@ impl deadpool::managed::Manager for Manager {
         // which every future that may wait on the pool would otherwise
         // carry inline and copy when moved, on every checkout, though it
         // connects rarely (`docs/benchmarks.md`, instructions per request).
+        let permit = match &self.budget {
+            Some(budget) => Some(
+                Box::pin(budget.admit(self.wait))
+                    .await
+                    .map_err(|e| ManagerError::ConnectionError(diesel::ConnectionError::BadConnection(e)))?,
+            ),
+            None => None,
+        };
         let conn =
             Box::pin(establish(&self.target, self.statement_cache)).await.map_err(ManagerError::ConnectionError)?;
-        Ok(Pooled { conn, tenants: HashSet::new(), provisioned: 0 })
+        Ok(Pooled { conn, tenants: HashSet::new(), provisioned: 0, _permit: permit })
     }
 
     async fn recycle(
