@@ -60,6 +60,10 @@ or one of its verified custom domains) or from the `X-Tenant` header; when both 
 **Errors.** Every error answers `{\"error\": {\"code\", \"message\", \"details\"?}}`; `code` is stable, `message` is \
 for people. 429 and 503 carry `Retry-After` (seconds).
 
+**Reading your writes.** Where the operator runs read replicas, a write to an organization's data answers with \
+`plinth-wal-position`; sent back in the same header with later GETs, it keeps them from being served older than \
+that write.
+
 **Lists** are paginated by cursor: `limit` (1 to 100) and `cursor`, the `next_cursor` of the previous page.
 
 **Versioning.** Everything is under `/v1`; what may change inside it is in `docs/api.md`.";
