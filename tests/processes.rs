@@ -68,16 +68,6 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Appends `name = value` to `postgresql.conf` (the last one counts)
-    /// and has the running server read it again.
-    pub fn set(&self, name: &str, value: &str) -> TestResult {
-        let mut file = std::fs::OpenOptions::new().append(true).open(self.data().join("postgresql.conf"))?;
-        std::io::Write::write_all(&mut file, format!("{name} = {value}\n").as_bytes())?;
-        let mut pg_ctl = Command::new(self.bin.join("pg_ctl"));
-        pg_ctl.arg("-D").arg(self.data()).arg("reload");
-        self.run(pg_ctl)
-    }
-
     fn data(&self) -> PathBuf {
         self.dir.path.join("data")
     }

@@ -79,7 +79,9 @@ pub async fn run(command: ShardsCommand, db: &Db) -> anyhow::Result<ExitCode> {
             let shard = shard_name(&shard)?;
             let found = db.platform(async |c| Ok::<_, anyhow::Error>(replicas::remove(c, &shard, id).await?)).await?;
             anyhow::ensure!(found, "shard {shard} has no replica {id}");
-            println!("replica {id} of shard {shard} removed: instances stop reading from it at their next check");
+            println!(
+                "replica {id} of shard {shard} removed: instances stop reading from it when they next read the list (every 20 checks, 10 s by default)"
+            );
         }
         ShardsCommand::Drain { name } => {
             let name = shard_name(&name)?;

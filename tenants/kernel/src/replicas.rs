@@ -379,7 +379,7 @@ pub async fn add(db: &Db, shard: &ShardName, url: &str) -> Result<i64, AddError>
 }
 
 /// Removes replica `id` of `shard`; `false` if there is none. Instances
-/// stop reading from it at their next check.
+/// stop reading from it when they next read the list (see [`watch`]).
 pub async fn remove(conn: &mut PgConn, shard: &ShardName, id: i64) -> Result<bool, diesel::result::Error> {
     use diesel_async::RunQueryDsl as _;
     let n = diesel::delete(shard_replicas::table.find(id).filter(shard_replicas::shard.eq(shard.as_str())))
@@ -405,22 +405,37 @@ pub async fn watch(db: Db, settings: Watch) {
     let mut history: HashMap<ShardName, VecDeque<(Instant, u64)>> = HashMap::new();
     let mut tick = tokio::time::interval(settings.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checks = 0_u32;
     loop {
         tick.tick().await;
-        if let Err(err) = check(&db, &mut history, settings).await {
+        // The list is read at the first check and every `LIST_EVERY`
+        // checks after: a platform transaction each time, which an
+        // installation without replicas should not pay twice a second.
+        let listing = checks.is_multiple_of(LIST_EVERY);
+        checks = checks.wrapping_add(1);
+        if let Err(err) = check(&db, &mut history, settings, listing).await {
             tracing::warn!(error = %format!("{err:#}"), "checking the replicas failed");
         }
     }
 }
 
-/// One check of every replica.
+/// How many checks [`watch`] makes per reading of the list of replicas (10
+/// s at the default 500 ms).
+const LIST_EVERY: u32 = 20;
+
+/// One check of every replica, after reading the list again if `listing`.
 async fn check(
     db: &Db,
     history: &mut HashMap<ShardName, VecDeque<(Instant, u64)>>,
     settings: Watch,
+    listing: bool,
 ) -> anyhow::Result<()> {
-    let declared = db.platform(async |c| Ok::<_, anyhow::Error>(list(c).await?)).await?;
-    let by_shard = db.replicas().sync(declared);
+    let by_shard = if listing {
+        let declared = db.platform(async |c| Ok::<_, anyhow::Error>(list(c).await?)).await?;
+        db.replicas().sync(declared)
+    } else {
+        db.replicas().by_shard.read().unwrap_or_else(|p| p.into_inner()).clone()
+    };
     history.retain(|shard, _| by_shard.contains_key(shard));
     // Nothing a server says may hold the check up longer than this.
     let limit = settings.every.max(Duration::from_secs(1));
