@@ -32,6 +32,7 @@ mod policy;
 mod postgres_tls;
 mod projects;
 mod provisioning;
+mod replicas;
 mod routing;
 mod secrets;
 mod security;

@@ -24,7 +24,12 @@ use tracing::Instrument as _;
 use crate::ids::{SchemaName, ShardName, TenantId};
 use crate::lanes::{Checkout, Lanes};
 use crate::pool::{Manager, Pooled};
-use crate::replicas::{Consistency, Lsn, Replica, Replicas, WalPosition};
+use crate::replicas::{Consistency, Replicas};
+
+mod replica_reads;
+mod servers;
+
+pub use replica_reads::ViewFn;
 
 pub type PoolError = diesel_async::pooled_connection::deadpool::PoolError;
 pub type PgConn = AsyncPgConnection;
@@ -39,20 +44,6 @@ pub trait TxFn<T, R>: AsyncFnOnce(T) -> R + FnOnce(T) -> <Self as TxFn<T, R>>::F
 impl<F, T, Fut, R> TxFn<T, R> for F
 where
     F: AsyncFnOnce(T) -> R + FnOnce(T) -> Fut,
-    Fut: Future<Output = R>,
-{
-    type Fut = Fut;
-}
-
-/// [`TxFn`] for a closure that may be called more than once: a read that
-/// a replica failed runs again on the primary ([`Db::tenant_view`]).
-pub trait ViewFn<T, R>: AsyncFn(T) -> R + Fn(T) -> <Self as ViewFn<T, R>>::Fut {
-    type Fut: Future<Output = R>;
-}
-
-impl<F, T, Fut, R> ViewFn<T, R> for F
-where
-    F: AsyncFn(T) -> R + Fn(T) -> Fut,
     Fut: Future<Output = R>,
 {
     type Fut = Fut;
@@ -169,238 +160,6 @@ impl Db {
     /// The replicas this handle reads from.
     pub fn replicas(&self) -> &Arc<Replicas> {
         &self.replicas
-    }
-
-    /// The pool of `replica`, made on first use.
-    async fn replica_lanes(&self, replica: &Replica) -> Result<Arc<Lanes>, PoolError> {
-        if let Some(lanes) = self.shards.replicas.read().unwrap_or_else(|p| p.into_inner()).get(&replica.id) {
-            return Ok(Arc::clone(lanes));
-        }
-        let config = DbConfig { url: replica.url.clone(), ..self.shards.config.clone() };
-        let made = lanes(&config).map_err(|e| query_failed(format!("{e:#}")))?;
-        let mut pools = self.shards.replicas.write().unwrap_or_else(|p| p.into_inner());
-        Ok(Arc::clone(pools.entry(replica.id).or_insert(made)))
-    }
-
-    /// Where `shard`'s server has written its log up to.
-    pub(crate) async fn wal_position(&self, shard: &ShardName) -> Result<Lsn, PoolError> {
-        let mut conn = self.shard_lanes(shard).await?.platform().await?;
-        position(&mut conn, "pg_current_wal_lsn()")
-            .await
-            .map_err(failed)?
-            .ok_or_else(|| query_failed("no WAL position".into()))
-    }
-
-    /// Where `replica` has replayed its primary's log up to; `None` once
-    /// it is no longer in recovery (promoted).
-    pub(crate) async fn replay_position(&self, replica: &Replica) -> Result<Option<Lsn>, PoolError> {
-        let mut conn = self.replica_lanes(replica).await?.platform().await?;
-        position(&mut conn, "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END").await.map_err(failed)
-    }
-
-    /// The replica to read `tenant` from for this request, if any (see
-    /// [`crate::replicas`]).
-    fn replica_for(&self, tenant: TenantScope<'_>) -> Option<Arc<Replica>> {
-        let consistency = tenant.consistency.filter(|c| c.reads_from_replicas())?;
-        if tenant.moving {
-            return None;
-        }
-        self.replicas.pick(tenant.shard, consistency.after())
-    }
-
-    /// Runs `attempt` on a connection of `replica` for `tenant`: its value,
-    /// or `None` when it failed there and the primary is to answer. A
-    /// replica that cannot be reached, or whose connection the attempt
-    /// leaves broken, is taken out of rotation.
-    async fn on_replica<T, E>(
-        &self,
-        replica: &Replica,
-        tenant: TenantScope<'_>,
-        attempt: impl AsyncFnOnce(&mut Checkout) -> Result<T, E>,
-    ) -> Option<T> {
-        let served = async {
-            let lanes = self.replica_lanes(replica).await.map_err(|_| true)?;
-            let mut obj = match lanes.tenant(tenant.id).await {
-                Ok(obj) => obj,
-                // Every lane busy: a well replica, only a busy one.
-                Err(PoolError::Timeout(deadpool::managed::TimeoutType::Wait)) => return Err(false),
-                Err(_) => return Err(true),
-            };
-            obj.serve(tenant.id);
-            let result = attempt(&mut obj).await;
-            result.map_err(|_| Manager::broken(&mut obj))
-        };
-        match served.await {
-            Ok(value) => {
-                crate::counters::increment("plinth_replica_reads_total", &[("outcome", "served")]);
-                Some(value)
-            }
-            Err(broken) => {
-                if broken {
-                    replica.take_out();
-                }
-                crate::counters::increment("plinth_replica_reads_total", &[("outcome", "primary")]);
-                None
-            }
-        }
-    }
-
-    /// After a committed tenant transaction of a request that writes, on a
-    /// shard with replicas: records where the commit ended in the log, for
-    /// the answer's header ([`crate::replicas`]). Read on the same
-    /// connection after the commit, so it is at or past the commit.
-    async fn note_written(&self, conn: &mut PgConn, tenant: TenantScope<'_>) {
-        let Some(consistency) = tenant.consistency.filter(|c| c.records()) else { return };
-        if !self.replicas.any(tenant.shard) {
-            return;
-        }
-        match position(conn, "pg_current_wal_insert_lsn()").await {
-            Ok(Some(lsn)) => consistency.wrote(WalPosition { lsn, shard: tenant.shard.clone() }),
-            Ok(None) => {}
-            // The answer goes without the header: the client's next read
-            // may come from a replica that has not replayed this write yet.
-            Err(err) => tracing::warn!(error = %err, "reading the WAL position of a commit failed"),
-        }
-    }
-
-    /// The pool of `shard`'s server; the platform database's for the
-    /// primary. Another shard's pool is made on first use, from the URL
-    /// the registry holds for it.
-    async fn shard_lanes(&self, shard: &ShardName) -> Result<Arc<Lanes>, PoolError> {
-        if shard.is_primary() {
-            return Ok(Arc::clone(&self.lanes));
-        }
-        if let Some(lanes) = self.shards.pools.read().unwrap_or_else(|p| p.into_inner()).get(shard) {
-            return Ok(Arc::clone(lanes));
-        }
-        // Boxed: made once per shard, and a connect future inline would make
-        // every tenant checkout's future several times larger.
-        let url = Box::pin(self.shard_url(shard)).await?;
-        let config = DbConfig { url, ..self.shards.config.clone() };
-        let made = lanes(&config).map_err(|e| query_failed(format!("{e:#}")))?;
-        let mut pools = self.shards.pools.write().unwrap_or_else(|p| p.into_inner());
-        Ok(Arc::clone(pools.entry(shard.clone()).or_insert(made)))
-    }
-
-    /// The URL of `shard`'s server: `DATABASE_URL` for the primary, the
-    /// registry's for another.
-    /// Read on a connection of its own, not the pool's: a shard's pool is
-    /// made while a platform transaction (provisioning) may hold the last
-    /// pooled connection.
-    pub async fn shard_url(&self, shard: &ShardName) -> Result<String, PoolError> {
-        if shard.is_primary() {
-            return Ok(self.shards.config.url.clone());
-        }
-        use diesel::{OptionalExtension as _, QueryDsl as _};
-        use diesel_async::RunQueryDsl as _;
-        let connect = async {
-            let target = crate::postgres::Target::parse(&self.shards.config.url)?;
-            tokio::time::timeout(self.shards.config.connect_timeout, target.connect_diesel())
-                .await
-                .map_err(|_| anyhow::anyhow!("connecting to the primary timed out"))?
-        };
-        let mut conn = connect.await.map_err(|e| query_failed(format!("reading shard {shard}'s URL: {e:#}")))?;
-        let url: Option<Option<String>> = crate::schema::shards::table
-            .find(shard.as_str())
-            .select(crate::schema::shards::url)
-            .first::<Option<String>>(&mut conn)
-            .await
-            .optional()
-            .map_err(failed)?;
-        url.flatten().ok_or_else(|| query_failed(format!("there is no shard named {shard} with a URL")))
-    }
-
-    /// After a failed transaction of a tenant: the error to answer with if
-    /// the tenant now lives on another shard than `tenant.shard` (a move
-    /// flipped while this request was on its way, and its old copy is gone;
-    /// see [`crate::moves`]). Reading the registry row `FOR SHARE` waits out
-    /// a flip in progress.
-    async fn moved_away(&self, tenant: TenantScope<'_>) -> Option<PoolError> {
-        use diesel::QueryDsl as _;
-        use diesel_async::RunQueryDsl as _;
-        let now: anyhow::Result<String> = self
-            .platform(async |c| {
-                Ok(crate::schema::tenants::table
-                    .find(tenant.id.0)
-                    .select(crate::schema::tenants::shard)
-                    .for_share()
-                    .first::<String>(c)
-                    .await?)
-            })
-            .await;
-        match now {
-            Ok(now) if now != tenant.shard.as_str() => {
-                Some(query_failed(format!("tenant {} moved from shard {} to {now}", tenant.id, tenant.shard)))
-            }
-            _ => None,
-        }
-    }
-
-    /// Runs `f` in a transaction on a connection to `shard`'s server,
-    /// outside any tenant's scope: provisioning and migrating schemas
-    /// there, its bookkeeping (`crate::shards`).
-    pub async fn on_shard<R, E, F>(&self, shard: &ShardName, f: F) -> Result<R, E>
-    where
-        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
-        E: From<diesel::result::Error> + From<PoolError> + Send,
-        R: Send,
-    {
-        self.shard_tx(shard, false, f).await
-    }
-
-    /// [`Db::on_shard`] for a transaction that creates a tenant's schema
-    /// there, counted as [`Db::provisioning`] counts it.
-    pub async fn provisioning_on<R, E, F>(&self, shard: &ShardName, f: F) -> Result<R, E>
-    where
-        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
-        E: From<diesel::result::Error> + From<PoolError> + Send,
-        R: Send,
-    {
-        self.shard_tx(shard, true, f).await
-    }
-
-    async fn shard_tx<R, E, F>(&self, shard: &ShardName, creates_schema: bool, f: F) -> Result<R, E>
-    where
-        for<'r> F: TxFn<&'r mut PgConn, Result<R, E>, Fut: Send> + Send,
-        E: From<diesel::result::Error> + From<PoolError> + Send,
-        R: Send,
-    {
-        Box::pin(async {
-            let lanes = self.shard_lanes(shard).await?;
-            let mut conn = lanes.platform().await?;
-            if creates_schema {
-                conn.provision();
-            }
-            AnsiTransactionManager::begin_transaction(&mut **conn).await?;
-            let result = f(&mut conn).await;
-            finish(&mut conn, result).await
-        })
-        .await
-    }
-
-    /// `result`, or [`Db::moved_away`]'s error in place of a failure of a
-    /// tenant being moved (only then: a failed transaction is often the
-    /// route's own answer, a 404, which should cost no registry read).
-    async fn unless_moved<R, E: From<PoolError>>(&self, tenant: TenantScope<'_>, result: Result<R, E>) -> Result<R, E> {
-        match result {
-            Err(err) if tenant.moving => Err(self.moved_away(tenant).await.map_or(err, E::from)),
-            other => other,
-        }
-    }
-
-    /// [`Db::unless_moved`] for a single read, whose failures are the
-    /// database's only (no rows is not one): checked whether the tenant is
-    /// known to be moving or not, so an instance that has not yet heard of
-    /// a move still answers 503 rather than 500 at its flip.
-    async fn read_unless_moved<R, E: From<PoolError>>(
-        &self,
-        tenant: TenantScope<'_>,
-        result: Result<R, E>,
-    ) -> Result<R, E> {
-        match result {
-            Err(err) => Err(self.moved_away(tenant).await.map_or(err, E::from)),
-            ok => ok,
-        }
     }
 
     /// The bound on connections this handle shares, if any.
@@ -546,29 +305,6 @@ impl Db {
         .await
     }
 
-    /// [`Db::tenant`] for the reads of a GET route: on a replica of the
-    /// tenant's shard when the request allows it and one is caught up
-    /// ([`crate::replicas`]), else on the primary. Any failure on the
-    /// replica (its connection lost, a row it lacks, anything) is answered
-    /// by running `f` again on the primary, so `f` is called by reference,
-    /// may run twice, and must only read.
-    pub async fn tenant_view<R, E, F>(&self, tenant: TenantScope<'_>, f: F) -> Result<R, E>
-    where
-        for<'r, 'c> F: ViewFn<&'r mut TenantConn<'c>, Result<R, E>, Fut: Send> + Send + Sync,
-        E: From<diesel::result::Error> + From<PoolError> + Send,
-        R: Send,
-    {
-        if let Some(replica) = self.replica_for(tenant) {
-            let served = self.on_replica(&replica, tenant, async |obj| {
-                let result = scoped(obj, tenant, async |c| f(c).await).await;
-                finish(obj, result).await
-            });
-            if let Some(value) = Box::pin(served.instrument(tx_span("replica", tenant.id))).await {
-                return Ok(value);
-            }
-        }
-        self.tenant(tenant, async |c| f(c).await).await
-    }
     /// Runs one read statement of a tenant's tables, in one round trip to
     /// PostgreSQL: the statement names the tenant's schema itself (see
     /// [`TenantSql`]) and runs alone, outside any transaction, as one
@@ -682,24 +418,6 @@ where
         (Ok(()), result) => result,
         (Err(begin_failed), _) => Err(begin_failed.into()),
     }
-}
-
-/// A WAL position the server computes with `expression` (a `pg_lsn`, or
-/// NULL).
-async fn position(conn: &mut PgConn, expression: &'static str) -> Result<Option<Lsn>, diesel::result::Error> {
-    #[derive(QueryableByName)]
-    struct Position {
-        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-        lsn: Option<String>,
-    }
-    // Raw SQL: server functions.
-    let found: Position =
-        diesel_async::RunQueryDsl::get_result(diesel::sql_query(format!("SELECT ({expression})::text AS lsn")), conn)
-            .await?;
-    found
-        .lsn
-        .map(|lsn| lsn.parse().map_err(|e: String| diesel::result::Error::DeserializationError(e.into())))
-        .transpose()
 }
 
 /// One read statement of a tenant's tables for [`Db::tenant_read`], with
