@@ -258,14 +258,17 @@ async fn dispatch(command: Command, settings: &Settings, url: &str) -> anyhow::R
         }
         Command::Worker => {
             migrate::run_platform_migrations_with(&listen_url, timeouts).await?;
-            let worker = background::worker(settings, &db_config(settings, url), background::worker_config(settings))?;
-            background::schedule_billing(settings, &db_config(settings, url)).await?;
+            // One configuration, so every pool of the process shares one
+            // bound on connections (PLINTH_DB_MAX_CONNECTIONS).
+            let config = db_config(settings, url);
+            let worker = background::worker(settings, &config, background::worker_config(settings))?;
+            background::schedule_billing(settings, &config).await?;
             let mut listener = Listener::new();
             listener.on(jobs::CHANNEL, worker.listen_handler());
             let listening = listener.spawn(listen_url);
             let (stop, stopped) = watch::channel(false);
-            let filler = background::spare_filler(settings, &db_config(settings, url), stopped.clone())?;
-            let deliverer = background::audit_deliverer(&db_config(settings, url), stopped.clone())?;
+            let filler = background::spare_filler(settings, &config, stopped.clone())?;
+            let deliverer = background::audit_deliverer(&config, stopped.clone())?;
             let running = tokio::spawn(worker.run(stopped));
             shutdown_signal().await;
             let _ = stop.send(true);
