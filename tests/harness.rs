@@ -498,7 +498,9 @@ pub async fn member(db: &Db, tenant: &Tenant, role: Role) -> TestResult<String> 
                 .bind::<Text, _>(role)
                 .execute(c)
                 .await?;
-            let (token, _) = plinth_identity::sessions::create_session(c, user, Duration::from_secs(3600)).await?;
+            let (token, _) =
+                plinth_identity::sessions::create_session(c, user, Duration::from_secs(3600), &Default::default())
+                    .await?;
             Ok::<_, ApiError>(token)
         })
         .await?;

@@ -411,6 +411,7 @@ async fn main() -> Result {
                         c,
                         plinth_tenants::UserId(user),
                         Duration::from_secs(24 * 3600),
+                        &plinth_identity::sessions::Device::default(),
                     )
                     .await
                     .map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(format!("{e:#}")))

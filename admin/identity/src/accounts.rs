@@ -135,6 +135,7 @@ async fn signup(
     let cfg = config(cfg);
     count(&limits.signup_per_ip, &cfg.client_key(&req)).await?;
     let (email, slug) = check_signup(&body.0)?;
+    let device = sessions::Device::of(&req, &cfg);
     // Nobody is signed in yet: the key belongs to the address signing up
     // (hashed, so the key table holds no address). Replaying needs the same
     // body, password included.
@@ -150,7 +151,7 @@ async fn signup(
                 let user = insert_user(c, &email, &hash).await?;
                 let tenant = provision(c, &db, &slug, &organization).await?;
                 add_member(c, &tenant, user.id, "owner").await?;
-                let (token, session) = sessions::create_session(c, UserId(user.id), cfg.session_ttl).await?;
+                let (token, session) = sessions::create_session(c, UserId(user.id), cfg.session_ttl, &device).await?;
                 let (token_id, verify) = issue_token(c, user.id, "verify_email", cfg.verify_email_ttl).await?;
                 let message = crate::mail::verify_email(
                     email.clone(),

@@ -350,7 +350,14 @@ async fn accept(
     };
     entry.ip = Some(cfg.client_ip(&req));
     let limit = access.catalog().effective(&tenant.plan).limit(Quota::Members);
-    let joined = Joined { invitation: pending.id, email, role, limit, session_ttl: cfg.session_ttl };
+    let joined = Joined {
+        invitation: pending.id,
+        email,
+        role,
+        limit,
+        session_ttl: cfg.session_ttl,
+        device: sessions::Device::of(&req, &cfg),
+    };
     let (user, token) = db
         .tenant_rows(tenant.scope(), async |rows| {
             let joined = join(rows, joined, &joiner, entry).await?;
@@ -432,6 +439,7 @@ struct Joined {
     /// The plan's members limit.
     limit: Option<u32>,
     session_ttl: std::time::Duration,
+    device: sessions::Device,
 }
 
 /// Uses the invitation up (exactly once), creates the account if the joiner
@@ -471,7 +479,8 @@ async fn join(
                 .set(users::email_verified_at.eq(diesel::dsl::now))
                 .execute(rows.conn())
                 .await?;
-            let (token, _) = sessions::create_session(rows.conn(), UserId(user.id), joined.session_ttl).await?;
+            let (token, _) =
+                sessions::create_session(rows.conn(), UserId(user.id), joined.session_ttl, &joined.device).await?;
             (user.id, Some(token))
         }
     };

@@ -150,7 +150,8 @@ pub async fn sign_in(
         Audience::Everyone => cfg.session_ttl,
         Audience::PlatformAdmins => cfg.session_ttl.min(CONSOLE_SESSION_TTL),
     };
-    let session = match open_session(&db, &ring, user.id, totp_code, ttl, entry).await {
+    let device = sessions::Device::of(req, &cfg);
+    let session = match open_session(&db, &ring, user.id, totp_code, (ttl, &device), entry).await {
         // The password was right: not a failure, but no session yet.
         Err(IdentityError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired).await),
         other => budget.keep(other).await?,
@@ -261,7 +262,7 @@ async fn open_session(
     ring: &Keyring,
     user: uuid::Uuid,
     totp_code: Option<&str>,
-    ttl: std::time::Duration,
+    (ttl, device): (std::time::Duration, &sessions::Device),
     entry: Entry,
 ) -> Result<Option<(String, SessionInfo)>, IdentityError> {
     db.platform(async |c| {
@@ -273,7 +274,7 @@ async fn open_session(
                 return Ok(None);
             }
         }
-        let created = sessions::create_session(c, UserId(user), ttl).await?;
+        let created = sessions::create_session(c, UserId(user), ttl, device).await?;
         record_in_every_tenant_of(c, user, entry).await?;
         Ok(Some(created))
     })

@@ -53,6 +53,43 @@ diesel::table! {
         /// The one tenant an impersonation session acts in.
         tenant_id -> Nullable<Uuid>,
         reason -> Nullable<Text>,
+        /// The User-Agent of the client that opened the session.
+        user_agent -> Nullable<Text>,
+        /// The address of the client that opened the session.
+        ip -> Nullable<Text>,
+        /// Recorded at most once a minute per session.
+        last_used_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// Sessions a tenant admin ended in their tenant: refused there only.
+    public.session_tenant_ends (session_id, tenant_id) {
+        session_id -> Uuid,
+        tenant_id -> Uuid,
+        ended_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    /// A user's own exports, kept until the mailed link expires.
+    public.personal_exports (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        token_hash -> Bytea,
+        archive -> Nullable<Jsonb>,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    /// Erased accounts: the old id's pseudonym in audit logs.
+    public.erased_users (user_id) {
+        user_id -> Uuid,
+        pseudonym -> Uuid,
+        email_sha256 -> Bytea,
+        erased_at -> Timestamptz,
     }
 }
 
@@ -111,6 +148,8 @@ diesel::table! {
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
         used_at -> Nullable<Timestamptz>,
+        /// The new address of a `change_email` token.
+        detail -> Nullable<Text>,
     }
 }
 
@@ -122,5 +161,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     tenant_identity_settings,
     invitations,
     totp_recovery_codes,
-    user_tokens
+    user_tokens,
+    session_tenant_ends,
+    personal_exports,
+    erased_users
 );

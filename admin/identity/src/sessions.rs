@@ -31,7 +31,7 @@ use plinth_tenants::ids::{TenantId, UserId};
 use plinth_tenants::notify::{Handler, ListenEvent};
 
 use crate::error::IdentityError;
-use crate::schema::{api_keys, sessions};
+use crate::schema::{api_keys, session_tenant_ends, sessions};
 
 /// The NOTIFY channel on which revoked session ids arrive.
 pub const CHANNEL: &str = "plinth_sessions";
@@ -45,6 +45,28 @@ pub struct SessionInfo {
     pub expires_at: DateTime<Utc>,
     /// Set for an impersonation session (`crate::impersonation`).
     pub impersonation: Option<Impersonation>,
+    /// Tenants whose admins ended this session there: it is refused in
+    /// them, and only in them.
+    pub ended_in: Vec<TenantId>,
+}
+
+/// What opened a session: the client's `User-Agent` (at most 256
+/// characters) and address, as `GET /v1/me/sessions` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Device {
+    pub user_agent: Option<String>,
+    pub ip: Option<String>,
+}
+
+impl Device {
+    pub fn of(req: &HttpRequest, cfg: &crate::config::IdentityConfig) -> Self {
+        let user_agent = req
+            .headers()
+            .get(actix_web::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| ua.chars().take(256).collect());
+        Self { user_agent, ip: Some(cfg.client_ip(req)) }
+    }
 }
 
 /// A platform admin acting as the session's user, only in one tenant.
@@ -93,7 +115,13 @@ impl SessionRow {
             }
             _ => None,
         };
-        SessionInfo { session_id: self.id, user_id: UserId(self.user_id), expires_at: self.expires_at, impersonation }
+        SessionInfo {
+            session_id: self.id,
+            user_id: UserId(self.user_id),
+            expires_at: self.expires_at,
+            impersonation,
+            ended_in: Vec::new(),
+        }
     }
 }
 
@@ -103,10 +131,11 @@ pub async fn create_session(
     conn: &AsyncPgConnection,
     user: UserId,
     ttl: Duration,
+    device: &Device,
 ) -> Result<(String, SessionInfo), IdentityError> {
     let ttl = chrono::Duration::from_std(ttl)
         .map_err(|e| IdentityError::Internal(anyhow::Error::new(e).context("the session lifetime is out of range")))?;
-    insert_session(conn, user, Utc::now() + ttl, None).await
+    insert_session(conn, user, Utc::now() + ttl, None, device).await
 }
 
 /// Starts an impersonation session: `operator` acting as `user` in
@@ -119,7 +148,8 @@ pub(crate) async fn create_impersonation_session(
     reason: &str,
     expires_at: DateTime<Utc>,
 ) -> Result<(String, SessionInfo), IdentityError> {
-    insert_session(conn, user, expires_at, Some((Impersonation { operator, tenant }, reason))).await
+    let device = Device::default();
+    insert_session(conn, user, expires_at, Some((Impersonation { operator, tenant }, reason)), &device).await
 }
 
 async fn insert_session(
@@ -127,6 +157,7 @@ async fn insert_session(
     user: UserId,
     expires_at: DateTime<Utc>,
     impersonation: Option<(Impersonation, &str)>,
+    device: &Device,
 ) -> Result<(String, SessionInfo), IdentityError> {
     let (token, hash) = new_token()?;
     let mut conn = conn;
@@ -139,6 +170,9 @@ async fn insert_session(
             sessions::impersonator_id.eq(impersonation.map(|(i, _)| i.operator.0)),
             sessions::tenant_id.eq(impersonation.map(|(i, _)| i.tenant.0)),
             sessions::reason.eq(impersonation.map(|(_, reason)| reason)),
+            sessions::user_agent.eq(device.user_agent.as_deref()),
+            sessions::ip.eq(device.ip.as_deref()),
+            sessions::last_used_at.eq(diesel::dsl::now),
         ))
         .returning(SessionRow::as_returning())
         .get_result(&mut conn)
@@ -228,16 +262,89 @@ impl UnknownTokens {
     }
 }
 
-/// Checks bearer tokens, with a cache kept current across instances.
+/// When each session or key was last marked used, so that a use is
+/// written at most once a minute per id (a token checked from the cache
+/// costs no query; marking every use would cost one a request).
+struct UseMarks(std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>);
+
+impl UseMarks {
+    fn new() -> Self {
+        Self(std::sync::Mutex::new(std::collections::HashMap::new()))
+    }
+
+    /// Whether a use of `id` should be written now (and notes that it is).
+    fn due(&self, id: uuid::Uuid) -> bool {
+        let mut marked = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if marked.get(&id).is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60)) {
+            return false;
+        }
+        if marked.len() >= 100_000 {
+            marked.clear();
+        }
+        marked.insert(id, now);
+        true
+    }
+
+    /// Writes a use of the session or key `id` in the background, if one
+    /// is due.
+    fn mark(&self, db: &Db, id: uuid::Uuid, what: Used) {
+        if !self.due(id) {
+            return;
+        }
+        let db = db.clone();
+        tokio::spawn(async move {
+            let result = db
+                .platform(async |c| {
+                    let now = diesel::dsl::now;
+                    match what {
+                        Used::Session => {
+                            diesel::update(sessions::table.find(id))
+                                .set(sessions::last_used_at.eq(now))
+                                .execute(c)
+                                .await
+                        }
+                        Used::ApiKey => {
+                            diesel::update(api_keys::table.find(id))
+                                .set(api_keys::last_used_at.eq(now))
+                                .execute(c)
+                                .await
+                        }
+                    }
+                    .map_err(IdentityError::from)
+                })
+                .await;
+            if let Err(err) = result {
+                tracing::warn!(error = format!("{:#}", anyhow::Error::new(err)), ?what, "recording a last use failed");
+            }
+        });
+    }
+}
+
+/// What [`UseMarks::mark`] records the use of.
+#[derive(Debug, Clone, Copy)]
+enum Used {
+    Session,
+    ApiKey,
+}
+
+/// Checks bearer tokens, with a cache kept current across instances;
+/// records when each session was last used, at most once a minute.
 pub struct Sessions {
     db: Db,
     cache: NotifiedCache<[u8; 32], Option<SessionInfo>>,
     unknown: Arc<UnknownTokens>,
+    used: UseMarks,
 }
 
 impl Sessions {
     pub fn new(db: Db, unknown: Arc<UnknownTokens>) -> Arc<Self> {
-        Arc::new(Self { db, cache: NotifiedCache::new("sessions", Some(Duration::from_secs(60)), 100_000), unknown })
+        Arc::new(Self {
+            db,
+            cache: NotifiedCache::new("sessions", Some(Duration::from_secs(60)), 100_000),
+            unknown,
+            used: UseMarks::new(),
+        })
     }
 
     /// The listener handler that evicts revoked sessions.
@@ -263,23 +370,31 @@ impl Sessions {
             Ok(hit) => hit,
             Err(ticket) => {
                 let query = self.db.platform(async |c| {
-                    Ok::<_, IdentityError>(
-                        sessions::table
-                            .filter(sessions::token_hash.eq(&hash[..]))
-                            .filter(sessions::revoked_at.is_null())
-                            .select(SessionRow::as_select())
-                            .first(c)
-                            .await
-                            .optional()?,
-                    )
+                    let row: Option<SessionRow> = sessions::table
+                        .filter(sessions::token_hash.eq(&hash[..]))
+                        .filter(sessions::revoked_at.is_null())
+                        .select(SessionRow::as_select())
+                        .first(c)
+                        .await
+                        .optional()?;
+                    let Some(row) = row else { return Ok::<_, IdentityError>(None) };
+                    let ended_in: Vec<uuid::Uuid> = session_tenant_ends::table
+                        .filter(session_tenant_ends::session_id.eq(row.id))
+                        .select(session_tenant_ends::tenant_id)
+                        .load(c)
+                        .await?;
+                    Ok(Some(SessionInfo { ended_in: ended_in.into_iter().map(TenantId).collect(), ..row.info() }))
                 });
-                let row: Option<SessionRow> = self.unknown.lookup(client, query).await?;
-                let found = row.map(SessionRow::info);
+                let found = self.unknown.lookup(client, query).await?;
                 self.cache.insert(ticket, hash, found.clone());
                 found
             }
         };
-        Ok(found.filter(|s| s.expires_at > Utc::now()))
+        let found = found.filter(|s| s.expires_at > Utc::now());
+        if let Some(session) = &found {
+            self.used.mark(&self.db, session.session_id, Used::Session);
+        }
+        Ok(found)
     }
 }
 
@@ -311,7 +426,7 @@ pub struct ApiKeys {
     db: Db,
     cache: NotifiedCache<[u8; 32], Option<ApiKeyInfo>>,
     unknown: Arc<UnknownTokens>,
-    last_marked: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
+    used: UseMarks,
 }
 
 impl ApiKeys {
@@ -320,7 +435,7 @@ impl ApiKeys {
             db,
             cache: NotifiedCache::new("api_keys", Some(Duration::from_secs(60)), 100_000),
             unknown,
-            last_marked: std::sync::Mutex::new(std::collections::HashMap::new()),
+            used: UseMarks::new(),
         })
     }
 
@@ -340,7 +455,7 @@ impl ApiKeys {
     }
 
     /// The live key a secret belongs to, if any.
-    pub async fn verify(self: &Arc<Self>, key: &str, client: &Client) -> Result<Option<ApiKeyInfo>, IdentityError> {
+    pub async fn verify(&self, key: &str, client: &Client) -> Result<Option<ApiKeyInfo>, IdentityError> {
         if !key.starts_with(API_KEY_PREFIX) || key.len() != TOKEN_LEN {
             return Ok(None);
         }
@@ -368,42 +483,9 @@ impl ApiKeys {
             }
         };
         if let Some(key) = &found {
-            self.mark_used(key.key_id);
+            self.used.mark(&self.db, key.key_id, Used::ApiKey);
         }
         Ok(found)
-    }
-
-    /// Records the use in the background, at most once a minute per key.
-    fn mark_used(self: &Arc<Self>, key_id: uuid::Uuid) {
-        {
-            let mut marked = self.last_marked.lock().unwrap_or_else(|p| p.into_inner());
-            let now = std::time::Instant::now();
-            if marked.get(&key_id).is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60)) {
-                return;
-            }
-            if marked.len() >= 100_000 {
-                marked.clear();
-            }
-            marked.insert(key_id, now);
-        }
-        let db = self.db.clone();
-        tokio::spawn(async move {
-            let result = db
-                .platform(async |c| {
-                    diesel::update(api_keys::table.find(key_id))
-                        .set(api_keys::last_used_at.eq(diesel::dsl::now))
-                        .execute(c)
-                        .await
-                        .map_err(IdentityError::from)
-                })
-                .await;
-            if let Err(err) = result {
-                tracing::warn!(
-                    error = format!("{:#}", anyhow::Error::new(err)),
-                    "recording an API key's last use failed"
-                );
-            }
-        });
     }
 }
 
@@ -479,7 +561,7 @@ impl Authenticate for Authenticator {
             } else {
                 let session = self.sessions.verify(token, client).await?;
                 Ok(session.map(|s| match s.impersonation {
-                    None => Credential::Session { user_id: s.user_id, session_id: s.session_id },
+                    None => Credential::Session { user_id: s.user_id, session_id: s.session_id, ended_in: s.ended_in },
                     Some(i) => Credential::Impersonation {
                         user_id: s.user_id,
                         session_id: s.session_id,

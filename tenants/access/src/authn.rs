@@ -10,10 +10,11 @@ use futures_util::future::BoxFuture;
 use plinth_tenants::ids::{TenantId, UserId};
 
 /// Who a valid token speaks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
-    /// A signed-in user's session.
-    Session { user_id: UserId, session_id: uuid::Uuid },
+    /// A signed-in user's session. `ended_in`: tenants whose admins ended
+    /// it there; the gate refuses it in those (401), and only in those.
+    Session { user_id: UserId, session_id: uuid::Uuid, ended_in: Vec<TenantId> },
     /// An API key, which acts only in its one tenant.
     ApiKey { key_id: uuid::Uuid, tenant_id: TenantId },
     /// A platform admin (`operator`) acting as the member `user_id`, only

@@ -165,7 +165,7 @@ impl<R: Requirement> FromRequest for PlatformAllowed<R> {
         Box::pin(async move {
             let token = bearer(&req).ok_or(ApiError::Unauthenticated)?;
             // Only a user's session reaches platform routes; an API key is nobody here.
-            let Some(Credential::Session { user_id, session_id }) =
+            let Some(Credential::Session { user_id, session_id, .. }) =
                 registered::<dyn Authenticate>(&req)?.authenticate(&token, &Client::of(&req)).await?
             else {
                 return Err(ApiError::Unauthenticated);
@@ -243,9 +243,13 @@ impl TenantContext {
                 }
                 (Principal::ApiKey { key_id }, tenant, Subject::Key(tenant_id, key_id))
             }
-            Credential::Session { user_id, session_id } => {
+            Credential::Session { user_id, session_id, ended_in } => {
                 tracing::Span::current().record("user.id", user_id.to_string());
                 let tenant = resolver.resolve(req).await?;
+                if ended_in.contains(&tenant.id) {
+                    tracing::info!(tenant.slug = %tenant.slug, "session ended in this tenant by its admins");
+                    return Err(ApiError::Unauthenticated);
+                }
                 let subject = Subject::Member(tenant.id, user_id);
                 (Principal::User { user_id, session_id, impersonator: None }, tenant, subject)
             }
