@@ -43,7 +43,11 @@ struct Query {
     responses((status = 200, body = Page<audit::Stored>), PlanLimits),
 )]
 #[get("/v1/audit-log")]
-async fn list(ctx: Allowed<ReadAuditLog>, query: web::Query<Query>) -> Result<HttpResponse, ApiError> {
+async fn list(
+    ctx: Allowed<ReadAuditLog>,
+    db: web::Data<plinth_tenants::Db>,
+    query: web::Query<Query>,
+) -> Result<HttpResponse, ApiError> {
     let Query { limit, cursor, action, actor } = query.into_inner();
     // The cursor is the id of the last (oldest) entry of the previous page.
     let page = PageParams { limit, cursor }.validate()?;
@@ -55,6 +59,8 @@ async fn list(ctx: Allowed<ReadAuditLog>, query: web::Query<Query>) -> Result<Ht
     };
     let action = action.filter(|a| !a.is_empty());
     let filter = audit::Filter { before: page.after, action, actor, limit: page.limit + 1 };
-    let rows = ctx.tx(async |c| Ok::<_, ApiError>(audit::read(c, filter).await?)).await?;
+    let mut rows = ctx.tx(async |c| Ok::<_, ApiError>(audit::read(c, filter).await?)).await?;
+    // Erased users appear under their pseudonyms.
+    plinth_identity::personal_data::pseudonymise(&db, &mut rows).await?;
     Ok(HttpResponse::Ok().json(Page::from_rows(rows, page, |e| e.id)))
 }

@@ -32,6 +32,8 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .configure(configure)
         .configure(plinth_identity::accounts::configure)
         .configure(plinth_identity::login::configure)
+        .configure(plinth_identity::me::configure)
+        .configure(plinth_identity::personal_data::configure)
         .configure(plinth_admin::tenant::configure)
         .configure(plinth_identity::impersonation::configure)
         .configure(plinth_admin::platform::configure)

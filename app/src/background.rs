@@ -37,6 +37,7 @@ pub fn worker(settings: &Settings, db_config: &DbConfig, config: WorkerConfig) -
         .map_or_else(|| db_config.url.clone(), |u| plinth_tenants::crypto::Secret::expose(u).to_owned());
     handlers.on(crate::exports::EXPORT_JOB, crate::exports::export_handler(db.clone(), direct));
     handlers.on(crate::exports::EXPIRE_JOB, crate::exports::expire_handler(db.clone()));
+    handlers.on(plinth_identity::personal_data::EXPIRE_JOB, plinth_identity::personal_data::expire_handler(db.clone()));
     handlers.on(
         plinth_admin::console::operations::MIGRATE_ALL_JOB,
         plinth_admin::console::operations::migrate_all_handler(db.clone()),

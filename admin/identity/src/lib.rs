@@ -13,6 +13,10 @@
 //! - [`sessions`]: bearer tokens for sessions and API keys, their cached
 //!   checks, and [`sessions::Authenticator`], the answer to the access
 //!   gate's authentication question.
+//! - [`me`]: what a user controls about their own account: sessions,
+//!   password, address.
+//! - [`personal_data`]: a user's export and erasure, and the pseudonyms of
+//!   erased users in audit logs.
 //! - [`password`]: the password policy and bounded argon2id hashing.
 //! - [`totp`]: second factor enrolment, confirmation and recovery codes.
 //! - [`members`]: memberships and invitations (invite, accept, roles,
@@ -37,9 +41,11 @@ pub mod limits;
 pub mod links;
 pub mod login;
 pub mod mail;
+pub mod me;
 pub mod members;
 pub mod openapi;
 pub mod password;
+pub mod personal_data;
 pub mod schema;
 pub mod sessions;
 pub mod tokens;

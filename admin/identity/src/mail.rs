@@ -9,8 +9,14 @@ use plinth_tenants::TenantId;
 use serde_json::json;
 
 /// The templates of this crate, to register with `mail::Templates`.
-pub const TEMPLATES: &[Template] =
-    &[mail_template!("verify_email"), mail_template!("invitation"), mail_template!("password_reset")];
+pub const TEMPLATES: &[Template] = &[
+    mail_template!("verify_email"),
+    mail_template!("invitation"),
+    mail_template!("password_reset"),
+    mail_template!("change_email"),
+    mail_template!("email_changed"),
+    mail_template!("personal_export"),
+];
 
 /// "Confirm your email address", with a link carrying `token`.
 pub fn verify_email(to: EmailAddress, tenant: Option<TenantId>, organization: &str, token: &str, key: String) -> Mail {
@@ -49,6 +55,33 @@ pub fn password_reset(to: EmailAddress, token: &str, valid_minutes: u32, key: St
         template: "password_reset",
         data: json!({ "token": token, "valid_minutes": valid_minutes }),
         idempotency_key: key,
+        tenant: None,
+    }
+}
+
+/// "Confirm your new address", sent to the new address.
+pub fn change_email(to: EmailAddress, token: &str, key: String) -> Mail {
+    Mail {
+        to,
+        template: "change_email",
+        data: json!({ "token": token, "valid_hours": 24 }),
+        idempotency_key: key,
+        tenant: None,
+    }
+}
+
+/// "Your address was changed", sent to the old address.
+pub fn email_changed(to: EmailAddress, new: &str, key: String) -> Mail {
+    Mail { to, template: "email_changed", data: json!({ "new_email": new }), idempotency_key: key, tenant: None }
+}
+
+/// "Your data is ready", with the download link.
+pub fn personal_export(to: EmailAddress, export: uuid::Uuid, token: &str, valid_hours: i64) -> Mail {
+    Mail {
+        to,
+        template: "personal_export",
+        data: json!({ "export_id": export, "token": token, "valid_hours": valid_hours }),
+        idempotency_key: format!("personal_export:{export}"),
         tenant: None,
     }
 }

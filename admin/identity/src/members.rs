@@ -9,7 +9,7 @@
 
 use actix_web::{HttpResponse, delete, get, patch, web};
 use chrono::{DateTime, Utc};
-use diesel::{BoolExpressionMethods as _, ExpressionMethods as _, QueryDsl as _, Queryable};
+use diesel::{BoolExpressionMethods as _, ExpressionMethods as _, OptionalExtension as _, QueryDsl as _, Queryable};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::future::BoxFuture;
 use plinth_access::Role;
@@ -34,7 +34,7 @@ requirements! {
 }
 
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(list).service(change_role).service(remove);
+    cfg.service(list).service(change_role).service(remove).service(end_sessions);
 }
 
 /// Told, inside the transaction that makes the change, that a tenant's
@@ -267,6 +267,62 @@ async fn remove(
     .await?;
     tracing::info!(member.id = %user, "member removed");
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Serialize, ToSchema)]
+struct MemberSessionsEnded {
+    /// How many of the member's sessions no longer open this organization.
+    ended: usize,
+}
+
+/// `DELETE /v1/members/{user_id}/sessions`: every live session of the
+/// member stops opening this organization, on every instance within a
+/// second (the member signs in again to come back). Their sessions go on
+/// working in their other organizations: an admin acts in their own only.
+#[utoipa::path(
+    operation_id = "end_member_sessions",
+    tag = "members",
+    summary = "Ends a member's sessions in this organization (admins; only owners end an owner's)",
+    params(TenantHeader, ("user_id" = uuid::Uuid, Path, description = "The member.")),
+    security(("session" = []), ("api_key" = [])),
+    responses((status = 200, body = MemberSessionsEnded), NotFound),
+)]
+#[delete("/v1/members/{user_id}/sessions")]
+async fn end_sessions(ctx: Allowed<ManageMembers>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let user = target(&path)?;
+    let caller_role = ctx.role;
+    let entry = ctx.audit_entry("member.sessions_ended").target("user", user);
+    let ended = ctx
+        .rows(async |rows| {
+            let tenant = rows.tenant_id().0;
+            let current: Option<String> = memberships::table
+                .find((tenant, user))
+                .select(memberships::role)
+                .first(rows.conn())
+                .await
+                .optional()?;
+            let current = current.as_deref().and_then(Role::parse).ok_or(ApiError::NotFound("member"))?;
+            if current == Role::Owner && caller_role != Role::Owner {
+                return Err(ApiError::Forbidden);
+            }
+            // Raw SQL: an INSERT from a SELECT, which diesel's builder
+            // writes only with a typed select of every column.
+            let ended = diesel::sql_query(
+                "INSERT INTO public.session_tenant_ends (session_id, tenant_id) \
+                 SELECT id, $2 FROM public.sessions \
+                 WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > now() \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind::<diesel::sql_types::Uuid, _>(user)
+            .bind::<diesel::sql_types::Uuid, _>(tenant)
+            .execute(rows.conn())
+            .await?;
+            audit::record(rows, entry.details(json!({ "sessions": ended }))).await?;
+            Ok::<_, ApiError>(ended)
+        })
+        .await?;
+    tracing::info!(member.id = %user, sessions.ended = ended, "member's sessions ended in the tenant");
+    Ok(HttpResponse::Ok().json(MemberSessionsEnded { ended }))
 }
 
 /// Counts the members quota: members and pending invitations (an

@@ -19,6 +19,18 @@ pub(crate) async fn issue_token(
     purpose: &str,
     ttl: Duration,
 ) -> Result<(uuid::Uuid, String), IdentityError> {
+    issue_token_for(conn, user, purpose, ttl, None).await
+}
+
+/// [`issue_token`] carrying `detail` (the new address of a `change_email`
+/// token), given back by [`redeem_token_for`].
+pub(crate) async fn issue_token_for(
+    conn: &AsyncPgConnection,
+    user: uuid::Uuid,
+    purpose: &str,
+    ttl: Duration,
+    detail: Option<&str>,
+) -> Result<(uuid::Uuid, String), IdentityError> {
     let (token, hash) = sessions::new_token()?;
     let id = uuid::Uuid::now_v7();
     let ttl = chrono::Duration::from_std(ttl)
@@ -32,6 +44,7 @@ pub(crate) async fn issue_token(
             user_tokens::purpose.eq(purpose),
             user_tokens::token_hash.eq(&hash[..]),
             user_tokens::expires_at.eq(expires),
+            user_tokens::detail.eq(detail),
         ))
         .execute(&mut conn)
         .await?;
@@ -49,6 +62,23 @@ pub(crate) async fn redeem_token(
     diesel::update(live(&hash, purpose))
         .set(user_tokens::used_at.eq(diesel::dsl::now))
         .returning(user_tokens::user_id)
+        .get_result(&mut conn)
+        .await
+        .optional()
+}
+
+/// Uses up a single-use token: the user it belongs to and its detail, if
+/// it was valid.
+pub(crate) async fn redeem_token_for(
+    conn: &AsyncPgConnection,
+    token: &str,
+    purpose: &str,
+) -> Result<Option<(uuid::Uuid, Option<String>)>, diesel::result::Error> {
+    let mut conn = conn;
+    let hash = sessions::hash_token(token);
+    diesel::update(live(&hash, purpose))
+        .set(user_tokens::used_at.eq(diesel::dsl::now))
+        .returning((user_tokens::user_id, user_tokens::detail))
         .get_result(&mut conn)
         .await
         .optional()

@@ -287,3 +287,21 @@ pub async fn read(conn: &mut TenantConn<'_>, filter: Filter) -> diesel::QueryRes
     }
     query.load(conn.pg()).await
 }
+
+/// Entries of the tenant `conn` is scoped to that are about `user` (by them,
+/// or with them as the target), oldest first, at most `limit`: what a
+/// user's own export holds.
+pub async fn about(conn: &mut TenantConn<'_>, user: uuid::Uuid, limit: i64) -> diesel::QueryResult<Vec<Stored>> {
+    use diesel::{BoolExpressionMethods as _, ExpressionMethods as _, QueryDsl as _, SelectableHelper as _};
+    audit_log::table
+        .filter(
+            audit_log::actor_id
+                .eq(user)
+                .or(audit_log::target_type.eq("user").and(audit_log::target_id.eq(user.to_string()))),
+        )
+        .order(audit_log::id.asc())
+        .limit(limit)
+        .select(Stored::as_select())
+        .load(conn.pg())
+        .await
+}
