@@ -869,7 +869,7 @@ async fn a_wrong_method_is_405_everywhere() -> TestResult {
     for (method, path) in [
         (Method::GET, "/v1/signup"),
         (Method::GET, "/v1/auth/login"),
-        (Method::DELETE, "/v1/me"),
+        (Method::PUT, "/v1/me"),
         (Method::PUT, "/v1/members"),
         (Method::GET, "/v1/invitations"),
         (Method::PUT, "/v1/api-keys/0192f0c5-0000-7000-8000-000000000000"),
