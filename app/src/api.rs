@@ -38,6 +38,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .configure(plinth_identity::impersonation::configure)
         .configure(plinth_admin::platform::configure)
         .configure(plinth_identity::members::configure)
+        .configure(plinth_identity::domains::configure)
         .configure(plinth_identity::invitations::configure)
         .configure(plinth_identity::api_keys::configure)
         .configure(plinth_admin::audit_log::configure)

@@ -92,6 +92,9 @@ pub struct Settings {
     /// `PLINTH_MAX_ORGANIZATIONS_PER_USER` (default 20): organizations one
     /// user may own.
     pub max_organizations_per_user: u32,
+    /// `PLINTH_DNS_RESOLVER` (`ip:port`; default: the system's resolver):
+    /// where verified domains' TXT records are looked up.
+    pub dns_resolver: Option<std::net::SocketAddr>,
     /// `PLINTH_MIGRATION_LOCK_TIMEOUT_MS` (default 60000): how long to wait
     /// for another instance's platform migration before giving up.
     pub migration_lock_timeout: Duration,
@@ -224,6 +227,10 @@ impl Settings {
             },
             hash_wait: Duration::from_millis(num("PLINTH_HASH_WAIT_MS", 2000)?),
             max_organizations_per_user: u32::try_from(num("PLINTH_MAX_ORGANIZATIONS_PER_USER", 20)?)?.max(1),
+            dns_resolver: get("PLINTH_DNS_RESOLVER")
+                .map(|v| v.parse())
+                .transpose()
+                .context("PLINTH_DNS_RESOLVER must be an address and port, such as 127.0.0.1:53")?,
             migration_lock_timeout: Duration::from_millis(num("PLINTH_MIGRATION_LOCK_TIMEOUT_MS", 60_000)?.max(1)),
             migrate_on_start: flag("PLINTH_MIGRATE_ON_START", true)?,
             shutdown_timeout: Duration::from_secs(num("PLINTH_SHUTDOWN_TIMEOUT_SECS", 30)?),

@@ -113,6 +113,7 @@ impl Application {
             client_ip_header: settings.client_ip_header.clone(),
             limits: settings.limits,
             max_organizations_per_user: settings.max_organizations_per_user,
+            dns_resolver: settings.dns_resolver,
             ..IdentityConfig::default()
         };
         let hashing_data = web::Data::new(Hashing::new(settings.hash_concurrency, settings.hash_wait));

@@ -390,6 +390,7 @@ struct EmailVerified {
 async fn verify_email(
     req: HttpRequest,
     db: web::Data<Db>,
+    access: web::Data<std::sync::Arc<plinth_access::Access>>,
     cfg: Option<web::Data<IdentityConfig>>,
     limits: web::Data<RateLimits>,
     body: Json<TokenBody>,
@@ -398,13 +399,15 @@ async fn verify_email(
     let token = body.0.token;
     db.platform(async |c| {
         let user = redeem_token(c, &token, "verify_email").await?.ok_or(IdentityError::InvalidToken)?;
-        diesel::update(users::table.find(user))
+        let email: String = diesel::update(users::table.find(user))
             .set((
                 users::email_verified_at.eq(coalesce(users::email_verified_at, diesel::dsl::now).nullable()),
                 users::updated_at.eq(diesel::dsl::now),
             ))
-            .execute(c)
+            .returning(users::email)
+            .get_result(c)
             .await?;
+        crate::domains::auto_join(c, &access, user, &email).await?;
         Ok::<_, ApiError>(())
     })
     .await?;

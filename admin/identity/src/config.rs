@@ -18,6 +18,9 @@ pub struct IdentityConfig {
     pub limits: RateLimitConfig,
     /// Organizations one user may own (`PLINTH_MAX_ORGANIZATIONS_PER_USER`).
     pub max_organizations_per_user: u32,
+    /// The DNS server domain proofs are looked up at
+    /// (`PLINTH_DNS_RESOLVER`); unset: the system's (`/etc/resolv.conf`).
+    pub dns_resolver: Option<std::net::SocketAddr>,
 }
 
 impl Default for IdentityConfig {
@@ -29,6 +32,7 @@ impl Default for IdentityConfig {
             client_ip_header: None,
             limits: RateLimitConfig::default(),
             max_organizations_per_user: 20,
+            dns_resolver: None,
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - [`accounts`]: signup, new organizations, logout, `/v1/me`, email
 //!   verification and password reset.
 //! - [`config`]: the identity routes' settings ([`config::IdentityConfig`]).
+//! - [`domains`]: email domains an organization proves it owns (DNS or
+//!   mail), and joining by domain.
 //! - [`error`]: [`error::IdentityError`], what the domain functions return;
 //!   routes turn it into `ApiError`.
 //! - [`impersonation`]: platform admins acting as a member, and the
@@ -34,6 +36,7 @@
 pub mod accounts;
 pub mod api_keys;
 pub mod config;
+pub mod domains;
 pub mod error;
 pub mod impersonation;
 pub mod invitations;

@@ -16,6 +16,7 @@ pub const TEMPLATES: &[Template] = &[
     mail_template!("change_email"),
     mail_template!("email_changed"),
     mail_template!("personal_export"),
+    mail_template!("domain_proof"),
 ];
 
 /// "Confirm your email address", with a link carrying `token`.
@@ -83,5 +84,24 @@ pub fn personal_export(to: EmailAddress, export: uuid::Uuid, token: &str, valid_
         data: json!({ "export_id": export, "token": token, "valid_hours": valid_hours }),
         idempotency_key: format!("personal_export:{export}"),
         tenant: None,
+    }
+}
+
+/// "Prove that `organization` owns `domain`", to an administrative address
+/// at the domain.
+pub fn domain_proof(
+    to: EmailAddress,
+    tenant: TenantId,
+    organization: &str,
+    domain: &str,
+    token: &str,
+    key: String,
+) -> Mail {
+    Mail {
+        to,
+        template: "domain_proof",
+        data: json!({ "organization": organization, "domain": domain, "token": token, "valid_hours": 48 }),
+        idempotency_key: key,
+        tenant: Some(tenant),
     }
 }

@@ -166,3 +166,19 @@ diesel::allow_tables_to_appear_in_same_query!(
     personal_exports,
     erased_users
 );
+
+diesel::table! {
+    /// Email domains an organization proves it owns.
+    public.tenant_email_domains (tenant_id, domain) {
+        tenant_id -> Uuid,
+        domain -> Text,
+        token -> Text,
+        verified_at -> Nullable<Timestamptz>,
+        verified_by -> Nullable<Text>,
+        email_token_hash -> Nullable<Bytea>,
+        email_token_expires_at -> Nullable<Timestamptz>,
+        auto_join -> Bool,
+        auto_join_role -> Text,
+        created_at -> Timestamptz,
+    }
+}

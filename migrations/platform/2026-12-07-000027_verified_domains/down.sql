@@ -1,0 +1,1 @@
+DROP TABLE public.tenant_email_domains;
