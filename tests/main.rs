@@ -15,6 +15,8 @@ mod console;
 mod console_browser;
 mod contract;
 mod deploy;
+mod dns;
+mod domains;
 mod http_basics;
 mod idempotency;
 mod identity;

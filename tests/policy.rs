@@ -405,7 +405,7 @@ async fn the_tenant_shows_its_plan_features_and_limits_with_usage() -> TestResul
     assert_eq!(body["limits"]["api_keys"], json!({ "used": 0, "max": null }));
     app.set_plan("acme", "enterprise").await?;
     let body: Value = app.req(Method::GET, "acme", "/v1/tenant").send().await?.json().await?;
-    assert_eq!(body["features"], json!(["api_keys", "audit_log", "custom_domains", "data_export"]));
+    assert_eq!(body["features"], json!(["api_keys", "audit_log", "custom_domains", "data_export", "sso"]));
     assert_eq!(body["limits"]["members"], json!({ "used": 2, "max": null }));
     Ok(())
 }
