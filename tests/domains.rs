@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::dns::DnsServer;
-use crate::harness::{AppOptions, TestResult, assert_error};
+use crate::harness::{AppOptions, TestApp, TestResult, assert_error};
 use crate::world::{World, world_with};
 
 fn token_of(body: &Value) -> TestResult<String> {
@@ -168,6 +168,18 @@ async fn domains_are_proven_by_dns_or_mail_once_and_let_their_users_join() -> Te
     assert_eq!(joined(&w, "late@example.com", "lateco").await?, [pair("lateco", "owner")]);
     let res = call(&globex, "globex", Method::POST, "/v1/domains", Some(json!({ "domain": "example.com" }))).await?;
     assert_eq!(res.status(), 201);
+
+    // A resolver that doesn't answer: 503, not a hang and not a 500.
+    let silent = AppOptions { settings: vec![("PLINTH_DNS_RESOLVER", "127.0.0.1:9")], ..Default::default() };
+    let silent = TestApp::spawn_on(w.app.testdb.as_ref().ok_or("no db")?, silent).await?;
+    let res = silent
+        .http
+        .post(silent.url("/v1/domains/pending.test/verify"))
+        .header("x-tenant", "acme")
+        .bearer_auth(&acme)
+        .send()
+        .await?;
+    assert_error(res, 503, "unavailable").await?;
     w.worker.stop().await?;
     Ok(())
 }

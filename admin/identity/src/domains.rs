@@ -234,7 +234,7 @@ async fn txt_values(resolver: Option<SocketAddr>, name: &str) -> Result<Vec<Stri
     use hickory_resolver::Resolver;
     use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
     use hickory_resolver::net::runtime::TokioRuntimeProvider;
-    let builder = match resolver {
+    let mut builder = match resolver {
         Some(addr) => {
             let mut udp = ConnectionConfig::udp();
             udp.port = addr.port();
@@ -249,6 +249,9 @@ async fn txt_values(resolver: Option<SocketAddr>, name: &str) -> Result<Vec<Stri
         None => Resolver::builder_tokio()
             .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("reading the system's resolver settings")))?,
     };
+    // An admin waits for the answer: at most two tries of three seconds.
+    builder.options_mut().timeout = std::time::Duration::from_secs(3);
+    builder.options_mut().attempts = 2;
     let resolver =
         builder.build().map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("building the DNS resolver")))?;
     match resolver.txt_lookup(format!("{name}.")).await {
