@@ -13,30 +13,6 @@ fn token_of(body: &Value) -> TestResult<String> {
     Ok(body["token"].as_str().ok_or("no token")?.to_owned())
 }
 
-async fn enterprise(w: &World, slug: &str, token: &str) -> TestResult {
-    let tenant = w
-        .app
-        .db
-        .platform(async |c| Ok::<_, plinth_http::ApiError>(plinth_tenants::registry::find_by_slug(c, slug).await?))
-        .await?
-        .ok_or("no tenant")?;
-    let source = plinth_tenants::registry::PlanSource::Operator;
-    w.app
-        .db
-        .platform(async |c| {
-            Ok::<_, plinth_http::ApiError>(
-                plinth_tenants::registry::set_plan(c, tenant.id, "enterprise", source).await?,
-            )
-        })
-        .await?;
-    crate::harness::eventually(std::time::Duration::from_secs(2), || async {
-        let body: Value = w.as_user(token, Method::GET, slug, "/v1/tenant").send().await?.json().await?;
-        Ok(body["plan"] == "enterprise")
-    })
-    .await?;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domains_are_proven_by_dns_or_mail_once_and_let_their_users_join() -> TestResult {
     let dns = DnsServer::start().await?;
@@ -45,8 +21,8 @@ async fn domains_are_proven_by_dns_or_mail_once_and_let_their_users_join() -> Te
     let acme = token_of(&w.signup("olivia@acme.test", "acme").await?)?;
     let globex = token_of(&w.signup("gina@globex.test", "globex").await?)?;
     let free = token_of(&w.signup("fred@free.test", "freeco").await?)?;
-    enterprise(&w, "acme", &acme).await?;
-    enterprise(&w, "globex", &globex).await?;
+    w.set_plan("acme", "enterprise", &acme).await?;
+    w.set_plan("globex", "enterprise", &globex).await?;
     let call = |token: &str, tenant: &str, method: Method, path: &str, body: Option<Value>| {
         let req = w.as_user(token, method, tenant, path);
         match body {
@@ -129,11 +105,11 @@ async fn domains_are_proven_by_dns_or_mail_once_and_let_their_users_join() -> Te
     assert_eq!(res.status(), 202);
     assert_eq!(res.json::<Value>().await?["to"], "postmaster@globex.test");
     let token = w.mailed_token("postmaster@globex.test", "https://app.plinth.test/domains/confirm").await?;
-    let res = w.post("/v1/domains/confirm", json!({ "token": token })).await?;
+    let res = w.post("/v1/domain-proofs/confirm", json!({ "token": token })).await?;
     assert_eq!(res.status(), 200);
     let proven: Value = res.json().await?;
     assert_eq!((proven["domain"].as_str(), proven["verified_by"].as_str()), (Some("globex.test"), Some("email")));
-    assert_error(w.post("/v1/domains/confirm", json!({ "token": token })).await?, 400, "invalid_request").await?;
+    assert_error(w.post("/v1/domain-proofs/confirm", json!({ "token": token })).await?, 400, "invalid_request").await?;
 
     // Joining by domain: only verified domains, off by default, exact domain only.
     let res = call(&acme, "acme", Method::POST, "/v1/domains", Some(json!({ "domain": "pending.test" }))).await?;

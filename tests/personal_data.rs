@@ -13,29 +13,6 @@ fn token_of(body: &Value) -> TestResult<String> {
     Ok(body["token"].as_str().ok_or("no token")?.to_owned())
 }
 
-/// Moves a signed-up tenant to `plan` and waits until `token` sees it.
-async fn set_plan(w: &World, slug: &str, plan: &str, token: &str) -> TestResult {
-    let tenant = w
-        .app
-        .db
-        .platform(async |c| Ok::<_, plinth_http::ApiError>(plinth_tenants::registry::find_by_slug(c, slug).await?))
-        .await?
-        .ok_or("no tenant")?;
-    let source = plinth_tenants::registry::PlanSource::Operator;
-    w.app
-        .db
-        .platform(async |c| {
-            Ok::<_, plinth_http::ApiError>(plinth_tenants::registry::set_plan(c, tenant.id, plan, source).await?)
-        })
-        .await?;
-    eventually(Duration::from_secs(2), || async {
-        let body: Value = w.as_user(token, Method::GET, slug, "/v1/tenant").send().await?.json().await?;
-        Ok(body["plan"] == plan)
-    })
-    .await?;
-    Ok(())
-}
-
 async fn audit_log(w: &World, token: &str, slug: &str) -> TestResult<Vec<Value>> {
     let res = w.as_user(token, Method::GET, slug, "/v1/audit-log?limit=100").send().await?;
     assert_eq!(res.status(), 200);
@@ -63,7 +40,7 @@ async fn a_user_exports_their_data_then_erases_their_account() -> TestResult {
     )
     .await?;
     for (slug, token) in [("acme", &olivia), ("adaco", &ada), ("globex", &gina)] {
-        set_plan(&w, slug, "pro", token).await?;
+        w.set_plan(slug, "pro", token).await?;
     }
     let res = w
         .as_user(&gina, Method::POST, "globex", "/v1/invitations")

@@ -50,6 +50,26 @@ impl World {
         Ok(res.json().await?)
     }
 
+    /// Moves the organization `slug` to `plan`, and waits until `token` (a
+    /// member's session) sees it.
+    pub async fn set_plan(&self, slug: &str, plan: &str, token: &str) -> TestResult {
+        use plinth_tenants::registry;
+        let db = &self.app.db;
+        let tenant = db
+            .platform(async |c| Ok::<_, plinth_http::ApiError>(registry::find_by_slug(c, slug).await?))
+            .await?
+            .ok_or("no tenant")?;
+        let source = registry::PlanSource::Operator;
+        db.platform(async |c| Ok::<_, plinth_http::ApiError>(registry::set_plan(c, tenant.id, plan, source).await?))
+            .await?;
+        eventually(Duration::from_secs(2), || async {
+            let body: Value = self.as_user(token, Method::GET, slug, "/v1/tenant").send().await?.json().await?;
+            Ok(body["plan"] == plan)
+        })
+        .await?;
+        Ok(())
+    }
+
     pub async fn me(&self, token: &str) -> reqwest::Result<reqwest::Response> {
         self.app.http.get(self.app.url("/v1/me")).bearer_auth(token).send().await
     }

@@ -23,7 +23,8 @@ use utoipa_actix_web::service_config::ServiceConfig;
 /// calls all day (its data: projects, tasks, exports) come before sign-in,
 /// administration and billing. Found first, the project read skips some
 /// thirty patterns (`docs/benchmarks.md`). No two modules' patterns match
-/// the same path, so the order decides nothing else.
+/// the same path and method (`/v1/me` is read in `accounts` and erased in
+/// `personal_data`), so the order decides nothing else.
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.configure(crate::health::configure)
         .configure(crate::metrics::configure)

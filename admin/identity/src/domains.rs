@@ -431,7 +431,7 @@ struct ConfirmBody {
     token: String,
 }
 
-/// `POST /v1/domains/confirm`: the mailed link's token proves the domain
+/// `POST /v1/domain-proofs/confirm`: the mailed link's token proves the domain
 /// (no session: whoever reads that mailbox may not have an account).
 #[utoipa::path(
     tag = "domains",
@@ -444,7 +444,7 @@ struct ConfirmBody {
         RateLimited,
     ),
 )]
-#[post("/v1/domains/confirm")]
+#[post("/v1/domain-proofs/confirm")]
 async fn confirm_email_proof(
     req: HttpRequest,
     db: web::Data<plinth_tenants::Db>,

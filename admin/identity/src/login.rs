@@ -165,7 +165,7 @@ pub async fn sign_in(
     Ok((token, session, User { id: user.id, email: user.email, email_verified_at: user.email_verified_at }))
 }
 
-fn registered<T: 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
+pub(crate) fn registered<T: 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
     req.app_data::<web::Data<T>>()
         .cloned()
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("{} is not registered", std::any::type_name::<T>())))

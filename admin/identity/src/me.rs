@@ -22,6 +22,7 @@ use utoipa::ToSchema;
 use crate::config::{IdentityConfig, config};
 use crate::error::IdentityError;
 use crate::limits::{RateLimits, count};
+use crate::login::registered;
 use crate::password::{self, Hashing};
 use crate::schema::{sessions, users};
 use crate::sessions::{Authenticated, SessionInfo};
@@ -205,12 +206,6 @@ pub(crate) async fn reauthenticate(
     // counted too many; the answer stays a success.
     let _ = limits.login_failures_per_account.refund(&key).await;
     Ok(())
-}
-
-fn registered<T: 'static>(req: &HttpRequest) -> Result<web::Data<T>, ApiError> {
-    req.app_data::<web::Data<T>>()
-        .cloned()
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("{} is not registered", std::any::type_name::<T>())))
 }
 
 #[derive(Deserialize, ToSchema)]
