@@ -8,7 +8,7 @@ use plinth_access::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{TestApp, TestResult, add_member, assert_error, eventually, member};
+use crate::harness::{AppOptions, TestApp, TestResult, add_member, assert_error, eventually, member};
 use crate::world::{PASSWORD, World, world};
 
 async fn login(w: &World, email: &str, password: &str, agent: &str) -> TestResult<String> {
@@ -167,6 +167,11 @@ async fn tenant_admins_end_a_members_sessions_in_their_tenant_only() -> TestResu
         |tenant: &str| app.http.get(app.url("/v1/projects")).header("x-tenant", tenant).bearer_auth(&carol).send();
     assert_eq!(as_carol("acme").await?.status(), 200);
     assert_eq!(as_carol("globex").await?.status(), 200);
+    // A second instance, which caches carol's session too.
+    let other = TestApp::spawn_on(app.testdb.as_ref().ok_or("no db")?, AppOptions::default()).await?;
+    let on_other =
+        |tenant: &str| other.http.get(other.url("/v1/projects")).header("x-tenant", tenant).bearer_auth(&carol).send();
+    assert_eq!(on_other("acme").await?.status(), 200);
     let me: Value = app.http.get(app.url("/v1/me")).bearer_auth(&carol).send().await?.json().await?;
     let carol_id = me["user"]["id"].as_str().ok_or("no id")?.to_owned();
     let owner_me: Value =
@@ -190,6 +195,8 @@ async fn tenant_admins_end_a_members_sessions_in_their_tenant_only() -> TestResu
     assert_eq!(res.status(), 200);
     assert_eq!(res.json::<Value>().await?["ended"], 1);
     eventually(Duration::from_secs(1), || async { Ok(as_carol("acme").await?.status() == 401) }).await?;
+    eventually(Duration::from_secs(1), || async { Ok(on_other("acme").await?.status() == 401) }).await?;
+    assert_eq!(on_other("globex").await?.status(), 200);
     assert_eq!(as_carol("globex").await?.status(), 200, "her session still opens her other organization");
     assert_eq!(app.http.get(app.url("/v1/me")).bearer_auth(&carol).send().await?.status(), 200);
     // A new session opens acme again.

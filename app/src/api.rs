@@ -83,9 +83,14 @@ pub fn document() -> OpenApi {
         .build();
     doc.tags = Some(
         [
-            ("accounts", "Sign-up, sign-in, sessions, email verification, password reset, two-factor sign-in."),
+            (
+                "accounts",
+                "Sign-up, sign-in, sessions a user sees and ends, password and address changes, email verification, \
+                 password reset, two-factor sign-in, a user's own export and erasure.",
+            ),
             ("tenant", "The caller's organization: plan, limits, usage and audit log."),
             ("members", "Members, roles and invitations."),
+            ("domains", "Email domains an organization proves it owns, and joining by domain."),
             ("api keys", "Keys that act in one organization without a user's session."),
             ("projects", "The example product domain, in each organization's own schema."),
             ("billing", "Subscriptions through Stripe."),
