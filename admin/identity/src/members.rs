@@ -279,6 +279,8 @@ struct MemberSessionsEnded {
 /// member stops opening this organization, on every instance within a
 /// second (the member signs in again to come back). Their sessions go on
 /// working in their other organizations: an admin acts in their own only.
+/// (An operator's impersonation session is the operator's: it ends with
+/// the tenant's owners forbidding impersonation, not here.)
 #[utoipa::path(
     operation_id = "end_member_sessions",
     tag = "members",
@@ -310,7 +312,7 @@ async fn end_sessions(ctx: Allowed<ManageMembers>, path: web::Path<String>) -> R
             let ended = diesel::sql_query(
                 "INSERT INTO public.session_tenant_ends (session_id, tenant_id) \
                  SELECT id, $2 FROM public.sessions \
-                 WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > now() \
+                 WHERE user_id = $1 AND impersonator_id IS NULL AND revoked_at IS NULL AND expires_at > now() \
                  ON CONFLICT DO NOTHING",
             )
             .bind::<diesel::sql_types::Uuid, _>(user)
