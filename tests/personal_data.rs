@@ -163,6 +163,12 @@ async fn a_user_exports_their_data_then_erases_their_account() -> TestResult {
     let hers: Vec<&Value> = acme.iter().filter(|e| e["actor_id"] == pseudonym).collect();
     assert!(hers.iter().any(|e| e["action"] == "auth.login"), "her sign-in is still there, pseudonymised");
     assert!(hers.iter().all(|e| e["ip"].is_null()));
+    let by_pseudonym =
+        w.as_user(&olivia, Method::GET, "acme", &format!("/v1/audit-log?actor={pseudonym}")).send().await?;
+    let by_pseudonym: Value = by_pseudonym.json().await?;
+    let listed = by_pseudonym["data"].as_array().ok_or("data")?;
+    assert_eq!(listed.len(), hers.len(), "filtering by the pseudonym finds her entries");
+    assert!(listed.iter().all(|e| e["actor_id"] == pseudonym));
     let olivias: Vec<&Value> = acme.iter().filter(|e| e["actor_id"] == olivia_id.as_str()).collect();
     assert!(olivias.iter().any(|e| e["action"] == "auth.login" && e["ip"] == "127.0.0.1"), "others are untouched");
     // Globex's invitation entry no longer shows her address; gina's own stay.

@@ -57,6 +57,11 @@ async fn list(
             ApiError::invalid_fields(vec![FieldError::new("actor", "invalid", "is not a user or API key id")])
         })?),
     };
+    // An erased user is filtered by the pseudonym the log shows.
+    let actor = match actor {
+        Some(id) => Some(plinth_identity::personal_data::stored_id(&db, id).await?),
+        None => None,
+    };
     let action = action.filter(|a| !a.is_empty());
     let filter = audit::Filter { before: page.after, action, actor, limit: page.limit + 1 };
     let mut rows = ctx.tx(async |c| Ok::<_, ApiError>(audit::read(c, filter).await?)).await?;

@@ -414,6 +414,25 @@ fn email_digest(email: &str) -> [u8; 32] {
     Sha256::digest(email.trim().to_lowercase().as_bytes()).into()
 }
 
+/// The id audit entries store for `id`: the erased user's old id when `id`
+/// is a pseudonym, else `id` itself (so filtering the log by what it shows
+/// finds the entries).
+pub async fn stored_id(db: &Db, id: uuid::Uuid) -> Result<uuid::Uuid, IdentityError> {
+    let old: Option<uuid::Uuid> = db
+        .statement(async |c| {
+            Ok::<_, IdentityError>(
+                erased_users::table
+                    .filter(erased_users::pseudonym.eq(id))
+                    .select(erased_users::user_id)
+                    .first(c)
+                    .await
+                    .optional()?,
+            )
+        })
+        .await?;
+    Ok(old.unwrap_or(id))
+}
+
 /// Applies erasures to audit entries as they are read: an erased user's id
 /// (as actor or target) becomes their pseudonym, the entry's address is
 /// left out when its actor is erased, and an erased address in the details
