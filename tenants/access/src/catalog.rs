@@ -255,10 +255,14 @@ mod tests {
         assert_eq!(c.get("pro").unwrap().limit(Quota::Projects), None);
         assert_eq!(c.get("pro").unwrap().limit(Quota::Members), Some(25));
         assert_eq!(c.get("pro").unwrap().features, ["api_keys", "audit_log"]);
-        assert_eq!(c.get("enterprise").unwrap().features, ["api_keys", "audit_log", "custom_domains", "data_export"]);
+        assert_eq!(
+            c.get("enterprise").unwrap().features,
+            ["api_keys", "audit_log", "custom_domains", "data_export", "sso"]
+        );
         assert!(c.get("enterprise").unwrap().limits.is_empty());
         assert_eq!(c.cheapest_with("audit_log").unwrap().name, "pro");
         assert_eq!(c.cheapest_with("data_export").unwrap().name, "enterprise");
+        assert_eq!(c.cheapest_with("sso").unwrap().name, "enterprise");
         assert_eq!(c.effective("gold").name, "free");
         let priced: Vec<_> = c.plans().iter().map(|p| (p.name.as_str(), p.per_seat, p.trial_days)).collect();
         assert_eq!(priced, [("free", false, None), ("pro", true, Some(14)), ("enterprise", true, None)]);
