@@ -48,7 +48,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(request_export).service(download).service(erase);
 }
 
-/// Nothing: the link goes out by mail.
+/// The export written; its link goes out by mail.
 #[derive(Serialize, ToSchema)]
 struct ExportRequested {
     /// The export, as the mailed link names it.
