@@ -191,7 +191,8 @@ struct NewDomain {
 #[post("/v1/domains")]
 async fn add(ctx: Allowed<ManageDomains>, body: Json<NewDomain>) -> Result<HttpResponse, ApiError> {
     let domain = parse_domain("domain", &body.0.domain)?;
-    let token = hex(&crate::sessions::random_bytes::<16>().map_err(crate::error::IdentityError::from)?);
+    let token =
+        plinth_tenants::backup::hex(&crate::sessions::random_bytes::<16>().map_err(crate::error::IdentityError::from)?);
     let entry = ctx.audit_entry("domain.added").target("email_domain", &domain);
     let view: DomainView = ctx
         .rows(async |rows| {
@@ -637,8 +638,4 @@ pub async fn auto_join(
         tracing::info!(tenant.slug = %t.slug, user.id = %user, "joined by verified domain");
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

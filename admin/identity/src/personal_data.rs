@@ -484,7 +484,8 @@ pub async fn pseudonymise(db: &Db, entries: &mut [Stored]) -> Result<(), Identit
             .details
             .get("email")
             .and_then(|e| e.as_str())
-            .is_some_and(|e| erased.iter().any(|x| x.2 == email_digest(e)));
+            .map(email_digest)
+            .is_some_and(|digest| erased.iter().any(|x| x.2 == digest));
         if erased_email && let Some(details) = entry.details.as_object_mut() {
             details.remove("email");
         }
