@@ -485,9 +485,11 @@ async fn confirm_email_proof(
 #[serde(deny_unknown_fields)]
 struct DomainSettings {
     #[schema(nullable = false)]
+    #[serde(default, deserialize_with = "plinth_http::request::not_null")]
     auto_join: Option<bool>,
     /// `admin`, `member` or `viewer`.
     #[schema(nullable = false, value_type = Option<String>)]
+    #[serde(default, deserialize_with = "plinth_http::request::not_null")]
     auto_join_role: Option<String>,
 }
 

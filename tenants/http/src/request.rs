@@ -414,7 +414,7 @@ impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
 /// text Plinth stores may hold one (PostgreSQL's `text` cannot). A raw NUL
 /// byte is already malformed JSON. The full parse runs only when the escape
 /// appears at all.
-fn refuse_nul(body: &[u8]) -> Result<(), ApiError> {
+pub fn refuse_nul(body: &[u8]) -> Result<(), ApiError> {
     fn has_nul(value: &serde_json::Value) -> bool {
         match value {
             serde_json::Value::String(s) => s.contains('\0'),
@@ -428,6 +428,13 @@ fn refuse_nul(body: &[u8]) -> Result<(), ApiError> {
         return Err(ApiError::invalid("text must not contain NUL characters"));
     }
     Ok(())
+}
+
+/// For an optional field that may be absent but not `null` (documented
+/// `nullable: false`): `#[serde(default, deserialize_with = "not_null")]`.
+/// serde alone reads a `null` as absent.
+pub fn not_null<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// Parses a JSON object, reporting type errors against the field they
