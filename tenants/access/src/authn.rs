@@ -20,6 +20,9 @@ pub enum Credential {
     /// A platform admin (`operator`) acting as the member `user_id`, only
     /// in `tenant_id`, for a short while. Anywhere else it is nobody.
     Impersonation { user_id: UserId, session_id: uuid::Uuid, operator: UserId, tenant_id: TenantId },
+    /// A tenant's SCIM token: it opens that tenant's `/scim/v2/` routes
+    /// ([`crate::gate::ScimAllowed`]) and nothing else.
+    Scim { token_id: uuid::Uuid, tenant_id: TenantId },
 }
 
 /// Answers whose a bearer token is: `Ok(None)` for a token that is unknown,

@@ -33,6 +33,8 @@ pub enum Principal {
     User { user_id: UserId, session_id: uuid::Uuid, impersonator: Option<UserId> },
     /// A tenant API key.
     ApiKey { key_id: uuid::Uuid },
+    /// The tenant's directory, through a SCIM token (SCIM routes only).
+    Scim { token_id: uuid::Uuid },
 }
 
 impl Principal {
@@ -40,7 +42,7 @@ impl Principal {
     pub fn user_id(&self) -> Option<UserId> {
         match self {
             Self::User { user_id, .. } => Some(*user_id),
-            Self::ApiKey { .. } => None,
+            Self::ApiKey { .. } | Self::Scim { .. } => None,
         }
     }
 
@@ -49,7 +51,7 @@ impl Principal {
     pub fn impersonator(&self) -> Option<UserId> {
         match self {
             Self::User { impersonator, .. } => *impersonator,
-            Self::ApiKey { .. } => None,
+            Self::ApiKey { .. } | Self::Scim { .. } => None,
         }
     }
 
@@ -58,6 +60,7 @@ impl Principal {
         match self {
             Self::User { user_id, .. } => format!("user:{user_id}"),
             Self::ApiKey { key_id } => format!("api_key:{key_id}"),
+            Self::Scim { token_id } => format!("scim:{token_id}"),
         }
     }
 }
@@ -183,14 +186,19 @@ impl TenantContext {
 
     /// An audit entry for `action` by this request's caller, with its
     /// address and request id; made while impersonating, it names the
-    /// platform admin too (`details.impersonated_by`).
+    /// platform admin too (`details.impersonated_by`). The directory acts
+    /// as the system, naming its token (`details.scim_token`).
     pub fn audit_entry(&self, action: &'static str) -> plinth_tenants::audit::Entry {
         use plinth_tenants::audit::{Actor, Entry};
         let actor = match &self.principal {
             Principal::User { user_id, .. } => Actor::User(user_id.0),
             Principal::ApiKey { key_id } => Actor::ApiKey(*key_id),
+            Principal::Scim { .. } => Actor::System,
         };
         let mut entry = self.request_id.stamp(Entry::new(actor, action));
+        if let Principal::Scim { token_id } = &self.principal {
+            entry = entry.details(serde_json::json!({ "scim_token": token_id }));
+        }
         entry.ip = Some(self.ip.clone());
         if let Some(operator) = self.principal.impersonator() {
             entry = entry.details(serde_json::json!({ "impersonated_by": operator.0 }));

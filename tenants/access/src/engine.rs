@@ -243,6 +243,35 @@ impl Access {
         })
     }
 
+    /// What the policy holds for a caller whose credential itself gives it
+    /// `role` in `tenant`, with no membership or key row behind it (a SCIM
+    /// token acts as an admin of its tenant's directory): the tenant's
+    /// policy, from the engine while it is current, read on `db` otherwise,
+    /// and the role and plan nodes named directly for casbin.
+    pub(crate) async fn tenant_role_on(&self, db: &Db, role: Role, tenant: TenantId) -> Result<Asked, AccessError> {
+        let (policy, snapshot) = if AtomicBool::load(&self.trusted, Ordering::SeqCst) {
+            let snapshot = self
+                .knowing(|s| if s.tenant(tenant).is_none() { vec![Change::Tenant(tenant)] } else { vec![] })
+                .await?;
+            (snapshot.tenant(tenant).cloned(), snapshot)
+        } else {
+            let row = db
+                .platform(async |c| Ok::<_, AccessError>(registry::plan_status(c, Some(tenant)).await?))
+                .await?
+                .into_iter()
+                .next();
+            let policy = match row.map(|row| tenant_policy(&self.catalog, row)) {
+                Some(Fact::Tenant { policy, .. }) => policy,
+                _ => None,
+            };
+            (policy, self.snapshot())
+        };
+        let policy = policy.ok_or(AccessError::TenantNotFound)?;
+        let ten = if policy.active { snapshot::plan_node(&policy.plan) } else { "none".to_owned() };
+        let role_node = snapshot::role_node(role);
+        Ok(Asked { sub: role_node.clone(), ten, role_node, role: Some(role), policy: Some(policy), snapshot })
+    }
+
     /// Whether `user` holds the platform admin grant (the operator
     /// console asks; routes ask through `PlatformAllowed`).
     pub async fn is_platform_admin(&self, user: UserId) -> Result<bool, AccessError> {

@@ -28,7 +28,7 @@ use plinth_http::error::ApiError;
 use plinth_http::request::{ClientIpHeader, RequestId};
 use plinth_tenants::db::Db;
 use plinth_tenants::ids::UserId;
-use plinth_tenants::registry::TenantStatus;
+use plinth_tenants::registry::{self, TenantStatus};
 use plinth_tenants::replicas::{Consistency, WAL_POSITION_HEADER};
 
 use crate::authn::{Authenticate, Client, Credential, bearer};
@@ -37,6 +37,7 @@ use crate::engine::Access;
 use crate::model::{Decision, Need, Subject};
 use crate::quota::Counters;
 use crate::resolve::TenantResolver;
+use crate::roles::Role;
 
 /// What one route needs; implemented by the types [`requirements!`] declares.
 pub trait Requirement {
@@ -264,6 +265,8 @@ impl TenantContext {
                 let subject = Subject::Member(tenant.id, user_id);
                 (Principal::User { user_id, session_id, impersonator: Some(operator) }, tenant, subject)
             }
+            // A SCIM token opens its tenant's `/scim/v2/` routes only.
+            Credential::Scim { .. } => return Err(ApiError::Unauthenticated),
         };
         let asked = access.tenant_subject_on(&db, subject, tenant.id).await?;
         let (Some(role), Some(policy)) = (asked.role, asked.policy.clone()) else {
@@ -285,12 +288,16 @@ impl TenantContext {
         impersonation_gate(&principal, need, reads)?;
         payment_gate(&policy, need, reads)?;
         let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
-        let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
-        let ip = plinth_http::request::client_ip(req, header.as_deref());
-        let counters = registered::<Counters>(req)?;
+        let ip = request_ip(req);
         if let (Some(operator), false) = (principal.impersonator(), reads) {
             record_impersonated_write(&db, &tenant, &principal, operator, req, &request_id, &ip).await?;
         }
+        Self::build(req, Passed { tenant, principal, role, policy, subject, request_id, ip, db, access, reads })
+    }
+
+    /// The context of a request that passed a gate.
+    fn build(req: &HttpRequest, passed: Passed) -> Result<Self, ApiError> {
+        let Passed { tenant, principal, role, policy, subject, request_id, ip, db, access, reads } = passed;
         let after = req.headers().get(WAL_POSITION_HEADER).map(|v| v.to_str().unwrap_or("(not text)"));
         let consistency = Arc::new(Consistency::new(reads, after));
         req.extensions_mut().insert(Arc::clone(&consistency));
@@ -304,9 +311,99 @@ impl TenantContext {
             subject,
             db: db.get_ref().clone(),
             access,
-            counters,
+            counters: registered::<Counters>(req)?,
             reads,
             consistency,
+        })
+    }
+
+    /// Authenticates a SCIM token and asks the policy about `need` in the
+    /// token's tenant, as an admin of it (the directory adds, changes and
+    /// removes members, never owners). The token names the tenant: a host
+    /// or `X-Tenant` naming another one is 404, like an API key's. A
+    /// restricted tenant (payment overdue) keeps its directory open, so
+    /// that someone who left can always be removed.
+    pub(crate) async fn gate_scim(req: &HttpRequest, need: &Need) -> Result<Self, ApiError> {
+        let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
+        let access = registered::<Arc<Access>>(req)?.get_ref().clone();
+        let db = registered::<Db>(req)?;
+        let credential = registered::<dyn Authenticate>(req)?.authenticate(&token, &Client::of(req)).await?;
+        let Some(Credential::Scim { token_id, tenant_id }) = credential else {
+            return Err(ApiError::Unauthenticated);
+        };
+        tracing::Span::current().record("user.id", format!("scim:{token_id}"));
+        let found = db.platform(async |c| Ok::<_, ApiError>(registry::find_by_id(c, tenant_id).await?)).await?;
+        let tenant = found.filter(|t| t.status != TenantStatus::Deleting).ok_or(ApiError::NotFound("tenant"))?;
+        let named = req.headers().get(crate::resolve::TENANT_HEADER).map(|h| h.to_str().unwrap_or("\u{fffd}"));
+        if named.is_some_and(|slug| slug != tenant.slug.as_str()) {
+            return Err(ApiError::NotFound("tenant"));
+        }
+        let asked = access.tenant_role_on(&db, Role::Admin, tenant.id).await?;
+        let Some(policy) = asked.policy.clone() else { return Err(ApiError::NotFound("tenant")) };
+        if tenant.status == TenantStatus::Suspended || !policy.active {
+            return Err(ApiError::TenantSuspended);
+        }
+        tracing::Span::current().record("tenant.slug", tenant.slug.as_str());
+        // Never a member's or key's: `require` on this context finds no role.
+        let subject = Subject::Key(tenant.id, token_id);
+        let decision = access.decide(&asked, need)?;
+        drop(asked);
+        record(subject, &tenant.id.to_string(), need, &decision);
+        outcome(decision)?;
+        let reads = matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD);
+        let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
+        let (principal, role, ip) = (Principal::Scim { token_id }, Role::Admin, request_ip(req));
+        Self::build(
+            req,
+            Passed { tenant: Arc::new(tenant), principal, role, policy, subject, request_id, ip, db, access, reads },
+        )
+    }
+}
+
+/// What a gate found out about a request, to build its context from.
+struct Passed {
+    tenant: Arc<plinth_tenants::registry::Tenant>,
+    principal: Principal,
+    role: Role,
+    policy: crate::TenantPolicy,
+    subject: Subject,
+    request_id: RequestId,
+    ip: String,
+    db: web::Data<Db>,
+    access: Arc<Access>,
+    reads: bool,
+}
+
+/// The client's address (see `plinth_http::request::client_ip`).
+fn request_ip(req: &HttpRequest) -> String {
+    let header = req.app_data::<web::Data<ClientIpHeader>>().and_then(|h| h.0.clone());
+    plinth_http::request::client_ip(req, header.as_deref())
+}
+
+/// A SCIM request (`/scim/v2/`) from the directory of the tenant its token
+/// names, that passed the gate for `R`.
+pub struct ScimAllowed<R> {
+    ctx: TenantContext,
+    _requirement: PhantomData<R>,
+}
+
+impl<R> Deref for ScimAllowed<R> {
+    type Target = TenantContext;
+
+    fn deref(&self) -> &TenantContext {
+        &self.ctx
+    }
+}
+
+impl<R: Requirement> FromRequest for ScimAllowed<R> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let ctx = TenantContext::gate_scim(&req, &R::NEED).await?;
+            Ok(Self { ctx, _requirement: PhantomData })
         })
     }
 }

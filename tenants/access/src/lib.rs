@@ -52,7 +52,7 @@ pub use engine::{
     TENANT_POLICY_CHANNEL,
 };
 pub use error::AccessError;
-pub use gate::{Allowed, PlatformAllowed};
+pub use gate::{Allowed, PlatformAllowed, ScimAllowed};
 pub use model::{Action, Decision, Need, Subject};
 pub use plans::change_plan;
 pub use roles::{AllRoles, Role, RoleSource};
