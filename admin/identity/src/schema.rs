@@ -182,3 +182,57 @@ diesel::table! {
         created_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    /// A tenant's SCIM bearer tokens (only their hashes).
+    public.scim_tokens (id) {
+        id -> Uuid,
+        tenant_id -> Uuid,
+        prefix -> Text,
+        token_hash -> Bytea,
+        created_by -> Nullable<Uuid>,
+        created_at -> Timestamptz,
+        revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// The directory's users in a tenant.
+    public.scim_users (tenant_id, user_id) {
+        tenant_id -> Uuid,
+        user_id -> Uuid,
+        external_id -> Nullable<Text>,
+        given_name -> Nullable<Text>,
+        family_name -> Nullable<Text>,
+        display_name -> Nullable<Text>,
+        active -> Bool,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    /// The directory's groups in a tenant, each mapped to a role or none.
+    public.scim_groups (id) {
+        id -> Uuid,
+        tenant_id -> Uuid,
+        display_name -> Text,
+        external_id -> Nullable<Text>,
+        role -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    /// A directory group's members.
+    public.scim_group_members (group_id, user_id) {
+        tenant_id -> Uuid,
+        group_id -> Uuid,
+        user_id -> Uuid,
+    }
+}
+
+diesel::joinable!(scim_users -> users (user_id));
+diesel::joinable!(scim_group_members -> scim_groups (group_id));
+diesel::allow_tables_to_appear_in_same_query!(scim_users, scim_groups, scim_group_members, users);
