@@ -71,12 +71,12 @@ if ! command -v promtool >/dev/null && [ ! -x "$tools/usr/bin/promtool" ]; then
 fi
 export PATH="$PATH:$tools/usr/bin"
 
-# schemathesis and an OpenAPI validator (tests/contract.rs), from PyPI, in a
-# virtual environment; installed again when scripts/requirements-test.txt
-# changes.
+# schemathesis and an OpenAPI validator (tests/contract.rs) and a SCIM client
+# (tests/scim.rs), from PyPI, in a virtual environment; installed again when
+# scripts/requirements-test.txt changes.
 venv="$tools/venv"
 if ! cmp -s scripts/requirements-test.txt "$venv/requirements-test.txt" 2>/dev/null; then
-    echo "installing schemathesis and openapi-spec-validator (the API contract tests need them)"
+    echo "installing schemathesis, openapi-spec-validator and scim2-client (the contract and SCIM tests need them)"
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-test.txt

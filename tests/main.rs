@@ -37,6 +37,7 @@ mod projects;
 mod provisioning;
 mod replicas;
 mod routing;
+mod scim;
 mod secrets;
 mod security;
 mod self_service;

@@ -42,11 +42,15 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .configure(plinth_identity::domains::configure)
         .configure(plinth_identity::invitations::configure)
         .configure(plinth_identity::api_keys::configure)
+        .configure(plinth_identity::scim::configure)
         .configure(plinth_admin::audit_log::configure)
         .configure(plinth_identity::totp::configure)
         .configure(plinth_billing::webhook::configure)
         .configure(plinth_billing::api::configure);
 }
+
+/// Security scheme of the SCIM routes (`/scim/v2/`).
+pub const SCIM_TOKEN: &str = "scim_token";
 
 /// Security scheme of `GET /metrics` when `PLINTH_METRICS_TOKEN` is set.
 pub const METRICS_TOKEN: &str = "metrics_token";
@@ -92,6 +96,12 @@ pub fn document() -> OpenApi {
             ("members", "Members, roles and invitations."),
             ("domains", "Email domains an organization proves it owns, and joining by domain."),
             ("api keys", "Keys that act in one organization without a user's session."),
+            (
+                "scim",
+                "SCIM 2.0 provisioning (RFC 7643, RFC 7644): the organization's directory creates, deactivates and \
+                 groups its members under `/scim/v2/` with a SCIM token; tenant admins make the tokens and map \
+                 directory groups to roles under `/v1/scim/`.",
+            ),
             ("projects", "The example product domain, in each organization's own schema."),
             ("billing", "Subscriptions through Stripe."),
             ("platform", "Platform administration, for platform admins only."),
@@ -102,6 +112,14 @@ pub fn document() -> OpenApi {
         .collect(),
     );
     plinth_http::openapi::finish(&mut doc);
+    let mut scim = Http::new(HttpAuthScheme::Bearer);
+    scim.bearer_format = Some("SCIM token".into());
+    scim.description = Some(
+        "A SCIM token from `POST /v1/scim/tokens`, which names its organization (no `X-Tenant` needed) and opens \
+         only `/scim/v2/`: `Authorization: Bearer <token>`."
+            .into(),
+    );
+    doc.components.get_or_insert_with(Default::default).add_security_scheme(SCIM_TOKEN, SecurityScheme::Http(scim));
     let mut metrics = Http::new(HttpAuthScheme::Bearer);
     metrics.description = Some("`PLINTH_METRICS_TOKEN`, when the server sets it.".into());
     doc.components

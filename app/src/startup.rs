@@ -19,7 +19,7 @@ use plinth_identity::config::IdentityConfig;
 use plinth_identity::limits::RateLimits;
 use plinth_identity::links::MembershipRoles;
 use plinth_identity::password::Hashing;
-use plinth_identity::sessions::{self, ApiKeys, Authenticator, Sessions, UnknownTokens};
+use plinth_identity::sessions::{self, ApiKeys, Authenticator, ScimTokens, Sessions, UnknownTokens};
 use plinth_tenants::notify::Listener;
 use plinth_tenants::{Db, DbConfig};
 use utoipa_actix_web::AppExt as _;
@@ -89,7 +89,8 @@ impl Application {
         for (channel, handler) in access.listen_handlers() {
             listener.on(channel, handler);
         }
-        let api_keys = ApiKeys::new(resolver_db.clone(), unknown_tokens);
+        let api_keys = ApiKeys::new(resolver_db.clone(), Arc::clone(&unknown_tokens));
+        let scim_tokens = ScimTokens::new(resolver_db.clone(), unknown_tokens);
         listener.on(sessions::API_KEYS_CHANNEL, api_keys.listen_handler());
         let metrics = web::Data::new(crate::metrics::Metrics::new(
             settings.metrics_token.as_ref().map(plinth_tenants::crypto::Secret::expose),
@@ -108,7 +109,9 @@ impl Application {
         let sessions_data = web::Data::new(sessions.clone());
         let access_data = web::Data::new(access);
         let authenticator: web::Data<dyn Authenticate> =
-            web::Data::from(Arc::new(Authenticator { sessions: sessions.clone(), api_keys }) as Arc<dyn Authenticate>);
+            web::Data::from(
+                Arc::new(Authenticator { sessions: sessions.clone(), api_keys, scim_tokens }) as Arc<dyn Authenticate>
+            );
         let identity = IdentityConfig {
             client_ip_header: settings.client_ip_header.clone(),
             limits: settings.limits,

@@ -134,7 +134,7 @@ async fn create(
         let (creator, name) = (ctx.principal.user_id().map(|u| u.0), body.0.name.trim().to_owned());
         let minted_by = match &ctx.principal {
             Principal::ApiKey { key_id } => Some(*key_id),
-            Principal::User { .. } => None,
+            Principal::User { .. } | Principal::Scim { .. } => None,
         };
         let entry = ctx.audit_entry("api_key.created");
         let new = NewKeyRow { name, role, prefix, hash, creator, minted_by };

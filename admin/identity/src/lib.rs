@@ -24,6 +24,8 @@
 //! - [`members`]: memberships and invitations (invite, accept, roles,
 //!   removal).
 //! - [`api_keys`]: a tenant's API keys.
+//! - [`scim`]: SCIM 2.0 provisioning from an organization's directory
+//!   (`/scim/v2/`), its tokens, and directory groups mapped to roles.
 //! - [`tokens`]: single-use tokens sent by mail.
 //! - [`limits`]: the rate limits of these routes and of invitations.
 //! - [`links`]: [`links::MembershipRoles`], identity's answer to the access
@@ -50,6 +52,7 @@ pub mod openapi;
 pub mod password;
 pub mod personal_data;
 pub mod schema;
+pub mod scim;
 pub mod sessions;
 pub mod tokens;
 pub mod totp;

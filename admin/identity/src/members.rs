@@ -144,7 +144,10 @@ pub async fn members_of(rows: &mut TenantRows<'_>) -> diesel::QueryResult<Vec<Me
 
 /// The tenant's memberships that matter for the owner rules, locked for the
 /// rest of the transaction: the target's, and every owner's.
-async fn lock_owners_and(rows: &mut TenantRows<'_>, target: uuid::Uuid) -> diesel::QueryResult<(Option<Role>, usize)> {
+pub(crate) async fn lock_owners_and(
+    rows: &mut TenantRows<'_>,
+    target: uuid::Uuid,
+) -> diesel::QueryResult<(Option<Role>, usize)> {
     let tenant = rows.tenant_id().0;
     let found: Vec<(uuid::Uuid, String)> = memberships::table
         .filter(memberships::tenant_id.eq(tenant))
@@ -307,24 +310,32 @@ async fn end_sessions(ctx: Allowed<ManageMembers>, path: web::Path<String>) -> R
             if current == Role::Owner && caller_role != Role::Owner {
                 return Err(ApiError::Forbidden);
             }
-            // Raw SQL: an INSERT from a SELECT, which diesel's builder
-            // writes only with a typed select of every column.
-            let ended = diesel::sql_query(
-                "INSERT INTO public.session_tenant_ends (session_id, tenant_id) \
-                 SELECT id, $2 FROM public.sessions \
-                 WHERE user_id = $1 AND impersonator_id IS NULL AND revoked_at IS NULL AND expires_at > now() \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind::<diesel::sql_types::Uuid, _>(user)
-            .bind::<diesel::sql_types::Uuid, _>(tenant)
-            .execute(rows.conn())
-            .await?;
+            let ended = end_sessions_in(rows, user).await?;
             audit::record(rows, entry.details(json!({ "sessions": ended }))).await?;
             Ok::<_, ApiError>(ended)
         })
         .await?;
     tracing::info!(member.id = %user, sessions.ended = ended, "member's sessions ended in the tenant");
     Ok(HttpResponse::Ok().json(MemberSessionsEnded { ended }))
+}
+
+/// Ends every live session of `user` in the tenant `rows` is bound to
+/// (not an operator's impersonation session): each is refused there, on
+/// every instance within a second. How many were live.
+pub(crate) async fn end_sessions_in(rows: &mut TenantRows<'_>, user: uuid::Uuid) -> diesel::QueryResult<usize> {
+    let tenant = rows.tenant_id().0;
+    // Raw SQL: an INSERT from a SELECT, which diesel's builder writes only
+    // with a typed select of every column.
+    diesel::sql_query(
+        "INSERT INTO public.session_tenant_ends (session_id, tenant_id) \
+         SELECT id, $2 FROM public.sessions \
+         WHERE user_id = $1 AND impersonator_id IS NULL AND revoked_at IS NULL AND expires_at > now() \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(user)
+    .bind::<diesel::sql_types::Uuid, _>(tenant)
+    .execute(rows.conn())
+    .await
 }
 
 /// Counts the members quota: members and pending invitations (an

@@ -136,9 +136,10 @@ struct SessionRecord {
 
 /// Everything Plinth holds about `user`, as JSON: the account, its
 /// memberships, its sessions, its failed sign-ins, the API keys it made,
-/// and the audit entries about it in each organization it belongs to.
+/// what organizations' directories (SCIM) hold about it, and the audit
+/// entries about it in each organization it belongs to.
 async fn archive(db: &Db, user: UserId) -> Result<serde_json::Value, ApiError> {
-    let (account, member_of, sessions, failures, keys) = db
+    let (account, member_of, sessions, failures, keys, directories) = db
         .platform(async |c| {
             let account: AccountRecord = users::table
                 .find(user.0)
@@ -196,7 +197,8 @@ async fn archive(db: &Db, user: UserId) -> Result<serde_json::Value, ApiError> {
                 .into_iter()
                 .filter_map(|t| roles.iter().find(|r| r.0 == t.id.0).map(|r| (t, r.1.clone(), r.2)))
                 .collect();
-            Ok::<_, ApiError>((account, member_of, sessions, failures, keys))
+            let directories = crate::scim::admin::records_of(c, user).await?;
+            Ok::<_, ApiError>((account, member_of, sessions, failures, keys, directories))
         })
         .await?;
     let mut memberships = Vec::new();
@@ -220,6 +222,7 @@ async fn archive(db: &Db, user: UserId) -> Result<serde_json::Value, ApiError> {
         "sessions": sessions,
         "failed_sign_ins": failures.into_iter().map(|(ip, at)| json!({ "ip": ip, "at": at })).collect::<Vec<_>>(),
         "api_keys_created": keys,
+        "directory_records": directories,
     }))
 }
 

@@ -31,7 +31,7 @@ use plinth_tenants::ids::{TenantId, UserId};
 use plinth_tenants::notify::{Handler, ListenEvent};
 
 use crate::error::IdentityError;
-use crate::schema::{api_keys, session_tenant_ends, sessions};
+use crate::schema::{api_keys, scim_tokens, session_tenant_ends, sessions};
 
 /// The NOTIFY channel on which revoked session ids arrive.
 pub const CHANNEL: &str = "plinth_sessions";
@@ -217,7 +217,7 @@ pub async fn revoke_other_sessions(
     .await
 }
 
-/// Bearer tokens are `pls_` or `plk_` and 32 random bytes in unpadded
+/// Bearer tokens are `pls_`, `plk_` or `plp_` and 32 random bytes in unpadded
 /// base64: anything of another length is unknown without a query.
 const TOKEN_LEN: usize = 4 + 43;
 
@@ -489,6 +489,53 @@ impl ApiKeys {
     }
 }
 
+/// SCIM tokens start with this (`p` for provisioning).
+pub const SCIM_TOKEN_PREFIX: &str = "plp_";
+
+/// A new SCIM token secret and its hash.
+pub fn new_scim_token() -> Result<(String, [u8; 32]), getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    let token = format!("{SCIM_TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash_token(&token);
+    Ok((token, hash))
+}
+
+/// Checks SCIM tokens. Not cached: a directory sends few requests, and an
+/// uncached check makes a revoked token fail on its very next request on
+/// every instance.
+pub struct ScimTokens {
+    db: Db,
+    unknown: Arc<UnknownTokens>,
+}
+
+impl ScimTokens {
+    pub fn new(db: Db, unknown: Arc<UnknownTokens>) -> Arc<Self> {
+        Arc::new(Self { db, unknown })
+    }
+
+    /// The live token a secret belongs to, and its tenant, if any.
+    pub async fn verify(&self, token: &str, client: &Client) -> Result<Option<(uuid::Uuid, TenantId)>, IdentityError> {
+        if !token.starts_with(SCIM_TOKEN_PREFIX) || token.len() != TOKEN_LEN {
+            return Ok(None);
+        }
+        let hash = hash_token(token);
+        let query = self.db.platform(async |c| {
+            Ok::<_, IdentityError>(
+                scim_tokens::table
+                    .filter(scim_tokens::token_hash.eq(&hash[..]))
+                    .filter(scim_tokens::revoked_at.is_null())
+                    .select((scim_tokens::id, scim_tokens::tenant_id))
+                    .first::<(uuid::Uuid, uuid::Uuid)>(c)
+                    .await
+                    .optional()?,
+            )
+        });
+        let found = self.unknown.lookup(client, query).await?;
+        Ok(found.map(|(id, tenant)| (id, TenantId(tenant))))
+    }
+}
+
 /// The caller's own session, from `Authorization: Bearer <token>`.
 /// Extracting it answers 401 `unauthenticated` when the token is missing,
 /// unknown, expired or revoked, and 403 `forbidden` to an impersonation
@@ -542,10 +589,11 @@ impl FromRequest for AnySession {
 }
 
 /// The answer to the gate's question ([`Authenticate`]): sessions for `pls_`
-/// tokens, API keys for `plk_` ones.
+/// tokens, API keys for `plk_` ones, SCIM tokens for `plp_` ones.
 pub struct Authenticator {
     pub sessions: Arc<Sessions>,
     pub api_keys: Arc<ApiKeys>,
+    pub scim_tokens: Arc<ScimTokens>,
 }
 
 impl Authenticate for Authenticator {
@@ -558,6 +606,9 @@ impl Authenticate for Authenticator {
             if token.starts_with(API_KEY_PREFIX) {
                 let key = self.api_keys.verify(token, client).await?;
                 Ok(key.map(|k| Credential::ApiKey { key_id: k.key_id, tenant_id: k.tenant_id }))
+            } else if token.starts_with(SCIM_TOKEN_PREFIX) {
+                let found = self.scim_tokens.verify(token, client).await?;
+                Ok(found.map(|(token_id, tenant_id)| Credential::Scim { token_id, tenant_id }))
             } else {
                 let session = self.sessions.verify(token, client).await?;
                 Ok(session.map(|s| match s.impersonation {
