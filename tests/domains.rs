@@ -131,7 +131,14 @@ async fn domains_are_proven_by_dns_or_mail_once_and_let_their_users_join() -> Te
     assert_eq!(res.status(), 200);
     assert_eq!(res.json::<Value>().await?["auto_join_role"], "viewer");
     let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    let seat_updates = async || -> TestResult<i64> {
+        let sql = "SELECT count(*) FROM public.jobs j JOIN public.tenants t ON t.id = j.tenant_id \
+                   WHERE j.kind = 'billing.seats' AND t.slug = 'acme'";
+        Ok(w.app.testdb.as_ref().ok_or("no db")?.client().await?.query_one(sql, &[]).await?.get(0))
+    };
+    let before = seat_updates().await?;
     assert_eq!(joined(&w, "newbie@example.com", "newbie").await?, [pair("acme", "viewer"), pair("newbie", "owner")]);
+    assert_eq!(seat_updates().await?, before + 1, "a per-seat subscription follows a member who joined by domain");
     assert_eq!(joined(&w, "near@sub.example.com", "nearco").await?, [pair("nearco", "owner")]);
     assert_eq!(joined(&w, "other@globex.test", "otherco").await?, [pair("otherco", "owner")], "globex's is off");
     let log: Value =

@@ -393,6 +393,7 @@ async fn verify_email(
     access: web::Data<std::sync::Arc<plinth_access::Access>>,
     cfg: Option<web::Data<IdentityConfig>>,
     limits: web::Data<RateLimits>,
+    changed: web::Data<dyn crate::members::MembersChanged>,
     body: Json<TokenBody>,
 ) -> Result<HttpResponse, ApiError> {
     count(&limits.verify_per_ip, &config(cfg).client_key(&req)).await?;
@@ -407,7 +408,7 @@ async fn verify_email(
             .returning(users::email)
             .get_result(c)
             .await?;
-        crate::domains::auto_join(c, &access, user, &email).await?;
+        crate::domains::auto_join(c, &access, changed.get_ref(), user, &email).await?;
         Ok::<_, ApiError>(())
     })
     .await?;

@@ -585,10 +585,12 @@ async fn remove(ctx: Allowed<ManageDomains>, path: web::Path<String>) -> Result<
 /// Makes `user`, whose address `email` has just been verified, a member of
 /// the organization that verified its domain with joining by domain on, if
 /// any, while that organization's plan has `sso` and a free seat. Runs in
-/// the caller's platform transaction; recorded as `member.auto_joined`.
+/// the caller's platform transaction; recorded as `member.auto_joined`, and
+/// per-seat billing is told.
 pub async fn auto_join(
     conn: &mut AsyncPgConnection,
     access: &Access,
+    changed: &dyn crate::members::MembersChanged,
     user: uuid::Uuid,
     email: &str,
 ) -> Result<(), ApiError> {
@@ -633,6 +635,7 @@ pub async fn auto_join(
         .execute(conn)
         .await?;
     if added == 1 {
+        changed.changed(conn, t.id).await?;
         let entry = Entry::new(Actor::User(user), "member.auto_joined")
             .target("user", user)
             .details(json!({ "role": role, "domain": domain }));

@@ -363,6 +363,7 @@ async fn confirm_email_change(
     access: web::Data<std::sync::Arc<plinth_access::Access>>,
     cfg: Option<web::Data<IdentityConfig>>,
     limits: web::Data<RateLimits>,
+    changed: web::Data<dyn crate::members::MembersChanged>,
     body: Json<ConfirmEmailBody>,
 ) -> Result<HttpResponse, ApiError> {
     count(&limits.verify_per_ip, &config(cfg).client_key(&req)).await?;
@@ -374,7 +375,7 @@ async fn confirm_email_change(
             let new = new.ok_or(IdentityError::InvalidToken)?;
             let old: String = users::table.find(user).select(users::email).for_update().first(c).await?;
             set_email(c, user, &new).await?;
-            crate::domains::auto_join(c, &access, user, &new).await?;
+            crate::domains::auto_join(c, &access, changed.get_ref(), user, &new).await?;
             if let Ok(old) = EmailAddress::parse(&old) {
                 let key = format!("email_changed:{user}:{}", uuid::Uuid::now_v7());
                 mail::queue(c, crate::mail::email_changed(old, &new, key)).await?;
