@@ -51,6 +51,13 @@ async fn role_in(app: &TestApp, tenant: &str, user: &str) -> TestResult<Option<S
     Ok(members.iter().find(|m| m["user_id"] == user).and_then(|m| m["role"].as_str()).map(str::to_owned))
 }
 
+/// How many seat updates of per-seat billing were queued for `tenant`.
+async fn seat_updates(testdb: &TestDb, tenant: &str) -> TestResult<i64> {
+    let sql = "SELECT count(*) FROM public.jobs j JOIN public.tenants t ON t.id = j.tenant_id \
+               WHERE j.kind = 'billing.seats' AND t.slug = $1";
+    Ok(testdb.client().await?.query_one(sql, &[&tenant]).await?.get(0))
+}
+
 /// A new session of the account `user`.
 async fn session_of(app: &TestApp, user: &str) -> TestResult<String> {
     let id = plinth_tenants::UserId(user.parse()?);
@@ -125,9 +132,11 @@ async fn a_directory_provisions_deactivates_and_groups_members_as_okta_and_entra
     let discovered = step(&app, &acme_scim, &["discover"]).await?;
     assert_eq!(discovered["types"], json!(["Group", "User"]));
 
-    // Okta provisions alice: she is a member.
+    // Okta provisions alice: she is a member, and billing is told.
+    let seats = seat_updates(&testdb, "acme").await?;
     let alice = text(&step(&app, &acme_scim, &["okta-create", "alice@example.com", "Alice", "Liddell"]).await?["id"])?;
     assert_eq!(role_in(&app, "acme", &alice).await?.as_deref(), Some("member"));
+    assert_eq!(seat_updates(&testdb, "acme").await?, seats + 1);
     // Her session opens acme and (where she is a member too) globex, on two instances.
     let session = session_of(&app, &alice).await?;
     add_member(&app.db, &globex, &session).await?;
@@ -145,6 +154,7 @@ async fn a_directory_provisions_deactivates_and_groups_members_as_okta_and_entra
         assert_eq!(projects(instance, "globex", &session).await?, 200);
     }
     assert_eq!(role_in(&app, "acme", &alice).await?, None);
+    assert_eq!(seat_updates(&testdb, "acme").await?, seats + 2);
     // Reactivated: a member again. The ended session stays ended there; a new one opens acme.
     step(&app, &acme_scim, &["okta-active", &alice, "true"]).await?;
     assert_eq!(role_in(&app, "acme", &alice).await?.as_deref(), Some("member"));
