@@ -51,6 +51,10 @@ pub enum ApiError {
     PaymentRequired,
     #[error("this organization is suspended")]
     TenantSuspended,
+    /// The address is at a domain whose organization requires single
+    /// sign-on: password sign-in is refused; `tenant` is where to start.
+    #[error("this address signs in through its organization's identity provider (single sign-on)")]
+    SsoRequired { tenant: String },
     /// A platform admin impersonating a member asked for what
     /// impersonation never reaches.
     #[error(
@@ -122,6 +126,7 @@ impl ApiError {
             Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::PaymentRequired => "payment_required",
             Self::TenantSuspended => "tenant_suspended",
+            Self::SsoRequired { .. } => "sso_required",
             Self::NotFound(_) => "not_found",
             Self::LinkExpired => "link_expired",
             Self::Conflict(_) => "conflict",
@@ -215,9 +220,11 @@ impl ResponseError for ApiError {
             Self::PlanRequired { .. } | Self::QuotaExceeded { .. } | Self::PaymentRequired => {
                 StatusCode::PAYMENT_REQUIRED
             }
-            Self::Forbidden | Self::TenantSuspended | Self::NotWhileImpersonating | Self::ImpersonationRefused => {
-                StatusCode::FORBIDDEN
-            }
+            Self::Forbidden
+            | Self::TenantSuspended
+            | Self::NotWhileImpersonating
+            | Self::ImpersonationRefused
+            | Self::SsoRequired { .. } => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::LinkExpired => StatusCode::GONE,
             Self::Conflict(_) | Self::IdempotencyKeyInUse | Self::AlreadySubscribed | Self::OverPlanLimits { .. } => {
@@ -253,6 +260,10 @@ impl ResponseError for ApiError {
             }
             // Where an owner goes to pay (a POST answering the portal's URL).
             Self::PaymentRequired => serde_json::json!({ "portal": "/v1/billing/portal" }),
+            // Where the sign-in starts instead.
+            Self::SsoRequired { tenant } => {
+                serde_json::json!({ "tenant": tenant, "sso_start": format!("/v1/auth/sso/start?tenant={tenant}") })
+            }
             Self::OverPlanLimits { over } => {
                 let limits: Vec<_> = over
                     .iter()

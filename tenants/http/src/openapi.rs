@@ -37,6 +37,7 @@ pub const ERROR_CODES: &[&str] = &[
     "quota_exceeded",
     "payment_required",
     "tenant_suspended",
+    "sso_required",
     "not_found",
     "conflict",
     "idempotency_key_in_use",
@@ -95,6 +96,13 @@ pub struct ErrorDetail {
     /// where an owner pays.
     #[schema(nullable = false)]
     portal: Option<String>,
+    /// With `sso_required`: the organization whose identity provider the
+    /// address signs in through.
+    #[schema(nullable = false)]
+    tenant: Option<String>,
+    /// With `sso_required`: where that sign-in starts.
+    #[schema(nullable = false)]
+    sso_start: Option<String>,
 }
 
 fn error_code() -> ObjectBuilder {
