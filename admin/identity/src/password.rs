@@ -220,6 +220,17 @@ fn verify_with_own_memory(password: &[u8], stored: &str) -> Result<bool, passwor
     Ok(computed == expected)
 }
 
+/// A password nobody knows (32 random bytes), for an account made for
+/// someone by their organization (SCIM, single sign-on): they set their
+/// own through password reset, or keep signing in through their provider.
+pub fn unknown() -> Result<String, plinth_http::ApiError> {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| plinth_http::ApiError::Internal(anyhow::anyhow!("{e}").context("random bytes")))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

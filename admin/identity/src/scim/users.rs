@@ -339,14 +339,6 @@ async fn list(
     answer(StatusCode::OK, &list)
 }
 
-/// A password nobody knows, for an account the directory creates.
-fn unknown_password() -> Result<String, ApiError> {
-    use base64::Engine as _;
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| ApiError::Internal(anyhow::anyhow!("{e}").context("random bytes")))?;
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
-}
-
 /// 400 unless `email`'s domain is verified by this organization.
 async fn require_verified_domain(rows: &mut TenantRows<'_>, email: &EmailAddress) -> Result<(), ScimError> {
     let tenant = rows.tenant_id().0;
@@ -420,7 +412,7 @@ async fn create(
         ctx.rows(async |rows| Ok::<_, ScimError>(crate::users::find_id_by_email(rows.conn(), &email).await?)).await?;
     let hash = match known {
         Some(_) => None,
-        None => Some(hashing.hash(unknown_password()?).await?),
+        None => Some(hashing.hash(crate::password::unknown()?).await?),
     };
     let base = super::base_url(&req);
     let user = ctx
