@@ -236,3 +236,32 @@ diesel::table! {
 diesel::joinable!(scim_users -> users (user_id));
 diesel::joinable!(scim_group_members -> scim_groups (group_id));
 diesel::allow_tables_to_appear_in_same_query!(scim_users, scim_groups, scim_group_members, users);
+
+diesel::table! {
+    /// An organization's OpenID Connect connection.
+    public.sso_connections (tenant_id) {
+        tenant_id -> Uuid,
+        issuer -> Text,
+        client_id -> Text,
+        client_secret -> Bytea,
+        domains -> Array<Text>,
+        default_role -> Text,
+        required -> Bool,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    /// Sign-ins on their way through an identity provider.
+    public.sso_logins (state_hash) {
+        state_hash -> Bytea,
+        tenant_id -> Uuid,
+        nonce -> Text,
+        pkce_verifier -> Bytea,
+        redirect_uri -> Text,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+        used_at -> Nullable<Timestamptz>,
+    }
+}

@@ -1,0 +1,2 @@
+DROP TABLE public.sso_logins;
+DROP TABLE public.sso_connections;
