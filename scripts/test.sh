@@ -56,6 +56,13 @@ if ! cmp -s tests/browser/package-lock.json tests/browser/node_modules/.plinth-l
     (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
     cp tests/browser/package-lock.json tests/browser/node_modules/.plinth-lock
 fi
+# oidc-provider, the OpenID Connect provider tests/sso.rs signs in through
+# (tests/oidc); from the npm registry, exactly as locked, like the above.
+if ! cmp -s tests/oidc/package-lock.json tests/oidc/node_modules/.plinth-lock 2>/dev/null; then
+    echo "installing oidc-provider (the single sign-on tests need it)"
+    (cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
+    cp tests/oidc/package-lock.json tests/oidc/node_modules/.plinth-lock
+fi
 
 # promtool checks and tests the alert rules (deploy/prometheus). Only the
 # tool is taken from Debian's prometheus package, unpacked under target/,

@@ -10,7 +10,7 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{RData, Record, RecordType};
 
-use crate::harness::TestResult;
+use crate::harness::{TestApp, TestResult};
 
 pub struct DnsServer {
     pub addr: SocketAddr,
@@ -70,4 +70,19 @@ impl Drop for DnsServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Proves `domain` for `tenant` by its TXT record, as its owner.
+pub async fn verify_domain(app: &TestApp, dns: &DnsServer, tenant: &str, domain: &str) -> TestResult {
+    let res = app
+        .req(reqwest::Method::POST, tenant, "/v1/domains")
+        .json(&serde_json::json!({ "domain": domain }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 201);
+    let added: serde_json::Value = res.json().await?;
+    dns.set_txt(&format!("_plinth-challenge.{domain}"), &[added["dns_record"]["value"].as_str().ok_or("no record")?]);
+    let res = app.req(reqwest::Method::POST, tenant, &format!("/v1/domains/{domain}/verify")).send().await?;
+    assert_eq!(res.status(), 200, "{domain} verified");
+    Ok(())
 }

@@ -44,6 +44,7 @@ mod self_service;
 mod shards;
 mod shared_limits;
 mod smtp;
+mod sso;
 mod stripe;
 mod token_flood;
 mod traces;

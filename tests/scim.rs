@@ -9,7 +9,7 @@ use plinth_access::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::dns::DnsServer;
+use crate::dns::{DnsServer, verify_domain};
 use crate::harness::{AppOptions, TestApp, TestDb, TestResult, add_member, assert_error, eventually, member, tool};
 
 /// Runs one step of the directory against `app` with `token`; its answer.
@@ -31,17 +31,6 @@ async fn step(app: &TestApp, token: &str, args: &[&str]) -> TestResult<Value> {
 
 fn text(value: &Value) -> TestResult<String> {
     Ok(value.as_str().ok_or_else(|| format!("not a string: {value}"))?.to_owned())
-}
-
-/// Proves `domain` for `tenant` by its TXT record, as its owner.
-async fn verify_domain(app: &TestApp, dns: &DnsServer, tenant: &str, domain: &str) -> TestResult {
-    let res = app.req(Method::POST, tenant, "/v1/domains").json(&json!({ "domain": domain })).send().await?;
-    assert_eq!(res.status(), 201);
-    let added: Value = res.json().await?;
-    dns.set_txt(&format!("_plinth-challenge.{domain}"), &[&text(&added["dns_record"]["value"])?]);
-    let res = app.req(Method::POST, tenant, &format!("/v1/domains/{domain}/verify")).send().await?;
-    assert_eq!(res.status(), 200, "{domain} verified");
-    Ok(())
 }
 
 /// `user`'s role in `tenant`, as its owner lists the members.

@@ -43,6 +43,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .configure(plinth_identity::invitations::configure)
         .configure(plinth_identity::api_keys::configure)
         .configure(plinth_identity::scim::configure)
+        .configure(plinth_identity::sso::configure)
         .configure(plinth_admin::audit_log::configure)
         .configure(plinth_identity::totp::configure)
         .configure(plinth_billing::webhook::configure)
@@ -95,6 +96,7 @@ pub fn document() -> OpenApi {
             ("tenant", "The caller's organization: plan, limits, usage and audit log."),
             ("members", "Members, roles and invitations."),
             ("domains", "Email domains an organization proves it owns, and joining by domain."),
+            ("sso", "An organization's OpenID Connect single sign-on connection."),
             ("api keys", "Keys that act in one organization without a user's session."),
             (
                 "scim",

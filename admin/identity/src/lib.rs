@@ -12,6 +12,7 @@
 //! - [`impersonation`]: platform admins acting as a member, and the
 //!   tenant setting that allows it.
 //! - [`login`]: `POST /v1/auth/login` and its failed-login budget.
+//! - [`sso`]: OpenID Connect single sign-on per organization.
 //! - [`sessions`]: bearer tokens for sessions and API keys, their cached
 //!   checks, and [`sessions::Authenticator`], the answer to the access
 //!   gate's authentication question.
@@ -54,6 +55,7 @@ pub mod personal_data;
 pub mod schema;
 pub mod scim;
 pub mod sessions;
+pub mod sso;
 pub mod tokens;
 pub mod totp;
 pub mod users;

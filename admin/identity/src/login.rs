@@ -80,6 +80,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
         (status = 200, body = LoggedIn),
         (status = 401, description = "Error: invalid_credentials (a wrong address, password or code, all alike), \
                                      totp_required (the right password; now the one-time code).", body = ErrorEnvelope),
+        (status = 403, description = "Error: sso_required (the address's organization requires single sign-on: `sso_start` is where it begins).", body = ErrorEnvelope),
         RateLimited,
     ),
 )]
@@ -124,6 +125,16 @@ pub async fn sign_in(
     let address = cfg.client_ip(req);
     let request_id = req.extensions().get::<RequestId>().cloned();
     let email = EmailAddress::parse(email).ok();
+    // An address whose organization requires single sign-on signs in
+    // there, never with a password. Decided by the domain alone, before
+    // any account is looked up: it tells nothing about the account.
+    if let (Audience::Everyone, Some(address)) = (audience, &email) {
+        let access = registered::<std::sync::Arc<plinth_access::Access>>(req)?;
+        if let Some(tenant) = crate::sso::required_for(&db, &access, address).await? {
+            tracing::info!(tenant.slug = %tenant, "password sign-in refused: single sign-on required");
+            return Err(ApiError::SsoRequired { tenant });
+        }
+    }
     let budget = FailureBudget::reserve(&limits, email.as_ref(), &address).await?;
     let found = budget.keep(credentials(&db, email.as_ref()).await).await?;
     let stored = found.as_ref().map(|f| f.password_hash.clone());
