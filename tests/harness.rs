@@ -545,3 +545,16 @@ pub async fn platform_admin(app: &TestApp, lobby: &Tenant) -> TestResult<String>
     app.db.platform(async |c| Ok::<_, plinth_http::ApiError>(plinth_access::grants::grant(c, id).await?)).await?;
     Ok(token)
 }
+
+/// A new session (ten minutes) of the account `user`; its token.
+pub async fn session_of(db: &Db, user: &str) -> TestResult<String> {
+    let id = plinth_tenants::UserId(user.parse()?);
+    let token = db
+        .platform(async |c| {
+            let ttl = Duration::from_secs(600);
+            let (token, _) = plinth_identity::sessions::create_session(c, id, ttl, &Default::default()).await?;
+            Ok::<_, ApiError>(token)
+        })
+        .await?;
+    Ok(token)
+}

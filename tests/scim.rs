@@ -10,7 +10,9 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::dns::{DnsServer, verify_domain};
-use crate::harness::{AppOptions, TestApp, TestDb, TestResult, add_member, assert_error, eventually, member, tool};
+use crate::harness::{
+    AppOptions, TestApp, TestDb, TestResult, add_member, assert_error, eventually, member, session_of, tool,
+};
 
 /// Runs one step of the directory against `app` with `token`; its answer.
 async fn step(app: &TestApp, token: &str, args: &[&str]) -> TestResult<Value> {
@@ -45,20 +47,6 @@ async fn seat_updates(testdb: &TestDb, tenant: &str) -> TestResult<i64> {
     let sql = "SELECT count(*) FROM public.jobs j JOIN public.tenants t ON t.id = j.tenant_id \
                WHERE j.kind = 'billing.seats' AND t.slug = $1";
     Ok(testdb.client().await?.query_one(sql, &[&tenant]).await?.get(0))
-}
-
-/// A new session of the account `user`.
-async fn session_of(app: &TestApp, user: &str) -> TestResult<String> {
-    let id = plinth_tenants::UserId(user.parse()?);
-    let token = app
-        .db
-        .platform(async |c| {
-            let ttl = Duration::from_secs(600);
-            let (token, _) = plinth_identity::sessions::create_session(c, id, ttl, &Default::default()).await?;
-            Ok::<_, plinth_http::ApiError>(token)
-        })
-        .await?;
-    Ok(token)
 }
 
 /// The status `token` gets reading `tenant`'s projects on `app`.
@@ -127,7 +115,7 @@ async fn a_directory_provisions_deactivates_and_groups_members_as_okta_and_entra
     assert_eq!(role_in(&app, "acme", &alice).await?.as_deref(), Some("member"));
     assert_eq!(seat_updates(&testdb, "acme").await?, seats + 1);
     // Her session opens acme and (where she is a member too) globex, on two instances.
-    let session = session_of(&app, &alice).await?;
+    let session = session_of(&app.db, &alice).await?;
     add_member(&app.db, &globex, &session).await?;
     let other = TestApp::spawn_on(&testdb, AppOptions::default()).await?;
     for instance in [&app, &other] {
@@ -148,7 +136,7 @@ async fn a_directory_provisions_deactivates_and_groups_members_as_okta_and_entra
     step(&app, &acme_scim, &["okta-active", &alice, "true"]).await?;
     assert_eq!(role_in(&app, "acme", &alice).await?.as_deref(), Some("member"));
     assert_eq!(projects(&app, "acme", &session).await?, 401);
-    let session = session_of(&app, &alice).await?;
+    let session = session_of(&app.db, &alice).await?;
     assert_eq!(projects(&app, "acme", &session).await?, 200);
 
     // Okta pushes a group; acme's owner maps it to admin: alice is an

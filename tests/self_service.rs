@@ -8,7 +8,7 @@ use plinth_access::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{AppOptions, TestApp, TestResult, add_member, assert_error, eventually, member};
+use crate::harness::{AppOptions, TestApp, TestResult, add_member, assert_error, eventually, member, session_of};
 use crate::world::{PASSWORD, World, world};
 
 async fn login(w: &World, email: &str, password: &str, agent: &str) -> TestResult<String> {
@@ -200,15 +200,7 @@ async fn tenant_admins_end_a_members_sessions_in_their_tenant_only() -> TestResu
     assert_eq!(as_carol("globex").await?.status(), 200, "her session still opens her other organization");
     assert_eq!(app.http.get(app.url("/v1/me")).bearer_auth(&carol).send().await?.status(), 200);
     // A new session opens acme again.
-    let id = plinth_tenants::UserId(carol_id.parse()?);
-    let fresh = app
-        .db
-        .platform(async |c| {
-            let ttl = Duration::from_secs(600);
-            let (token, _) = plinth_identity::sessions::create_session(c, id, ttl, &Default::default()).await?;
-            Ok::<_, plinth_http::ApiError>(token)
-        })
-        .await?;
+    let fresh = session_of(&app.db, &carol_id).await?;
     let res = app.http.get(app.url("/v1/projects")).header("x-tenant", "acme").bearer_auth(&fresh).send().await?;
     assert_eq!(res.status(), 200);
     // Recorded in acme's log (acme's plan has the audit log once it is pro).

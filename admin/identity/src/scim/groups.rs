@@ -8,7 +8,6 @@
 use std::collections::BTreeSet;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::LOCATION;
 use actix_web::{HttpRequest, HttpResponse, delete, get, patch, post, put, web};
 use chrono::{DateTime, Utc};
 use diesel::result::{DatabaseErrorKind, Error as DbError};
@@ -393,11 +392,7 @@ async fn create(req: HttpRequest, ctx: Result<Scim, ApiError>, bytes: web::Bytes
         })
         .await?;
     tracing::info!(group.id = %id, "directory group created");
-    let mut resp = answer(StatusCode::CREATED, &group)?;
-    if let Ok(location) = actix_web::http::header::HeaderValue::from_str(&group.meta.location) {
-        resp.headers_mut().insert(LOCATION, location);
-    }
-    Ok(resp)
+    super::created(&group, &group.meta)
 }
 
 /// The ids of a request's members.

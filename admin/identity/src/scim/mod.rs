@@ -186,6 +186,15 @@ fn answer(status: StatusCode, value: &impl Serialize) -> Result<HttpResponse, Sc
     Ok(HttpResponse::build(status).insert_header((CONTENT_TYPE, SCIM_JSON)).body(body))
 }
 
+/// A created resource: 201, with its URL in `Location`.
+fn created(resource: &impl Serialize, meta: &Meta) -> Result<HttpResponse, ScimError> {
+    let mut resp = answer(StatusCode::CREATED, resource)?;
+    if let Ok(location) = actix_web::http::header::HeaderValue::from_str(&meta.location) {
+        resp.headers_mut().insert(actix_web::http::header::LOCATION, location);
+    }
+    Ok(resp)
+}
+
 /// A request body in `application/scim+json` (or `application/json`).
 fn body<T: DeserializeOwned>(req: &HttpRequest, bytes: &web::Bytes) -> Result<T, ScimError> {
     let kind = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or(SCIM_JSON);

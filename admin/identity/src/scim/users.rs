@@ -10,7 +10,6 @@
 //! and dropped.
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::LOCATION;
 use actix_web::{HttpRequest, HttpResponse, delete, get, patch, post, put, web};
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{BigInt, Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
@@ -439,11 +438,7 @@ async fn create(
         })
         .await?;
     tracing::info!(user.id = %user.id, "directory user created");
-    let mut resp = answer(StatusCode::CREATED, &user)?;
-    if let Ok(location) = actix_web::http::header::HeaderValue::from_str(&user.meta.location) {
-        resp.headers_mut().insert(LOCATION, location);
-    }
-    Ok(resp)
+    super::created(&user, &user.meta)
 }
 
 #[utoipa::path(
