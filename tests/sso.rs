@@ -212,6 +212,14 @@ async fn members_sign_in_through_their_organizations_provider_and_its_faults_are
     // does not vouch for, signs in nowhere.
     assert_error(sso(&app, "acme", "eve@elsewhere.test").await?, 403, "forbidden").await?;
     assert_error(sso(&app, "acme", "unverified@example.com").await?, 403, "forbidden").await?;
+    // Someone the organization's directory deactivated does not come back
+    // through a sign-in.
+    let res = app.req(Method::POST, "acme", "/v1/scim/tokens").send().await?;
+    let scim = res.json::<Value>().await?["token"].as_str().ok_or("no SCIM token")?.to_owned();
+    let dave = json!({ "userName": "dave@example.com", "active": false });
+    let res = app.http.post(app.url("/scim/v2/Users")).bearer_auth(&scim).json(&dave).send().await?;
+    assert_eq!(res.status(), 201);
+    assert_error(sso(&app, "acme", "dave@example.com").await?, 403, "forbidden").await?;
     // No connection, no sign-in: globex's slug, an unknown one.
     let start = |tenant: &str| app.http.get(app.url(&format!("/v1/auth/sso/start?tenant={tenant}"))).send();
     assert_error(start("globex").await?, 404, "not_found").await?;

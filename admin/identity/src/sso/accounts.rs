@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::Connection;
 use crate::members::MembersChanged;
-use crate::schema::{memberships, users};
+use crate::schema::{memberships, scim_users, users};
 
 /// The account of `email`: found, or made with a password nobody knows
 /// (`hash`), its address verified by the provider of a domain the
@@ -49,7 +49,8 @@ pub(super) struct Joining<'a> {
 }
 
 /// Makes `user` a member with the connection's role unless they are one,
-/// within the plan's seats (402 when none is free).
+/// within the plan's seats (402 when none is free); 403 for someone the
+/// organization's directory deactivated.
 pub(super) async fn join(
     conn: &mut AsyncPgConnection,
     access: &Access,
@@ -57,6 +58,14 @@ pub(super) async fn join(
     user: uuid::Uuid,
 ) -> Result<(), ApiError> {
     let Joining { tenant, connection, domain, changed } = joining;
+    // The organization's directory deactivated them: the directory, not a
+    // sign-in, brings them back.
+    let active: Option<bool> =
+        scim_users::table.find((tenant.id.0, user)).select(scim_users::active).first(conn).await.optional()?;
+    if active == Some(false) {
+        tracing::info!(user.id = %user, "single sign-on refused: deactivated by the organization's directory");
+        return Err(ApiError::Forbidden);
+    }
     let member: Option<String> =
         memberships::table.find((tenant.id.0, user)).select(memberships::role).first(conn).await.optional()?;
     if member.is_some() {
