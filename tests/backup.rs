@@ -118,6 +118,35 @@ async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestR
 
     // Billing restricts acme (an unpaid invoice): a copy does not inherit it.
     let client = testdb.client().await?;
+    // A verified email domain, a single sign-on connection and a SCIM
+    // directory (the owner in a group), as their routes leave them.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO public.tenant_email_domains (tenant_id, domain, token, verified_at, verified_by) \
+             VALUES ('{acme}', 'acme.example.com', 't', now(), 'dns'); \
+             INSERT INTO public.sso_connections (tenant_id, issuer, client_id, client_secret, domains) \
+             VALUES ('{acme}', 'https://idp.example.com', 'plinth', '\\x00', ARRAY['acme.example.com']); \
+             INSERT INTO public.scim_tokens (id, tenant_id, prefix, token_hash) \
+             VALUES ('{token}', '{acme}', 'plp_x', '\\x01'); \
+             INSERT INTO public.scim_users (tenant_id, user_id, external_id) \
+             SELECT tenant_id, user_id, 'ext-owner' FROM public.memberships WHERE tenant_id = '{acme}'; \
+             INSERT INTO public.scim_groups (id, tenant_id, display_name, role) \
+             VALUES ('{group}', '{acme}', 'Admins', 'admin'); \
+             INSERT INTO public.scim_group_members (tenant_id, group_id, user_id) \
+             SELECT tenant_id, '{group}', user_id FROM public.scim_users WHERE tenant_id = '{acme}';",
+            acme = acme.id.0,
+            token = uuid::Uuid::now_v7(),
+            group = uuid::Uuid::now_v7(),
+        ))
+        .await?;
+    let directory = "SELECT (SELECT count(*) FROM public.tenant_email_domains WHERE tenant_id = $1) \
+                          + (SELECT count(*) FROM public.sso_connections WHERE tenant_id = $1) \
+                          + (SELECT count(*) FROM public.scim_tokens WHERE tenant_id = $1) \
+                          + (SELECT count(*) FROM public.scim_users WHERE tenant_id = $1) \
+                          + (SELECT count(*) FROM public.scim_groups WHERE tenant_id = $1) \
+                          + (SELECT count(*) FROM public.scim_group_members WHERE tenant_id = $1)";
+    let rows: i64 = client.query_one(directory, &[&acme.id.0]).await?.get(0);
+    assert_eq!(rows, 6);
     client.execute("UPDATE public.tenants SET restricted_at = now() WHERE id = $1", &[&acme.id.0]).await?;
 
     let dir = TempDir::new("backup")?;
@@ -166,6 +195,8 @@ async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestR
         .await?
         .get(0);
     assert_eq!(secrets, 0, "the copy has the original's keys or invitations");
+    let rows: i64 = client.query_one(directory, &[&copy.id.0]).await?.get(0);
+    assert_eq!(rows, 0, "the copy has the original's email domains, connection or directory");
     assert_error(get(&app, &key, "acme-copy", "/v1/projects").send().await?, 404, "not_found").await?;
     assert_eq!(get(&app, &key, "acme", "/v1/projects").send().await?.status(), 200, "the key still opens acme");
 
@@ -232,6 +263,9 @@ async fn a_tenant_comes_back_from_its_archive_as_a_copy_and_as_itself() -> TestR
     assert!(ok, "restoring failed: {out}");
     assert!(out.contains("domains: 1 restored"), "{out}");
     assert!(out.contains("API keys: 1, invitations: 1 restored"), "{out}");
+    assert!(out.contains("SCIM directory: 6 rows restored"), "{out}");
+    let rows: i64 = client.query_one(directory, &[&acme.id.0]).await?.get(0);
+    assert_eq!(rows, 6, "acme's email domain, connection and directory are back");
     let back = app
         .db
         .platform(async |c| Ok::<_, plinth_http::ApiError>(registry::find_by_slug(c, "acme").await?))

@@ -374,17 +374,31 @@ impl Counter for JoinedMembers {
     }
 }
 
-/// The tenant's memberships, identity settings, API keys (their hashes)
-/// and invitations, for its archive (`plinth_tenants::backup`).
+/// The tenant's memberships, identity settings, API keys (their hashes),
+/// invitations, email domains, single sign-on connection (its secret
+/// sealed) and SCIM directory (tokens' hashes, users, groups), for its
+/// archive (`plinth_tenants::backup`).
 pub async fn archive(conn: &mut AsyncPgConnection, tenant: TenantId) -> diesel::QueryResult<serde_json::Value> {
     use plinth_tenants::backup::rows_of;
-    Ok(json!({
+    let mut part = json!({
         "memberships": rows_of(conn, "memberships", tenant).await?,
         "settings": rows_of(conn, "tenant_identity_settings", tenant).await?,
         "api_keys": rows_of(conn, "api_keys", tenant).await?,
         "invitations": rows_of(conn, "invitations", tenant).await?,
-    }))
+    });
+    for table in OWN_ONLY {
+        part[table] = serde_json::Value::Array(rows_of(conn, table, tenant).await?);
+    }
+    Ok(part)
 }
+
+/// Tables that come back only with the tenant restored as itself, in the
+/// order their foreign keys need: a copy must not hold the original's
+/// verified domains (one organization per domain), its connection's secret
+/// (sealed to the original's id) or its directory (SCIM tokens are
+/// secrets; group ids are the original's).
+const OWN_ONLY: [&str; 6] =
+    ["tenant_email_domains", "sso_connections", "scim_tokens", "scim_users", "scim_groups", "scim_group_members"];
 
 /// What restoring an archive's identity part did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -394,6 +408,9 @@ pub struct RestoredMembers {
     pub skipped: usize,
     pub api_keys: usize,
     pub invitations: usize,
+    /// Email domains, the single sign-on connection and the SCIM
+    /// directory's rows (tokens, users, groups, group members).
+    pub domains_and_directory: usize,
 }
 
 /// Restores an archive's memberships (of accounts that still exist; the
@@ -421,14 +438,41 @@ pub async fn restore_archive(
     )
     .await?;
     restore_rows(conn, "tenant_identity_settings", &rows_at("settings"), tenant, None).await?;
-    let (mut api_keys, mut invitations) = (0, 0);
+    let (mut api_keys, mut invitations, mut domains_and_directory) = (0, 0, 0);
     if !copy {
         let keys = without_missing_users(conn, rows_at("api_keys"), "created_by").await?;
         api_keys = restore_rows(conn, "api_keys", &keys, tenant, None).await?;
         let invited = without_missing_users(conn, rows_at("invitations"), "invited_by").await?;
         invitations = restore_rows(conn, "invitations", &invited, tenant, None).await?;
+        for table in OWN_ONLY {
+            let mut rows = rows_at(table);
+            if table == "scim_tokens" {
+                rows = without_missing_users(conn, rows, "created_by").await?;
+            }
+            // A domain another organization verified meanwhile stays
+            // theirs. Directory users whose account is gone stay gone, and
+            // so do their group memberships.
+            let condition = match table {
+                "tenant_email_domains" => Some(
+                    "r.verified_at IS NULL OR NOT EXISTS \
+                     (SELECT 1 FROM public.tenant_email_domains d WHERE d.domain = r.domain AND d.verified_at IS NOT NULL)",
+                ),
+                "scim_users" => Some("EXISTS (SELECT 1 FROM public.users u WHERE u.id = r.user_id)"),
+                "scim_group_members" => Some(
+                    "EXISTS (SELECT 1 FROM public.scim_users s WHERE s.tenant_id = r.tenant_id AND s.user_id = r.user_id)",
+                ),
+                _ => None,
+            };
+            domains_and_directory += restore_rows(conn, table, &rows, tenant, condition).await?;
+        }
     }
-    Ok(RestoredMembers { restored, skipped: memberships.len().saturating_sub(restored), api_keys, invitations })
+    Ok(RestoredMembers {
+        restored,
+        skipped: memberships.len().saturating_sub(restored),
+        api_keys,
+        invitations,
+        domains_and_directory,
+    })
 }
 
 /// `rows` with `column` (a user id) emptied where that account no longer

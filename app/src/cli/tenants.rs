@@ -276,6 +276,10 @@ pub async fn run(command: TenantsCommand, db: &Db, settings: &Settings, url: &st
                 restored.members.api_keys, restored.members.invitations
             );
             println!(
+                "  email domains, single sign-on and SCIM directory: {} rows restored (a copy has none of the original's)",
+                restored.members.domains_and_directory
+            );
+            println!(
                 "  domains: {} restored, {} skipped (held by another tenant, or the original's)",
                 restored.registry.domains, restored.registry.domains_skipped
             );
