@@ -539,7 +539,11 @@ async fn callback(
     let joined = Joining { tenant: &tenant, connection: &connection, domain: &domain, changed: changed.get_ref() };
     let (token, session, user) = db
         .platform(async |c| {
-            verified_domains(c, tenant.id, std::slice::from_ref(&domain)).await.map_err(|_| ApiError::Forbidden)?;
+            // The domain must still be verified; a database error stays one.
+            verified_domains(c, tenant.id, std::slice::from_ref(&domain)).await.map_err(|e| match e {
+                ApiError::InvalidRequest { .. } => ApiError::Forbidden,
+                other => other,
+            })?;
             let user = account(c, &email, hash.as_deref()).await?;
             join(c, &access, &joined, user.id).await?;
             let mut entry = Entry::new(Actor::User(user.id), "auth.sso_login").target("user", user.id);
