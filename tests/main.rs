@@ -29,6 +29,7 @@ mod mail_and_jobs;
 mod members;
 mod metrics;
 mod migrations;
+mod passkeys;
 mod personal_data;
 mod pg_restart;
 mod policy;

@@ -46,6 +46,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .configure(plinth_identity::sso::configure)
         .configure(plinth_admin::audit_log::configure)
         .configure(plinth_identity::totp::configure)
+        .configure(plinth_identity::passkeys::configure)
         .configure(plinth_billing::webhook::configure)
         .configure(plinth_billing::api::configure);
 }

@@ -63,7 +63,7 @@ impl From<IdentityError> for ApiError {
     fn from(err: IdentityError) -> Self {
         match err {
             IdentityError::InvalidCredentials => Self::InvalidCredentials,
-            IdentityError::TotpRequired => Self::TotpRequired,
+            IdentityError::TotpRequired => Self::TotpRequired { passkey: None },
             IdentityError::Unauthenticated => Self::Unauthenticated,
             IdentityError::Forbidden => Self::Forbidden,
             IdentityError::InvalidToken => {

@@ -20,6 +20,8 @@
 //!   password, address.
 //! - [`personal_data`]: a user's export and erasure, and the pseudonyms of
 //!   erased users in audit logs.
+//! - [`passkeys`]: WebAuthn passkeys: registering, signing in with one
+//!   alone, and as the second factor beside TOTP.
 //! - [`password`]: the password policy and bounded argon2id hashing.
 //! - [`totp`]: second factor enrolment, confirmation and recovery codes.
 //! - [`members`]: memberships and invitations (invite, accept, roles,
@@ -50,6 +52,7 @@ pub mod mail;
 pub mod me;
 pub mod members;
 pub mod openapi;
+pub mod passkeys;
 pub mod password;
 pub mod personal_data;
 pub mod schema;

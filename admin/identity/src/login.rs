@@ -48,15 +48,21 @@ struct LoginBody {
     /// With two-factor sign-in on: a current code or a recovery code.
     #[schema(nullable = false)]
     totp_code: Option<String>,
+    /// With two-factor sign-in on, instead of `totp_code`: a passkey's
+    /// answer (`PublicKeyCredential.toJSON()` after
+    /// `navigator.credentials.get`) to the `passkey` options of the
+    /// `totp_required` error.
+    #[schema(value_type = Object, nullable = false)]
+    passkey: Option<serde_json::Value>,
 }
 
 /// A session.
 #[derive(Serialize, ToSchema)]
-struct LoggedIn {
+pub(crate) struct LoggedIn {
     /// The session token: `Authorization: Bearer <token>`.
-    token: String,
-    expires_at: DateTime<Utc>,
-    user: User,
+    pub(crate) token: String,
+    pub(crate) expires_at: DateTime<Utc>,
+    pub(crate) user: User,
 }
 
 #[derive(Queryable, Selectable)]
@@ -78,17 +84,40 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     request_body = LoginBody,
     responses(
         (status = 200, body = LoggedIn),
-        (status = 401, description = "Error: invalid_credentials (a wrong address, password or code, all alike), \
-                                     totp_required (the right password; now the one-time code).", body = ErrorEnvelope),
+        (status = 401, description = "Error: invalid_credentials (a wrong address, password, code or passkey, all alike), \
+                                     totp_required (the right password; now the one-time code, or a passkey's answer \
+                                     to the error's `passkey` options when the account has passkeys).", body = ErrorEnvelope),
         (status = 403, description = "Error: sso_required (the address's organization requires single sign-on: `sso_start` is where it begins).", body = ErrorEnvelope),
         RateLimited,
     ),
 )]
 #[post("/v1/auth/login")]
 async fn login(req: HttpRequest, body: Json<LoginBody>) -> Result<HttpResponse, ApiError> {
-    let LoginBody { email, password, totp_code } = body.0;
-    let (token, session, user) = sign_in(&req, &email, &password, totp_code.as_deref(), Audience::Everyone).await?;
+    let LoginBody { email, password, totp_code, passkey } = body.0;
+    let factor = match (&totp_code, &passkey) {
+        (_, Some(passkey)) => SecondFactor::Passkey(passkey),
+        (Some(code), None) => SecondFactor::Code(code),
+        (None, None) => SecondFactor::None,
+    };
+    let (token, session, user) = sign_in(&req, &email, &password, factor, Audience::Everyone).await?;
     Ok(HttpResponse::Ok().json(LoggedIn { token, expires_at: session.expires_at, user }))
+}
+
+/// What a sign-in brings besides the password.
+#[derive(Debug, Clone, Copy)]
+pub enum SecondFactor<'a> {
+    None,
+    /// A TOTP code or a recovery code.
+    Code(&'a str),
+    /// A passkey's answer to the options `totp_required` carried.
+    Passkey(&'a serde_json::Value),
+}
+
+impl<'a> SecondFactor<'a> {
+    /// A code, or nothing.
+    pub fn code(code: Option<&'a str>) -> Self {
+        code.map_or(Self::None, Self::Code)
+    }
 }
 
 /// Who may sign in through a door.
@@ -114,7 +143,7 @@ pub async fn sign_in(
     req: &HttpRequest,
     email: &str,
     password: &str,
-    totp_code: Option<&str>,
+    factor: SecondFactor<'_>,
     audience: Audience,
 ) -> Result<(String, SessionInfo, User), ApiError> {
     let db = registered::<Db>(req)?;
@@ -162,9 +191,22 @@ pub async fn sign_in(
         Audience::PlatformAdmins => cfg.session_ttl.min(CONSOLE_SESSION_TTL),
     };
     let device = sessions::Device::of(req, &cfg);
-    let session = match open_session(&db, &ring, user.id, totp_code, (ttl, &device), entry).await {
-        // The password was right: not a failure, but no session yet.
-        Err(IdentityError::TotpRequired) => return Err(budget.give_back(ApiError::TotpRequired).await),
+    let site = crate::passkeys::site_of(req)?;
+    let session = match open_session(&db, (&ring, &site), user.id, factor, (ttl, &device), entry).await {
+        // The password was right: not a failure, but no session yet. When
+        // the account has passkeys, one of them may answer instead.
+        Err(IdentityError::TotpRequired) => {
+            let passkey = match audience {
+                Audience::Everyone => crate::passkeys::second_factor_options(&db, req, user.id).await,
+                Audience::PlatformAdmins => Ok(None),
+            };
+            return Err(budget
+                .give_back(match passkey {
+                    Ok(passkey) => ApiError::TotpRequired { passkey: passkey.map(Box::new) },
+                    Err(err) => err,
+                })
+                .await);
+        }
         other => budget.keep(other).await?,
     };
     let Some((token, session)) = session else {
@@ -266,13 +308,13 @@ async fn credentials(db: &Db, email: Option<&EmailAddress>) -> Result<Option<Cre
 }
 
 /// After the password: checks the second factor if the account has one
-/// (`Ok(None)`: a wrong code), then creates the session and records
-/// `entry` in every tenant of the user, in one transaction.
+/// (`Ok(None)`: a wrong code or passkey), then creates the session and
+/// records `entry` in every tenant of the user, in one transaction.
 async fn open_session(
     db: &Db,
-    ring: &Keyring,
+    (ring, site): (&Keyring, &crate::passkeys::ceremony::Site),
     user: uuid::Uuid,
-    totp_code: Option<&str>,
+    factor: SecondFactor<'_>,
     (ttl, device): (std::time::Duration, &sessions::Device),
     entry: Entry,
 ) -> Result<Option<(String, SessionInfo)>, IdentityError> {
@@ -280,8 +322,12 @@ async fn open_session(
         // The row is locked so a second factor is used up exactly once.
         let state = crate::totp::state(c, user, true).await?;
         if state.totp_secret.is_some() {
-            let Some(code) = totp_code else { return Err(IdentityError::TotpRequired) };
-            if !crate::totp::accept_second_factor(c, ring, user, &state, code).await? {
+            let accepted = match factor {
+                SecondFactor::None => return Err(IdentityError::TotpRequired),
+                SecondFactor::Code(code) => crate::totp::accept_second_factor(c, ring, user, &state, code).await?,
+                SecondFactor::Passkey(answer) => crate::passkeys::accept_second_factor(c, site, user, answer).await?,
+            };
+            if !accepted {
                 return Ok(None);
             }
         }
@@ -326,7 +372,7 @@ impl Failure<'_> {
 }
 
 /// Records `entry` in the audit log of every tenant `user` belongs to.
-async fn record_in_every_tenant_of(
+pub(crate) async fn record_in_every_tenant_of(
     conn: &mut AsyncPgConnection,
     user: uuid::Uuid,
     entry: Entry,

@@ -193,7 +193,7 @@ pub(crate) async fn reauthenticate(
                 if state.totp_secret.is_none() {
                     return Ok(true);
                 }
-                let Some(code) = totp_code else { return Err(ApiError::TotpRequired) };
+                let Some(code) = totp_code else { return Err(ApiError::TotpRequired { passkey: None }) };
                 Ok::<_, ApiError>(crate::totp::accept_second_factor(c, &ring, user.0, &state, code).await?)
             })
             .await?;

@@ -139,7 +139,7 @@ struct SessionRecord {
 /// what organizations' directories (SCIM) hold about it, and the audit
 /// entries about it in each organization it belongs to.
 async fn archive(db: &Db, user: UserId) -> Result<serde_json::Value, ApiError> {
-    let (account, member_of, sessions, failures, keys, directories) = db
+    let (account, member_of, sessions, failures, keys, directories, passkeys) = db
         .platform(async |c| {
             let account: AccountRecord = users::table
                 .find(user.0)
@@ -198,7 +198,8 @@ async fn archive(db: &Db, user: UserId) -> Result<serde_json::Value, ApiError> {
                 .filter_map(|t| roles.iter().find(|r| r.0 == t.id.0).map(|r| (t, r.1.clone(), r.2)))
                 .collect();
             let directories = crate::scim::admin::records_of(c, user).await?;
-            Ok::<_, ApiError>((account, member_of, sessions, failures, keys, directories))
+            let passkeys = crate::passkeys::records_of(c, user).await?;
+            Ok::<_, ApiError>((account, member_of, sessions, failures, keys, directories, passkeys))
         })
         .await?;
     let mut memberships = Vec::new();
@@ -223,6 +224,7 @@ async fn archive(db: &Db, user: UserId) -> Result<serde_json::Value, ApiError> {
         "failed_sign_ins": failures.into_iter().map(|(ip, at)| json!({ "ip": ip, "at": at })).collect::<Vec<_>>(),
         "api_keys_created": keys,
         "directory_records": directories,
+        "passkeys": passkeys,
     }))
 }
 

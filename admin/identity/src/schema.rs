@@ -12,6 +12,7 @@ diesel::table! {
         totp_last_step -> Nullable<BigInt>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        passkey_handle -> Nullable<Bytea>,
     }
 }
 
@@ -265,3 +266,32 @@ diesel::table! {
         used_at -> Nullable<Timestamptz>,
     }
 }
+
+diesel::table! {
+    /// Users' passkeys (WebAuthn credentials).
+    public.passkeys (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        credential_id -> Bytea,
+        name -> Text,
+        static_state -> Bytea,
+        dynamic_state -> Bytea,
+        transports -> Integer,
+        created_at -> Timestamptz,
+        last_used_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// Passkey ceremonies on their way through a browser.
+    public.passkey_ceremonies (challenge) {
+        challenge -> Bytea,
+        kind -> Text,
+        user_id -> Nullable<Uuid>,
+        state -> Bytea,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(passkeys -> users (user_id));
+diesel::allow_tables_to_appear_in_same_query!(passkeys, users);

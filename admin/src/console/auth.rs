@@ -28,7 +28,7 @@ use plinth_access::Access;
 use plinth_access::authn::Client;
 use plinth_http::ApiError;
 use plinth_http::request::Hsts;
-use plinth_identity::login::{Audience, sign_in};
+use plinth_identity::login::{Audience, SecondFactor, sign_in};
 use plinth_identity::sessions::Sessions;
 use plinth_tenants::{Db, UserId};
 use serde::Deserialize;
@@ -230,18 +230,18 @@ pub(super) async fn login(req: HttpRequest, form: web::Form<LoginForm>) -> Resul
         return Err(ConsoleError::Csrf);
     }
     let code = Some(form.totp_code.trim()).filter(|c| !c.is_empty());
-    let (token, session, user) = match sign_in(&req, &form.email, &form.password, code, Audience::PlatformAdmins).await
-    {
-        Ok(signed_in) => signed_in,
-        Err(ApiError::TotpRequired) => {
-            return login_form(&req, 401, &form.email, Some("Enter the code from your authenticator app."), true);
-        }
-        Err(ApiError::InvalidCredentials) => {
-            let message = "The address, password or code is wrong, or the account is not a platform admin.";
-            return login_form(&req, 401, &form.email, Some(message), code.is_some());
-        }
-        Err(err) => return Err(err.into()),
-    };
+    let (token, session, user) =
+        match sign_in(&req, &form.email, &form.password, SecondFactor::code(code), Audience::PlatformAdmins).await {
+            Ok(signed_in) => signed_in,
+            Err(ApiError::TotpRequired { .. }) => {
+                return login_form(&req, 401, &form.email, Some("Enter the code from your authenticator app."), true);
+            }
+            Err(ApiError::InvalidCredentials) => {
+                let message = "The address, password or code is wrong, or the account is not a platform admin.";
+                return login_form(&req, 401, &form.email, Some(message), code.is_some());
+            }
+            Err(err) => return Err(err.into()),
+        };
     let operator = Operator::of(UserId(user.id), &req, "console");
     let db = data::<Db>(&req)?;
     let entry = operator.log("console.signed_in");

@@ -37,8 +37,11 @@ pub enum ApiError {
     Unauthenticated,
     #[error("the email address or password is wrong")]
     InvalidCredentials,
-    #[error("a one-time code from the authenticator app is required (totp_code)")]
-    TotpRequired,
+    /// The password was right; now the second factor. `passkey`: when the
+    /// account has passkeys, the options of a ceremony one of them can
+    /// answer instead of the code (`PublicKeyCredentialRequestOptionsJSON`).
+    #[error("a one-time code from the authenticator app is required (totp_code), or one of the account's passkeys")]
+    TotpRequired { passkey: Option<Box<serde_json::Value>> },
     #[error("you are not allowed to do this")]
     Forbidden,
     #[error("this needs the {feature} feature, which the organization's plan does not include")]
@@ -120,7 +123,7 @@ impl ApiError {
             Self::InvalidRequest { .. } => "invalid_request",
             Self::Unauthenticated => "unauthenticated",
             Self::InvalidCredentials => "invalid_credentials",
-            Self::TotpRequired => "totp_required",
+            Self::TotpRequired { .. } => "totp_required",
             Self::Forbidden | Self::NotWhileImpersonating | Self::ImpersonationRefused => "forbidden",
             Self::PlanRequired { .. } => "plan_required",
             Self::QuotaExceeded { .. } => "quota_exceeded",
@@ -216,7 +219,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::Unauthenticated | Self::InvalidCredentials | Self::TotpRequired => StatusCode::UNAUTHORIZED,
+            Self::Unauthenticated | Self::InvalidCredentials | Self::TotpRequired { .. } => StatusCode::UNAUTHORIZED,
             Self::PlanRequired { .. } | Self::QuotaExceeded { .. } | Self::PaymentRequired => {
                 StatusCode::PAYMENT_REQUIRED
             }
@@ -260,6 +263,7 @@ impl ResponseError for ApiError {
             }
             // Where an owner goes to pay (a POST answering the portal's URL).
             Self::PaymentRequired => serde_json::json!({ "portal": "/v1/billing/portal" }),
+            Self::TotpRequired { passkey: Some(options) } => serde_json::json!({ "passkey": options }),
             // Where the sign-in starts instead.
             Self::SsoRequired { tenant } => {
                 serde_json::json!({ "tenant": tenant, "sso_start": format!("/v1/auth/sso/start?tenant={tenant}") })
