@@ -38,12 +38,13 @@ if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
 fi
 
 if ! command -v chromium >/dev/null; then
-    echo "installing chromium (the API reference page and the operator console are tested in a browser)"
+    echo "installing chromium (the API reference page, the operator console and passkeys are tested in a browser)"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
 fi
 
-# playwright-core drives that chromium through the operator console
+# playwright-core drives that chromium through the operator console and the
+# passkey ceremonies (with its virtual authenticators)
 # (tests/browser); from the npm registry, exactly as locked, installed again
 # when the lock changes. It downloads no browser of its own.
 if ! command -v npm >/dev/null; then
@@ -52,7 +53,7 @@ if ! command -v npm >/dev/null; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nodejs npm >/dev/null
 fi
 if ! cmp -s tests/browser/package-lock.json tests/browser/node_modules/.plinth-lock 2>/dev/null; then
-    echo "installing playwright-core (the console's browser tests need it)"
+    echo "installing playwright-core (the console's and the passkeys' browser tests need it)"
     (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
     cp tests/browser/package-lock.json tests/browser/node_modules/.plinth-lock
 fi
