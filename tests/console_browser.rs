@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::billing::post;
 use crate::console::operator;
-use crate::harness::{AppOptions, TempDir, TestApp, TestDb, TestResult, eventually, member};
+use crate::harness::{AppOptions, TempDir, TestApp, TestDb, TestResult, browser_script, eventually, member};
 use crate::mail_and_jobs::{Running, fast};
 use crate::smtp::SmtpServer;
 use crate::stripe::{checkout_session, event, now, signature, subscription};
@@ -127,28 +127,21 @@ async fn an_operator_runs_the_console_in_a_browser() -> TestResult {
 
     // The browser.
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/browser/console.mjs");
-    let run = tokio::process::Command::new("node")
-        .arg(&script)
-        .env("CONSOLE_URL", app.url(""))
-        .env("OPERATOR_EMAIL", &ops.email)
-        .env("OPERATOR_PASSWORD", PASSWORD)
-        .env("TOTP_SECRET", &ops.secret)
-        .env("TENANT_SLUG", "acme-corp")
-        .env("MEMBER_EMAIL", &sam_email)
-        .env("PARKED_EVENT", "evt_new_price")
-        .env("DEAD_JOB", &job_id)
-        .env("SHOTS", &shots)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), run)
-        .await
-        .map_err(|_| "the browser test ran for 5 minutes")?
-        .map_err(|e| format!("running node (scripts/test.sh installs it and playwright-core): {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the browser test failed; see its output above");
+    browser_script(
+        "console.mjs",
+        &[
+            ("CONSOLE_URL", &app.url("")),
+            ("OPERATOR_EMAIL", &ops.email),
+            ("OPERATOR_PASSWORD", PASSWORD),
+            ("TOTP_SECRET", &ops.secret),
+            ("TENANT_SLUG", "acme-corp"),
+            ("MEMBER_EMAIL", &sam_email),
+            ("PARKED_EVENT", "evt_new_price"),
+            ("DEAD_JOB", &job_id),
+            ("SHOTS", shots.to_str().ok_or("the screenshot folder is not UTF-8")?),
+        ],
+    )
+    .await?;
     for page in [
         "01-sign-in",
         "02-tenants",

@@ -420,7 +420,24 @@ pub fn tool(name: &str) -> std::process::Command {
     std::process::Command::new(if venv.exists() { venv.into_os_string() } else { name.into() })
 }
 
-/// A directory removed on drop.
+/// Runs `tests/browser/<script>` with node (playwright-core and chromium,
+/// which `scripts/test.sh` installs), `env` in its environment, for at most
+/// five minutes; prints its output and fails unless it exits 0. Returns
+/// what it printed.
+pub async fn browser_script(script: &str, env: &[(&str, &str)]) -> TestResult<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/browser").join(script);
+    let run = tokio::process::Command::new("node").arg(&path).envs(env.iter().copied()).kill_on_drop(true).output();
+    let out = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .map_err(|_| format!("{script} ran for 5 minutes"))?
+        .map_err(|e| format!("running node (scripts/test.sh installs it and playwright-core): {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} failed; see its output above");
+    Ok(stdout)
+}
+
 /// The key the test servers seal with (32 bytes of base64).
 pub const TEST_ENCRYPTION_KEY: &str = "cGxpbnRoIHRlc3RzIHNlYWwgd2l0aCB0aGlzIGtleSE=";
 

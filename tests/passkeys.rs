@@ -5,12 +5,10 @@
 //! relying party is `localhost`, which browsers treat as a secure origin),
 //! and checks what the database and the audit logs kept.
 
-use std::time::Duration;
-
 use plinth_tenants::registry;
 use serde_json::Value;
 
-use crate::harness::{AppOptions, TestResult};
+use crate::harness::{AppOptions, TestResult, browser_script};
 use crate::world::{PASSWORD, world_with};
 
 fn token_of(body: &Value) -> TestResult<String> {
@@ -51,25 +49,18 @@ async fn passkeys_register_sign_in_alone_and_stand_in_for_the_code_in_a_browser(
         .await?;
 
     let base = app.url("").replace("127.0.0.1", "localhost");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/browser/passkeys.mjs");
-    let run = tokio::process::Command::new("node")
-        .arg(&script)
-        .env("BASE_URL", base.trim_end_matches('/'))
-        .env("PASSWORD", PASSWORD)
-        .env("ALICE_EMAIL", "alice@acme.test")
-        .env("ALICE_TOKEN", &alice)
-        .env("BOB_TOKEN", &bob)
-        .env("DAVE_TOKEN", &dave)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), run)
-        .await
-        .map_err(|_| "the browser test ran for 5 minutes")?
-        .map_err(|e| format!("running node (scripts/test.sh installs it and playwright-core): {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the browser test failed; see its output above");
+    let stdout = browser_script(
+        "passkeys.mjs",
+        &[
+            ("BASE_URL", base.trim_end_matches('/')),
+            ("PASSWORD", PASSWORD),
+            ("ALICE_EMAIL", "alice@acme.test"),
+            ("ALICE_TOKEN", &alice),
+            ("BOB_TOKEN", &bob),
+            ("DAVE_TOKEN", &dave),
+        ],
+    )
+    .await?;
 
     // A session signed in with a passkey as the second factor is Alice's,
     // in her organization only.

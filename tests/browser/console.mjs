@@ -6,39 +6,13 @@
 //   CONSOLE_URL, OPERATOR_EMAIL, OPERATOR_PASSWORD, TOTP_SECRET,
 //   TENANT_SLUG (the tenant to act on), MEMBER_EMAIL (to impersonate),
 //   PARKED_EVENT, DEAD_JOB, SHOTS (the folder for screenshots)
-import { chromium } from "playwright-core";
-import { createHmac } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import path from "node:path";
+import { env, expect, inChromium, totp } from "./lib.mjs";
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set`);
-  return value;
-};
 const base = env("CONSOLE_URL");
 const shots = env("SHOTS");
 mkdirSync(shots, { recursive: true });
-
-function expect(ok, what) {
-  if (!ok) throw new Error(`expected: ${what}`);
-  console.log(`ok: ${what}`);
-}
-
-// RFC 6238 (SHA-1, 30 s, 6 digits), for the step after the current one:
-// the current step's code was spent confirming the second factor.
-function totp(secret, step) {
-  const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-  let bits = "";
-  for (const c of secret.replace(/=+$/, "").toUpperCase()) bits += alphabet.indexOf(c).toString(2).padStart(5, "0");
-  const key = Buffer.from(bits.match(/.{8}/g).map((b) => parseInt(b, 2)));
-  const counter = Buffer.alloc(8);
-  counter.writeBigUInt64BE(BigInt(step));
-  const mac = createHmac("sha1", key).update(counter).digest();
-  const offset = mac[mac.length - 1] & 0xf;
-  const code = (mac.readUInt32BE(offset) & 0x7fffffff) % 1_000_000;
-  return String(code).padStart(6, "0");
-}
 
 // Accessibility basics on the page as it stands: every visible field has a
 // label, every button and link a name.
@@ -89,21 +63,7 @@ async function byKeyboard(page, locator, what) {
   await page.keyboard.press("Enter");
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-  ],
-});
-let failed = false;
-try {
+await inChromium(async (browser) => {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   const page = await context.newPage();
   const dialogs = [];
@@ -219,10 +179,4 @@ try {
   }
   await shot(page, "10-operator-log");
   await context.close();
-} catch (err) {
-  failed = true;
-  console.error(err);
-} finally {
-  await browser.close();
-}
-process.exit(failed ? 1 : 0);
+});

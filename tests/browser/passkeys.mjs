@@ -8,14 +8,8 @@
 //   BASE_URL (http://localhost:<port>), PASSWORD (every account's),
 //   ALICE_EMAIL, ALICE_TOKEN, BOB_TOKEN (another organization's member),
 //   DAVE_TOKEN (of an organization that requires single sign-on)
-import { chromium } from "playwright-core";
-import { createHmac } from "node:crypto";
+import { env, expect, inChromium, totp } from "./lib.mjs";
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set`);
-  return value;
-};
 const base = env("BASE_URL");
 const password = env("PASSWORD");
 const aliceEmail = env("ALICE_EMAIL");
@@ -23,32 +17,9 @@ const alice = env("ALICE_TOKEN");
 const bob = env("BOB_TOKEN");
 const dave = env("DAVE_TOKEN");
 
-function expect(ok, what) {
-  if (!ok) throw new Error(`expected: ${what}`);
-  console.log(`ok: ${what}`);
-}
 const show = (res) => `${res.status} ${JSON.stringify(res.body)}`;
 
-// RFC 6238 (SHA-1, 30 s, 6 digits) for the current step.
-function totp(secret) {
-  const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-  let bits = "";
-  for (const c of secret.replace(/=+$/, "").toUpperCase()) bits += alphabet.indexOf(c).toString(2).padStart(5, "0");
-  const key = Buffer.from(bits.match(/.{8}/g).map((b) => parseInt(b, 2)));
-  const counter = Buffer.alloc(8);
-  counter.writeBigUInt64BE(BigInt(Math.floor(Date.now() / 1000 / 30)));
-  const mac = createHmac("sha1", key).update(counter).digest();
-  const offset = mac[mac.length - 1] & 0xf;
-  return String((mac.readUInt32BE(offset) & 0x7fffffff) % 1_000_000).padStart(6, "0");
-}
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-sync"],
-});
-let failed = false;
-try {
+await inChromium(async (browser) => {
   const context = await browser.newContext();
   const page = await context.newPage();
   page.setDefaultTimeout(30_000);
@@ -207,10 +178,4 @@ try {
   ({ res } = await signIn());
   expect(res.status === 403 && res.body.error.code === "sso_required", `single sign-on stays required (${show(res)})`);
   await context.close();
-} catch (err) {
-  failed = true;
-  console.error(err);
-} finally {
-  await browser.close();
-}
-process.exit(failed ? 1 : 0);
+});

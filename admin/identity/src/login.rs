@@ -53,6 +53,7 @@ struct LoginBody {
     /// `navigator.credentials.get`) to the `passkey` options of the
     /// `totp_required` error.
     #[schema(value_type = Object, nullable = false)]
+    #[serde(default, deserialize_with = "plinth_http::request::not_null")]
     passkey: Option<serde_json::Value>,
 }
 
@@ -153,6 +154,7 @@ pub async fn sign_in(
     let cfg = config(req.app_data::<web::Data<IdentityConfig>>().cloned());
     let address = cfg.client_ip(req);
     let request_id = req.extensions().get::<RequestId>().cloned();
+    let site = crate::passkeys::site(req)?;
     let email = EmailAddress::parse(email).ok();
     // An address whose organization requires single sign-on signs in
     // there, never with a password. Decided by the domain alone, before
@@ -191,7 +193,6 @@ pub async fn sign_in(
         Audience::PlatformAdmins => cfg.session_ttl.min(CONSOLE_SESSION_TTL),
     };
     let device = sessions::Device::of(req, &cfg);
-    let site = crate::passkeys::site_of(req)?;
     let session = match open_session(&db, (&ring, &site), user.id, factor, (ttl, &device), entry).await {
         // The password was right: not a failure, but no session yet. When
         // the account has passkeys, one of them may answer instead.

@@ -18,7 +18,7 @@ use webauthn_rp::request::register::{
 };
 use webauthn_rp::request::{
     AsciiDomain, Credentials as _, DomainOrigin, ExtensionInfo, PublicKeyCredentialDescriptor, RpId, Scheme,
-    TimedCeremony as _,
+    TimedCeremony,
 };
 use webauthn_rp::response::register::{CompressedPubKey, DynamicState, StaticState};
 use webauthn_rp::response::{AuthTransports, CredentialId, Origin};
@@ -150,6 +150,22 @@ fn challenge_bytes(challenge: webauthn_rp::response::SentChallenge) -> [u8; 16] 
     challenge.0.to_le_bytes()
 }
 
+/// A ceremony begun: its server half encoded to store, its client half as
+/// JSON for the browser.
+fn started<S, C>(server: S, client: &C) -> Result<Started, Refused>
+where
+    S: TimedCeremony + for<'a> Encode<Output<'a> = Vec<u8>>,
+    S::Err: std::fmt::Display,
+    C: serde::Serialize,
+{
+    Ok(Started {
+        challenge: challenge_bytes(server.sent_challenge()),
+        expires_at: server.expiration(),
+        state: server.encode().map_err(internal)?,
+        options: serde_json::to_value(client).map_err(internal)?,
+    })
+}
+
 fn descriptor(credential_id: &[u8], transports: i32) -> Result<PublicKeyCredentialDescriptor<Vec<u8>>, Refused> {
     let id = CredentialId::<Vec<u8>>::decode(credential_id.to_vec()).map_err(internal)?;
     let transports = AuthTransports::decode(u8::try_from(transports).map_err(internal)?).map_err(internal)?;
@@ -189,13 +205,7 @@ pub fn start_registration(
     // asks for user verification and checks it anyway.
     options.extensions.cred_protect = CredProtect::UserVerificationRequired(ExtensionInfo::AllowDontEnforceValue);
     let (server, client) = options.start_ceremony().map_err(internal)?;
-    let options = serde_json::to_value(&client).map_err(internal)?;
-    Ok(Started {
-        challenge: challenge_bytes(server.sent_challenge()),
-        expires_at: server.expiration(),
-        state: server.encode().map_err(internal)?,
-        options,
-    })
+    started(server, &client)
 }
 
 /// A registration response (`RegistrationResponseJSON`, what
@@ -234,13 +244,7 @@ impl NewCredential {
 pub fn start_sign_in(site: &Site) -> Result<Started, Refused> {
     let (server, client) =
         DiscoverableCredentialRequestOptions::passkey(&site.rp_id).start_ceremony().map_err(internal)?;
-    let options = serde_json::to_value(&client).map_err(internal)?;
-    Ok(Started {
-        challenge: challenge_bytes(server.sent_challenge()),
-        expires_at: server.expiration(),
-        state: server.encode().map_err(internal)?,
-        options,
-    })
+    started(server, &client)
 }
 
 /// Begins a passkey as the second factor, after the password: one of
@@ -254,23 +258,23 @@ pub fn start_second_factor(site: &Site, passkeys: &[(Vec<u8>, i32)]) -> Result<S
         .map_err(internal)?
         .start_ceremony()
         .map_err(internal)?;
-    let options = serde_json::to_value(&client).map_err(internal)?;
-    Ok(Started {
-        challenge: challenge_bytes(server.sent_challenge()),
-        expires_at: server.expiration(),
-        state: server.encode().map_err(internal)?,
-        options,
-    })
+    started(server, &client)
 }
 
 /// The stored passkey as `webauthn_rp` checks it.
 type Key = CompressedPubKey<[u8; 32], [u8; 32], [u8; 48], Vec<u8>>;
 
-fn stored_state(stored: &Stored) -> Result<(StaticState<Key>, DynamicState), Refused> {
+/// A stored passkey of the user with `handle`, as a ceremony checks it.
+fn authenticated<'a>(
+    stored: &'a Stored,
+    handle: &'a UserHandle64,
+) -> Result<AuthenticatedCredential<'a, 'a, 64, Key>, Refused> {
     let static_state = StaticState::<Key>::decode(&stored.static_state).map_err(internal)?;
     let dynamic: [u8; 7] =
         stored.dynamic_state.as_slice().try_into().map_err(|_| internal("a dynamic state is not 7 bytes"))?;
-    Ok((static_state, DynamicState::decode(dynamic).map_err(internal)?))
+    let dynamic_state = DynamicState::decode(dynamic).map_err(internal)?;
+    let id = CredentialId::<&[u8]>::decode(stored.credential_id.as_slice()).map_err(internal)?;
+    AuthenticatedCredential::new(id, handle, static_state, dynamic_state).map_err(internal)
 }
 
 /// An authentication response (`AuthenticationResponseJSON`, what
@@ -298,10 +302,7 @@ impl SignIn {
     pub fn verify(&self, site: &Site, state: &[u8], stored: &Stored, handle: &[u8]) -> Result<[u8; 7], Refused> {
         let server = DiscoverableAuthenticationServerState::decode(state).map_err(internal)?;
         let handle = user_handle(handle)?;
-        let (static_state, dynamic_state) = stored_state(stored)?;
-        let id = CredentialId::<&[u8]>::decode(stored.credential_id.as_slice()).map_err(internal)?;
-        let mut credential =
-            AuthenticatedCredential::new(id, &handle, static_state, dynamic_state).map_err(internal)?;
+        let mut credential = authenticated(stored, &handle)?;
         server.verify(&site.rp_id, &self.0, &mut credential, &site.authentication_options()).map_err(failed)?;
         credential.dynamic_state().encode().map_err(internal)
     }
@@ -327,10 +328,7 @@ impl SecondFactor {
     pub fn verify(&self, site: &Site, state: &[u8], stored: &Stored, handle: &[u8]) -> Result<[u8; 7], Refused> {
         let server = NonDiscoverableAuthenticationServerState::decode(state).map_err(internal)?;
         let handle = user_handle(handle)?;
-        let (static_state, dynamic_state) = stored_state(stored)?;
-        let id = CredentialId::<&[u8]>::decode(stored.credential_id.as_slice()).map_err(internal)?;
-        let mut credential =
-            AuthenticatedCredential::new(id, &handle, static_state, dynamic_state).map_err(internal)?;
+        let mut credential = authenticated(stored, &handle)?;
         server.verify(&site.rp_id, &self.0, &mut credential, &site.authentication_options()).map_err(failed)?;
         credential.dynamic_state().encode().map_err(internal)
     }

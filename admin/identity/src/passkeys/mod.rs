@@ -62,12 +62,22 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 /// How many passkeys one account may hold.
 const MAX_PASSKEYS: i64 = 20;
 
+/// An audit entry of `user` about their own sign-in methods, stamped with
+/// the request's id.
+fn entry(user: uuid::Uuid, action: &'static str, request_id: Option<&RequestId>) -> Entry {
+    let entry = Entry::new(Actor::User(user), action).target("user", user);
+    match request_id {
+        Some(id) => id.stamp(entry),
+        None => entry,
+    }
+}
+
 fn too_many() -> ApiError {
     ApiError::Conflict(format!("an account holds at most {MAX_PASSKEYS} passkeys; remove one first"))
 }
 
 /// The site passkeys belong to (`PLINTH_BASE_DOMAIN`).
-fn site(req: &HttpRequest) -> Result<Site, ApiError> {
+pub(crate) fn site(req: &HttpRequest) -> Result<Site, ApiError> {
     let cfg = config(req.app_data::<web::Data<IdentityConfig>>().cloned());
     Site::new(&cfg.passkey_domain).map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("the passkey site")))
 }
@@ -393,11 +403,7 @@ async fn register(
             let Some(passkey) = inserted else {
                 return Ok(Err(ApiError::Conflict("this passkey is already registered".into())));
             };
-            let entry = Entry::new(Actor::User(user), "auth.passkey_added").target("user", user);
-            let entry = match &request_id {
-                Some(id) => id.stamp(entry),
-                None => entry,
-            };
+            let entry = entry(user, "auth.passkey_added", request_id.as_ref());
             crate::login::record_in_every_tenant_of(c, user, entry).await?;
             Ok::<_, ApiError>(Ok(passkey))
         })
@@ -491,11 +497,7 @@ async fn remove(
         if removed == 0 {
             return Err(ApiError::NotFound("passkey"));
         }
-        let entry = Entry::new(Actor::User(user), "auth.passkey_removed").target("user", user);
-        let entry = match &request_id {
-            Some(id) => id.stamp(entry),
-            None => entry,
-        };
+        let entry = entry(user, "auth.passkey_removed", request_id.as_ref());
         crate::login::record_in_every_tenant_of(c, user, entry).await?;
         Ok(())
     })
@@ -585,11 +587,7 @@ async fn sign_in(req: HttpRequest, db: web::Data<Db>, body: Json<SignInBody>) ->
         tracing::info!(tenant.slug = %tenant, user.id = %user, "passkey sign-in refused: single sign-on required");
         return Err(ApiError::SsoRequired { tenant });
     }
-    let entry = Entry::new(Actor::User(user), "auth.passkey_login").target("user", user);
-    let mut entry = match &request_id {
-        Some(id) => id.stamp(entry),
-        None => entry,
-    };
+    let mut entry = entry(user, "auth.passkey_login", request_id.as_ref());
     entry.ip = Some(address);
     let (token, session) = db
         .platform(async |c| {
@@ -647,9 +645,4 @@ pub(crate) async fn accept_second_factor(
         }
         Err(err) => Err(IdentityError::Internal(err.into())),
     }
-}
-
-/// The site, for the login route.
-pub(crate) fn site_of(req: &HttpRequest) -> Result<Site, ApiError> {
-    site(req)
 }
