@@ -8,7 +8,7 @@
 use plinth_tenants::registry;
 use serde_json::Value;
 
-use crate::harness::{AppOptions, TestResult, browser_script};
+use crate::harness::{AppOptions, TestApp, TestResult, browser_script};
 use crate::world::{PASSWORD, world_with};
 
 fn token_of(body: &Value) -> TestResult<String> {
@@ -49,10 +49,20 @@ async fn passkeys_register_sign_in_alone_and_stand_in_for_the_code_in_a_browser(
         .await?;
 
     let base = app.url("").replace("127.0.0.1", "localhost");
+    let base = base.trim_end_matches('/');
+    // A second instance: a ceremony begun on one finishes on the other.
+    let testdb = app.testdb.as_ref().ok_or("no test db")?;
+    let other = TestApp::spawn_on(
+        testdb,
+        AppOptions { settings: vec![("PLINTH_BASE_DOMAIN", "localhost")], ..Default::default() },
+    )
+    .await?;
+    let other_url = other.url("").replace("127.0.0.1", "localhost");
     let stdout = browser_script(
         "passkeys.mjs",
         &[
-            ("BASE_URL", base.trim_end_matches('/')),
+            ("BASE_URL", base),
+            ("OTHER_URL", other_url.trim_end_matches('/')),
             ("PASSWORD", PASSWORD),
             ("ALICE_EMAIL", "alice@acme.test"),
             ("ALICE_TOKEN", &alice),

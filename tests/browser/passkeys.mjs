@@ -5,12 +5,14 @@
 // would. Run by tests/passkeys.rs, which prepares the accounts and checks
 // the database afterwards. Exits non-zero on the first failed expectation.
 //
-//   BASE_URL (http://localhost:<port>), PASSWORD (every account's),
+//   BASE_URL (http://localhost:<port>), OTHER_URL (a second instance),
+//   PASSWORD (every account's),
 //   ALICE_EMAIL, ALICE_TOKEN, BOB_TOKEN (another organization's member),
 //   DAVE_TOKEN (of an organization that requires single sign-on)
 import { env, expect, inChromium, totp } from "./lib.mjs";
 
 const base = env("BASE_URL");
+const other = env("OTHER_URL");
 const password = env("PASSWORD");
 const aliceEmail = env("ALICE_EMAIL");
 const alice = env("ALICE_TOKEN");
@@ -53,7 +55,7 @@ await inChromium(async (browser) => {
   const held = async () => (await cdp.send("WebAuthn.getCredentials", { authenticatorId: attached })).credentials;
 
   // The API, called from the page as a web app calls it.
-  const call = (method, path, { token, body } = {}) =>
+  const callOn = (page, method, path, { token, body } = {}) =>
     page.evaluate(
       async ({ method, path, token, body }) => {
         const headers = { "content-type": "application/json" };
@@ -64,6 +66,7 @@ await inChromium(async (browser) => {
       },
       { method, path, token, body },
     );
+  const call = (method, path, options) => callOn(page, method, path, options);
   const create = (options) =>
     page.evaluate(async (options) => {
       try {
@@ -121,10 +124,16 @@ await inChromium(async (browser) => {
   const replayed = await call("POST", "/v1/auth/passkey", { body: { credential } });
   expect(replayed.status === 401 && replayed.body.error.code === "invalid_credentials", `a replayed answer is refused (${show(replayed)})`);
 
-  // And with the laptop.
+  // And with the laptop, finishing on the other instance (from a page of
+  // its own) what this one began.
   await attach(laptopKeys);
-  ({ res } = await signIn());
-  expect(res.status === 200 && res.body.user.email === aliceEmail, `the laptop signs Alice in (${show(res)})`);
+  const begun = await call("POST", "/v1/auth/passkey/options");
+  credential = await get(begun.body.options);
+  const otherPage = await context.newPage();
+  await otherPage.goto(`${other}/docs`);
+  res = await callOn(otherPage, "POST", "/v1/auth/passkey", { body: { credential } });
+  await otherPage.close();
+  expect(res.status === 200 && res.body.user.email === aliceEmail, `the laptop signs Alice in on the other instance (${show(res)})`);
 
   // Two-factor sign-in: TOTP on; a passkey stands in for the code.
   const enrolled = await call("POST", "/v1/auth/totp/enroll", { token: alice, body: { password } });
