@@ -52,7 +52,7 @@ struct LoginBody {
     /// answer (`PublicKeyCredential.toJSON()` after
     /// `navigator.credentials.get`) to the `passkey` options of the
     /// `totp_required` error.
-    #[schema(value_type = Object, nullable = false)]
+    #[schema(value_type = Object, nullable = false, required = false)]
     #[serde(default, deserialize_with = "plinth_http::request::not_null")]
     passkey: Option<serde_json::Value>,
 }

@@ -40,7 +40,7 @@ pub enum ApiError {
     /// The password was right; now the second factor. `passkey`: when the
     /// account has passkeys, the options of a ceremony one of them can
     /// answer instead of the code (`PublicKeyCredentialRequestOptionsJSON`).
-    #[error("a one-time code from the authenticator app is required (totp_code), or one of the account's passkeys")]
+    #[error("a one-time code from the authenticator app is required (totp_code)")]
     TotpRequired { passkey: Option<Box<serde_json::Value>> },
     #[error("you are not allowed to do this")]
     Forbidden,

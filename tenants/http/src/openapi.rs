@@ -103,6 +103,12 @@ pub struct ErrorDetail {
     /// With `sso_required`: where that sign-in starts.
     #[schema(nullable = false)]
     sso_start: Option<String>,
+    /// With `totp_required`, when the account has passkeys: the options of
+    /// a ceremony one of them answers instead of the code
+    /// (`PublicKeyCredentialRequestOptionsJSON`; send the answer as the
+    /// login's `passkey`).
+    #[schema(value_type = Object, nullable = false, required = false)]
+    passkey: Option<serde_json::Value>,
 }
 
 fn error_code() -> ObjectBuilder {

@@ -84,10 +84,11 @@ impl Site {
     fn authentication_options(&self) -> AuthenticationVerificationOptions<'_, '_, SiteOrigin, SiteOrigin> {
         AuthenticationVerificationOptions {
             allowed_origins: &self.origins,
-            // A counter that does not grow (once it has started) is a
-            // cloned authenticator: refused (the default). Synced passkeys
-            // keep theirs at zero, which is never refused.
+            // Keep whether the passkey has verified its user.
             update_uv: true,
+            // The counter's default: once a passkey's counter has started,
+            // one that does not grow is a cloned authenticator and refused
+            // (synced passkeys keep theirs at zero, never refused).
             ..Default::default()
         }
     }
