@@ -357,6 +357,9 @@ mod tests {
         key: SigningKey,
         credential_id: Vec<u8>,
         counter: u32,
+        /// The flags of its assertions: user present and verified, unless a
+        /// test says otherwise.
+        assertion_flags: u8,
     }
 
     fn head(major: u8, len: usize, out: &mut Vec<u8>) {
@@ -399,7 +402,7 @@ mod tests {
     impl Authenticator {
         fn new(seed: u8) -> Self {
             let key = SigningKey::from_bytes(&[seed; 32].into()).expect("a valid scalar");
-            Self { key, credential_id: vec![seed; 32], counter: 0 }
+            Self { key, credential_id: vec![seed; 32], counter: 0, assertion_flags: 0x05 }
         }
 
         /// The public key as COSE (EC2, ES256, P-256).
@@ -469,7 +472,7 @@ mod tests {
         ) -> Vec<u8> {
             let rp_id = options["rpId"].as_str().expect("rpId");
             let client_data = Self::client_data("webauthn.get", options, origin);
-            let auth_data = self.auth_data(rp_id, 0x05, false); // UP, UV
+            let auth_data = self.auth_data(rp_id, self.assertion_flags, false);
             let signed = [auth_data.clone(), Sha256::digest(&client_data).to_vec()].concat();
             let signature: Signature = signer.sign(&signed);
             let id = B64.encode(&self.credential_id);
@@ -610,6 +613,21 @@ mod tests {
         let started = start_sign_in(&site)?;
         let answer = SignIn::parse(&authenticator.get(&started.options, ORIGIN, Some(&encoded)))?;
         assert!(refused(answer.verify(&site, &started.state, &stored, &handle)));
+        Ok(())
+    }
+
+    #[test]
+    fn alone_a_passkey_must_verify_its_user_as_a_second_factor_presence_is_enough() -> TestResult {
+        let site = Site::new("example.com")?;
+        let mut authenticator = Authenticator::new(7);
+        let (stored, encoded, handle) = register(&site, &authenticator)?;
+        authenticator.assertion_flags = 0x01; // present, not verified
+        let started = start_sign_in(&site)?;
+        let answer = SignIn::parse(&authenticator.get(&started.options, ORIGIN, Some(&encoded)))?;
+        assert!(refused(answer.verify(&site, &started.state, &stored, &handle)), "alone, without user verification");
+        let started = start_second_factor(&site, &[(stored.credential_id.clone(), stored.transports)])?;
+        let answer = SecondFactor::parse(&authenticator.get(&started.options, ORIGIN, None))?;
+        answer.verify(&site, &started.state, &stored, &handle)?;
         Ok(())
     }
 
