@@ -117,13 +117,14 @@ impl Application {
             limits: settings.limits,
             max_organizations_per_user: settings.max_organizations_per_user,
             dns_resolver: settings.dns_resolver,
-            passkey_domain: settings.base_domain.clone(),
             ..IdentityConfig::default()
         };
-        // Passkeys belong to the base domain: refused at start, not at the
-        // first sign-in, when it cannot be a relying party id.
-        plinth_identity::passkeys::ceremony::Site::new(&identity.passkey_domain)
-            .context("PLINTH_BASE_DOMAIN cannot be the passkeys' relying party id")?;
+        // Passkeys belong to the base domain (their relying party id):
+        // refused at start, not at the first sign-in, when it cannot be one.
+        let passkey_site = web::Data::new(
+            plinth_identity::passkeys::ceremony::Site::new(&settings.base_domain)
+                .context("PLINTH_BASE_DOMAIN cannot be the passkeys' relying party id")?,
+        );
         let hashing_data = web::Data::new(Hashing::new(settings.hash_concurrency, settings.hash_wait));
         let body_timeout = BodyTimeout(settings.body_timeout);
         let limits_data = web::Data::new(RateLimits::new(&identity.limits, &resolver_db));
@@ -189,6 +190,7 @@ impl Application {
                 .app_data(access_data.clone())
                 .app_data(authenticator.clone())
                 .app_data(identity_data.clone())
+                .app_data(passkey_site.clone())
                 .app_data(counters.clone())
                 .app_data(client_ip_data.clone())
                 .app_data(limits_data.clone())

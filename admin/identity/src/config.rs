@@ -21,9 +21,6 @@ pub struct IdentityConfig {
     /// The DNS server domain proofs are looked up at
     /// (`PLINTH_DNS_RESOLVER`); unset: the system's (`/etc/resolv.conf`).
     pub dns_resolver: Option<std::net::SocketAddr>,
-    /// The domain passkeys belong to, their relying party id
-    /// (`PLINTH_BASE_DOMAIN`): pages there and on its subdomains use them.
-    pub passkey_domain: String,
 }
 
 impl Default for IdentityConfig {
@@ -36,7 +33,6 @@ impl Default for IdentityConfig {
             limits: RateLimitConfig::default(),
             max_organizations_per_user: 20,
             dns_resolver: None,
-            passkey_domain: "localhost".to_owned(),
         }
     }
 }

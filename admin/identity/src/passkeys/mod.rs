@@ -76,10 +76,9 @@ fn too_many() -> ApiError {
     ApiError::Conflict(format!("an account holds at most {MAX_PASSKEYS} passkeys; remove one first"))
 }
 
-/// The site passkeys belong to (`PLINTH_BASE_DOMAIN`).
-pub(crate) fn site(req: &HttpRequest) -> Result<Site, ApiError> {
-    let cfg = config(req.app_data::<web::Data<IdentityConfig>>().cloned());
-    Site::new(&cfg.passkey_domain).map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("the passkey site")))
+/// The site passkeys belong to (`PLINTH_BASE_DOMAIN`), made once at start.
+pub(crate) fn site(req: &HttpRequest) -> Result<web::Data<Site>, ApiError> {
+    registered::<Site>(req)
 }
 
 impl From<Refused> for ApiError {
@@ -517,7 +516,7 @@ async fn sign_in_options(req: HttpRequest, db: web::Data<Db>) -> Result<HttpResp
     let limits = registered::<RateLimits>(&req)?;
     let cfg = config(req.app_data::<web::Data<IdentityConfig>>().cloned());
     count(&limits.login_per_ip, &cfg.client_key(&req)).await?;
-    let started = ceremony::start_sign_in(&site(&req)?)?;
+    let started = ceremony::start_sign_in(&*site(&req)?)?;
     store(&db, "sign_in", None, &started).await?;
     Ok(HttpResponse::Ok().json(CeremonyOptions { options: started.options }))
 }
@@ -616,7 +615,7 @@ pub(crate) async fn second_factor_options(
     if existing.is_empty() {
         return Ok(None);
     }
-    let started = ceremony::start_second_factor(&site(req)?, &existing)?;
+    let started = ceremony::start_second_factor(&*site(req)?, &existing)?;
     store(db, "second_factor", Some(user), &started).await?;
     Ok(Some(started.options))
 }
